@@ -1,0 +1,226 @@
+"""Training entry point: ``python -m micrec_tf.train --config configs/ml-1m.yaml [--set k=v ...]``.
+
+Reads the preprocessing artifacts, builds the configured model (base towers + CL plug-ins), trains
+it with the custom ``train_step`` and writes to ``runs/<name>/`` (or ``--run-dir``)::
+
+    backup/          BackupAndRestore state: a killed run resumes mid-epoch from here
+    checkpoint/      final weights (tf.train.Checkpoint of the model), best epoch by val HIT@50
+    tensorboard/     per-loss curves and validation HIT@N
+    config.yaml      the exact config used
+    history.json     per-epoch losses and validation metrics
+    metrics.json     final validation (and test) HIT@N / coverage
+
+Device handling: a ``tf.distribute`` strategy chosen from the visible GPUs (mirrored for several,
+one-device for one, default on CPU) and mixed precision where it pays (compute capability >= 7.0
+under ``mixed_precision: auto``; Pascal cards such as the P40 train in float32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import numpy as np
+import tensorflow as tf
+import tf_keras
+import yaml
+
+from micrec_tf.config import Config, load_config, parse_overrides
+from micrec_tf.data.artifacts import load_artifacts
+from micrec_tf.data.input import make_dataset
+from micrec_tf.evaluation.data import load_split_arrays
+from micrec_tf.evaluation.evaluate import earlier_clicks, evaluate_model
+from micrec_tf.model import build_model
+
+
+class GPURequestedError(RuntimeError):
+    """``train.require_gpu`` is set but TensorFlow sees no GPU."""
+
+
+def select_strategy(require_gpu: bool = False, log=print):
+    """Returns ``(strategy, gpus)`` for the visible devices."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if require_gpu and not gpus:
+        raise GPURequestedError(
+            "train.require_gpu is true but TensorFlow sees no GPU. Check `nvidia-smi`, install the "
+            "CUDA build with `make install GPU=1`, or set train.require_gpu: false to train on CPU.")
+    if len(gpus) > 1:
+        strategy = tf.distribute.MirroredStrategy()
+    elif len(gpus) == 1:
+        strategy = tf.distribute.OneDeviceStrategy("/gpu:0")
+    else:
+        strategy = tf.distribute.get_strategy()
+    log(f"[train] devices: {len(gpus)} GPU(s) {[g.name for g in gpus]}; "
+        f"strategy {type(strategy).__name__}")
+    return strategy, gpus
+
+
+def choose_mixed_precision(setting: str, gpus, log=print) -> bool:
+    """``on``/``off`` force; ``auto`` enables float16 only if every GPU has compute cap >= 7.0."""
+    if setting == "on":
+        use, why = True, "forced on by train.mixed_precision"
+    elif setting == "off":
+        use, why = False, "forced off by train.mixed_precision"
+    elif not gpus:
+        use, why = False, "no GPU visible"
+    else:
+        caps = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0))
+                for g in gpus]
+        use = all(tuple(c) >= (7, 0) for c in caps)
+        why = (f"GPU compute capability {caps}: "
+               + ("tensor cores pay off" if use else "< 7.0 (e.g. Pascal/P40): float16 is slow"))
+    log(f"[train] mixed precision {'ON (mixed_float16)' if use else 'OFF (float32)'}: {why}")
+    return use
+
+
+class ValidationHitRate(tf_keras.callbacks.Callback):
+    """At each epoch end: validation HIT@N and coverage into ``logs`` as ``val_hit_at_<N>``."""
+
+    def __init__(self, arrays: dict, num_items: int, hit_n, coverage_n, exclude, batch_size):
+        super().__init__()
+        self.arrays, self.num_items = arrays, num_items
+        self.hit_n, self.coverage_n = list(hit_n), list(coverage_n)
+        self.exclude, self.batch_size = exclude, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        res = evaluate_model(self.model, self.arrays, self.num_items, self.hit_n, self.coverage_n,
+                             exclude=self.exclude, batch_size=self.batch_size)
+        if logs is not None:
+            for n in self.hit_n:
+                logs[f"val_hit_at_{n}"] = res[f"hit@{n}"]
+            for n in self.coverage_n:
+                logs[f"val_coverage_at_{n}"] = res[f"coverage@{n}"]
+        shown = " ".join(f"HIT@{n}={res[f'hit@{n}']:.4f}" for n in self.hit_n)
+        print(f"[train] epoch {epoch + 1} validation: {shown}", flush=True)
+
+
+class _JsonHistory(tf_keras.callbacks.Callback):
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.rows = path, []
+        if os.path.exists(path):  # resumed run: keep the epochs already done
+            with open(path) as fh:
+                self.rows = json.load(fh)
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        self.rows = [r for r in self.rows if r["epoch"] != epoch + 1] + [row]
+        with open(self.path, "w") as fh:
+            json.dump(self.rows, fh, indent=1)
+
+
+def _subsample(arrays: dict, max_examples: int, seed: int) -> tuple[dict, np.ndarray]:
+    n = len(arrays["item"])
+    if n <= max_examples:
+        return arrays, np.arange(n)
+    idx = np.sort(np.random.default_rng(seed).choice(n, max_examples, replace=False))
+    return {k: v[idx] for k, v in arrays.items()}, idx
+
+
+def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
+          log=print) -> dict:
+    """Trains ``cfg``'s model; returns ``{"run_dir", "history", "valid", "test"}``."""
+    run_dir = run_dir or cfg.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    tf_keras.utils.set_random_seed(cfg.train.seed)
+
+    strategy, gpus = select_strategy(cfg.train.require_gpu, log)
+    mixed = choose_mixed_precision(cfg.train.mixed_precision, gpus, log)
+    tf_keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+
+    art = load_artifacts(cfg.artifacts_dir)
+    num_items = art.item_table.num_items
+    n_train = art.feature_spec.get("num_examples", {}).get("train")
+    log(f"[train] {cfg.name}: model={cfg.model.name} cl={cfg.model.cl} items={num_items - 1} "
+        f"train examples={n_train} batch={cfg.train.batch_size}")
+    with strategy.scope():
+        model = build_model(cfg, art.item_table, art.vocab_sizes, art.user_fields,
+                            art.cooccurrence, art.title_neighbours)
+        model.compile(optimizer=tf_keras.optimizers.Adam(cfg.train.learning_rate))
+
+    train_ds = make_dataset(cfg.artifacts_dir, "train", cfg.train.batch_size, shuffle=True,
+                            seed=cfg.train.seed)
+    # Under a GPU strategy, Keras distributes the dataset, which prefetches batches to the device.
+
+    splits = {s: load_split_arrays(cfg.artifacts_dir, s) for s in ("train", "valid", "test")}
+    excl = {s: earlier_clicks(splits, s) if cfg.eval.exclude_clicked else None
+            for s in ("valid", "test")}
+    valid, vidx = _subsample(splits["valid"], cfg.train.validation_max_examples, cfg.train.seed)
+    v_excl = [excl["valid"][i] for i in vidx] if excl["valid"] is not None else None
+
+    callbacks = [
+        ValidationHitRate(valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n, v_excl,
+                          cfg.eval.batch_size),
+        tf_keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"),
+                                            save_freq=cfg.train.steps_per_checkpoint),
+        tf_keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq=50),
+        _JsonHistory(os.path.join(run_dir, "history.json")),
+    ]
+    first_hit = f"val_hit_at_{cfg.eval.hit_n[0]}"
+    if cfg.train.early_stopping_patience > 0:
+        callbacks.append(tf_keras.callbacks.EarlyStopping(
+            monitor=first_hit, mode="max", patience=cfg.train.early_stopping_patience,
+            restore_best_weights=True, verbose=1))
+
+    start = time.time()
+    hist = model.fit(train_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=2)
+    seconds = time.time() - start
+    log(f"[train] done in {seconds:.1f}s ({(n_train or 0) * len(hist.epoch) / max(seconds, 1e-9):.0f} "
+        f"examples/s over {len(hist.epoch)} epoch(s))")
+
+    ckpt_dir = os.path.join(run_dir, "checkpoint")
+    tf.train.Checkpoint(model=model).write(os.path.join(ckpt_dir, "model"))
+    result = {"run_dir": run_dir, "seconds": seconds,
+              "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
+              "valid": evaluate_model(model, valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n,
+                                      exclude=v_excl, batch_size=cfg.eval.batch_size)}
+    if evaluate_test:
+        result["test"] = evaluate_model(model, splits["test"], num_items, cfg.eval.hit_n,
+                                        cfg.eval.coverage_n, exclude=excl["test"],
+                                        batch_size=cfg.eval.batch_size)
+    with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
+        json.dump({k: v for k, v in result.items() if k != "history"}, fh, indent=1)
+    for split in ("valid", "test"):
+        if split in result:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in result[split].items()
+                             if isinstance(v, float))
+            log(f"[train] {split}: {shown}")
+    result["model"] = model
+    return result
+
+
+def restore_model(run_dir: str):
+    """Rebuilds the model of a finished run from its config and checkpoint: ``(model, cfg, art)``."""
+    from micrec_tf.config import from_dict
+
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        cfg = from_dict(yaml.safe_load(fh))
+    art = load_artifacts(cfg.artifacts_dir)
+    model = build_model(cfg, art.item_table, art.vocab_sizes, art.user_fields,
+                        art.cooccurrence, art.title_neighbours)
+    ckpt = os.path.join(run_dir, "checkpoint", "model")
+    if not tf.io.gfile.exists(ckpt + ".index"):
+        raise FileNotFoundError(f"no trained checkpoint at {ckpt!r}: run `make train` first")
+    tf.train.Checkpoint(model=model).read(ckpt).expect_partial()
+    return model, cfg, art
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=3")
+    parser.add_argument("--run-dir", default=None, help="default: runs/<name>")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    train(cfg, run_dir=args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
