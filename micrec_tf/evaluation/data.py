@@ -1,0 +1,180 @@
+"""Reading the preprocessed examples into numpy for evaluation (formats: docs/ARCHITECTURE.md).
+
+* :func:`load_split_arrays` parses ``examples/<split>-*.tfrecord.gz`` with the feature spec.
+* :func:`train_item_counts` counts training clicks per item.
+* :func:`earlier_clicks_exclusion` builds, per test click, the set of items the user clicked
+  before it (the "exclude clicked" evaluation option).
+* :func:`load_cooccurrence` reads ``cooccurrence/cooccurrence.jsonl`` into a ``NeighbourTable``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from micrec_tf.data.artifacts import NeighbourTable
+from micrec_tf.evaluation.metrics import CSRExclusion
+
+__all__ = ["load_feature_spec", "load_split_arrays", "train_item_counts", "num_items",
+           "earlier_clicks_exclusion", "EarlierClicksExclusion", "load_cooccurrence"]
+
+# The features evaluation needs; pass ``features=None`` to load_split_arrays for all of them.
+EVAL_FEATURES = ("user_id", "hist_items", "hist_len", "item", "timestamp")
+_DTYPES = {"int64": "int64", "string": "string", "bytes": "string", "float32": "float32",
+           "float": "float32"}
+
+
+def load_feature_spec(artifacts_dir: str) -> dict:
+    with open(os.path.join(artifacts_dir, "examples", "feature_spec.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def num_items(artifacts_dir: str, spec: dict | None = None) -> int:
+    """V: the item vocabulary size including the OOV/padding slot 0."""
+    spec = spec or load_feature_spec(artifacts_dir)
+    return int(spec["vocab_sizes"]["item_id"])
+
+
+def split_files(artifacts_dir: str, split: str) -> list:
+    files = sorted(glob.glob(os.path.join(artifacts_dir, "examples", f"{split}-*.tfrecord.gz")))
+    if not files:
+        raise FileNotFoundError(f"no {split}-*.tfrecord.gz under {artifacts_dir}/examples")
+    return files
+
+
+def load_split_arrays(artifacts_dir: str, split: str,
+                      features: Sequence[str] | None = EVAL_FEATURES,
+                      batch_size: int = 8192) -> dict:
+    """All examples of one split as ``{feature: numpy array}`` in file order.
+
+    Scalar features (shape [1]) come back as 1-D arrays [N]; others as [N, *shape]; strings as
+    ``bytes`` objects. ``features=None`` loads every feature of the spec.
+    """
+    import tensorflow as tf  # deferred: the rest of evaluation needs no TF
+
+    spec = load_feature_spec(artifacts_dir)
+    fspec = spec["features"]
+    names = list(fspec) if features is None else list(features)
+    missing = [n for n in names if n not in fspec]
+    if missing:
+        raise KeyError(f"features {missing} are not in the feature spec ({sorted(fspec)})")
+    parse = {}
+    for name in names:
+        dtype = _DTYPES[fspec[name]["dtype"]]
+        shape = list(fspec[name].get("shape", [1]))
+        parse[name] = tf.io.FixedLenFeature(shape, getattr(tf, dtype))
+    ds = tf.data.TFRecordDataset(split_files(artifacts_dir, split), compression_type="GZIP")
+    ds = ds.batch(batch_size).map(lambda x: tf.io.parse_example(x, parse))
+    chunks = {n: [] for n in names}
+    for batch in ds.as_numpy_iterator():
+        for n in names:
+            chunks[n].append(batch[n])
+    out = {}
+    for n in names:
+        shape = list(fspec[n].get("shape", [1]))
+        if chunks[n]:
+            arr = np.concatenate(chunks[n])
+        else:
+            arr = np.zeros([0] + shape, dtype=object if _DTYPES[fspec[n]["dtype"]] == "string"
+                           else getattr(np, _DTYPES[fspec[n]["dtype"]]))
+        if shape == [1]:
+            arr = arr.reshape(-1)
+        out[n] = arr
+    return out
+
+
+def train_item_counts(artifacts_dir: str, train: dict | None = None) -> np.ndarray:
+    """int64 [V]: training clicks per item index (entry 0, OOV, is always 0)."""
+    v = num_items(artifacts_dir)
+    items = (train if train is not None else
+             load_split_arrays(artifacts_dir, "train", ["item"]))["item"]
+    counts = np.bincount(np.asarray(items, dtype=np.int64), minlength=v)[:v].astype(np.int64)
+    counts[0] = 0
+    return counts
+
+
+class EarlierClicksExclusion:
+    """Per query click, the items its user clicked before it; built lazily per batch.
+
+    "Before" = every click of the same user in the history splits with a strictly smaller
+    timestamp, plus the query's ``hist_items`` (which also holds earlier clicks with the same
+    timestamp, in the preprocessing's order). OOV (0) is dropped. Implements the ``rows_cols``
+    protocol of :mod:`micrec_tf.evaluation.metrics`.
+    """
+
+    def __init__(self, query: dict, history_splits: Iterable[dict]):
+        users, items, times = [], [], []
+        for split in history_splits:
+            users.append(np.asarray(split["user_id"]).reshape(-1))
+            items.append(np.asarray(split["item"], dtype=np.int64).reshape(-1))
+            times.append(np.asarray(split["timestamp"], dtype=np.int64).reshape(-1))
+        q_users = np.asarray(query["user_id"]).reshape(-1)
+        _, codes = np.unique(np.concatenate(users + [q_users]), return_inverse=True)
+        codes = codes.reshape(-1)
+        n_hist = codes.size - q_users.size
+        h_codes, self._q_codes = codes[:n_hist], codes[n_hist:]
+        h_items = np.concatenate(items) if items else np.zeros(0, np.int64)
+        h_times = np.concatenate(times) if times else np.zeros(0, np.int64)
+        order = np.lexsort([h_times, h_codes])
+        h_codes, self._items, self._times = h_codes[order], h_items[order], h_times[order]
+        n_users = int(codes.max()) + 1 if codes.size else 0
+        self._user_start = np.searchsorted(h_codes, np.arange(n_users + 1))
+        self._q_times = np.asarray(query["timestamp"], dtype=np.int64).reshape(-1)
+        self._hist = np.asarray(query["hist_items"], dtype=np.int64)
+        self.num_rows = int(q_users.size)
+
+    def items_of(self, i: int) -> np.ndarray:
+        c = self._q_codes[i]
+        lo, hi = self._user_start[c], self._user_start[c + 1]
+        cut = lo + np.searchsorted(self._times[lo:hi], self._q_times[i], side="left")
+        prev = np.concatenate([self._items[lo:cut], self._hist[i]])
+        return np.unique(prev[prev > 0])
+
+    def rows_cols(self, start: int, stop: int):
+        parts = [self.items_of(i) for i in range(start, stop)]
+        rows = np.repeat(np.arange(stop - start, dtype=np.int64), [p.size for p in parts])
+        cols = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return rows, cols.astype(np.int64)
+
+    def to_csr(self) -> CSRExclusion:
+        rows, cols = self.rows_cols(0, self.num_rows)
+        indptr = np.zeros(self.num_rows + 1, np.int64)
+        indptr[1:] = np.cumsum(np.bincount(rows, minlength=self.num_rows))
+        return CSRExclusion(indptr, cols)
+
+
+def earlier_clicks_exclusion(query: dict, history_splits: Iterable[dict]) -> EarlierClicksExclusion:
+    """Exclusion sets "items the user clicked before this click" (see :class:`EarlierClicksExclusion`).
+
+    Pass all splits as ``history_splits`` (the query's own split included). ``query`` and each
+    split need ``user_id``, ``item``, ``timestamp``; the query also ``hist_items``.
+    """
+    return EarlierClicksExclusion(query, history_splits)
+
+
+def load_cooccurrence(artifacts_dir: str, v: int | None = None) -> NeighbourTable:
+    """``cooccurrence/cooccurrence.jsonl`` as padded arrays [V, M] (weights = counts, 0 = pad)."""
+    path = os.path.join(artifacts_dir, "cooccurrence", "cooccurrence.jsonl")
+    v = v or num_items(artifacts_dir)
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rows.append(json.loads(line))
+    m = max([len(r.get("neighbors", [])) for r in rows] + [1])
+    neighbors = np.zeros((v, m), np.int64)
+    weights = np.zeros((v, m), np.float32)
+    same = np.zeros((v, m), np.int8)
+    for r in rows:
+        i = int(r["item"])
+        if not 0 < i < v:
+            continue
+        nb = r.get("neighbors", [])
+        neighbors[i, :len(nb)] = nb
+        weights[i, :len(nb)] = r.get("counts", [])
+        if r.get("same_category") is not None:
+            same[i, :len(nb)] = r["same_category"]
+    return NeighbourTable(neighbors=neighbors, weights=weights, same_category=same)
