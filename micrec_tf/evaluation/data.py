@@ -21,7 +21,7 @@ from micrec_tf.evaluation.metrics import CSRExclusion
 __all__ = ["load_feature_spec", "load_split_arrays", "train_item_counts", "num_items",
            "earlier_clicks_exclusion", "EarlierClicksExclusion", "load_cooccurrence"]
 
-# The features evaluation needs; pass ``features=None`` to load_split_arrays for all of them.
+# The features the baselines and exclusion sets need (a model's user tower needs more).
 EVAL_FEATURES = ("user_id", "hist_items", "hist_len", "item", "timestamp")
 _DTYPES = {"int64": "int64", "string": "string", "bytes": "string", "float32": "float32",
            "float": "float32"}
@@ -46,12 +46,13 @@ def split_files(artifacts_dir: str, split: str) -> list:
 
 
 def load_split_arrays(artifacts_dir: str, split: str,
-                      features: Sequence[str] | None = EVAL_FEATURES,
+                      features: Sequence[str] | None = None,
                       batch_size: int = 8192) -> dict:
     """All examples of one split as ``{feature: numpy array}`` in file order.
 
     Scalar features (shape [1]) come back as 1-D arrays [N]; others as [N, *shape]; strings as
-    ``bytes`` objects. ``features=None`` loads every feature of the spec.
+    ``bytes`` objects. ``features=None`` (default) loads every feature of the spec; pass e.g.
+    ``EVAL_FEATURES`` to load only what the baselines need.
     """
     import tensorflow as tf  # deferred: the rest of evaluation needs no TF
 
