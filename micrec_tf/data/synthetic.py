@@ -1,0 +1,463 @@
+"""Deterministic synthetic dataset in the canonical TSV format (docs/ARCHITECTURE.md).
+
+``generate(syn, out_dir)`` writes ``interactions.tsv``, ``items.tsv`` and ``users.tsv`` (UTF-8,
+tab-separated, one header line) and returns the counts. The same :class:`SyntheticConfig` (seed
+included) always gives the same bytes. What is planted in the data:
+
+* **Topics.** Every item belongs to one of ``num_topics`` topics. Its first tag is the topic
+  (so the pipeline's ``category`` is the topic), 0-3 more tags are drawn around the topic
+  (sub-topic tags, sometimes a global tag), its provider mostly publishes in that topic, and its
+  title is made of topic words (plus a few generic words), so title neighbours share topics.
+* **Users** have a gender, an age bucket and a region, and sparse topic preferences (Dirichlet)
+  mixed with a prior that depends on those profile fields, so profiles carry signal.
+* **Popularity** is Zipf-like (``1 / rank^1.05`` within the sampling of each topic): a few hits
+  and a long tail.
+* **Sessions.** Each user's clicks come in sessions (bursts of a few clicks, seconds to minutes
+  apart, well within an hour); sessions are more than an hour apart (hours to days). Each session
+  has a topic drawn from the user's preferences; some clicks stray to other topics.
+* **Bundles.** About a third of the items form bundles of 2-3 items of one topic; after a click on
+  a bundled item the next click of the session is its bundle partner with probability 0.5, so
+  bundle pairs co-occur in sessions far more often than chance.
+
+Events are generated in chunks of users and streamed to the files (memory stays bounded up to
+10 M events and beyond); each user's clicks are written in time order, users one after another.
+``ensure_generated(cfg)`` generates into ``cfg.data.data_dir`` only when the files are missing or
+were generated with other parameters (recorded in ``_generated.json``).
+
+CLI: ``python -m micrec_tf.data.synthetic --config configs/synthetic.yaml [--out DIR] [--force]``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from micrec_tf.config import Config, SyntheticConfig
+
+GENERATOR_VERSION = 1
+MARKER = "_generated.json"
+FILES = ("interactions.tsv", "items.tsv", "users.tsv")
+USER_FIELDS = ("gender", "age", "region")
+ITEM_EXTRA_FIELDS = ("format",)
+
+T0 = 1672531200  # 2023-01-01 00:00:00 UTC
+WINDOW_S = 120 * 86400  # every user's clicks lie in [T0, T0 + WINDOW_S) (unless very heavy)
+SESSION_GAP_MIN_S = 3700  # sessions are always more than an hour apart
+MEAN_SESSION_LEN = 5.0
+BUNDLE_FOLLOW_P = 0.5
+OFF_TOPIC_P = 0.12  # a click from another topic of the user's preferences
+RANDOM_TOPIC_P = 0.03  # a click from a uniformly random topic
+ZIPF_ALPHA = 1.05
+CHUNK_EVENTS = 1 << 18
+
+GENDERS = ("F", "M", "U")
+GENDER_P = (0.48, 0.48, 0.04)
+AGES = ("<18", "18-24", "25-34", "35-44", "45-54", "55+")
+AGE_P = (0.06, 0.22, 0.30, 0.20, 0.13, 0.09)
+REGIONS = ("north", "south", "east", "west", "central", "coast", "mountain", "islands")
+FORMATS = ("article", "video", "gallery", "podcast", "review", "howto")
+GLOBAL_TAGS = ("trending", "editors-pick", "classic", "new", "longread", "local")
+GENERIC_WORDS = ("the", "new", "best", "guide", "top", "how", "why", "inside", "story", "week",
+                 "first", "look", "ultimate", "daily", "big", "secret", "complete", "today")
+
+# (topic name, topic words); the first six words also name its sub-topic tags.
+THEMES = (
+    ("sports", "football soccer tennis goal stadium league coach champion match score "
+               "tournament athlete"),
+    ("finance", "stocks market investor bank dividend inflation bonds portfolio trading "
+                "economy budget savings"),
+    ("cooking", "recipe pasta kitchen baking chef dessert soup grill spice flavor dinner "
+                "bread"),
+    ("travel", "beach island flight hotel passport journey resort cruise backpacking "
+               "destination luggage sightseeing"),
+    ("technology", "smartphone software laptop processor robot startup gadget internet "
+                   "algorithm chip cloud app"),
+    ("music", "guitar album concert singer band piano melody festival rapper jazz orchestra "
+              "lyrics"),
+    ("movies", "film director actor cinema trailer blockbuster sequel oscar screenplay "
+               "studio premiere comedy"),
+    ("health", "fitness diet vitamin doctor sleep workout nutrition heart yoga wellness "
+               "therapy immune"),
+    ("science", "physics telescope galaxy experiment molecule genome laboratory quantum "
+                "fossil climate research planet"),
+    ("politics", "election senate president campaign vote policy congress governor debate "
+                 "parliament minister law"),
+    ("automotive", "car engine electric truck racing motor tires sedan hybrid dealership "
+                   "horsepower garage"),
+    ("fashion", "dress style designer runway jacket shoes trend model boutique denim "
+                "accessories couture"),
+    ("gaming", "console videogame multiplayer esports quest controller level boss arcade "
+               "rpg streamer puzzle"),
+    ("gardening", "garden flowers seeds soil tomato orchard compost roses lawn herbs "
+                  "greenhouse harvest"),
+    ("pets", "dog cat puppy kitten veterinarian leash aquarium parrot grooming breed "
+             "adoption hamster"),
+    ("home", "furniture kitchenware decor sofa renovation lighting carpet interior "
+             "storage bedroom cleaning paint"),
+    ("books", "novel author poetry library bestseller chapter fiction memoir publisher "
+              "reading biography thriller"),
+    ("weather", "storm rain snow forecast hurricane temperature wind sunshine flood "
+                "drought tornado heatwave"),
+    ("parenting", "baby toddler school parents family homework childcare teenager "
+                  "playground nursery bedtime toys"),
+    ("art", "painting museum sculpture gallery canvas artist exhibition portrait sketch "
+            "watercolor mural photography"),
+)
+
+_SYLLABLES = ("ka", "lo", "mi", "ren", "tas", "vo", "shi", "dor", "pel", "zu", "qua", "bri",
+              "nel", "tor", "fa", "gim", "xe", "hul", "sor", "yan")
+
+
+def _topics(num_topics: int, rng: np.random.Generator) -> list[tuple[str, list[str]]]:
+    """Topic names and word lists; beyond the 20 themes a theme is reused with new words."""
+    out, seen = [], set()
+    for k in range(num_topics):
+        name, words = THEMES[k % len(THEMES)]
+        words = words.split()
+        if k >= len(THEMES):
+            name = f"{name}{k // len(THEMES) + 1}"
+            fresh = []
+            while len(fresh) < 6:
+                word = "".join(rng.choice(_SYLLABLES, size=3))
+                if word not in seen:
+                    seen.add(word)
+                    fresh.append(word)
+            words = fresh + words[6:]  # distinct sub-topic tags and title words
+        out.append((name, words))
+    return out
+
+
+@dataclasses.dataclass
+class _World:
+    """Everything about items and the profile -> topic prior, shared by all user chunks."""
+
+    num_topics: int
+    topic_of: np.ndarray  # [I]
+    # Items sorted by topic; cum[j] = topic + within-topic CDF, so searchsorted(cum, k + u) picks
+    # an item of topic k with probability proportional to its popularity.
+    sorted_items: np.ndarray
+    cum: np.ndarray
+    partner: np.ndarray  # [I], -1 if not in a bundle
+    prior_gender: np.ndarray  # [3, K] logits
+    prior_age: np.ndarray  # [6, K]
+    prior_region: np.ndarray  # [R, K]
+    num_bundles: int
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _make_items(syn: SyntheticConfig, rng: np.random.Generator, items_path: str) -> _World:
+    num_items = syn.num_items
+    k_eff = min(syn.num_topics, num_items)  # every topic used has at least one item
+    topics = _topics(k_eff, rng)
+    num_words = len(topics[0][1])
+    topic_of = (rng.permutation(num_items) % k_eff).astype(np.int64)
+
+    # Zipf-like popularity from a random rank per item.
+    rank = rng.permutation(num_items)
+    pop = 1.0 / np.power(rank + 1.0, ZIPF_ALPHA)
+
+    order = np.argsort(topic_of, kind="stable")  # items sorted by topic
+    sizes = np.bincount(topic_of, minlength=k_eff)
+    first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    cum = np.empty(num_items, dtype=np.float64)
+    for k in range(k_eff):
+        c = np.cumsum(pop[order[first[k]:first[k] + sizes[k]]])
+        cum[first[k]:first[k] + sizes[k]] = k + c / c[-1]
+        cum[first[k] + sizes[k] - 1] = k + 1.0  # exact upper end despite round-off
+
+    # Bundles of 2-3 items of one topic; partner = the next item of the bundle (cyclic).
+    partner = np.full(num_items, -1, dtype=np.int64)
+    num_bundles = 0
+    for k in range(k_eff):
+        members = order[first[k]:first[k] + sizes[k]]
+        chosen = rng.permutation(members)[: int(len(members) * 0.35)]
+        triple = rng.random(len(chosen)) < 0.3
+        i = 0
+        while len(chosen) - i >= 2:
+            size = 3 if (len(chosen) - i >= 3 and triple[i]) else 2
+            group = chosen[i:i + size]
+            partner[group] = np.roll(group, -1)
+            num_bundles += 1
+            i += size
+
+    # Providers: each has a home topic; an item's provider is mostly one of its topic.
+    num_providers = max(k_eff, num_items // 40)
+    provider_topic = np.arange(num_providers) % k_eff
+    by_topic = [np.flatnonzero(provider_topic == k) for k in range(k_eff)]
+    format_p = rng.dirichlet(np.full(len(FORMATS), 0.7), size=k_eff)
+
+    # All per-item random draws at once (the loop below only formats strings).
+    n_tags = rng.integers(0, 4, size=num_items)
+    sub_tag = rng.integers(0, 6, size=(num_items, 3))
+    global_tag = np.where(rng.random((num_items, 3)) < 0.85, -1,
+                          rng.integers(0, len(GLOBAL_TAGS), size=(num_items, 3)))
+    n_topic_words = rng.integers(2, 5, size=num_items)
+    topic_words = np.argsort(rng.random((num_items, num_words)), axis=1)[:, :4]
+    n_generic = rng.integers(0, 3, size=num_items)
+    generic = np.argsort(rng.random((num_items, len(GENERIC_WORDS))), axis=1)[:, :2]
+    other_topic = np.where(rng.random(num_items) < 0.1,
+                           (topic_of + rng.integers(1, max(k_eff, 2), size=num_items)) % k_eff,
+                           -1) if k_eff > 1 else np.full(num_items, -1)
+    other_word = rng.integers(0, num_words, size=num_items)
+    shuffle_key = rng.random((num_items, 7))
+    own_provider = rng.random(num_items) < 0.8
+    provider_pick = rng.integers(0, 1 << 30, size=num_items)
+    any_provider = rng.integers(0, num_providers, size=num_items)
+    fmt = _sample_rows(format_p[topic_of], rng)
+
+    with open(items_path, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write("\t".join(("item_id", "title", "tags", "provider") + ITEM_EXTRA_FIELDS) + "\n")
+        lines = []
+        for item in range(num_items):
+            k = int(topic_of[item])
+            name, words = topics[k]
+            # tags: topic first, then 0-3 sub-topic tags (sometimes a global tag)
+            tags = [name]
+            for j in range(int(n_tags[item])):
+                g = int(global_tag[item, j])
+                tag = GLOBAL_TAGS[g] if g >= 0 else f"{name}:{words[int(sub_tag[item, j])]}"
+                if tag not in tags:
+                    tags.append(tag)
+            # title: 2-4 topic words, 0-2 generic words, rarely a word of another topic
+            parts = [words[int(w)] for w in topic_words[item, :n_topic_words[item]]]
+            parts += [GENERIC_WORDS[int(w)] for w in generic[item, :n_generic[item]]]
+            if other_topic[item] >= 0:
+                parts.append(topics[int(other_topic[item])][1][int(other_word[item])])
+            key = shuffle_key[item]
+            parts = [parts[j] for j in sorted(range(len(parts)), key=lambda j: key[j])]
+            title = " ".join(p.capitalize() for p in parts)
+            if own_provider[item]:
+                prov = int(by_topic[k][provider_pick[item] % len(by_topic[k])])
+            else:
+                prov = int(any_provider[item])
+            lines.append(f"i{item}\t{title}\t{'|'.join(tags)}\tp{prov}\t{FORMATS[fmt[item]]}\n")
+            if len(lines) >= 100000:
+                fh.write("".join(lines))
+                lines = []
+        fh.write("".join(lines))
+
+    return _World(
+        num_topics=k_eff, topic_of=topic_of, sorted_items=order, cum=cum, partner=partner,
+        prior_gender=rng.normal(0.0, 1.0, size=(len(GENDERS), k_eff)),
+        prior_age=rng.normal(0.0, 1.0, size=(len(AGES), k_eff)),
+        prior_region=rng.normal(0.0, 0.7, size=(len(REGIONS), k_eff)),
+        num_bundles=num_bundles)
+
+
+def planted_bundles(syn: SyntheticConfig) -> list:
+    """The planted bundles of ``syn`` as tuples of item ids (for tests and benchmarks)."""
+    world_seq = np.random.SeedSequence(syn.seed).spawn(3)[0]
+    world = _make_items(syn, np.random.default_rng(world_seq), os.devnull)
+    seen, out = set(), []
+    for item in np.flatnonzero(world.partner >= 0).tolist():
+        if item in seen:
+            continue
+        group, cur = [], item
+        while cur not in seen:
+            seen.add(cur)
+            group.append(f"i{cur}")
+            cur = int(world.partner[cur])
+        out.append(tuple(group))
+    return out
+
+
+def _events_per_user(syn: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
+    """Heavy-tailed activity, summing exactly to ``num_events``."""
+    u, e = syn.num_users, syn.num_events
+    w = rng.lognormal(0.0, 1.0, size=u)
+    w = np.minimum(w, 20.0 * np.median(w))
+    base = min(2, e // u)  # everyone gets a couple of clicks when there are enough events
+    counts = np.full(u, base, dtype=np.int64)
+    counts += rng.multinomial(e - base * u, w / w.sum())
+    return counts
+
+
+def _sample_rows(cdf_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One categorical draw per row of probabilities (rows sum to 1)."""
+    cum = np.cumsum(cdf_rows, axis=1)
+    u = rng.random(len(cdf_rows))[:, None]
+    return np.minimum((u > cum).sum(axis=1), cdf_rows.shape[1] - 1)
+
+
+def _chunk(world: _World, counts: np.ndarray, first_user: int, rng: np.random.Generator,
+           users_fh, inter_fh) -> int:
+    """Users ``first_user ..`` with ``counts`` clicks each: writes their rows, returns sessions."""
+    b = len(counts)
+    k = world.num_topics
+    gender = rng.choice(len(GENDERS), size=b, p=GENDER_P)
+    age = rng.choice(len(AGES), size=b, p=AGE_P)
+    region = rng.integers(0, len(REGIONS), size=b)
+    prior = _softmax(world.prior_gender[gender] + world.prior_age[age]
+                     + world.prior_region[region])
+    pref = 0.6 * rng.dirichlet(np.full(k, 0.3), size=b) + 0.4 * prior
+
+    users_fh.write("".join(
+        f"u{first_user + j}\t{GENDERS[g]}\t{AGES[a]}\t{REGIONS[r]}\n"
+        for j, (g, a, r) in enumerate(zip(gender.tolist(), age.tolist(), region.tolist()))))
+
+    n = int(counts.sum())
+    if n == 0:
+        return 0
+    local = np.repeat(np.arange(b), counts)  # local user of each event
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    pos = np.arange(n) - np.repeat(starts, counts)
+    new = (pos == 0) | (rng.random(n) < 1.0 / MEAN_SESSION_LEN)
+    sid = np.cumsum(new) - 1
+    num_sessions = int(sid[-1]) + 1
+
+    # topics: one per session from the user's preferences; some clicks stray
+    topic = _sample_rows(pref[local[new]], rng)[sid]
+    r = rng.random(n)
+    stray = r < OFF_TOPIC_P
+    if stray.any():
+        topic[stray] = _sample_rows(pref[local[stray]], rng)
+    rand = (r >= OFF_TOPIC_P) & (r < OFF_TOPIC_P + RANDOM_TOPIC_P)
+    topic[rand] = rng.integers(0, k, size=int(rand.sum()))
+    idx = np.searchsorted(world.cum, topic + rng.random(n), side="right")
+    items = world.sorted_items[np.minimum(idx, len(world.sorted_items) - 1)]
+
+    # planted bundles: the next click of the session is often the partner
+    if n > 1:
+        nxt = world.partner[items[:-1]]
+        follow = (nxt >= 0) & ~new[1:] & (rng.random(n - 1) < BUNDLE_FOLLOW_P)
+        items[1:][follow] = nxt[follow]
+
+    # time gaps: seconds to minutes inside a session, hours to days between sessions
+    within = np.minimum(5.0 + rng.exponential(90.0, size=n), 900.0)
+    between = SESSION_GAP_MIN_S + rng.lognormal(np.log(12 * 3600.0), 1.1, size=n)
+    gap = np.where(new, between, within)
+    gap[pos == 0] = 0.0
+    # squeeze the extra part of the session gaps so that a user's clicks fit in the window
+    extra = np.where(new & (pos > 0), gap - SESSION_GAP_MIN_S, 0.0)
+    fixed = np.bincount(local, weights=gap - extra, minlength=b)
+    extra_sum = np.bincount(local, weights=extra, minlength=b)
+    budget = np.maximum(0.9 * WINDOW_S - fixed, 0.0)
+    scale = np.minimum(1.0, budget / np.maximum(extra_sum, 1.0))
+    gap = np.floor(gap - extra + extra * scale[local])
+    gap = np.maximum(gap, np.where(pos == 0, 0.0, 1.0))
+    t = np.cumsum(gap)
+    t -= np.repeat(t[starts], counts)
+    span = np.zeros(b)
+    span[counts > 0] = t[starts[counts > 0] + counts[counts > 0] - 1]
+    offset = np.floor(rng.random(b) * np.maximum(WINDOW_S - span, 0.0))
+    ts = (T0 + offset[local] + t).astype(np.int64)
+
+    users = (first_user + local).tolist()
+    inter_fh.write("".join(
+        f"u{u}\ti{i}\t{s}\n" for u, i, s in zip(users, items.tolist(), ts.tolist())))
+    return num_sessions
+
+
+def generate(syn: SyntheticConfig, out_dir: str, verbose: bool | None = None) -> dict:
+    """Writes the three canonical TSV files into ``out_dir``; returns counts.
+
+    Deterministic: the same ``syn`` gives the same bytes. ``verbose`` (default: at 1 M events
+    and more) prints progress to stderr.
+    """
+    for key in ("num_users", "num_items", "num_events", "num_topics"):
+        if getattr(syn, key) <= 0:
+            raise ValueError(f"synthetic.{key} must be > 0, got {getattr(syn, key)!r}")
+    if verbose is None:
+        verbose = syn.num_events >= 1_000_000
+    os.makedirs(out_dir, exist_ok=True)
+    marker = os.path.join(out_dir, MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+    start = time.time()
+    root = np.random.SeedSequence(syn.seed)
+    world_seq, activity_seq, events_seq = root.spawn(3)
+    world = _make_items(syn, np.random.default_rng(world_seq),
+                        os.path.join(out_dir, "items.tsv"))
+    counts = _events_per_user(syn, np.random.default_rng(activity_seq))
+
+    sessions = 0
+    done = 0
+    with open(os.path.join(out_dir, "users.tsv"), "w", encoding="utf-8", newline="\n") as ufh, \
+            open(os.path.join(out_dir, "interactions.tsv"), "w", encoding="utf-8",
+                 newline="\n") as ifh:
+        ufh.write("\t".join(("user_id",) + USER_FIELDS) + "\n")
+        ifh.write("user_id\titem_id\ttimestamp\n")
+        # chunks of whole users with about CHUNK_EVENTS events each
+        bounds = np.searchsorted(np.cumsum(counts),
+                                 np.arange(CHUNK_EVENTS, syn.num_events, CHUNK_EVENTS),
+                                 side="left") + 1
+        bounds = np.unique(np.concatenate(([0], bounds, [syn.num_users])))
+        bounds = bounds[bounds <= syn.num_users]
+        chunk_seqs = events_seq.spawn(len(bounds) - 1)
+        for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            sessions += _chunk(world, counts[a:b], int(a), np.random.default_rng(chunk_seqs[c]),
+                               ufh, ifh)
+            done += int(counts[a:b].sum())
+            if verbose:
+                el = time.time() - start
+                print(f"synthetic: {done:,}/{syn.num_events:,} events, {b:,} users, {el:.0f}s",
+                      file=sys.stderr, flush=True)
+    result = {"users": syn.num_users, "items": syn.num_items, "events": syn.num_events,
+              "sessions": sessions, "topics": world.num_topics, "bundles": world.num_bundles}
+    with open(marker, "w", encoding="utf-8") as fh:
+        json.dump({"version": GENERATOR_VERSION, "params": dataclasses.asdict(syn),
+                   "counts": result}, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    if verbose:
+        print(f"synthetic: wrote {out_dir} in {time.time() - start:.1f}s: {result}",
+              file=sys.stderr, flush=True)
+    return result
+
+
+def is_generated(syn: SyntheticConfig, out_dir: str) -> bool:
+    """True when ``out_dir`` holds a complete dataset generated with exactly ``syn``."""
+    marker = os.path.join(out_dir, MARKER)
+    if not all(os.path.isfile(os.path.join(out_dir, f)) for f in FILES + (MARKER,)):
+        return False
+    try:
+        with open(marker, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return (meta.get("version") == GENERATOR_VERSION
+            and meta.get("params") == dataclasses.asdict(syn))
+
+
+def ensure_generated(cfg: Config, verbose: bool | None = None) -> str:
+    """Generates ``cfg.data.synthetic`` into ``cfg.data.data_dir`` unless already there."""
+    if cfg.data.dataset != "synthetic":
+        raise ValueError(f"ensure_generated needs data.dataset 'synthetic', got "
+                         f"{cfg.data.dataset!r} (it would write into {cfg.data.data_dir!r})")
+    out_dir = cfg.data.data_dir
+    if not is_generated(cfg.data.synthetic, out_dir):
+        generate(cfg.data.synthetic, out_dir, verbose=verbose)
+    return out_dir
+
+
+def main(argv=None) -> int:
+    from micrec_tf.config import load_config, parse_overrides
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/synthetic.yaml")
+    parser.add_argument("--out", default=None, help="output dir (default: data.data_dir)")
+    parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. data.synthetic.num_events=1000000")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    out_dir = args.out or cfg.data.data_dir
+    if not args.force and is_generated(cfg.data.synthetic, out_dir):
+        print(f"synthetic data in {out_dir} is up to date "
+              f"({dataclasses.asdict(cfg.data.synthetic)})")
+        return 0
+    counts = generate(cfg.data.synthetic, out_dir)
+    print(f"wrote {out_dir}: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

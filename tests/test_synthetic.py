@@ -1,0 +1,271 @@
+"""The synthetic generator: determinism, sizes, sessions, planted structure, ensure_generated."""
+import collections
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from micrec_tf.config import Config, DataConfig, SyntheticConfig
+from micrec_tf.data import synthetic
+
+SYN = SyntheticConfig(num_users=300, num_items=240, num_events=9000, num_topics=8, seed=3)
+FILES = ("interactions.tsv", "items.tsv", "users.tsv")
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    assert lines[-1] == ""
+    return [line.split("\t") for line in lines[:-1]]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("syn"))
+    counts = synthetic.generate(SYN, out)
+    inter = _read(os.path.join(out, "interactions.tsv"))
+    items = _read(os.path.join(out, "items.tsv"))
+    users = _read(os.path.join(out, "users.tsv"))
+    return {"dir": out, "counts": counts, "inter": inter, "items": items, "users": users}
+
+
+def _sessions(inter_rows, window=3600):
+    """Per user, maximal runs of clicks with consecutive gaps <= window: lists of item ids."""
+    by_user = collections.defaultdict(list)
+    for user, item, ts in inter_rows:
+        by_user[user].append((int(ts), item))
+    sessions = []
+    for clicks in by_user.values():
+        clicks.sort()
+        cur = [clicks[0][1]]
+        for (t0, _), (t1, item) in zip(clicks, clicks[1:]):
+            if t1 - t0 <= window:
+                cur.append(item)
+            else:
+                sessions.append(cur)
+                cur = [item]
+        sessions.append(cur)
+    return sessions
+
+
+def test_headers_and_counts(data):
+    assert data["inter"][0] == ["user_id", "item_id", "timestamp"]
+    assert data["items"][0] == ["item_id", "title", "tags", "provider", "format"]
+    assert data["users"][0] == ["user_id", "gender", "age", "region"]
+    inter, items, users = data["inter"][1:], data["items"][1:], data["users"][1:]
+    assert len(inter) == SYN.num_events
+    assert len(items) == SYN.num_items
+    assert len(users) == SYN.num_users
+    c = data["counts"]
+    assert (c["events"], c["items"], c["users"]) == (SYN.num_events, SYN.num_items, SYN.num_users)
+    assert c["topics"] == SYN.num_topics and c["bundles"] > 0
+    assert c["sessions"] == len(_sessions(inter))
+    item_ids = {r[0] for r in items}
+    user_ids = {r[0] for r in users}
+    assert len(item_ids) == SYN.num_items and len(user_ids) == SYN.num_users
+    assert {r[1] for r in inter} <= item_ids
+    assert {r[0] for r in inter} <= user_ids
+    assert all(len(r) == 3 and int(r[2]) > 0 for r in inter)
+    assert all(len(r) == 5 and r[1] and r[3] and r[4] for r in items)
+    assert all(len(r) == 4 and all(r) for r in users)
+    # every user has clicks (num_events >= 2 * num_users), activity is heavy-tailed
+    per_user = collections.Counter(r[0] for r in inter)
+    assert len(per_user) == SYN.num_users
+    assert max(per_user.values()) > 4 * np.median(list(per_user.values()))
+    with open(os.path.join(data["dir"], synthetic.MARKER)) as fh:
+        marker = json.load(fh)
+    assert marker["params"] == {"num_users": 300, "num_items": 240, "num_events": 9000,
+                                "num_topics": 8, "seed": 3}
+
+
+def test_deterministic_by_seed(data, tmp_path):
+    same = str(tmp_path / "same")
+    synthetic.generate(SYN, same)
+    for name in FILES:
+        with open(os.path.join(data["dir"], name), "rb") as a, \
+                open(os.path.join(same, name), "rb") as b:
+            assert a.read() == b.read(), name
+    other = str(tmp_path / "other")
+    synthetic.generate(SyntheticConfig(**{**SYN.__dict__, "seed": 4}), other)
+    for name in FILES:
+        with open(os.path.join(data["dir"], name), "rb") as a, \
+                open(os.path.join(other, name), "rb") as b:
+            assert a.read() != b.read(), name
+
+
+def test_sessions_and_gaps(data):
+    inter = data["inter"][1:]
+    gaps = []
+    for user, rows in itertools.groupby(inter, key=lambda r: r[0]):
+        ts = [int(r[2]) for r in rows]
+        assert ts == sorted(ts), f"clicks of {user} not in time order"
+        gaps.extend(np.diff(ts).tolist())
+    gaps = np.array(gaps)
+    within = gaps <= 3600
+    assert 0.6 < within.mean() < 0.95  # mostly bursts, with session breaks
+    assert (gaps[within] <= 900).all()  # clicks inside a session are minutes apart
+    assert (gaps[~within] > 3600).all() and np.median(gaps[~within]) > 3 * 3600
+    sessions = _sessions(inter)
+    lengths = np.array([len(s) for s in sessions])
+    assert (lengths >= 2).mean() > 0.5 and lengths.mean() > 2.5
+    # all clicks lie in the generation window
+    ts = np.array([int(r[2]) for r in inter])
+    assert ts.min() >= synthetic.T0 and ts.max() < synthetic.T0 + synthetic.WINDOW_S
+
+
+def test_long_tail_popularity(data):
+    counts = np.sort(np.array(list(
+        collections.Counter(r[1] for r in data["inter"][1:]).values())))[::-1]
+    top = counts[: SYN.num_items // 10].sum() / counts.sum()
+    assert top > 0.35  # the top 10 % of items get a large share
+    assert np.median(counts) < counts.mean()  # long tail
+
+
+def test_items_tags_and_topic_titles(data):
+    items = data["items"][1:]
+    by_topic = collections.defaultdict(list)
+    for item_id, title, tags, provider, fmt in items:
+        tag_list = tags.split("|")
+        assert 1 <= len(tag_list) <= 4 and len(set(tag_list)) == len(tag_list)
+        assert all(t == tag_list[0] or ":" in t or t in synthetic.GLOBAL_TAGS
+                   for t in tag_list[1:])
+        assert fmt in synthetic.FORMATS and provider.startswith("p")
+        assert len(title.split()) >= 2
+        by_topic[tag_list[0]].append(set(title.lower().split()) - set(synthetic.GENERIC_WORDS))
+    assert len(by_topic) == SYN.num_topics
+
+    def jaccard(a, b):
+        return len(a & b) / max(1, len(a | b))
+
+    rng = random.Random(0)
+    topics = sorted(by_topic)
+    same = [jaccard(*rng.sample(by_topic[rng.choice(topics)], 2)) for _ in range(400)]
+    cross = []
+    for _ in range(400):
+        t1, t2 = rng.sample(topics, 2)
+        cross.append(jaccard(rng.choice(by_topic[t1]), rng.choice(by_topic[t2])))
+    assert np.mean(same) > 0.1 and np.mean(same) > 5 * np.mean(cross)
+    assert np.mean(np.array(same) > 0) > 0.4  # same-topic titles often share a word
+    # providers mostly publish in one topic
+    providers = collections.defaultdict(collections.Counter)
+    for _, _, tags, provider, _ in items:
+        providers[provider][tags.split("|")[0]] += 1
+    main_share = sum(c.most_common(1)[0][1] for c in providers.values()) / len(items)
+    assert main_share > 0.6
+
+
+def test_profiles_carry_topic_signal(data):
+    """Users of one gender click topics in a different mix than users of another."""
+    gender = {r[0]: r[1] for r in data["users"][1:]}
+    topic = {r[0]: r[2].split("|")[0] for r in data["items"][1:]}
+    mix = collections.defaultdict(collections.Counter)
+    for user, item, _ in data["inter"][1:]:
+        mix[gender[user]][topic[item]] += 1
+    f, m = mix["F"], mix["M"]
+    topics = sorted(set(f) | set(m))
+    pf = np.array([f[t] for t in topics], float) / sum(f.values())
+    pm = np.array([m[t] for t in topics], float) / sum(m.values())
+    assert 0.5 * np.abs(pf - pm).sum() > 0.1  # total variation distance
+
+
+def test_planted_cooccurrence(data):
+    bundles = synthetic.planted_bundles(SYN)
+    assert bundles and all(2 <= len(b) <= 3 for b in bundles)
+    topic = {r[0]: r[2].split("|")[0] for r in data["items"][1:]}
+    assert all(len({topic[i] for i in b}) == 1 for b in bundles)  # a bundle is one topic
+    co, n = collections.Counter(), collections.Counter()
+    sessions = _sessions(data["inter"][1:])
+    for session in sessions:
+        distinct = sorted(set(session))
+        n.update(distinct)
+        for a, b in itertools.combinations(distinct, 2):
+            co[(a, b)] += 1
+    planted = {tuple(sorted(p)) for b in bundles for p in itertools.combinations(b, 2)}
+    bundled = {i for b in bundles for i in b}
+    # control: random pairs of the same topic, among items not in bundles
+    rng = random.Random(1)
+    by_topic = collections.defaultdict(list)
+    for item, t in topic.items():
+        if item not in bundled:
+            by_topic[t].append(item)
+    control = set()
+    while len(control) < 3 * len(planted):
+        members = by_topic[rng.choice(sorted(by_topic))]
+        if len(members) >= 2:
+            control.add(tuple(sorted(rng.sample(members, 2))))
+    planted_mean = np.mean([co[p] for p in planted])
+    control_mean = np.mean([co[p] for p in control])
+    assert planted_mean > 4 * control_mean and planted_mean > 1.0
+    # the pairs with the highest lift (co-occurrence over chance) are mostly planted
+    lift = {p: c * len(sessions) / (n[p[0]] * n[p[1]]) for p, c in co.items() if c >= 3}
+    top = sorted(lift, key=lambda p: (-lift[p], p))[:30]
+    assert sum(p in planted for p in top) >= 12
+
+
+def test_ensure_generated(tmp_path):
+    out = str(tmp_path / "gen")
+    small = SyntheticConfig(num_users=20, num_items=30, num_events=300, num_topics=3, seed=1)
+    cfg = Config(data=DataConfig(dataset="synthetic", data_dir=out, synthetic=small))
+    assert synthetic.ensure_generated(cfg) == out
+    assert synthetic.is_generated(small, out)
+    path = os.path.join(out, "interactions.tsv")
+    os.utime(path, (1, 1))
+    synthetic.ensure_generated(cfg)
+    assert os.stat(path).st_mtime == 1  # up to date: not rewritten
+    cfg2 = cfg.replace({"data.synthetic.seed": 2})
+    synthetic.ensure_generated(cfg2)
+    assert os.stat(path).st_mtime != 1
+    assert synthetic.is_generated(cfg2.data.synthetic, out)
+    os.remove(os.path.join(out, "users.tsv"))  # incomplete output is regenerated
+    synthetic.ensure_generated(cfg2)
+    assert os.path.exists(os.path.join(out, "users.tsv"))
+    with pytest.raises(ValueError, match="synthetic"):
+        synthetic.ensure_generated(cfg.replace({"data.dataset": "canonical"}))
+
+
+def test_small_sizes_and_few_items(tmp_path):
+    # fewer items than topics, fewer events than users
+    counts = synthetic.generate(
+        SyntheticConfig(num_users=50, num_items=3, num_events=20, num_topics=10, seed=0),
+        str(tmp_path))
+    assert counts["events"] == 20 and counts["topics"] == 3
+    assert len(_read(str(tmp_path / "interactions.tsv"))) == 21
+
+
+def test_cli(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--config", os.path.join(repo, "configs", "synthetic.yaml"), "--out", out,
+            "--set", "data.synthetic.num_events=500", "--set", "data.synthetic.num_users=40"]
+    assert synthetic.main(args) == 0
+    assert "events=500" in capsys.readouterr().out
+    assert len(_read(os.path.join(out, "interactions.tsv"))) == 501
+    assert synthetic.main(args) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def _peak_rss_mb(out_dir, num_events):
+    code = (
+        "import resource, sys\n"
+        "from micrec_tf.config import SyntheticConfig\n"
+        "from micrec_tf.data.synthetic import generate\n"
+        f"generate(SyntheticConfig(num_users=5000, num_items=2000, num_events={num_events}, "
+        f"num_topics=10, seed=5), {out_dir!r}, verbose=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return int(res.stdout.split()[-1]) / 1024.0
+
+
+def test_streaming_memory_is_bounded(tmp_path):
+    """Peak memory does not grow with the number of events (they are streamed in chunks)."""
+    small = _peak_rss_mb(str(tmp_path / "small"), 300_000)
+    large = _peak_rss_mb(str(tmp_path / "large"), 1_200_000)
+    size_mb = os.path.getsize(tmp_path / "large" / "interactions.tsv") / 2**20
+    # holding 1.2 M events as Python strings or rows would add far more than this
+    assert large - small < 0.5 * size_mb + 10, (small, large, size_mb)
