@@ -103,28 +103,41 @@ def _kth_largest(scores: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def _select_mask(scores: np.ndarray, r: np.ndarray, secondary: np.ndarray | None) -> np.ndarray:
-    """Boolean [B, V] mask of the top-r[b] finite entries of each row under the ranking order."""
+    """Boolean [B, V] mask of the top-r[b] finite entries of each row under the ranking order.
+
+    ``scores`` holds no NaN and no +inf (-inf marks entries that cannot be selected).
+    """
     b, v = scores.shape
-    finite = np.isfinite(scores)
-    n_finite = finite.sum(axis=1)
-    r = np.minimum(r, n_finite)
+    finite = scores > -np.inf
+    r = np.minimum(r, finite.sum(axis=1))
     out = np.zeros((b, v), dtype=bool)
     active = r > 0
     if not np.any(active):
         return out
+    all_rows = bool(active.all())
     rows = np.nonzero(active)[0]
-    s = np.where(finite[rows], scores[rows], -np.inf)
+    s = scores if all_rows else scores[rows]
     ra = r[rows]
     kth = _kth_largest(s, ra)
     greater = s > kth[:, None]
-    tied = (s == kth[:, None]) & np.isfinite(s)
+    tied = (s == kth[:, None]) & finite[rows] if not all_rows else (s == kth[:, None]) & finite
     need = ra - greater.sum(axis=1)
-    if secondary is not None:
-        sec = np.where(tied, secondary[None, :].astype(np.float64), -np.inf)
-        chosen = _select_mask(sec, need, None)
-    else:
-        chosen = tied & (np.cumsum(tied, axis=1) <= need[:, None])
-    out[rows] = greater | chosen
+    n_tied = tied.sum(axis=1)
+    chosen = tied
+    partial = n_tied > need  # rows where only some of the tied entries make the cut
+    if np.any(partial):
+        chosen = tied.copy()
+        prow = np.nonzero(partial)[0]
+        tp = tied[prow]
+        if secondary is not None:
+            sec = np.where(tp, secondary[None, :].astype(np.float64), -np.inf)
+            chosen[prow] = _select_mask(sec, need[prow], None)
+        else:
+            chosen[prow] = tp & (np.cumsum(tp, axis=1) <= need[prow, None])
+    sel = greater | chosen
+    if all_rows:
+        return sel
+    out[rows] = sel
     return out
 
 
@@ -145,12 +158,22 @@ def top_k_from_scores(scores: np.ndarray, k: int, secondary: np.ndarray | None =
     scores[:, 0] = -np.inf
     scores[scores == np.inf] = np.finfo(scores.dtype).max
     mask = _select_mask(scores, np.full(b, k, dtype=np.int64), secondary)
-    rr, cc = np.nonzero(mask)
+    rr, cc = np.nonzero(mask)  # row-major: item indices ascending within each row
+    counts = np.bincount(rr, minlength=b)
+    if b and np.all(counts == k):
+        # Fast path, every row full: stable sorts keep ascending index among equal keys.
+        cc = cc.reshape(b, k)
+        vals = np.take_along_axis(scores, cc, axis=1)
+        if secondary is None:
+            order = np.argsort(-vals, axis=1, kind="stable")
+        else:
+            order = np.lexsort([-secondary[cc].astype(np.float64), -vals], axis=1)
+        return (np.take_along_axis(cc, order, axis=1).astype(np.int64),
+                np.take_along_axis(vals, order, axis=1))
     vals = scores[rr, cc]
     keys = [cc, -vals, rr] if secondary is None else [cc, -secondary[cc].astype(np.float64), -vals, rr]
     order = np.lexsort(keys)
     rr, cc, vals = rr[order], cc[order], vals[order]
-    counts = np.bincount(rr, minlength=b)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     pos = np.arange(rr.size) - starts[rr]
     idx = np.full((b, k), -1, dtype=np.int64)
