@@ -1,0 +1,414 @@
+"""Small single-purpose Keras 2 layers shared by the towers (paper 3.1-3.3, 3.6).
+
+Field conventions follow docs/ARCHITECTURE.md: every categorical index is int64, 0 = OOV/padding,
+and the embedding of index 0 is always the zero vector. Item fields, in this fixed order, are
+
+    item          [...]     item id
+    item_tags     [..., T]  multi-valued, pooled by a masked mean over the non-zero tags
+    item_provider [...]     provider
+    item_<extra>  [...]     any extra categorical field, in the order given
+
+and their stacked embeddings ``[..., F, D]`` reshaped to ``[..., F * D]`` are the raw item
+embedding ``f^d`` of the paper. Leading dimensions are free, so the same layer embeds target items
+``[B]``, catalogue items ``[N]`` and click histories ``[B, H]``.
+
+Every layer is registered under the ``micrec_tf`` package and round-trips through
+``get_config``/``from_config``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+register = tf_keras.saving.register_keras_serializable(package="micrec_tf")
+
+ITEM_ID, ITEM_TAGS, ITEM_PROVIDER = "item", "item_tags", "item_provider"
+
+
+def serialize(layer: tf_keras.layers.Layer) -> dict:
+    """Keras serialization of a (micrec_tf or stock) layer, for nesting in ``get_config``."""
+    return tf_keras.layers.serialize(layer)
+
+
+def deserialize(config):
+    """Inverse of :func:`serialize`; passes layer instances through unchanged."""
+    if isinstance(config, tf_keras.layers.Layer):
+        return config
+    return tf_keras.layers.deserialize(config)
+
+
+def scalar_feature(x: tf.Tensor, name: str) -> tf.Tensor:
+    """A per-example scalar feature as ``[B]``: accepts ``[B]`` or ``[B, 1]``."""
+    x = tf.convert_to_tensor(x)
+    if x.shape.rank == 2 and x.shape[-1] == 1:
+        return tf.squeeze(x, axis=-1)
+    if x.shape.rank not in (None, 1):
+        raise ValueError(f"feature {name!r} must have shape [B] or [B, 1], got {x.shape}")
+    return x
+
+
+def require_features(features: Mapping, names: Sequence[str], who: str) -> None:
+    """Raises a ``KeyError`` naming the missing features and the ones received."""
+    if not isinstance(features, Mapping):
+        raise TypeError(f"{who} expects a dict of features, got {type(features).__name__}")
+    missing = [n for n in names if n not in features]
+    if missing:
+        raise KeyError(f"{who} is missing feature(s) {missing}; received {sorted(features)}")
+
+
+def masked_mean(x: tf.Tensor, mask: tf.Tensor, axis: int) -> tf.Tensor:
+    """Mean of ``x`` over ``axis`` counting only entries where ``mask`` (same shape as ``x``
+    without its last dimension) is true; all-masked slices give zeros."""
+    m = tf.cast(mask, x.dtype)[..., tf.newaxis]
+    total = tf.reduce_sum(x * m, axis=axis)
+    count = tf.reduce_sum(m, axis=axis)
+    return total / tf.maximum(count, tf.ones_like(count))
+
+
+def _zero_padding(embeddings: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
+    return embeddings * tf.cast(indices > 0, embeddings.dtype)[..., tf.newaxis]
+
+
+@register
+class ItemFeatureLookup(tf_keras.layers.Layer):
+    """Maps item indices to their fields with the catalogue item table held as constant tensors.
+
+    Any index (targets, sampled negatives, history clicks) can thus be embedded.
+
+    Args:
+      tags: int [V, T] tag indices, 0-padded.
+      provider: int [V] provider indices.
+      extra: {feature name (e.g. ``"item_year"``): int [V]}.
+
+    Call: ``indices`` int [...] -> {``item`` [...], ``item_tags`` [..., T], ``item_provider``
+    [...], ``item_<extra>`` [...]}, all int64.
+    """
+
+    def __init__(self, tags, provider, extra: Mapping | None = None, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        tags = np.asarray(tags, dtype=np.int64)
+        provider = np.asarray(provider, dtype=np.int64)
+        extra = {k: np.asarray(v, dtype=np.int64) for k, v in (extra or {}).items()}
+        if tags.ndim != 2:
+            raise ValueError(f"item table tags must be [V, T], got shape {tags.shape}")
+        if provider.shape != (tags.shape[0],):
+            raise ValueError(f"item table provider must be [V]={tags.shape[0]}, got {provider.shape}")
+        for name, col in extra.items():
+            if not name.startswith("item_"):
+                raise ValueError(f"extra item field names must start with 'item_', got {name!r}")
+            if col.shape != (tags.shape[0],):
+                raise ValueError(f"item table extra[{name!r}] must be [V]={tags.shape[0]}, "
+                                 f"got {col.shape}")
+        self._tags_np, self._provider_np, self._extra_np = tags, provider, extra
+        self.tags = tf.constant(tags)
+        self.provider = tf.constant(provider)
+        self.extra = {k: tf.constant(v) for k, v in extra.items()}
+
+    @classmethod
+    def from_item_table(cls, item_table, **kwargs) -> "ItemFeatureLookup":
+        """Builds the lookup from a :class:`micrec_tf.data.artifacts.ItemTable`."""
+        return cls(item_table.tags, item_table.provider, dict(item_table.extra), **kwargs)
+
+    @property
+    def num_items(self) -> int:
+        return int(self._tags_np.shape[0])
+
+    @property
+    def extra_names(self) -> list:
+        return list(self._extra_np)
+
+    def call(self, indices):
+        indices = tf.cast(indices, tf.int64)
+        out = {ITEM_ID: indices, ITEM_TAGS: tf.gather(self.tags, indices),
+               ITEM_PROVIDER: tf.gather(self.provider, indices)}
+        for name, col in self.extra.items():
+            out[name] = tf.gather(col, indices)
+        return out
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("trainable", None)
+        config.update(tags=self._tags_np.tolist(), provider=self._provider_np.tolist(),
+                      extra={k: v.tolist() for k, v in self._extra_np.items()})
+        return config
+
+
+@register
+class ItemFieldEmbeddings(tf_keras.layers.Layer):
+    """Item field embeddings (paper 3.3: ``f^d = [f^I; f^T; f^P; ...]``), ``embedding_dim`` each.
+
+    Args:
+      num_items, num_tags, num_providers: vocabulary sizes including the OOV slot 0.
+      extra_vocab_sizes: {``item_<extra>``: vocabulary size}, in field order.
+      embedding_dim: D, 64 in the paper.
+
+    Call: ``features`` dict (see module docstring) with leading shape ``S`` and optional
+    ``tag_keep_mask`` bool [S..., T] (categorical feature dropout) -> ``[S..., F, D]``.
+    """
+
+    def __init__(self, num_items: int, num_tags: int, num_providers: int,
+                 extra_vocab_sizes: Mapping | None = None, embedding_dim: int = 64, **kwargs):
+        super().__init__(**kwargs)
+        sizes = {"num_items": num_items, "num_tags": num_tags, "num_providers": num_providers,
+                 **{f"extra_vocab_sizes[{k!r}]": v for k, v in (extra_vocab_sizes or {}).items()}}
+        for key, value in sizes.items():
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"ItemFieldEmbeddings {key} must be a positive int, got {value!r}")
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        self.num_items, self.num_tags, self.num_providers = int(num_items), int(num_tags), int(
+            num_providers)
+        self.extra_vocab_sizes = {k: int(v) for k, v in (extra_vocab_sizes or {}).items()}
+        self.embedding_dim = embedding_dim
+        emb = tf_keras.layers.Embedding
+        self.item_embedding = emb(self.num_items, embedding_dim, name="item_id_embedding")
+        self.tag_embedding = emb(self.num_tags, embedding_dim, name="tag_embedding")
+        self.provider_embedding = emb(self.num_providers, embedding_dim, name="provider_embedding")
+        self.extra_embeddings = [emb(v, embedding_dim, name=f"{k}_embedding")
+                                 for k, v in self.extra_vocab_sizes.items()]
+
+    @property
+    def field_names(self) -> list:
+        return [ITEM_ID, ITEM_TAGS, ITEM_PROVIDER, *self.extra_vocab_sizes]
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.field_names)
+
+    def call(self, features, tag_keep_mask=None):
+        require_features(features, self.field_names, "ItemFieldEmbeddings")
+        ids = tf.cast(features[ITEM_ID], tf.int64)
+        tags = tf.cast(features[ITEM_TAGS], tf.int64)
+        if tags.shape.rank is not None and ids.shape.rank is not None and (
+                tags.shape.rank != ids.shape.rank + 1):
+            raise ValueError(f"item_tags must have one more dimension than item: got item "
+                             f"{ids.shape}, item_tags {tags.shape}")
+        fields = [_zero_padding(self.item_embedding(ids), ids)]
+        tag_mask = tags > 0
+        if tag_keep_mask is not None:
+            tag_mask = tf.logical_and(tag_mask, tf.cast(tag_keep_mask, tf.bool))
+        fields.append(masked_mean(self.tag_embedding(tags), tag_mask, axis=-2))
+        provider = tf.cast(features[ITEM_PROVIDER], tf.int64)
+        fields.append(_zero_padding(self.provider_embedding(provider), provider))
+        for name, layer in zip(self.extra_vocab_sizes, self.extra_embeddings):
+            idx = tf.cast(features[name], tf.int64)
+            fields.append(_zero_padding(layer(idx), idx))
+        return tf.stack(fields, axis=-2)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_items=self.num_items, num_tags=self.num_tags,
+                      num_providers=self.num_providers,
+                      extra_vocab_sizes=dict(self.extra_vocab_sizes),
+                      embedding_dim=self.embedding_dim)
+        return config
+
+
+@register
+class UserFieldEmbeddings(tf_keras.layers.Layer):
+    """User profile field embeddings (paper 5.3: gender, age, ..., 64-d each).
+
+    Args:
+      vocab_sizes: {feature name ``user_<field>``: vocabulary size incl. OOV 0}, in field order.
+      embedding_dim: D.
+
+    Call: features with ``user_<field>`` int [B] or [B, 1] -> ``[B, F_u, D]`` (``F_u`` may be 0,
+    then ``[B, 0, D]`` with ``B`` taken from ``batch_size_from`` [B, ...]).
+    """
+
+    def __init__(self, vocab_sizes: Mapping, embedding_dim: int = 64, **kwargs):
+        super().__init__(**kwargs)
+        for key, value in vocab_sizes.items():
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"user field {key!r} vocabulary size must be a positive int, "
+                                 f"got {value!r}")
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+        self.vocab_sizes = {k: int(v) for k, v in vocab_sizes.items()}
+        self.embedding_dim = embedding_dim
+        self.embeddings = [tf_keras.layers.Embedding(v, embedding_dim, name=f"{k}_embedding")
+                           for k, v in self.vocab_sizes.items()]
+
+    @property
+    def field_names(self) -> list:
+        return list(self.vocab_sizes)
+
+    def call(self, features, batch_size_from=None):
+        require_features(features, self.field_names, "UserFieldEmbeddings")
+        if not self.embeddings:
+            if batch_size_from is None:
+                raise ValueError("UserFieldEmbeddings has no fields: pass batch_size_from")
+            b = tf.shape(batch_size_from)[0]
+            return tf.zeros(tf.stack([b, 0, self.embedding_dim]), dtype=self.compute_dtype)
+        fields = []
+        for name, layer in zip(self.vocab_sizes, self.embeddings):
+            idx = tf.cast(scalar_feature(features[name], name), tf.int64)
+            fields.append(_zero_padding(layer(idx), idx))
+        return tf.stack(fields, axis=1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(vocab_sizes=dict(self.vocab_sizes), embedding_dim=self.embedding_dim)
+        return config
+
+
+@register
+class MLP(tf_keras.layers.Layer):
+    """Stack of Dense layers (the paper's 3-layer MLPs, units 128/64/64).
+
+    Hidden layers use ``activation`` and optional dropout; the last layer uses
+    ``final_activation`` (linear by default, the tower output). ``[..., in] -> [..., units[-1]]``.
+    """
+
+    def __init__(self, units: Sequence[int], activation: str = "relu", dropout: float = 0.0,
+                 final_activation: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        units = list(units)
+        if not units or any(not isinstance(u, (int, np.integer)) or u < 1 for u in units):
+            raise ValueError(f"MLP units must be a non-empty list of positive ints, got {units!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MLP dropout must be in [0, 1), got {dropout!r}")
+        self.units = [int(u) for u in units]
+        self.activation = activation
+        self.dropout = float(dropout)
+        self.final_activation = final_activation
+        self.dense_layers = [
+            tf_keras.layers.Dense(
+                u, activation=activation if i < len(units) - 1 else final_activation,
+                name=f"dense_{i}")
+            for i, u in enumerate(self.units)]
+        self.dropout_layers = [tf_keras.layers.Dropout(self.dropout) for _ in self.units[:-1]]
+
+    def call(self, x, training=None):
+        for i, dense in enumerate(self.dense_layers):
+            x = dense(x)
+            if i < len(self.dropout_layers) and self.dropout > 0:
+                x = self.dropout_layers[i](x, training=training)
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=list(self.units), activation=self.activation, dropout=self.dropout,
+                      final_activation=self.final_activation)
+        return config
+
+
+@register
+class PositionEmbedding(tf_keras.layers.Layer):
+    """Learned position embeddings added to a sequence: ``[B, L, D] -> [B, L, D]``."""
+
+    def build(self, input_shape):
+        if input_shape[-2] is None or input_shape[-1] is None:
+            raise ValueError(f"PositionEmbedding needs a static [B, L, D] shape, got {input_shape}")
+        self.positions = self.add_weight(
+            name="positions", shape=(int(input_shape[-2]), int(input_shape[-1])),
+            initializer=tf_keras.initializers.RandomNormal(stddev=0.02))
+        super().build(input_shape)
+
+    def call(self, x):
+        return x + tf.cast(self.positions, x.dtype)
+
+
+@register
+class TransformerEncoderBlock(tf_keras.layers.Layer):
+    """Post-LN transformer encoder block with a key padding mask (paper eq. 6).
+
+    Call: ``x`` [B, L, D], ``mask`` bool [B, L] (true = real entry) -> [B, L, D]. Padded query
+    positions are zeroed in the output; a fully padded row attends uniformly and is zeroed.
+    """
+
+    def __init__(self, num_heads: int = 2, ff_dim: int | None = None, dropout: float = 0.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if ff_dim is not None and (not isinstance(ff_dim, int) or ff_dim < 1):
+            raise ValueError(f"ff_dim must be a positive int or None, got {ff_dim!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.num_heads, self.ff_dim, self.dropout = num_heads, ff_dim, float(dropout)
+
+    def build(self, input_shape):
+        if len(input_shape) != 3 or input_shape[-1] is None:
+            raise ValueError(f"TransformerEncoderBlock expects [B, L, D] with static D, got "
+                             f"{input_shape}")
+        d = int(input_shape[-1])
+        self.attention = tf_keras.layers.MultiHeadAttention(
+            self.num_heads, key_dim=max(1, math.ceil(d / self.num_heads)), dropout=self.dropout,
+            name="attention")
+        self.ffn = MLP([self.ff_dim or d, d], activation="relu", name="ffn")
+        self.norm1 = tf_keras.layers.LayerNormalization(epsilon=1e-6, name="norm1")
+        self.norm2 = tf_keras.layers.LayerNormalization(epsilon=1e-6, name="norm2")
+        self.drop1 = tf_keras.layers.Dropout(self.dropout)
+        self.drop2 = tf_keras.layers.Dropout(self.dropout)
+        super().build(input_shape)
+
+    def call(self, x, mask=None, training=None):
+        if mask is None:
+            mask = tf.ones(tf.shape(x)[:2], dtype=tf.bool)
+        mask = tf.cast(mask, tf.bool)
+        attention_mask = mask[:, tf.newaxis, :]  # [B, 1(query), L(key)] broadcast over queries
+        attention_mask = tf.logical_and(attention_mask, tf.ones_like(mask)[:, :, tf.newaxis])
+        h = self.attention(x, x, attention_mask=attention_mask, training=training)
+        x = self.norm1(x + self.drop1(h, training=training))
+        x = self.norm2(x + self.drop2(self.ffn(x, training=training), training=training))
+        return x * tf.cast(mask, x.dtype)[..., tf.newaxis]
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_heads=self.num_heads, ff_dim=self.ff_dim, dropout=self.dropout)
+        return config
+
+
+@register
+class AutoIntInteraction(tf_keras.layers.Layer):
+    """AutoInt interacting layer: multi-head self-attention over fields with a residual projection
+    and ReLU (Song et al., 2019). ``[B, F, D] -> [B, F, num_heads * head_dim]``."""
+
+    def __init__(self, num_heads: int = 2, head_dim: int = 32, use_residual: bool = True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        for key, value in (("num_heads", num_heads), ("head_dim", head_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"AutoIntInteraction {key} must be a positive int, got {value!r}")
+        self.num_heads, self.head_dim, self.use_residual = num_heads, head_dim, bool(use_residual)
+
+    def build(self, input_shape):
+        if len(input_shape) != 3 or input_shape[-1] is None:
+            raise ValueError(f"AutoIntInteraction expects [B, F, D] with static D, got {input_shape}")
+        d, out = int(input_shape[-1]), self.num_heads * self.head_dim
+        init = "glorot_uniform"  # a fresh initializer per weight (distinct values)
+        self.w_query = self.add_weight(name="w_query", shape=(d, out), initializer=init)
+        self.w_key = self.add_weight(name="w_key", shape=(d, out), initializer=init)
+        self.w_value = self.add_weight(name="w_value", shape=(d, out), initializer=init)
+        if self.use_residual:
+            self.w_residual = self.add_weight(name="w_residual", shape=(d, out), initializer=init)
+        super().build(input_shape)
+
+    def call(self, x):
+        def heads(w):  # [B, F, D] -> [B, heads, F, head_dim]
+            y = tf.einsum("bfd,do->bfo", x, tf.cast(w, x.dtype))
+            y = tf.reshape(y, tf.concat([tf.shape(y)[:2], [self.num_heads, self.head_dim]], 0))
+            return tf.transpose(y, [0, 2, 1, 3])
+
+        q, k, v = heads(self.w_query), heads(self.w_key), heads(self.w_value)
+        weights = tf.nn.softmax(tf.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
+        y = tf.transpose(tf.einsum("bhqk,bhkd->bhqd", weights, v), [0, 2, 1, 3])
+        y = tf.reshape(y, tf.concat([tf.shape(y)[:2], [self.num_heads * self.head_dim]], 0))
+        if self.use_residual:
+            y = y + tf.einsum("bfd,do->bfo", x, tf.cast(self.w_residual, x.dtype))
+        return tf.nn.relu(y)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_heads=self.num_heads, head_dim=self.head_dim,
+                      use_residual=self.use_residual)
+        return config

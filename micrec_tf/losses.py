@@ -1,0 +1,274 @@
+"""Losses: the main sampled softmax L_S (paper eqs. 1, 7) and InfoNCE for the CL tasks (eqs. 3-5).
+
+Every loss is a per-example MEAN (over the examples that count), computed in float32 whatever the
+global mixed-precision policy, so the weights ``lambda_1..3`` of eq. 8 compare like with like.
+
+Note on the denominators: eqs. 3-5 of the paper write the sum over negatives only; like the
+classical InfoNCE/SimCLR losses the paper follows, the positive is included in the softmax
+denominator here (the loss is then bounded below by 0).
+"""
+from __future__ import annotations
+
+import math
+
+import micrec_tf  # noqa: F401
+import tensorflow as tf
+import tf_keras
+
+from micrec_tf.layers import register
+
+# Logit given to masked candidates (accidental hits, negatives in the positive set). Finite so a
+# row with every candidate masked still has a finite loss.
+MASK_LOGIT = -1e9
+
+
+def _f32(x):
+    return tf.cast(x, tf.float32)
+
+
+def masked_mean(values: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tensor:
+    """Mean of ``values`` [B] over entries with non-zero ``weights`` [B]; 0 when none count."""
+    values = _f32(values)
+    if weights is None:
+        return tf.reduce_mean(values) if values.shape.num_elements() != 0 else tf.constant(0.0)
+    weights = _f32(weights)
+    return tf.math.divide_no_nan(tf.reduce_sum(values * weights), tf.reduce_sum(weights))
+
+
+def sampled_softmax_loss(query, positives, positive_ids, negatives=None, negative_ids=None, *,
+                         in_batch_negatives: bool = False, remove_accidental_hits: bool = True,
+                         positive_log_q=None, negative_log_q=None, sample_weight=None):
+    """Sampled softmax with accidental-hit removal and optional in-batch negatives (logQ).
+
+    Args:
+      query: user vectors ``u_i`` [B, d].
+      positives: clicked item vectors ``d_k`` [B, d]; row i is user i's positive.
+      positive_ids: int [B] item indices of the positives.
+      negatives: sampled negative item vectors [N, d], shared by the batch, or None.
+      negative_ids: int [N] their item indices.
+      in_batch_negatives: also use the other rows' positives as negatives of each row.
+      remove_accidental_hits: a negative whose id equals the row's positive id gets logit
+        ``MASK_LOGIT`` (for in-batch negatives: other rows with the same positive id).
+      positive_log_q: [B] log of each in-batch candidate's expected count in the candidate set,
+        subtracted from every in-batch logit, the positive included (TFRS ``Retrieval``);
+        only used with ``in_batch_negatives``.
+      negative_log_q: scalar or [N], subtracted from the sampled negatives' logits (for uniform
+        sampling without in-batch negatives it is a constant shift, irrelevant, so left out).
+      sample_weight: optional [B] per-example weights.
+
+    Returns: scalar float32, the per-example mean of ``-log softmax(positive)``.
+    """
+    query, positives = _f32(query), _f32(positives)
+    if query.shape.rank != 2 or positives.shape.rank != 2:
+        raise ValueError(f"query and positives must be [B, d], got {query.shape} and "
+                         f"{positives.shape}")
+    if query.shape[-1] is not None and positives.shape[-1] is not None and (
+            query.shape[-1] != positives.shape[-1]):
+        raise ValueError(f"query dim {query.shape[-1]} != positives dim {positives.shape[-1]}")
+    if negatives is None and not in_batch_negatives:
+        raise ValueError("sampled_softmax_loss needs negatives or in_batch_negatives=True")
+    positive_ids = tf.cast(tf.reshape(positive_ids, [-1]), tf.int64)
+    parts = []
+    if in_batch_negatives:
+        logits = tf.matmul(query, positives, transpose_b=True)  # [B, B], diagonal = positives
+        if positive_log_q is not None:
+            logits -= _f32(positive_log_q)[tf.newaxis, :]
+        if remove_accidental_hits:
+            same = tf.equal(positive_ids[:, tf.newaxis], positive_ids[tf.newaxis, :])
+            off_diagonal = tf.logical_not(tf.cast(tf.eye(tf.shape(logits)[0]), tf.bool))
+            logits = tf.where(same & off_diagonal, MASK_LOGIT, logits)
+        labels = tf.range(tf.shape(logits)[0])
+        parts.append(logits)
+    else:
+        parts.append(tf.reduce_sum(query * positives, axis=-1, keepdims=True))  # [B, 1]
+        labels = tf.zeros(tf.shape(query)[:1], dtype=tf.int32)
+    if negatives is not None:
+        negatives = _f32(negatives)
+        if negatives.shape.rank != 2:
+            raise ValueError(f"negatives must be [N, d], got {negatives.shape}")
+        neg_logits = tf.matmul(query, negatives, transpose_b=True)  # [B, N]
+        if negative_log_q is not None:
+            neg_logits -= _f32(negative_log_q)
+        if remove_accidental_hits:
+            if negative_ids is None:
+                raise ValueError("remove_accidental_hits needs negative_ids")
+            negative_ids = tf.cast(tf.reshape(negative_ids, [-1]), tf.int64)
+            hit = tf.equal(positive_ids[:, tf.newaxis], negative_ids[tf.newaxis, :])
+            neg_logits = tf.where(hit, MASK_LOGIT, neg_logits)
+        parts.append(neg_logits)
+    logits = tf.concat(parts, axis=1)
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return masked_mean(per_example, sample_weight)
+
+
+def info_nce_loss(anchors, positives, negatives, *, temperature: float = 1.0,
+                  negative_mask=None, example_mask=None):
+    """InfoNCE with one positive and K negatives per anchor (semantic / session CL, eqs. 4-5).
+
+    Args:
+      anchors: [U, p] projected anchor vectors.
+      positives: [U, p] projected positive vectors (row i is anchor i's positive).
+      negatives: [K, p] shared negatives or [U, K, p] per-anchor negatives.
+      temperature: tau.
+      negative_mask: bool [U, K], false = ignore this negative for this anchor.
+      example_mask: bool [U], false = leave this anchor out of the mean.
+
+    Returns: scalar float32, mean over counted anchors of
+      ``-log(exp(a.p/tau) / (exp(a.p/tau) + sum_k exp(a.n_k/tau)))``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    anchors, positives, negatives = _f32(anchors), _f32(positives), _f32(negatives)
+    if anchors.shape.rank != 2 or positives.shape.rank != 2:
+        raise ValueError(f"anchors and positives must be [U, p], got {anchors.shape} and "
+                         f"{positives.shape}")
+    pos = tf.reduce_sum(anchors * positives, axis=-1, keepdims=True)
+    if negatives.shape.rank == 2:
+        neg = tf.matmul(anchors, negatives, transpose_b=True)
+    elif negatives.shape.rank == 3:
+        neg = tf.einsum("up,ukp->uk", anchors, negatives)
+    else:
+        raise ValueError(f"negatives must be [K, p] or [U, K, p], got {negatives.shape}")
+    logits = tf.concat([pos, neg], axis=1) / temperature
+    if negative_mask is not None:
+        keep = tf.concat([tf.ones_like(pos, dtype=tf.bool), tf.cast(negative_mask, tf.bool)], 1)
+        logits = tf.where(keep, logits, MASK_LOGIT)
+    labels = tf.zeros(tf.shape(anchors)[:1], dtype=tf.int32)
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return masked_mean(per_example, example_mask)
+
+
+def in_batch_info_nce_loss(anchors, positives, *, temperature: float = 1.0, valid=None):
+    """InfoNCE with in-batch negatives (feature CL, eq. 3): anchor i's positive is row i of
+    ``positives``, its negatives the other valid rows.
+
+    Args:
+      anchors: [U, p] (original view), positives: [U, p] (augmented view).
+      valid: bool [U]; invalid rows are neither anchors nor negatives. Rows must be distinct
+        items (deduplicate before calling, or repeated items become false negatives).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    anchors, positives = _f32(anchors), _f32(positives)
+    logits = tf.matmul(anchors, positives, transpose_b=True) / temperature  # [U, U]
+    if valid is not None:
+        valid = tf.cast(valid, tf.bool)
+        logits = tf.where(valid[tf.newaxis, :], logits, MASK_LOGIT)
+    labels = tf.range(tf.shape(logits)[0])
+    per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    return masked_mean(per_example, valid)
+
+
+@register
+class StreamingFrequencyEstimator(tf_keras.layers.Layer):
+    """Streaming item frequency estimate for the logQ correction of in-batch negatives
+    (Yi et al., RecSys 2019, with item indices instead of hashes).
+
+    Keeps per item the last step it was seen ``A`` and a moving average ``B`` of the steps between
+    sightings; ``q = 1 / B`` estimates the item's expected count per batch, the unit that makes it
+    comparable with uniform negatives' ``N / (V - 1)``.
+
+    Call: ``ids`` int [B], ``training`` -> ``log q`` float32 [B] (updates the state in training).
+    """
+
+    def __init__(self, num_items: int, batch_size: int = 4096, alpha: float = 0.05, **kwargs):
+        super().__init__(**kwargs)
+        if num_items < 2:
+            raise ValueError(f"num_items must be >= 2, got {num_items!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        self.num_items, self.batch_size, self.alpha = int(num_items), int(batch_size), float(alpha)
+        prior = max(1.0, (self.num_items - 1) / self.batch_size)
+        agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.step = self.add_weight(name="step", shape=(), dtype=tf.float32, trainable=False,
+                                    initializer="zeros", aggregation=agg)
+        self.last_seen = self.add_weight(name="last_seen", shape=(self.num_items,),
+                                         dtype=tf.float32, trainable=False, initializer="zeros",
+                                         aggregation=agg)
+        self.delta = self.add_weight(name="delta", shape=(self.num_items,), dtype=tf.float32,
+                                     trainable=False,
+                                     initializer=tf_keras.initializers.Constant(prior),
+                                     aggregation=agg)
+
+    def call(self, ids, training=None):
+        ids = tf.cast(tf.reshape(ids, [-1]), tf.int64)
+        if training:
+            step = self.step.assign_add(1.0)
+            idx = ids[:, tf.newaxis]
+            gap = step - tf.gather(self.last_seen, ids)
+            new_delta = (1.0 - self.alpha) * tf.gather(self.delta, ids) + self.alpha * gap
+            self.delta.assign(tf.tensor_scatter_nd_update(self.delta, idx, new_delta))
+            self.last_seen.assign(tf.tensor_scatter_nd_update(
+                self.last_seen, idx, tf.fill(tf.shape(ids), step)))
+        return -tf.math.log(tf.maximum(tf.gather(self.delta, ids), 1e-6))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_items=self.num_items, batch_size=self.batch_size, alpha=self.alpha)
+        return config
+
+
+@register
+class SampledSoftmaxTask(tf_keras.layers.Layer):
+    """The main matching loss L_S (eq. 7) as a task given the item tower.
+
+    Negatives: ``num_negatives`` items drawn uniformly from the whole corpus (indices
+    ``1 .. V - 1``) once per batch and shared by its rows, embedded by the item tower; optional
+    in-batch negatives with logQ correction from :class:`StreamingFrequencyEstimator`.
+
+    Call: ``(query [B, d], positives [B, d], positive_ids [B])``, ``item_tower=``, ``training=``
+    -> scalar float32.
+    """
+
+    def __init__(self, num_items: int, num_negatives: int = 1000, in_batch_negatives: bool = False,
+                 remove_accidental_hits: bool = True, batch_size: int = 4096, seed: int = 0,
+                 **kwargs):
+        kwargs.setdefault("dtype", "float32")  # logits and losses stay float32 under mixed precision
+        super().__init__(**kwargs)
+        if num_items < 2:
+            raise ValueError(f"num_items must be >= 2 (padding + one item), got {num_items!r}")
+        if num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {num_negatives!r}")
+        if num_negatives == 0 and not in_batch_negatives:
+            raise ValueError("num_negatives is 0 and in_batch_negatives is False: no negatives")
+        self.num_items, self.num_negatives = int(num_items), int(num_negatives)
+        self.in_batch_negatives = bool(in_batch_negatives)
+        self.remove_accidental_hits = bool(remove_accidental_hits)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.rng = tf.random.Generator.from_seed(self.seed)
+        self.frequency = (StreamingFrequencyEstimator(self.num_items, self.batch_size,
+                                                      name="frequency")
+                          if self.in_batch_negatives else None)
+
+    def sample_negatives(self) -> tf.Tensor:
+        """-> int64 [N] item indices uniform in ``1 .. V - 1``."""
+        return self.rng.uniform([self.num_negatives], minval=1, maxval=self.num_items,
+                                dtype=tf.int64)
+
+    def call(self, inputs, item_tower=None, training=None):
+        query, positives, positive_ids = inputs
+        negatives = negative_ids = positive_log_q = negative_log_q = None
+        if self.num_negatives:
+            if item_tower is None:
+                raise ValueError("SampledSoftmaxTask needs item_tower to embed its negatives")
+            negative_ids = self.sample_negatives()
+            negatives = item_tower.embed_indices(negative_ids, training=training)
+        if self.in_batch_negatives:
+            positive_log_q = self.frequency(positive_ids, training=training)
+            negative_log_q = math.log(self.num_negatives / (self.num_items - 1)) \
+                if self.num_negatives else None
+        return sampled_softmax_loss(
+            query, positives, positive_ids, negatives, negative_ids,
+            in_batch_negatives=self.in_batch_negatives,
+            remove_accidental_hits=self.remove_accidental_hits,
+            positive_log_q=positive_log_q, negative_log_q=negative_log_q)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_items=self.num_items, num_negatives=self.num_negatives,
+                      in_batch_negatives=self.in_batch_negatives,
+                      remove_accidental_hits=self.remove_accidental_hits,
+                      batch_size=self.batch_size, seed=self.seed)
+        return config
