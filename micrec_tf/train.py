@@ -31,8 +31,8 @@ import yaml
 from micrec_tf.config import Config, load_config, parse_overrides
 from micrec_tf.data.artifacts import load_artifacts
 from micrec_tf.data.input import make_dataset
-from micrec_tf.evaluation.data import load_split_arrays
-from micrec_tf.evaluation.evaluate import earlier_clicks, evaluate_model
+from micrec_tf.evaluation.data import earlier_clicks_exclusion, load_split_arrays
+from micrec_tf.evaluation.evaluate import evaluate_model
 from micrec_tf.model import build_model
 
 
@@ -112,12 +112,13 @@ class _JsonHistory(tf_keras.callbacks.Callback):
             json.dump(self.rows, fh, indent=1)
 
 
-def _subsample(arrays: dict, max_examples: int, seed: int) -> tuple[dict, np.ndarray]:
+def _subsample(arrays: dict, max_examples: int, seed: int) -> dict:
+    """At most ``max_examples`` examples, a fixed random subset in file order."""
     n = len(arrays["item"])
     if n <= max_examples:
-        return arrays, np.arange(n)
+        return arrays
     idx = np.sort(np.random.default_rng(seed).choice(n, max_examples, replace=False))
-    return {k: v[idx] for k, v in arrays.items()}, idx
+    return {k: v[idx] for k, v in arrays.items()}
 
 
 def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
@@ -148,10 +149,11 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
     # Under a GPU strategy, Keras distributes the dataset, which prefetches batches to the device.
 
     splits = {s: load_split_arrays(cfg.artifacts_dir, s) for s in ("train", "valid", "test")}
-    excl = {s: earlier_clicks(splits, s) if cfg.eval.exclude_clicked else None
-            for s in ("valid", "test")}
-    valid, vidx = _subsample(splits["valid"], cfg.train.validation_max_examples, cfg.train.seed)
-    v_excl = [excl["valid"][i] for i in vidx] if excl["valid"] is not None else None
+    valid = _subsample(splits["valid"], cfg.train.validation_max_examples, cfg.train.seed)
+    history = list(splits.values())
+    v_excl = earlier_clicks_exclusion(valid, history) if cfg.eval.exclude_clicked else None
+    t_excl = (earlier_clicks_exclusion(splits["test"], history) if cfg.eval.exclude_clicked
+              else None)
 
     callbacks = [
         ValidationHitRate(valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n, v_excl,
@@ -181,7 +183,7 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
                                       exclude=v_excl, batch_size=cfg.eval.batch_size)}
     if evaluate_test:
         result["test"] = evaluate_model(model, splits["test"], num_items, cfg.eval.hit_n,
-                                        cfg.eval.coverage_n, exclude=excl["test"],
+                                        cfg.eval.coverage_n, exclude=t_excl,
                                         batch_size=cfg.eval.batch_size)
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump({k: v for k, v in result.items() if k != "history"}, fh, indent=1)

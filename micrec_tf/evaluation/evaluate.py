@@ -3,11 +3,10 @@
 For every evaluation click, the user vector is computed from that click's own history (the clicks
 before it), and the top-N items are retrieved from all catalogue items by exact brute force (or
 ScaNN). With ``exclude_clicked`` the items the user clicked before that click (training period
-included, not only the 20 most recent) are removed from the ranking.
+included, not only the 20 most recent; see
+:func:`micrec_tf.evaluation.data.earlier_clicks_exclusion`) are removed from the ranking.
 """
 from __future__ import annotations
-
-import collections
 
 import numpy as np
 
@@ -15,30 +14,6 @@ from micrec_tf.evaluation import metrics
 
 # Example features the user tower reads (everything else in the split arrays is ignored).
 _NON_USER_FEATURES = ("user_id", "timestamp", "item", "item_tags", "item_provider")
-
-
-def earlier_clicks(splits: dict, split: str) -> list:
-    """Per example of ``split``: int64 array of items the user clicked strictly before it.
-
-    ``splits`` maps split name -> arrays with ``user_id``, ``timestamp``, ``item`` (as loaded by
-    :func:`micrec_tf.evaluation.data.load_split_arrays`). Clicks are ordered by (timestamp, split
-    order train < valid < test, position), the order the preprocessing job builds histories in.
-    """
-    order = {"train": 0, "valid": 1, "test": 2}
-    per_user = collections.defaultdict(list)
-    for name, arrays in splits.items():
-        for pos, (user, ts, item) in enumerate(
-                zip(arrays["user_id"], arrays["timestamp"], arrays["item"])):
-            per_user[user].append((int(ts), order[name], pos, int(item)))
-    result = [None] * len(splits[split]["item"])
-    for clicks in per_user.values():
-        clicks.sort()
-        seen: list = []
-        for ts, split_order, pos, item in clicks:
-            if split_order == order[split]:
-                result[pos] = np.asarray([i for i in seen if i != item and i > 0], np.int64)
-            seen.append(item)
-    return result
 
 
 def user_vectors(model, arrays: dict, batch_size: int = 1024) -> np.ndarray:
@@ -66,7 +41,8 @@ def evaluate_model(model, arrays: dict, num_items: int, hit_n=(50, 100, 200, 500
                    batch_size: int = 1024, slices: dict | None = None) -> dict:
     """HIT@N and coverage@N of ``model`` on the examples in ``arrays``.
 
-    ``exclude``: per-example arrays of item indices to drop from the ranking (or None).
+    ``exclude``: items to drop from the ranking per example, in any form
+    :func:`micrec_tf.evaluation.metrics.as_exclusion` takes (or None).
     ``slices``: name -> bool mask over examples; each adds ``<name>/hit@N`` entries.
     Returns ``{"hit@50": ..., "coverage@50": ..., "num_examples": N}``.
     """
