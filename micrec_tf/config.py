@@ -134,6 +134,8 @@ class TrainConfig:
     steps_per_checkpoint: int = 200
     runs_dir: str = "runs"
     require_gpu: bool = False
+    # Sparsity sweep: train on this fraction of users' training clicks (sampled by user, seeded).
+    train_fraction: float = 1.0
 
 
 @dataclass
@@ -321,6 +323,8 @@ def validate(cfg: Config) -> Config:
                 "steps_per_checkpoint"):
         _check_positive(f"train.{key}", getattr(cfg.train, key))
     _check_positive("train.early_stopping_patience", cfg.train.early_stopping_patience, True)
+    if not 0.0 < cfg.train.train_fraction <= 1.0:
+        raise ConfigError(f"train.train_fraction must be in (0, 1], got {cfg.train.train_fraction!r}")
     for key in ("hit_n", "coverage_n"):
         ns = getattr(cfg.eval, key)
         if not ns or any(not isinstance(n, int) or n <= 0 for n in ns):

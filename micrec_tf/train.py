@@ -31,8 +31,10 @@ import yaml
 from micrec_tf.config import Config, load_config, parse_overrides
 from micrec_tf.data.artifacts import load_artifacts
 from micrec_tf.data.input import make_dataset
-from micrec_tf.evaluation.data import earlier_clicks_exclusion, load_split_arrays
+from micrec_tf.evaluation.data import (earlier_clicks_exclusion, load_split_arrays,
+                                       train_item_counts)
 from micrec_tf.evaluation.evaluate import evaluate_model
+from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model
 
 
@@ -112,6 +114,19 @@ class _JsonHistory(tf_keras.callbacks.Callback):
             json.dump(self.rows, fh, indent=1)
 
 
+def user_sampler(fraction: float, seed: int, buckets: int = 10000):
+    """A batch map keeping the examples of a fixed, seeded ``fraction`` of users (by id hash)."""
+    salt = tf.constant(f"#{seed}")
+    limit = int(round(fraction * buckets))
+
+    def keep(batch):
+        bucket = tf.strings.to_hash_bucket_fast(batch["user_id"] + salt, buckets)
+        mask = bucket < limit
+        return {k: tf.boolean_mask(v, mask) for k, v in batch.items()}
+
+    return keep
+
+
 def _subsample(arrays: dict, max_examples: int, seed: int) -> dict:
     """At most ``max_examples`` examples, a fixed random subset in file order."""
     n = len(arrays["item"])
@@ -146,6 +161,8 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
 
     train_ds = make_dataset(cfg.artifacts_dir, "train", cfg.train.batch_size, shuffle=True,
                             seed=cfg.train.seed)
+    if cfg.train.train_fraction < 1.0:
+        train_ds = train_ds.map(user_sampler(cfg.train.train_fraction, cfg.train.seed))
     # Under a GPU strategy, Keras distributes the dataset, which prefetches batches to the device.
 
     splits = {s: load_split_arrays(cfg.artifacts_dir, s) for s in ("train", "valid", "test")}
@@ -182,9 +199,12 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
               "valid": evaluate_model(model, valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n,
                                       exclude=v_excl, batch_size=cfg.eval.batch_size)}
     if evaluate_test:
+        # Long tail (paper 5.6): test clicks on the 80 % least-clicked training items.
+        tail = long_tail_items(train_item_counts(cfg.artifacts_dir, splits["train"]))
         result["test"] = evaluate_model(model, splits["test"], num_items, cfg.eval.hit_n,
                                         cfg.eval.coverage_n, exclude=t_excl,
-                                        batch_size=cfg.eval.batch_size)
+                                        batch_size=cfg.eval.batch_size,
+                                        slices={"long_tail": tail[splits["test"]["item"]]})
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump({k: v for k, v in result.items() if k != "history"}, fh, indent=1)
     for split in ("valid", "test"):
