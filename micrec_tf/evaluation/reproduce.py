@@ -1,0 +1,336 @@
+"""Reproduction runner: ``make reproduce CONFIG=configs/ml-1m.yaml`` (paper 5.4, 5.6, 5.7).
+
+For one dataset config it runs, over ``eval.seeds`` seeds:
+
+* Table 2: FM, YoutubeDNN, DeepFM, AutoInt, ICAN, RFM* (= fea), MicRec (fea+sess), MicRec (final);
+* Table 4: MicRec minus each CL term (and minus all = ICAN);
+* Fig. 3: YoutubeDNN and AutoInt with each CL term added;
+* the sparsity sweep: ICAN and MicRec (final) on 100 %, 50 %, 20 % of the users' training clicks;
+* two non-neural reference rows: most-popular and the 1-hour co-occurrence item-kNN.
+
+Hyper-parameters are chosen on the **validation** split only, with one bounded grid per variant
+(:data:`GRID`, the same number of trials for every model, baselines included), seed 0, early stopping
+on validation HIT@50 within ``train.epochs``. Test metrics of the chosen setting are then measured
+over the seeds. Every finished run is cached as ``runs/<name>/reproduce/<run>/metrics.json`` and
+skipped on the next call, so the job is resumable.
+
+Writes ``docs/results/<name>.md`` (tables: mean +- std over seeds, relative gain over ICAN, paired
+t-test p-values of MicRec (final) vs each row), ``docs/results/<name>.json`` (all per-seed numbers)
+and PNG plots under ``docs/results/<name>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from micrec_tf.config import Config, load_config, parse_overrides
+
+ALL_CL = ["feature", "semantic", "session"]
+# name -> (table, overrides). Tables: main (Table 2), ablation (Table 4), universality (Fig. 3).
+VARIANTS = {
+    "FM": ("main", {"model.name": "fm", "model.cl": []}),
+    "YoutubeDNN": ("main", {"model.name": "youtubednn", "model.cl": []}),
+    "DeepFM": ("main", {"model.name": "deepfm", "model.cl": []}),
+    "AutoInt": ("main", {"model.name": "autoint", "model.cl": []}),
+    "ICAN": ("main", {"model.name": "ican", "model.cl": []}),
+    "RFM* (fea)": ("main", {"model.name": "ican", "model.cl": ["feature"]}),
+    "MicRec (fea+sess)": ("main", {"model.name": "ican", "model.cl": ["feature", "session"]}),
+    "MicRec (final)": ("main", {"model.name": "ican", "model.cl": ALL_CL}),
+    "MicRec - fea": ("ablation", {"model.name": "ican", "model.cl": ["semantic", "session"]}),
+    "MicRec - sem": ("ablation", {"model.name": "ican", "model.cl": ["feature", "session"]}),
+    "MicRec - sess": ("ablation", {"model.name": "ican", "model.cl": ["feature", "semantic"]}),
+    "MicRec - all (ICAN)": ("ablation", {"model.name": "ican", "model.cl": []}),
+    **{f"{base} + {short}": ("universality", {"model.name": base.lower(), "model.cl": [task]})
+       for base in ("YoutubeDNN", "AutoInt")
+       for short, task in (("fea", "feature"), ("sem", "semantic"), ("sess", "session"))},
+}
+FINAL = "MicRec (final)"
+BASE = "ICAN"
+SPARSITY = (1.0, 0.5, 0.2)
+
+# The bounded validation grid (4 trials for every variant). Models with CL terms search the CL
+# temperature and a common scale of the paper's lambdas (1.0, 0.3, 0.1); models without CL search
+# the learning rate and the number of sampled negatives, so both get the same tuning budget.
+GRID_CL = [{"loss.temperature": t, "_lambda_scale": s} for t in (0.1, 1.0) for s in (0.3, 1.0)]
+GRID_BASE = [{"train.learning_rate": lr, "loss.num_negatives": n}
+             for lr in (0.001, 0.003) for n in (500, 1000)]
+
+
+def grid_for(overrides: dict) -> list:
+    return GRID_CL if overrides.get("model.cl") else GRID_BASE
+
+
+def _expand(cfg: Config, overrides: dict) -> Config:
+    ov = {k: v for k, v in overrides.items() if not k.startswith("_")}
+    scale = overrides.get("_lambda_scale")
+    if scale is not None:
+        ov.update({"loss.lambda_feature": 1.0 * scale, "loss.lambda_semantic": 0.3 * scale,
+                   "loss.lambda_session": 0.1 * scale})
+    return cfg.replace(ov)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+
+
+class Runner:
+    """Runs (or loads from cache) one training run per (variant, setting, seed, fraction)."""
+
+    def __init__(self, cfg: Config, root: str, log=print):
+        self.cfg, self.root, self.log = cfg, root, log
+
+    def run(self, key: str, overrides: dict, evaluate_test: bool) -> dict:
+        run_dir = os.path.join(self.root, key)
+        path = os.path.join(run_dir, "metrics.json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                cached = json.load(fh)
+            if not evaluate_test or "test" in cached:
+                return cached
+        from micrec_tf.train import train  # deferred: TF loads only when a run is needed
+
+        cfg = _expand(self.cfg, overrides)
+        self.log(f"[reproduce] run {key}: {overrides}")
+        start = time.time()
+        result = train(cfg, run_dir=run_dir, evaluate_test=evaluate_test, log=self.log)
+        out = {k: result[k] for k in ("valid", "test") if k in result}
+        out["history"] = result["history"]
+        out["seconds"] = time.time() - start
+        out["overrides"] = {k: v for k, v in overrides.items()}
+        with open(path, "w") as fh:
+            json.dump(out, fh, indent=1)
+        # Free the run's graph before the next one.
+        import tf_keras
+        tf_keras.backend.clear_session()
+        return out
+
+    def tune(self, name: str, overrides: dict) -> dict:
+        """Best grid setting of ``name`` on validation HIT@50 (seed 0)."""
+        best, best_score = None, -1.0
+        for i, setting in enumerate(grid_for(overrides)):
+            ov = {**overrides, **setting, "train.seed": 0}
+            res = self.run(f"tune/{_slug(name)}/g{i}", ov, evaluate_test=False)
+            score = res["valid"][f"hit@{self.cfg.eval.hit_n[0]}"]
+            if score > best_score:
+                best, best_score = setting, score
+        return best
+
+
+def paired_p(a, b) -> float:
+    """Two-sided paired t-test p-value over seeds (nan with fewer than 2 pairs)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or np.allclose(a - b, (a - b)[0]):
+        return float("nan")
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def summarise(per_seed: dict, ns, coverage_ns) -> dict:
+    """name -> metric -> (mean, std, values) over seeds."""
+    out = {}
+    for name, runs in per_seed.items():
+        metrics = {}
+        for key in ([f"hit@{n}" for n in ns] + [f"coverage@{n}" for n in coverage_ns]
+                    + [f"long_tail/hit@{n}" for n in (ns[0], ns[-1])]):
+            vals = [r["test"][key] for r in runs if key in r["test"]]
+            if vals:
+                metrics[key] = (float(np.mean(vals)), float(np.std(vals)), vals)
+        out[name] = metrics
+    return out
+
+
+def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, sparsity: dict,
+                seeds: int, command: str, seconds: float) -> str:
+    ns, cns = cfg.eval.hit_n, cfg.eval.coverage_n
+    cols = [f"hit@{n}" for n in ns] + [f"coverage@{n}" for n in cns] + \
+        [f"long_tail/hit@{ns[0]}", f"long_tail/hit@{ns[-1]}"]
+    head = ["model"] + [c.replace("hit@", "HIT@").replace("long_tail/", "tail ") for c in cols] + \
+        [f"gain HIT@{ns[0]} vs ICAN", f"p vs final (HIT@{ns[0]})"]
+    lines = [f"# Results: {cfg.name}", "",
+             f"- command: `{command}`",
+             f"- date: {datetime.date.today().isoformat()}; machine: {platform.node()} "
+             f"({os.cpu_count()} CPU cores, {platform.machine()}), wall time {seconds / 60:.1f} min",
+             f"- split: `{cfg.preprocess.split}`; exclude already-clicked items: "
+             f"{cfg.eval.exclude_clicked}; seeds: {seeds}; epochs <= {cfg.train.epochs} with early "
+             f"stopping on validation HIT@{ns[0]}",
+             "- every number below was measured by this run; mean +- std over seeds; p-values: "
+             "two-sided paired t-test over seeds of MicRec (final) vs the row", ""]
+    base = summary.get(BASE, {}).get(f"hit@{ns[0]}", (float("nan"),))[0]
+    final_vals = summary.get(FINAL, {}).get(f"hit@{ns[0]}", (0, 0, []))[2]
+    for table, title in (("main", "Table 2: models"), ("ablation", "Table 4: ablations"),
+                         ("universality", "Fig. 3: CL terms on other models")):
+        rows = [n for n, (t, _) in VARIANTS.items() if t == table and n in summary]
+        if not rows:
+            continue
+        lines += [f"## {title}", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]
+        if table == "main":
+            for ref_name, ref in reference.items():
+                cells = [ref_name] + [f"{ref[c]:.4f}" if c in ref else "" for c in cols]
+                gain = (ref[f"hit@{ns[0]}"] / base - 1) * 100 if base == base and base else 0
+                lines.append("| " + " | ".join(cells + [f"{gain:+.1f} %", "(deterministic)"]) + " |")
+        for name in rows:
+            m = summary[name]
+            cells = [name] + [f"{m[c][0]:.4f} +- {m[c][1]:.4f}" if c in m else "" for c in cols]
+            gain = (m[f"hit@{ns[0]}"][0] / base - 1) * 100 if base else float("nan")
+            p = paired_p(final_vals, m[f"hit@{ns[0]}"][2]) if name != FINAL else float("nan")
+            lines.append("| " + " | ".join(cells + [f"{gain:+.1f} %", f"{p:.3g}"]) + " |")
+        lines.append("")
+    if sparsity:
+        lines += ["## Sparsity sweep (fraction of users' training clicks)", "",
+                  f"| fraction | ICAN HIT@{ns[0]} | MicRec (final) HIT@{ns[0]} | relative gain | p |",
+                  "|---|---|---|---|---|"]
+        for frac, (ican, mic) in sorted(sparsity.items(), reverse=True):
+            gain = (np.mean(mic) / np.mean(ican) - 1) * 100
+            lines.append(f"| {frac:.0%} | {np.mean(ican):.4f} +- {np.std(ican):.4f} | "
+                         f"{np.mean(mic):.4f} +- {np.std(mic):.4f} | {gain:+.1f} % | "
+                         f"{paired_p(mic, ican):.3g} |")
+        lines.append("")
+    lines += ["## Chosen hyper-parameters (validation HIT@50, seed 0)", "",
+              "| model | setting |", "|---|---|"]
+    lines += [f"| {n} | `{json.dumps(s)}` |" for n, s in settings.items()]
+    lines += ["", "Grid: models with CL terms: temperature {0.1, 1.0} x lambda scale {0.3, 1.0} "
+              "(applied to the paper's (1.0, 0.3, 0.1)); models without CL: learning rate "
+              "{0.001, 0.003} x sampled negatives {500, 1000}. Four trials each.", ""]
+    return "\n".join(lines)
+
+
+def plots(out_dir: str, cfg: Config, summary: dict, sparsity: dict, histories: dict) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    ns, files = cfg.eval.hit_n, []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, m in summary.items():
+        if VARIANTS[name][0] == "main":
+            ax.plot(ns, [m[f"hit@{n}"][0] for n in ns], marker="o", label=name)
+    ax.set_xlabel("N"), ax.set_ylabel("test HIT@N"), ax.legend(fontsize=7), ax.grid(alpha=.3)
+    files.append(os.path.join(out_dir, "hit_at_n.png"))
+    fig.savefig(files[-1], dpi=110, bbox_inches="tight"), plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [n for n in summary if VARIANTS[n][0] in ("main", "ablation")]
+    for j, cn in enumerate(cfg.eval.coverage_n):
+        ax.bar(np.arange(len(names)) + j * 0.4, [summary[n][f"coverage@{cn}"][0] for n in names],
+               width=0.4, label=f"coverage@{cn}")
+    ax.set_xticks(np.arange(len(names)) + 0.2, names, rotation=40, ha="right", fontsize=7)
+    ax.legend(), ax.set_ylabel("item coverage")
+    files.append(os.path.join(out_dir, "coverage.png"))
+    fig.savefig(files[-1], dpi=110, bbox_inches="tight"), plt.close(fig)
+
+    if histories:
+        keys = ["sampled_softmax_loss", "feature_cl_loss", "semantic_cl_loss", "session_cl_loss"]
+        fig, axes = plt.subplots(1, len(keys), figsize=(14, 3.2))
+        for ax, key in zip(axes, keys):
+            for name, hist in histories.items():
+                if key in hist:
+                    ax.plot(np.arange(1, len(hist[key]) + 1), hist[key], label=name)
+            ax.set_title(key, fontsize=8), ax.set_xlabel("epoch")
+        axes[0].legend(fontsize=7)
+        files.append(os.path.join(out_dir, "loss_curves.png"))
+        fig.savefig(files[-1], dpi=110, bbox_inches="tight"), plt.close(fig)
+
+    if sparsity:
+        fr = sorted(sparsity)
+        gains = [(np.mean(sparsity[f][1]) / np.mean(sparsity[f][0]) - 1) * 100 for f in fr]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([f * 100 for f in fr], gains, marker="o")
+        ax.axhline(0, color="grey", lw=.8)
+        ax.set_xlabel("% of training clicks"), ax.set_ylabel(f"MicRec gain over ICAN, HIT@{ns[0]} (%)")
+        files.append(os.path.join(out_dir, "sparsity.png"))
+        fig.savefig(files[-1], dpi=110, bbox_inches="tight"), plt.close(fig)
+    return files
+
+
+def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=True,
+              tune=True, out_dir="docs/results", command="", log=print) -> str:
+    """Runs everything (cached) and writes the report; returns the markdown path."""
+    start = time.time()
+    seeds = seeds or cfg.eval.seeds
+    names = [n for n in VARIANTS if variants is None or n in variants]
+    runner = Runner(cfg, os.path.join(cfg.run_dir, "reproduce"), log)
+    settings, per_seed, histories, done = {}, {}, {}, {}
+    for name in names:
+        overrides = VARIANTS[name][1]
+        sig = json.dumps(overrides, sort_keys=True)
+        if sig in done:  # same model as another row (e.g. "MicRec - sem" = "MicRec (fea+sess)")
+            settings[name], per_seed[name] = settings[done[sig]], per_seed[done[sig]]
+            continue
+        settings[name] = runner.tune(name, overrides) if tune else {}
+        per_seed[name] = [
+            runner.run(f"{_slug(name)}/seed{s}", {**overrides, **settings[name], "train.seed": s},
+                       evaluate_test=True) for s in range(seeds)]
+        histories[name] = per_seed[name][0]["history"]
+        done[sig] = name
+    sweep = {}
+    if sparsity and BASE in settings and FINAL in settings:
+        for frac in SPARSITY:
+            pair = []
+            for name in (BASE, FINAL):
+                ov = {**VARIANTS[name][1], **settings[name], "train.train_fraction": frac}
+                pair.append([runner.run(f"sparsity/{_slug(name)}/f{int(frac * 100)}/seed{s}",
+                                        {**ov, "train.seed": s}, True)["test"]
+                             [f"hit@{cfg.eval.hit_n[0]}"] for s in range(seeds)])
+            sweep[frac] = tuple(pair)
+    from micrec_tf.evaluation.reference_rows import reference_rows
+
+    ref = reference_rows(cfg.artifacts_dir, ns=cfg.eval.hit_n, coverage_ns=cfg.eval.coverage_n,
+                         exclude_clicked=(cfg.eval.exclude_clicked,))
+    ref = {("Most popular" if k.startswith("most_popular") else "Item-kNN (1 h co-occurrence)"): v
+           for k, v in ref.items()}
+    summary = summarise(per_seed, cfg.eval.hit_n, cfg.eval.coverage_n)
+    os.makedirs(out_dir, exist_ok=True)
+    md_path = os.path.join(out_dir, f"{cfg.name}.md")
+    pngs = plots(os.path.join(out_dir, cfg.name), cfg, summary, sweep,
+                 {n: histories[n] for n in (BASE, FINAL) if n in histories})
+    md = to_markdown(cfg, summary, ref, settings, sweep, seeds, command, time.time() - start)
+    md += "\n## Plots\n\n" + "\n".join(
+        f"![{os.path.basename(p)}]({cfg.name}/{os.path.basename(p)})" for p in pngs) + "\n"
+    with open(md_path, "w") as fh:
+        fh.write(md)
+    with open(os.path.join(out_dir, f"{cfg.name}.json"), "w") as fh:
+        json.dump({"per_seed": {n: [r["test"] for r in runs] for n, runs in per_seed.items()},
+                   "settings": settings, "reference": ref,
+                   "sparsity": {str(k): v for k, v in sweep.items()}}, fh, indent=1)
+    log(f"[reproduce] wrote {md_path}")
+    return md_path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="MicRec reproduction: baselines, ablations, seeds")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seeds", type=int, default=None, help="default: eval.seeds")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--no-tune", action="store_true", help="skip the validation grid")
+    parser.add_argument("--no-sparsity", action="store_true")
+    parser.add_argument("--out", default="docs/results")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    variants = None
+    if args.variants:
+        variants = [v.strip() for v in args.variants.split(",")]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    reproduce(cfg, variants, args.seeds, sparsity=not args.no_sparsity, tune=not args.no_tune,
+              out_dir=args.out, command="python -m micrec_tf.evaluation.reproduce " +
+              " ".join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
