@@ -1,0 +1,387 @@
+"""The three item-based contrastive learning tasks of MicRec (paper 3.3-3.5), as plug-ins.
+
+Each task is a Keras layer with its own sampler (a seeded, checkpointed ``tf.random.Generator``),
+its own 1-layer projector (paper 5.3) and its loss, and is given the model's item tower at call
+time, so it plugs onto any item tower (:mod:`micrec_tf.towers`)::
+
+    loss = task(cl_inputs, item_tower=tower, training=True)
+
+The items that get CL are the batch's target items, deduplicated: :func:`cl_inputs_from_batch`
+builds a :class:`CLInputs` with one row per distinct item (the OOV/padding index 0 is never an
+anchor nor a negative).
+
+* :class:`FeatureCL` (``feature_cl``, eqs. 2-3): the original ``f^d`` and a dropped-out copy go
+  through the item tower's ``encode`` and the projector; InfoNCE with in-batch negatives.
+  Strategies: ``element`` (mask ratio 0.5), ``field`` (zero whole fields), ``categorical`` (drop
+  tags before pooling), ``correlated`` (CFM: mask the fields most correlated with a random seed
+  field, Yao et al. 2021).
+* :class:`SemanticCL` (``semantic_cl``, eq. 4): positive drawn uniformly from the item's title
+  neighbours, negatives random items outside that set, projector on the tower output.
+* :class:`SessionCL` (``session_cl``, eq. 5): positive drawn in proportion to the co-occurrence
+  count, same-category pairs multiplied by ``same_category_weight``; negatives random items
+  outside the item's top-M co-occurrence list; items without co-occurrences are left out.
+
+All sampling is done with TF ops inside the graph.
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+import micrec_tf  # noqa: F401
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from micrec_tf.layers import register
+from micrec_tf.losses import in_batch_info_nce_loss, info_nce_loss
+
+FEATURE_DROPOUTS = ("element", "field", "categorical", "correlated")
+
+
+class CLInputs(NamedTuple):
+    """The distinct target items of a batch, shared by the CL tasks.
+
+    ids:        int64 [U] distinct item indices.
+    features:   {item feature: [U, ...]} their fields (``item``, ``item_tags``, ...).
+    raw:        [U, F * D] raw item embeddings ``f^d``.
+    embeddings: [U, d] item tower outputs ``d_i = DNN^d(f^d)``.
+    """
+
+    ids: tf.Tensor
+    features: Mapping
+    raw: tf.Tensor
+    embeddings: tf.Tensor
+
+    @property
+    def valid(self) -> tf.Tensor:
+        """bool [U]: real items (index > 0)."""
+        return self.ids > 0
+
+
+def cl_inputs_from_batch(item_ids, features: Mapping, raw, embeddings) -> CLInputs:
+    """Deduplicates the batch's target items (first occurrence kept).
+
+    Args:
+      item_ids: int [B] target item indices; features: {name: [B, ...]} their fields;
+      raw: [B, F * D] their ``f^d``; embeddings: [B, d] their item tower outputs.
+    """
+    item_ids = tf.cast(tf.reshape(item_ids, [-1]), tf.int64)
+    unique, idx = tf.unique(item_ids)
+    first = tf.math.unsorted_segment_min(tf.range(tf.shape(item_ids)[0]), idx, tf.size(unique))
+    gathered = {k: tf.gather(v, first) for k, v in features.items()}
+    return CLInputs(unique, gathered, tf.gather(raw, first), tf.gather(embeddings, first))
+
+
+# --------------------------------------------------------------------------------------------
+# Feature dropout masks (true = keep)
+# --------------------------------------------------------------------------------------------
+def element_keep_mask(rng: tf.random.Generator, shape, mask_ratio: float) -> tf.Tensor:
+    """Element-level dropout: each element of ``f^d`` masked independently with ``mask_ratio``."""
+    return rng.uniform(shape) >= mask_ratio
+
+
+def _one_hot_random(rng, num_rows, num_fields):
+    pick = rng.uniform([num_rows], minval=0, maxval=num_fields, dtype=tf.int32)
+    return tf.cast(tf.one_hot(pick, num_fields), tf.bool)
+
+
+def field_keep_mask(rng: tf.random.Generator, num_rows, num_fields: int,
+                    mask_ratio: float) -> tf.Tensor:
+    """Field-level dropout: bool [U, F], each whole field dropped with ``mask_ratio``; a row that
+    would lose every field keeps one field chosen at random."""
+    keep = rng.uniform(tf.stack([num_rows, num_fields])) >= mask_ratio
+    any_kept = tf.reduce_any(keep, axis=1, keepdims=True)
+    return tf.where(any_kept, keep, _one_hot_random(rng, num_rows, num_fields))
+
+
+def tag_keep_mask(rng: tf.random.Generator, tags: tf.Tensor, mask_ratio: float) -> tf.Tensor:
+    """Categorical feature dropout: bool [U, T], each real tag (index > 0) kept with
+    ``1 - mask_ratio``; padding is never kept."""
+    return tf.logical_and(rng.uniform(tf.shape(tags)) >= mask_ratio, tags > 0)
+
+
+def correlated_field_keep_mask(rng: tf.random.Generator, correlation, num_rows,
+                               mask_ratio: float) -> tf.Tensor:
+    """Correlated feature masking (CFM): per row a seed field drawn uniformly, then the
+    ``round(mask_ratio * F)`` fields most correlated with it (the seed included) are masked;
+    at least one field is kept. ``correlation`` [F, F]. -> bool [U, F]."""
+    correlation = tf.convert_to_tensor(correlation, tf.float32)
+    num_fields = int(correlation.shape[0])
+    k = min(num_fields - 1, max(1, int(round(mask_ratio * num_fields))))
+    if k <= 0:
+        return tf.ones(tf.stack([num_rows, num_fields]), tf.bool)
+    seed_field = rng.uniform([num_rows], minval=0, maxval=num_fields, dtype=tf.int32)
+    # The seed field always ranks first (self-correlation is raised above everything).
+    scores = tf.gather(correlation, seed_field) + 2.0 * tf.one_hot(seed_field, num_fields)
+    _, top = tf.math.top_k(scores, k=k)
+    masked = tf.reduce_any(tf.cast(tf.one_hot(top, num_fields), tf.bool), axis=1)
+    return tf.logical_not(masked)
+
+
+def _entropy(codes: np.ndarray) -> float:
+    _, counts = np.unique(codes, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def field_correlation(item_table) -> np.ndarray:
+    """Normalised mutual information between the item fields ``[F, F]`` (field order of
+    :class:`micrec_tf.layers.ItemFieldEmbeddings`: id, tags (first tag), provider, extras),
+    over the catalogue rows 1..V-1. Used by correlated feature masking."""
+    v = int(np.asarray(item_table.tags).shape[0])
+    tags = np.asarray(item_table.tags)
+    columns = [np.arange(v), tags[:, 0] if tags.shape[1] else np.zeros(v, np.int64),
+               np.asarray(item_table.provider)]
+    columns += [np.asarray(c) for c in dict(item_table.extra).values()]
+    columns = [np.asarray(c, np.int64)[1:] for c in columns]
+    entropies = [_entropy(c) for c in columns]
+    f = len(columns)
+    out = np.eye(f, dtype=np.float32)
+    for i in range(f):
+        for j in range(i + 1, f):
+            if entropies[i] <= 0 or entropies[j] <= 0:
+                continue
+            joint = columns[i] * (int(columns[j].max(initial=0)) + 1) + columns[j]
+            mi = entropies[i] + entropies[j] - _entropy(joint)
+            out[i, j] = out[j, i] = max(0.0, mi) / np.sqrt(entropies[i] * entropies[j])
+    return out
+
+
+def _projector(dim: int, name: str):
+    return tf_keras.layers.Dense(dim, name=name, dtype="float32")
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+@register
+class FeatureCL(tf_keras.layers.Layer):
+    """Feature-level item CL, ``L_fea`` (eqs. 2-3).
+
+    Args:
+      projection_dim: output size of the 1-layer projector ``MLP_f``.
+      strategy: ``element`` | ``field`` | ``categorical`` | ``correlated``.
+      mask_ratio: fraction of elements / fields / tags masked.
+      temperature: tau.
+      seed: seed of the task's generator.
+      correlation: [F, F] field correlation for ``correlated`` (see :func:`field_correlation`).
+
+    Call: :class:`CLInputs`, ``item_tower=`` -> scalar float32.
+    """
+
+    def __init__(self, projection_dim: int, strategy: str = "element", mask_ratio: float = 0.5,
+                 temperature: float = 1.0, seed: int = 1, correlation=None, **kwargs):
+        kwargs.setdefault("name", "feature_cl")
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if strategy not in FEATURE_DROPOUTS:
+            raise ValueError(f"feature dropout strategy must be one of {list(FEATURE_DROPOUTS)}, "
+                             f"got {strategy!r}")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not isinstance(projection_dim, int) or projection_dim < 1:
+            raise ValueError(f"projection_dim must be a positive int, got {projection_dim!r}")
+        if strategy == "correlated":
+            if correlation is None:
+                raise ValueError("strategy 'correlated' needs the field correlation matrix")
+            correlation = np.asarray(correlation, np.float32)
+            if correlation.ndim != 2 or correlation.shape[0] != correlation.shape[1]:
+                raise ValueError(f"correlation must be [F, F], got shape {correlation.shape}")
+        self.projection_dim, self.strategy = projection_dim, strategy
+        self.mask_ratio, self.temperature, self.seed = float(mask_ratio), float(temperature), seed
+        self.correlation = None if correlation is None else np.asarray(correlation, np.float32)
+        self.rng = tf.random.Generator.from_seed(seed)
+        self.projector = _projector(projection_dim, "feature_projector")
+
+    def augment(self, inputs: CLInputs, item_tower) -> tf.Tensor:
+        """-> the augmented raw embeddings ``Dropout(f^d)`` [U, F * D]."""
+        raw = inputs.raw
+        rows = tf.shape(raw)[0]
+        if self.strategy == "element":
+            return raw * tf.cast(element_keep_mask(self.rng, tf.shape(raw), self.mask_ratio),
+                                 raw.dtype)
+        if self.strategy == "categorical":
+            keep = tag_keep_mask(self.rng, tf.cast(inputs.features["item_tags"], tf.int64),
+                                 self.mask_ratio)
+            return tf.cast(item_tower.raw_embedding(inputs.features, tag_keep_mask=keep),
+                           raw.dtype)
+        f, d = item_tower.num_fields, item_tower.embedding_dim
+        if self.strategy == "field":
+            keep = field_keep_mask(self.rng, rows, f, self.mask_ratio)
+        else:
+            if self.correlation.shape[0] != f:
+                raise ValueError(f"correlation is {self.correlation.shape} but the item tower has "
+                                 f"{f} fields")
+            keep = correlated_field_keep_mask(self.rng, self.correlation, rows, self.mask_ratio)
+        fields = tf.reshape(raw, [-1, f, d]) * tf.cast(keep, raw.dtype)[..., tf.newaxis]
+        return tf.reshape(fields, [-1, f * d])
+
+    def call(self, inputs: CLInputs, item_tower=None, training=None):
+        if item_tower is None:
+            raise ValueError("FeatureCL needs item_tower")
+        augmented = item_tower.encode(self.augment(inputs, item_tower), training=training)
+        anchors = self.projector(inputs.embeddings)
+        positives = self.projector(augmented)
+        return in_batch_info_nce_loss(anchors, positives, temperature=self.temperature,
+                                      valid=inputs.valid)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(projection_dim=self.projection_dim, strategy=self.strategy,
+                      mask_ratio=self.mask_ratio, temperature=self.temperature, seed=self.seed,
+                      correlation=None if self.correlation is None else self.correlation.tolist())
+        return config
+
+
+class NeighbourCL(tf_keras.layers.Layer):
+    """Shared machinery of semantic and session CL (eqs. 4-5): sample one positive per anchor
+    from its neighbour list, ``num_negatives`` shared random items as negatives (masked per anchor
+    when they are the anchor itself or in its neighbour list), projector on the tower output.
+
+    Args:
+      neighbors: int [V, M] neighbour indices, 0-padded; weights: float [V, M] (0 = padding).
+      projection_dim, num_negatives, temperature, seed: as named.
+      num_items: V (defaults to ``neighbors.shape[0]``); negatives are uniform in 1..V-1.
+      same_category: int [V, M] 1 where the pair shares a category; same_category_weight: its
+        sampling emphasis (used by :class:`SessionCL`).
+    """
+
+    def __init__(self, neighbors, weights, projection_dim: int, num_negatives: int = 50,
+                 temperature: float = 1.0, seed: int = 2, num_items: int | None = None,
+                 same_category=None, same_category_weight: float = 1.0, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        neighbors = np.asarray(neighbors, np.int64)
+        weights = np.asarray(weights, np.float32)
+        if neighbors.ndim != 2 or weights.shape != neighbors.shape:
+            raise ValueError(f"neighbors and weights must both be [V, M], got {neighbors.shape} "
+                             f"and {weights.shape}")
+        same_category = (np.zeros(neighbors.shape, np.int8) if same_category is None
+                         else np.asarray(same_category, np.int8))
+        if same_category.shape != neighbors.shape:
+            raise ValueError(f"same_category must be [V, M] like neighbors {neighbors.shape}, "
+                             f"got {same_category.shape}")
+        if same_category_weight <= 0:
+            raise ValueError(f"same_category_weight must be > 0, got {same_category_weight!r}")
+        self._same_category_np = same_category
+        self.same_category_weight = float(same_category_weight)
+        num_items = int(num_items if num_items is not None else neighbors.shape[0])
+        if num_items < 2 or neighbors.shape[0] != num_items:
+            raise ValueError(f"neighbour table has {neighbors.shape[0]} rows, expected num_items="
+                             f"{num_items} (>= 2)")
+        if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= num_items):
+            raise ValueError(f"neighbour indices must be in [0, {num_items}), got "
+                             f"[{neighbors.min()}, {neighbors.max()}]")
+        if not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ValueError(f"num_negatives must be a positive int, got {num_negatives!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self._neighbors_np, self._weights_np = neighbors, weights
+        self.projection_dim, self.num_negatives = int(projection_dim), int(num_negatives)
+        self.temperature, self.seed, self.num_items = float(temperature), seed, num_items
+        valid, log_weights = self.positive_log_weights()
+        self.neighbors = tf.constant(neighbors)
+        self.neighbor_valid = tf.constant(valid)
+        self.log_weights = tf.constant(np.where(valid, log_weights, 0.0).astype(np.float32))
+        self.rng = tf.random.Generator.from_seed(seed)
+        self.projector = _projector(self.projection_dim, f"{self.name}_projector")
+
+    def positive_log_weights(self):
+        """-> (valid bool [V, M], log sampling weights float [V, M]); uniform by default."""
+        valid = (self._neighbors_np > 0) & (self._weights_np > 0)
+        return valid, np.zeros(valid.shape, np.float32)
+
+    @property
+    def has_neighbours(self) -> np.ndarray:
+        """bool [V]: items with at least one neighbour (the others get no CL loss)."""
+        return self.positive_log_weights()[0].any(axis=1)
+
+    def sample(self, ids):
+        """Samples for anchors ``ids`` int [U]:
+
+        -> positives int64 [U] (0 where none), has_positive bool [U], negatives int64 [K]
+           uniform in 1..V-1, negative_mask bool [U, K] (false: the anchor or one of its
+           neighbours).
+        """
+        ids = tf.cast(tf.reshape(ids, [-1]), tf.int64)
+        valid = tf.gather(self.neighbor_valid, ids)  # [U, M]
+        has_positive = tf.reduce_any(valid, axis=1)
+        logits = tf.where(valid, tf.gather(self.log_weights, ids), float("-inf"))
+        logits = tf.where(has_positive[:, tf.newaxis], logits, 0.0)
+        choice = tf.random.stateless_categorical(logits, 1, seed=self.rng.make_seeds(1)[:, 0],
+                                                 dtype=tf.int32)
+        neighbors = tf.gather(self.neighbors, ids)
+        positives = tf.gather(neighbors, choice, batch_dims=1)[:, 0]
+        positives = tf.where(has_positive, positives, tf.zeros_like(positives))
+        negatives = self.rng.uniform([self.num_negatives], minval=1, maxval=self.num_items,
+                                     dtype=tf.int64)
+        in_list = tf.reduce_any(
+            tf.equal(negatives[tf.newaxis, :, tf.newaxis], neighbors[:, tf.newaxis, :])
+            & valid[:, tf.newaxis, :], axis=2)
+        negative_mask = tf.logical_not(in_list | tf.equal(negatives[tf.newaxis, :],
+                                                          ids[:, tf.newaxis]))
+        return positives, has_positive, negatives, negative_mask
+
+    def call(self, inputs: CLInputs, item_tower=None, training=None):
+        if item_tower is None:
+            raise ValueError(f"{type(self).__name__} needs item_tower")
+        positives, has_positive, negatives, negative_mask = self.sample(inputs.ids)
+        candidates = self.projector(item_tower.embed_indices(
+            tf.concat([positives, negatives], axis=0), training=training))
+        num_anchors = tf.shape(positives)[0]
+        return info_nce_loss(
+            self.projector(inputs.embeddings), candidates[:num_anchors], candidates[num_anchors:],
+            temperature=self.temperature, negative_mask=negative_mask,
+            example_mask=inputs.valid & has_positive)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(neighbors=self._neighbors_np.tolist(), weights=self._weights_np.tolist(),
+                      projection_dim=self.projection_dim, num_negatives=self.num_negatives,
+                      temperature=self.temperature, seed=self.seed, num_items=self.num_items,
+                      same_category=self._same_category_np.tolist(),
+                      same_category_weight=self.same_category_weight)
+        return config
+
+
+@register
+class SemanticCL(NeighbourCL):
+    """Semantic-level item CL, ``L_sem`` (eq. 4): positives drawn uniformly from the item's
+    title neighbours (``NeighbourTable`` of the title-neighbour job)."""
+
+    def __init__(self, neighbors, weights, projection_dim: int, **kwargs):
+        kwargs.setdefault("name", "semantic_cl")
+        super().__init__(neighbors, weights, projection_dim, **kwargs)
+
+    @classmethod
+    def from_table(cls, table, projection_dim: int, **kwargs) -> "SemanticCL":
+        return cls(table.neighbors, table.weights, projection_dim, **kwargs)
+
+    def positive_log_weights(self):
+        # Title scores only mark padding (0); every listed neighbour is an equal positive.
+        valid = self._neighbors_np > 0
+        return valid, np.zeros(valid.shape, np.float32)
+
+
+@register
+class SessionCL(NeighbourCL):
+    """Session-level item CL, ``L_sess`` (eq. 5): positive drawn with probability proportional
+    to ``count * (same_category_weight if same category else 1)``."""
+
+    def __init__(self, neighbors, weights, projection_dim: int, **kwargs):
+        kwargs.setdefault("name", "session_cl")
+        super().__init__(neighbors, weights, projection_dim, **kwargs)
+
+    @classmethod
+    def from_table(cls, table, projection_dim: int, **kwargs) -> "SessionCL":
+        return cls(table.neighbors, table.weights, projection_dim,
+                   same_category=table.same_category, **kwargs)
+
+    def positive_log_weights(self):
+        valid = (self._neighbors_np > 0) & (self._weights_np > 0)
+        emphasis = np.where(self._same_category_np > 0, self.same_category_weight, 1.0)
+        with np.errstate(divide="ignore"):
+            log_w = np.log(np.where(valid, self._weights_np * emphasis, 1.0))
+        return valid, log_w.astype(np.float32)

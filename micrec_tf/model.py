@@ -1,0 +1,306 @@
+"""MicRec: a two-tower matching model trained with ``L = L_S + l1 L_fea + l2 L_sem + l3 L_sess``
+(paper eq. 8), and the baselines of paper 5.2 in the same framework.
+
+    model = build_model(cfg, artifacts.item_table, artifacts.vocab_sizes, artifacts.user_fields,
+                        artifacts.cooccurrence, artifacts.title_neighbours)
+    model.compile(optimizer=tf_keras.optimizers.Adam(cfg.train.learning_rate))
+    model.fit(train_ds, validation_data=valid_ds, ...)   # batches: dicts of features
+    users = model.user_embeddings(features)               # [B, d] float32
+    items = model.item_embeddings()                       # [V, d] float32, row i = item i
+
+Metrics (progress bar / TensorBoard): ``loss`` (the total of eq. 8), ``sampled_softmax_loss`` and,
+for each task listed in ``model.cl``, ``feature_cl_loss``, ``semantic_cl_loss``,
+``session_cl_loss``. A task listed in ``model.cl`` with lambda 0 is still computed and logged
+(monitor only) but adds nothing to the gradient; leave it out of ``model.cl`` to skip it.
+
+Projectors and CL sampling live in the CL tasks and never run in the inference paths
+(``user_embeddings``, ``item_embeddings``, ``call``).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import micrec_tf  # noqa: F401
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from micrec_tf.cl import (FeatureCL, SemanticCL, SessionCL, cl_inputs_from_batch,
+                          field_correlation)
+from micrec_tf.layers import ItemFeatureLookup, ItemFieldEmbeddings, UserFieldEmbeddings
+from micrec_tf.losses import SampledSoftmaxTask
+from micrec_tf.towers import (AutoIntItemTower, AutoIntUserTower, DeepFMItemTower,
+                              DeepFMUserTower, FMItemTower, FMUserTower, ICANUserTower,
+                              MLPItemTower, YoutubeDNNUserTower)
+
+LOSS_NAMES = ("loss", "sampled_softmax_loss", "feature_cl_loss", "semantic_cl_loss",
+              "session_cl_loss")
+_TASKS = (("feature", "feature_cl"), ("semantic", "semantic_cl"), ("session", "session_cl"))
+# Seed offsets from train.seed, one generator per sampler.
+_SEED_OFFSETS = {"sampled_softmax": 0, "feature": 1, "semantic": 2, "session": 3}
+
+
+def _unpack(data):
+    """Keras passes ``features`` or ``(features, ...)``; returns the features dict."""
+    if isinstance(data, Mapping):
+        return data
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], Mapping):
+        return data[0]
+    raise TypeError(f"MicRecModel expects batches that are a dict of features (or a tuple whose "
+                    f"first element is one), got {type(data).__name__}")
+
+
+class MicRecModel(tf_keras.Model):
+    """Two-tower model with a main sampled-softmax task and optional CL tasks.
+
+    Args:
+      user_tower: features -> [B, d] (a :class:`micrec_tf.towers.UserTower`).
+      item_tower: item features -> [B, d] (a :class:`micrec_tf.towers.ItemTower`).
+      retrieval: :class:`micrec_tf.losses.SampledSoftmaxTask`.
+      feature_cl, semantic_cl, session_cl: CL tasks or None (not in ``model.cl``).
+      lambdas: {"feature": l1, "semantic": l2, "session": l3}.
+      item_batch_size: chunk size of :meth:`item_embeddings`.
+    """
+
+    def __init__(self, user_tower, item_tower, retrieval: SampledSoftmaxTask,
+                 feature_cl: FeatureCL | None = None, semantic_cl: SemanticCL | None = None,
+                 session_cl: SessionCL | None = None, lambdas: Mapping | None = None,
+                 item_batch_size: int = 4096, **kwargs):
+        super().__init__(**kwargs)
+        if user_tower.output_dim != item_tower.output_dim:
+            raise ValueError(f"user tower output dim {user_tower.output_dim} != item tower output "
+                             f"dim {item_tower.output_dim}")
+        self.user_tower = user_tower
+        self.item_tower = item_tower
+        self.retrieval = retrieval
+        self.feature_cl = feature_cl
+        self.semantic_cl = semantic_cl
+        self.session_cl = session_cl
+        lambdas = dict(lambdas or {})
+        unknown = set(lambdas) - {t for t, _ in _TASKS}
+        if unknown:
+            raise ValueError(f"unknown lambda key(s) {sorted(unknown)}; valid: "
+                             f"{[t for t, _ in _TASKS]}")
+        self.lambdas = {t: float(lambdas.get(t, 0.0)) for t, _ in _TASKS}
+        for task, value in self.lambdas.items():
+            if value < 0:
+                raise ValueError(f"lambda for {task} must be >= 0, got {value!r}")
+        self.item_batch_size = int(item_batch_size)
+        self.loss_trackers = {name: tf_keras.metrics.Mean(name=name) for name in self.loss_names}
+        self._embed_items_fn = None
+        self._user_fn = None
+
+    # --- bookkeeping ---------------------------------------------------------------------
+    @property
+    def cl_tasks(self) -> dict:
+        """{"feature": FeatureCL, ...} of the enabled CL tasks."""
+        return {t: getattr(self, attr) for t, attr in _TASKS if getattr(self, attr) is not None}
+
+    @property
+    def loss_names(self) -> list:
+        return ["loss", "sampled_softmax_loss"] + [f"{attr}_loss" for t, attr in _TASKS
+                                                   if getattr(self, attr) is not None]
+
+    @property
+    def metrics(self):
+        return list(self.loss_trackers.values())
+
+    # --- forward -------------------------------------------------------------------------
+    def call(self, features, training=False):
+        """-> {"user_embedding": [B, d], "item_embedding": [B, d]} (target items), float32."""
+        return {"user_embedding": tf.cast(self.user_tower(features, training=training), tf.float32),
+                "item_embedding": tf.cast(self.item_tower(features, training=training), tf.float32)}
+
+    def compute_losses(self, features, training: bool = False) -> dict:
+        """All loss terms (scalars, float32) for one batch, with ``"loss"`` their eq. 8 total."""
+        item_names = self.item_tower.feature_names
+        user = tf.cast(self.user_tower(features, training=training), tf.float32)
+        raw = self.item_tower.raw_embedding(features)
+        positives = self.item_tower.encode(raw, training=training)
+        item_ids = tf.reshape(tf.cast(features["item"], tf.int64), [-1])
+        losses = {"sampled_softmax_loss": self.retrieval(
+            (user, tf.cast(positives, tf.float32), item_ids), item_tower=self.item_tower,
+            training=training)}
+        total = losses["sampled_softmax_loss"]
+        tasks = self.cl_tasks
+        if tasks:
+            inputs = cl_inputs_from_batch(item_ids, {k: features[k] for k in item_names}, raw,
+                                          positives)
+            for task_name, attr in _TASKS:
+                if task_name not in tasks:
+                    continue
+                value = tasks[task_name](inputs, item_tower=self.item_tower, training=training)
+                losses[f"{attr}_loss"] = value
+                total = total + self.lambdas[task_name] * value
+        losses["loss"] = total
+        return losses
+
+    def _update_trackers(self, losses):
+        for name, tracker in self.loss_trackers.items():
+            tracker.update_state(losses[name])
+        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+
+    def train_step(self, data):
+        features = _unpack(data)
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(features, training=True)
+            # Gradients are summed over replicas: scale so the update is the global mean.
+            scaled = losses["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
+        self.optimizer.minimize(scaled, self.trainable_variables, tape=tape)
+        return self._update_trackers(losses)
+
+    @property
+    def samplers(self) -> list:
+        """The ``tf.random.Generator`` of every task (checkpointed with the model)."""
+        tasks = [self.retrieval, *self.cl_tasks.values()]
+        return [t.rng for t in tasks]
+
+    def test_step(self, data):
+        # Evaluation leaves the samplers as it found them: training randomness does not depend
+        # on how often validation ran, and every validation batch sees the same draws.
+        saved = [g.state.read_value() for g in self.samplers]
+        logs = self._update_trackers(self.compute_losses(_unpack(data), training=False))
+        with tf.control_dependencies(list(logs.values())):
+            for g, state in zip(self.samplers, saved):
+                g.state.assign(state)
+        return logs
+
+    # --- inference -----------------------------------------------------------------------
+    def user_embeddings(self, features) -> tf.Tensor:
+        """User vectors [B, d] float32 from a batch of features (no CL, no dropout)."""
+        return tf.cast(self.user_tower(features, training=False), tf.float32)
+
+    def item_embeddings(self, indices=None, batch_size: int | None = None) -> tf.Tensor:
+        """Item vectors [N, d] float32 for ``indices`` (default: every item 0..V-1, so row i is
+        item i; row 0 is the padding item), computed in chunks of ``batch_size``."""
+        if self._embed_items_fn is None:
+            self._embed_items_fn = tf.function(
+                lambda ids: tf.cast(self.item_tower.embed_indices(ids, training=False),
+                                    tf.float32),
+                input_signature=[tf.TensorSpec([None], tf.int64)])
+        if indices is None:
+            indices = np.arange(self.item_tower.item_lookup.num_items, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        size = int(batch_size or self.item_batch_size)
+        chunks = [self._embed_items_fn(tf.constant(indices[i:i + size]))
+                  for i in range(0, len(indices), size)]
+        if not chunks:
+            return tf.zeros([0, self.item_tower.output_dim], tf.float32)
+        return tf.concat(chunks, axis=0)
+
+
+def _user_feature_names(user_fields, vocab_sizes):
+    names = []
+    for f in user_fields:
+        name = f if (f.startswith("user_") and f in vocab_sizes) else f"user_{f}"
+        if name not in vocab_sizes:
+            raise KeyError(f"user field {f!r}: vocabulary {name!r} not in vocab_sizes "
+                           f"{sorted(vocab_sizes)}")
+        names.append(name)
+    return names
+
+
+def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence=None,
+                title_neighbours=None) -> MicRecModel:
+    """Builds the model named by ``cfg.model.name`` with the CL tasks of ``cfg.model.cl``.
+
+    Args:
+      cfg: :class:`micrec_tf.config.Config` (``model``, ``loss``, ``train.seed``/``batch_size``).
+      item_table: :class:`micrec_tf.data.artifacts.ItemTable` (numpy arrays, row 0 padding).
+      vocab_sizes: {vocab name: size incl. OOV 0}: ``item_id``, ``tag``, ``provider``,
+        ``user_<field>``, ``item_<extra>``.
+      user_fields: profile field names (``gender`` or ``user_gender``).
+      cooccurrence: :class:`NeighbourTable` with counts and ``same_category``; needed for
+        ``session``.
+      title_neighbours: :class:`NeighbourTable`; needed for ``semantic``.
+
+    Build it inside ``strategy.scope()`` when training under a ``tf.distribute`` strategy (the
+    samplers' generators must be created there).
+    """
+    m, loss = cfg.model, cfg.loss
+    for key in ("item_id", "tag", "provider"):
+        if key not in vocab_sizes:
+            raise KeyError(f"vocab_sizes lacks {key!r}; received {sorted(vocab_sizes)}")
+    num_items = item_table.num_items
+    if vocab_sizes["item_id"] != num_items:
+        raise ValueError(f"vocab_sizes['item_id']={vocab_sizes['item_id']} but the item table has "
+                         f"{num_items} rows")
+    extra = {}
+    for name in item_table.extra:
+        if name not in vocab_sizes:
+            raise KeyError(f"item extra field {name!r} has no vocabulary in vocab_sizes "
+                           f"{sorted(vocab_sizes)}")
+        extra[name] = int(vocab_sizes[name])
+    if m.name in ("ican", "youtubednn", "deepfm") and m.item_mlp_units[-1] != m.user_mlp_units[-1]:
+        raise ValueError(f"model.item_mlp_units[-1]={m.item_mlp_units[-1]} must equal "
+                         f"model.user_mlp_units[-1]={m.user_mlp_units[-1]} (both tower outputs)")
+    if m.name in ("ican", "youtubednn") and m.item_mlp_units[-1] != m.output_dim:
+        raise ValueError(f"model.item_mlp_units[-1]={m.item_mlp_units[-1]} must equal "
+                         f"model.output_dim={m.output_dim}")
+    if "semantic" in m.cl and title_neighbours is None:
+        raise ValueError("model.cl has 'semantic' but no title_neighbours table was given")
+    if "session" in m.cl and cooccurrence is None:
+        raise ValueError("model.cl has 'session' but no cooccurrence table was given")
+
+    lookup = ItemFeatureLookup.from_item_table(item_table, name="item_lookup")
+    item_fields = ItemFieldEmbeddings(
+        int(vocab_sizes["item_id"]), int(vocab_sizes["tag"]), int(vocab_sizes["provider"]),
+        extra, m.embedding_dim, name="item_field_embeddings")
+    user_names = _user_feature_names(user_fields, vocab_sizes)
+    user_fields_emb = UserFieldEmbeddings({n: int(vocab_sizes[n]) for n in user_names},
+                                          m.embedding_dim, name="user_field_embeddings")
+    if m.name == "ican":
+        item_tower = MLPItemTower(lookup, item_fields, m.item_mlp_units, m.dropout,
+                                  name="item_tower")
+        user_tower = ICANUserTower(lookup, item_fields, user_fields_emb, m.user_mlp_units,
+                                   m.num_heads, m.num_transformer_layers, m.dropout,
+                                   name="user_tower")
+    elif m.name == "youtubednn":
+        item_tower = MLPItemTower(lookup, item_fields, m.item_mlp_units, m.dropout,
+                                  name="item_tower")
+        user_tower = YoutubeDNNUserTower(lookup, item_fields, user_fields_emb, m.user_mlp_units,
+                                         m.dropout, name="user_tower")
+    elif m.name == "fm":
+        item_tower = FMItemTower(lookup, item_fields, name="item_tower")
+        user_tower = FMUserTower(lookup, item_fields, user_fields_emb, name="user_tower")
+    elif m.name == "deepfm":
+        item_tower = DeepFMItemTower(lookup, item_fields, m.item_mlp_units, m.dropout,
+                                     name="item_tower")
+        user_tower = DeepFMUserTower(lookup, item_fields, user_fields_emb, m.user_mlp_units,
+                                     m.dropout, name="user_tower")
+    elif m.name == "autoint":
+        item_tower = AutoIntItemTower(lookup, item_fields, m.output_dim, m.num_heads,
+                                      m.num_transformer_layers, name="item_tower")
+        user_tower = AutoIntUserTower(lookup, item_fields, user_fields_emb, m.output_dim,
+                                      m.num_heads, m.num_transformer_layers, name="user_tower")
+    else:
+        raise ValueError(f"model.name must be one of ican, youtubednn, fm, deepfm, autoint; "
+                         f"got {m.name!r}")
+
+    seed = int(cfg.train.seed)
+    retrieval = SampledSoftmaxTask(
+        num_items, loss.num_negatives, loss.in_batch_negatives, loss.remove_accidental_hits,
+        cfg.train.batch_size, seed + _SEED_OFFSETS["sampled_softmax"], name="sampled_softmax")
+    dim = item_tower.output_dim
+    tasks = {}
+    if "feature" in m.cl:
+        tasks["feature_cl"] = FeatureCL(
+            dim, loss.feature_dropout, loss.mask_ratio, loss.temperature,
+            seed + _SEED_OFFSETS["feature"],
+            correlation=field_correlation(item_table)
+            if loss.feature_dropout == "correlated" else None)
+    if "semantic" in m.cl:
+        tasks["semantic_cl"] = SemanticCL.from_table(
+            title_neighbours, dim, num_negatives=loss.num_cl_negatives,
+            temperature=loss.temperature, seed=seed + _SEED_OFFSETS["semantic"],
+            num_items=num_items)
+    if "session" in m.cl:
+        tasks["session_cl"] = SessionCL.from_table(
+            cooccurrence, dim, num_negatives=loss.num_cl_negatives,
+            temperature=loss.temperature, seed=seed + _SEED_OFFSETS["session"],
+            num_items=num_items, same_category_weight=loss.same_category_weight)
+    return MicRecModel(
+        user_tower, item_tower, retrieval, **tasks,
+        lambdas={"feature": loss.lambda_feature, "semantic": loss.lambda_semantic,
+                 "session": loss.lambda_session},
+        name=f"micrec_{m.name}")

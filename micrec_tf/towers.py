@@ -1,0 +1,413 @@
+"""Item and user towers of the two-tower matching models (paper 3.1.1, 3.6, 5.2).
+
+Item towers share one interface, so every contrastive task plugs onto any of them:
+
+* ``raw_embedding(features, tag_keep_mask=None)`` -> ``f^d`` [B, F * D] (the raw item embedding)
+* ``encode(f_d, training)`` -> item vector [B, output_dim] (``DNN^d``)
+* ``call(features)`` = ``encode(raw_embedding(features))``
+* ``embed_indices(indices)`` -> [N, output_dim] for any item index (targets, sampled negatives,
+  neighbours), through the catalogue item table held by :class:`ItemFeatureLookup`.
+
+User towers embed the click history with the SAME item field embeddings as the item tower and
+take ``user_<field>`` [B], ``hist_items`` [B, H] and ``hist_len`` [B] -> [B, output_dim].
+
+Model families (config ``model.name``):
+
+=========== ===================================== =========================================
+name        user tower                            item tower
+=========== ===================================== =========================================
+ican        transformer over history, flatten,    MLP(f^d)
+            concat profile, MLP 128/64/64
+youtubednn  MLP(mean history f^d ++ profile)      MLP(f^d)
+fm          sum of profile fields + mean history  sum of item fields (score = FM cross terms)
+deepfm      [FM vector ; MLP(...)]                [sum of fields ; MLP(f^d)] (score = FM + DNN)
+autoint     AutoInt over profile + history fields AutoInt over item fields
+=========== ===================================== =========================================
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import micrec_tf  # noqa: F401
+import tensorflow as tf
+import tf_keras
+
+from micrec_tf.layers import (
+    MLP, AutoIntInteraction, ItemFeatureLookup, ItemFieldEmbeddings, PositionEmbedding,
+    TransformerEncoderBlock, UserFieldEmbeddings, deserialize, masked_mean, register,
+    require_features, scalar_feature, serialize)
+
+HIST_ITEMS, HIST_LEN = "hist_items", "hist_len"
+
+
+# --------------------------------------------------------------------------------------------
+# Item towers
+# --------------------------------------------------------------------------------------------
+class ItemTower(tf_keras.layers.Layer):
+    """Base item tower: field embeddings -> ``f^d`` -> :meth:`encode` (subclasses)."""
+
+    def __init__(self, item_lookup: ItemFeatureLookup, field_embeddings: ItemFieldEmbeddings,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.item_lookup = deserialize(item_lookup)
+        self.field_embeddings = deserialize(field_embeddings)
+        if not isinstance(self.item_lookup, ItemFeatureLookup):
+            raise TypeError(f"item_lookup must be an ItemFeatureLookup, got "
+                            f"{type(self.item_lookup).__name__}")
+        if not isinstance(self.field_embeddings, ItemFieldEmbeddings):
+            raise TypeError(f"field_embeddings must be an ItemFieldEmbeddings, got "
+                            f"{type(self.field_embeddings).__name__}")
+        missing = set(self.item_lookup.extra_names) ^ set(self.field_embeddings.extra_vocab_sizes)
+        if missing:
+            raise ValueError(f"item table extra fields {self.item_lookup.extra_names} differ from "
+                             f"the embedded extra fields "
+                             f"{list(self.field_embeddings.extra_vocab_sizes)}")
+
+    # --- shape helpers -------------------------------------------------------------------
+    @property
+    def num_fields(self) -> int:
+        return self.field_embeddings.num_fields
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.field_embeddings.embedding_dim
+
+    @property
+    def feature_names(self) -> list:
+        """Batch feature names the tower reads (``item``, ``item_tags``, ...)."""
+        return self.field_embeddings.field_names
+
+    @property
+    def output_dim(self) -> int:
+        raise NotImplementedError
+
+    def fields(self, f_d: tf.Tensor) -> tf.Tensor:
+        """``f^d`` [B, F * D] -> stacked field embeddings [B, F, D]."""
+        return tf.reshape(f_d, [-1, self.num_fields, self.embedding_dim])
+
+    # --- embedding paths -----------------------------------------------------------------
+    def features_for(self, indices) -> dict:
+        """Item indices [...] -> the item's fields from the catalogue table."""
+        return self.item_lookup(indices)
+
+    def raw_embedding(self, features, tag_keep_mask=None) -> tf.Tensor:
+        """Item features [B] -> raw item embedding ``f^d`` [B, F * D]."""
+        require_features(features, self.feature_names, type(self).__name__)
+        inputs = {k: features[k] if k == "item_tags" else scalar_feature(features[k], k)
+                  for k in self.feature_names}
+        fields = self.field_embeddings(inputs, tag_keep_mask=tag_keep_mask)
+        return tf.reshape(fields, [-1, self.num_fields * self.embedding_dim])
+
+    def encode(self, f_d: tf.Tensor, training=None) -> tf.Tensor:
+        """``f^d`` [B, F * D] -> item vector [B, output_dim]."""
+        raise NotImplementedError
+
+    def call(self, features, training=None):
+        return self.encode(self.raw_embedding(features), training=training)
+
+    def embed_indices(self, indices, training=None) -> tf.Tensor:
+        """Item indices [N] -> item vectors [N, output_dim] (any index, via the item table)."""
+        return self.encode(self.raw_embedding(self.features_for(indices)), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(item_lookup=serialize(self.item_lookup),
+                      field_embeddings=serialize(self.field_embeddings))
+        return config
+
+
+@register
+class MLPItemTower(ItemTower):
+    """ICAN / YoutubeDNN / MicRec item tower: ``d = MLP_d(f^d)`` (paper 3.6)."""
+
+    def __init__(self, item_lookup, field_embeddings, units: Sequence[int] = (128, 64, 64),
+                 dropout: float = 0.0, **kwargs):
+        super().__init__(item_lookup, field_embeddings, **kwargs)
+        self.units, self.dropout = list(units), float(dropout)
+        self.mlp = MLP(self.units, dropout=self.dropout, name="item_mlp")
+
+    @property
+    def output_dim(self) -> int:
+        return self.units[-1]
+
+    def encode(self, f_d, training=None):
+        return self.mlp(f_d, training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=list(self.units), dropout=self.dropout)
+        return config
+
+
+@register
+class FMItemTower(ItemTower):
+    """FM item side: the sum of the item's field vectors, ``[B, D]``. Its dot product with the
+    FM user vector is the sum of all user-field x item-field second-order cross terms."""
+
+    @property
+    def output_dim(self) -> int:
+        return self.embedding_dim
+
+    def encode(self, f_d, training=None):
+        return tf.reduce_sum(self.fields(f_d), axis=1)
+
+
+@register
+class DeepFMItemTower(ItemTower):
+    """DeepFM item side: ``[sum of fields ; MLP(f^d)]``, so the dot product with the DeepFM user
+    vector is the FM score plus the DNN score."""
+
+    def __init__(self, item_lookup, field_embeddings, units: Sequence[int] = (128, 64, 64),
+                 dropout: float = 0.0, **kwargs):
+        super().__init__(item_lookup, field_embeddings, **kwargs)
+        self.units, self.dropout = list(units), float(dropout)
+        self.mlp = MLP(self.units, dropout=self.dropout, name="item_dnn")
+
+    @property
+    def output_dim(self) -> int:
+        return self.embedding_dim + self.units[-1]
+
+    def encode(self, f_d, training=None):
+        fm = tf.reduce_sum(self.fields(f_d), axis=1)
+        return tf.concat([fm, self.mlp(f_d, training=training)], axis=-1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=list(self.units), dropout=self.dropout)
+        return config
+
+
+def _autoint_stack(num_layers, num_heads, embedding_dim, prefix):
+    head_dim = max(1, embedding_dim // num_heads)
+    return [AutoIntInteraction(num_heads, head_dim, name=f"{prefix}_{i}")
+            for i in range(num_layers)]
+
+
+@register
+class AutoIntItemTower(ItemTower):
+    """AutoInt item side: interacting layers over the item fields, flatten, Dense to output."""
+
+    def __init__(self, item_lookup, field_embeddings, output_dim: int = 64, num_heads: int = 2,
+                 num_layers: int = 1, **kwargs):
+        super().__init__(item_lookup, field_embeddings, **kwargs)
+        self._output_dim, self.num_heads, self.num_layers = int(output_dim), num_heads, num_layers
+        self.interactions = _autoint_stack(num_layers, num_heads, self.embedding_dim,
+                                           "item_autoint")
+        self.flatten = tf_keras.layers.Flatten()
+        self.output_layer = tf_keras.layers.Dense(self._output_dim, name="item_output")
+
+    @property
+    def output_dim(self) -> int:
+        return self._output_dim
+
+    def encode(self, f_d, training=None):
+        x = self.fields(f_d)
+        for layer in self.interactions:
+            x = layer(x)
+        return self.output_layer(self.flatten(x))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(output_dim=self._output_dim, num_heads=self.num_heads,
+                      num_layers=self.num_layers)
+        return config
+
+
+# --------------------------------------------------------------------------------------------
+# User towers
+# --------------------------------------------------------------------------------------------
+class UserTower(tf_keras.layers.Layer):
+    """Base user tower: history clicks embedded with the shared item field embeddings, plus the
+    user profile field embeddings."""
+
+    def __init__(self, item_lookup: ItemFeatureLookup, item_field_embeddings: ItemFieldEmbeddings,
+                 user_field_embeddings: UserFieldEmbeddings, **kwargs):
+        super().__init__(**kwargs)
+        self.item_lookup = deserialize(item_lookup)
+        self.item_field_embeddings = deserialize(item_field_embeddings)
+        self.user_field_embeddings = deserialize(user_field_embeddings)
+
+    @property
+    def feature_names(self) -> list:
+        return [*self.user_field_embeddings.field_names, HIST_ITEMS, HIST_LEN]
+
+    @property
+    def output_dim(self) -> int:
+        raise NotImplementedError
+
+    def history(self, features):
+        """-> history field embeddings [B, H, F, D] and validity mask bool [B, H]."""
+        require_features(features, self.feature_names, type(self).__name__)
+        hist = tf.cast(features[HIST_ITEMS], tf.int64)
+        if hist.shape.rank != 2:
+            raise ValueError(f"hist_items must be [B, H], got shape {hist.shape}")
+        length = tf.cast(scalar_feature(features[HIST_LEN], HIST_LEN), tf.int64)
+        mask = tf.range(tf.shape(hist, out_type=tf.int64)[1])[tf.newaxis, :] < length[:, tf.newaxis]
+        return self.item_field_embeddings(self.item_lookup(hist)), mask
+
+    def profile(self, features, batch_size_from):
+        """-> user profile field embeddings [B, F_u, D]."""
+        return self.user_field_embeddings(features, batch_size_from=batch_size_from)
+
+    @staticmethod
+    def flatten_fields(x):
+        """[B, F, D] -> [B, F * D] with a static last dimension."""
+        return tf.reshape(x, [-1, x.shape[-2] * x.shape[-1]])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(item_lookup=serialize(self.item_lookup),
+                      item_field_embeddings=serialize(self.item_field_embeddings),
+                      user_field_embeddings=serialize(self.user_field_embeddings))
+        return config
+
+
+@register
+class ICANUserTower(UserTower):
+    """ICAN / MicRec user tower (paper eq. 6):
+    ``u = MLP_u([Flatten(Transformer(F^b)) ; u^other])``.
+
+    ``F^b`` [B, H, F * D] are the raw embeddings ``f^d`` of the H most recent clicks plus learned
+    position embeddings; the transformer masks keys beyond ``hist_len``, padded outputs are zeroed.
+    """
+
+    def __init__(self, item_lookup, item_field_embeddings, user_field_embeddings,
+                 units: Sequence[int] = (128, 64, 64), num_heads: int = 2, num_layers: int = 1,
+                 dropout: float = 0.0, **kwargs):
+        super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
+        self.units, self.num_heads, self.num_layers = list(units), num_heads, num_layers
+        self.dropout = float(dropout)
+        self.positions = PositionEmbedding(name="history_positions")
+        self.blocks = [TransformerEncoderBlock(num_heads, dropout=self.dropout,
+                                               name=f"transformer_{i}")
+                       for i in range(num_layers)]
+        self.mlp = MLP(self.units, dropout=self.dropout, name="user_mlp")
+
+    @property
+    def output_dim(self) -> int:
+        return self.units[-1]
+
+    def call(self, features, training=None):
+        hist, mask = self.history(features)  # [B, H, F, D]
+        h, f, d = hist.shape[1], hist.shape[2], hist.shape[3]
+        if h is None:
+            raise ValueError("ICANUserTower needs a static history length H in hist_items [B, H]")
+        x = self.positions(tf.reshape(hist, [-1, h, f * d]))
+        for block in self.blocks:
+            x = block(x, mask=mask, training=training)
+        behaviour = tf.reshape(x * tf.cast(mask, x.dtype)[..., tf.newaxis], [-1, h * f * d])
+        other = self.flatten_fields(self.profile(features, hist))
+        return self.mlp(tf.concat([behaviour, other], axis=-1), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=list(self.units), num_heads=self.num_heads,
+                      num_layers=self.num_layers, dropout=self.dropout)
+        return config
+
+
+@register
+class YoutubeDNNUserTower(UserTower):
+    """YoutubeDNN user tower: ``MLP([mean of history f^d ; profile])``."""
+
+    def __init__(self, item_lookup, item_field_embeddings, user_field_embeddings,
+                 units: Sequence[int] = (128, 64, 64), dropout: float = 0.0, **kwargs):
+        super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
+        self.units, self.dropout = list(units), float(dropout)
+        self.mlp = MLP(self.units, dropout=self.dropout, name="user_mlp")
+
+    @property
+    def output_dim(self) -> int:
+        return self.units[-1]
+
+    def call(self, features, training=None):
+        hist, mask = self.history(features)
+        pooled = self.flatten_fields(_history_field_means(hist, mask))  # mean of history f^d
+        other = self.flatten_fields(self.profile(features, hist))
+        return self.mlp(tf.concat([pooled, other], axis=-1), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=list(self.units), dropout=self.dropout)
+        return config
+
+
+def _history_field_means(hist, mask):
+    """[B, H, F, D], [B, H] -> per-field mean over the valid history [B, F, D]."""
+    return masked_mean(hist, tf.broadcast_to(mask[..., tf.newaxis], tf.shape(hist)[:-1]), axis=1)
+
+
+@register
+class FMUserTower(UserTower):
+    """FM user side: sum of the profile field vectors plus the pooled history (mean over clicks
+    of the sum of each click's item field vectors), ``[B, D]``."""
+
+    @property
+    def output_dim(self) -> int:
+        return self.item_field_embeddings.embedding_dim
+
+    def call(self, features, training=None):
+        hist, mask = self.history(features)
+        history = tf.reduce_sum(_history_field_means(hist, mask), axis=1)
+        return history + tf.reduce_sum(self.profile(features, hist), axis=1)
+
+
+@register
+class DeepFMUserTower(UserTower):
+    """DeepFM user side: ``[FM user vector ; MLP([mean history f^d ; profile])]``."""
+
+    def __init__(self, item_lookup, item_field_embeddings, user_field_embeddings,
+                 units: Sequence[int] = (128, 64, 64), dropout: float = 0.0, **kwargs):
+        super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
+        self.units, self.dropout = list(units), float(dropout)
+        self.mlp = MLP(self.units, dropout=self.dropout, name="user_dnn")
+
+    @property
+    def output_dim(self) -> int:
+        return self.item_field_embeddings.embedding_dim + self.units[-1]
+
+    def call(self, features, training=None):
+        hist, mask = self.history(features)
+        hist_fields = _history_field_means(hist, mask)  # [B, F, D]
+        profile = self.profile(features, hist)  # [B, F_u, D]
+        fm = tf.reduce_sum(hist_fields, axis=1) + tf.reduce_sum(profile, axis=1)
+        dnn_in = tf.concat([self.flatten_fields(hist_fields), self.flatten_fields(profile)], -1)
+        return tf.concat([fm, self.mlp(dnn_in, training=training)], axis=-1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=list(self.units), dropout=self.dropout)
+        return config
+
+
+@register
+class AutoIntUserTower(UserTower):
+    """AutoInt user side: interacting layers over [profile fields ; per-field history means],
+    flatten, Dense to output."""
+
+    def __init__(self, item_lookup, item_field_embeddings, user_field_embeddings,
+                 output_dim: int = 64, num_heads: int = 2, num_layers: int = 1, **kwargs):
+        super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
+        self._output_dim, self.num_heads, self.num_layers = int(output_dim), num_heads, num_layers
+        self.interactions = _autoint_stack(num_layers, num_heads,
+                                           self.item_field_embeddings.embedding_dim,
+                                           "user_autoint")
+        self.flatten = tf_keras.layers.Flatten()
+        self.output_layer = tf_keras.layers.Dense(self._output_dim, name="user_output")
+
+    @property
+    def output_dim(self) -> int:
+        return self._output_dim
+
+    def call(self, features, training=None):
+        hist, mask = self.history(features)
+        x = tf.concat([self.profile(features, hist), _history_field_means(hist, mask)], axis=1)
+        for layer in self.interactions:
+            x = layer(x)
+        return self.output_layer(self.flatten(x))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(output_dim=self._output_dim, num_heads=self.num_heads,
+                      num_layers=self.num_layers)
+        return config

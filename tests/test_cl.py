@@ -1,0 +1,225 @@
+"""Contrastive tasks (micrec_tf.cl): dropout mask statistics, neighbour samplers, masking."""
+import micrec_tf  # noqa: F401
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from micrec_tf.cl import (FeatureCL, SemanticCL, SessionCL, cl_inputs_from_batch,
+                          correlated_field_keep_mask, field_correlation, tag_keep_mask)
+from micrec_tf.data.artifacts import ItemTable
+from micrec_tf.layers import ItemFeatureLookup, ItemFieldEmbeddings
+from micrec_tf.towers import MLPItemTower
+
+V, T, D = 40, 4, 8
+RS = np.random.RandomState(0)
+TAGS = RS.randint(1, 7, size=(V, T))
+TAGS[:, 3] = 0
+TAGS[::3, 2] = 0
+TAGS[0] = 0
+CATEGORY = TAGS[:, 0]
+PROVIDER = (CATEGORY % 3) + 1  # provider is a function of the category: correlated fields
+PROVIDER[0] = 0
+YEAR = RS.randint(1, 6, size=V)
+YEAR[0] = 0
+TABLE = ItemTable(tags=TAGS, provider=PROVIDER, extra={"item_year": YEAR}, category=CATEGORY)
+F = 4  # item, tags, provider, year
+
+
+def make_tower():
+    lookup = ItemFeatureLookup.from_item_table(TABLE)
+    fields = ItemFieldEmbeddings(V, 7, 4, {"item_year": 6}, D)
+    return MLPItemTower(lookup, fields, [16, 8])
+
+
+def make_inputs(tower, ids):
+    feats = tower.features_for(tf.constant(ids, tf.int64))
+    raw = tower.raw_embedding(feats)
+    return cl_inputs_from_batch(tf.constant(ids), feats, raw, tower.encode(raw))
+
+
+ALL_ITEMS = np.arange(1, V)
+
+
+def test_cl_inputs_deduplicate_first_occurrence():
+    tower = make_tower()
+    inputs = make_inputs(tower, [5, 3, 5, 0, 3, 9])
+    np.testing.assert_array_equal(inputs.ids.numpy(), [5, 3, 0, 9])
+    np.testing.assert_array_equal(inputs.valid.numpy(), [True, True, False, True])
+    np.testing.assert_array_equal(inputs.features["item_tags"].numpy(), TAGS[[5, 3, 0, 9]])
+    assert inputs.raw.shape == (4, F * D) and inputs.embeddings.shape == (4, 8)
+
+
+def test_element_dropout_masks_half_the_elements():
+    tower = make_tower()
+    ids = np.tile(ALL_ITEMS, 1)
+    inputs = make_inputs(tower, ids)
+    raw = inputs.raw.numpy()
+    task = FeatureCL(8, "element", mask_ratio=0.5, seed=3)
+    aug = task.augment(inputs, tower).numpy()
+    assert aug.shape == raw.shape
+    nonzero = raw != 0
+    dropped = (aug == 0) & nonzero
+    assert abs(dropped.sum() / nonzero.sum() - 0.5) < 0.04
+    np.testing.assert_array_equal(aug[~dropped], raw[~dropped])  # kept elements unscaled
+    aug7 = FeatureCL(8, "element", mask_ratio=0.7, seed=3).augment(inputs, tower).numpy()
+    assert abs(((aug7 == 0) & nonzero).sum() / nonzero.sum() - 0.7) < 0.04
+
+
+def test_field_dropout_zeroes_whole_fields():
+    tower = make_tower()
+    inputs = make_inputs(tower, ALL_ITEMS)
+    raw = inputs.raw.numpy().reshape(-1, F, D)
+    task = FeatureCL(8, "field", mask_ratio=0.5, seed=5)
+    dropped = []
+    for _ in range(10):
+        aug = task.augment(inputs, tower).numpy().reshape(-1, F, D)
+        zero = np.all(aug == 0, axis=2)
+        same = np.all(aug == raw, axis=2)
+        assert np.all(zero | same)  # every field either fully dropped or untouched
+        field_zero = zero & ~np.all(raw == 0, axis=2)
+        assert not np.any(np.all(zero, axis=1))  # at least one field always kept
+        dropped.append(field_zero.mean())
+    # 0.5 per field, minus the rows that would lose all four (1/16) and keep one back
+    assert abs(np.mean(dropped) - (0.5 - 1 / 64)) < 0.04
+
+
+def test_categorical_dropout_drops_tags_before_pooling():
+    tags = tf.constant(np.tile(TAGS[1:], (20, 1)))
+    keep = tag_keep_mask(tf.random.Generator.from_seed(1), tags, 0.5).numpy()
+    real = tags.numpy() > 0
+    assert keep.shape == real.shape
+    assert not np.any(keep & ~real)  # padding is never kept
+    assert abs(keep[real].mean() - 0.5) < 0.03
+
+    tower = make_tower()
+    inputs = make_inputs(tower, ALL_ITEMS)
+    task = FeatureCL(8, "categorical", mask_ratio=0.5, seed=2)
+    task_rng_copy = tf.random.Generator.from_seed(2)
+    aug = task.augment(inputs, tower).numpy().reshape(-1, F, D)
+    raw = inputs.raw.numpy().reshape(-1, F, D)
+    np.testing.assert_array_equal(aug[:, [0, 2, 3]], raw[:, [0, 2, 3]])  # other fields intact
+    keep = tag_keep_mask(task_rng_copy, inputs.features["item_tags"], 0.5).numpy()
+    table = tower.field_embeddings.tag_embedding.embeddings.numpy()
+    tags_np = inputs.features["item_tags"].numpy()
+    for r in range(len(tags_np)):
+        kept = tags_np[r][keep[r]]
+        expected = table[kept].mean(axis=0) if len(kept) else np.zeros(D)
+        np.testing.assert_allclose(aug[r, 1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_correlated_masking_masks_correlated_field_groups():
+    corr = np.array([[1, .9, .1, 0], [.9, 1, 0, .1], [.1, 0, 1, .8], [0, .1, .8, 1]], np.float32)
+    keep = correlated_field_keep_mask(tf.random.Generator.from_seed(0), corr, 500, 0.5).numpy()
+    masked = {tuple(np.flatnonzero(~row)) for row in keep}
+    assert masked == {(0, 1), (2, 3)}
+    # the item table's provider is a function of the first tag: their NMI tops the matrix
+    nmi = field_correlation(TABLE)
+    assert nmi.shape == (F, F)
+    np.testing.assert_allclose(np.diag(nmi), 1.0)
+    assert nmi[1, 2] > nmi[2, 3] and nmi[1, 2] > nmi[1, 3]
+    tower = make_tower()
+    task = FeatureCL(8, "correlated", 0.5, seed=1, correlation=nmi)
+    aug = task.augment(make_inputs(tower, ALL_ITEMS), tower).numpy().reshape(-1, F, D)
+    assert np.all(np.all(aug == 0, axis=2).sum(axis=1) >= 2)
+
+
+def test_feature_cl_duplicates_are_not_false_negatives():
+    tower = make_tower()
+    a = FeatureCL(8, "element", seed=7)
+    b = FeatureCL(8, "element", seed=7)
+    loss_dup = a(make_inputs(tower, [4, 6, 6, 4, 8]), item_tower=tower)
+    b.projector.build((None, 8))
+    b.projector.set_weights(a.projector.get_weights())
+    loss_unique = b(make_inputs(tower, [4, 6, 8]), item_tower=tower)
+    np.testing.assert_allclose(loss_dup.numpy(), loss_unique.numpy(), rtol=1e-6)
+
+
+NB = np.zeros((V, 4), np.int64)
+CNT = np.zeros((V, 4), np.float32)
+SAME = np.zeros((V, 4), np.int8)
+NB[1], CNT[1], SAME[1] = [2, 3, 4, 0], [1, 2, 3, 0], [1, 0, 0, 0]
+NB[2], CNT[2], SAME[2] = [1, 5, 0, 0], [4, 4, 0, 0], [0, 1, 0, 0]
+NB[3], CNT[3] = [7, 8, 9, 10], [0.5, 0.4, 0.3, 0.2]
+# item 4 and 0 have no neighbours
+
+
+def _chi2(counts, probs):
+    expected = counts.sum() * np.asarray(probs)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_session_sampler_is_proportional_to_counts_with_category_emphasis():
+    task = SessionCL(NB, CNT, 8, same_category=SAME, same_category_weight=3.0, num_negatives=30)
+    n = 6000
+    pos, has, neg, mask = (t.numpy() for t in task.sample(tf.constant([1] * n + [2] * n)))
+    assert has.all()
+    c1 = np.array([np.sum(pos[:n] == j) for j in (2, 3, 4)])
+    assert c1.sum() == n  # positives always from the neighbour list
+    # weights count * (3 if same category): [1*3, 2, 3] / 8; chi-square, 2 dof, p=0.001: 13.8
+    assert _chi2(c1, np.array([3, 2, 3]) / 8) < 13.8
+    c2 = np.array([np.sum(pos[n:] == j) for j in (1, 5)])
+    assert c2.sum() == n
+    assert _chi2(c2, np.array([4, 12]) / 16) < 10.8  # 1 dof, p=0.001
+
+
+def test_neighbour_negatives_never_in_the_positive_set_and_empty_items_masked():
+    task = SessionCL(NB, CNT, 8, num_negatives=200, seed=9)
+    ids = np.array([1, 2, 3, 4, 0])
+    for _ in range(5):
+        pos, has, neg, mask = (t.numpy() for t in task.sample(tf.constant(ids)))
+        assert neg.min() >= 1 and neg.max() <= V - 1 and mask.shape == (5, 200)
+        for r, i in enumerate(ids):
+            positive_set = set(NB[i][CNT[i] > 0]) | {i}
+            kept = neg[mask[r]]
+            assert not positive_set & set(kept.tolist())
+            # and every negative outside the set is kept
+            assert set(neg[~mask[r]].tolist()) <= positive_set
+        np.testing.assert_array_equal(has, [True, True, True, False, False])
+        assert pos[3] == 0 and pos[4] == 0
+        assert set(pos[:1]) <= {2, 3, 4} and set(pos[2:3]) <= {7, 8, 9, 10}
+
+
+def test_semantic_sampler_is_uniform_over_title_neighbours():
+    scores = np.where(NB > 0, 0.9, 0.0).astype(np.float32)
+    scores[3] = [0.99, 0.5, 0.4, 0.1]  # scores do not bias the choice: all are positives
+    task = SemanticCL(NB, scores, 8, num_negatives=20)
+    n = 8000
+    pos, has, _, _ = (t.numpy() for t in task.sample(tf.constant([3] * n)))
+    counts = np.array([np.sum(pos == j) for j in (7, 8, 9, 10)])
+    assert counts.sum() == n
+    assert _chi2(counts, np.full(4, 0.25)) < 16.3  # 3 dof, p=0.001
+
+
+def test_items_without_neighbours_get_no_loss():
+    tower = make_tower()
+    task = SessionCL(NB, CNT, 8, num_negatives=10)
+    loss = task(make_inputs(tower, [4, 0, 11]), item_tower=tower)
+    assert loss.numpy() == 0.0
+    loss_mixed = task(make_inputs(tower, [4, 1, 2]), item_tower=tower)
+    assert loss_mixed.numpy() > 0.0
+
+
+def test_cl_tasks_round_trip_through_config():
+    nmi = field_correlation(TABLE)
+    for task in (FeatureCL(8, "correlated", 0.3, 0.5, seed=2, correlation=nmi),
+                 FeatureCL(8), SemanticCL(NB, CNT, 8, num_negatives=5, temperature=0.2),
+                 SessionCL(NB, CNT, 8, same_category=SAME, same_category_weight=2.5)):
+        config = task.get_config()
+        clone = type(task).from_config(config)
+        assert clone.get_config() == config
+
+
+def test_cl_argument_errors():
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        FeatureCL(8, "bogus")
+    with pytest.raises(ValueError, match="needs the field correlation"):
+        FeatureCL(8, "correlated")
+    with pytest.raises(ValueError, match="mask_ratio must be in"):
+        FeatureCL(8, mask_ratio=1.0)
+    with pytest.raises(ValueError, match=r"must both be \[V, M\]"):
+        SessionCL(NB, CNT[:, :2], 8)
+    with pytest.raises(ValueError, match="same_category must be"):
+        SessionCL(NB, CNT, 8, same_category=SAME[:, :1])
+    with pytest.raises(ValueError, match="neighbour indices must be in"):
+        SemanticCL(NB + V, CNT, 8)

@@ -1,0 +1,341 @@
+"""Towers and MicRecModel (micrec_tf.layers, towers, model) on tiny synthetic in-memory data."""
+import micrec_tf  # noqa: F401
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from micrec_tf import layers as L
+from micrec_tf import towers as TW
+from micrec_tf.config import from_dict
+from micrec_tf.data.artifacts import ItemTable, NeighbourTable
+from micrec_tf.model import build_model
+
+V, T, H, D, TOPICS = 41, 3, 5, 8, 4
+NUM_TAGS, NUM_PROVIDERS, NUM_YEARS = 9, 5, 4
+VOCAB = {"item_id": V, "tag": NUM_TAGS, "provider": NUM_PROVIDERS, "item_year": NUM_YEARS,
+         "user_gender": 3, "user_age": 5, "user_id": 100}
+USER_FIELDS = ["gender", "age"]
+
+
+def _tiny_world(seed=0):
+    """Items in TOPICS topics (topic = (item - 1) % TOPICS); tags/provider follow the topic;
+    co-occurrence and title neighbours are same-topic items."""
+    rs = np.random.RandomState(seed)
+    topic = (np.arange(V) - 1) % TOPICS
+    tags = np.zeros((V, T), np.int64)
+    tags[1:, 0] = topic[1:] + 1
+    tags[1:, 1] = rs.randint(5, NUM_TAGS, size=V - 1) * (rs.rand(V - 1) < 0.6)
+    provider = np.where(np.arange(V) > 0, topic % (NUM_PROVIDERS - 1) + 1, 0)
+    year = np.where(np.arange(V) > 0, rs.randint(1, NUM_YEARS, size=V), 0)
+    table = ItemTable(tags=tags, provider=provider, extra={"item_year": year}, category=tags[:, 0])
+    m = 5
+    nb, cnt = np.zeros((V, m), np.int64), np.zeros((V, m), np.float32)
+    for i in range(1, V):
+        same = [j for j in range(1, V) if j != i and topic[j] == topic[i]]
+        pick = rs.choice(same, size=m, replace=False)
+        nb[i], cnt[i] = pick, rs.randint(1, 6, size=m)
+    nb[V - 1], cnt[V - 1] = 0, 0  # one item without neighbours
+    co = NeighbourTable(nb, cnt, (tags[nb, 0] == tags[:, None, 0]).astype(np.int8))
+    title = NeighbourTable(nb, np.where(nb > 0, 0.8, 0.0).astype(np.float32))
+    return table, co, title, topic
+
+
+TABLE, COOC, TITLE, TOPIC = _tiny_world()
+
+
+def _batches(num_batches=6, batch_size=32, seed=1):
+    """Users of one topic click items of that topic."""
+    rs = np.random.RandomState(seed)
+    by_topic = [np.flatnonzero(TOPIC == t)[np.flatnonzero(TOPIC == t) > 0] for t in range(TOPICS)]
+    out = []
+    for _ in range(num_batches):
+        user_topic = rs.randint(0, TOPICS, size=batch_size)
+        items = np.array([rs.choice(by_topic[t]) for t in user_topic])
+        hist_len = rs.randint(0, H + 1, size=batch_size)
+        hist = np.array([rs.choice(by_topic[t], size=H) for t in user_topic])
+        hist = hist * (np.arange(H)[None, :] < hist_len[:, None])
+        out.append({
+            "user_gender": (user_topic % 2) + 1, "user_age": user_topic + 1,
+            "hist_items": hist.astype(np.int64), "hist_len": hist_len.astype(np.int64),
+            "item": items.astype(np.int64), "item_tags": TABLE.tags[items],
+            "item_provider": TABLE.provider[items], "item_year": TABLE.extra["item_year"][items]})
+    return out
+
+
+def _dataset(batches):
+    def gen():
+        yield from batches
+    sig = {k: tf.TensorSpec((None,) + v.shape[1:], tf.int64) for k, v in batches[0].items()}
+    return tf.data.Dataset.from_generator(gen, output_signature=sig)
+
+
+def _cfg(**model):
+    loss = model.pop("loss", {})
+    raw_model = {"embedding_dim": D, "output_dim": D, "item_mlp_units": [16, D],
+                 "user_mlp_units": [16, D], "num_heads": 2}
+    raw_model.update(model)
+    return from_dict({"model": raw_model,
+                      "loss": {"num_negatives": 20, "num_cl_negatives": 8, **loss},
+                      "train": {"batch_size": 32, "seed": 11},
+                      "preprocess": {"history_length": H}})
+
+
+def _build(cfg):
+    return build_model(cfg, TABLE, VOCAB, USER_FIELDS, COOC, TITLE)
+
+
+def _tensors(batch):
+    return {k: tf.constant(v) for k, v in batch.items()}
+
+
+# --- layers and towers round-trip through get_config --------------------------------------
+def _lookup():
+    return L.ItemFeatureLookup.from_item_table(TABLE)
+
+
+def _item_fields():
+    return L.ItemFieldEmbeddings(V, NUM_TAGS, NUM_PROVIDERS, {"item_year": NUM_YEARS}, D)
+
+
+def _user_fields():
+    return L.UserFieldEmbeddings({"user_gender": 3, "user_age": 5}, D)
+
+
+def _all_towers():
+    lk, itf = _lookup(), _item_fields()
+    return [
+        TW.MLPItemTower(lk, itf, [16, D]), TW.FMItemTower(lk, itf),
+        TW.DeepFMItemTower(lk, itf, [16, D]), TW.AutoIntItemTower(lk, itf, D, 2, 2),
+        TW.ICANUserTower(lk, itf, _user_fields(), [16, D], 2, 1),
+        TW.YoutubeDNNUserTower(lk, itf, _user_fields(), [16, D]),
+        TW.FMUserTower(lk, itf, _user_fields()),
+        TW.DeepFMUserTower(lk, itf, _user_fields(), [16, D]),
+        TW.AutoIntUserTower(lk, itf, _user_fields(), D, 2, 1)]
+
+
+def _round_trip(layer, *args, **kwargs):
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+    again = L.deserialize(L.serialize(layer))
+    assert type(again) is type(layer) and again.get_config() == config
+    if args:
+        out = layer(*args, **kwargs)
+        clone(*args, **kwargs)
+        clone.set_weights(layer.get_weights())
+        out_clone = clone(*args, **kwargs)
+        for a, b in zip(tf.nest.flatten(out), tf.nest.flatten(out_clone)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_round_trip_through_get_config():
+    feats = _tensors(_batches(1, 6)[0])
+    x = tf.random.stateless_normal([2, H, D], seed=[1, 2])
+    mask = tf.constant([[True] * H, [True, True] + [False] * (H - 2)])
+    _round_trip(_lookup(), tf.constant([0, 3, 7], tf.int64))
+    _round_trip(_item_fields(), {k: feats[k] for k in
+                                 ("item", "item_tags", "item_provider", "item_year")})
+    _round_trip(_user_fields(), feats)
+    _round_trip(L.MLP([4, 3], dropout=0.1, final_activation="tanh"), x)
+    _round_trip(L.PositionEmbedding(), x)
+    _round_trip(L.TransformerEncoderBlock(2, ff_dim=6), x, mask=mask)
+    _round_trip(L.AutoIntInteraction(2, 3), x)
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_towers_round_trip_through_get_config(index):
+    tower = _all_towers()[index]
+    feats = _tensors(_batches(1, 6)[0])
+    _round_trip(tower, feats)
+    assert tower(feats).shape == (6, tower.output_dim)
+
+
+def test_layer_argument_errors_name_what_was_received():
+    with pytest.raises(KeyError, match=r"missing feature\(s\) \['item_year'\]"):
+        _item_fields()({"item": tf.constant([1]), "item_tags": tf.constant([[1]]),
+                        "item_provider": tf.constant([1])})
+    with pytest.raises(ValueError, match="MLP units must be"):
+        L.MLP([])
+    with pytest.raises(ValueError, match=r"provider must be \[V\]"):
+        L.ItemFeatureLookup(TABLE.tags, TABLE.provider[:3])
+    with pytest.raises(ValueError, match=r"hist_items must be \[B, H\]"):
+        TW.ICANUserTower(_lookup(), _item_fields(), _user_fields(), [D])(
+            {"user_gender": tf.constant([1]), "user_age": tf.constant([1]),
+             "hist_items": tf.constant([1, 2]), "hist_len": tf.constant([1])})
+
+
+def test_history_padding_is_ignored():
+    tower = TW.ICANUserTower(_lookup(), _item_fields(), _user_fields(), [16, D])
+    feats = _tensors(_batches(1, 4)[0])
+    feats["hist_len"] = tf.constant([2, 2, 2, 2], tf.int64)
+    base = tower(feats).numpy()
+    noisy = dict(feats)
+    noisy["hist_items"] = tf.concat([feats["hist_items"][:, :2],
+                                     tf.fill([4, H - 2], tf.constant(7, tf.int64))], axis=1)
+    np.testing.assert_allclose(tower(noisy).numpy(), base, rtol=1e-5, atol=1e-6)
+
+
+# --- the model -------------------------------------------------------------------------------
+def _grads(model, features):
+    with tf.GradientTape() as tape:
+        losses = model.compute_losses(features, training=True)
+    variables = model.user_tower.trainable_variables + model.item_tower.trainable_variables
+    return losses, variables, tape.gradient(losses["loss"], variables)
+
+
+def test_zero_lambdas_give_the_base_model_gradients():
+    feats = _tensors(_batches(1)[0])
+    base = _build(_cfg(cl=[]))
+    zero = _build(_cfg(cl=["feature", "semantic", "session"],
+                       loss={"lambda_feature": 0.0, "lambda_semantic": 0.0,
+                             "lambda_session": 0.0}))
+    for m in (base, zero):
+        m.compute_losses(feats, training=True)  # builds every weight, one negative draw each
+    zero.user_tower.set_weights(base.user_tower.get_weights())
+    zero.item_tower.set_weights(base.item_tower.get_weights())
+    lb, vb, gb = _grads(base, feats)
+    lz, vz, gz = _grads(zero, feats)
+    assert [v.name for v in vb] == [v.name for v in vz]
+    assert set(lz) == {"loss", "sampled_softmax_loss", "feature_cl_loss", "semantic_cl_loss",
+                       "session_cl_loss"}
+    assert all(float(lz[k]) > 0 for k in lz)  # the CL terms are computed (monitor only)
+    np.testing.assert_allclose(lz["loss"], lb["loss"], rtol=1e-6)
+    for a, b in zip(gb, gz):
+        np.testing.assert_allclose(tf.convert_to_tensor(a), tf.convert_to_tensor(b),
+                                   rtol=1e-5, atol=1e-7)
+    # and a non-zero lambda does change them
+    zero.lambdas["session"] = 0.5
+    _, _, g_on = _grads(zero, feats)
+    assert any(not np.allclose(tf.convert_to_tensor(a), tf.convert_to_tensor(b))
+               for a, b in zip(gb, g_on))
+
+
+def test_short_training_lowers_every_loss():
+    tf_keras.utils.set_random_seed(0)
+    cfg = _cfg(cl=["feature", "semantic", "session"])
+    model = _build(cfg)
+    model.compile(optimizer=tf_keras.optimizers.Adam(0.01))
+    train = _dataset(_batches(8, 32, seed=2))
+    before = model.evaluate(train, verbose=0, return_dict=True)
+    history = model.fit(train, epochs=4, verbose=0)
+    after = model.evaluate(train, verbose=0, return_dict=True)
+    names = ["loss", "sampled_softmax_loss", "feature_cl_loss", "semantic_cl_loss",
+             "session_cl_loss"]
+    assert set(history.history) == set(names)
+    for name in names:
+        assert after[name] < before[name], (name, before[name], after[name])
+        assert history.history[name][-1] < history.history[name][0], name
+
+
+@pytest.mark.parametrize("name", ["ican", "youtubednn", "fm", "deepfm", "autoint"])
+def test_each_model_trains_a_step_with_feature_and_session_cl(name):
+    model = _build(_cfg(name=name, cl=["feature", "session"]))
+    model.compile(optimizer=tf_keras.optimizers.Adam(0.01), run_eagerly=True)
+    batches = _batches(1)
+    before = model.item_embeddings([1, 2, 3]).numpy()
+    hist = model.fit(_dataset(batches), epochs=1, verbose=0).history
+    assert set(hist) == {"loss", "sampled_softmax_loss", "feature_cl_loss", "session_cl_loss"}
+    assert all(np.isfinite(v[0]) and v[0] > 0 for v in hist.values())
+    after = model.item_embeddings([1, 2, 3]).numpy()
+    assert not np.allclose(before, after)
+    users = model.user_embeddings(_tensors(batches[0]))
+    assert users.shape == (32, model.item_tower.output_dim) and users.dtype == tf.float32
+
+
+@pytest.mark.parametrize("preset,strategy", [("rfm_star", "element"), ("cfm", "correlated"),
+                                             ("micrec", "element"), ("ican", None)])
+def test_presets_build(preset, strategy):
+    cfg = from_dict({"model": {"preset": preset, "embedding_dim": D, "output_dim": D,
+                               "item_mlp_units": [D], "user_mlp_units": [D]},
+                     "loss": {"num_negatives": 5}, "preprocess": {"history_length": H}})
+    model = _build(cfg)
+    if strategy is None:
+        assert model.cl_tasks == {}
+    else:
+        assert model.feature_cl.strategy == strategy
+    losses = model.compute_losses(_tensors(_batches(1, 8)[0]), training=True)
+    assert np.isfinite(float(losses["loss"]))
+
+
+def test_inference_paths_skip_cl_and_match_the_towers():
+    model = _build(_cfg(cl=["feature", "semantic", "session"]))
+    batch = _tensors(_batches(1, 8)[0])
+    model.compute_losses(batch, training=True)
+    states = [t.rng.state.numpy().copy() for t in model.cl_tasks.values()]
+    main_state = model.retrieval.rng.state.numpy().copy()
+    items = model.item_embeddings()
+    users = model.user_embeddings(batch)
+    out = model(batch)
+    assert items.shape == (V, D) and users.shape == (8, D)
+    for t, s in zip(model.cl_tasks.values(), states):
+        np.testing.assert_array_equal(t.rng.state.numpy(), s)
+    np.testing.assert_array_equal(model.retrieval.rng.state.numpy(), main_state)
+    # the table-based item path equals the batch-feature path for the same items
+    np.testing.assert_allclose(tf.gather(items, batch["item"]), out["item_embedding"],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(users, out["user_embedding"], rtol=1e-6)
+    np.testing.assert_allclose(model.item_embeddings([3, 5], batch_size=1),
+                               tf.gather(items, [3, 5]), rtol=1e-6)
+    # evaluation leaves the samplers as they were, and repeats its draws
+    model.compile(optimizer=tf_keras.optimizers.Adam(0.01), run_eagerly=True)
+    first = model.evaluate(_dataset(_batches(1, 8)), verbose=0, return_dict=True)
+    second = model.evaluate(_dataset(_batches(1, 8)), verbose=0, return_dict=True)
+    assert first == second
+    for t, s in zip(model.cl_tasks.values(), states):
+        np.testing.assert_array_equal(t.rng.state.numpy(), s)
+
+
+def test_checkpoint_restores_weights_and_sampler_state(tmp_path):
+    cfg = _cfg(cl=["feature", "session"])
+    model = _build(cfg)
+    model.compile(optimizer=tf_keras.optimizers.Adam(0.01), run_eagerly=True)
+    model.fit(_dataset(_batches(2)), verbose=0)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    restored = _build(cfg)
+    restored.compile(optimizer=tf_keras.optimizers.Adam(0.01), run_eagerly=True)
+    restored.compute_losses(_tensors(_batches(1)[0]), training=True)  # build variables
+    restored.optimizer.build(restored.trainable_variables)
+    tf.train.Checkpoint(model=restored).restore(path).assert_existing_objects_matched()
+    np.testing.assert_allclose(restored.item_embeddings(), model.item_embeddings(), rtol=1e-6)
+    np.testing.assert_array_equal(restored.session_cl.rng.state, model.session_cl.rng.state)
+    np.testing.assert_array_equal(restored.retrieval.rng.state, model.retrieval.rng.state)
+
+
+def test_mixed_precision_keeps_losses_float32():
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _build(_cfg(cl=["feature", "semantic", "session"]))
+        opt = tf_keras.mixed_precision.LossScaleOptimizer(tf_keras.optimizers.Adam(0.01))
+        model.compile(optimizer=opt, run_eagerly=True)
+        feats = _tensors(_batches(1)[0])
+        losses = model.compute_losses(feats, training=True)
+        assert all(v.dtype == tf.float32 for v in losses.values())
+        assert model.user_tower.compute_dtype == "float16"
+        logs = model.train_step(feats)
+        assert all(np.isfinite(float(v)) for v in logs.values())
+        assert model.item_embeddings([1, 2]).dtype == tf.float32
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+
+
+def test_in_batch_negatives_train():
+    model = _build(_cfg(cl=[], loss={"in_batch_negatives": True, "num_negatives": 5}))
+    model.compile(optimizer=tf_keras.optimizers.Adam(0.01), run_eagerly=True)
+    hist = model.fit(_dataset(_batches(2)), verbose=0).history
+    assert np.isfinite(hist["loss"][0])
+    assert model.retrieval.frequency.step.numpy() == 2
+
+
+def test_build_model_errors_are_clear():
+    with pytest.raises(ValueError, match="no title_neighbours"):
+        build_model(_cfg(cl=["semantic"]), TABLE, VOCAB, USER_FIELDS, COOC, None)
+    with pytest.raises(ValueError, match="no cooccurrence"):
+        build_model(_cfg(cl=["session"]), TABLE, VOCAB, USER_FIELDS, None, TITLE)
+    with pytest.raises(ValueError, match=r"item_mlp_units\[-1\]=8 must equal"):
+        _build(_cfg(user_mlp_units=[16, 4]))
+    with pytest.raises(KeyError, match="user field 'income'"):
+        build_model(_cfg(cl=[]), TABLE, VOCAB, ["income"])
+    with pytest.raises(ValueError, match="item table has 41 rows"):
+        build_model(_cfg(cl=[]), TABLE, {**VOCAB, "item_id": 40}, USER_FIELDS)
