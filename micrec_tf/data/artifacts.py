@@ -5,6 +5,8 @@ All arrays are indexed by item index; row 0 is the OOV/padding item and is all z
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 
@@ -67,3 +69,129 @@ class Artifacts:
     @property
     def item_extra_fields(self) -> list:
         return list(self.feature_spec.get("item_extra_fields", []))
+
+
+# ------------------------------------------------------------------------------------ loading
+
+FEATURE_SPEC = os.path.join("examples", "feature_spec.json")
+ITEMS = os.path.join("items", "items.jsonl")
+COOCCURRENCE = os.path.join("cooccurrence", "cooccurrence.jsonl")
+TITLE_NEIGHBOURS = os.path.join("title_neighbours", "title_neighbours.jsonl")
+STATS = "stats.json"
+
+
+def vocab_field_names(user_fields, item_extra_fields) -> list:
+    """Every vocabulary the preprocessing job writes, in a fixed order."""
+    return (["item_id", "tag", "provider", "user_id"] + [f"user_{f}" for f in user_fields]
+            + [f"item_{f}" for f in item_extra_fields])
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _read_jsonl(path: str) -> list:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
+    return rows
+
+
+def _read_vocab(path: str) -> list:
+    with open(path, encoding="utf-8") as fh:
+        return [line.rstrip("\n") for line in fh]
+
+
+def _check_index(path: str, row: dict, key: str, size: int) -> int:
+    idx = row.get(key)
+    if not isinstance(idx, int) or not 0 < idx < size:
+        raise ValueError(f"{path}: {key} {idx!r} is outside the item vocabulary [1, {size})")
+    return idx
+
+
+def _load_item_table(path: str, num_items: int, max_tags: int, extra_names: list) -> ItemTable:
+    tags = np.zeros([num_items, max_tags], np.int64)
+    provider = np.zeros([num_items], np.int64)
+    category = np.zeros([num_items], np.int64)
+    extra = {name: np.zeros([num_items], np.int64) for name in extra_names}
+    seen = 0
+    for row in _read_jsonl(path):
+        idx = _check_index(path, row, "item", num_items)
+        item_tags = list(row.get("tags", []))[:max_tags]
+        tags[idx, :len(item_tags)] = item_tags
+        provider[idx] = row.get("provider", 0)
+        category[idx] = row.get("category", item_tags[0] if item_tags else 0)
+        for name in extra_names:
+            extra[name][idx] = row.get("extra", {}).get(name, 0)
+        seen += 1
+    if seen != num_items - 1:
+        raise ValueError(f"{path} has {seen} items, the item vocabulary {num_items - 1}: "
+                         "the artifacts are stale or incomplete; rerun pipelines.preprocess")
+    return ItemTable(tags=tags, provider=provider, extra=extra, category=category)
+
+
+def _load_neighbours(path: str, weight_key: str, num_items: int,
+                     with_same_category: bool) -> NeighbourTable:
+    rows = _read_jsonl(path)
+    width = max([len(r.get("neighbors", [])) for r in rows] + [1])
+    neighbors = np.zeros([num_items, width], np.int64)
+    weights = np.zeros([num_items, width], np.float32)
+    same = np.zeros([num_items, width], np.int8) if with_same_category else None
+    for row in rows:
+        idx = _check_index(path, row, "item", num_items)
+        nb, w = list(row.get("neighbors", [])), list(row.get(weight_key, []))
+        if len(nb) != len(w):
+            raise ValueError(f"{path}: item {idx} has {len(nb)} neighbors but {len(w)} {weight_key}")
+        if any(not 0 < b < num_items for b in nb):
+            raise ValueError(f"{path}: item {idx} has a neighbour outside [1, {num_items})")
+        neighbors[idx, :len(nb)] = nb
+        weights[idx, :len(w)] = w
+        if same is not None:
+            sc = list(row.get("same_category", [0] * len(nb)))
+            same[idx, :len(sc)] = sc
+    return NeighbourTable(neighbors=neighbors, weights=weights, same_category=same)
+
+
+def load_artifacts(path: str) -> Artifacts:
+    """Reads ``artifacts/<name>/`` (see docs/ARCHITECTURE.md) into an :class:`Artifacts`.
+
+    Raises ``FileNotFoundError`` naming every missing required file, ``ValueError`` for files
+    that contradict each other. ``title_neighbours`` is None when that job has not run yet.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"artifacts directory {path!r} not found: run `python -m pipelines.preprocess "
+            "--config <config>` first")
+    spec_path = os.path.join(path, FEATURE_SPEC)
+    if not os.path.exists(spec_path):
+        raise FileNotFoundError(f"{spec_path} is missing: {path!r} is not a complete "
+                                "preprocessing output; rerun pipelines.preprocess")
+    spec = _read_json(spec_path)
+    fields = vocab_field_names(spec.get("user_fields", []), spec.get("item_extra_fields", []))
+    required = [STATS, ITEMS, COOCCURRENCE] + [os.path.join("vocab", f"{f}.txt") for f in fields]
+    missing = [rel for rel in required if not os.path.exists(os.path.join(path, rel))]
+    if missing:
+        raise FileNotFoundError(f"artifacts in {path!r} lack {missing}; rerun pipelines.preprocess")
+    vocabs = {f: _read_vocab(os.path.join(path, "vocab", f"{f}.txt")) for f in fields}
+    for f, size in spec.get("vocab_sizes", {}).items():
+        if f in vocabs and len(vocabs[f]) + 1 != size:
+            raise ValueError(f"vocab/{f}.txt has {len(vocabs[f])} values but feature_spec.json "
+                             f"says size {size} (with OOV): the artifacts are inconsistent")
+    num_items = len(vocabs["item_id"]) + 1
+    extra_names = [f"item_{f}" for f in spec.get("item_extra_fields", [])]
+    item_table = _load_item_table(os.path.join(path, ITEMS), num_items,
+                                  int(spec["max_tags"]), extra_names)
+    cooccurrence = _load_neighbours(os.path.join(path, COOCCURRENCE), "counts", num_items, True)
+    title_path = os.path.join(path, TITLE_NEIGHBOURS)
+    title_neighbours = (_load_neighbours(title_path, "scores", num_items, False)
+                        if os.path.exists(title_path) else None)
+    return Artifacts(path=path, feature_spec=spec, vocabs=vocabs, item_table=item_table,
+                     cooccurrence=cooccurrence, title_neighbours=title_neighbours,
+                     stats=_read_json(os.path.join(path, STATS)))

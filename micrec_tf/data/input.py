@@ -1,0 +1,91 @@
+"""tf.data input: batched feature dicts parsed from the preprocessing TFRecords.
+
+The parsing spec comes from ``examples/feature_spec.json`` (written by pipelines/preprocess.py),
+so no feature list is duplicated here::
+
+    ds = make_dataset("artifacts/ml-1m", "train", batch_size=4096, shuffle=True, repeat=True)
+    batch = next(iter(ds))   # {"hist_items": int64 [B, 20], "item": int64 [B], "user_id": [B], ...}
+
+Features of shape [1] come out as rank-1 [B] tensors; others keep their shape, [B, ...].
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import tensorflow as tf
+
+SPLITS = ("train", "valid", "test")
+_DTYPES = {"int64": tf.int64, "string": tf.string, "float32": tf.float32}
+
+
+def load_feature_spec(artifacts_dir: str) -> dict:
+    path = os.path.join(artifacts_dir, "examples", "feature_spec.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run `python -m pipelines.preprocess` first")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def parse_spec(feature_spec: dict) -> dict:
+    """feature_spec.json -> {name: tf.io.FixedLenFeature} for tf.io.parse_example."""
+    out = {}
+    for name, f in feature_spec["features"].items():
+        if f["dtype"] not in _DTYPES:
+            raise ValueError(f"feature {name!r} has unsupported dtype {f['dtype']!r}")
+        out[name] = tf.io.FixedLenFeature(list(f["shape"]), _DTYPES[f["dtype"]])
+    return out
+
+
+def example_files(artifacts_dir: str, split: str) -> list:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    pattern = os.path.join(artifacts_dir, "examples", f"{split}-*-of-*.tfrecord.gz")
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
+    return files
+
+
+def make_parse_fn(feature_spec: dict):
+    """A function parsing a batch of serialized examples into a dict of [B, ...] tensors."""
+    spec = parse_spec(feature_spec)
+    scalar = {name for name, f in feature_spec["features"].items() if list(f["shape"]) == [1]}
+
+    def parse(serialized):
+        feats = tf.io.parse_example(serialized, spec)
+        return {k: (tf.squeeze(v, axis=1) if k in scalar else v) for k, v in feats.items()}
+
+    return parse
+
+
+def make_dataset(artifacts_dir: str, split: str, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, repeat: bool = False, drop_remainder: bool = False,
+                 shuffle_buffer: int = 100_000) -> tf.data.Dataset:
+    """Batched feature dicts of one split (``train``, ``valid`` or ``test``).
+
+    Shards are read in parallel (interleave); with ``shuffle`` the shard order and the records
+    (buffer ``shuffle_buffer``) are shuffled with ``seed``, reshuffled each epoch. Without
+    ``shuffle`` the order is the files' order, deterministic. Parsing runs on whole batches.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    feature_spec = load_feature_spec(artifacts_dir)
+    files = example_files(artifacts_dir, split)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+        cycle_length=min(len(files), 8), block_length=1 if shuffle else 1024,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(make_parse_fn(feature_spec), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)

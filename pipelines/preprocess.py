@@ -1,0 +1,1074 @@
+"""The Beam preprocessing job: raw files -> artifacts/<name>/ (contracts in docs/ARCHITECTURE.md).
+
+    python -m pipelines.preprocess --config configs/ml-1m.yaml [--set key=value ...] [Beam flags]
+
+Any flag this module does not know goes to Beam's ``PipelineOptions`` (after
+``preprocess.beam_args`` from the config), so ``--runner=DataflowRunner --project=...`` or
+``--direct_num_workers=2`` work unchanged. DirectRunner is the default.
+
+Steps (issue 3):
+1. Parse raw lines with the dataset adapter; bad lines go to ``dead_letters/`` with their reason
+   (Beam counters ``dead_letters:<reason>``), clicks on items missing from the item table too
+   (``unknown_item``). Nothing is dropped silently: every raw line is counted in stats.json as
+   parsed, skipped (header or blank) or dead-lettered.
+2. Split: ``global_time`` (exact timestamp quantiles, two passes: day buckets, then the exact
+   seconds inside the two boundary buckets; ties at a boundary all go to the later split) or
+   ``leave_last_out`` (per user, last click = test, second-last = valid).
+3. Vocabularies from training clicks only, by training-click frequency desc, then value.
+4. One ``tf.train.Example`` per click with the H most recent earlier clicks; sharded GZIP TFRecords.
+5. Sessions and the co-occurrence table (training clicks only; per-user partial counts
+   pre-aggregated inside the DoFn, merged with a CombinePerKey; never one element per pair).
+6. stats.json.
+
+Output is deterministic: every file is sorted before it is written (TFRecord shards by user
+hash, records by user then click order), so two runs give byte-identical artifacts except the
+timing block of stats.json. The job writes into ``<artifacts_dir>.tmp-<id>`` and renames it into
+place only when everything succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+import zlib
+
+import numpy as np
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms.window import GlobalWindows
+
+from micrec_tf.config import Config, load_config, parse_overrides
+from micrec_tf.data import schema
+from micrec_tf.data.artifacts import vocab_field_names
+
+LOG = logging.getLogger("pipelines.preprocess")
+
+TRAIN, VALID, TEST = "train", "valid", "test"
+SPLITS = (TRAIN, VALID, TEST)
+SOURCES = ("interactions", "items", "users")
+DEAD = "dead"
+STATS = "stats"
+DAY = 86400
+# Flush the in-DoFn co-occurrence partial counts when they hold this many (item, item) entries.
+COOC_FLUSH_ENTRIES = 4_000_000
+RESERVED_FEATURES = ("user_id", "hist_items", "hist_len", "item", "item_tags", "item_provider",
+                     "timestamp")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions (also used by the tests as the single definition of each rule)
+# --------------------------------------------------------------------------------------------
+
+def target_ranks(n: int, fractions) -> tuple:
+    """0-based ranks (in timestamp order) of the first valid and the first test interaction."""
+    f_train, f_valid = float(fractions[0]), float(fractions[1])
+    c1 = min(n, max(0, int(math.floor(f_train * n + 0.5))))
+    c2 = min(n, max(c1, int(math.floor((f_train + f_valid) * n + 0.5))))
+    return c1, c2
+
+
+def _locate(sorted_counts, rank):
+    """``sorted_counts``: [(value, count)] ascending. Returns (value, rank inside value) or None."""
+    before = 0
+    for value, count in sorted_counts:
+        if rank < before + count:
+            return value, rank - before
+        before += count
+    return None
+
+
+def split_of(ts: int, boundaries) -> str:
+    valid_start, test_start = boundaries
+    if valid_start is not None and ts >= valid_start:
+        if test_start is not None and ts >= test_start:
+            return TEST
+        return VALID
+    if test_start is not None and ts >= test_start:
+        return TEST
+    return TRAIN
+
+
+def split_counts(clicks, mode: str, boundaries) -> tuple:
+    """(n_train, n_valid) for one user's clicks sorted by (timestamp, item_id).
+
+    Both strategies give contiguous blocks: train clicks, then valid, then test.
+    """
+    n = len(clicks)
+    if mode == "leave_last_out":
+        return max(0, n - 2), (1 if n >= 2 else 0)
+    n_train = n_valid = 0
+    for ts, _ in clicks:
+        s = split_of(ts, boundaries)
+        if s == TRAIN:
+            n_train += 1
+        elif s == VALID:
+            n_valid += 1
+    return n_train, n_valid
+
+
+def count_sessions(clicks, window_s: int) -> int:
+    """Sessions in clicks sorted by time: a gap strictly greater than ``window_s`` starts one."""
+    sessions = 0
+    prev = None
+    for ts, _ in clicks:
+        if prev is None or ts - prev > window_s:
+            sessions += 1
+        prev = ts
+    return sessions
+
+
+def cooccurrence_pairs(clicks, window_s: int, max_pairs_per_click: int):
+    """Yields one (earlier_item, later_item) per co-occurrence in clicks sorted by time.
+
+    Two clicks on distinct items at most ``window_s`` apart (inclusive) are one co-occurrence.
+    Each click pairs with its nearest earlier clicks first, at most ``max_pairs_per_click``.
+    """
+    for j in range(1, len(clicks)):
+        tj, item_j = clicks[j]
+        taken = 0
+        i = j - 1
+        while i >= 0 and taken < max_pairs_per_click:
+            ti, item_i = clicks[i]
+            if tj - ti > window_s:
+                break
+            if item_i != item_j:
+                yield item_i, item_j
+                taken += 1
+            i -= 1
+
+
+def cooccurrence_pair_arrays(ts, codes, window_s: int, max_pairs_per_click: int):
+    """Vectorised :func:`cooccurrence_pairs` on int arrays: (earlier codes, later codes).
+
+    Step d pairs every still-open click j with click j - d; a click closes when it reached the
+    cap or click j - d is out of the window (then every earlier one is too). Same pairs as the
+    reference generator, in another order.
+    """
+    ts = np.asarray(ts, np.int64)
+    codes = np.asarray(codes, np.int64)
+    taken = np.zeros(len(ts), np.int64)
+    active = np.arange(1, len(ts))
+    out_a, out_b = [], []
+    d = 1
+    while active.size:
+        active = active[active >= d]
+        earlier = active - d
+        open_ = ts[active] - ts[earlier] <= window_s
+        active, earlier = active[open_], earlier[open_]
+        distinct = codes[active] != codes[earlier]
+        later = active[distinct]
+        out_a.append(codes[earlier[distinct]])
+        out_b.append(codes[later])
+        taken[later] += 1
+        active = active[taken[active] < max_pairs_per_click]
+        d += 1
+    if not out_a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_a), np.concatenate(out_b)
+
+
+class PairCounter:
+    """Counts unordered item pairs in int64 keys ``lo << 32 | hi`` (ids local to one counter)."""
+
+    def __init__(self):
+        self.ids = {}
+        self.names = []
+        self._keys = np.zeros(0, np.int64)
+        self._counts = np.zeros(0, np.int64)
+        self._pending = []
+        self._pending_size = 0
+
+    def codes(self, items) -> np.ndarray:
+        ids = self.ids
+        out = np.empty(len(items), np.int64)
+        for k, item in enumerate(items):
+            code = ids.get(item)
+            if code is None:
+                code = ids[item] = len(self.names)
+                self.names.append(item)
+            out[k] = code
+        return out
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if not len(a):
+            return
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        self._pending.append((lo << 32) | hi)
+        self._pending_size += len(lo)
+        if self._pending_size > 4 * max(len(self._keys), 1_000_000):
+            self.compact()
+
+    def compact(self) -> None:
+        if not self._pending:
+            return
+        keys = np.concatenate([self._keys] + self._pending)
+        counts = np.concatenate([self._counts, np.ones(self._pending_size, np.int64)])
+        order = np.argsort(keys, kind="stable")
+        keys, counts = keys[order], counts[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        self._keys, self._counts = keys[starts], np.add.reduceat(counts, starts)
+        self._pending, self._pending_size = [], 0
+
+    def num_entries(self) -> int:
+        return 2 * len(self._keys)
+
+    def items(self):
+        """Yields (item, {neighbour: count}) in item order, both directions of every pair."""
+        self.compact()
+        lo, hi = self._keys >> 32, self._keys & 0xFFFFFFFF
+        a, b = np.concatenate([lo, hi]), np.concatenate([hi, lo])
+        counts = np.concatenate([self._counts, self._counts])
+        if not len(a):
+            return
+        names = np.empty(len(self.names), dtype=object)
+        names[:] = self.names
+        order = np.lexsort((b, a))
+        a, b, counts = a[order], b[order], counts[order]
+        bounds = np.flatnonzero(np.r_[True, a[1:] != a[:-1], True])
+        b_names = names[b].tolist()
+        counts = counts.tolist()
+        for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            yield names[a[s]], dict(zip(b_names[s:e], counts[s:e]))
+
+
+def top_neighbours(counts: dict, index: dict, top_m: int):
+    """[(neighbour index, count)] sorted by count desc, then smaller index; at most ``top_m``."""
+    ranked = sorted(((-c, index[b]) for b, c in counts.items() if index.get(b)))
+    return [(idx, -neg) for neg, idx in ranked[:top_m]]
+
+
+def shard_of(user_id: str, num_shards: int) -> int:
+    return zlib.crc32(user_id.encode("utf-8")) % num_shards
+
+
+def feature_spec(cfg: Config, user_fields, item_extra_fields, vocab_sizes, num_examples) -> dict:
+    p = cfg.preprocess
+    feats = {"user_id": {"dtype": "string", "shape": [1]}}
+    for f in user_fields:
+        feats[f"user_{f}"] = {"dtype": "int64", "shape": [1]}
+    feats["hist_items"] = {"dtype": "int64", "shape": [p.history_length]}
+    feats["hist_len"] = {"dtype": "int64", "shape": [1]}
+    feats["item"] = {"dtype": "int64", "shape": [1]}
+    feats["item_tags"] = {"dtype": "int64", "shape": [p.max_tags]}
+    feats["item_provider"] = {"dtype": "int64", "shape": [1]}
+    for f in item_extra_fields:
+        feats[f"item_{f}"] = {"dtype": "int64", "shape": [1]}
+    feats["timestamp"] = {"dtype": "int64", "shape": [1]}
+    return {"features": feats, "history_length": p.history_length, "max_tags": p.max_tags,
+            "user_fields": list(user_fields), "item_extra_fields": list(item_extra_fields),
+            "vocab_sizes": dict(vocab_sizes), "num_examples": dict(num_examples)}
+
+
+def _item_values(item, max_tags):
+    """(tags, provider, extras) of an item tuple: tags deduplicated, first ``max_tags`` kept."""
+    _, _, tags, provider, extras = item
+    seen = []
+    for t in tags:
+        if t and t not in seen:
+            seen.append(t)
+    return tuple(seen[:max_tags]), provider, extras
+
+
+# --------------------------------------------------------------------------------------------
+# Small Beam helpers
+# --------------------------------------------------------------------------------------------
+
+def _wv(value):
+    return GlobalWindows.windowed_value(value)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    if not _is_remote(path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with FileSystems.create(path) as fh:
+        fh.write(data)
+
+
+def _write_lines(path: str, lines) -> None:
+    _write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+
+
+class _BundleCounter:
+    """Mixin: counts per bundle, emitted once at finish_bundle on the STATS output."""
+
+    def _reset_stats(self):
+        self._stats = collections.Counter()
+
+    def _flush_stats(self):
+        for key, value in sorted(self._stats.items()):
+            yield beam.pvalue.TaggedOutput(STATS, _wv((key, value)))
+        self._stats = collections.Counter()
+
+
+class ParseRows(beam.DoFn, _BundleCounter):
+    """Raw line bytes -> canonical tuples; bad lines -> DEAD output (source, reason, row)."""
+
+    def __init__(self, adapter, source: str, encoding: str):
+        self.adapter = adapter
+        self.source = source
+        self.encoding = encoding
+
+    def setup(self):
+        self._parse = getattr(self.adapter, {"interactions": "parse_interaction",
+                                             "items": "parse_item",
+                                             "users": "parse_user"}[self.source])
+        self._user_fields = tuple(self.adapter.user_fields)
+        self._extra_fields = tuple(self.adapter.item_extra_fields)
+        self._counters = {r: Metrics.counter("dead_letters", r) for r in schema.REASONS}
+
+    def start_bundle(self):
+        self._reset_stats()
+
+    def _dead(self, reason, line):
+        self._counters[reason].inc()
+        self._stats[f"dead.{self.source}.{reason}"] += 1
+        return beam.pvalue.TaggedOutput(DEAD, (self.source, reason, line))
+
+    def process(self, raw):
+        line = raw.decode(self.encoding, errors="replace") if isinstance(raw, bytes) else raw
+        yield from self._rows(line.rstrip("\r\n"))
+
+    def _rows(self, line):
+        self._stats[f"rows.{self.source}"] += 1
+        try:
+            rows = self._parse(line)
+        except schema.RowError as err:
+            yield self._dead(err.reason, line)
+            return
+        if not rows:
+            self._stats[f"skipped.{self.source}"] += 1
+            return
+        for row in rows:
+            try:
+                out = self._canonical(row, line)
+            except schema.RowError as err:
+                yield self._dead(err.reason, line)
+                continue
+            self._stats[f"parsed.{self.source}"] += 1
+            yield out
+
+    def _canonical(self, row, line):
+        """Plain tuples (fast Beam coders), re-checking the contract adapters must keep."""
+        if self.source == "interactions":
+            user_id, item_id = str(row.user_id).strip(), str(row.item_id).strip()
+            if not user_id or not item_id:
+                raise schema.RowError(schema.EMPTY_ID, line)
+            ts = row.timestamp
+            if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+                raise schema.RowError(schema.BAD_TIMESTAMP, line)
+            return user_id, item_id, ts
+        if self.source == "items":
+            item_id = str(row.item_id).strip()
+            if not item_id:
+                raise schema.RowError(schema.EMPTY_ID, line)
+            extra = row.extra or {}
+            return (item_id, str(row.title or ""), tuple(str(t).strip() for t in row.tags or ()),
+                    str(row.provider or "").strip(),
+                    tuple(str(extra.get(f, "") or "").strip() for f in self._extra_fields))
+        user_id = str(row.user_id).strip()
+        if not user_id:
+            raise schema.RowError(schema.EMPTY_ID, line)
+        profile = row.profile or {}
+        return user_id, tuple(str(profile.get(f, "") or "").strip() for f in self._user_fields)
+
+    def finish_bundle(self):
+        yield from self._flush_stats()
+
+
+class ValidateClicks(beam.DoFn, _BundleCounter):
+    """(user, item, ts) -> keyed (user, (ts, item)); unknown items -> DEAD. Day-bucket counts."""
+
+    def __init__(self, with_buckets: bool):
+        self.with_buckets = with_buckets
+
+    def setup(self):
+        self._unknown = Metrics.counter("dead_letters", schema.UNKNOWN_ITEM)
+
+    def start_bundle(self):
+        self._reset_stats()
+        self._buckets = collections.Counter()
+
+    def process(self, event, known_items):
+        user_id, item_id, ts = event
+        if item_id not in known_items:
+            self._unknown.inc()
+            self._stats[f"dead.interactions.{schema.UNKNOWN_ITEM}"] += 1
+            yield beam.pvalue.TaggedOutput(
+                DEAD, ("interactions", schema.UNKNOWN_ITEM, f"{user_id}\t{item_id}\t{ts}"))
+        else:
+            self._stats["events"] += 1
+            if self.with_buckets:
+                self._buckets[ts // DAY] += 1
+            yield user_id, (ts, item_id)
+
+    def finish_bundle(self):
+        for bucket, n in sorted(self._buckets.items()):
+            yield beam.pvalue.TaggedOutput("buckets", _wv((bucket, n)))
+        self._buckets = collections.Counter()
+        yield from self._flush_stats()
+
+
+class ExactSecondsInBuckets(beam.DoFn):
+    """Per-second counts of the clicks inside the boundary day buckets (pass 2 of the split)."""
+
+    def start_bundle(self):
+        self._counts = collections.Counter()
+
+    def process(self, kv, plan):
+        ts = kv[1][0]
+        if ts // DAY in plan["buckets"]:
+            self._counts[ts] += 1
+
+    def finish_bundle(self):
+        for ts, n in sorted(self._counts.items()):
+            yield _wv((ts, n))
+        self._counts = collections.Counter()
+
+
+def _split_plan(bucket_counts, fractions):
+    """Pass 1: total count, target ranks and the day buckets that hold them."""
+    n = sum(c for _, c in bucket_counts)
+    ranks = target_ranks(n, fractions)
+    buckets = sorted(bucket_counts)
+    located = [_locate(buckets, r) for r in ranks]
+    return {"n": n, "ranks": list(ranks), "located": located,
+            "buckets": sorted({loc[0] for loc in located if loc is not None})}
+
+
+def _split_boundaries(second_counts, plan):
+    """Pass 2: exact boundary timestamps (None: the split reaches past the last click)."""
+    by_bucket = collections.defaultdict(list)
+    for ts, c in sorted(second_counts):
+        by_bucket[ts // DAY].append((ts, c))
+    out = []
+    for loc in plan["located"]:
+        if loc is None:
+            out.append(None)
+        else:
+            bucket, within = loc
+            out.append(_locate(by_bucket[bucket], within)[0])
+    return tuple(out)
+
+
+def _pick_first(kv):
+    """Duplicate ids in the item/user table: keep the smallest row, deterministically."""
+    key, rows = kv
+    rows = sorted(rows, key=repr)
+    return key, rows[0], len(rows) - 1
+
+
+class PrepareUser(beam.DoFn):
+    """CoGroupByKey result -> (user_id, profile, clicks sorted by (ts, item), n_train, n_valid)."""
+
+    def __init__(self, mode: str, num_profile_fields: int):
+        self.mode = mode
+        self.num_profile_fields = num_profile_fields
+
+    def process(self, kv, boundaries):
+        user_id, groups = kv
+        clicks = sorted(groups["clicks"])
+        if clicks:  # a user row without valid clicks produces nothing
+            profiles = sorted(groups["user"], key=repr)
+            profile = profiles[0] if profiles else ("",) * self.num_profile_fields
+            n_train, n_valid = split_counts(clicks, self.mode, boundaries)
+            yield user_id, profile, tuple(clicks), n_train, n_valid, bool(profiles)
+
+
+class UserTrainStats(beam.DoFn, _BundleCounter):
+    """Training-period counts per user: vocab entries, sessions and co-occurrence partials."""
+
+    def __init__(self, user_fields, window_s, max_pairs):
+        self.user_fields = tuple(user_fields)
+        self.window_s = window_s
+        self.max_pairs = max_pairs
+
+    def start_bundle(self):
+        self._reset_stats()
+        self._items = collections.Counter()
+        self._pairs = PairCounter()
+
+    def _flush_cooc(self, windowed):
+        for a, counts in self._pairs.items():
+            out = (a, counts)
+            yield beam.pvalue.TaggedOutput("cooc", _wv(out) if windowed else out)
+        self._pairs = PairCounter()
+
+    def process(self, user):
+        yield from self._user(*user)
+
+    def _user(self, user_id, profile, clicks, n_train, n_valid, has_profile):
+        n = len(clicks)
+        st = self._stats
+        st["users"] += 1
+        st["events.train"] += n_train
+        st["events.valid"] += n_valid
+        st["events.test"] += n - n_train - n_valid
+        st["sessions"] += count_sessions(clicks, self.window_s)
+        if not has_profile:
+            st["events_unknown_user"] += n
+            st["users_unknown"] += 1
+        if n_train == 0:
+            return
+        st["users.train"] += 1
+        train = clicks[:n_train]
+        st["sessions.train"] += count_sessions(train, self.window_s)
+        yield beam.pvalue.TaggedOutput("vocab", (("user_id", user_id), n_train))
+        for field, value in zip(self.user_fields, profile):
+            if value:
+                yield beam.pvalue.TaggedOutput("vocab", ((f"user_{field}", value), n_train))
+        for _, item in train:
+            self._items[item] += 1
+        if n_train > 1:
+            codes = self._pairs.codes([item for _, item in train])
+            a, b = cooccurrence_pair_arrays([ts for ts, _ in train], codes, self.window_s,
+                                            self.max_pairs)
+            self._pairs.add(a, b)
+            st["pairs"] += len(a)
+            if self._pairs.num_entries() >= COOC_FLUSH_ENTRIES:
+                yield from self._flush_cooc(windowed=False)
+
+    def finish_bundle(self):
+        for item, n in sorted(self._items.items()):
+            yield beam.pvalue.TaggedOutput("item_counts", _wv((item, n)))
+        self._items = collections.Counter()
+        yield from self._flush_cooc(windowed=True)
+        yield from self._flush_stats()
+
+
+class MergeCounts(beam.CombineFn):
+    """Merges {neighbour: count} dicts (the co-occurrence combiner)."""
+
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, counts):
+        if not acc:
+            acc.update(counts)
+            return acc
+        get = acc.get
+        for k, v in counts.items():
+            acc[k] = get(k, 0) + v
+        return acc
+
+    def merge_accumulators(self, accs):
+        accs = iter(accs)
+        out = next(accs)
+        for acc in accs:
+            self.add_input(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _item_vocab_entries(kv, max_tags, extra_fields):
+    """Training click counts of one item spread onto its item_id, tags, provider and extras."""
+    item_id, groups = kv
+    n = sum(groups["count"])
+    if not n:
+        return
+    item = groups["item"][0]
+    tags, provider, extras = _item_values(item, max_tags)
+    yield ("item_id", item_id), n
+    for t in tags:
+        yield ("tag", t), n
+    if provider:
+        yield ("provider", provider), n
+    for f, v in zip(extra_fields, extras):
+        if v:
+            yield (f"item_{f}", v), n
+
+
+def _sorted_vocab(kv):
+    field, groups = kv
+    entries = [e for lst in groups["entries"] for e in lst]
+    return field, [v for _, v in sorted((-n, v) for v, n in entries)]
+
+
+class WriteVocab(beam.DoFn):
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def process(self, kv):
+        field, values = kv
+        for v in values:
+            if "\n" in v or "\r" in v:
+                raise ValueError(f"vocab value {v!r} of field {field!r} holds a line break")
+        _write_lines(os.path.join(self.out_dir, "vocab", f"{field}.txt"), values)
+        yield beam.pvalue.TaggedOutput(STATS, (f"vocab.{field}", len(values) + 1))
+
+
+def _vocab_index(vocabs):
+    """[(field, values)] -> {field: {value: index}} with index 0 = OOV."""
+    return {field: {v: i + 1 for i, v in enumerate(values)} for field, values in vocabs}
+
+
+def _item_features(kv, index, max_tags, extra_fields):
+    """item_id, item tuple -> (item_id, (idx, tags idx, provider idx, extras idx, title))."""
+    item_id, item, _ = kv
+    tags, provider, extras = _item_values(item, max_tags)
+    tag_idx = tuple(i for i in (index["tag"].get(t, 0) for t in tags) if i)
+    extra_idx = tuple(index[f"item_{f}"].get(v, 0) for f, v in zip(extra_fields, extras))
+    return item_id, (index["item_id"].get(item_id, 0), tag_idx,
+                     index["provider"].get(provider, 0), extra_idx, item[1])
+
+
+def _write_items(rows, out_dir, extra_fields):
+    lines = []
+    for item_id, (idx, tags, provider, extras, title) in sorted(rows, key=lambda r: r[1][0]):
+        if not idx:
+            continue
+        lines.append(json.dumps({
+            "item": idx, "item_id": item_id, "title": title, "tags": list(tags),
+            "provider": provider,
+            "extra": {f"item_{f}": v for f, v in zip(extra_fields, extras)},
+            "category": tags[0] if tags else 0}, ensure_ascii=False))
+    _write_lines(os.path.join(out_dir, "items", "items.jsonl"), lines)
+    return [("items.vocab", len(lines)), ("items.catalogue", len(rows))]
+
+
+class TopNeighbours(beam.DoFn):
+    """(item_id, {neighbour_id: count}) -> (index, neighbours, counts, same_category, #distinct)."""
+
+    def __init__(self, top_m):
+        self.top_m = top_m
+
+    def process(self, kv, item_feats):
+        item_id, counts = kv
+        idx, tags = item_feats[item_id][:2]
+        category = tags[0] if tags else 0
+        index = {b: item_feats[b][0] for b in counts}
+        top = top_neighbours(counts, index, self.top_m)
+        category_of = {index[b]: (item_feats[b][1][:1] or (0,))[0] for b in counts}
+        same = [int(category != 0 and category_of[b] == category) for b, _ in top]
+        yield idx, [b for b, _ in top], [c for _, c in top], same, len(counts)
+
+
+def _write_cooc(rows, out_dir):
+    lines = [json.dumps({"item": idx, "neighbors": nb, "counts": counts, "same_category": cats})
+             for idx, nb, counts, cats, _ in sorted(rows)]
+    _write_lines(os.path.join(out_dir, "cooccurrence", "cooccurrence.jsonl"), lines)
+    return [("cooc.items", len(lines)),
+            ("pairs.distinct", sum(r[4] for r in rows) // 2)]
+
+
+class MakeExamples(beam.DoFn):
+    """One user's clicks -> ((split, shard), [(position, serialized tf.train.Example)])."""
+
+    def __init__(self, user_fields, extra_fields, history_length, max_tags, num_shards):
+        self.user_fields = tuple(user_fields)
+        self.extra_fields = tuple(extra_fields)
+        self.history_length = history_length
+        self.max_tags = max_tags
+        self.num_shards = num_shards
+
+    def setup(self):
+        import tensorflow as tf  # imported on the worker only
+        self._tf = tf
+        self._extra_keys = [f"item_{f}" for f in self.extra_fields]
+        self._item_cache = {}  # item_id -> target-item features (the side input is fixed)
+
+    def _int(self, values):
+        tf = self._tf
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+    def _item(self, item, item_feats):
+        feats = self._item_cache.get(item)
+        if feats is None:
+            item_idx, tags, provider, extras, _ = item_feats[item]
+            tags = list(tags[:self.max_tags])
+            feats = {"item": self._int([item_idx]),
+                     "item_tags": self._int(tags + [0] * (self.max_tags - len(tags))),
+                     "item_provider": self._int([provider])}
+            for name, v in zip(self._extra_keys, extras):
+                feats[name] = self._int([v])
+            self._item_cache[item] = feats
+        return feats
+
+    def process(self, user, item_feats, index):
+        tf = self._tf
+        user_id, profile, clicks, n_train, n_valid, _ = user
+        H = self.history_length
+        base = {"user_id": tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[user_id.encode("utf-8")]))}
+        for field, value in zip(self.user_fields, profile):
+            base[f"user_{field}"] = self._int([index[f"user_{field}"].get(value, 0)])
+        idx = [item_feats[item][0] for _, item in clicks]
+        shard = shard_of(user_id, self.num_shards)
+        out = {TRAIN: [], VALID: [], TEST: []}
+        for k, (ts, item) in enumerate(clicks):
+            split = TRAIN if k < n_train else (VALID if k < n_train + n_valid else TEST)
+            hist = idx[max(0, k - H):k]
+            feats = dict(base)
+            feats.update(self._item(item, item_feats))
+            feats["hist_items"] = self._int(hist + [0] * (H - len(hist)))
+            feats["hist_len"] = self._int([len(hist)])
+            feats["timestamp"] = self._int([ts])
+            example = tf.train.Example(features=tf.train.Features(feature=feats))
+            out[split].append(((user_id, k), example.SerializeToString(deterministic=True)))
+        for split in SPLITS:
+            if out[split]:
+                yield (split, shard), out[split]
+
+
+class WriteShard(beam.DoFn):
+    def __init__(self, out_dir, num_shards):
+        self.out_dir = out_dir
+        self.num_shards = num_shards
+
+    def process(self, kv):
+        import tensorflow as tf
+
+        (split, shard), groups = kv
+        records = sorted(r for batch in groups["examples"] for r in batch)
+        path = os.path.join(self.out_dir, "examples",
+                            f"{split}-{shard:05d}-of-{self.num_shards:05d}.tfrecord.gz")
+        tf.io.gfile.makedirs(os.path.dirname(path))
+        with tf.io.TFRecordWriter(path, options=tf.io.TFRecordOptions(compression_type="GZIP")) as w:
+            for _, data in records:
+                w.write(data)
+        yield f"examples.{split}", len(records)
+
+
+def _write_dead_letters(rows, out_dir):
+    rows = sorted(rows)
+    lines = [json.dumps({"source": s, "reason": r, "row": row}, ensure_ascii=False)
+             for s, r, row in rows]
+    _write_lines(os.path.join(out_dir, "dead_letters", "dead_letters.jsonl"), lines)
+    return [("dead_letters.written", len(lines))]
+
+
+def _write_summary(items, out_dir):
+    summary = {k: v for k, v in sorted(items)}
+    _write_bytes(os.path.join(out_dir, "_summary.json"),
+                 json.dumps(summary, sort_keys=True).encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------
+
+def _read(p, label, files: schema.SourceFiles, data_dir: str, required: bool):
+    paths = files.paths(data_dir)
+    if not paths:
+        if required:
+            raise FileNotFoundError(
+                f"no {label} files match {list(files.patterns)} under {data_dir!r}")
+        return p | f"No{label}" >> beam.Create([], reshuffle=False).with_output_types(bytes)
+    reads = [p | f"Read{label}{i}" >> beam.io.ReadFromText(
+        path, coder=beam.coders.BytesCoder(), validate=True) for i, path in enumerate(paths)]
+    if len(reads) == 1:
+        return reads[0]
+    return tuple(reads) | f"Flatten{label}" >> beam.Flatten()
+
+
+def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None:
+    """Adds every step of the job to pipeline ``p``; artifacts go to ``out_dir``."""
+    pc = cfg.preprocess
+    user_fields = tuple(adapter.user_fields)
+    extra_fields = tuple(adapter.item_extra_fields)
+    for name in [f"user_{f}" for f in user_fields] + [f"item_{f}" for f in extra_fields]:
+        if name in RESERVED_FEATURES:
+            raise ValueError(f"adapter field {name!r} collides with a reserved feature name")
+    global_time = pc.split == "global_time"
+
+    def parse(source, files, required):
+        raw = _read(p, source.capitalize(), files, data_dir, required)
+        return raw | f"Parse{source.capitalize()}" >> beam.ParDo(
+            ParseRows(adapter, source, files.encoding)).with_outputs(DEAD, STATS, main="rows")
+
+    inter = parse("interactions", adapter.interaction_files, True)
+    items = parse("items", adapter.item_files, True)
+    users = parse("users", adapter.user_files, False)
+
+    # Items and users, one row per id.
+    items_picked = (items.rows | "KeyItems" >> beam.Map(lambda r: (r[0], r))
+                    | "GroupItems" >> beam.GroupByKey() | "PickItem" >> beam.Map(_pick_first))
+    items_kv = items_picked | "ItemKV" >> beam.Map(lambda r: (r[0], r[1]))
+    users_kv = (users.rows | "KeyUsers" >> beam.Map(lambda r: (r[0], r[1]))
+                | "GroupUsers" >> beam.GroupByKey() | "PickUser" >> beam.Map(_pick_first)
+                | "UserKV" >> beam.Map(lambda r: (r[0], r[1])))
+    dup_stats = (
+        (items_picked | "ItemDups" >> beam.Map(lambda r: ("duplicates.items", r[2])),
+         users_kv | "UserOne" >> beam.Map(lambda r: ("users.catalogue", 1)))
+        | "FlattenDupStats" >> beam.Flatten())
+    known_items = beam.pvalue.AsSingleton(
+        items_kv | "ItemIds" >> beam.Keys()
+        | "ItemIdList" >> beam.combiners.ToList() | "KnownItems" >> beam.Map(frozenset))
+
+    # 1. Validation.
+    valid = inter.rows | "Validate" >> beam.ParDo(
+        ValidateClicks(global_time), known_items).with_outputs(DEAD, STATS, "buckets",
+                                                               main="clicks")
+    clicks = valid.clicks
+
+    # 2. Split boundaries (exact, two passes).
+    if global_time:
+        fractions = list(pc.split_fractions)
+        bucket_counts = (valid.buckets | "SumBuckets" >> beam.CombinePerKey(sum)
+                         | "AllBuckets" >> beam.combiners.ToList())
+        plan = bucket_counts | "Plan" >> beam.Map(_split_plan, fractions)
+        seconds = (clicks | "ExactSeconds" >> beam.ParDo(
+            ExactSecondsInBuckets(), beam.pvalue.AsSingleton(plan))
+            | "SumSeconds" >> beam.CombinePerKey(sum) | "AllSeconds" >> beam.combiners.ToList())
+        boundaries = seconds | "Boundaries" >> beam.Map(
+            _split_boundaries, beam.pvalue.AsSingleton(plan))
+    else:
+        boundaries = p | "NoBoundaries" >> beam.Create([(None, None)])
+    boundaries_si = beam.pvalue.AsSingleton(boundaries)
+
+    # Group clicks by user, sort, label splits.
+    user_rows = (
+        {"clicks": clicks, "user": users_kv} | "GroupByUser" >> beam.CoGroupByKey()
+        | "PrepareUser" >> beam.ParDo(PrepareUser(pc.split, len(user_fields)), boundaries_si))
+
+    # 3 + 5. Training-period statistics: vocab counts, sessions, co-occurrence partials.
+    train_stats = user_rows | "TrainStats" >> beam.ParDo(UserTrainStats(
+        user_fields, pc.session_window_s, pc.max_pairs_per_click)).with_outputs(
+        "vocab", "item_counts", "cooc", STATS)
+    item_counts = train_stats.item_counts | "SumItemCounts" >> beam.CombinePerKey(sum)
+    item_entries = ({"count": item_counts, "item": items_kv} | "JoinItemCounts" >> beam.CoGroupByKey()
+                    | "ItemVocabEntries" >> beam.FlatMap(_item_vocab_entries, pc.max_tags,
+                                                         extra_fields))
+    fields = vocab_field_names(user_fields, extra_fields)
+    per_field = (
+        (item_entries, train_stats.vocab) | "FlattenVocab" >> beam.Flatten()
+        | "SumVocab" >> beam.CombinePerKey(sum)
+        | "ByField" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
+        | "GroupField" >> beam.GroupByKey()
+        | "FieldList" >> beam.MapTuple(lambda f, es: (f, list(es))))
+    expected = p | "VocabFields" >> beam.Create([(f, []) for f in fields])
+    vocabs = ({"entries": per_field, "expected": expected} | "JoinFields" >> beam.CoGroupByKey()
+              | "SortVocab" >> beam.Map(_sorted_vocab))
+    vocab_stats = vocabs | "WriteVocab" >> beam.ParDo(WriteVocab(out_dir)).with_outputs(
+        STATS, main="none")
+    index = beam.pvalue.AsSingleton(
+        vocabs | "AllVocabs" >> beam.combiners.ToList() | "VocabIndex" >> beam.Map(_vocab_index))
+
+    # Item table.
+    item_feats = items_picked | "ItemFeatures" >> beam.Map(
+        _item_features, index, pc.max_tags, extra_fields)
+    item_feats_si = beam.pvalue.AsDict(item_feats)
+    items_stats = (item_feats | "AllItemFeatures" >> beam.combiners.ToList()
+                   | "WriteItems" >> beam.FlatMap(_write_items, out_dir, extra_fields))
+
+    # 5. Co-occurrence table.
+    cooc_stats = (train_stats.cooc | "MergeCooc" >> beam.CombinePerKey(MergeCounts())
+                  | "TopM" >> beam.ParDo(TopNeighbours(pc.cooccurrence_top_m), item_feats_si)
+                  | "AllCooc" >> beam.combiners.ToList()
+                  | "WriteCooc" >> beam.FlatMap(_write_cooc, out_dir))
+
+    # 4. Examples.
+    shard_keys = p | "ShardKeys" >> beam.Create(
+        [((s, k), None) for s in SPLITS for k in range(pc.num_shards)])
+    examples = user_rows | "MakeExamples" >> beam.ParDo(
+        MakeExamples(user_fields, extra_fields, pc.history_length, pc.max_tags, pc.num_shards),
+        item_feats_si, index)
+    example_stats = ({"examples": examples, "keys": shard_keys}
+                     | "GroupShards" >> beam.CoGroupByKey()
+                     | "WriteShards" >> beam.ParDo(WriteShard(out_dir, pc.num_shards)))
+
+    # 1. Dead letters.
+    dead = ((inter[DEAD], items[DEAD], users[DEAD], valid[DEAD]) | "FlattenDead" >> beam.Flatten()
+            | "AllDead" >> beam.combiners.ToList()
+            | "WriteDead" >> beam.FlatMap(_write_dead_letters, out_dir))
+
+    # 6. Summary (stats.json and feature_spec.json are finished by the driver).
+    bounds_stats = boundaries | "BoundaryStats" >> beam.FlatMap(
+        lambda b: [(f"boundary.{name}", v) for name, v in zip(("valid_start", "test_start"), b)
+                   if v is not None])
+    ((inter[STATS], items[STATS], users[STATS], valid[STATS], train_stats[STATS],
+      vocab_stats[STATS], items_stats, cooc_stats, example_stats, dead, dup_stats, bounds_stats)
+     | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
+     | "AllStats" >> beam.combiners.ToList()
+     | "WriteSummary" >> beam.Map(_write_summary, out_dir))
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+def _dead_letter_counters(result):
+    """The Beam counters ``dead_letters:<reason>`` (None where the runner cannot report them)."""
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+
+        out = collections.Counter()
+        for c in result.metrics().query(MetricsFilter().with_namespace("dead_letters"))["counters"]:
+            value = c.committed if c.committed is not None else c.attempted
+            out[c.key.metric.name] += int(value or 0)
+        return {r: out.get(r, 0) for r in schema.REASONS}
+    except Exception as err:  # noqa: BLE001 - metrics support varies by runner
+        LOG.warning("could not query Beam counters: %s", err)
+        return None
+
+
+def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) -> dict:
+    """Reads _summary.json (then deletes it), writes stats.json and feature_spec.json."""
+    summary_path = os.path.join(out_dir, "_summary.json")
+    with FileSystems.open(summary_path) as fh:
+        s = json.loads(fh.read().decode("utf-8"))
+    FileSystems.delete([summary_path])
+    user_fields, extra_fields = list(adapter.user_fields), list(adapter.item_extra_fields)
+    fields = vocab_field_names(user_fields, extra_fields)
+    vocab_sizes = {f: s.get(f"vocab.{f}", 1) for f in fields}
+    num_examples = {split: s.get(f"examples.{split}", 0) for split in SPLITS}
+    spec = feature_spec(cfg, user_fields, extra_fields, vocab_sizes, num_examples)
+    _write_bytes(os.path.join(out_dir, "examples", "feature_spec.json"),
+                 json.dumps(spec, indent=1).encode("utf-8"))
+    by_source = {src: {r: s.get(f"dead.{src}.{r}", 0) for r in schema.REASONS} for src in SOURCES}
+    by_reason = {r: sum(by_source[src][r] for src in SOURCES) for r in schema.REASONS}
+    events = s.get("events", 0)
+    stats = {
+        "name": cfg.name, "dataset": cfg.data.dataset, "adapter": getattr(adapter, "name", ""),
+        "split": cfg.preprocess.split, "split_fractions": list(cfg.preprocess.split_fractions),
+        "split_boundaries": {"valid_start": s.get("boundary.valid_start"),
+                             "test_start": s.get("boundary.test_start")},
+        "users": s.get("users", 0), "users_train": s.get("users.train", 0),
+        "users_in_table": s.get("users.catalogue", 0),
+        "users_without_profile": s.get("users_unknown", 0),
+        "items": vocab_sizes["item_id"] - 1, "items_in_table": s.get("items.catalogue", 0),
+        "events": events,
+        "events_by_split": {split: s.get(f"events.{split}", 0) for split in SPLITS},
+        "events_without_user_profile": s.get("events_unknown_user", 0),
+        "sessions": s.get("sessions", 0), "sessions_train": s.get("sessions.train", 0),
+        "pairs": s.get("pairs", 0), "pairs_distinct": s.get("pairs.distinct", 0),
+        "cooccurrence_items": s.get("cooc.items", 0),
+        "session_window_s": cfg.preprocess.session_window_s,
+        "rows": {src: {"read": s.get(f"rows.{src}", 0), "parsed": s.get(f"parsed.{src}", 0),
+                       "skipped_header_or_blank": s.get(f"skipped.{src}", 0),
+                       "dead_letters": sum(by_source[src].values())} for src in SOURCES},
+        "duplicate_item_rows": s.get("duplicates.items", 0),
+        "dead_letters": {"total": sum(by_reason.values()), "by_reason": by_reason,
+                         "by_source": by_source, "beam_counters": counters},
+        "vocab_sizes": vocab_sizes, "num_examples": num_examples,
+        "timing": {"wall_s": round(wall_s, 3),
+                   "events_per_s": round(events / wall_s, 1) if wall_s > 0 else None},
+    }
+    if not events:
+        LOG.warning("no valid interactions: every click went to the dead letters (%s)",
+                    os.path.join(out_dir, "dead_letters", "dead_letters.jsonl"))
+    if s.get("dead_letters.written", 0) != stats["dead_letters"]["total"]:
+        raise RuntimeError(f"dead-letter file holds {s.get('dead_letters.written')} rows, "
+                           f"counters say {stats['dead_letters']['total']}")
+    _write_bytes(os.path.join(out_dir, "stats.json"),
+                 json.dumps(stats, indent=1, sort_keys=True).encode("utf-8"))
+    return stats
+
+
+def _swap_into_place(tmp_dir: str, out_dir: str) -> None:
+    old = None
+    if os.path.exists(out_dir):
+        old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+    os.rename(tmp_dir, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _resolve_data(cfg: Config, adapter, data_dir):
+    """The adapter and raw-data folder (generating the synthetic dataset first if needed)."""
+    if data_dir is None:
+        if cfg.data.dataset == "synthetic":
+            from micrec_tf.data.synthetic import ensure_generated
+            data_dir = ensure_generated(cfg)
+        else:
+            data_dir = cfg.data.data_dir
+    if adapter is None:
+        from micrec_tf.data.adapters import get_adapter
+        adapter = get_adapter(cfg.data)
+    return adapter, str(data_dir)
+
+
+def run(cfg: Config, beam_argv=(), adapter=None, data_dir=None, out_dir=None,
+        verbose: bool = True) -> dict:
+    """Runs the job; returns the stats dict (also written to ``<out_dir>/stats.json``).
+
+    ``adapter``/``data_dir`` default to the config's (tests pass their own); ``out_dir``
+    defaults to ``cfg.artifacts_dir``. A local output is written to a temporary sibling and
+    renamed into place at the end; a remote one (``gs://...``) is cleared, then written in place.
+    """
+    adapter, data_dir = _resolve_data(cfg, adapter, data_dir)
+    out_dir = out_dir or cfg.artifacts_dir
+    remote = _is_remote(out_dir)
+    if remote:
+        out_dir = out_dir.rstrip("/")
+        if FileSystems.exists(out_dir):
+            FileSystems.delete([out_dir])
+        tmp_dir = out_dir
+    else:
+        out_dir = os.path.abspath(out_dir)
+        tmp_dir = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
+    options = PipelineOptions(list(cfg.preprocess.beam_args) + list(beam_argv))
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    start = time.time()
+    try:
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, cfg, adapter, data_dir, tmp_dir)
+        result = p.run()
+        result.wait_until_finish()
+        wall_s = time.time() - start
+        stats = _finish(cfg, adapter, tmp_dir, wall_s, _dead_letter_counters(result))
+    except BaseException:
+        if not remote:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    if not remote:
+        _swap_into_place(tmp_dir, out_dir)
+    if verbose:
+        print(summary_text(stats, out_dir))
+    return stats
+
+
+def summary_text(stats: dict, out_dir: str) -> str:
+    d = stats["dead_letters"]
+    lines = [
+        f"preprocess: {stats['name']} ({stats['dataset']}) -> {out_dir}",
+        f"  rows read: " + ", ".join(f"{k} {v['read']}" for k, v in stats["rows"].items()),
+        f"  events {stats['events']} (train {stats['events_by_split']['train']}, "
+        f"valid {stats['events_by_split']['valid']}, test {stats['events_by_split']['test']}); "
+        f"split {stats['split']} boundaries {stats['split_boundaries']}",
+        f"  users {stats['users']}, items in vocab {stats['items']} "
+        f"(table {stats['items_in_table']}), sessions {stats['sessions']} "
+        f"(train {stats['sessions_train']}), co-occurrence pairs {stats['pairs']} "
+        f"(distinct {stats['pairs_distinct']})",
+        f"  examples {stats['num_examples']}",
+        f"  vocab sizes {stats['vocab_sizes']}",
+        f"  dead letters {d['total']}: "
+        + ", ".join(f"{r} {n}" for r, n in d["by_reason"].items() if n),
+        f"  wall {stats['timing']['wall_s']:.1f} s, {stats['timing']['events_per_s']} events/s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/ml-1m.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override, repeatable (e.g. preprocess.num_shards=8)")
+    parser.add_argument("--out_dir", default=None, help="output dir (default: artifacts/<name>)")
+    args, beam_argv = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    run(cfg, beam_argv, out_dir=args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
