@@ -32,10 +32,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from micrec_tf.config import FEATURE_DROPOUTS
 from micrec_tf.layers import register
 from micrec_tf.losses import in_batch_info_nce_loss, info_nce_loss
-
-FEATURE_DROPOUTS = ("element", "field", "categorical", "correlated")
 
 
 class CLInputs(NamedTuple):
