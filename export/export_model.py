@@ -1,0 +1,353 @@
+"""Exports a trained run: ``python -m export.export_model --config configs/x.yaml [--run-dir DIR]``.
+
+Layout (one complete version per directory; see docs/SERVING.md)::
+
+    exports/<name>/
+      <version>/                 integer Unix timestamp of the export
+        user_tower/              SavedModel, signature serving_default (export/serving.py),
+                                 assets/ = vocab files, assets.extra/tf_serving_warmup_requests
+        item_embeddings/         embeddings.npy, ids.txt, vocab.txt, info.json (export/item_index.py)
+        scann/                   serialised ScaNN searcher + params.json (absent for brute force)
+        metadata.json            config, vocab sizes, training metrics, code version, index params
+      serving/                   the TF Serving model base path:
+        <version>/               = <version>/user_tower/, hard-linked (copied where links fail)
+
+Atomicity: a version is assembled in ``exports/<name>/.tmp-<version>-<pid>-<random>/`` and
+published with one ``os.rename``; a reader (the retrieval code, TF Serving) only considers
+all-digit directory names, so it never sees a partial version. Any error removes the temporary
+directory; a killed export leaves only a dot-named directory, swept by the next export. The serving
+view ``serving/<version>`` is published the same way, after the version itself.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import numpy as np
+
+from micrec_tf.config import Config, load_config, parse_overrides
+from micrec_tf.retrieval import oov_string, raw_requests
+
+from export import item_index, serving
+
+SERVING_DIR = "serving"
+TMP_PREFIX = ".tmp-"
+NUM_WARMUP_USERS = 8
+
+
+# ----------------------------------------------------------------------------- versions
+def list_versions(export_root: str) -> list:
+    """Published versions (ints, ascending) under ``exports/<name>``."""
+    if not os.path.isdir(export_root):
+        return []
+    return sorted(int(d) for d in os.listdir(export_root)
+                  if d.isdigit() and os.path.isdir(os.path.join(export_root, d)))
+
+
+def latest_version_dir(export_root: str) -> str:
+    versions = list_versions(export_root)
+    if not versions:
+        raise FileNotFoundError(f"no exported version under {export_root!r}: run `make export`")
+    return os.path.join(export_root, str(versions[-1]))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_tmp(parent: str, log=print) -> None:
+    """Removes ``.tmp-*`` directories left by killed exports (their pid no longer runs)."""
+    if not os.path.isdir(parent):
+        return
+    for d in os.listdir(parent):
+        if not d.startswith(TMP_PREFIX):
+            continue
+        parts = d[len(TMP_PREFIX):].split("-")
+        pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            log(f"[export] removing stale temporary directory {os.path.join(parent, d)}")
+            shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
+
+
+def publish(tmp_dir: str, parent: str, version: int) -> int:
+    """Renames ``tmp_dir`` to ``parent/<version>``; if taken, tries the next versions."""
+    while True:
+        target = os.path.join(parent, str(version))
+        if not os.path.exists(target):
+            try:
+                os.rename(tmp_dir, target)
+                return version
+            except OSError:
+                if not os.path.exists(target):
+                    raise
+        version += 1
+
+
+def _tmp_dir(parent: str, version: int) -> str:
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f"{TMP_PREFIX}{version}-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- provenance
+def code_version() -> dict:
+    """``{"micrec_tf": __version__, "git_commit": sha | None, "git_dirty": bool | None}``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(micrec_tf.__file__)))
+    out = {"micrec_tf": micrec_tf.__version__, "git_commit": None, "git_dirty": None}
+    try:
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        if sha.returncode == 0:
+            out["git_commit"] = sha.stdout.strip()
+            st = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+            out["git_dirty"] = bool(st.stdout.strip()) if st.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def _read_json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+# ----------------------------------------------------------------------------- requests
+def requests_from_arrays(arrays: dict, rows, art) -> list:
+    """Raw request rows for example ``rows`` of split arrays (see retrieval.raw_requests)."""
+    return raw_requests(arrays, rows, art.vocabs, art.user_fields)
+
+
+def user_features(arrays: dict, rows, art) -> dict:
+    """The integer features ``model.user_embeddings`` takes, for example ``rows``."""
+    keys = [f"user_{f}" for f in art.user_fields] + ["hist_items", "hist_len"]
+    return {k: np.asarray(arrays[k])[np.asarray(rows)].astype(np.int64) for k in keys}
+
+
+def sample_test_examples(art, max_rows: int = NUM_WARMUP_USERS):
+    """``(arrays, rows)``: up to ``max_rows`` test examples (valid/train if test is empty)."""
+    from micrec_tf.evaluation.data import load_split_arrays
+
+    feats = ["user_id", "hist_items", "hist_len"] + [f"user_{f}" for f in art.user_fields]
+    for split in ("test", "valid", "train"):
+        try:
+            arrays = load_split_arrays(art.path, split, feats)
+        except (FileNotFoundError, KeyError):
+            continue
+        n = len(arrays["hist_len"])
+        if n:
+            # The first rows with a non-empty history (rows with none if there are too few).
+            order = np.argsort(np.asarray(arrays["hist_len"]) == 0, kind="stable")
+            rows = np.sort(order[:max_rows])
+            return arrays, rows
+    return None, None
+
+
+def warmup_requests(art, sample_rows: list) -> list:
+    """Columnar warmup requests: a batch of real users, one user alone, an unknown user."""
+    fields = art.user_fields
+    reqs = []
+    if sample_rows:
+        reqs.append(serving.columnar(sample_rows, fields))
+        reqs.append(serving.columnar(sample_rows[:1], fields))
+    unknown = {f: oov_string(art.vocabs[f"user_{f}"], avoid_empty=True) for f in fields}
+    unknown[serving.HISTORY_INPUT] = [oov_string(art.vocabs["item_id"], avoid_empty=True)]
+    reqs.append(serving.columnar([unknown, {f: unknown[f] for f in fields}], fields))
+    return reqs
+
+
+# ----------------------------------------------------------------------------- export
+def _vocab_files(art) -> dict:
+    names = ["item_id"] + [f"user_{f}" for f in art.user_fields]
+    files = {}
+    for name in names:
+        path = os.path.join(art.path, "vocab", f"{name}.txt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"vocabulary {path!r} not found (artifacts incomplete?)")
+        lines = serving.read_vocab_file(path)
+        if name in art.vocabs and list(art.vocabs[name]) != lines:
+            raise ValueError(f"{path} does not match the loaded vocabulary {name!r}")
+        if len(set(lines)) != len(lines):
+            raise ValueError(f"{path} has duplicate values; a lookup table needs unique keys")
+        files[name] = path
+    return files
+
+
+def _self_check(user_tower_dir: str, model, arrays, rows, art, tol: float = 1e-5) -> float:
+    """Loads the written SavedModel and compares it with the model on real examples."""
+    import tensorflow as tf
+
+    if arrays is None:
+        return float("nan")
+    fn = tf.saved_model.load(user_tower_dir).signatures[serving.SIGNATURE_NAME]
+    cols = serving.columnar(requests_from_arrays(arrays, rows, art), art.user_fields)
+    got = fn(**{k: tf.constant(serving.encode_strings(v), tf.string) for k, v in cols.items()})
+    got = got[serving.OUTPUT_NAME].numpy()
+    want = np.asarray(model.user_embeddings(user_features(arrays, rows, art)), np.float32)
+    diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+    if not diff <= tol:
+        raise RuntimeError(f"exported user tower differs from the trained model by {diff} "
+                           f"(> {tol}) on real test examples; not publishing this export")
+    return diff
+
+
+def export_model(model, cfg: Config, art, export_root: str | None = None,
+                 index: str | None = None, run_dir: str | None = None,
+                 version: int | None = None, log=print) -> str:
+    """Writes and publishes one export version of ``model``; returns the version directory.
+
+    ``cfg`` is the run's config (stored in metadata.json); ``export_root`` defaults to
+    ``cfg.export_dir`` and ``index`` to ``cfg.export.index``.
+    """
+    import tensorflow as tf
+
+    start = time.time()
+    export_root = export_root or cfg.export_dir
+    index = index or cfg.export.index
+    os.makedirs(export_root, exist_ok=True)
+    sweep_stale_tmp(export_root, log)
+    sweep_stale_tmp(os.path.join(export_root, SERVING_DIR), log)
+    existing = list_versions(export_root)
+    version = int(version or max(int(time.time()), (existing[-1] + 1) if existing else 0))
+    tmp = _tmp_dir(export_root, version)
+    try:
+        vocab_files = _vocab_files(art)
+        history_length = int(art.feature_spec.get("history_length", cfg.preprocess.history_length))
+        arrays, rows = sample_test_examples(art)
+        sample = requests_from_arrays(arrays, rows, art) if arrays is not None else []
+
+        log(f"[export] user tower -> {tmp}/user_tower")
+        tower = serving.save_user_tower(
+            model, art.user_fields, vocab_files, history_length, os.path.join(tmp, "user_tower"),
+            warmup_requests=warmup_requests(art, sample))
+        tower["self_check_max_abs_diff"] = _self_check(os.path.join(tmp, "user_tower"), model,
+                                                       arrays, rows, art)
+
+        log("[export] item embeddings")
+        dump = item_index.dump_item_embeddings(model, vocab_files["item_id"],
+                                               os.path.join(tmp, "item_embeddings"))
+        vectors = np.load(os.path.join(tmp, "item_embeddings", "embeddings.npy"))
+        log(f"[export] index: {index} over {dump['num_items']} items")
+        index_info = item_index.build_index(vectors, index, os.path.join(tmp, "scann"),
+                                            k=cfg.export.top_k,
+                                            brute_force_max_items=cfg.export.brute_force_max_items)
+        metadata = {
+            "name": cfg.name,
+            "version": version,
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "run_dir": os.path.abspath(run_dir) if run_dir else None,
+            "artifacts_dir": art.path,
+            "artifacts_dir_abs": os.path.abspath(art.path),
+            "code_version": code_version(),
+            "tensorflow_version": tf.__version__,
+            "config": cfg.to_dict(),
+            "vocab_sizes": {k: int(v) for k, v in art.vocab_sizes.items()},
+            "user_fields": list(art.user_fields),
+            "training_metrics": _read_json(os.path.join(run_dir, "metrics.json")) if run_dir else None,
+            "user_tower": tower,
+            "item_embeddings": dump,
+            "index": index_info,
+            "top_k": cfg.export.top_k,
+        }
+        _write_metadata(os.path.join(tmp, "metadata.json"), metadata)
+        published = publish(tmp, export_root, version)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if published != version:  # another export took the number meanwhile: fix the record
+        version = published
+        meta_path = os.path.join(export_root, str(version), "metadata.json")
+        metadata["version"] = version
+        _write_metadata(meta_path + ".new", metadata)
+        os.replace(meta_path + ".new", meta_path)
+    version_dir = os.path.join(export_root, str(version))
+    publish_serving_view(export_root, version)
+    log(f"[export] published {version_dir} in {time.time() - start:.1f}s "
+        f"(TF Serving base path: {os.path.join(export_root, SERVING_DIR)})")
+    return version_dir
+
+
+def _write_metadata(path: str, metadata: dict) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(metadata, fh, indent=1, default=str)
+
+
+def publish_serving_view(export_root: str, version: int) -> str:
+    """``exports/<name>/serving/<version>/`` = the version's user_tower, for TF Serving."""
+    parent = os.path.join(export_root, SERVING_DIR)
+    target = os.path.join(parent, str(version))
+    if os.path.exists(target):
+        return target
+    tmp = os.path.join(parent, f"{TMP_PREFIX}{version}-{os.getpid()}-{secrets.token_hex(4)}")
+    os.makedirs(parent, exist_ok=True)
+    try:
+        serving.copy_tree_linked(os.path.join(export_root, str(version), "user_tower"), tmp)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def export_run(cfg: Config, run_dir: str | None = None, export_root: str | None = None,
+               log=print) -> str:
+    """Restores the trained model of ``run_dir`` (default ``runs/<name>``) and exports it.
+
+    The model, vocabularies and metadata come from the run's own config.yaml; the export
+    settings (``export.*``) and the export location come from ``cfg``.
+    """
+    import tensorflow as tf
+    import tf_keras
+
+    from micrec_tf.train import restore_model
+
+    run_dir = run_dir or cfg.run_dir
+    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+        raise FileNotFoundError(f"no trained run at {run_dir!r} (config.yaml missing): "
+                                f"run `make train CONFIG=...` first")
+    # Export in float32 whatever the run trained with: serving vectors must be reproducible.
+    tf_keras.mixed_precision.set_global_policy("float32")
+    model, run_cfg, art = restore_model(run_dir)
+    # Build every lazily created variable, then read the checkpoint again and insist that it
+    # covers all of them: the export must carry trained weights, never fresh initial values.
+    history_length = int(art.feature_spec.get("history_length", run_cfg.preprocess.history_length))
+    serving.build_variables(model, art.user_fields, history_length)
+    ckpt = os.path.join(run_dir, "checkpoint", "model")
+    tf.train.Checkpoint(model=model).read(ckpt).assert_existing_objects_matched()
+    run_cfg = run_cfg.replace({f"export.{k}": v for k, v in cfg.to_dict()["export"].items()})
+    return export_model(model, run_cfg, art, export_root=export_root or cfg.export_dir,
+                        run_dir=run_dir, log=log)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--run-dir", default=None, help="trained run to export (default runs/<name>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set export.index=brute_force")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    version_dir = export_run(cfg, run_dir=args.run_dir)
+    print(version_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Item-embedding dump and the ANN index built from it.
+
+``item_embeddings/`` (written by :func:`dump_item_embeddings`)::
+
+    embeddings.npy   float32 [N, D]  row r = the item tower's vector of catalogue item index r + 1
+    ids.txt          N lines         row r's item id (so ids.txt line r <-> embeddings.npy row r)
+    vocab.txt        the artifacts' vocab/item_id.txt, verbatim (line i = item index i + 1); it is
+                     the vocabulary the user tower's history lookup uses
+    info.json        {"num_items": N, "dim": D, "dtype": "float32", "first_index": 1}
+
+Every catalogue item (indices 1 .. V-1 of the item vocabulary) is in the dump; index 0 (OOV /
+padding) is not. ``ids.txt`` has the same lines as ``vocab.txt``; it is kept separately so the
+dump stays self-describing if it is ever filtered.
+
+``scann/`` (written by :func:`build_index` when the index kind is ``scann``): a ScaNN searcher over
+``embeddings.npy`` (dot product; tree + asymmetric hashing + exact re-ordering), serialised with
+``searcher.serialize(dir, relative_path=True)`` so that the directory can be renamed or moved and
+still reload with ``scann.scann_ops_pybind.load_searcher(dir)``; ``params.json`` records the
+parameters. Searcher neighbour ``j`` is embeddings row ``j``.
+
+Parameters (:func:`scann_params`), for a catalogue of N items and top-k retrieval (k = 500):
+
+* ``num_leaves`` = round(sqrt(N)) partitions (k-means tree), at least 1;
+* ``num_leaves_to_search`` = enough leaves that the searched partitions hold about 20·k items on
+  average, and never fewer than 5 % of the leaves (top-500 needs far more candidates than top-10);
+  for catalogues up to 20·k items (10 000 for k = 500, e.g. MovieLens) that is every leaf;
+* asymmetric hashing with 2 dimensions per block, anisotropic threshold 0.2 (dot product);
+* exact re-ordering of the best ``reorder_k`` = max(4 k, 1000) AH candidates, so the returned
+  scores are exact dot products;
+* tiny catalogues (N < 256 items) get a ScaNN brute-force searcher (exact) instead: the tree and
+  the hashing codebooks cannot be trained on so few points.
+
+Brute force (``export.index: brute_force``) writes no ``scann/``: retrieval then multiplies by the
+whole matrix, which is exact and fast enough up to ``export.brute_force_max_items`` items.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+
+SCANN_MIN_ITEMS = 256
+
+
+def _read_lines(path: str) -> list:
+    """Lines split on "\\n" only (as the vocab files are written and the serving tables read)."""
+    with open(path, "rb") as fh:
+        lines = fh.read().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line.decode("utf-8") for line in lines]
+
+
+def item_vectors(model, indices: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """float32 [len(indices), D] from ``model.item_embeddings``, in batches."""
+    out = []
+    for start in range(0, len(indices), batch_size):
+        idx = np.asarray(indices[start:start + batch_size], dtype=np.int64)
+        out.append(np.asarray(model.item_embeddings(idx), dtype=np.float32))
+    if not out:
+        raise ValueError("the item vocabulary is empty: nothing to export")
+    return np.concatenate(out, axis=0)
+
+
+def dump_item_embeddings(model, item_vocab_file: str, out_dir: str,
+                         batch_size: int = 4096) -> dict:
+    """Writes ``out_dir`` (see the module docstring); returns its ``info.json`` content."""
+    ids = _read_lines(item_vocab_file)
+    if not ids:
+        raise ValueError(f"item vocabulary {item_vocab_file!r} is empty")
+    indices = np.arange(1, len(ids) + 1, dtype=np.int64)
+    vectors = item_vectors(model, indices, batch_size)
+    if not np.all(np.isfinite(vectors)):
+        raise ValueError("the item tower produced non-finite vectors; refusing to export them")
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, "embeddings.npy"), vectors)
+    with open(os.path.join(out_dir, "ids.txt"), "w", encoding="utf-8", newline="\n") as fh:
+        fh.write("".join(i + "\n" for i in ids))
+    shutil.copyfile(item_vocab_file, os.path.join(out_dir, "vocab.txt"))
+    info = {"num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1]), "dtype": "float32",
+            "first_index": 1}
+    with open(os.path.join(out_dir, "info.json"), "w") as fh:
+        json.dump(info, fh, indent=1)
+    return info
+
+
+def load_item_embeddings(dump_dir: str) -> tuple[list, np.ndarray]:
+    """``(ids, vectors)`` of a dump: ``ids[r]`` is the id of ``vectors[r]``."""
+    vectors = np.load(os.path.join(dump_dir, "embeddings.npy"))
+    ids = _read_lines(os.path.join(dump_dir, "ids.txt"))
+    if len(ids) != vectors.shape[0]:
+        raise ValueError(f"{dump_dir}: {len(ids)} ids for {vectors.shape[0]} vectors")
+    return ids, vectors
+
+
+def scann_params(num_items: int, k: int = 500) -> dict:
+    """ScaNN parameters for ``num_items`` items and top-``k`` retrieval (module docstring)."""
+    n = int(num_items)
+    if n < SCANN_MIN_ITEMS:
+        return {"mode": "brute_force", "num_neighbors": min(k, n)}
+    leaves = max(1, int(round(math.sqrt(n))))
+    per_leaf = n / leaves
+    search = max(math.ceil(0.05 * leaves), math.ceil(20 * k / per_leaf))
+    return {
+        "mode": "tree_ah",
+        "num_neighbors": min(k, n),
+        "num_leaves": leaves,
+        "num_leaves_to_search": int(min(leaves, search)),
+        "training_sample_size": int(min(n, 250000)),
+        "dimensions_per_block": 2,
+        "anisotropic_quantization_threshold": 0.2,
+        "reorder_k": int(min(n, max(4 * k, 1000))),
+        "distance_measure": "dot_product",
+    }
+
+
+def build_scann(vectors: np.ndarray, params: dict):
+    """A ScaNN searcher over ``vectors`` with :func:`scann_params` parameters."""
+    from scann import scann_ops_pybind  # deferred: importing ScaNN is slow
+
+    db = np.ascontiguousarray(vectors, dtype=np.float32)
+    builder = scann_ops_pybind.builder(db, params["num_neighbors"], "dot_product")
+    if params["mode"] == "brute_force":
+        return builder.score_brute_force().build()
+    return (builder.tree(num_leaves=params["num_leaves"],
+                         num_leaves_to_search=params["num_leaves_to_search"],
+                         training_sample_size=params["training_sample_size"])
+            .score_ah(params["dimensions_per_block"],
+                      anisotropic_quantization_threshold=params["anisotropic_quantization_threshold"])
+            .reorder(params["reorder_k"])
+            .build())
+
+
+def build_index(vectors: np.ndarray, kind: str, out_dir: str, k: int = 500,
+                brute_force_max_items: int = 20000) -> dict:
+    """Builds the configured index into ``out_dir`` (``scann``) or nothing (``brute_force``).
+
+    Returns the index description stored in metadata.json.
+    """
+    n = int(vectors.shape[0])
+    if kind == "brute_force":
+        if n > brute_force_max_items:
+            raise ValueError(
+                f"export.index is brute_force but the catalogue has {n} items, more than "
+                f"export.brute_force_max_items={brute_force_max_items}; use export.index: scann "
+                "(or raise the limit if exact scoring of every item per request is affordable)")
+        return {"kind": "brute_force", "num_items": n}
+    if kind != "scann":
+        raise ValueError(f"unknown index kind {kind!r}: expected 'scann' or 'brute_force'")
+    params = scann_params(n, k)
+    save_scann(build_scann(vectors, params), params, out_dir)
+    return {"kind": "scann", "num_items": n, "path": os.path.basename(out_dir), **params}
+
+
+def save_scann(searcher, params: dict, out_dir: str) -> None:
+    """Serialises ``searcher`` with paths relative to ``out_dir`` (movable), plus params.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    searcher.serialize(out_dir, relative_path=True)
+    with open(os.path.join(out_dir, "params.json"), "w") as fh:
+        json.dump(params, fh, indent=1)
+
+
+def load_scann(index_dir: str):
+    """Reloads a serialised searcher (no rebuilding): ``(searcher, params)``."""
+    from scann import scann_ops_pybind
+
+    with open(os.path.join(index_dir, "params.json")) as fh:
+        params = json.load(fh)
+    return scann_ops_pybind.load_searcher(index_dir), params
+
+
+def search_scann(searcher, params: dict, queries: np.ndarray, k: int,
+                 num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows of the dump per query: ``(rows int64 [B, k], scores float32 [B, k])``.
+
+    Missing neighbours (k larger than what the searched leaves hold) come back as row -1 and score
+    -inf.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    want = int(min(k, num_items))
+    if q.shape[0] == 0 or want == 0:
+        return (np.full((q.shape[0], k), -1, np.int64), np.full((q.shape[0], k), -np.inf, np.float32))
+    kwargs = {"final_num_neighbors": want}
+    if params.get("mode") == "tree_ah":
+        kwargs["pre_reorder_num_neighbors"] = int(min(num_items, max(params["reorder_k"], 2 * want)))
+    rows, scores = searcher.search_batched(q, **kwargs)
+    rows = np.asarray(rows, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float32)
+    bad = ~np.isfinite(scores) | (rows < 0) | (rows >= num_items)
+    rows[bad], scores[bad] = -1, -np.inf
+    if want < k:
+        pad = k - want
+        rows = np.concatenate([rows, np.full((rows.shape[0], pad), -1, np.int64)], axis=1)
+        scores = np.concatenate([scores, np.full((rows.shape[0], pad), -np.inf, np.float32)], 1)
+    return rows, scores
+
+
+def search_brute_force(vectors: np.ndarray, queries: np.ndarray, k: int,
+                       batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by dot product; ties by the smaller row. Padding: row -1, score -inf."""
+    n = vectors.shape[0]
+    want = min(k, n)
+    rows_out, scores_out = [], []
+    for start in range(0, queries.shape[0], batch_size):
+        s = np.asarray(queries[start:start + batch_size], np.float32) @ vectors.T
+        if want < n:
+            part = np.argpartition(-s, want - 1, axis=1)[:, :want]
+        else:
+            part = np.broadcast_to(np.arange(n), s.shape).copy()
+        ps = np.take_along_axis(s, part, 1)
+        order = np.lexsort((part, -ps), axis=1)
+        rows = np.take_along_axis(part, order, 1)
+        rows_out.append(rows)
+        scores_out.append(np.take_along_axis(s, rows, 1))
+    rows = np.concatenate(rows_out) if rows_out else np.zeros((0, want), np.int64)
+    scores = np.concatenate(scores_out) if scores_out else np.zeros((0, want), np.float32)
+    if want < k:
+        pad = k - want
+        rows = np.concatenate([rows, np.full((rows.shape[0], pad), -1, np.int64)], 1)
+        scores = np.concatenate([scores, np.full((rows.shape[0], pad), -np.inf, np.float32)], 1)
+    return rows.astype(np.int64), scores.astype(np.float32)
+
+
+def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k| (padding ignored)."""
+    rec = []
+    for a, e in zip(approx_rows, exact_rows):
+        e = set(int(x) for x in e if x >= 0)
+        if e:
+            rec.append(len(e & set(int(x) for x in a if x >= 0)) / len(e))
+    return float(np.mean(rec)) if rec else 1.0

@@ -1,0 +1,234 @@
+"""TF Serving's REST ``:predict`` JSON, for the user-tower signature, without TF Serving.
+
+Implements the request -> tensors and outputs -> response mapping of TF Serving's RESTful API
+(https://www.tensorflow.org/tfx/serving/api_rest, "Predict API") for a signature of string
+inputs, so that tests, the retrieval code and clients can check a request body offline and get
+exactly the JSON TF Serving would return:
+
+* Row format ``{"signature_name": ..., "instances": [{<input>: <value>, ...}, ...]}``: one object
+  per example with every named input; each value is that example's slice of the tensor (a string
+  for a ``[-1]`` input, a list of strings for ``history``). All examples' lists must have the same
+  length (TF Serving does not pad): pad ``history`` with ``""``. When the signature has exactly one
+  input the objects may be replaced by bare values.
+* Columnar format ``{"signature_name": ..., "inputs": {<input>: <tensor as nested lists>}}``.
+* String values are JSON strings or ``{"b64": "<base64>"}``. Numbers, booleans and null are not
+  strings: a request with them is rejected, as TF Serving rejects them.
+* Response: row format -> ``{"predictions": [...]}`` (with a single output its value per example;
+  with several, one object per example); columnar -> ``{"outputs": ...}`` (the single output's
+  nested list, or an object of all outputs).
+
+Errors raise :class:`RequestError` (HTTP 400 in TF Serving) with a message naming the input.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+
+class RequestError(ValueError):
+    """A REST request body does not fit the signature; the message says what and where."""
+
+
+class InputSpec:
+    """What the converter needs of one signature input: dtype (``string`` only here) and shape."""
+
+    def __init__(self, name: str, shape: Sequence[int | None], dtype: str = "string"):
+        if dtype != "string":
+            raise NotImplementedError("only DT_STRING inputs are supported by this converter")
+        self.name, self.dtype = name, dtype
+        self.shape = [None if (d is None or d < 0) else int(d) for d in shape]
+
+    def __repr__(self):
+        dims = ", ".join("-1" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: DT_STRING [{dims}]"
+
+
+def specs_from_signature(fn) -> dict:
+    """``{name: InputSpec}`` from a loaded signature (``loaded.signatures["serving_default"]``)."""
+    _, kwargs = fn.structured_input_signature
+    out = {}
+    for name, spec in kwargs.items():
+        if spec.dtype.name != "string":
+            raise NotImplementedError(f"input {name!r} is {spec.dtype.name}, not string")
+        out[name] = InputSpec(name, list(spec.shape))
+    return out
+
+
+def specs_from_metadata(inputs: Mapping[str, Mapping]) -> dict:
+    """``{name: InputSpec}`` from metadata.json's ``user_tower.inputs`` description."""
+    return {name: InputSpec(name, d["shape"], d.get("dtype", "string")) for name, d in inputs.items()}
+
+
+def _decode_string(value: Any, where: str) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, dict):
+        if set(value) != {"b64"} or not isinstance(value["b64"], str):
+            raise RequestError(f"{where}: an object value must be {{\"b64\": <base64 string>}}, "
+                               f"got {json.dumps(value)[:80]}")
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(f"{where}: invalid base64 in b64 value: {err}") from None
+    kind = ("null" if value is None else "bool" if isinstance(value, bool)
+            else "number" if isinstance(value, (int, float)) else type(value).__name__)
+    raise RequestError(f"{where}: expected a string (DT_STRING), got {kind} {json.dumps(value)}; "
+                       f"send ids and profile values as JSON strings, e.g. \"{value}\"")
+
+
+def _to_array(value: Any, rank: int, where: str) -> np.ndarray:
+    """Nested lists of exactly ``rank`` levels -> object array of bytes with a rectangular shape."""
+    def shape_of(v, depth, path):
+        if depth == rank:
+            if isinstance(v, list):
+                raise RequestError(f"{where}{path}: expected a string here, got a list (the value "
+                                   f"has more dimensions than the input's rank {rank})")
+            return ()
+        if not isinstance(v, list):
+            raise RequestError(f"{where}{path}: expected a list (the input has rank {rank}), "
+                               f"got {json.dumps(v)[:60]}")
+        shapes = {shape_of(x, depth + 1, f"{path}[{i}]") for i, x in enumerate(v)}
+        if len(shapes) > 1:
+            raise RequestError(f"{where}{path}: lists of different lengths {sorted(shapes)}; "
+                               "tensors must be rectangular (pad history with \"\")")
+        inner = shapes.pop() if shapes else (0,) * (rank - depth - 1)
+        return (len(v),) + inner
+
+    shape = shape_of(value, 0, "")
+    flat = []
+
+    def collect(v, path):
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                collect(x, f"{path}[{i}]")
+        else:
+            flat.append(_decode_string(v, f"{where}{path}"))
+
+    collect(value, "")
+    return np.asarray(flat + [b""], dtype=object)[:-1].reshape(shape)
+
+
+def _check_shape(arr: np.ndarray, spec: InputSpec) -> None:
+    for axis, (got, want) in enumerate(zip(arr.shape, spec.shape)):
+        if want is not None and got != want:
+            raise RequestError(f"input {spec.name!r}: dimension {axis} is {got}, the signature "
+                               f"wants {want} ({spec})")
+
+
+def parse_request(body: str | bytes | Mapping, specs: Mapping[str, InputSpec],
+                  signature_name: str = "serving_default") -> tuple[dict, str]:
+    """A REST ``:predict`` body -> ``({input: object array of bytes}, "row" | "columnar")``."""
+    if isinstance(body, (str, bytes, bytearray)):
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as err:
+            raise RequestError(f"request body is not valid JSON: {err}") from None
+    if not isinstance(body, Mapping):
+        raise RequestError("request body must be a JSON object with \"instances\" or \"inputs\"")
+    unknown = sorted(set(body) - {"signature_name", "instances", "inputs"})
+    if unknown:
+        raise RequestError(f"unknown top-level key(s) {unknown}; expected \"instances\" (row "
+                           "format) or \"inputs\" (columnar format), and optional \"signature_name\"")
+    sig = body.get("signature_name", signature_name)
+    if sig != signature_name:
+        raise RequestError(f"serving signature name {sig!r} not found; this model serves "
+                           f"{signature_name!r}")
+    has_rows, has_cols = "instances" in body, "inputs" in body
+    if has_rows == has_cols:
+        raise RequestError("request must have exactly one of \"instances\" (row format) or "
+                           "\"inputs\" (columnar format)" + (", not both" if has_rows else ""))
+    names = list(specs)
+    if has_rows:
+        tensors = _parse_rows(body["instances"], specs, names)
+        fmt = "row"
+    else:
+        tensors = _parse_columns(body["inputs"], specs, names)
+        fmt = "columnar"
+    batch = {name: arr.shape[0] if arr.ndim else None for name, arr in tensors.items()}
+    if len(set(batch.values())) > 1:
+        raise RequestError(f"inputs have different batch sizes {batch}; every input needs one "
+                           "entry per user")
+    return tensors, fmt
+
+
+def _parse_rows(instances: Any, specs: Mapping[str, InputSpec], names: list) -> dict:
+    if not isinstance(instances, list):
+        raise RequestError("\"instances\" must be a list with one entry per example")
+    if not instances:
+        raise RequestError("\"instances\" is empty")
+    single = len(names) == 1
+    columns = {n: [] for n in names}
+    for i, inst in enumerate(instances):
+        if isinstance(inst, dict) and not (single and set(inst) == {"b64"}):
+            missing = [n for n in names if n not in inst]
+            extra = sorted(set(inst) - set(names))
+            if missing:
+                raise RequestError(f"instances[{i}]: missing input(s) {missing}; every instance "
+                                   f"needs all of {names}")
+            if extra:
+                raise RequestError(f"instances[{i}]: unknown input(s) {extra}; the signature "
+                                   f"takes {names}")
+            for n in names:
+                columns[n].append(inst[n])
+        elif single:
+            columns[names[0]].append(inst)
+        else:
+            raise RequestError(f"instances[{i}]: expected an object with the named inputs "
+                               f"{names}, got {json.dumps(inst)[:60]}")
+    out = {}
+    for n in names:
+        spec = specs[n]
+        arr = _to_array(columns[n], len(spec.shape), f"input {n!r} (instances)")
+        _check_shape(arr, spec)
+        out[n] = arr
+    return out
+
+
+def _parse_columns(inputs: Any, specs: Mapping[str, InputSpec], names: list) -> dict:
+    if not isinstance(inputs, dict) or (len(names) == 1 and names[0] not in inputs):
+        if len(names) == 1:
+            inputs = {names[0]: inputs}
+        else:
+            raise RequestError(f"\"inputs\" must be an object mapping each of {names} to a tensor")
+    missing = [n for n in names if n not in inputs]
+    extra = sorted(set(inputs) - set(names))
+    if missing:
+        raise RequestError(f"\"inputs\" is missing input(s) {missing}; the signature takes {names}")
+    if extra:
+        raise RequestError(f"\"inputs\" has unknown input(s) {extra}; the signature takes {names}")
+    out = {}
+    for n in names:
+        spec = specs[n]
+        arr = _to_array(inputs[n], len(spec.shape), f"input {n!r}")
+        _check_shape(arr, spec)
+        out[n] = arr
+    return out
+
+
+def format_response(outputs: Mapping[str, Any], fmt: str) -> dict:
+    """Signature outputs -> the JSON object TF Serving returns for a ``fmt`` request."""
+    arrays = {k: np.asarray(v) for k, v in outputs.items()}
+    if fmt == "row":
+        if len(arrays) == 1:
+            return {"predictions": next(iter(arrays.values())).tolist()}
+        n = len(next(iter(arrays.values())))
+        return {"predictions": [{k: a[i].tolist() for k, a in arrays.items()} for i in range(n)]}
+    if fmt == "columnar":
+        if len(arrays) == 1:
+            return {"outputs": next(iter(arrays.values())).tolist()}
+        return {"outputs": {k: a.tolist() for k, a in arrays.items()}}
+    raise ValueError(f"unknown request format {fmt!r}")
+
+
+def predict(body, signature_fn) -> dict:
+    """Runs a REST body through a loaded signature and returns TF Serving's JSON response."""
+    import tensorflow as tf
+
+    tensors, fmt = parse_request(body, specs_from_signature(signature_fn))
+    outputs = signature_fn(**{k: tf.constant(v, tf.string) if v.size else tf.zeros(v.shape, tf.string)
+                              for k, v in tensors.items()})
+    return format_response({k: v.numpy() for k, v in outputs.items()}, fmt)

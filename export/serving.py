@@ -1,0 +1,380 @@
+"""The serving user tower: a SavedModel that takes raw string features and returns the user vector.
+
+Signature ``serving_default`` (method ``tensorflow/serving/predict``)::
+
+    inputs
+      <profile field>   DT_STRING [-1]       one per user profile field, e.g. "gender", "age"
+                                             (the column names of users.tsv / the feature spec's
+                                             ``user_fields``), raw values such as "F", "25"
+      history           DT_STRING [-1, -1]   the user's recently clicked item ids, OLDEST FIRST,
+                                             padded with "" at the end to a common length
+    outputs
+      user_embedding    DT_FLOAT  [-1, D]    the user vector (D = model.output_dim, 64)
+
+Inside the graph (stock TensorFlow ops only: no tensorflow_text, no ScaNN):
+
+* every string is mapped to its vocabulary index by a ``tf.lookup.StaticHashTable`` initialised
+  from the artifacts' vocab files, shipped as SavedModel assets (line i of the file = index i + 1);
+  a value missing from the vocabulary maps to 0 (OOV), so unknown ids never fail;
+* ``""`` in ``history`` is padding wherever it stands; the non-empty ids of a row are kept in order
+  and only the most recent ``history_length`` (20) of them are used (the last ones in the row);
+  ``hist_len`` is their count. An unknown (non-empty) item id counts as a click on the OOV item, as
+  in the training examples. A row of only ``""`` (or a ``[B, 0]`` tensor) is an empty history.
+
+The features then match the training examples (``user_<field>`` [B], ``hist_items`` [B, 20]
+zero-padded at the end, ``hist_len`` [B]) and go through the trained ``model.user_embeddings``.
+
+``assets.extra/tf_serving_warmup_requests`` holds a few ``PredictionLog`` records (TFRecord) so that
+TF Serving runs the graph once before taking traffic. The protos are built here from a private
+descriptor of the ``tensorflow.serving`` messages (field numbers as in tensorflow_serving/apis), or
+with ``tensorflow-serving-api`` when that package happens to be installed.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import shutil
+from typing import Iterable, Mapping, Sequence
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import numpy as np
+import tensorflow as tf
+
+SIGNATURE_NAME = "serving_default"
+HISTORY_INPUT = "history"
+OUTPUT_NAME = "user_embedding"
+MODEL_NAME = "user_tower"
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+_INPUT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]*$")
+
+
+def input_names(user_fields: Sequence[str]) -> list:
+    """Signature input names: the profile fields (in feature-spec order), then ``history``."""
+    names = list(user_fields) + [HISTORY_INPUT]
+    for name in user_fields:
+        if name == HISTORY_INPUT:
+            raise ValueError(f"a user profile field is named {HISTORY_INPUT!r}, which clashes with "
+                             "the history input of the serving signature; rename the field")
+        if not _INPUT_NAME_RE.match(name):
+            raise ValueError(f"user profile field {name!r} is not usable as a serving input name "
+                             "(letters, digits, '_', '.', '-'; starting with a letter)")
+    return names
+
+
+def input_specs(user_fields: Sequence[str]) -> dict:
+    specs = {f: tf.TensorSpec([None], tf.string, name=f) for f in user_fields}
+    specs[HISTORY_INPUT] = tf.TensorSpec([None, None], tf.string, name=HISTORY_INPUT)
+    input_names(user_fields)
+    return specs
+
+
+def read_vocab_file(path: str) -> list:
+    """The values of a vocab file exactly as the in-graph table sees them (split on "\\n")."""
+    with open(path, "rb") as fh:
+        lines = fh.read().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line.decode("utf-8") for line in lines]
+
+
+def _vocab_table(path: str, asset) -> tf.lookup.StaticHashTable:
+    """Table string -> line number (0-based) of ``path``; -1 when missing."""
+    size = len(read_vocab_file(path))
+    init = tf.lookup.TextFileInitializer(
+        asset, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+        tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER, vocab_size=size if size else None)
+    return tf.lookup.StaticHashTable(init, default_value=-1)
+
+
+class UserTowerModule(tf.Module):
+    """Raw strings -> vocabulary indices -> ``model.user_embeddings`` (see the module docstring).
+
+    ``model``: a built model with ``user_embeddings(features) -> [B, D]``.
+    ``vocab_files``: vocab name -> path (``item_id`` and ``user_<field>`` for each profile field).
+    Only the model's variables are tracked, not the Keras objects, so saving never goes through
+    Keras' own (layer-by-layer) SavedModel serialisation.
+    """
+
+    def __init__(self, model, user_fields: Sequence[str], vocab_files: Mapping[str, str],
+                 history_length: int):
+        super().__init__(name="user_tower")
+        self._model = model  # kept out of the object graph, see __setattr__
+        self._user_fields = tuple(user_fields)
+        self.history_length = int(history_length)
+        build_variables(model, self._user_fields, self.history_length)
+        self.model_variables = list(model.variables)
+        self.vocab_assets, self.tables = {}, {}
+        for name in ["item_id"] + [f"user_{f}" for f in self._user_fields]:
+            if name not in vocab_files:
+                raise KeyError(f"vocab file for {name!r} missing (have {sorted(vocab_files)})")
+            asset = tf.saved_model.Asset(vocab_files[name])
+            self.vocab_assets[name] = asset
+            self.tables[name] = _vocab_table(vocab_files[name], asset)
+        self._takes_training = "training" in _parameters(model.user_embeddings)
+
+    def __setattr__(self, name, value):
+        if name == "_model":  # keep the Keras model out of the object graph
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
+    def _lookup(self, vocab: str, values: tf.Tensor) -> tf.Tensor:
+        idx = self.tables[vocab].lookup(values)
+        return tf.where(idx < 0, tf.zeros_like(idx), idx + 1)
+
+    def features(self, inputs: Mapping[str, tf.Tensor]) -> dict:
+        """The model's integer features from the raw string inputs."""
+        feats = {}
+        for f in self._user_fields:
+            feats[f"user_{f}"] = self._lookup(f"user_{f}", tf.reshape(inputs[f], [-1]))
+        hist = inputs[HISTORY_INPUT]
+        kept = tf.ragged.boolean_mask(hist, tf.not_equal(hist, ""))
+        recent = kept[:, -self.history_length:]
+        padded = recent.to_tensor(default_value="", shape=[None, self.history_length])
+        idx = self._lookup("item_id", padded)
+        feats["hist_items"] = tf.where(tf.equal(padded, ""), tf.zeros_like(idx), idx)
+        feats["hist_len"] = tf.cast(recent.row_lengths(), tf.int64)
+        return feats
+
+    @tf.function
+    def serve(self, **inputs):
+        feats = self.features(inputs)
+        if self._takes_training:
+            vec = self._model.user_embeddings(feats, training=False)
+        else:
+            vec = self._model.user_embeddings(feats)
+        return {OUTPUT_NAME: tf.cast(vec, tf.float32)}
+
+    def concrete_function(self):
+        return self.serve.get_concrete_function(**input_specs(self._user_fields))
+
+
+def build_variables(model, user_fields: Sequence[str], history_length: int) -> None:
+    """Runs both towers once on a dummy batch, so that lazily built Keras layers create (and a
+    deferred checkpoint restore fills) every variable before they are collected or compared."""
+    feats = {f"user_{f}": np.zeros([1], np.int64) for f in user_fields}
+    feats["hist_items"] = np.zeros([1, int(history_length)], np.int64)
+    feats["hist_len"] = np.zeros([1], np.int64)
+    model.user_embeddings(feats)
+    model.item_embeddings(np.zeros([1], np.int64))
+
+
+def _parameters(fn) -> dict:
+    try:
+        return dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def save_user_tower(model, user_fields: Sequence[str], vocab_files: Mapping[str, str],
+                    history_length: int, out_dir: str,
+                    warmup_requests: Sequence[Mapping] | None = None) -> dict:
+    """Writes the user-tower SavedModel (+ warmup requests) to ``out_dir``; returns its description.
+
+    ``warmup_requests``: a few requests in columnar form ``{input name: list}`` (see
+    :func:`columnar`), written to ``assets.extra/tf_serving_warmup_requests``.
+    """
+    module = UserTowerModule(model, user_fields, vocab_files, history_length)
+    concrete = module.concrete_function()
+    tracked = {id(v) for v in module.model_variables}
+    missing = [v.name for v in concrete.variables if id(v) not in tracked]
+    if missing:
+        raise RuntimeError(f"the user tower reads variables that model.variables does not list: "
+                           f"{missing[:5]}")
+    tf.saved_model.save(module, out_dir, signatures={SIGNATURE_NAME: concrete})
+    if warmup_requests:
+        write_warmup_requests(os.path.join(out_dir, WARMUP_FILE), warmup_requests)
+    out_dim = concrete.structured_outputs[OUTPUT_NAME].shape[-1]
+    return {
+        "signature_name": SIGNATURE_NAME,
+        "method_name": "tensorflow/serving/predict",
+        "inputs": {**{f: {"dtype": "string", "shape": [-1]} for f in user_fields},
+                   HISTORY_INPUT: {"dtype": "string", "shape": [-1, -1]}},
+        "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": [-1, out_dim]}},
+        "history_length": int(history_length),
+        "history_order": "oldest first, padded with \"\" at the end; the last "
+                         f"{int(history_length)} non-empty ids are used",
+        "unknown_values": "map to index 0 (OOV)",
+        "warmup_requests": len(warmup_requests or []),
+    }
+
+
+# ----------------------------------------------------------------------------- request helpers
+def columnar(rows: Sequence[Mapping], user_fields: Sequence[str]) -> dict:
+    """Row dicts ``{field: str, "history": [ids]}`` -> columnar lists, histories padded with "".
+
+    Missing profile fields become "" and a missing history is empty. Only the most recent
+    ``history`` ids matter to the model, but all are passed through (the graph keeps the last 20).
+    """
+    hists = [[str(x) for x in (row.get(HISTORY_INPUT) or [])] for row in rows]
+    width = max([len(h) for h in hists] + [0])
+    out = {f: [str(row.get(f, "") if row.get(f) is not None else "") for row in rows]
+           for f in user_fields}
+    out[HISTORY_INPUT] = [h + [""] * (width - len(h)) for h in hists]
+    return out
+
+
+def encode_strings(value) -> np.ndarray:
+    """Any nested list / array of str or bytes -> object array of UTF-8 ``bytes``."""
+    arr = np.asarray(value, dtype=object)
+    flat = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in arr.ravel()]
+    return np.asarray(flat + [b""], dtype=object)[:-1].reshape(arr.shape)
+
+
+# ----------------------------------------------------------------------------- warmup records
+_PROTOS = None
+
+
+def serving_protos():
+    """``(PredictionLog, PredictRequest, PredictResponse)`` message classes.
+
+    From ``tensorflow_serving.apis`` when installed; otherwise built from a private descriptor with
+    the same package, message names and field numbers as tensorflow_serving/apis/{model,predict,
+    prediction_log}.proto, so the bytes are identical on the wire. (Only the fields used here are
+    declared; fields such as ``PredictionLog.log_metadata`` are simply absent.)
+    """
+    global _PROTOS
+    if _PROTOS is not None:
+        return _PROTOS
+    try:  # pragma: no cover - the package is not a dependency of this project
+        from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+        _PROTOS = (prediction_log_pb2.PredictionLog, predict_pb2.PredictRequest,
+                   predict_pb2.PredictResponse)
+        return _PROTOS
+    except ImportError:
+        pass
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+    from tensorflow.core.framework import tensor_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    added = set()
+
+    def add(fd):
+        if fd.name in added:
+            return
+        for dep in fd.dependencies:
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        fd.CopyToProto(proto)
+        pool.Add(proto)
+        added.add(fd.name)
+
+    add(tensor_pb2.DESCRIPTOR)
+    add(wrappers_pb2.DESCRIPTOR)
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="micrec_tf/tensorflow_serving_predict_subset.proto", package="tensorflow.serving",
+        syntax="proto3",
+        dependency=["tensorflow/core/framework/tensor.proto", "google/protobuf/wrappers.proto"])
+
+    def msg(name, fields, nested=(), oneofs=()):
+        m = fdp.message_type.add(name=name)
+        for n in nested:
+            m.nested_type.add().CopyFrom(n)
+        for o in oneofs:
+            m.oneof_decl.add(name=o)
+        for fname, number, ftype, label, type_name, oneof in fields:
+            f = m.field.add(name=fname, number=number, type=ftype, label=label)
+            if type_name:
+                f.type_name = type_name
+            if oneof is not None:
+                f.oneof_index = oneof
+        return m
+
+    def map_entry(name):
+        e = descriptor_pb2.DescriptorProto(name=name)
+        e.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+        e.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                    type_name=".tensorflow.TensorProto")
+        e.options.map_entry = True
+        return e
+
+    OPT, REP, MSG, STR = F.LABEL_OPTIONAL, F.LABEL_REPEATED, F.TYPE_MESSAGE, F.TYPE_STRING
+    msg("ModelSpec", [("name", 1, STR, OPT, None, None),
+                      ("version", 2, MSG, OPT, ".google.protobuf.Int64Value", 0),
+                      ("version_label", 4, STR, OPT, None, 0),
+                      ("signature_name", 3, STR, OPT, None, None)],
+        oneofs=["version_choice"])
+    msg("PredictRequest", [("model_spec", 1, MSG, OPT, ".tensorflow.serving.ModelSpec", None),
+                           ("inputs", 2, MSG, REP, ".tensorflow.serving.PredictRequest.InputsEntry",
+                            None),
+                           ("output_filter", 3, STR, REP, None, None)],
+        nested=[map_entry("InputsEntry")])
+    msg("PredictResponse", [("model_spec", 2, MSG, OPT, ".tensorflow.serving.ModelSpec", None),
+                            ("outputs", 1, MSG, REP,
+                             ".tensorflow.serving.PredictResponse.OutputsEntry", None)],
+        nested=[map_entry("OutputsEntry")])
+    msg("PredictLog", [("request", 1, MSG, OPT, ".tensorflow.serving.PredictRequest", None),
+                       ("response", 2, MSG, OPT, ".tensorflow.serving.PredictResponse", None)])
+    msg("PredictionLog", [("predict_log", 6, MSG, OPT, ".tensorflow.serving.PredictLog", 0)],
+        oneofs=["log_type"])
+    pool.Add(fdp)
+    get = lambda n: message_factory.GetMessageClass(pool.FindMessageTypeByName(n))  # noqa: E731
+    _PROTOS = (get("tensorflow.serving.PredictionLog"), get("tensorflow.serving.PredictRequest"),
+               get("tensorflow.serving.PredictResponse"))
+    return _PROTOS
+
+
+def predict_request(cols: Mapping, model_name: str = MODEL_NAME,
+                    signature_name: str = SIGNATURE_NAME):
+    """A ``tensorflow.serving.PredictRequest`` for columnar string inputs (gRPC ``Predict``)."""
+    _, PredictRequest, _ = serving_protos()
+    req = PredictRequest()
+    req.model_spec.name = model_name
+    req.model_spec.signature_name = signature_name
+    for name, value in cols.items():
+        arr = encode_strings(value)
+        proto = tf.make_tensor_proto(arr, dtype=tf.string, shape=arr.shape)
+        req.inputs[name].ParseFromString(proto.SerializeToString())
+    return req
+
+
+def write_warmup_requests(path: str, requests: Iterable[Mapping],
+                          model_name: str = MODEL_NAME) -> int:
+    """Writes one ``PredictionLog{predict_log{request}}`` TFRecord per columnar request."""
+    PredictionLog, _, _ = serving_protos()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    n = 0
+    with tf.io.TFRecordWriter(path) as writer:
+        for cols in requests:
+            log = PredictionLog()
+            log.predict_log.request.CopyFrom(predict_request(cols, model_name))
+            writer.write(log.SerializeToString())
+            n += 1
+    return n
+
+
+def tensor_to_numpy(tensor_proto) -> np.ndarray:
+    """A ``TensorProto`` (of any descriptor pool, e.g. a response output) -> numpy array."""
+    from tensorflow.core.framework import tensor_pb2
+
+    return tf.make_ndarray(tensor_pb2.TensorProto.FromString(tensor_proto.SerializeToString()))
+
+
+def read_warmup_requests(path: str) -> list:
+    """Parses the warmup file back: a list of ``{input name: numpy array}`` (strings as bytes)."""
+    PredictionLog, _, _ = serving_protos()
+    out = []
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        log = PredictionLog.FromString(record)
+        if not log.HasField("predict_log"):
+            raise ValueError("warmup record is not a predict_log")
+        req = log.predict_log.request
+        row = {"__model_spec__": (req.model_spec.name, req.model_spec.signature_name)}
+        for name, tensor in req.inputs.items():
+            row[name] = tensor_to_numpy(tensor)
+        out.append(row)
+    return out
+
+
+def copy_tree_linked(src: str, dst: str) -> None:
+    """Copies ``src`` to ``dst`` with hard links where the file system allows (copies otherwise)."""
+    def link_or_copy(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+        return d
+
+    shutil.copytree(src, dst, copy_function=link_or_copy)

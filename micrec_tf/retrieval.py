@@ -1,0 +1,346 @@
+"""Top-K retrieval from an export version: user tower SavedModel + ANN index over item vectors.
+
+::
+
+    r = Retriever.load("exports/ml-1m")            # latest version (or a version directory)
+    ids, scores = r.retrieve([{"gender": "F", "age": "25", "occupation": "4", "zip": "4",
+                               "history": ["1193", "661", "914"]}], k=500, exclude="history")
+    ids[0][:10], scores[0][:10]                     # item ids (str) and dot-product scores
+
+Requests are raw features, as the serving signature takes them (docs/SERVING.md): one dict per
+user ``{<profile field>: str, "history": [item ids, oldest first]}`` (histories may differ in
+length here; they are padded with ""), a columnar dict ``{<field>: [...], "history": [[...]]}``, or
+a TF Serving REST body (``{"instances": ...}`` / ``{"inputs": ...}``, checked strictly as TF
+Serving would). User vectors come from the exported SavedModel, so retrieval here is exactly what
+production does with TF Serving + the index; the index is the serialised ScaNN searcher (reloaded,
+not rebuilt) or, for ``brute_force`` exports, an exact product with the dump.
+
+``exclude``: ``None``; ``"history"`` (drop each user's history items); or one iterable of item ids
+per user. Excluded items are removed before the top K is cut, so K items still come back when the
+catalogue allows; rows are padded with id ``""`` and score ``-inf`` otherwise.
+
+:meth:`Retriever.test_users` builds requests for users of the artifacts' test split (their latest
+test click: profile + the 20 clicks before it, and every item they clicked before it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Mapping, Sequence
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import numpy as np
+
+from export import item_index, rest, serving
+
+
+def _read_lines(path: str) -> list:
+    return serving.read_vocab_file(path)
+
+
+def resolve_version_dir(path: str, version: int | str | None = None) -> str:
+    """``path`` is a version directory (has metadata.json) or an export root (``exports/<name>``);
+    for a root, ``version`` (default: the latest published one) picks the directory."""
+    if version is None and os.path.exists(os.path.join(path, "metadata.json")):
+        return path
+    if version is not None:
+        vdir = os.path.join(path, str(version))
+        if not os.path.exists(os.path.join(vdir, "metadata.json")):
+            raise FileNotFoundError(f"no export version {version} under {path!r}")
+        return vdir
+    versions = sorted(int(d) for d in (os.listdir(path) if os.path.isdir(path) else [])
+                      if d.isdigit() and os.path.exists(os.path.join(path, d, "metadata.json")))
+    if not versions:
+        raise FileNotFoundError(f"no exported version under {path!r}: run `make export` first")
+    return os.path.join(path, str(versions[-1]))
+
+
+def oov_string(vocab: Sequence[str], avoid_empty: bool) -> str:
+    """A value absent from ``vocab`` (so the serving lookup maps it to index 0)."""
+    values = set(vocab)
+    cand = "__oov__" if avoid_empty else ""
+    while cand in values:
+        cand += "_"
+    return cand
+
+
+def raw_requests(arrays: Mapping, rows: Iterable[int], vocabs: Mapping[str, Sequence[str]],
+                 user_fields: Sequence[str]) -> list:
+    """Raw request rows ``{field: str, "history": [ids]}`` for examples ``rows`` of split arrays.
+
+    ``vocabs``: ``item_id`` and ``user_<field>`` lists (position p = index p + 1). Index 0 (OOV)
+    becomes a string absent from the vocabulary, so the request maps back to exactly the example's
+    indices.
+    """
+    item_vocab = vocabs["item_id"]
+    oov_item = oov_string(item_vocab, avoid_empty=True)
+    oov_user = {f: oov_string(vocabs[f"user_{f}"], avoid_empty=False) for f in user_fields}
+    out = []
+    for r in rows:
+        row = {}
+        for f in user_fields:
+            idx = int(arrays[f"user_{f}"][r])
+            row[f] = vocabs[f"user_{f}"][idx - 1] if idx > 0 else oov_user[f]
+        n = int(arrays["hist_len"][r])
+        row[serving.HISTORY_INPUT] = [item_vocab[i - 1] if i > 0 else oov_item
+                                      for i in np.asarray(arrays["hist_items"][r][:n], np.int64)]
+        out.append(row)
+    return out
+
+
+class Retriever:
+    """A loaded export version; see the module docstring."""
+
+    def __init__(self, version_dir: str, metadata: dict, signature_fn, ids: list,
+                 vectors: np.ndarray, searcher=None, index_params: dict | None = None):
+        self.version_dir, self.metadata = version_dir, metadata
+        self.signature_fn = signature_fn
+        self.ids, self.vectors = ids, vectors
+        self.searcher, self.index_params = searcher, index_params
+        self.row_of = {item_id: r for r, item_id in enumerate(ids)}
+        self.specs = rest.specs_from_signature(signature_fn)
+        self.user_fields = [n for n in self.specs if n != serving.HISTORY_INPUT]
+        self.top_k = int(metadata.get("top_k", 500))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str, version: int | str | None = None,
+             index: str | None = None) -> "Retriever":
+        """Loads ``path`` (a version dir, or an export root -> latest / ``version``).
+
+        ``index``: ``None`` (as exported), or ``"brute_force"`` to score every item exactly.
+        """
+        import tensorflow as tf
+
+        vdir = resolve_version_dir(path, version)
+        with open(os.path.join(vdir, "metadata.json"), encoding="utf-8") as fh:
+            metadata = json.load(fh)
+        loaded = tf.saved_model.load(os.path.join(vdir, "user_tower"))
+        fn = loaded.signatures[serving.SIGNATURE_NAME]
+        ids, vectors = item_index.load_item_embeddings(os.path.join(vdir, "item_embeddings"))
+        searcher = params = None
+        kind = index or metadata.get("index", {}).get("kind", "brute_force")
+        if kind == "scann":
+            searcher, params = item_index.load_scann(os.path.join(vdir, "scann"))
+        elif kind != "brute_force":
+            raise ValueError(f"unknown index kind {kind!r}")
+        r = cls(vdir, metadata, fn, ids, vectors, searcher, params)
+        r._loaded = loaded  # keeps the SavedModel's resources alive with the signature
+        return r
+
+    @property
+    def index_kind(self) -> str:
+        return "scann" if self.searcher is not None else "brute_force"
+
+    # ------------------------------------------------------------------ requests -> vectors
+    def to_columns(self, requests) -> dict:
+        """Any accepted request form -> ``{input: object array of bytes}`` (signature shapes)."""
+        if isinstance(requests, (str, bytes)) or (
+                isinstance(requests, Mapping) and ("instances" in requests or "inputs" in requests)):
+            cols, _ = rest.parse_request(requests, self.specs)
+            return cols
+        if isinstance(requests, Mapping):
+            missing = [n for n in self.specs if n not in requests]
+            if missing:
+                raise rest.RequestError(f"columnar request is missing input(s) {missing}")
+            n = len(requests[serving.HISTORY_INPUT])
+            rows = [{f: requests[f][i] for f in self.specs} for i in range(n)]
+        else:
+            rows = list(requests)
+        clean = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise rest.RequestError(f"request {i} must be a dict of raw features")
+            missing = [n for n in self.user_fields if n not in row]
+            extra = sorted(set(row) - set(self.specs))
+            if missing or extra:
+                raise rest.RequestError(
+                    f"request {i}: missing {missing} / unknown {extra}; the user tower takes "
+                    f"{list(self.specs)}")
+            out = {}
+            for f in self.user_fields:
+                if not isinstance(row[f], (str, bytes)):
+                    raise rest.RequestError(f"request {i}: {f!r} must be a string, got "
+                                            f"{type(row[f]).__name__} {row[f]!r}")
+                out[f] = row[f].decode("utf-8") if isinstance(row[f], bytes) else row[f]
+            hist = row.get(serving.HISTORY_INPUT)
+            hist = [] if hist is None else hist
+            if isinstance(hist, (str, bytes)) or any(not isinstance(h, (str, bytes)) for h in hist):
+                raise rest.RequestError(f"request {i}: 'history' must be a list of item id "
+                                        f"strings, got {hist!r}")
+            out[serving.HISTORY_INPUT] = [h.decode("utf-8") if isinstance(h, bytes) else h
+                                          for h in hist]
+            clean.append(out)
+        cols = serving.columnar(clean, self.user_fields)
+        out = {k: serving.encode_strings(v) for k, v in cols.items()}
+        if out[serving.HISTORY_INPUT].ndim != 2:
+            out[serving.HISTORY_INPUT] = out[serving.HISTORY_INPUT].reshape(len(clean), 0)
+        return out
+
+    def user_vectors(self, requests, batch_size: int = 1024) -> np.ndarray:
+        """float32 [B, D] from the exported user tower."""
+        return self._vectors(self.to_columns(requests), batch_size)
+
+    def _vectors(self, cols: dict, batch_size: int = 1024) -> np.ndarray:
+        import tensorflow as tf
+
+        n = len(cols[serving.HISTORY_INPUT])
+        out = []
+        for start in range(0, n, batch_size):
+            feed = {}
+            for k, v in cols.items():
+                part = v[start:start + batch_size]
+                feed[k] = tf.constant(part, tf.string) if part.size else tf.zeros(part.shape, tf.string)
+            out.append(self.signature_fn(**feed)[serving.OUTPUT_NAME].numpy())
+        dim = self.vectors.shape[1]
+        return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+    # ------------------------------------------------------------------ search
+    def _exclusions(self, exclude, cols: dict | None, n: int) -> list:
+        if exclude is None:
+            return [np.zeros(0, np.int64)] * n
+        if isinstance(exclude, str):
+            if exclude != "history" or cols is None:
+                raise ValueError("exclude must be None, 'history' (with requests) or one "
+                                 "iterable of item ids per user")
+            exclude = [[h.decode() for h in row if h] for row in cols[serving.HISTORY_INPUT]]
+        exclude = list(exclude)
+        if len(exclude) != n:
+            raise ValueError(f"exclude has {len(exclude)} entries for {n} users")
+        out = []
+        for items in exclude:
+            rows = {self.row_of[i.decode() if isinstance(i, bytes) else str(i)]
+                    for i in (items or []) if (i.decode() if isinstance(i, bytes) else str(i))
+                    in self.row_of}
+            out.append(np.asarray(sorted(rows), np.int64))
+        return out
+
+    def search(self, user_vectors: np.ndarray, k: int | None = None,
+               exclude=None, _cols: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items per user vector: ``(ids object [B, k] of str, scores float32 [B, k])``."""
+        k = int(k or self.top_k)
+        q = np.asarray(user_vectors, np.float32)
+        excl = self._exclusions(exclude, _cols, q.shape[0])
+        extra = max([len(e) for e in excl] + [0])
+        want = k + extra
+        n = self.vectors.shape[0]
+        if self.searcher is not None:
+            rows, scores = item_index.search_scann(self.searcher, self.index_params, q, want, n)
+        else:
+            rows, scores = item_index.search_brute_force(self.vectors, q, want)
+        out_rows = np.full((q.shape[0], k), -1, np.int64)
+        out_scores = np.full((q.shape[0], k), -np.inf, np.float32)
+        for i in range(q.shape[0]):
+            keep = rows[i] >= 0
+            if excl[i].size:
+                keep &= ~np.isin(rows[i], excl[i])
+            r, s = rows[i][keep][:k], scores[i][keep][:k]
+            out_rows[i, :len(r)], out_scores[i, :len(r)] = r, s
+        ids = np.empty(out_rows.shape, dtype=object)
+        ids[...] = ""
+        valid = out_rows >= 0
+        ids[valid] = np.asarray(self.ids, dtype=object)[out_rows[valid]]
+        return ids, out_scores
+
+    def retrieve(self, requests, k: int | None = None, exclude=None,
+                 batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (default: the export's ``top_k``, 500) item ids and scores per request."""
+        cols = self.to_columns(requests)
+        n = len(cols[serving.HISTORY_INPUT])
+        all_ids, all_scores = [], []
+        for start in range(0, max(n, 1), batch_size):
+            part = {c: v[start:start + batch_size] for c, v in cols.items()}
+            ex = exclude
+            if exclude is not None and not isinstance(exclude, str):
+                ex = list(exclude)[start:start + batch_size]
+            vecs = self._vectors(part, batch_size)
+            ids, scores = self.search(vecs, k, ex, _cols=part)
+            all_ids.append(ids)
+            all_scores.append(scores)
+        return np.concatenate(all_ids), np.concatenate(all_scores)
+
+    # ------------------------------------------------------------------ users of the test split
+    def vocabularies(self) -> dict:
+        """``item_id`` and ``user_<field>`` vocab lists, from the export's own copies."""
+        vocabs = {"item_id": _read_lines(os.path.join(self.version_dir, "item_embeddings",
+                                                      "vocab.txt"))}
+        for f in self.user_fields:
+            vocabs[f"user_{f}"] = _read_lines(os.path.join(self.version_dir, "user_tower",
+                                                           "assets", f"user_{f}.txt"))
+        return vocabs
+
+    def test_users(self, artifacts_dir: str, user_ids: Sequence[str] | None = None,
+                   num_users: int = 1, split: str = "test") -> list:
+        """Requests for users of ``split``: their latest click there, as the model would see it.
+
+        Returns one dict per user: ``user_id``, ``request`` (raw features), ``target`` (the item id
+        clicked at that example), ``clicked`` (every item id the user clicked before it, training
+        period included). ``user_ids`` default: the first ``num_users`` users of the split.
+        """
+        from micrec_tf.evaluation.data import load_split_arrays
+
+        feats = ["user_id", "hist_items", "hist_len", "item", "timestamp"] + \
+            [f"user_{f}" for f in self.user_fields]
+        arrays = load_split_arrays(artifacts_dir, split, feats)
+        users = [u.decode() if isinstance(u, bytes) else str(u) for u in arrays["user_id"]]
+        if user_ids is None:
+            seen = []
+            for u in users:
+                if u not in seen:
+                    seen.append(u)
+                if len(seen) >= num_users:
+                    break
+            user_ids = seen
+        user_ids = [str(u) for u in user_ids]
+        wanted = set(user_ids)
+        latest = {}
+        for pos, u in enumerate(users):
+            if u in wanted:
+                key = (int(arrays["timestamp"][pos]), pos)
+                if u not in latest or key > latest[u][0]:
+                    latest[u] = (key, pos)
+        unknown = [u for u in user_ids if u not in latest]
+        if unknown:
+            raise KeyError(f"user(s) {unknown[:5]} have no click in the {split} split of "
+                           f"{artifacts_dir!r}")
+        vocabs = self.vocabularies()
+        rows = [latest[u][1] for u in user_ids]
+        requests = raw_requests(arrays, rows, vocabs, self.user_fields)
+        clicked = _earlier_clicks(artifacts_dir, split, {u: (latest[u][0][0], latest[u][1])
+                                                         for u in user_ids}, arrays, users)
+        item_vocab = vocabs["item_id"]
+        name = lambda i: item_vocab[i - 1] if 0 < i <= len(item_vocab) else ""  # noqa: E731
+        return [{"user_id": u, "request": req, "target": name(int(arrays["item"][row])),
+                 "clicked": [name(i) for i in clicked[u] if i > 0]}
+                for u, req, row in zip(user_ids, requests, rows)]
+
+
+def _earlier_clicks(artifacts_dir: str, split: str, at: Mapping[str, tuple], split_arrays,
+                    split_users) -> dict:
+    """Per user, item indices clicked strictly before its example ``at[user] = (ts, pos)``.
+
+    Order as the preprocessing job builds histories: (timestamp, split train < valid < test,
+    position in the split).
+    """
+    from micrec_tf.evaluation.data import load_split_arrays
+
+    order = {"train": 0, "valid": 1, "test": 2}
+    clicks = {u: [] for u in at}
+    for name in ("train", "valid", "test"):
+        if name == split:
+            arrays, users = split_arrays, split_users
+        else:
+            try:
+                arrays = load_split_arrays(artifacts_dir, name, ["user_id", "item", "timestamp"])
+            except FileNotFoundError:
+                continue
+            users = [u.decode() if isinstance(u, bytes) else str(u) for u in arrays["user_id"]]
+        for pos, u in enumerate(users):
+            if u in clicks:
+                clicks[u].append((int(arrays["timestamp"][pos]), order[name], pos,
+                                  int(arrays["item"][pos])))
+    out = {}
+    for u, (ts, pos) in at.items():
+        limit = (ts, order[split], pos)
+        out[u] = sorted({c[3] for c in clicks[u] if c[:3] < limit})
+    return out
