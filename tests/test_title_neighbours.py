@@ -1,0 +1,252 @@
+"""pipelines/title_neighbours.py: exact / ScaNN / taxonomy top-k and the Beam job end to end."""
+import json
+import os
+
+import pytest
+
+import micrec_tf  # noqa: F401  (before tensorflow)
+import numpy as np
+
+from pipelines import title_neighbours as tn
+
+
+def brute_force(emb, k):
+    """Reference top-k: full score matrix, self removed, order (score desc, index asc)."""
+    s = emb @ emb.T
+    np.fill_diagonal(s, -np.inf)
+    idx = np.arange(len(emb))
+    out = []
+    for i in range(len(emb)):
+        order = np.lexsort((idx, -s[i].astype(np.float64)))[:min(k, len(emb) - 1)]
+        out.append((order, s[i, order]))
+    return out
+
+
+def clustered(n, d, clusters, seed, noise=0.35):
+    rs = np.random.RandomState(seed)
+    centers = rs.randn(clusters, d)
+    x = centers[rs.randint(0, clusters, n)] + noise * rs.randn(n, d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def recall(approx, exact):
+    return np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(approx, exact)])
+
+
+# ------------------------------------------------------------------------------ pure top-k
+
+def test_exact_equals_brute_force_with_ties():
+    # Small integers: every product and sum is exact in float32, so ties are real and plentiful.
+    emb = np.random.RandomState(0).randint(-2, 3, size=(300, 6)).astype(np.float32)
+    want = brute_force(emb, 10)
+    for block in (None, 1, 37, 300):
+        nbrs, scores = tn.exact_top_k(emb, 10, block_rows=block)
+        for i, (w_idx, w_sc) in enumerate(want):
+            np.testing.assert_array_equal(nbrs[i], w_idx, err_msg=f"row {i} block {block}")
+            np.testing.assert_array_equal(scores[i], w_sc)
+
+
+def test_exact_equals_brute_force_real_vectors():
+    emb = clustered(800, 48, 20, seed=1)
+    nbrs, scores = tn.exact_top_k(emb, 10, block_rows=100)
+    for i, (w_idx, w_sc) in enumerate(brute_force(emb, 10)):
+        np.testing.assert_array_equal(nbrs[i], w_idx)
+        np.testing.assert_allclose(scores[i], w_sc, atol=1e-6)
+    assert not (nbrs == np.arange(800)[:, None]).any()
+
+
+def test_exact_small_catalogues():
+    assert tn.exact_top_k(np.ones((1, 4), np.float32), 10)[0].shape == (1, 0)
+    nbrs, _ = tn.exact_top_k(np.eye(3, dtype=np.float32), 10)
+    assert nbrs.tolist() == [[1, 2], [0, 2], [0, 1]]
+
+
+def test_scann_recall_and_determinism():
+    emb = clustered(3000, 32, 30, seed=2)
+    exact = [w for w, _ in brute_force(emb, 10)]
+    nbrs, scores, mode = tn.cosine_neighbours(emb, 10, exact_max_items=1000)
+    assert mode == "scann"
+    assert recall(nbrs, exact) >= 0.95
+    assert not (nbrs == np.arange(3000)[:, None]).any()
+    assert (np.diff(scores, axis=1) <= 0).all()
+    nbrs2, scores2, _ = tn.cosine_neighbours(emb, 10, exact_max_items=1000)
+    np.testing.assert_array_equal(nbrs, nbrs2)
+    np.testing.assert_array_equal(scores, scores2)
+
+
+def taxonomy_brute_force(tag_lists, k, keys):
+    sets = [{t for t in tags if t > 0} for tags in tag_lists]
+    out = []
+    for i, a in enumerate(sets):
+        cands = []
+        for j, b in enumerate(sets):
+            shared = len(a & b)
+            if j == i or not shared:
+                continue
+            jac = shared / len(a | b)
+            h = int(tn._pair_hash(np.array([keys[i]]), np.array([keys[j]]))[0])
+            cands.append((-jac, -shared, h, keys[j], j, jac))
+        cands.sort()
+        out.append(([c[4] for c in cands[:k]], [c[5] for c in cands[:k]]))
+    return out
+
+
+def test_taxonomy_equals_brute_force():
+    rs = np.random.RandomState(3)
+    tags = [list(rs.randint(0, 9, size=rs.randint(0, 4))) for _ in range(200)]
+    keys = np.arange(200) * 3 + 5
+    got = tn.taxonomy_top_k(tags, 6, keys=keys)
+    for i, ((g_idx, g_sc), (w_idx, w_sc)) in enumerate(zip(got, taxonomy_brute_force(tags, 6, keys))):
+        assert g_idx.tolist() == w_idx, i
+        np.testing.assert_allclose(g_sc, w_sc, rtol=1e-6)
+    # An item without (real) tags gets nothing.
+    assert [len(c) for c, _ in tn.taxonomy_top_k([[0], [1, 2], [2]], 5)] == [0, 1, 1]
+
+
+# --------------------------------------------------------------------------------- the job
+
+def write_items(path, rows):
+    os.makedirs(os.path.join(path, "items"), exist_ok=True)
+    with open(os.path.join(path, "items", "items.jsonl"), "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def read_neighbours(art):
+    with open(os.path.join(art, "title_neighbours", "title_neighbours.jsonl"),
+              encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture()
+def config_path(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("name: tn-test\n", encoding="utf-8")
+    return str(path)
+
+
+TITLES = ["Toy Story (1995)", "Toy Story 2 (1999)", "", "Heat (1995)", None, "   ",
+          "GoldenEye (1995)", "\u200b\u200d", "Tomorrow Never Dies (1997)", "😀🎬",
+          "Misérables, Les (1995)", "Les Misérables (1998)", "Heat (1995)",
+          "Crouching Tiger, Hidden Dragon (Wo hu cang long) (2000)", "卧虎藏龙 (2000)"]
+EMPTY = {3, 5, 6, 8}  # "", None (missing key), blank, zero-width only
+NO_TOKENS = {10}  # only [UNK]
+
+
+def title_rows():
+    rows = []
+    for i, t in enumerate(TITLES, 1):
+        row = {"item": i, "item_id": f"m{i}", "tags": [], "provider": 0, "extra": {},
+               "category": 0}
+        if t is not None:
+            row["title"] = t
+        rows.append(row)
+    return rows[::-1]  # unsorted on purpose
+
+
+def test_title_job(tmp_path, config_path):
+    from micrec_tf.text.encoder import TitleEncoder
+
+    art = str(tmp_path / "art")
+    write_items(art, title_rows())
+    assert tn.main(["--config", config_path, "--artifacts_dir", art,
+                    "--set", "semantic.top_k=4"]) == 0
+    rows = read_neighbours(art)
+    assert [r["item"] for r in rows] == list(range(1, len(TITLES) + 1))
+    for r in rows:
+        if r["item"] in EMPTY | NO_TOKENS:
+            assert r["neighbors"] == [] and r["scores"] == [], r
+        else:
+            assert len(r["neighbors"]) == 4 and r["item"] not in r["neighbors"]
+            assert not set(r["neighbors"]) & (EMPTY | NO_TOKENS)
+    stats = json.load(open(os.path.join(art, "title_neighbours", "stats.json")))
+    assert stats["skipped"] == {"empty_title": len(EMPTY), "no_known_tokens": len(NO_TOKENS)}
+    assert stats["mode"] == "exact" and stats["timing"]["titles_per_s"] > 0
+
+    # Embeddings: as the encoder gives them; neighbours: brute force on them.
+    emb = np.load(os.path.join(art, "title_embeddings", "embeddings.npy"))
+    items = np.load(os.path.join(art, "title_embeddings", "items.npy"))
+    kept = [i for i in range(1, len(TITLES) + 1) if i not in EMPTY | NO_TOKENS]
+    assert items.tolist() == kept
+    direct = TitleEncoder(max_length=64).encode([TITLES[i - 1] for i in kept])
+    np.testing.assert_allclose(emb, direct, atol=1e-6)
+    by_item = {r["item"]: r for r in rows}
+    for row, (w_idx, w_sc) in zip(items, brute_force(emb, 4)):
+        assert by_item[int(row)]["neighbors"] == items[w_idx].tolist()
+        np.testing.assert_allclose(by_item[int(row)]["scores"], w_sc, atol=1e-6)
+    # Identical titles are each other's best neighbour.
+    assert by_item[4]["neighbors"][0] == 13 and by_item[4]["scores"][0] == pytest.approx(1.0)
+
+    # Deterministic: a second run with other Beam batches gives the same bytes.
+    before = {name: open(os.path.join(art, *name.split("/")), "rb").read()
+              for name in ("title_neighbours/title_neighbours.jsonl",
+                           "title_embeddings/embeddings.npy", "title_embeddings/items.npy")}
+    tn.main(["--config", config_path, "--artifacts_dir", art,
+             "--set", "semantic.top_k=4", "--set", "semantic.batch_size=3"])
+    for name, data in before.items():
+        assert open(os.path.join(art, *name.split("/")), "rb").read() == data, name
+
+
+def test_taxonomy_job(tmp_path, config_path):
+    art = str(tmp_path / "art")
+    tags = [[1, 2], [1, 2], [2, 3], [], [3], [1, 2, 3], [4], [0]]
+    write_items(art, [{"item": i + 1, "item_id": f"m{i + 1}", "title": "", "tags": t}
+                      for i, t in enumerate(tags)])
+    tn.main(["--config", config_path, "--artifacts_dir", art,
+             "--set", "semantic.source=taxonomy", "--set", "semantic.top_k=3"])
+    rows = {r["item"]: r for r in read_neighbours(art)}
+    keys = np.arange(1, len(tags) + 1)
+    for i, (w_idx, w_sc) in enumerate(taxonomy_brute_force(tags, 3, keys)):
+        assert rows[i + 1]["neighbors"] == keys[w_idx].tolist()
+        np.testing.assert_allclose(rows[i + 1]["scores"], w_sc, atol=1e-6)
+    assert rows[1]["neighbors"][0] == 2 and rows[1]["scores"][0] == 1.0
+    assert rows[4]["neighbors"] == rows[7]["neighbors"] == rows[8]["neighbors"] == []
+    stats = json.load(open(os.path.join(art, "title_neighbours", "stats.json")))
+    assert stats["skipped"] == {"no_tags": 2}
+    assert not os.path.exists(os.path.join(art, "title_embeddings"))
+
+
+def test_vectors_job_tsv(tmp_path, config_path):
+    art = str(tmp_path / "art")
+    write_items(art, [{"item": i, "item_id": f"m{i}", "title": "x"} for i in range(1, 7)])
+    vec_path = tmp_path / "vecs.tsv"
+    vec_path.write_text("# item_id\tvector\n"
+                        "m1\t1 0 0\nm2\t0.9 0.1 0\nm3\t0,1,0\nm4\t0 0 0\n"
+                        "m6\t1 1 0\nunknown\t1 2 3\n\n", encoding="utf-8")
+    tn.main(["--config", config_path, "--artifacts_dir", art, "--set", "semantic.source=vectors",
+             "--set", f"semantic.vectors_path={vec_path}", "--set", "semantic.top_k=2"])
+    rows = {r["item"]: r for r in read_neighbours(art)}
+    assert rows[1]["neighbors"] == [2, 6]
+    assert rows[3]["neighbors"] == [6, 2]
+    assert rows[4]["neighbors"] == [] and rows[5]["neighbors"] == []
+    stats = json.load(open(os.path.join(art, "title_neighbours", "stats.json")))
+    assert stats["skipped"] == {"no_vector": 1, "zero_vector": 1}
+    assert stats["unknown_vector_ids"] == 1
+    meta = json.load(open(os.path.join(art, "title_embeddings", "metadata.json")))
+    assert meta["source"] == "vectors" and meta["count"] == 4 and meta["dim"] == 3
+
+
+def test_vectors_job_scann(tmp_path, config_path):
+    art = str(tmp_path / "art")
+    n = 2500
+    write_items(art, [{"item": i + 1, "item_id": f"v{i}"} for i in range(n)])
+    emb = clustered(n, 24, 25, seed=4)
+    np.savez(tmp_path / "vecs.npz", item_ids=np.array([f"v{i}" for i in range(n)]),
+             vectors=emb * 3.0)
+    args = ["--config", config_path, "--artifacts_dir", art, "--set", "semantic.source=vectors",
+            "--set", f"semantic.vectors_path={tmp_path / 'vecs.npz'}",
+            "--set", "semantic.exact_max_items=500"]
+    tn.main(args)
+    stats = json.load(open(os.path.join(art, "title_neighbours", "stats.json")))
+    assert stats["mode"] == "scann" and stats["with_neighbours"] == n
+    first = open(os.path.join(art, "title_neighbours", "title_neighbours.jsonl"), "rb").read()
+    got = [np.array(r["neighbors"]) - 1 for r in read_neighbours(art)]
+    assert recall(got, [w for w, _ in brute_force(emb, 10)]) >= 0.95
+    tn.main(args)
+    assert open(os.path.join(art, "title_neighbours", "title_neighbours.jsonl"), "rb").read() \
+        == first
+
+
+def test_missing_items_file(tmp_path, config_path):
+    with pytest.raises(FileNotFoundError, match="pipelines.preprocess"):
+        tn.main(["--config", config_path, "--artifacts_dir", str(tmp_path / "nothing")])
