@@ -6,7 +6,6 @@ setup(
     version="0.1.0",
     description="MicRec two-tower matching with item-based contrastive learning (TF2 / Keras 2)",
     packages=find_packages(include=["micrec_tf", "micrec_tf.*", "pipelines", "pipelines.*", "export", "export.*"]),
-    package_data={"micrec_tf": ["text/fixtures/*"]},
     python_requires=">=3.11,<3.12",
     install_requires=[
         "tensorflow==2.20.*",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -87,6 +88,8 @@ class SemanticConfig:
     batch_size: int = 64
     # Exact blocked matrix products up to this many items, ScaNN above it.
     exact_max_items: int = 100000
+    # Regex removed from titles before encoding (e.g. MovieLens's trailing " (1995)").
+    title_strip_pattern: str = ""
 
 
 @dataclass
@@ -298,6 +301,11 @@ def validate(cfg: Config) -> Config:
         _check_positive(f"preprocess.{key}", getattr(cfg.preprocess, key))
     for key in ("top_k", "max_length", "batch_size", "exact_max_items"):
         _check_positive(f"semantic.{key}", getattr(cfg.semantic, key))
+    try:
+        re.compile(cfg.semantic.title_strip_pattern)
+    except re.error as err:
+        raise ConfigError(f"semantic.title_strip_pattern is not a valid regex "
+                          f"({cfg.semantic.title_strip_pattern!r}): {err}") from None
     if cfg.semantic.source == "vectors" and not cfg.semantic.vectors_path:
         raise ConfigError("semantic.vectors_path is required when semantic.source is 'vectors'")
     for key in ("embedding_dim", "output_dim", "num_heads", "num_transformer_layers"):

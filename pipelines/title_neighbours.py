@@ -57,6 +57,7 @@ import argparse
 import base64
 import gzip
 import json
+import re
 import logging
 import math
 import os
@@ -280,9 +281,10 @@ def _make_encode_dofn():
     class EncodeTitles(beam.DoFn):
         """Batch of item rows -> one JSON line per item: its vector, or why it has none."""
 
-        def __init__(self, max_length: int, batch_size: int):
+        def __init__(self, max_length: int, batch_size: int, strip_pattern: str = ""):
             self.max_length = max_length
             self.batch_size = batch_size
+            self.strip_pattern = strip_pattern
             self._shared = shared.Shared()
             self.encoded = Metrics.counter("title_neighbours", "titles_encoded")
             self.skipped = Metrics.counter("title_neighbours", "titles_skipped")
@@ -296,6 +298,8 @@ def _make_encode_dofn():
             encoder = self._handle.encoder
             titles = [row.get("title") if isinstance(row.get("title"), str) else ""
                       for row in batch]
+            if self.strip_pattern:  # e.g. MovieLens's "(1995)": neighbours by year are noise
+                titles = [re.sub(self.strip_pattern, "", t) for t in titles]
             t0 = time.perf_counter()
             ids = encoder.token_ids(titles)
             unk = encoder.tokenizer.unk_id
@@ -338,7 +342,8 @@ def encode_titles_beam(items_path: str, work_dir: str, cfg: Config, beam_argv=()
          | "ReadItems" >> beam.io.ReadFromText(items_path)
          | "Parse" >> beam.Map(json.loads)
          | "Batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
-         | "Encode" >> beam.ParDo(_make_encode_dofn()(cfg.semantic.max_length, bs))
+         | "Encode" >> beam.ParDo(_make_encode_dofn()(cfg.semantic.max_length, bs,
+                                                         cfg.semantic.title_strip_pattern))
          | "Write" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl"))
     result = p.run()
     result.wait_until_finish()
