@@ -6,7 +6,7 @@ Layout (one complete version per directory; see docs/SERVING.md)::
       <version>/                 integer Unix timestamp of the export
         user_tower/              SavedModel, signature serving_default (export/serving.py),
                                  assets/ = vocab files, assets.extra/tf_serving_warmup_requests
-        item_embeddings/         embeddings.npy, ids.txt, vocab.txt, info.json (export/item_index.py)
+        item_embeddings/         embeddings.npy, ids.txt, vocab.txt, info.json (item_index.py)
         scann/                   serialised ScaNN searcher + params.json (absent for brute force)
         metadata.json            config, vocab sizes, training metrics, code version, index params
       serving/                   the TF Serving model base path:
@@ -114,8 +114,9 @@ def code_version() -> dict:
                              text=True, timeout=10)
         if sha.returncode == 0:
             out["git_commit"] = sha.stdout.strip()
-            st = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)
+            st = subprocess.run(["git", "-C", root, "status", "--porcelain",
+                                 "--untracked-files=no"], capture_output=True, text=True,
+                                timeout=10)
             out["git_dirty"] = bool(st.stdout.strip()) if st.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
@@ -158,6 +159,22 @@ def sample_test_examples(art, max_rows: int = NUM_WARMUP_USERS):
             rows = np.sort(order[:max_rows])
             return arrays, rows
     return None, None
+
+
+def recall_queries(model, art, max_rows: int = 500, seed: int = 0):
+    """User vectors of up to ``max_rows`` random test examples (None if there is no test split)."""
+    from micrec_tf.evaluation.data import load_split_arrays
+
+    feats = ["hist_items", "hist_len"] + [f"user_{f}" for f in art.user_fields]
+    try:
+        arrays = load_split_arrays(art.path, "test", feats)
+    except (FileNotFoundError, KeyError):
+        return None
+    n = len(arrays["hist_len"])
+    if not n:
+        return None
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, max_rows), replace=False))
+    return np.asarray(model.user_embeddings(user_features(arrays, rows, art)), np.float32)
 
 
 def warmup_requests(art, sample_rows: list) -> list:
@@ -247,7 +264,12 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
         log(f"[export] index: {index} over {dump['num_items']} items")
         index_info = item_index.build_index(vectors, index, os.path.join(tmp, "scann"),
                                             k=cfg.export.top_k,
-                                            brute_force_max_items=cfg.export.brute_force_max_items)
+                                            brute_force_max_items=cfg.export.brute_force_max_items,
+                                            queries=recall_queries(model, art))
+        if "measured_recall" in index_info:
+            log(f"[export] ScaNN recall@{cfg.export.top_k} vs brute force on "
+                f"{index_info['recall_queries']} test users: {index_info['measured_recall']:.4f} "
+                f"({index_info['num_leaves_to_search']}/{index_info['num_leaves']} leaves)")
         metadata = {
             "name": cfg.name,
             "version": version,
@@ -260,7 +282,8 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
             "config": cfg.to_dict(),
             "vocab_sizes": {k: int(v) for k, v in art.vocab_sizes.items()},
             "user_fields": list(art.user_fields),
-            "training_metrics": _read_json(os.path.join(run_dir, "metrics.json")) if run_dir else None,
+            "training_metrics": (_read_json(os.path.join(run_dir, "metrics.json"))
+                                 if run_dir else None),
             "user_tower": tower,
             "item_embeddings": dump,
             "index": index_info,
@@ -339,7 +362,8 @@ def export_run(cfg: Config, run_dir: str | None = None, export_root: str | None 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--run-dir", default=None, help="trained run to export (default runs/<name>)")
+    parser.add_argument("--run-dir", default=None,
+                        help="trained run to export (default runs/<name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set export.index=brute_force")
     args = parser.parse_args(argv)

@@ -27,6 +27,9 @@ Parameters (:func:`scann_params`), for a catalogue of N items and top-k retrieva
 * asymmetric hashing with 2 dimensions per block, anisotropic threshold 0.2 (dot product);
 * exact re-ordering of the best ``reorder_k`` = max(4 k, 1000) AH candidates, so the returned
   scores are exact dot products;
+* the export then measures top-k recall against brute force on (up to 500) real test users' vectors
+  and doubles ``num_leaves_to_search`` until it reaches 0.95 (a query-time parameter: the searcher
+  is not rebuilt; ``params.json`` holds the final value and ``measured_recall``);
 * tiny catalogues (N < 256 items) get a ScaNN brute-force searcher (exact) instead: the tree and
   the hashing codebooks cannot be trained on so few points.
 
@@ -43,6 +46,7 @@ import shutil
 import numpy as np
 
 SCANN_MIN_ITEMS = 256
+TARGET_RECALL = 0.95
 
 
 def _read_lines(path: str) -> list:
@@ -128,16 +132,20 @@ def build_scann(vectors: np.ndarray, params: dict):
     return (builder.tree(num_leaves=params["num_leaves"],
                          num_leaves_to_search=params["num_leaves_to_search"],
                          training_sample_size=params["training_sample_size"])
-            .score_ah(params["dimensions_per_block"],
-                      anisotropic_quantization_threshold=params["anisotropic_quantization_threshold"])
+            .score_ah(params["dimensions_per_block"], anisotropic_quantization_threshold=params[
+                "anisotropic_quantization_threshold"])
             .reorder(params["reorder_k"])
             .build())
 
 
 def build_index(vectors: np.ndarray, kind: str, out_dir: str, k: int = 500,
-                brute_force_max_items: int = 20000) -> dict:
+                brute_force_max_items: int = 20000, queries: np.ndarray | None = None,
+                target_recall: float = TARGET_RECALL) -> dict:
     """Builds the configured index into ``out_dir`` (``scann``) or nothing (``brute_force``).
 
+    ``queries``: sample user vectors (real test users) to check, and if needed raise,
+    ``num_leaves_to_search`` until top-``k`` recall against brute force reaches
+    ``target_recall`` (see :func:`tune_leaves_to_search`).
     Returns the index description stored in metadata.json.
     """
     n = int(vectors.shape[0])
@@ -151,8 +159,36 @@ def build_index(vectors: np.ndarray, kind: str, out_dir: str, k: int = 500,
     if kind != "scann":
         raise ValueError(f"unknown index kind {kind!r}: expected 'scann' or 'brute_force'")
     params = scann_params(n, k)
-    save_scann(build_scann(vectors, params), params, out_dir)
+    searcher = build_scann(vectors, params)
+    if queries is not None and len(queries):
+        params = tune_leaves_to_search(searcher, params, vectors, queries, k, target_recall)
+    save_scann(searcher, params, out_dir)
     return {"kind": "scann", "num_items": n, "path": os.path.basename(out_dir), **params}
+
+
+def tune_leaves_to_search(searcher, params: dict, vectors: np.ndarray, queries: np.ndarray,
+                          k: int, target_recall: float = TARGET_RECALL) -> dict:
+    """Measures top-``k`` recall of ``searcher`` vs brute force on ``queries``; while it is below
+    ``target_recall``, doubles ``num_leaves_to_search`` (a query-time parameter: no rebuild).
+
+    Trained embeddings are far less clustered than synthetic ones (on MovieLens-1M, searching 10 %
+    of the leaves finds under half of the exact top 500), hence the check. Returns new params with
+    ``measured_recall`` and ``recall_queries``.
+    """
+    params = dict(params)
+    n = vectors.shape[0]
+    exact, _ = search_brute_force(vectors, queries, k)
+    while True:
+        rows, _ = search_scann(searcher, params, queries, k, n)
+        recall = recall_at_k(rows, exact)
+        if (recall >= target_recall or params.get("mode") != "tree_ah"
+                or params["num_leaves_to_search"] >= params["num_leaves"]):
+            break
+        params["num_leaves_to_search"] = int(min(params["num_leaves"],
+                                                 2 * params["num_leaves_to_search"]))
+    params["measured_recall"] = round(float(recall), 5)
+    params["recall_queries"] = int(len(queries))
+    return params
 
 
 def save_scann(searcher, params: dict, out_dir: str) -> None:
@@ -182,10 +218,13 @@ def search_scann(searcher, params: dict, queries: np.ndarray, k: int,
     q = np.ascontiguousarray(queries, dtype=np.float32)
     want = int(min(k, num_items))
     if q.shape[0] == 0 or want == 0:
-        return (np.full((q.shape[0], k), -1, np.int64), np.full((q.shape[0], k), -np.inf, np.float32))
+        return (np.full((q.shape[0], k), -1, np.int64),
+                np.full((q.shape[0], k), -np.inf, np.float32))
     kwargs = {"final_num_neighbors": want}
     if params.get("mode") == "tree_ah":
-        kwargs["pre_reorder_num_neighbors"] = int(min(num_items, max(params["reorder_k"], 2 * want)))
+        kwargs["pre_reorder_num_neighbors"] = int(min(num_items,
+                                                      max(params["reorder_k"], 2 * want)))
+        kwargs["leaves_to_search"] = int(params["num_leaves_to_search"])
     rows, scores = searcher.search_batched(q, **kwargs)
     rows = np.asarray(rows, dtype=np.int64)
     scores = np.asarray(scores, dtype=np.float32)

@@ -60,7 +60,8 @@ def specs_from_signature(fn) -> dict:
 
 def specs_from_metadata(inputs: Mapping[str, Mapping]) -> dict:
     """``{name: InputSpec}`` from metadata.json's ``user_tower.inputs`` description."""
-    return {name: InputSpec(name, d["shape"], d.get("dtype", "string")) for name, d in inputs.items()}
+    return {name: InputSpec(name, d["shape"], d.get("dtype", "string"))
+            for name, d in inputs.items()}
 
 
 def _decode_string(value: Any, where: str) -> bytes:
@@ -132,7 +133,8 @@ def parse_request(body: str | bytes | Mapping, specs: Mapping[str, InputSpec],
     unknown = sorted(set(body) - {"signature_name", "instances", "inputs"})
     if unknown:
         raise RequestError(f"unknown top-level key(s) {unknown}; expected \"instances\" (row "
-                           "format) or \"inputs\" (columnar format), and optional \"signature_name\"")
+                           "format) or \"inputs\" (columnar format), and optional "
+                           "\"signature_name\"")
     sig = body.get("signature_name", signature_name)
     if sig != signature_name:
         raise RequestError(f"serving signature name {sig!r} not found; this model serves "
@@ -229,6 +231,6 @@ def predict(body, signature_fn) -> dict:
     import tensorflow as tf
 
     tensors, fmt = parse_request(body, specs_from_signature(signature_fn))
-    outputs = signature_fn(**{k: tf.constant(v, tf.string) if v.size else tf.zeros(v.shape, tf.string)
-                              for k, v in tensors.items()})
+    outputs = signature_fn(**{k: tf.constant(v, tf.string) if v.size
+                              else tf.zeros(v.shape, tf.string) for k, v in tensors.items()})
     return format_response({k: v.numpy() for k, v in outputs.items()}, fmt)

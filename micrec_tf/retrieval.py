@@ -135,8 +135,8 @@ class Retriever:
     # ------------------------------------------------------------------ requests -> vectors
     def to_columns(self, requests) -> dict:
         """Any accepted request form -> ``{input: object array of bytes}`` (signature shapes)."""
-        if isinstance(requests, (str, bytes)) or (
-                isinstance(requests, Mapping) and ("instances" in requests or "inputs" in requests)):
+        if isinstance(requests, (str, bytes)) or (isinstance(requests, Mapping) and (
+                "instances" in requests or "inputs" in requests)):
             cols, _ = rest.parse_request(requests, self.specs)
             return cols
         if isinstance(requests, Mapping):
@@ -190,7 +190,8 @@ class Retriever:
             feed = {}
             for k, v in cols.items():
                 part = v[start:start + batch_size]
-                feed[k] = tf.constant(part, tf.string) if part.size else tf.zeros(part.shape, tf.string)
+                feed[k] = (tf.constant(part, tf.string) if part.size
+                           else tf.zeros(part.shape, tf.string))
             out.append(self.signature_fn(**feed)[serving.OUTPUT_NAME].numpy())
         dim = self.vectors.shape[1]
         return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
@@ -217,7 +218,7 @@ class Retriever:
 
     def search(self, user_vectors: np.ndarray, k: int | None = None,
                exclude=None, _cols: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` items per user vector: ``(ids object [B, k] of str, scores float32 [B, k])``."""
+        """Top-``k`` items per user vector: ``(ids [B, k] object (str), scores float32 [B, k])``."""
         k = int(k or self.top_k)
         q = np.asarray(user_vectors, np.float32)
         excl = self._exclusions(exclude, _cols, q.shape[0])

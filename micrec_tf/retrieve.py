@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         else:
             rank = next((i + 1 for i, x in enumerate(row_ids) if x == target), None)
             where = f"rank {rank if rank else f'> {k}'}"
-        print(f"  next click in {args.split}: {target or '?'} {titles.get(target, '')!r} -> {where}")
+        print(f"  next click in {args.split}: {target or '?'} {titles.get(target, '')!r} "
+              f"-> {where}")
         print(f"  {'rank':>4}  {'item_id':<12} {'score':>9}  title")
         for i, (item, score) in enumerate(zip(row_ids, row_scores)):
             if not item:

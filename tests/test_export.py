@@ -8,7 +8,6 @@ One module-scoped pipeline run on a tiny synthetic config in a tmp dir: preproce
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import types
@@ -93,6 +92,11 @@ def ref_features(rows, art):
     return feats
 
 
+def D(env):
+    """The user/item vector size."""
+    return env.cfg.model.output_dim
+
+
 def model_vectors(env, rows):
     return np.asarray(env.model.user_embeddings(ref_features(rows, env.art)), np.float32)
 
@@ -146,11 +150,13 @@ def test_version_layout_metadata_and_serving_view(env):
     assert meta["code_version"]["micrec_tf"] == micrec_tf.__version__
     assert re.fullmatch(r"[0-9a-f]{40}", meta["code_version"]["git_commit"] or "0" * 40)
     assert meta["index"]["kind"] == "scann" and meta["index"]["mode"] == "tree_ah"
+    assert meta["index"]["measured_recall"] >= 0.95 and meta["index"]["recall_queries"] > 0
     assert meta["user_tower"]["self_check_max_abs_diff"] <= 1e-5
     assert set(meta["user_tower"]["inputs"]) == set(env.art.user_fields) | {"history"}
     # TF Serving's base path: serving/<version>/saved_model.pb, the same files (hard links).
     served = os.path.join(root, "serving", name)
-    for rel in ("saved_model.pb", "variables/variables.index", "assets.extra/tf_serving_warmup_requests"):
+    for rel in ("saved_model.pb", "variables/variables.index",
+                "assets.extra/tf_serving_warmup_requests"):
         a, b = os.path.join(served, rel), os.path.join(env.version_dir, "user_tower", rel)
         assert open(a, "rb").read() == open(b, "rb").read()
         assert os.stat(a).st_ino == os.stat(b).st_ino or os.stat(a).st_nlink == 1
@@ -185,14 +191,13 @@ def test_fresh_tensorflow_process_matches_trained_model(env, tmp_path):
     assert report == {"foreign": [], "keys": ["user_embedding"]}
     got = np.load(tmp_path / "out.npy")
     want = model_vectors(env, rows)
-    assert got.shape == (len(rows), 64) and got.dtype == np.float32
+    assert got.shape == (len(rows), D(env)) and got.dtype == np.float32
     diff = float(np.max(np.abs(got - want)))
     assert diff <= 1e-5, diff
     # Long history: only the 20 most recent clicks count (the 5 older ones change nothing).
     long_row = rows[-2]
-    np.testing.assert_allclose(got[-2], model_vectors(env, [{**long_row,
-                                                             "history": long_row["history"][5:]}])[0],
-                               atol=1e-5)
+    short = {**long_row, "history": long_row["history"][5:]}
+    np.testing.assert_allclose(got[-2], model_vectors(env, [short])[0], atol=1e-5)
 
 
 def test_saved_model_cli_lists_the_documented_signature(env):
@@ -202,10 +207,12 @@ def test_saved_model_cli_lists_the_documented_signature(env):
     sig = out[out.index("signature_def['serving_default']"):]
     sig = sig[:sig.index("Method name is")] + sig[sig.index("Method name is"):].splitlines()[0]
     for f in env.art.user_fields:
-        assert re.search(rf"inputs\['{f}'\] tensor_info:\s+dtype: DT_STRING\s+shape: \(-1\)", sig), f
-    assert re.search(r"inputs\['history'\] tensor_info:\s+dtype: DT_STRING\s+shape: \(-1, -1\)", sig)
+        assert re.search(rf"inputs\['{f}'\] tensor_info:\s+dtype: DT_STRING\s+"
+                         r"shape: \(-1\)", sig), f
+    assert re.search(r"inputs\['history'\] tensor_info:\s+dtype: DT_STRING\s+"
+                     r"shape: \(-1, -1\)", sig)
     assert re.search(r"outputs\['user_embedding'\] tensor_info:\s+dtype: DT_FLOAT\s+"
-                     r"shape: \(-1, 64\)", sig)
+                     rf"shape: \(-1, {D(env)}\)", sig)
     assert sig.count("inputs['") == len(env.art.user_fields) + 1
     assert sig.count("outputs['") == 1
     assert "Method name is: tensorflow/serving/predict" in sig
@@ -232,7 +239,7 @@ def test_documented_rest_bodies_give_the_model_vectors(env, signature):
     assert set(row_resp) == {"predictions"} and set(col_resp) == {"outputs"}
     got_row = np.asarray(row_resp["predictions"], np.float32)
     got_col = np.asarray(col_resp["outputs"], np.float32)
-    assert got_row.shape == (len(rows), 64)
+    assert got_row.shape == (len(rows), D(env))
     assert np.max(np.abs(got_row - want)) <= 1e-5
     np.testing.assert_array_equal(got_row, got_col)
     # Both bodies convert to the same tensors; the columnar one equals the documented rows.
@@ -267,7 +274,7 @@ def test_unknown_ids_and_empty_histories_give_vectors(env, signature):
                              "history": [["nope-1", "nope-2"], ["", ""]]}}):
         out = np.asarray(rest.predict(body, signature)["predictions" if "instances" in body
                                                         else "outputs"], np.float32)
-        assert out.shape == (2, 64) and np.all(np.isfinite(out))
+        assert out.shape == (2, D(env)) and np.all(np.isfinite(out))
     # A [B, 0] history tensor straight into the signature.
     out = signature(**{f: tf.constant(["zzz"], tf.string) for f in fields},
                     history=tf.zeros([1, 0], tf.string))["user_embedding"].numpy()
@@ -281,7 +288,8 @@ def test_unknown_ids_and_empty_histories_give_vectors(env, signature):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda r, f: {"instances": [{**r, f[1]: 25}]}, r"input '.+?' .*expected a string .*got number 25"),
+    (lambda r, f: {"instances": [{**r, f[1]: 25}]},
+     r"input '.+?' .*expected a string .*got number 25"),
     (lambda r, f: {"instances": [{k: v for k, v in r.items() if k != f[0]}]},
      r"missing input\(s\) \['" + "FIELD0"),
     (lambda r, f: {"instances": [{**r, "history": "i1"}]}, r"input 'history'.*expected a list"),
@@ -380,7 +388,7 @@ def test_warmup_requests_are_prediction_logs_of_real_requests(env, signature):
         assert set(feed) == inputs and len(batch) == 1
         assert feed["history"].ndim == 2 and all(feed[f].ndim == 1 for f in env.art.user_fields)
         out = signature(**{k: tf.constant(v, tf.string) for k, v in feed.items()})
-        assert out["user_embedding"].shape == (batch.pop(), 64)
+        assert out["user_embedding"].shape == (batch.pop(), D(env))
     # The first request holds real users of the test split (known ids, non-empty histories).
     first = serving.read_warmup_requests(path)[0]
     known = set(env.art.vocabs["item_id"])
@@ -398,7 +406,8 @@ def test_documented_grpc_client_against_a_predict_server(env, signature):
     _, PredictRequest, PredictResponse = serving.serving_protos()
 
     def predict(request, context):
-        feed = {k: tf.constant(serving.tensor_to_numpy(v), tf.string) for k, v in request.inputs.items()}
+        feed = {k: tf.constant(serving.tensor_to_numpy(v), tf.string)
+                for k, v in request.inputs.items()}
         assert request.model_spec.name == "user_tower"
         out = signature(**feed)
         resp = PredictResponse()
@@ -424,14 +433,14 @@ def test_documented_grpc_client_against_a_predict_server(env, signature):
     got = ns["user_vector"]
     want = model_vectors(env, [{"gender": "F", "age": "25-34", "region": "north",
                                 "history": ["i354", "i125", "i706"]}])
-    assert got.shape == (1, 64) and np.max(np.abs(got - want)) <= 1e-5
+    assert got.shape == (1, D(env)) and np.max(np.abs(got - want)) <= 1e-5
 
 
 # ----------------------------------------------------------------------------- items and index
 def test_item_dump_equals_item_tower(env):
     ids, vectors = item_index.load_item_embeddings(os.path.join(env.version_dir, "item_embeddings"))
     assert ids == list(env.art.vocabs["item_id"])
-    assert vectors.dtype == np.float32 and vectors.shape == (len(ids), 64)
+    assert vectors.dtype == np.float32 and vectors.shape == (len(ids), D(env))
     want = np.asarray(env.model.item_embeddings(np.arange(1, len(ids) + 1)), np.float32)
     assert np.max(np.abs(vectors - want)) <= 1e-5
     with open(os.path.join(env.art.path, "vocab", "item_id.txt"), "rb") as a, \
@@ -467,8 +476,17 @@ def test_scann_recall_on_clustered_catalogue_and_reload(tmp_path):
     print(f"\n[scann] clustered synthetic catalogue N={len(items)}: recall@{k} vs brute force "
           f"= {recall:.4f} ({params['num_leaves_to_search']}/{params['num_leaves']} leaves)")
     assert recall >= 0.95
+    # Too few leaves: the export-time check doubles num_leaves_to_search until recall >= 0.95.
+    low = {**params, "num_leaves_to_search": 2}
+    assert item_index.recall_at_k(item_index.search_scann(searcher, low, queries, k, len(items))[0],
+                                  exact) < 0.95
+    tuned = item_index.tune_leaves_to_search(searcher, low, items, queries[:50], k)
+    assert tuned["num_leaves_to_search"] > 2 and tuned["measured_recall"] >= 0.95
+    assert item_index.recall_at_k(
+        item_index.search_scann(searcher, tuned, queries, k, len(items))[0], exact) >= 0.9
     # Re-ordered scores are exact dot products.
-    np.testing.assert_allclose(scores[:, 0], np.max(queries @ items.T, axis=1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scores[:, 0], np.max(queries @ items.T, axis=1),
+                               rtol=1e-4, atol=1e-4)
 
 
 def _index_recall(version_dir, queries, k=500):
@@ -548,7 +566,8 @@ def test_interrupted_export_leaves_no_visible_version(env, monkeypatch):
     assert not os.path.exists(stale)
     assert int(os.path.basename(new_dir)) > before[-1]
     assert export_model.list_versions(root) == before + [int(os.path.basename(new_dir))]
-    assert os.path.exists(os.path.join(root, "serving", os.path.basename(new_dir), "saved_model.pb"))
+    assert os.path.exists(os.path.join(root, "serving", os.path.basename(new_dir),
+                                       "saved_model.pb"))
     assert Retriever.load(root).version_dir == new_dir
 
 
