@@ -136,9 +136,29 @@ def _subsample(arrays: dict, max_examples: int, seed: int) -> dict:
     return {k: v[idx] for k, v in arrays.items()}
 
 
+def consumed_batches(backup_dir: str, steps_per_epoch: int) -> int:
+    """Batches a killed run already trained on, read from its BackupAndRestore checkpoint.
+
+    Mirrors tf_keras's ``maybe_load_initial_counters_from_ckpt``: the backup stores the epoch and
+    the batch within it at which it was written. 0 when there is no backup.
+    """
+    latest = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
+    if not latest:
+        return 0
+    reader = tf.train.load_checkpoint(latest)
+    epoch = int(reader.get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    batch = int(reader.get_tensor("ckpt_saved_batch/.ATTRIBUTES/VARIABLE_VALUE"))
+    if epoch < 0 or batch < 0:
+        return 0
+    return epoch * steps_per_epoch + batch + 1
+
+
 def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
-          log=print) -> dict:
-    """Trains ``cfg``'s model; returns ``{"run_dir", "history", "valid", "test"}``."""
+          log=print, extra_callbacks=()) -> dict:
+    """Trains ``cfg``'s model; returns ``{"run_dir", "history", "valid", "test", "model"}``.
+
+    ``extra_callbacks`` are appended to the Keras callbacks (tests use one to kill a run).
+    """
     run_dir = run_dir or cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
@@ -159,10 +179,25 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
                             art.cooccurrence, art.title_neighbours)
         model.compile(optimizer=tf_keras.optimizers.Adam(cfg.train.learning_rate))
 
+    # One endless, seeded stream of batches (reshuffled per epoch, deterministically), cut into
+    # epochs by steps_per_epoch. A resumed run skips the batches its backup already trained on,
+    # so it sees exactly the data an uninterrupted run would.
+    steps_per_epoch = max(1, int(np.ceil((n_train or 0) * cfg.train.train_fraction
+                                         / cfg.train.batch_size)))
+    backup_dir = os.path.join(run_dir, "backup")
+    done = consumed_batches(backup_dir, steps_per_epoch)
+    if done:
+        log(f"[train] resuming from {backup_dir}: skipping {done} batches already trained on")
     train_ds = make_dataset(cfg.artifacts_dir, "train", cfg.train.batch_size, shuffle=True,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, repeat=True)
     if cfg.train.train_fraction < 1.0:
         train_ds = train_ds.map(user_sampler(cfg.train.train_fraction, cfg.train.seed))
+    train_ds = train_ds.skip(done)
+    with strategy.scope():
+        # Create every variable (towers, CL projectors, optimizer slots) before fit, so that
+        # BackupAndRestore restores all of them, not only those that exist at restore time.
+        model.compute_losses(next(iter(make_dataset(cfg.artifacts_dir, "valid", 8))))
+        model.optimizer.build(model.trainable_variables)
     # Under a GPU strategy, Keras distributes the dataset, which prefetches batches to the device.
 
     splits = {s: load_split_arrays(cfg.artifacts_dir, s) for s in ("train", "valid", "test")}
@@ -175,8 +210,7 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
     callbacks = [
         ValidationHitRate(valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n, v_excl,
                           cfg.eval.batch_size),
-        tf_keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup"),
-                                            save_freq=cfg.train.steps_per_checkpoint),
+        tf_keras.callbacks.BackupAndRestore(backup_dir, save_freq=cfg.train.steps_per_checkpoint),
         tf_keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq=50),
         _JsonHistory(os.path.join(run_dir, "history.json")),
     ]
@@ -187,7 +221,8 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
             restore_best_weights=True, verbose=1))
 
     start = time.time()
-    hist = model.fit(train_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=2)
+    hist = model.fit(train_ds, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
+                     callbacks=callbacks + list(extra_callbacks), verbose=2)
     seconds = time.time() - start
     log(f"[train] done in {seconds:.1f}s ({(n_train or 0) * len(hist.epoch) / max(seconds, 1e-9):.0f} "
         f"examples/s over {len(hist.epoch)} epoch(s))")
