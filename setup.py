@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="MicRec two-tower matching with item-based contrastive learning (TF2 / Keras 2)",
     packages=find_packages(include=["micrec_tf", "micrec_tf.*", "pipelines", "pipelines.*", "export", "export.*"]),
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11,<3.13",
     install_requires=[
         "tensorflow==2.20.*",
         "tf-keras==2.20.*",
