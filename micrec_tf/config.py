@@ -104,6 +104,9 @@ class ModelConfig:
     user_mlp_units: list = field(default_factory=lambda: [128, 64, 64])
     num_heads: int = 2
     num_transformer_layers: int = 1
+    # ICAN: width of the transformer over the recent clicks (raw item embeddings are projected
+    # to it); 0 = the raw width (fields x embedding_dim).
+    transformer_dim: int = 64
     dropout: float = 0.0
     cl: list = field(default_factory=lambda: ["feature", "semantic", "session"])
 
@@ -314,6 +317,7 @@ def validate(cfg: Config) -> Config:
         units = getattr(cfg.model, key)
         if not units or any(not isinstance(u, int) or u <= 0 for u in units):
             raise ConfigError(f"model.{key} must be a non-empty list of positive ints, got {units!r}")
+    _check_positive("model.transformer_dim", cfg.model.transformer_dim, allow_zero=True)
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout!r}")
     _check_positive("loss.num_negatives", cfg.loss.num_negatives, allow_zero=True)

@@ -254,7 +254,7 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
                                   name="item_tower")
         user_tower = ICANUserTower(lookup, item_fields, user_fields_emb, m.user_mlp_units,
                                    m.num_heads, m.num_transformer_layers, m.dropout,
-                                   name="user_tower")
+                                   transformer_dim=m.transformer_dim, name="user_tower")
     elif m.name == "youtubednn":
         item_tower = MLPItemTower(lookup, item_fields, m.item_mlp_units, m.dropout,
                                   name="item_tower")

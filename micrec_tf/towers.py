@@ -267,16 +267,24 @@ class ICANUserTower(UserTower):
     """ICAN / MicRec user tower (paper eq. 6):
     ``u = MLP_u([Flatten(Transformer(F^b)) ; u^other])``.
 
-    ``F^b`` [B, H, F * D] are the raw embeddings ``f^d`` of the H most recent clicks plus learned
-    position embeddings; the transformer masks keys beyond ``hist_len``, padded outputs are zeroed.
+    ``F^b`` [B, H, F * D] are the raw embeddings ``f^d`` of the H most recent clicks, linearly
+    projected to ``transformer_dim`` (0 keeps the raw width F * D; the projection cuts the
+    transformer's cost by about ((F * D) / transformer_dim)^2), plus learned position embeddings;
+    the transformer masks keys beyond ``hist_len``, padded outputs are zeroed.
     """
 
     def __init__(self, item_lookup, item_field_embeddings, user_field_embeddings,
                  units: Sequence[int] = (128, 64, 64), num_heads: int = 2, num_layers: int = 1,
-                 dropout: float = 0.0, **kwargs):
+                 dropout: float = 0.0, transformer_dim: int = 0, **kwargs):
         super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
         self.units, self.num_heads, self.num_layers = list(units), num_heads, num_layers
         self.dropout = float(dropout)
+        self.transformer_dim = int(transformer_dim)
+        if self.transformer_dim < 0:
+            raise ValueError(f"transformer_dim must be >= 0, got {transformer_dim}")
+        self.project = (tf_keras.layers.Dense(self.transformer_dim, use_bias=False,
+                                              name="history_projection")
+                        if self.transformer_dim else None)
         self.positions = PositionEmbedding(name="history_positions")
         self.blocks = [TransformerEncoderBlock(num_heads, dropout=self.dropout,
                                                name=f"transformer_{i}")
@@ -292,17 +300,22 @@ class ICANUserTower(UserTower):
         h, f, d = hist.shape[1], hist.shape[2], hist.shape[3]
         if h is None:
             raise ValueError("ICANUserTower needs a static history length H in hist_items [B, H]")
-        x = self.positions(tf.reshape(hist, [-1, h, f * d]))
+        x = tf.reshape(hist, [-1, h, f * d])
+        if self.project is not None:
+            x = self.project(x)
+        x = self.positions(x)
         for block in self.blocks:
             x = block(x, mask=mask, training=training)
-        behaviour = tf.reshape(x * tf.cast(mask, x.dtype)[..., tf.newaxis], [-1, h * f * d])
+        width = x.shape[-1]
+        behaviour = tf.reshape(x * tf.cast(mask, x.dtype)[..., tf.newaxis], [-1, h * width])
         other = self.flatten_fields(self.profile(features, hist))
         return self.mlp(tf.concat([behaviour, other], axis=-1), training=training)
 
     def get_config(self):
         config = super().get_config()
         config.update(units=list(self.units), num_heads=self.num_heads,
-                      num_layers=self.num_layers, dropout=self.dropout)
+                      num_layers=self.num_layers, dropout=self.dropout,
+                      transformer_dim=self.transformer_dim)
         return config
 
 

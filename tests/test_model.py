@@ -109,6 +109,7 @@ def _all_towers():
         TW.MLPItemTower(lk, itf, [16, D]), TW.FMItemTower(lk, itf),
         TW.DeepFMItemTower(lk, itf, [16, D]), TW.AutoIntItemTower(lk, itf, D, 2, 2),
         TW.ICANUserTower(lk, itf, _user_fields(), [16, D], 2, 1),
+        TW.ICANUserTower(lk, itf, _user_fields(), [16, D], 2, 1, transformer_dim=8),
         TW.YoutubeDNNUserTower(lk, itf, _user_fields(), [16, D]),
         TW.FMUserTower(lk, itf, _user_fields()),
         TW.DeepFMUserTower(lk, itf, _user_fields(), [16, D]),
