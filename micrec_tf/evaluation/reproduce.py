@@ -59,13 +59,28 @@ SPARSITY = (1.0, 0.5, 0.2)
 # The bounded validation grid (4 trials for every variant). Models with CL terms search the CL
 # temperature and a common scale of the paper's lambdas (1.0, 0.3, 0.1); models without CL search
 # the learning rate and the number of sampled negatives, so both get the same tuning budget.
-GRID_CL = [{"loss.temperature": t, "_lambda_scale": s} for t in (0.1, 1.0) for s in (0.3, 1.0)]
-GRID_BASE = [{"train.learning_rate": lr, "loss.num_negatives": n}
-             for lr in (0.001, 0.003) for n in (500, 1000)]
+GRIDS = {
+    "full": ([{"loss.temperature": t, "_lambda_scale": s} for t in (0.1, 1.0) for s in (0.3, 1.0)],
+             [{"train.learning_rate": lr, "loss.num_negatives": n}
+              for lr in (0.001, 0.003) for n in (500, 1000)]),
+    # Two trials each: the CL temperature, or the learning rate for models without CL.
+    "small": ([{"loss.temperature": t} for t in (0.1, 1.0)],
+              [{"train.learning_rate": lr} for lr in (0.001, 0.003)]),
+    "none": ([{}], [{}]),
+}
+GRID_TEXT = {
+    "full": "models with CL terms: temperature {0.1, 1.0} x lambda scale {0.3, 1.0} (applied to "
+            "the paper's (1.0, 0.3, 0.1)); models without CL: learning rate {0.001, 0.003} x "
+            "sampled negatives {500, 1000}. Four trials each.",
+    "small": "models with CL terms: temperature {0.1, 1.0}; models without CL: learning rate "
+             "{0.001, 0.003}. Two trials each; everything else at the config's values.",
+    "none": "no tuning: every variant at the config's values.",
+}
 
 
-def grid_for(overrides: dict) -> list:
-    return GRID_CL if overrides.get("model.cl") else GRID_BASE
+def grid_for(overrides: dict, grid: str = "full") -> list:
+    cl_grid, base_grid = GRIDS[grid]
+    return cl_grid if overrides.get("model.cl") else base_grid
 
 
 def _expand(cfg: Config, overrides: dict) -> Config:
@@ -84,8 +99,8 @@ def _slug(text: str) -> str:
 class Runner:
     """Runs (or loads from cache) one training run per (variant, setting, seed, fraction)."""
 
-    def __init__(self, cfg: Config, root: str, log=print):
-        self.cfg, self.root, self.log = cfg, root, log
+    def __init__(self, cfg: Config, root: str, grid: str = "full", log=print):
+        self.cfg, self.root, self.grid, self.log = cfg, root, grid, log
 
     def run(self, key: str, overrides: dict, evaluate_test: bool) -> dict:
         run_dir = os.path.join(self.root, key)
@@ -112,16 +127,23 @@ class Runner:
         tf_keras.backend.clear_session()
         return out
 
-    def tune(self, name: str, overrides: dict) -> dict:
-        """Best grid setting of ``name`` on validation HIT@50 (seed 0)."""
-        best, best_score = None, -1.0
-        for i, setting in enumerate(grid_for(overrides)):
+    def tune(self, name: str, overrides: dict) -> tuple:
+        """Best grid setting of ``name`` by validation HIT@N[0] (seed 0): ``(setting, run key)``.
+
+        Trial runs also measure test metrics (so the winner doubles as the seed-0 run), but the
+        choice reads validation only.
+        """
+        trials = grid_for(overrides, self.grid)
+        best, best_key, best_score = None, None, -1.0
+        for setting in trials:
             ov = {**overrides, **setting, "train.seed": 0}
-            res = self.run(f"tune/{_slug(name)}/g{i}", ov, evaluate_test=False)
+            tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(setting.items())) or "default"
+            key = f"tune/{_slug(name)}/{_slug(tag)}"
+            res = self.run(key, ov, evaluate_test=True)
             score = res["valid"][f"hit@{self.cfg.eval.hit_n[0]}"]
             if score > best_score:
-                best, best_score = setting, score
-        return best
+                best, best_key, best_score = setting, key, score
+        return best, best_key
 
 
 def paired_p(a, b) -> float:
@@ -149,7 +171,7 @@ def summarise(per_seed: dict, ns, coverage_ns) -> dict:
 
 
 def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, sparsity: dict,
-                seeds: int, command: str, seconds: float) -> str:
+                seeds: int, command: str, seconds: float, grid: str = "full") -> str:
     ns, cns = cfg.eval.hit_n, cfg.eval.coverage_n
     cols = [f"hit@{n}" for n in ns] + [f"coverage@{n}" for n in cns] + \
         [f"long_tail/hit@{ns[0]}", f"long_tail/hit@{ns[-1]}"]
@@ -198,9 +220,7 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
     lines += ["## Chosen hyper-parameters (validation HIT@50, seed 0)", "",
               "| model | setting |", "|---|---|"]
     lines += [f"| {n} | `{json.dumps(s)}` |" for n, s in settings.items()]
-    lines += ["", "Grid: models with CL terms: temperature {0.1, 1.0} x lambda scale {0.3, 1.0} "
-              "(applied to the paper's (1.0, 0.3, 0.1)); models without CL: learning rate "
-              "{0.001, 0.003} x sampled negatives {500, 1000}. Four trials each.", ""]
+    lines += ["", f"Grid `{grid}`: {GRID_TEXT[grid]}", ""]
     return "\n".join(lines)
 
 
@@ -255,12 +275,12 @@ def plots(out_dir: str, cfg: Config, summary: dict, sparsity: dict, histories: d
 
 
 def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=True,
-              tune=True, out_dir="docs/results", command="", log=print) -> str:
+              grid: str = "full", out_dir="docs/results", command="", log=print) -> str:
     """Runs everything (cached) and writes the report; returns the markdown path."""
     start = time.time()
     seeds = seeds or cfg.eval.seeds
     names = [n for n in VARIANTS if variants is None or n in variants]
-    runner = Runner(cfg, os.path.join(cfg.run_dir, "reproduce"), log)
+    runner = Runner(cfg, os.path.join(cfg.run_dir, "reproduce"), grid, log)
     settings, per_seed, histories, done = {}, {}, {}, {}
     for name in names:
         overrides = VARIANTS[name][1]
@@ -268,16 +288,21 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
         if sig in done:  # same model as another row (e.g. "MicRec - sem" = "MicRec (fea+sess)")
             settings[name], per_seed[name] = settings[done[sig]], per_seed[done[sig]]
             continue
-        settings[name] = runner.tune(name, overrides) if tune else {}
+        settings[name], seed0_key = runner.tune(name, overrides)
         per_seed[name] = [
-            runner.run(f"{_slug(name)}/seed{s}", {**overrides, **settings[name], "train.seed": s},
-                       evaluate_test=True) for s in range(seeds)]
+            runner.run(seed0_key if s == 0 else f"{_slug(name)}/seed{s}",
+                       {**overrides, **settings[name], "train.seed": s}, evaluate_test=True)
+            for s in range(seeds)]
         histories[name] = per_seed[name][0]["history"]
         done[sig] = name
     sweep = {}
     if sparsity and BASE in settings and FINAL in settings:
         for frac in SPARSITY:
             pair = []
+            if frac == 1.0:  # the main runs already are the 100 % point
+                sweep[frac] = tuple([r["test"][f"hit@{cfg.eval.hit_n[0]}"] for r in per_seed[n]]
+                                    for n in (BASE, FINAL))
+                continue
             for name in (BASE, FINAL):
                 ov = {**VARIANTS[name][1], **settings[name], "train.train_fraction": frac}
                 pair.append([runner.run(f"sparsity/{_slug(name)}/f{int(frac * 100)}/seed{s}",
@@ -295,7 +320,7 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
     md_path = os.path.join(out_dir, f"{cfg.name}.md")
     pngs = plots(os.path.join(out_dir, cfg.name), cfg, summary, sweep,
                  {n: histories[n] for n in (BASE, FINAL) if n in histories})
-    md = to_markdown(cfg, summary, ref, settings, sweep, seeds, command, time.time() - start)
+    md = to_markdown(cfg, summary, ref, settings, sweep, seeds, command, time.time() - start, grid)
     md += "\n## Plots\n\n" + "\n".join(
         f"![{os.path.basename(p)}]({cfg.name}/{os.path.basename(p)})" for p in pngs) + "\n"
     with open(md_path, "w") as fh:
@@ -315,7 +340,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="default: eval.seeds")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of: {', '.join(VARIANTS)}")
-    parser.add_argument("--no-tune", action="store_true", help="skip the validation grid")
+    parser.add_argument("--tables", default=None,
+                        help="comma-separated subset of: main, ablation, universality")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="full",
+                        help="validation grid per variant (default: full, 4 trials)")
     parser.add_argument("--no-sparsity", action="store_true")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
@@ -326,7 +354,13 @@ def main(argv=None) -> int:
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    reproduce(cfg, variants, args.seeds, sparsity=not args.no_sparsity, tune=not args.no_tune,
+    if args.tables:
+        tables = [t.strip() for t in args.tables.split(",")]
+        bad = [t for t in tables if t not in ("main", "ablation", "universality")]
+        if bad:
+            parser.error(f"unknown table(s) {bad}")
+        variants = [v for v in (variants or VARIANTS) if VARIANTS[v][0] in tables]
+    reproduce(cfg, variants, args.seeds, sparsity=not args.no_sparsity, grid=args.grid,
               out_dir=args.out, command="python -m micrec_tf.evaluation.reproduce " +
               " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
