@@ -31,6 +31,14 @@ def _strip_eol(line: str) -> str:
     return line.rstrip("\r\n")
 
 
+def _fields(line: str, sep: str, expected):
+    """``(line without EOL, fields)``; fields is None for a blank line (skipped, not an error)."""
+    line = _strip_eol(line)
+    if not line.strip():
+        return line, None
+    return line, split_fields(line, sep, expected)
+
+
 def _year_from_title(title: str) -> str:
     m = _YEAR_IN_TITLE.search(title)
     return m.group(1) if m else ""
@@ -97,10 +105,9 @@ class CanonicalAdapter(Adapter):
         return cls(user_fields=user_fields, item_extra_fields=item_header[4:], name=name)
 
     def parse_interaction(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "\t", 3)
+        if fields is None:
             return []
-        fields = split_fields(line, "\t", 3)
         if fields[0] == "user_id" and fields[1] == "item_id":
             return []
         return [Interaction(require_id(fields[0], line, "user_id"),
@@ -108,10 +115,9 @@ class CanonicalAdapter(Adapter):
                             parse_timestamp(fields[2], line))]
 
     def parse_item(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "\t", 4 + len(self.item_extra_fields))
+        if fields is None:
             return []
-        fields = split_fields(line, "\t", 4 + len(self.item_extra_fields))
         if fields[0] == "item_id" and fields[1] == "title":
             return []
         tags = tuple(t.strip() for t in fields[2].split("|") if t.strip())
@@ -120,10 +126,9 @@ class CanonicalAdapter(Adapter):
                      fields[3].strip(), extra)]
 
     def parse_user(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "\t", 1 + len(self.user_fields))
+        if fields is None:
             return []
-        fields = split_fields(line, "\t", 1 + len(self.user_fields))
         if fields[0] == "user_id":
             return []
         profile = {k: v.strip() for k, v in zip(self.user_fields, fields[1:])}
@@ -154,29 +159,26 @@ class MovieLens1MAdapter(Adapter):
     item_extra_fields = ("year",)
 
     def parse_interaction(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "::", 4)
+        if fields is None:
             return []
-        fields = split_fields(line, "::", 4)
         return [Interaction(require_id(fields[0], line, "UserID"),
                             require_id(fields[1], line, "MovieID"),
                             parse_timestamp(fields[3], line))]
 
     def parse_item(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "::", 3)
+        if fields is None:
             return []
-        fields = split_fields(line, "::", 3)
         title = fields[1].strip()
         tags = tuple(g.strip() for g in fields[2].split("|") if g.strip())
         return [Item(require_id(fields[0], line, "MovieID"), title, tags, "",
                      {"year": _year_from_title(title)})]
 
     def parse_user(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "::", 5)
+        if fields is None:
             return []
-        fields = split_fields(line, "::", 5)
         return [User(require_id(fields[0], line, "UserID"),
                      {"gender": fields[1].strip(), "age": fields[2].strip(),
                       "occupation": fields[3].strip(), "zip_prefix": _zip_prefix(fields[4])})]
@@ -202,19 +204,17 @@ class MovieLens100KAdapter(Adapter):
     item_extra_fields = ("year",)
 
     def parse_interaction(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "\t", 4)
+        if fields is None:
             return []
-        fields = split_fields(line, "\t", 4)
         return [Interaction(require_id(fields[0], line, "user_id"),
                             require_id(fields[1], line, "item_id"),
                             parse_timestamp(fields[3], line))]
 
     def parse_item(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "|", 5 + len(ML100K_GENRES))
+        if fields is None:
             return []
-        fields = split_fields(line, "|", 5 + len(ML100K_GENRES))
         title = fields[1].strip()
         tags = tuple(g for g, flag in zip(ML100K_GENRES, fields[5:]) if flag.strip() == "1")
         year = _year_from_title(title)
@@ -223,10 +223,9 @@ class MovieLens100KAdapter(Adapter):
         return [Item(require_id(fields[0], line, "item_id"), title, tags, "", {"year": year})]
 
     def parse_user(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "|", 5)
+        if fields is None:
             return []
-        fields = split_fields(line, "|", 5)
         return [User(require_id(fields[0], line, "user_id"),
                      {"gender": fields[2].strip(), "age": _age_bucket(fields[1]),
                       "occupation": fields[3].strip(), "zip_prefix": _zip_prefix(fields[4])})]
@@ -278,10 +277,9 @@ class MindAdapter(Adapter):
         return calendar.timegm(dt.timetuple())
 
     def parse_interaction(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "\t", 5)
+        if fields is None:
             return []
-        fields = split_fields(line, "\t", 5)
         user = require_id(fields[1], line, "user_id")
         ts = self.parse_time(fields[2], line)
         history = fields[3].split()
@@ -301,10 +299,9 @@ class MindAdapter(Adapter):
         return rows
 
     def parse_item(self, line: str) -> list:
-        line = _strip_eol(line)
-        if not line.strip():
+        line, fields = _fields(line, "\t", 8)
+        if fields is None:
             return []
-        fields = split_fields(line, "\t", 8)
         tags = tuple(t for t in (fields[1].strip(), fields[2].strip()) if t)
         return [Item(require_id(fields[0], line, "news_id"), fields[3].strip(), tags, "", {})]
 
