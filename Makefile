@@ -42,8 +42,11 @@ export: install
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+# The training benchmark is defined on the ml-1m config (it falls back to synthetic data, and
+# says so, when ml-1m's artifacts are absent); CONFIG=... on the command line overrides.
+BENCH_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/ml-1m.yaml)
 bench: install
-	$(PY) -m micrec_tf.bench --config $(CONFIG)
+	$(PY) -m micrec_tf.bench --config $(BENCH_CONFIG)
 
 reproduce: install
 	$(PY) -m micrec_tf.evaluation.reproduce --config $(CONFIG)
