@@ -73,6 +73,8 @@ class PreprocessConfig:
     max_pairs_per_click: int = 50
     cooccurrence_top_m: int = 50
     num_shards: int = 4
+    # Keep one copy of identical (user, item, timestamp) clicks; copies are counted in stats.
+    deduplicate_clicks: bool = False
     # Extra Beam pipeline options, e.g. ["--runner=DataflowRunner", "--project=..."].
     beam_args: list = field(default_factory=list)
 

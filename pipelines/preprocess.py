@@ -475,13 +475,22 @@ def _pick_first(kv):
 class PrepareUser(beam.DoFn):
     """CoGroupByKey result -> (user_id, profile, clicks sorted by (ts, item), n_train, n_valid)."""
 
-    def __init__(self, mode: str, num_profile_fields: int):
+    def __init__(self, mode: str, num_profile_fields: int, deduplicate: bool = False):
         self.mode = mode
         self.num_profile_fields = num_profile_fields
+        self.deduplicate = deduplicate
 
     def process(self, kv, boundaries):
         user_id, groups = kv
         clicks = sorted(groups["clicks"])
+        if self.deduplicate:
+            # The same click twice (same item, same second: e.g. MIND repeats a user's history on
+            # every impression line) counts once; the removed copies are counted in stats.json.
+            unique = [c for i, c in enumerate(clicks) if i == 0 or c != clicks[i - 1]]
+            if len(unique) < len(clicks):
+                yield beam.pvalue.TaggedOutput(STATS,
+                                               ("duplicate_clicks", len(clicks) - len(unique)))
+            clicks = unique
         if clicks:  # a user row without valid clicks produces nothing
             profiles = sorted(groups["user"], key=repr)
             profile = profiles[0] if profiles else ("",) * self.num_profile_fields
@@ -835,7 +844,10 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     # Group clicks by user, sort, label splits.
     user_rows = (
         {"clicks": clicks, "user": users_kv} | "GroupByUser" >> beam.CoGroupByKey()
-        | "PrepareUser" >> beam.ParDo(PrepareUser(pc.split, len(user_fields)), boundaries_si))
+        | "PrepareUser" >> beam.ParDo(PrepareUser(pc.split, len(user_fields),
+                                                  pc.deduplicate_clicks), boundaries_si)
+        .with_outputs(STATS, main="users"))
+    prepare_stats, user_rows = user_rows[STATS], user_rows.users
 
     # 3 + 5. Training-period statistics: vocab counts, sessions, co-occurrence partials.
     train_stats = user_rows | "TrainStats" >> beam.ParDo(UserTrainStats(
@@ -893,7 +905,8 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
         lambda b: [(f"boundary.{name}", v) for name, v in zip(("valid_start", "test_start"), b)
                    if v is not None])
     ((inter[STATS], items[STATS], users[STATS], valid[STATS], train_stats[STATS],
-      vocab_stats[STATS], items_stats, cooc_stats, example_stats, dead, dup_stats, bounds_stats)
+      vocab_stats[STATS], items_stats, cooc_stats, example_stats, dead, dup_stats, bounds_stats,
+      prepare_stats)
      | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
      | "AllStats" >> beam.combiners.ToList()
      | "WriteSummary" >> beam.Map(_write_summary, out_dir))
@@ -954,6 +967,7 @@ def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) ->
                        "skipped_header_or_blank": s.get(f"skipped.{src}", 0),
                        "dead_letters": sum(by_source[src].values())} for src in SOURCES},
         "duplicate_item_rows": s.get("duplicates.items", 0),
+        "duplicate_clicks_removed": s.get("duplicate_clicks", 0),
         "dead_letters": {"total": sum(by_reason.values()), "by_reason": by_reason,
                          "by_source": by_source, "beam_counters": counters},
         "vocab_sizes": vocab_sizes, "num_examples": num_examples,

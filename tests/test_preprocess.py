@@ -530,3 +530,24 @@ def test_cli_on_generated_synthetic_data(tmp_path, capsys):
     assert a.cooccurrence.neighbors.shape[0] == a.item_table.num_items == stats["items"] + 1
     n = sum(int(b["item"].shape[0]) for b in make_dataset(art, "test", 32))
     assert n == stats["num_examples"]["test"]
+
+
+def test_identical_clicks_count_once_and_are_reported(tmp_path):
+    """MIND repeats histories on every impression line: the same (user, item, time) twice is one
+    click, and the removed copies are counted in stats.json (nothing dropped silently)."""
+    root = tmp_path / "raw"
+    root.mkdir()
+    (root / "items.tsv").write_text(
+        "item_id\ttitle\ttags\tprovider\tyear\n"
+        + "".join(f"i{k}\tTitle {k}\tt{k % 3}\tp1\t1990\n" for k in range(6)))
+    (root / "users.tsv").write_text("user_id\tgender\tage\nu1\tF\t25\nu2\tM\t35\n", "latin-1")
+    clicks = [("u1", f"i{k}", 1_600_000_000 + 100 * k) for k in range(6)] + \
+             [("u2", f"i{k}", 1_600_000_000 + 100 * k) for k in range(5)]
+    dups = [clicks[0], clicks[0], clicks[3], clicks[7]]
+    (root / "interactions.tsv").write_text(
+        "user_id\titem_id\ttimestamp\n" + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in clicks + dups))
+    cfg = make_cfg(tmp_path / "out", "leave_last_out", deduplicate_clicks=True)
+    stats = preprocess.run(cfg, ["--direct_num_workers=1"], adapter=TsvAdapter(),
+                           data_dir=str(root), verbose=False)
+    assert stats["duplicate_clicks_removed"] == len(dups)
+    assert sum(stats["num_examples"].values()) == len(clicks)
