@@ -253,10 +253,12 @@ def plots(out_dir: str, cfg: Config, summary: dict, sparsity: dict, histories: d
     if histories:
         keys = ["sampled_softmax_loss", "feature_cl_loss", "semantic_cl_loss", "session_cl_loss"]
         fig, axes = plt.subplots(1, len(keys), figsize=(14, 3.2))
+        colors = {name: f"C{i}" for i, name in enumerate(histories)}  # one colour per model
         for ax, key in zip(axes, keys):
             for name, hist in histories.items():
                 if key in hist:
-                    ax.plot(np.arange(1, len(hist[key]) + 1), hist[key], label=name)
+                    ax.plot(np.arange(1, len(hist[key]) + 1), hist[key], label=name,
+                            color=colors[name])
             ax.set_title(key, fontsize=8), ax.set_xlabel("epoch")
         axes[0].legend(fontsize=7)
         files.append(os.path.join(out_dir, "loss_curves.png"))
