@@ -24,7 +24,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "micrec_tf.bench", "--config", "configs/synthetic.yaml",
          "--out", str(out), "--work-dir", str(out / "work")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, \
         f"quick bench failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     with open(out / "benchmarks.json") as fh:
