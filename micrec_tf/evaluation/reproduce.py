@@ -187,6 +187,11 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
              "- every number below was measured by this run; mean +- std over seeds; p-values: "
              "two-sided paired t-test over seeds of MicRec (final) vs the row", ""]
     base = summary.get(BASE, {}).get(f"hit@{ns[0]}", (float("nan"),))[0]
+
+    def gain_vs_base(value: float) -> float:
+        """Relative HIT@N[0] gain over ICAN in %, nan when ICAN was not run."""
+        return (value / base - 1) * 100 if base and not np.isnan(base) else float("nan")
+
     final_vals = summary.get(FINAL, {}).get(f"hit@{ns[0]}", (0, 0, []))[2]
     for table, title in (("main", "Table 2: models"), ("ablation", "Table 4: ablations"),
                          ("universality", "Fig. 3: CL terms on other models")):
@@ -198,12 +203,12 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
         if table == "main":
             for ref_name, ref in reference.items():
                 cells = [ref_name] + [f"{ref[c]:.4f}" if c in ref else "" for c in cols]
-                gain = (ref[f"hit@{ns[0]}"] / base - 1) * 100 if base == base and base else 0
+                gain = gain_vs_base(ref[f"hit@{ns[0]}"])
                 lines.append("| " + " | ".join(cells + [f"{gain:+.1f} %", "(deterministic)"]) + " |")
         for name in rows:
             m = summary[name]
             cells = [name] + [f"{m[c][0]:.4f} +- {m[c][1]:.4f}" if c in m else "" for c in cols]
-            gain = (m[f"hit@{ns[0]}"][0] / base - 1) * 100 if base else float("nan")
+            gain = gain_vs_base(m[f"hit@{ns[0]}"][0])
             p = paired_p(final_vals, m[f"hit@{ns[0]}"][2]) if name != FINAL else float("nan")
             lines.append("| " + " | ".join(cells + [f"{gain:+.1f} %", f"{p:.3g}"]) + " |")
         lines.append("")
