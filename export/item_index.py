@@ -49,7 +49,7 @@ SCANN_MIN_ITEMS = 256
 TARGET_RECALL = 0.95
 
 
-def _read_lines(path: str) -> list:
+def read_vocab_file(path: str) -> list:
     """Lines split on "\\n" only (as the vocab files are written and the serving tables read)."""
     with open(path, "rb") as fh:
         lines = fh.read().split(b"\n")
@@ -72,7 +72,7 @@ def item_vectors(model, indices: np.ndarray, batch_size: int = 4096) -> np.ndarr
 def dump_item_embeddings(model, item_vocab_file: str, out_dir: str,
                          batch_size: int = 4096) -> dict:
     """Writes ``out_dir`` (see the module docstring); returns its ``info.json`` content."""
-    ids = _read_lines(item_vocab_file)
+    ids = read_vocab_file(item_vocab_file)
     if not ids:
         raise ValueError(f"item vocabulary {item_vocab_file!r} is empty")
     indices = np.arange(1, len(ids) + 1, dtype=np.int64)
@@ -94,7 +94,7 @@ def dump_item_embeddings(model, item_vocab_file: str, out_dir: str,
 def load_item_embeddings(dump_dir: str) -> tuple[list, np.ndarray]:
     """``(ids, vectors)`` of a dump: ``ids[r]`` is the id of ``vectors[r]``."""
     vectors = np.load(os.path.join(dump_dir, "embeddings.npy"))
-    ids = _read_lines(os.path.join(dump_dir, "ids.txt"))
+    ids = read_vocab_file(os.path.join(dump_dir, "ids.txt"))
     if len(ids) != vectors.shape[0]:
         raise ValueError(f"{dump_dir}: {len(ids)} ids for {vectors.shape[0]} vectors")
     return ids, vectors

@@ -41,6 +41,8 @@ import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow load
 import numpy as np
 import tensorflow as tf
 
+from export.item_index import read_vocab_file  # noqa: F401  (re-exported)
+
 SIGNATURE_NAME = "serving_default"
 HISTORY_INPUT = "history"
 OUTPUT_NAME = "user_embedding"
@@ -69,13 +71,6 @@ def input_specs(user_fields: Sequence[str]) -> dict:
     return specs
 
 
-def read_vocab_file(path: str) -> list:
-    """The values of a vocab file exactly as the in-graph table sees them (split on "\\n")."""
-    with open(path, "rb") as fh:
-        lines = fh.read().split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return [line.decode("utf-8") for line in lines]
 
 
 def _vocab_table(path: str, asset) -> tf.lookup.StaticHashTable:

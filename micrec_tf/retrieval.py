@@ -34,8 +34,6 @@ import numpy as np
 from export import item_index, rest, serving
 
 
-def _read_lines(path: str) -> list:
-    return serving.read_vocab_file(path)
 
 
 def resolve_version_dir(path: str, version: int | str | None = None) -> str:
@@ -263,11 +261,10 @@ class Retriever:
     # ------------------------------------------------------------------ users of the test split
     def vocabularies(self) -> dict:
         """``item_id`` and ``user_<field>`` vocab lists, from the export's own copies."""
-        vocabs = {"item_id": _read_lines(os.path.join(self.version_dir, "item_embeddings",
-                                                      "vocab.txt"))}
+        read, root = item_index.read_vocab_file, self.version_dir
+        vocabs = {"item_id": read(os.path.join(root, "item_embeddings", "vocab.txt"))}
         for f in self.user_fields:
-            vocabs[f"user_{f}"] = _read_lines(os.path.join(self.version_dir, "user_tower",
-                                                           "assets", f"user_{f}.txt"))
+            vocabs[f"user_{f}"] = read(os.path.join(root, "user_tower", "assets", f"user_{f}.txt"))
         return vocabs
 
     def test_users(self, artifacts_dir: str, user_ids: Sequence[str] | None = None,
