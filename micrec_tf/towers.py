@@ -366,14 +366,9 @@ class FMUserTower(UserTower):
 
 
 @register
-class DeepFMUserTower(UserTower):
-    """DeepFM user side: ``[FM user vector ; MLP([mean history f^d ; profile])]``."""
-
-    def __init__(self, item_lookup, item_field_embeddings, user_field_embeddings,
-                 units: Sequence[int] = (128, 64, 64), dropout: float = 0.0, **kwargs):
-        super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
-        self.units, self.dropout = list(units), float(dropout)
-        self.mlp = MLP(self.units, dropout=self.dropout, name="user_dnn")
+class DeepFMUserTower(YoutubeDNNUserTower):
+    """DeepFM user side: ``[FM user vector ; MLP([mean history f^d ; profile])]`` (the DNN part is
+    YoutubeDNN's tower)."""
 
     @property
     def output_dim(self) -> int:
@@ -386,11 +381,6 @@ class DeepFMUserTower(UserTower):
         fm = tf.reduce_sum(hist_fields, axis=1) + tf.reduce_sum(profile, axis=1)
         dnn_in = tf.concat([self.flatten_fields(hist_fields), self.flatten_fields(profile)], -1)
         return tf.concat([fm, self.mlp(dnn_in, training=training)], axis=-1)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(units=list(self.units), dropout=self.dropout)
-        return config
 
 
 @register
