@@ -183,28 +183,37 @@ def _autoint_stack(num_layers, num_heads, embedding_dim, prefix):
             for i in range(num_layers)]
 
 
-@register
-class AutoIntItemTower(ItemTower):
-    """AutoInt item side: interacting layers over the item fields, flatten, Dense to output."""
+class _AutoIntHead:
+    """Shared by the AutoInt towers: interacting layers over field vectors, flatten, Dense."""
 
-    def __init__(self, item_lookup, field_embeddings, output_dim: int = 64, num_heads: int = 2,
-                 num_layers: int = 1, **kwargs):
-        super().__init__(item_lookup, field_embeddings, **kwargs)
+    def _build_autoint(self, output_dim, num_heads, num_layers, embedding_dim, side):
         self._output_dim, self.num_heads, self.num_layers = int(output_dim), num_heads, num_layers
-        self.interactions = _autoint_stack(num_layers, num_heads, self.embedding_dim,
-                                           "item_autoint")
+        self.interactions = _autoint_stack(num_layers, num_heads, embedding_dim, f"{side}_autoint")
         self.flatten = tf_keras.layers.Flatten()
-        self.output_layer = tf_keras.layers.Dense(self._output_dim, name="item_output")
+        self.output_layer = tf_keras.layers.Dense(self._output_dim, name=f"{side}_output")
 
     @property
     def output_dim(self) -> int:
         return self._output_dim
 
-    def encode(self, f_d, training=None):
-        x = self.fields(f_d)
+    def _interact(self, x):
+        """[B, F, D] field vectors -> [B, output_dim]."""
         for layer in self.interactions:
             x = layer(x)
         return self.output_layer(self.flatten(x))
+
+
+@register
+class AutoIntItemTower(_AutoIntHead, ItemTower):
+    """AutoInt item side: interacting layers over the item fields, flatten, Dense to output."""
+
+    def __init__(self, item_lookup, field_embeddings, output_dim: int = 64, num_heads: int = 2,
+                 num_layers: int = 1, **kwargs):
+        super().__init__(item_lookup, field_embeddings, **kwargs)
+        self._build_autoint(output_dim, num_heads, num_layers, self.embedding_dim, "item")
+
+    def encode(self, f_d, training=None):
+        return self._interact(self.fields(f_d))
 
     def get_config(self):
         config = super().get_config()
@@ -384,30 +393,20 @@ class DeepFMUserTower(YoutubeDNNUserTower):
 
 
 @register
-class AutoIntUserTower(UserTower):
+class AutoIntUserTower(_AutoIntHead, UserTower):
     """AutoInt user side: interacting layers over [profile fields ; per-field history means],
     flatten, Dense to output."""
 
     def __init__(self, item_lookup, item_field_embeddings, user_field_embeddings,
                  output_dim: int = 64, num_heads: int = 2, num_layers: int = 1, **kwargs):
         super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
-        self._output_dim, self.num_heads, self.num_layers = int(output_dim), num_heads, num_layers
-        self.interactions = _autoint_stack(num_layers, num_heads,
-                                           self.item_field_embeddings.embedding_dim,
-                                           "user_autoint")
-        self.flatten = tf_keras.layers.Flatten()
-        self.output_layer = tf_keras.layers.Dense(self._output_dim, name="user_output")
-
-    @property
-    def output_dim(self) -> int:
-        return self._output_dim
+        self._build_autoint(output_dim, num_heads, num_layers,
+                            self.item_field_embeddings.embedding_dim, "user")
 
     def call(self, features, training=None):
         hist, mask = self.history(features)
-        x = tf.concat([self.profile(features, hist), _history_field_means(hist, mask)], axis=1)
-        for layer in self.interactions:
-            x = layer(x)
-        return self.output_layer(self.flatten(x))
+        return self._interact(
+            tf.concat([self.profile(features, hist), _history_field_means(hist, mask)], axis=1))
 
     def get_config(self):
         config = super().get_config()
