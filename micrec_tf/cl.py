@@ -34,7 +34,7 @@ import tf_keras
 
 from micrec_tf.config import FEATURE_DROPOUTS
 from micrec_tf.layers import register
-from micrec_tf.losses import in_batch_info_nce_loss, info_nce_loss
+from micrec_tf.losses import check_similarity, in_batch_info_nce_loss, info_nce_loss
 
 
 class CLInputs(NamedTuple):
@@ -164,12 +164,14 @@ class FeatureCL(tf_keras.layers.Layer):
       temperature: tau.
       seed: seed of the task's generator.
       correlation: [F, F] field correlation for ``correlated`` (see :func:`field_correlation`).
+      similarity: ``dot`` (paper eq. 2) or ``cosine``.
 
     Call: :class:`CLInputs`, ``item_tower=`` -> scalar float32.
     """
 
     def __init__(self, projection_dim: int, strategy: str = "element", mask_ratio: float = 0.5,
-                 temperature: float = 1.0, seed: int = 1, correlation=None, **kwargs):
+                 temperature: float = 1.0, seed: int = 1, correlation=None,
+                 similarity: str = "dot", **kwargs):
         kwargs.setdefault("name", "feature_cl")
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
@@ -180,6 +182,8 @@ class FeatureCL(tf_keras.layers.Layer):
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        check_similarity(similarity)
+        self.similarity = similarity
         if not isinstance(projection_dim, int) or projection_dim < 1:
             raise ValueError(f"projection_dim must be a positive int, got {projection_dim!r}")
         if strategy == "correlated":
@@ -224,13 +228,13 @@ class FeatureCL(tf_keras.layers.Layer):
         anchors = self.projector(inputs.embeddings)
         positives = self.projector(augmented)
         return in_batch_info_nce_loss(anchors, positives, temperature=self.temperature,
-                                      valid=inputs.valid)
+                                      valid=inputs.valid, similarity=self.similarity)
 
     def get_config(self):
         config = super().get_config()
         config.update(projection_dim=self.projection_dim, strategy=self.strategy,
                       mask_ratio=self.mask_ratio, temperature=self.temperature, seed=self.seed,
-                      correlation=None if self.correlation is None else self.correlation.tolist())
+                      similarity=self.similarity, correlation=None if self.correlation is None else self.correlation.tolist())
         return config
 
 
@@ -249,7 +253,8 @@ class NeighbourCL(tf_keras.layers.Layer):
 
     def __init__(self, neighbors, weights, projection_dim: int, num_negatives: int = 50,
                  temperature: float = 1.0, seed: int = 2, num_items: int | None = None,
-                 same_category=None, same_category_weight: float = 1.0, **kwargs):
+                 same_category=None, same_category_weight: float = 1.0, similarity: str = "dot",
+                 **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         neighbors = np.asarray(neighbors, np.int64)
@@ -277,6 +282,8 @@ class NeighbourCL(tf_keras.layers.Layer):
             raise ValueError(f"num_negatives must be a positive int, got {num_negatives!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        check_similarity(similarity)
+        self.similarity = similarity
         self._neighbors_np, self._weights_np = neighbors, weights
         self.projection_dim, self.num_negatives = int(projection_dim), int(num_negatives)
         self.temperature, self.seed, self.num_items = float(temperature), seed, num_items
@@ -333,7 +340,7 @@ class NeighbourCL(tf_keras.layers.Layer):
         return info_nce_loss(
             self.projector(inputs.embeddings), candidates[:num_anchors], candidates[num_anchors:],
             temperature=self.temperature, negative_mask=negative_mask,
-            example_mask=inputs.valid & has_positive)
+            example_mask=inputs.valid & has_positive, similarity=self.similarity)
 
     def get_config(self):
         config = super().get_config()
@@ -341,7 +348,8 @@ class NeighbourCL(tf_keras.layers.Layer):
                       projection_dim=self.projection_dim, num_negatives=self.num_negatives,
                       temperature=self.temperature, seed=self.seed, num_items=self.num_items,
                       same_category=self._same_category_np.tolist(),
-                      same_category_weight=self.same_category_weight)
+                      same_category_weight=self.same_category_weight,
+                      similarity=self.similarity)
         return config
 
 

@@ -25,6 +25,8 @@ SEMANTIC_SOURCES = ("title", "taxonomy", "vectors")
 MODELS = ("ican", "youtubednn", "fm", "deepfm", "autoint")
 CL_TASKS = ("feature", "semantic", "session")
 FEATURE_DROPOUTS = ("element", "field", "categorical", "correlated")
+# CL similarity g(a, b): the paper's dot product of projected vectors, or their cosine.
+CL_SIMILARITIES = ("dot", "cosine")
 MIXED_PRECISION = ("auto", "on", "off")
 INDEX_KINDS = ("scann", "brute_force")
 # Named presets (paper 5.2): model + CL tasks + feature-dropout strategy.
@@ -124,6 +126,9 @@ class LossConfig:
     lambda_semantic: float = 0.3
     lambda_session: float = 0.1
     temperature: float = 1.0
+    # g(.,.) of the CL losses: "dot" (paper eqs. 2-5) or "cosine" (projected vectors
+    # L2-normalised, so CL constrains directions and leaves the norms to the main loss).
+    cl_similarity: str = "dot"
     feature_dropout: str = "element"
     mask_ratio: float = 0.5
     num_cl_negatives: int = 50
@@ -288,6 +293,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("semantic.source", cfg.semantic.source, SEMANTIC_SOURCES)
     _check_choice("model.name", cfg.model.name, MODELS)
     _check_choice("loss.feature_dropout", cfg.loss.feature_dropout, FEATURE_DROPOUTS)
+    _check_choice("loss.cl_similarity", cfg.loss.cl_similarity, CL_SIMILARITIES)
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     _check_choice("export.index", cfg.export.index, INDEX_KINDS)
     if cfg.model.preset:

@@ -15,6 +15,7 @@ import micrec_tf  # noqa: F401
 import tensorflow as tf
 import tf_keras
 
+from micrec_tf.config import CL_SIMILARITIES
 from micrec_tf.layers import register
 
 # Logit given to masked candidates (accidental hits, negatives in the positive set). Finite so a
@@ -101,8 +102,23 @@ def sampled_softmax_loss(query, positives, positive_ids, negatives=None, negativ
     return masked_mean(per_example, sample_weight)
 
 
+def check_similarity(similarity) -> None:
+    """Raises ValueError naming ``similarity`` unless it is one of ``CL_SIMILARITIES``."""
+    if similarity not in CL_SIMILARITIES:
+        raise ValueError(f"similarity must be one of {list(CL_SIMILARITIES)}, got {similarity!r}")
+
+
+def _similarity_inputs(similarity: str, *tensors):
+    """Casts to float32 and, for ``cosine``, L2-normalises the last axis (``dot``: unchanged)."""
+    check_similarity(similarity)
+    out = [_f32(t) for t in tensors]
+    if similarity == "cosine":
+        out = [tf.math.l2_normalize(t, axis=-1) for t in out]
+    return out
+
+
 def info_nce_loss(anchors, positives, negatives, *, temperature: float = 1.0,
-                  negative_mask=None, example_mask=None):
+                  negative_mask=None, example_mask=None, similarity: str = "dot"):
     """InfoNCE with one positive and K negatives per anchor (semantic / session CL, eqs. 4-5).
 
     Args:
@@ -112,13 +128,14 @@ def info_nce_loss(anchors, positives, negatives, *, temperature: float = 1.0,
       temperature: tau.
       negative_mask: bool [U, K], false = ignore this negative for this anchor.
       example_mask: bool [U], false = leave this anchor out of the mean.
+      similarity: ``dot`` (the paper's eqs. 2-5) or ``cosine`` (vectors L2-normalised first).
 
     Returns: scalar float32, mean over counted anchors of
       ``-log(exp(a.p/tau) / (exp(a.p/tau) + sum_k exp(a.n_k/tau)))``.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    anchors, positives, negatives = _f32(anchors), _f32(positives), _f32(negatives)
+    anchors, positives, negatives = _similarity_inputs(similarity, anchors, positives, negatives)
     if anchors.shape.rank != 2 or positives.shape.rank != 2:
         raise ValueError(f"anchors and positives must be [U, p], got {anchors.shape} and "
                          f"{positives.shape}")
@@ -138,7 +155,8 @@ def info_nce_loss(anchors, positives, negatives, *, temperature: float = 1.0,
     return masked_mean(per_example, example_mask)
 
 
-def in_batch_info_nce_loss(anchors, positives, *, temperature: float = 1.0, valid=None):
+def in_batch_info_nce_loss(anchors, positives, *, temperature: float = 1.0, valid=None,
+                           similarity: str = "dot"):
     """InfoNCE with in-batch negatives (feature CL, eq. 3): anchor i's positive is row i of
     ``positives``, its negatives the other valid rows.
 
@@ -146,10 +164,11 @@ def in_batch_info_nce_loss(anchors, positives, *, temperature: float = 1.0, vali
       anchors: [U, p] (original view), positives: [U, p] (augmented view).
       valid: bool [U]; invalid rows are neither anchors nor negatives. Rows must be distinct
         items (deduplicate before calling, or repeated items become false negatives).
+      similarity: ``dot`` or ``cosine``, as in :func:`info_nce_loss`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    anchors, positives = _f32(anchors), _f32(positives)
+    anchors, positives = _similarity_inputs(similarity, anchors, positives)
     logits = tf.matmul(anchors, positives, transpose_b=True) / temperature  # [U, U]
     if valid is not None:
         valid = tf.cast(valid, tf.bool)

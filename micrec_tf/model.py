@@ -288,17 +288,18 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
             dim, loss.feature_dropout, loss.mask_ratio, loss.temperature,
             seed + _SEED_OFFSETS["feature"],
             correlation=field_correlation(item_table)
-            if loss.feature_dropout == "correlated" else None)
+            if loss.feature_dropout == "correlated" else None, similarity=loss.cl_similarity)
     if "semantic" in m.cl:
         tasks["semantic_cl"] = SemanticCL.from_table(
             title_neighbours, dim, num_negatives=loss.num_cl_negatives,
             temperature=loss.temperature, seed=seed + _SEED_OFFSETS["semantic"],
-            num_items=num_items)
+            num_items=num_items, similarity=loss.cl_similarity)
     if "session" in m.cl:
         tasks["session_cl"] = SessionCL.from_table(
             cooccurrence, dim, num_negatives=loss.num_cl_negatives,
             temperature=loss.temperature, seed=seed + _SEED_OFFSETS["session"],
-            num_items=num_items, same_category_weight=loss.same_category_weight)
+            num_items=num_items, same_category_weight=loss.same_category_weight,
+            similarity=loss.cl_similarity)
     return MicRecModel(
         user_tower, item_tower, retrieval, **tasks,
         lambdas={"feature": loss.lambda_feature, "semantic": loss.lambda_semantic,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -153,6 +154,32 @@ def consumed_batches(backup_dir: str, steps_per_epoch: int) -> int:
     return epoch * steps_per_epoch + batch + 1
 
 
+def discard_stale_backup(cfg: Config, run_dir: str, log=print) -> bool:
+    """Deletes ``run_dir/backup`` when it belongs to a run with a different config (a resumed run
+    must continue the same experiment); returns whether it did. The config of the interrupted
+    run is the ``config.yaml`` it wrote on start."""
+    backup_dir, config_path = os.path.join(run_dir, "backup"), os.path.join(run_dir, "config.yaml")
+    if not os.path.isdir(backup_dir) or not os.path.exists(config_path):
+        return False
+    with open(config_path) as fh:
+        previous = yaml.safe_load(fh)
+    if previous == cfg.to_dict():
+        return False
+    changed = sorted(_changed_keys(previous, cfg.to_dict()))
+    log(f"[train] {run_dir} holds an interrupted run of another config (changed: "
+        f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}); starting from scratch")
+    shutil.rmtree(backup_dir)
+    return True
+
+
+def _changed_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) | set(b):
+            yield from _changed_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
 def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
           log=print, extra_callbacks=()) -> dict:
     """Trains ``cfg``'s model; returns ``{"run_dir", "history", "valid", "test", "model"}``.
@@ -161,6 +188,7 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
     """
     run_dir = run_dir or cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
+    discard_stale_backup(cfg, run_dir, log)
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
     tf_keras.utils.set_random_seed(cfg.train.seed)

@@ -203,8 +203,10 @@ def test_items_without_neighbours_get_no_loss():
 def test_cl_tasks_round_trip_through_config():
     nmi = field_correlation(TABLE)
     for task in (FeatureCL(8, "correlated", 0.3, 0.5, seed=2, correlation=nmi),
-                 FeatureCL(8), SemanticCL(NB, CNT, 8, num_negatives=5, temperature=0.2),
-                 SessionCL(NB, CNT, 8, same_category=SAME, same_category_weight=2.5)):
+                 FeatureCL(8, similarity="cosine"),
+                 SemanticCL(NB, CNT, 8, num_negatives=5, temperature=0.2),
+                 SessionCL(NB, CNT, 8, same_category=SAME, same_category_weight=2.5,
+                           similarity="cosine")):
         config = task.get_config()
         clone = type(task).from_config(config)
         assert clone.get_config() == config
@@ -217,6 +219,10 @@ def test_cl_argument_errors():
         FeatureCL(8, "correlated")
     with pytest.raises(ValueError, match="mask_ratio must be in"):
         FeatureCL(8, mask_ratio=1.0)
+    with pytest.raises(ValueError, match="similarity must be one of .* got 'euclid'"):
+        FeatureCL(8, similarity="euclid")
+    with pytest.raises(ValueError, match="similarity must be one of .* got 'euclid'"):
+        SessionCL(NB, CNT, 8, similarity="euclid")
     with pytest.raises(ValueError, match=r"must both be \[V, M\]"):
         SessionCL(NB, CNT[:, :2], 8)
     with pytest.raises(ValueError, match="same_category must be"):

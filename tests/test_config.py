@@ -50,6 +50,7 @@ def test_unknown_key_names_the_key(tmp_path):
     ({"semantic": {"source": "vectors"}}, "vectors_path"),
     ({"loss": {"num_negatives": 0}}, "num_negatives"),
     ({"train": {"mixed_precision": True}}, "train.mixed_precision"),
+    ({"loss": {"cl_similarity": "euclid"}}, "loss.cl_similarity.*euclid"),
 ])
 def test_bad_values_are_clear_errors(raw, needle):
     with pytest.raises(ConfigError, match=needle):

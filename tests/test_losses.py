@@ -162,3 +162,27 @@ def test_task_round_trips_through_config():
     est = StreamingFrequencyEstimator(10, 4, 0.1)
     assert StreamingFrequencyEstimator.from_config(est.get_config()).get_config() == \
         est.get_config()
+
+
+def test_cosine_similarity_info_nce_against_numpy():
+    """``similarity="cosine"``: logits are cos(a, b) / tau, computed here by hand."""
+    a = RS.normal(size=(3, 4)).astype(np.float32) * 5.0
+    p = RS.normal(size=(3, 4)).astype(np.float32)
+    n = RS.normal(size=(2, 4)).astype(np.float32) * 0.1
+    tau = 0.2
+
+    def cos(x, y):
+        return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+    expected = [_nll([cos(a[i], p[i]) / tau] + [cos(a[i], n[k]) / tau for k in range(2)], 0)
+                for i in range(3)]
+    got = info_nce_loss(a, p, n, temperature=tau, similarity="cosine")
+    np.testing.assert_allclose(got.numpy(), np.mean(expected), rtol=1e-5)
+    in_batch = [_nll([cos(a[i], p[j]) / tau for j in range(3)], i) for i in range(3)]
+    got = in_batch_info_nce_loss(a, p, temperature=tau, similarity="cosine")
+    np.testing.assert_allclose(got.numpy(), np.mean(in_batch), rtol=1e-5)
+    # scaling a vector changes the dot-product loss but not the cosine one
+    scaled = info_nce_loss(a * 3.0, p, n, temperature=tau, similarity="cosine")
+    np.testing.assert_allclose(scaled.numpy(), np.mean(expected), rtol=1e-5)
+    with pytest.raises(ValueError, match="similarity must be one of .* got 'l2'"):
+        info_nce_loss(a, p, n, similarity="l2")

@@ -30,6 +30,14 @@ def test_reproduce_writes_report_and_caches(tiny_pipeline, tmp_path):
                 out_dir=out, command="test", log=logs.append)
     assert runs_before == 2 * 2 + 2 * 1 + 2 * 2 * 2  # grid trials, extra seeds, 50 % and 20 %
     assert not any(str(m).startswith("[reproduce] run ") for m in logs)
+    # A cached run made with another config is not reused.
+    ov = {**R.VARIANTS["ICAN"][1], **raw["settings"]["ICAN"], "train.seed": 1}
+    logs.clear()
+    runner = R.Runner(cfg.replace({"loss.num_negatives": 7}), os.path.join(cfg.run_dir, "reproduce"),
+                      "small", logs.append)
+    rerun = runner.run("ican/seed1", ov, evaluate_test=True)
+    assert any("run with another config" in str(m) for m in logs)
+    assert rerun["config"]["loss"]["num_negatives"] == 7
 
 
 def test_paired_p_matches_hand_computation():

@@ -79,3 +79,23 @@ def test_killed_run_resumes_to_the_same_result(tiny_pipeline):
         np.testing.assert_allclose(a, b, atol=1e-4)
     assert resumed["valid"]["hit@50"] == pytest.approx(full["valid"]["hit@50"], abs=1e-3)
     assert not os.path.exists(os.path.join(run_dir, "backup", "chief"))
+
+
+def test_backup_of_another_config_is_discarded_not_resumed(tmp_path):
+    import yaml
+
+    from micrec_tf.config import Config
+    from micrec_tf.train import discard_stale_backup
+
+    cfg = Config()
+    run_dir = str(tmp_path)
+    os.makedirs(os.path.join(run_dir, "backup", "chief"))
+    with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    messages = []
+    assert not discard_stale_backup(cfg, run_dir, messages.append)  # same config: resume
+    assert os.path.isdir(os.path.join(run_dir, "backup", "chief")) and not messages
+    changed = cfg.replace({"loss.temperature": 0.2, "train.epochs": 3})
+    assert discard_stale_backup(changed, run_dir, messages.append)
+    assert not os.path.exists(os.path.join(run_dir, "backup"))
+    assert "loss.temperature" in messages[0] and "train.epochs" in messages[0]

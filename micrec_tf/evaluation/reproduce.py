@@ -92,6 +92,16 @@ def _expand(cfg: Config, overrides: dict) -> Config:
     return cfg.replace(ov)
 
 
+def run_signature(cfg: Config) -> dict:
+    """What a cached run must match to be reused: the whole config except the keys that do not
+    change a run's result (where runs are kept, how many seeds the report uses, export)."""
+    sig = cfg.to_dict()
+    sig.pop("export", None)
+    sig["train"].pop("runs_dir", None)
+    sig["eval"].pop("seeds", None)
+    return sig
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
 
@@ -105,14 +115,17 @@ class Runner:
     def run(self, key: str, overrides: dict, evaluate_test: bool) -> dict:
         run_dir = os.path.join(self.root, key)
         path = os.path.join(run_dir, "metrics.json")
+        cfg = _expand(self.cfg, overrides)
+        signature = run_signature(cfg)
         if os.path.exists(path):
             with open(path) as fh:
                 cached = json.load(fh)
-            if not evaluate_test or "test" in cached:
+            if cached.get("config") != signature:
+                self.log(f"[reproduce] cached {key} was run with another config: running again")
+            elif not evaluate_test or "test" in cached:
                 return cached
         from micrec_tf.train import train  # deferred: TF loads only when a run is needed
 
-        cfg = _expand(self.cfg, overrides)
         self.log(f"[reproduce] run {key}: {overrides}")
         start = time.time()
         result = train(cfg, run_dir=run_dir, evaluate_test=evaluate_test, log=self.log)
@@ -120,6 +133,7 @@ class Runner:
         out["history"] = result["history"]
         out["seconds"] = time.time() - start
         out["overrides"] = {k: v for k, v in overrides.items()}
+        out["config"] = signature
         with open(path, "w") as fh:
             json.dump(out, fh, indent=1)
         # Free the run's graph before the next one.
