@@ -54,3 +54,23 @@ def test_paired_p_matches_hand_computation():
     cdf_upper = 0.5 - (math.atan(u) + u / (1 + u * u)) / math.pi
     assert abs(R.paired_p(a, b) - 2 * cdf_upper) < 1e-9
     assert math.isnan(R.paired_p([1.0], [0.5]))
+
+
+def test_runs_cached_before_signatures_are_matched_by_their_config_yaml(tmp_path):
+    import yaml
+
+    from micrec_tf.config import Config
+
+    cfg = Config()
+    run_dir = tmp_path / "ican" / "seed1"
+    run_dir.mkdir(parents=True)
+    old = cfg.to_dict()
+    del old["loss"]["cl_similarity"]  # a key added after the run: its default is the old code
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    cached = {"valid": {}, "test": {"hit@50": 0.5}}
+    (run_dir / "metrics.json").write_text(json.dumps(cached))
+    runner = R.Runner(cfg, str(tmp_path), "none", log=lambda *a: None)
+    assert runner.run("ican/seed1", {}, evaluate_test=True)["test"]["hit@50"] == 0.5
+    assert R._cached_signature(cached, str(run_dir)) == R.run_signature(cfg)
+    changed = cfg.replace({"loss.cl_similarity": "cosine"})
+    assert R._cached_signature(cached, str(run_dir)) != R.run_signature(changed)

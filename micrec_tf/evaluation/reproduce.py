@@ -102,6 +102,23 @@ def run_signature(cfg: Config) -> dict:
     return sig
 
 
+def _cached_signature(cached: dict, run_dir: str):
+    """The signature of a cached run; for runs cached before signatures were stored, rebuilt from
+    the ``config.yaml`` the run wrote (keys added since then take their defaults, which keep the
+    old behaviour)."""
+    if "config" in cached:
+        return cached["config"]
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return None
+    import yaml
+
+    from micrec_tf.config import from_dict
+
+    with open(path) as fh:
+        return run_signature(from_dict(yaml.safe_load(fh)))
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
 
@@ -120,7 +137,7 @@ class Runner:
         if os.path.exists(path):
             with open(path) as fh:
                 cached = json.load(fh)
-            if cached.get("config") != signature:
+            if _cached_signature(cached, run_dir) != signature:
                 self.log(f"[reproduce] cached {key} was run with another config: running again")
             elif not evaluate_test or "test" in cached:
                 return cached
