@@ -1,10 +1,12 @@
 """Why does MicRec not beat ICAN here? Targeted runs on the validation split (seed 0).
 
 ``python -m micrec_tf.evaluation.investigate --config configs/ml-100k.yaml`` trains ICAN and
-MicRec variants that differ in one knob at a time (loss weights, temperature, which CL term) at
-the learning rate ICAN's tuning chose, and writes ``docs/results/<name>-investigation.md`` with
-validation HIT@50 (the selection metric) and test HIT@50 / coverage@50 / long-tail HIT@50 for
-reference. Runs are cached like the reproduction runs.
+MicRec variants that differ in one knob at a time at the learning rate ICAN's tuning chose
+(``--study weights``: loss weights, temperature, which CL term; ``--study similarity``: cosine
+vs dot-product CL similarity, temperature, field dropout, learning rate), and writes
+``docs/results/<name>-investigation-<study>.md`` with validation HIT@50 (the selection metric)
+and test HIT@50 / coverage@50 / long-tail HIT@50 for reference. Runs are cached like the
+reproduction runs, under ``runs/<name>/investigate/<study>/``.
 """
 from __future__ import annotations
 
@@ -19,19 +21,47 @@ from micrec_tf.evaluation.reproduce import Runner, _slug
 ALL = ["feature", "semantic", "session"]
 
 
-def variants(lr: float) -> dict:
+def _scaled(scale: float) -> dict:
+    """The paper's lambdas (1.0, 0.3, 0.1) times ``scale``."""
+    return {"loss.lambda_feature": 1.0 * scale, "loss.lambda_semantic": 0.3 * scale,
+            "loss.lambda_session": 0.1 * scale}
+
+
+def weights_study(lr: float) -> dict:
+    """Loss weights x temperature with the paper's dot-product similarity, each term alone."""
     base = {"model.name": "ican", "train.learning_rate": lr, "train.seed": 0}
     out = {"ICAN": {**base, "model.cl": []}}
     for tau in (0.1, 1.0):
         for scale in (1.0, 0.3, 0.1):
             out[f"MicRec, tau {tau}, lambdas x{scale}"] = {
-                **base, "model.cl": ALL, "loss.temperature": tau,
-                "loss.lambda_feature": 1.0 * scale, "loss.lambda_semantic": 0.3 * scale,
-                "loss.lambda_session": 0.1 * scale}
+                **base, "model.cl": ALL, "loss.temperature": tau, **_scaled(scale)}
     for task, lam in (("feature", 0.1), ("semantic", 0.1), ("session", 0.1)):
         out[f"ICAN + {task} only, lambda {lam}, tau 0.1"] = {
             **base, "model.cl": [task], "loss.temperature": 0.1, f"loss.lambda_{task}": lam}
     return out
+
+
+def similarity_study(lr: float) -> dict:
+    """Cosine instead of dot-product CL similarity, temperature, field-level feature dropout and
+    a lower learning rate, at the paper's lambdas (and x0.1 with the dot product for contrast)."""
+    base = {"model.name": "ican", "train.learning_rate": lr, "train.seed": 0}
+    cos = {**base, "model.cl": ALL, "loss.cl_similarity": "cosine"}
+    return {
+        "ICAN": {**base, "model.cl": []},
+        "MicRec, dot, tau 0.1, lambdas x0.1": {**base, "model.cl": ALL, "loss.temperature": 0.1,
+                                               **_scaled(0.1)},
+        "MicRec, cosine, tau 0.2": {**cos, "loss.temperature": 0.2},
+        "MicRec, cosine, tau 0.2, lambdas x0.3": {**cos, "loss.temperature": 0.2, **_scaled(0.3)},
+        "MicRec, cosine, tau 0.5": {**cos, "loss.temperature": 0.5},
+        "MicRec, cosine, tau 0.2, field dropout": {**cos, "loss.temperature": 0.2,
+                                                   "loss.feature_dropout": "field"},
+        "ICAN, lr 0.001": {**base, "model.cl": [], "train.learning_rate": 0.001},
+        "MicRec, cosine, tau 0.2, lr 0.001": {**cos, "loss.temperature": 0.2,
+                                              "train.learning_rate": 0.001},
+    }
+
+
+STUDIES = {"weights": weights_study, "similarity": similarity_study}
 
 
 def main(argv=None) -> int:
@@ -39,16 +69,19 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--study", choices=sorted(STUDIES), default="weights",
+                        help="which one-knob-at-a-time study to run (default: weights)")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, parse_overrides(args.set))
-    runner = Runner(cfg, os.path.join(cfg.run_dir, "investigate"), grid="none")
+    runner = Runner(cfg, os.path.join(cfg.run_dir, "investigate", args.study), grid="none")
     rows = []
-    for name, ov in variants(args.lr).items():
+    for name, ov in STUDIES[args.study](args.lr).items():
         res = runner.run(_slug(name), ov, evaluate_test=True)
         rows.append((name, res))
     ican_val = rows[0][1]["valid"]["hit@50"]
-    lines = [f"# Investigation: {cfg.name}", "",
+    lines = [f"# Investigation ({args.study}): {cfg.name}", "",
+             f"{STUDIES[args.study].__doc__.strip()}", "",
              f"- command: `python -m micrec_tf.evaluation.investigate {' '.join(argv or sys.argv[1:])}`",
              f"- date: {datetime.date.today().isoformat()}; seed 0; learning rate {args.lr}; "
              f"epochs <= {cfg.train.epochs}",
@@ -64,7 +97,7 @@ def main(argv=None) -> int:
                      f"{t['hit@50']:.4f} | {t['coverage@50']:.4f} | "
                      f"{t.get('long_tail/hit@50', float('nan')):.4f} | {losses} |")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{cfg.name}-investigation.md")
+    path = os.path.join(args.out, f"{cfg.name}-investigation-{args.study}.md")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print(f"wrote {path}")
