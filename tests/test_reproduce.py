@@ -20,7 +20,9 @@ def test_reproduce_writes_report_and_caches(tiny_pipeline, tmp_path):
     assert len(raw["per_seed"]["ICAN"]) == 2 and "hit@10" in raw["per_seed"]["ICAN"][0]
     # The chosen settings come from the small grid.
     assert raw["settings"]["ICAN"] in R.GRIDS["small"][1]
-    assert raw["settings"]["MicRec (final)"] in R.GRIDS["small"][0]
+    # MicRec starts from ICAN's chosen setting and tunes only the CL knobs.
+    assert raw["settings"]["MicRec (final)"] in [{**raw["settings"]["ICAN"], **t}
+                                                 for t in R.GRIDS["small"][0]]
     for png in ("hit_at_n.png", "coverage.png", "loss_curves.png", "sparsity.png"):
         assert os.path.getsize(os.path.join(out, "tiny", png)) > 1000, png
     # Second call: every run is cached, nothing retrains.
@@ -38,6 +40,17 @@ def test_reproduce_writes_report_and_caches(tiny_pipeline, tmp_path):
     rerun = runner.run("ican/seed1", ov, evaluate_test=True)
     assert any("run with another config" in str(m) for m in logs)
     assert rerun["config"]["loss"]["num_negatives"] == 7
+
+
+def test_every_cl_variant_has_a_base_without_cl_and_equal_trial_counts():
+    for name, (_, ov) in R.VARIANTS.items():
+        base = R.base_of(ov)
+        if ov["model.cl"]:
+            assert R.VARIANTS[base][1] == {"model.name": ov["model.name"], "model.cl": []}, name
+        else:
+            assert base is None
+    for grid, (cl_grid, base_grid) in R.GRIDS.items():
+        assert len(cl_grid) == len(base_grid), grid  # same tuning budget with and without CL
 
 
 def test_paired_p_matches_hand_computation():

@@ -56,24 +56,37 @@ FINAL = "MicRec (final)"
 BASE = "ICAN"
 SPARSITY = (1.0, 0.5, 0.2)
 
-# The bounded validation grid (4 trials for every variant). Models with CL terms search the CL
-# temperature and a common scale of the paper's lambdas (1.0, 0.3, 0.1); models without CL search
-# the learning rate and the number of sampled negatives, so both get the same tuning budget.
+# The bounded validation grid (the same number of trials for every variant). Models without CL
+# search the learning rate and the number of sampled negatives. A model with CL terms starts from
+# the setting its base model (the same towers without CL) chose, so it never gets a training
+# setting its base did not, and searches only the CL knobs: the paper's setting (dot-product
+# similarity, tau 1, lambdas 1.0 / 0.3 / 0.1) and cosine similarity at tau 0.2 with the paper's
+# lambdas scaled by 0.1, 0.3 or 1.0.
+_PAPER_CL = {"loss.cl_similarity": "dot", "loss.temperature": 1.0, "_lambda_scale": 1.0}
+
+
+def _cosine(scale: float) -> dict:
+    return {"loss.cl_similarity": "cosine", "loss.temperature": 0.2, "_lambda_scale": scale}
+
+
 GRIDS = {
-    "full": ([{"loss.temperature": t, "_lambda_scale": s} for t in (0.1, 1.0) for s in (0.3, 1.0)],
+    "full": ([_PAPER_CL, _cosine(0.1), _cosine(0.3), _cosine(1.0)],
              [{"train.learning_rate": lr, "loss.num_negatives": n}
               for lr in (0.001, 0.003) for n in (500, 1000)]),
-    # Two trials each: the CL temperature, or the learning rate for models without CL.
-    "small": ([{"loss.temperature": t} for t in (0.1, 1.0)],
+    # Two trials each.
+    "small": ([_PAPER_CL, _cosine(0.3)],
               [{"train.learning_rate": lr} for lr in (0.001, 0.003)]),
     "none": ([{}], [{}]),
 }
 GRID_TEXT = {
-    "full": "models with CL terms: temperature {0.1, 1.0} x lambda scale {0.3, 1.0} (applied to "
-            "the paper's (1.0, 0.3, 0.1)); models without CL: learning rate {0.001, 0.003} x "
-            "sampled negatives {500, 1000}. Four trials each.",
-    "small": "models with CL terms: temperature {0.1, 1.0}; models without CL: learning rate "
-             "{0.001, 0.003}. Two trials each; everything else at the config's values.",
+    "full": "models without CL: learning rate {0.001, 0.003} x sampled negatives {500, 1000}; "
+            "models with CL terms: their base model's chosen setting plus one of the paper's CL "
+            "setting (dot product, tau 1, lambdas 1.0 / 0.3 / 0.1) or cosine similarity at tau "
+            "0.2 with those lambdas x0.1, x0.3 or x1. Four trials each.",
+    "small": "models without CL: learning rate {0.001, 0.003}; models with CL terms: their base "
+             "model's chosen setting plus the paper's CL setting (dot product, tau 1, lambdas "
+             "1.0 / 0.3 / 0.1) or cosine similarity at tau 0.2 with the lambdas x0.3. Two trials "
+             "each; everything else at the config's values.",
     "none": "no tuning: every variant at the config's values.",
 }
 
@@ -81,6 +94,16 @@ GRID_TEXT = {
 def grid_for(overrides: dict, grid: str = "full") -> list:
     cl_grid, base_grid = GRIDS[grid]
     return cl_grid if overrides.get("model.cl") else base_grid
+
+
+def base_of(overrides: dict) -> str | None:
+    """The variant with the same towers and no CL terms (None for a model without CL)."""
+    if not overrides.get("model.cl"):
+        return None
+    for name, (_, ov) in VARIANTS.items():
+        if ov["model.name"] == overrides["model.name"] and not ov["model.cl"]:
+            return name
+    raise ValueError(f"no base variant without CL for model {overrides['model.name']!r}")
 
 
 def _expand(cfg: Config, overrides: dict) -> Config:
@@ -158,13 +181,14 @@ class Runner:
         tf_keras.backend.clear_session()
         return out
 
-    def tune(self, name: str, overrides: dict) -> tuple:
+    def tune(self, name: str, overrides: dict, inherited: dict | None = None) -> tuple:
         """Best grid setting of ``name`` by validation HIT@N[0] (seed 0): ``(setting, run key)``.
 
-        Trial runs also measure test metrics (so the winner doubles as the seed-0 run), but the
-        choice reads validation only.
+        ``inherited``: the setting its base model chose (for models with CL), applied under every
+        trial. Trial runs also measure test metrics (so the winner doubles as the seed-0 run), but
+        the choice reads validation only.
         """
-        trials = grid_for(overrides, self.grid)
+        trials = [{**(inherited or {}), **t} for t in grid_for(overrides, self.grid)]
         best, best_key, best_score = None, None, -1.0
         for setting in trials:
             ov = {**overrides, **setting, "train.seed": 0}
@@ -320,13 +344,19 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
     names = [n for n in VARIANTS if variants is None or n in variants]
     runner = Runner(cfg, os.path.join(cfg.run_dir, "reproduce"), grid, log)
     settings, per_seed, histories, done = {}, {}, {}, {}
-    for name in names:
+    # Base models first: models with CL terms start from their base model's chosen setting.
+    bases = [b for b in dict.fromkeys(base_of(VARIANTS[n][1]) for n in names) if b]
+    for name in [*[b for b in bases if b not in names], *names]:
         overrides = VARIANTS[name][1]
         sig = json.dumps(overrides, sort_keys=True)
         if sig in done:  # same model as another row (e.g. "MicRec - sem" = "MicRec (fea+sess)")
             settings[name], per_seed[name] = settings[done[sig]], per_seed[done[sig]]
             continue
-        settings[name], seed0_key = runner.tune(name, overrides)
+        base = base_of(overrides)
+        if base and base not in settings:
+            settings[base] = runner.tune(base, VARIANTS[base][1])[0]
+        settings[name], seed0_key = runner.tune(name, overrides,
+                                                inherited=settings[base] if base else None)
         per_seed[name] = [
             runner.run(seed0_key if s == 0 else f"{_slug(name)}/seed{s}",
                        {**overrides, **settings[name], "train.seed": s}, evaluate_test=True)
