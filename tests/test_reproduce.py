@@ -87,3 +87,17 @@ def test_runs_cached_before_signatures_are_matched_by_their_config_yaml(tmp_path
     assert R._cached_signature(cached, str(run_dir)) == R.run_signature(cfg)
     changed = cfg.replace({"loss.cl_similarity": "cosine"})
     assert R._cached_signature(cached, str(run_dir)) != R.run_signature(changed)
+
+
+def test_signature_ignores_cl_knobs_only_for_models_without_cl():
+    from micrec_tf.config import Config
+
+    ican = Config().replace({"model.cl": []})
+    assert R.run_signature(ican) == R.run_signature(ican.replace({"loss.temperature": 0.3}))
+    assert R.run_signature(ican) != R.run_signature(ican.replace({"loss.num_negatives": 9}))
+    micrec = Config()
+    assert R.run_signature(micrec) != R.run_signature(micrec.replace({"loss.temperature": 0.3}))
+    assert R.run_signature(micrec) == R.run_signature(micrec.replace({"eval.seeds": 2}))
+    # float noise in a setting is not a different setting
+    assert R.run_signature(micrec.replace({"loss.lambda_session": 0.1 * 0.3})) == \
+        R.run_signature(micrec.replace({"loss.lambda_session": 0.03}))

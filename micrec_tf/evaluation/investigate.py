@@ -16,15 +16,9 @@ import os
 import sys
 
 from micrec_tf.config import load_config, parse_overrides
-from micrec_tf.evaluation.reproduce import Runner, _slug
+from micrec_tf.evaluation.reproduce import Runner, _slug, scaled_lambdas
 
 ALL = ["feature", "semantic", "session"]
-
-
-def _scaled(scale: float) -> dict:
-    """The paper's lambdas (1.0, 0.3, 0.1) times ``scale``."""
-    return {"loss.lambda_feature": 1.0 * scale, "loss.lambda_semantic": 0.3 * scale,
-            "loss.lambda_session": 0.1 * scale}
 
 
 def weights_study(lr: float) -> dict:
@@ -34,7 +28,7 @@ def weights_study(lr: float) -> dict:
     for tau in (0.1, 1.0):
         for scale in (1.0, 0.3, 0.1):
             out[f"MicRec, tau {tau}, lambdas x{scale}"] = {
-                **base, "model.cl": ALL, "loss.temperature": tau, **_scaled(scale)}
+                **base, "model.cl": ALL, "loss.temperature": tau, **scaled_lambdas(scale)}
     for task, lam in (("feature", 0.1), ("semantic", 0.1), ("session", 0.1)):
         out[f"ICAN + {task} only, lambda {lam}, tau 0.1"] = {
             **base, "model.cl": [task], "loss.temperature": 0.1, f"loss.lambda_{task}": lam}
@@ -42,22 +36,27 @@ def weights_study(lr: float) -> dict:
 
 
 def similarity_study(lr: float) -> dict:
-    """Cosine instead of dot-product CL similarity, temperature, field-level feature dropout and
-    a lower learning rate, at the paper's lambdas (and x0.1 with the dot product for contrast)."""
+    """Cosine instead of dot-product CL similarity (projected vectors L2-normalised), its
+    temperature and loss-weight scale, field-level feature dropout, session CL alone, and a
+    lower learning rate. The paper's lambdas are (1.0, 0.3, 0.1) x the scale shown."""
     base = {"model.name": "ican", "train.learning_rate": lr, "train.seed": 0}
     cos = {**base, "model.cl": ALL, "loss.cl_similarity": "cosine"}
     return {
         "ICAN": {**base, "model.cl": []},
         "MicRec, dot, tau 0.1, lambdas x0.1": {**base, "model.cl": ALL, "loss.temperature": 0.1,
-                                               **_scaled(0.1)},
-        "MicRec, cosine, tau 0.2": {**cos, "loss.temperature": 0.2},
-        "MicRec, cosine, tau 0.2, lambdas x0.3": {**cos, "loss.temperature": 0.2, **_scaled(0.3)},
-        "MicRec, cosine, tau 0.5": {**cos, "loss.temperature": 0.5},
-        "MicRec, cosine, tau 0.2, field dropout": {**cos, "loss.temperature": 0.2,
-                                                   "loss.feature_dropout": "field"},
+                                               **scaled_lambdas(0.1)},
+        "MicRec, cosine, tau 0.2, lambdas x1": {**cos, "loss.temperature": 0.2},
+        "MicRec, cosine, tau 0.2, lambdas x0.3": {**cos, "loss.temperature": 0.2, **scaled_lambdas(0.3)},
+        "MicRec, cosine, tau 0.2, lambdas x0.1": {**cos, "loss.temperature": 0.2, **scaled_lambdas(0.1)},
+        "MicRec, cosine, tau 0.5, lambdas x1": {**cos, "loss.temperature": 0.5},
+        "MicRec, cosine, tau 0.2, lambdas x1, field dropout": {
+            **cos, "loss.temperature": 0.2, "loss.feature_dropout": "field"},
+        "ICAN + session only, cosine, tau 0.2, lambda 0.3": {
+            **base, "model.cl": ["session"], "loss.cl_similarity": "cosine",
+            "loss.temperature": 0.2, "loss.lambda_session": 0.3},
         "ICAN, lr 0.001": {**base, "model.cl": [], "train.learning_rate": 0.001},
-        "MicRec, cosine, tau 0.2, lr 0.001": {**cos, "loss.temperature": 0.2,
-                                              "train.learning_rate": 0.001},
+        "MicRec, cosine, tau 0.2, lambdas x1, lr 0.001": {
+            **cos, "loss.temperature": 0.2, "train.learning_rate": 0.001},
     }
 
 

@@ -60,33 +60,34 @@ SPARSITY = (1.0, 0.5, 0.2)
 # search the learning rate and the number of sampled negatives. A model with CL terms starts from
 # the setting its base model (the same towers without CL) chose, so it never gets a training
 # setting its base did not, and searches only the CL knobs: the paper's setting (dot-product
-# similarity, tau 1, lambdas 1.0 / 0.3 / 0.1) and cosine similarity at tau 0.2 with the paper's
-# lambdas scaled by 0.1, 0.3 or 1.0.
+# similarity, tau 1, lambdas 1.0 / 0.3 / 0.1) and cosine similarity at a few temperatures and
+# scales of the paper's lambdas (the region docs/results/ml-100k-investigation-similarity.md
+# found on ml-100k's validation split).
 _PAPER_CL = {"loss.cl_similarity": "dot", "loss.temperature": 1.0, "_lambda_scale": 1.0}
 
 
-def _cosine(scale: float) -> dict:
-    return {"loss.cl_similarity": "cosine", "loss.temperature": 0.2, "_lambda_scale": scale}
+def _cosine(tau: float, scale: float) -> dict:
+    return {"loss.cl_similarity": "cosine", "loss.temperature": tau, "_lambda_scale": scale}
 
 
 GRIDS = {
-    "full": ([_PAPER_CL, _cosine(0.1), _cosine(0.3), _cosine(1.0)],
+    "full": ([_PAPER_CL, _cosine(0.2, 0.1), _cosine(0.2, 0.3), _cosine(0.5, 1.0)],
              [{"train.learning_rate": lr, "loss.num_negatives": n}
               for lr in (0.001, 0.003) for n in (500, 1000)]),
     # Two trials each.
-    "small": ([_PAPER_CL, _cosine(0.3)],
+    "small": ([_cosine(0.2, 0.1), _cosine(0.5, 1.0)],
               [{"train.learning_rate": lr} for lr in (0.001, 0.003)]),
     "none": ([{}], [{}]),
 }
 GRID_TEXT = {
     "full": "models without CL: learning rate {0.001, 0.003} x sampled negatives {500, 1000}; "
             "models with CL terms: their base model's chosen setting plus one of the paper's CL "
-            "setting (dot product, tau 1, lambdas 1.0 / 0.3 / 0.1) or cosine similarity at tau "
-            "0.2 with those lambdas x0.1, x0.3 or x1. Four trials each.",
+            "setting (dot product, tau 1, lambdas 1.0 / 0.3 / 0.1), or cosine similarity at "
+            "(tau 0.2, lambdas x0.1), (tau 0.2, x0.3), (tau 0.5, x1). Four trials each.",
     "small": "models without CL: learning rate {0.001, 0.003}; models with CL terms: their base "
-             "model's chosen setting plus the paper's CL setting (dot product, tau 1, lambdas "
-             "1.0 / 0.3 / 0.1) or cosine similarity at tau 0.2 with the lambdas x0.3. Two trials "
-             "each; everything else at the config's values.",
+             "model's chosen setting plus cosine CL similarity at (tau 0.2, the paper's lambdas "
+             "1.0 / 0.3 / 0.1 x0.1) or (tau 0.5, x1). Two trials each; everything else at the "
+             "config's values.",
     "none": "no tuning: every variant at the config's values.",
 }
 
@@ -106,22 +107,54 @@ def base_of(overrides: dict) -> str | None:
     raise ValueError(f"no base variant without CL for model {overrides['model.name']!r}")
 
 
+def scaled_lambdas(scale: float) -> dict:
+    """The paper's loss weights (1.0, 0.3, 0.1) times ``scale``, as config overrides."""
+    return {"loss.lambda_feature": round(1.0 * scale, 6),
+            "loss.lambda_semantic": round(0.3 * scale, 6),
+            "loss.lambda_session": round(0.1 * scale, 6)}
+
+
 def _expand(cfg: Config, overrides: dict) -> Config:
     ov = {k: v for k, v in overrides.items() if not k.startswith("_")}
     scale = overrides.get("_lambda_scale")
     if scale is not None:
-        ov.update({"loss.lambda_feature": 1.0 * scale, "loss.lambda_semantic": 0.3 * scale,
-                   "loss.lambda_session": 0.1 * scale})
+        ov.update(scaled_lambdas(scale))
     return cfg.replace(ov)
 
 
 def run_signature(cfg: Config) -> dict:
     """What a cached run must match to be reused: the whole config except the keys that do not
     change a run's result (where runs are kept, how many seeds the report uses, export)."""
-    sig = cfg.to_dict()
+    return _normalise(cfg.to_dict())
+
+
+# Loss keys that only the CL terms read: irrelevant to a model without CL terms.
+_CL_ONLY_LOSS_KEYS = ("lambda_feature", "lambda_semantic", "lambda_session", "temperature",
+                      "cl_similarity", "feature_dropout", "mask_ratio", "num_cl_negatives",
+                      "same_category_weight")
+
+
+def _rounded(value):
+    """Floats rounded to 9 significant digits (0.1 * 0.3 and 0.03 are the same setting)."""
+    if isinstance(value, float):
+        return float(f"{value:.9g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _normalise(sig: dict | None) -> dict | None:
+    if sig is None:
+        return None
+    sig = _rounded(json.loads(json.dumps(sig)))  # a deep copy, float noise rounded away
     sig.pop("export", None)
-    sig["train"].pop("runs_dir", None)
-    sig["eval"].pop("seeds", None)
+    sig.get("train", {}).pop("runs_dir", None)
+    sig.get("eval", {}).pop("seeds", None)
+    if not sig.get("model", {}).get("cl"):
+        for key in _CL_ONLY_LOSS_KEYS:
+            sig.get("loss", {}).pop(key, None)
     return sig
 
 
@@ -130,7 +163,7 @@ def _cached_signature(cached: dict, run_dir: str):
     the ``config.yaml`` the run wrote (keys added since then take their defaults, which keep the
     old behaviour)."""
     if "config" in cached:
-        return cached["config"]
+        return _normalise(cached["config"])
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         return None
