@@ -87,6 +87,10 @@ def test_runs_cached_before_signatures_are_matched_by_their_config_yaml(tmp_path
     assert R._cached_signature(cached, str(run_dir)) == R.run_signature(cfg)
     changed = cfg.replace({"loss.cl_similarity": "cosine"})
     assert R._cached_signature(cached, str(run_dir)) != R.run_signature(changed)
+    # A config.yaml newer than metrics.json belongs to a later, unfinished run: not trusted.
+    later = os.path.getmtime(run_dir / "metrics.json") + 5
+    os.utime(run_dir / "config.yaml", (later, later))
+    assert R._cached_signature(cached, str(run_dir)) is None
 
 
 def test_signature_ignores_cl_knobs_only_for_models_without_cl():

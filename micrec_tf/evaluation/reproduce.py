@@ -165,7 +165,10 @@ def _cached_signature(cached: dict, run_dir: str):
     if "config" in cached:
         return _normalise(cached["config"])
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
+    # config.yaml is written when a run starts: newer than metrics.json, it belongs to a later
+    # run that did not finish, not to the cached result.
+    if not os.path.exists(path) or os.path.getmtime(path) > os.path.getmtime(
+            os.path.join(run_dir, "metrics.json")):
         return None
     import yaml
 
