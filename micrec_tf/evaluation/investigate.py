@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import sys
 
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         rows.append((name, res))
     ican_val = rows[0][1]["valid"]["hit@50"]
     lines = [f"# Investigation ({args.study}): {cfg.name}", "",
-             f"{STUDIES[args.study].__doc__.strip()}", "",
+             " ".join(inspect.cleandoc(STUDIES[args.study].__doc__).split()), "",
              f"- command: `python -m micrec_tf.evaluation.investigate {' '.join(argv or sys.argv[1:])}`",
              f"- date: {datetime.date.today().isoformat()}; seed 0; learning rate {args.lr}; "
              f"epochs <= {cfg.train.epochs}",
