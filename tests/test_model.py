@@ -359,3 +359,19 @@ def test_build_model_errors_are_clear():
         build_model(_cfg(cl=[]), TABLE, VOCAB, ["income"])
     with pytest.raises(ValueError, match="item table has 41 rows"):
         build_model(_cfg(cl=[]), TABLE, {**VOCAB, "item_id": 40}, USER_FIELDS)
+
+
+def test_cl_similarity_reaches_every_cl_task_and_cosine_losses_are_bounded():
+    cfg = _cfg(cl=["feature", "semantic", "session"],
+               loss={"cl_similarity": "cosine", "temperature": 0.5})
+    model = _build(cfg)
+    assert {t.similarity for t in model.cl_tasks.values()} == {"cosine"}
+    losses = model.compute_losses(_tensors(_batches(1, 16)[0]), training=True)
+    # Cosine logits lie in [-1/tau, 1/tau], so InfoNCE over n candidates is at most
+    # log(1 + (n-1) e^{2/tau}) (n <= 16 in-batch, 1 + 8 sampled), whatever the vector norms.
+    assert 0.0 < float(losses["feature_cl_loss"]) <= np.log1p(15 * np.exp(4.0))
+    for name in ("semantic_cl_loss", "session_cl_loss"):
+        value = float(losses[name])
+        assert 0.0 <= value <= np.log1p(8 * np.exp(4.0)), (name, value)
+    dot = _build(_cfg(cl=["feature"]))
+    assert dot.feature_cl.similarity == "dot"
