@@ -101,6 +101,10 @@ def test_signature_ignores_cl_knobs_only_for_models_without_cl():
     assert R.run_signature(ican) != R.run_signature(ican.replace({"loss.num_negatives": 9}))
     micrec = Config()
     assert R.run_signature(micrec) != R.run_signature(micrec.replace({"loss.temperature": 0.3}))
+    # the weight of a CL term that is off does not matter; of one that is on, it does
+    fea = micrec.replace({"model.cl": ["feature"]})
+    assert R.run_signature(fea) == R.run_signature(fea.replace({"loss.lambda_session": 0.7}))
+    assert R.run_signature(fea) != R.run_signature(fea.replace({"loss.lambda_feature": 0.7}))
     assert R.run_signature(micrec) == R.run_signature(micrec.replace({"eval.seeds": 2}))
     # float noise in a setting is not a different setting
     assert R.run_signature(micrec.replace({"loss.lambda_session": 0.1 * 0.3})) == \

@@ -24,7 +24,8 @@ ALL = ["feature", "semantic", "session"]
 
 def weights_study(lr: float) -> dict:
     """Loss weights x temperature with the paper's dot-product similarity, each term alone."""
-    base = {"model.name": "ican", "train.learning_rate": lr, "train.seed": 0}
+    base = {"model.name": "ican", "train.learning_rate": lr, "train.seed": 0,
+            "loss.cl_similarity": "dot"}
     out = {"ICAN": {**base, "model.cl": []}}
     for tau in (0.1, 1.0):
         for scale in (1.0, 0.3, 0.1):
@@ -41,10 +42,11 @@ def similarity_study(lr: float) -> dict:
     temperature and loss-weight scale, field-level feature dropout, session CL alone, and a
     lower learning rate. The paper's lambdas are (1.0, 0.3, 0.1) x the scale shown."""
     base = {"model.name": "ican", "train.learning_rate": lr, "train.seed": 0}
-    cos = {**base, "model.cl": ALL, "loss.cl_similarity": "cosine"}
+    cos = {**base, "model.cl": ALL, "loss.cl_similarity": "cosine", **scaled_lambdas(1.0)}
     return {
         "ICAN": {**base, "model.cl": []},
         "MicRec, dot, tau 0.1, lambdas x0.1": {**base, "model.cl": ALL, "loss.temperature": 0.1,
+                                               "loss.cl_similarity": "dot",
                                                **scaled_lambdas(0.1)},
         "MicRec, cosine, tau 0.2, lambdas x1": {**cos, "loss.temperature": 0.2},
         "MicRec, cosine, tau 0.2, lambdas x0.3": {**cos, "loss.temperature": 0.2, **scaled_lambdas(0.3)},

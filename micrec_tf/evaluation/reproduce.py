@@ -128,10 +128,14 @@ def run_signature(cfg: Config) -> dict:
     return _normalise(cfg.to_dict())
 
 
-# Loss keys that only the CL terms read: irrelevant to a model without CL terms.
-_CL_ONLY_LOSS_KEYS = ("lambda_feature", "lambda_semantic", "lambda_session", "temperature",
-                      "cl_similarity", "feature_dropout", "mask_ratio", "num_cl_negatives",
-                      "same_category_weight")
+# Loss keys that only some CL terms read: irrelevant to a run without those terms.
+_CL_LOSS_KEYS = {
+    "feature": ("lambda_feature", "feature_dropout", "mask_ratio"),
+    "semantic": ("lambda_semantic",),
+    "session": ("lambda_session", "same_category_weight"),
+    "semantic+session": ("num_cl_negatives",),
+    "any": ("temperature", "cl_similarity"),
+}
 
 
 def _rounded(value):
@@ -152,9 +156,14 @@ def _normalise(sig: dict | None) -> dict | None:
     sig.pop("export", None)
     sig.get("train", {}).pop("runs_dir", None)
     sig.get("eval", {}).pop("seeds", None)
-    if not sig.get("model", {}).get("cl"):
-        for key in _CL_ONLY_LOSS_KEYS:
-            sig.get("loss", {}).pop(key, None)
+    tasks = set(sig.get("model", {}).get("cl") or [])
+    used = {"feature": "feature" in tasks, "semantic": "semantic" in tasks,
+            "session": "session" in tasks, "semantic+session": bool(tasks & {"semantic", "session"}),
+            "any": bool(tasks)}
+    for group, keys in _CL_LOSS_KEYS.items():
+        if not used[group]:
+            for key in keys:
+                sig.get("loss", {}).pop(key, None)
     return sig
 
 
