@@ -81,9 +81,9 @@ GRIDS = {
 }
 GRID_TEXT = {
     "full": "models without CL: learning rate {0.001, 0.003} x sampled negatives {500, 1000}; "
-            "models with CL terms: their base model's chosen setting plus one of the paper's CL "
-            "setting (dot product, tau 1, lambdas 1.0 / 0.3 / 0.1), or cosine similarity at "
-            "(tau 0.2, lambdas x0.1), (tau 0.2, x0.3), (tau 0.5, x1). Four trials each.",
+            "models with CL terms: their base model's chosen setting plus either the paper's CL "
+            "setting (dot product, tau 1, lambdas 1.0 / 0.3 / 0.1) or cosine similarity at "
+            "(tau 0.2, lambdas x0.1), (tau 0.2, x0.3) or (tau 0.5, x1). Four trials each.",
     "small": "models without CL: learning rate {0.001, 0.003}; models with CL terms: their base "
              "model's chosen setting plus cosine CL similarity at (tau 0.2, the paper's lambdas "
              "1.0 / 0.3 / 0.1 x0.1) or (tau 0.5, x1). Two trials each; everything else at the "
