@@ -323,10 +323,22 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
                          f"{paired_p(mic, ican):.3g} |")
         lines.append("")
     lines += ["## Chosen hyper-parameters (validation HIT@50, seed 0)", "",
-              "| model | setting |", "|---|---|"]
-    lines += [f"| {n} | `{json.dumps(s)}` |" for n, s in settings.items()]
+              "| model | grid setting | values in effect |", "|---|---|---|"]
+    lines += [f"| {n} | `{json.dumps(s)}` | {effective_values(cfg, n, s)} |"
+              for n, s in settings.items()]
     lines += ["", f"Grid `{grid}`: {GRID_TEXT[grid]}", ""]
     return "\n".join(lines)
+
+
+def effective_values(cfg: Config, name: str, setting: dict) -> str:
+    """The training and CL values a variant ran with (config + its grid setting), as text."""
+    run = _expand(cfg, {**VARIANTS[name][1], **setting}) if name in VARIANTS else cfg
+    t, loss = run.train, run.loss
+    text = f"lr {t.learning_rate}, {loss.num_negatives} negatives, <= {t.epochs} epochs"
+    if run.model.cl:
+        lambdas = ", ".join(f"{task} {getattr(loss, f'lambda_{task}'):g}" for task in run.model.cl)
+        text += f"; CL {loss.cl_similarity}, tau {loss.temperature:g}, lambdas {lambdas}"
+    return text
 
 
 def plots(out_dir: str, cfg: Config, summary: dict, sparsity: dict, histories: dict) -> list:
