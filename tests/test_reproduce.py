@@ -17,6 +17,7 @@ def test_reproduce_writes_report_and_caches(tiny_pipeline, tmp_path):
     assert "Most popular" in md and "Item-kNN" in md
     assert "Sparsity sweep" in md and "| 20% |" in md
     assert "values in effect" in md and "CL cosine, tau" in md  # MicRec's chosen CL values
+    assert "training time of the runs it reports" in md
     raw = json.load(open(os.path.join(out, "tiny.json")))
     assert len(raw["per_seed"]["ICAN"]) == 2 and "hit@10" in raw["per_seed"]["ICAN"][0]
     # The chosen settings come from the small grid.

@@ -196,6 +196,7 @@ class Runner:
 
     def __init__(self, cfg: Config, root: str, grid: str = "full", log=print):
         self.cfg, self.root, self.grid, self.log = cfg, root, grid, log
+        self.run_seconds = {}  # run key -> training seconds, cached runs included
 
     def run(self, key: str, overrides: dict, evaluate_test: bool) -> dict:
         run_dir = os.path.join(self.root, key)
@@ -208,6 +209,7 @@ class Runner:
             if _cached_signature(cached, run_dir) != signature:
                 self.log(f"[reproduce] cached {key} was run with another config: running again")
             elif not evaluate_test or "test" in cached:
+                self.run_seconds[key] = float(cached.get("seconds", 0.0))
                 return cached
         from micrec_tf.train import train  # deferred: TF loads only when a run is needed
 
@@ -217,6 +219,7 @@ class Runner:
         out = {k: result[k] for k in ("valid", "test") if k in result}
         out["history"] = result["history"]
         out["seconds"] = time.time() - start
+        self.run_seconds[key] = out["seconds"]
         out["overrides"] = {k: v for k, v in overrides.items()}
         out["config"] = signature
         with open(path, "w") as fh:
@@ -271,7 +274,8 @@ def summarise(per_seed: dict, ns, coverage_ns) -> dict:
 
 
 def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, sparsity: dict,
-                seeds: int, command: str, seconds: float, grid: str = "full") -> str:
+                seeds: int, command: str, seconds: float, grid: str = "full",
+                run_seconds: float | None = None) -> str:
     ns, cns = cfg.eval.hit_n, cfg.eval.coverage_n
     cols = [f"hit@{n}" for n in ns] + [f"coverage@{n}" for n in cns] + \
         [f"long_tail/hit@{ns[0]}", f"long_tail/hit@{ns[-1]}"]
@@ -280,7 +284,10 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
     lines = [f"# Results: {cfg.name}", "",
              f"- command: `{command}`",
              f"- date: {datetime.date.today().isoformat()}; machine: {platform.node()} "
-             f"({os.cpu_count()} CPU cores, {platform.machine()}), wall time {seconds / 60:.1f} min",
+             f"({os.cpu_count()} CPU cores, {platform.machine()}), wall time of this call "
+             f"{seconds / 60:.1f} min"
+             + (f"; training time of the runs it reports, cached ones included, "
+                f"{run_seconds / 60:.1f} min" if run_seconds is not None else ""),
              f"- split: `{cfg.preprocess.split}`; exclude already-clicked items: "
              f"{cfg.eval.exclude_clicked}; seeds: {seeds}; epochs <= {cfg.train.epochs} with early "
              f"stopping on validation HIT@{ns[0]}",
@@ -445,7 +452,8 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
     md_path = os.path.join(out_dir, f"{cfg.name}.md")
     pngs = plots(os.path.join(out_dir, cfg.name), cfg, summary, sweep,
                  {n: histories[n] for n in (BASE, FINAL) if n in histories})
-    md = to_markdown(cfg, summary, ref, settings, sweep, seeds, command, time.time() - start, grid)
+    md = to_markdown(cfg, summary, ref, settings, sweep, seeds, command, time.time() - start, grid,
+                     run_seconds=sum(runner.run_seconds.values()))
     md += "\n## Plots\n\n" + "\n".join(
         f"![{os.path.basename(p)}]({cfg.name}/{os.path.basename(p)})" for p in pngs) + "\n"
     with open(md_path, "w") as fh:
