@@ -111,3 +111,21 @@ def test_signature_ignores_cl_knobs_only_for_models_without_cl():
     # float noise in a setting is not a different setting
     assert R.run_signature(micrec.replace({"loss.lambda_session": 0.1 * 0.3})) == \
         R.run_signature(micrec.replace({"loss.lambda_session": 0.03}))
+
+
+def test_fig3_rows_compare_with_their_base_model():
+    from micrec_tf.config import Config
+
+    cfg = Config().replace({"eval.hit_n": [50], "eval.coverage_n": [50]})
+
+    def metrics(values):
+        import numpy as np
+        return {"hit@50": (float(np.mean(values)), float(np.std(values)), values)}
+
+    summary = {"ICAN": metrics([0.5, 0.5]), "YoutubeDNN": metrics([0.40, 0.42]),
+               "YoutubeDNN + fea": metrics([0.42, 0.45])}
+    md = R.to_markdown(cfg, summary, {}, {}, {}, 2, "test", 1.0, grid="none")
+    fig3 = md.split("## Fig. 3")[1].split("##")[0]
+    row = next(line for line in fig3.splitlines() if line.startswith("| YoutubeDNN + fea |"))
+    gain = (0.435 / 0.41 - 1) * 100  # against YoutubeDNN, not ICAN
+    assert f"{gain:+.1f} %" in row and "vs its base model" in fig3

@@ -305,8 +305,10 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
         rows = [n for n, (t, _) in VARIANTS.items() if t == table and n in summary]
         if not rows:
             continue
-        lines += [f"## {title}", "", "| " + " | ".join(head) + " |",
-                  "|" + "---|" * len(head)]
+        table_head = head if table != "universality" else head[:-2] + [
+            f"gain HIT@{ns[0]} vs its base model", f"p vs its base (HIT@{ns[0]})"]
+        lines += [f"## {title}", "", "| " + " | ".join(table_head) + " |",
+                  "|" + "---|" * len(table_head)]
         if table == "main":
             for ref_name, ref in reference.items():
                 cells = [ref_name] + [f"{ref[c]:.4f}" if c in ref else "" for c in cols]
@@ -315,8 +317,15 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
         for name in rows:
             m = summary[name]
             cells = [name] + [f"{m[c][0]:.4f} +- {m[c][1]:.4f}" if c in m else "" for c in cols]
-            gain = gain_vs_base(m[f"hit@{ns[0]}"][0])
-            p = paired_p(final_vals, m[f"hit@{ns[0]}"][2]) if name != FINAL else float("nan")
+            base_name = base_of(VARIANTS[name][1])
+            if table == "universality" and base_name in summary:
+                # Fig. 3 compares a model with a CL term to the same model without it.
+                base_vals = summary[base_name][f"hit@{ns[0]}"]
+                gain = (m[f"hit@{ns[0]}"][0] / base_vals[0] - 1) * 100
+                p = paired_p(m[f"hit@{ns[0]}"][2], base_vals[2])
+            else:
+                gain = gain_vs_base(m[f"hit@{ns[0]}"][0])
+                p = paired_p(final_vals, m[f"hit@{ns[0]}"][2]) if name != FINAL else float("nan")
             lines.append("| " + " | ".join(cells + [f"{gain:+.1f} %", f"{p:.3g}"]) + " |")
         lines.append("")
     if sparsity:
