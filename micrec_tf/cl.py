@@ -234,7 +234,8 @@ class FeatureCL(tf_keras.layers.Layer):
         config = super().get_config()
         config.update(projection_dim=self.projection_dim, strategy=self.strategy,
                       mask_ratio=self.mask_ratio, temperature=self.temperature, seed=self.seed,
-                      similarity=self.similarity, correlation=None if self.correlation is None else self.correlation.tolist())
+                      similarity=self.similarity,
+                      correlation=None if self.correlation is None else self.correlation.tolist())
         return config
 
 

@@ -34,8 +34,6 @@ import numpy as np
 from export import item_index, rest, serving
 
 
-
-
 def resolve_version_dir(path: str, version: int | str | None = None) -> str:
     """``path`` is a version directory (has metadata.json) or an export root (``exports/<name>``);
     for a root, ``version`` (default: the latest published one) picks the directory."""

@@ -190,9 +190,8 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
     os.makedirs(run_dir, exist_ok=True)
     discard_stale_backup(cfg, run_dir, log)
     # A previous run's results no longer describe this directory once its config is replaced.
-    for stale in ("metrics.json",):
-        if os.path.exists(os.path.join(run_dir, stale)):
-            os.remove(os.path.join(run_dir, stale))
+    if os.path.exists(os.path.join(run_dir, "metrics.json")):
+        os.remove(os.path.join(run_dir, "metrics.json"))
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
     tf_keras.utils.set_random_seed(cfg.train.seed)

@@ -52,8 +52,10 @@ def similarity_study(lr: float) -> dict:
                                                "loss.cl_similarity": "dot",
                                                **scaled_lambdas(0.1)},
         "MicRec, cosine, tau 0.2, lambdas x1": {**cos, "loss.temperature": 0.2},
-        "MicRec, cosine, tau 0.2, lambdas x0.3": {**cos, "loss.temperature": 0.2, **scaled_lambdas(0.3)},
-        "MicRec, cosine, tau 0.2, lambdas x0.1": {**cos, "loss.temperature": 0.2, **scaled_lambdas(0.1)},
+        "MicRec, cosine, tau 0.2, lambdas x0.3": {**cos, "loss.temperature": 0.2,
+                                                  **scaled_lambdas(0.3)},
+        "MicRec, cosine, tau 0.2, lambdas x0.1": {**cos, "loss.temperature": 0.2,
+                                                  **scaled_lambdas(0.1)},
         "MicRec, cosine, tau 0.5, lambdas x1": {**cos, "loss.temperature": 0.5},
         "MicRec, cosine, tau 0.2, lambdas x1, field dropout": {
             **cos, "loss.temperature": 0.2, "loss.feature_dropout": "field"},

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from micrec_tf.config import Config, load_config, parse_overrides
+from micrec_tf.config import CL_TASKS, Config, load_config, parse_overrides
 
 ALL_CL = ["feature", "semantic", "session"]
 # name -> (table, overrides). Tables: main (Table 2), ablation (Table 4), universality (Fig. 3).
@@ -128,14 +128,14 @@ def run_signature(cfg: Config) -> dict:
     return _normalise(cfg.to_dict())
 
 
-# Loss keys that only some CL terms read: irrelevant to a run without those terms.
-_CL_LOSS_KEYS = {
-    "feature": ("lambda_feature", "feature_dropout", "mask_ratio"),
-    "semantic": ("lambda_semantic",),
-    "session": ("lambda_session", "same_category_weight"),
-    "semantic+session": ("num_cl_negatives",),
-    "any": ("temperature", "cl_similarity"),
-}
+# Loss keys and the CL terms that read them: irrelevant to a run with none of those terms.
+_CL_LOSS_KEYS = (
+    ({"feature"}, ("lambda_feature", "feature_dropout", "mask_ratio")),
+    ({"semantic"}, ("lambda_semantic",)),
+    ({"session"}, ("lambda_session", "same_category_weight")),
+    ({"semantic", "session"}, ("num_cl_negatives",)),
+    (set(CL_TASKS), ("temperature", "cl_similarity")),
+)
 
 
 def _rounded(value):
@@ -149,19 +149,14 @@ def _rounded(value):
     return value
 
 
-def _normalise(sig: dict | None) -> dict | None:
-    if sig is None:
-        return None
+def _normalise(sig: dict) -> dict:
     sig = _rounded(json.loads(json.dumps(sig)))  # a deep copy, float noise rounded away
     sig.pop("export", None)
     sig.get("train", {}).pop("runs_dir", None)
     sig.get("eval", {}).pop("seeds", None)
     tasks = set(sig.get("model", {}).get("cl") or [])
-    used = {"feature": "feature" in tasks, "semantic": "semantic" in tasks,
-            "session": "session" in tasks, "semantic+session": bool(tasks & {"semantic", "session"}),
-            "any": bool(tasks)}
-    for group, keys in _CL_LOSS_KEYS.items():
-        if not used[group]:
+    for readers, keys in _CL_LOSS_KEYS:
+        if not tasks & readers:
             for key in keys:
                 sig.get("loss", {}).pop(key, None)
     return sig
@@ -348,7 +343,7 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
 
 def effective_values(cfg: Config, name: str, setting: dict) -> str:
     """The training and CL values a variant ran with (config + its grid setting), as text."""
-    run = _expand(cfg, {**VARIANTS[name][1], **setting}) if name in VARIANTS else cfg
+    run = _expand(cfg, {**VARIANTS[name][1], **setting})
     t, loss = run.train, run.loss
     text = f"lr {t.learning_rate}, {loss.num_negatives} negatives, <= {t.epochs} epochs"
     if run.model.cl:
@@ -417,7 +412,8 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
     names = [n for n in VARIANTS if variants is None or n in variants]
     runner = Runner(cfg, os.path.join(cfg.run_dir, "reproduce"), grid, log)
     settings, per_seed, histories, done = {}, {}, {}, {}
-    # Base models first: models with CL terms start from their base model's chosen setting.
+    # Models with CL terms start from their base model's chosen setting, so bases run first:
+    # those not asked for, then the asked-for names in VARIANTS order (bases precede CL rows).
     bases = [b for b in dict.fromkeys(base_of(VARIANTS[n][1]) for n in names) if b]
     for name in [*[b for b in bases if b not in names], *names]:
         overrides = VARIANTS[name][1]
@@ -426,8 +422,6 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
             settings[name], per_seed[name] = settings[done[sig]], per_seed[done[sig]]
             continue
         base = base_of(overrides)
-        if base and base not in settings:
-            settings[base] = runner.tune(base, VARIANTS[base][1])[0]
         settings[name], seed0_key = runner.tune(name, overrides,
                                                 inherited=settings[base] if base else None)
         per_seed[name] = [
