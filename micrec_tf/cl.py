@@ -6,9 +6,11 @@ time, so it plugs onto any item tower (:mod:`micrec_tf.towers`)::
 
     loss = task(cl_inputs, item_tower=tower, training=True)
 
-The items that get CL are the batch's target items, deduplicated: :func:`cl_inputs_from_batch`
-builds a :class:`CLInputs` with one row per distinct item (the OOV/padding index 0 is never an
-anchor nor a negative).
+The items that get CL are, by default, the batch's target items, deduplicated:
+:func:`cl_inputs_from_batch` builds a :class:`CLInputs` with one row per distinct item (the
+OOV/padding index 0 is never an anchor nor a negative). :class:`CLAnchorSampler` can replace or
+extend them with items drawn uniformly from the catalogue (``loss.cl_anchors``), so that rarely
+clicked items get CL as often as popular ones.
 
 * :class:`FeatureCL` (``feature_cl``, eqs. 2-3): the original ``f^d`` and a dropped-out copy go
   through the item tower's ``encode`` and the projector; InfoNCE with in-batch negatives.
@@ -18,8 +20,9 @@ anchor nor a negative).
 * :class:`SemanticCL` (``semantic_cl``, eq. 4): positive drawn uniformly from the item's title
   neighbours, negatives random items outside that set, projector on the tower output.
 * :class:`SessionCL` (``session_cl``, eq. 5): positive drawn in proportion to the co-occurrence
-  count, same-category pairs multiplied by ``same_category_weight``; negatives random items
-  outside the item's top-M co-occurrence list; items without co-occurrences are left out.
+  count, same-category pairs multiplied by ``same_category_weight`` (or uniformly from the list,
+  ``positives="uniform"``); negatives random items outside the item's top-M co-occurrence list;
+  items without co-occurrences are left out.
 
 All sampling is done with TF ops inside the graph.
 """
@@ -32,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from micrec_tf.config import FEATURE_DROPOUTS
+from micrec_tf.config import CL_ANCHORS, FEATURE_DROPOUTS, SESSION_POSITIVES
 from micrec_tf.layers import register
 from micrec_tf.losses import check_similarity, in_batch_info_nce_loss, info_nce_loss
 
@@ -69,6 +72,44 @@ def cl_inputs_from_batch(item_ids, features: Mapping, raw, embeddings) -> CLInpu
     first = tf.math.unsorted_segment_min(tf.range(tf.shape(item_ids)[0]), idx, tf.size(unique))
     gathered = {k: tf.gather(v, first) for k, v in features.items()}
     return CLInputs(unique, gathered, tf.gather(raw, first), tf.gather(embeddings, first))
+
+
+@register
+class CLAnchorSampler(tf_keras.layers.Layer):
+    """Chooses the anchor items of the CL tasks (``loss.cl_anchors``).
+
+    Args:
+      num_items: V; uniform draws are in 1..V-1 (0 is padding).
+      mode: ``batch`` (the batch's target items; the sampler is the identity), ``uniform`` (as
+        many items drawn uniformly from the catalogue as the batch has rows) or ``both`` (the
+        batch's items followed by that many uniform draws).
+      seed: seed of the sampler's generator.
+
+    Call: int [B] target item ids -> int64 [B] (``batch``, ``uniform``) or [2B] (``both``).
+    """
+
+    def __init__(self, num_items: int, mode: str = "batch", seed: int = 4, **kwargs):
+        kwargs.setdefault("name", "cl_anchor_sampler")
+        super().__init__(**kwargs)
+        if mode not in CL_ANCHORS:
+            raise ValueError(f"mode must be one of {list(CL_ANCHORS)}, got {mode!r}")
+        if not isinstance(num_items, (int, np.integer)) or num_items < 2:
+            raise ValueError(f"num_items must be an int >= 2, got {num_items!r}")
+        self.num_items, self.mode, self.seed = int(num_items), mode, seed
+        self.rng = tf.random.Generator.from_seed(seed)
+
+    def call(self, item_ids):
+        item_ids = tf.cast(tf.reshape(item_ids, [-1]), tf.int64)
+        if self.mode == "batch":
+            return item_ids
+        uniform = self.rng.uniform(tf.shape(item_ids), minval=1, maxval=self.num_items,
+                                   dtype=tf.int64)
+        return uniform if self.mode == "uniform" else tf.concat([item_ids, uniform], axis=0)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_items=self.num_items, mode=self.mode, seed=self.seed)
+        return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,10 +417,17 @@ class SemanticCL(NeighbourCL):
 @register
 class SessionCL(NeighbourCL):
     """Session-level item CL, ``L_sess`` (eq. 5): positive drawn with probability proportional
-    to ``count * (same_category_weight if same category else 1)``."""
+    to ``count * (same_category_weight if same category else 1)`` (``positives="count"``, the
+    paper), or uniformly from the item's co-occurrence list (``positives="uniform"``: counts and
+    category emphasis ignored)."""
 
-    def __init__(self, neighbors, weights, projection_dim: int, **kwargs):
+    def __init__(self, neighbors, weights, projection_dim: int, positives: str = "count",
+                 **kwargs):
         kwargs.setdefault("name", "session_cl")
+        if positives not in SESSION_POSITIVES:
+            raise ValueError(f"positives must be one of {list(SESSION_POSITIVES)}, got "
+                             f"{positives!r}")
+        self.positives = positives
         super().__init__(neighbors, weights, projection_dim, **kwargs)
 
     @classmethod
@@ -389,7 +437,14 @@ class SessionCL(NeighbourCL):
 
     def positive_log_weights(self):
         valid = (self._neighbors_np > 0) & (self._weights_np > 0)
+        if self.positives == "uniform":
+            return valid, np.zeros(valid.shape, np.float32)
         emphasis = np.where(self._same_category_np > 0, self.same_category_weight, 1.0)
         with np.errstate(divide="ignore"):
             log_w = np.log(np.where(valid, self._weights_np * emphasis, 1.0))
         return valid, log_w.astype(np.float32)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(positives=self.positives)
+        return config

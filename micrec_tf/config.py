@@ -27,6 +27,12 @@ CL_TASKS = ("feature", "semantic", "session")
 FEATURE_DROPOUTS = ("element", "field", "categorical", "correlated")
 # CL similarity g(a, b): the paper's dot product of projected vectors, or their cosine.
 CL_SIMILARITIES = ("dot", "cosine")
+# Which items the CL losses are computed on: the batch's target items (clicked, so popular
+# items dominate), items drawn uniformly from the catalogue, or both.
+CL_ANCHORS = ("batch", "uniform", "both")
+# How session CL draws a positive from an item's co-occurrence list: in proportion to the count
+# (paper eq. 5) or uniformly.
+SESSION_POSITIVES = ("count", "uniform")
 MIXED_PRECISION = ("auto", "on", "off")
 INDEX_KINDS = ("scann", "brute_force")
 # Named presets (paper 5.2): model + CL tasks + feature-dropout strategy.
@@ -133,6 +139,8 @@ class LossConfig:
     mask_ratio: float = 0.5
     num_cl_negatives: int = 50
     same_category_weight: float = 2.0
+    cl_anchors: str = "batch"
+    session_positives: str = "count"
 
 
 @dataclass
@@ -294,6 +302,8 @@ def validate(cfg: Config) -> Config:
     _check_choice("model.name", cfg.model.name, MODELS)
     _check_choice("loss.feature_dropout", cfg.loss.feature_dropout, FEATURE_DROPOUTS)
     _check_choice("loss.cl_similarity", cfg.loss.cl_similarity, CL_SIMILARITIES)
+    _check_choice("loss.cl_anchors", cfg.loss.cl_anchors, CL_ANCHORS)
+    _check_choice("loss.session_positives", cfg.loss.session_positives, SESSION_POSITIVES)
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     _check_choice("export.index", cfg.export.index, INDEX_KINDS)
     if cfg.model.preset:

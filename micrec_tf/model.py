@@ -25,8 +25,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from micrec_tf.cl import (FeatureCL, SemanticCL, SessionCL, cl_inputs_from_batch,
-                          field_correlation)
+from micrec_tf.cl import (CLAnchorSampler, FeatureCL, SemanticCL, SessionCL,
+                          cl_inputs_from_batch, field_correlation)
 from micrec_tf.layers import ItemFeatureLookup, ItemFieldEmbeddings, UserFieldEmbeddings
 from micrec_tf.losses import SampledSoftmaxTask
 from micrec_tf.towers import (AutoIntItemTower, AutoIntUserTower, DeepFMItemTower,
@@ -37,7 +37,7 @@ LOSS_NAMES = ("loss", "sampled_softmax_loss", "feature_cl_loss", "semantic_cl_lo
               "session_cl_loss")
 _TASKS = (("feature", "feature_cl"), ("semantic", "semantic_cl"), ("session", "session_cl"))
 # Seed offsets from train.seed, one generator per sampler.
-_SEED_OFFSETS = {"sampled_softmax": 0, "feature": 1, "semantic": 2, "session": 3}
+_SEED_OFFSETS = {"sampled_softmax": 0, "feature": 1, "semantic": 2, "session": 3, "anchors": 4}
 
 
 def _unpack(data):
@@ -60,12 +60,15 @@ class MicRecModel(tf_keras.Model):
       feature_cl, semantic_cl, session_cl: CL tasks or None (not in ``model.cl``).
       lambdas: {"feature": l1, "semantic": l2, "session": l3}.
       item_batch_size: chunk size of :meth:`item_embeddings`.
+      cl_anchor_sampler: :class:`micrec_tf.cl.CLAnchorSampler` choosing the CL anchor items;
+        None (default): the batch's target items.
     """
 
     def __init__(self, user_tower, item_tower, retrieval: SampledSoftmaxTask,
                  feature_cl: FeatureCL | None = None, semantic_cl: SemanticCL | None = None,
                  session_cl: SessionCL | None = None, lambdas: Mapping | None = None,
-                 item_batch_size: int = 4096, **kwargs):
+                 item_batch_size: int = 4096, cl_anchor_sampler: CLAnchorSampler | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         if user_tower.output_dim != item_tower.output_dim:
             raise ValueError(f"user tower output dim {user_tower.output_dim} != item tower output "
@@ -76,6 +79,9 @@ class MicRecModel(tf_keras.Model):
         self.feature_cl = feature_cl
         self.semantic_cl = semantic_cl
         self.session_cl = session_cl
+        if cl_anchor_sampler is not None and cl_anchor_sampler.mode == "batch":
+            cl_anchor_sampler = None  # the identity: keep the default path (and checkpoints)
+        self.cl_anchor_sampler = cl_anchor_sampler
         lambdas = dict(lambdas or {})
         unknown = set(lambdas) - {t for t, _ in _TASKS}
         if unknown:
@@ -124,8 +130,8 @@ class MicRecModel(tf_keras.Model):
         total = losses["sampled_softmax_loss"]
         tasks = self.cl_tasks
         if tasks:
-            inputs = cl_inputs_from_batch(item_ids, {k: features[k] for k in item_names}, raw,
-                                          positives)
+            inputs = self._cl_inputs(item_ids, {k: features[k] for k in item_names}, raw,
+                                     positives, training)
             for task_name, attr in _TASKS:
                 if task_name not in tasks:
                     continue
@@ -134,6 +140,17 @@ class MicRecModel(tf_keras.Model):
                 total = total + self.lambdas[task_name] * value
         losses["loss"] = total
         return losses
+
+    def _cl_inputs(self, item_ids, features, raw, embeddings, training):
+        """The CL anchors: the batch's target items, or the anchor sampler's items (their fields
+        looked up in the catalogue table and encoded again)."""
+        if self.cl_anchor_sampler is None:
+            return cl_inputs_from_batch(item_ids, features, raw, embeddings)
+        ids = self.cl_anchor_sampler(item_ids)
+        features = self.item_tower.features_for(ids)
+        raw = self.item_tower.raw_embedding(features)
+        return cl_inputs_from_batch(ids, features, raw,
+                                    self.item_tower.encode(raw, training=training))
 
     def _update_trackers(self, losses):
         for name, tracker in self.loss_trackers.items():
@@ -153,6 +170,8 @@ class MicRecModel(tf_keras.Model):
     def samplers(self) -> list:
         """The ``tf.random.Generator`` of every task (checkpointed with the model)."""
         tasks = [self.retrieval, *self.cl_tasks.values()]
+        if self.cl_anchor_sampler is not None:
+            tasks.append(self.cl_anchor_sampler)
         return [t.rng for t in tasks]
 
     def test_step(self, data):
@@ -299,9 +318,11 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
             cooccurrence, dim, num_negatives=loss.num_cl_negatives,
             temperature=loss.temperature, seed=seed + _SEED_OFFSETS["session"],
             num_items=num_items, same_category_weight=loss.same_category_weight,
-            similarity=loss.cl_similarity)
+            similarity=loss.cl_similarity, positives=loss.session_positives)
+    anchors = (CLAnchorSampler(num_items, loss.cl_anchors, seed + _SEED_OFFSETS["anchors"])
+               if tasks and loss.cl_anchors != "batch" else None)
     return MicRecModel(
-        user_tower, item_tower, retrieval, **tasks,
+        user_tower, item_tower, retrieval, **tasks, cl_anchor_sampler=anchors,
         lambdas={"feature": loss.lambda_feature, "semantic": loss.lambda_semantic,
                  "session": loss.lambda_session},
         name=f"micrec_{m.name}")

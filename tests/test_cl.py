@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from micrec_tf.cl import (FeatureCL, SemanticCL, SessionCL, cl_inputs_from_batch,
+from micrec_tf.cl import (CLAnchorSampler, FeatureCL, SemanticCL, SessionCL, cl_inputs_from_batch,
                           correlated_field_keep_mask, field_correlation, tag_keep_mask)
 from micrec_tf.data.artifacts import ItemTable
 from micrec_tf.layers import ItemFeatureLookup, ItemFieldEmbeddings
@@ -163,6 +163,34 @@ def test_session_sampler_is_proportional_to_counts_with_category_emphasis():
     assert _chi2(c2, np.array([4, 12]) / 16) < 10.8  # 1 dof, p=0.001
 
 
+def test_session_sampler_uniform_positives_ignore_counts_and_category():
+    task = SessionCL(NB, CNT, 8, same_category=SAME, same_category_weight=3.0,
+                     positives="uniform")
+    n = 6000
+    pos = task.sample(tf.constant([2] * n))[0].numpy()
+    counts = np.array([np.sum(pos == j) for j in (1, 5)])
+    assert counts.sum() == n
+    assert _chi2(counts, [0.5, 0.5]) < 10.8  # counts 4 vs 12 would give 1/4 vs 3/4
+
+
+def test_cl_anchor_sampler_modes():
+    ids = tf.constant([3, 3, 7, 9], tf.int64)
+    np.testing.assert_array_equal(CLAnchorSampler(V, "batch")(ids).numpy(), ids.numpy())
+    uniform = CLAnchorSampler(V, "uniform", seed=5)
+    draws = np.concatenate([uniform(ids).numpy() for _ in range(3000)])
+    assert draws.shape == (12000,) and draws.min() >= 1 and draws.max() <= V - 1
+    counts = np.bincount(draws, minlength=V)[1:]
+    assert _chi2(counts, np.full(V - 1, 1 / (V - 1))) < 78.0  # 38 dof, p=0.001: 73.4 (+ slack)
+    both = CLAnchorSampler(V, "both", seed=5)(ids).numpy()
+    assert both.shape == (8,)
+    np.testing.assert_array_equal(both[:4], ids.numpy())
+    assert both[4:].min() >= 1
+    with pytest.raises(ValueError, match="mode must be one of .* got 'popular'"):
+        CLAnchorSampler(V, "popular")
+    with pytest.raises(ValueError, match="num_items must be an int >= 2, got 1"):
+        CLAnchorSampler(1, "uniform")
+
+
 def test_neighbour_negatives_never_in_the_positive_set_and_empty_items_masked():
     task = SessionCL(NB, CNT, 8, num_negatives=200, seed=9)
     ids = np.array([1, 2, 3, 4, 0])
@@ -206,7 +234,8 @@ def test_cl_tasks_round_trip_through_config():
                  FeatureCL(8, similarity="cosine"),
                  SemanticCL(NB, CNT, 8, num_negatives=5, temperature=0.2),
                  SessionCL(NB, CNT, 8, same_category=SAME, same_category_weight=2.5,
-                           similarity="cosine")):
+                           similarity="cosine", positives="uniform"),
+                 CLAnchorSampler(V, "both", seed=3)):
         config = task.get_config()
         clone = type(task).from_config(config)
         assert clone.get_config() == config
@@ -223,6 +252,8 @@ def test_cl_argument_errors():
         FeatureCL(8, similarity="euclid")
     with pytest.raises(ValueError, match="similarity must be one of .* got 'euclid'"):
         SessionCL(NB, CNT, 8, similarity="euclid")
+    with pytest.raises(ValueError, match="positives must be one of .* got 'sqrt'"):
+        SessionCL(NB, CNT, 8, positives="sqrt")
     with pytest.raises(ValueError, match=r"must both be \[V, M\]"):
         SessionCL(NB, CNT[:, :2], 8)
     with pytest.raises(ValueError, match="same_category must be"):

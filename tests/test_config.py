@@ -51,6 +51,8 @@ def test_unknown_key_names_the_key(tmp_path):
     ({"loss": {"num_negatives": 0}}, "num_negatives"),
     ({"train": {"mixed_precision": True}}, "train.mixed_precision"),
     ({"loss": {"cl_similarity": "euclid"}}, "loss.cl_similarity.*euclid"),
+    ({"loss": {"cl_anchors": "popular"}}, "loss.cl_anchors.*popular"),
+    ({"loss": {"session_positives": "sqrt"}}, "loss.session_positives.*sqrt"),
 ])
 def test_bad_values_are_clear_errors(raw, needle):
     with pytest.raises(ConfigError, match=needle):

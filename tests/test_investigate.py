@@ -22,3 +22,28 @@ def test_every_study_starts_with_its_ican_reference():
         variants = study(0.003)
         first = next(iter(variants.values()))
         assert next(iter(variants)) == "ICAN" and first["model.cl"] == []
+
+
+def test_mean_metrics_averages_seeds_and_final_losses():
+    from micrec_tf.evaluation.investigate import mean_metrics
+
+    runs = [{"valid": {"hit@50": 0.4}, "test": {"hit@50": 0.3},
+             "history": {"loss": [5.0, 4.0]}},
+            {"valid": {"hit@50": 0.5}, "test": {"hit@50": 0.2},
+             "history": {"loss": [6.0, 3.0, 2.0]}}]
+    out = mean_metrics(runs)
+    assert out["valid"]["hit@50"] == pytest.approx(0.45)
+    assert out["test"]["hit@50"] == pytest.approx(0.25)
+    assert out["history"]["loss"] == [pytest.approx(3.0)]  # mean of the last epochs 4 and 2
+    assert mean_metrics(runs[:1]) is runs[0]
+
+
+def test_sampling_study_varies_one_sampling_knob_at_a_time():
+    variants = STUDIES["sampling"](0.003)
+    reference = variants["MicRec (config setting: batch anchors, 50 CL negatives, "
+                         "count positives)"]
+    for name, ov in list(variants.items())[2:]:
+        changed = {k for k in ov if ov.get(k) != reference.get(k)}
+        assert changed and changed <= {"loss.cl_anchors", "loss.num_cl_negatives",
+                                       "loss.session_positives", "loss.lambda_feature",
+                                       "loss.lambda_semantic", "loss.lambda_session"}, name

@@ -375,3 +375,38 @@ def test_cl_similarity_reaches_every_cl_task_and_cosine_losses_are_bounded():
         assert 0.0 <= value <= np.log1p(8 * np.exp(4.0)), (name, value)
     dot = _build(_cfg(cl=["feature"]))
     assert dot.feature_cl.similarity == "dot"
+
+
+def test_cl_anchors_and_session_positives_reach_the_model():
+    batch = _tensors(_batches(1, 16)[0])
+    batch_items = np.unique(batch["item"].numpy())
+    default = _build(_cfg(cl=["feature", "session"]))
+    assert default.cl_anchor_sampler is None and default.session_cl.positives == "count"
+    for mode, size in (("uniform", 16), ("both", None)):
+        model = _build(_cfg(cl=["feature", "session"],
+                            loss={"cl_anchors": mode, "session_positives": "uniform"}))
+        assert model.session_cl.positives == "uniform"
+        assert model.cl_anchor_sampler.rng in model.samplers  # checkpointed, restored by eval
+        ids = tf.reshape(batch["item"], [-1])
+        inputs = model._cl_inputs(ids, {}, None, None, training=False)
+        got = inputs.ids.numpy()
+        assert len(set(got.tolist())) == len(got) and got.min() >= 1 and got.max() <= V - 1
+        if size:
+            assert len(got) <= size
+        else:  # the batch's items first, then uniform draws not already there
+            assert set(batch_items.tolist()) <= set(got.tolist())
+            np.testing.assert_array_equal(got[:len(batch_items)], pd_unique(ids.numpy()))
+        # Anchors carry their own catalogue fields and tower outputs.
+        np.testing.assert_array_equal(inputs.features["item"].numpy().reshape(-1), got)
+        np.testing.assert_allclose(inputs.embeddings.numpy(),
+                                   model.item_embeddings(got).numpy(), rtol=1e-5, atol=1e-6)
+        losses = model.compute_losses(batch, training=True)
+        assert np.isfinite(float(losses["loss"])) and float(losses["feature_cl_loss"]) > 0
+    # CL off: no sampler even if asked for.
+    assert _build(_cfg(cl=[], loss={"cl_anchors": "uniform"})).cl_anchor_sampler is None
+
+
+def pd_unique(values):
+    """First-occurrence order of distinct values (pure numpy)."""
+    _, first = np.unique(values, return_index=True)
+    return values[np.sort(first)]

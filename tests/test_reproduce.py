@@ -95,6 +95,18 @@ def test_runs_cached_before_signatures_are_matched_by_their_config_yaml(tmp_path
     assert R._cached_signature(cached, str(run_dir)) is None
 
 
+def test_stored_signatures_from_older_code_match_when_new_keys_keep_their_default(tmp_path):
+    from micrec_tf.config import Config
+
+    cfg = Config().replace({"model.cl": ["session"], "loss.cl_similarity": "cosine"})
+    stored = R.run_signature(cfg)
+    del stored["loss"]["cl_anchors"], stored["loss"]["session_positives"]  # keys added later
+    assert R._cached_signature({"config": stored}, str(tmp_path)) == R.run_signature(cfg)
+    for key, value in (("loss.cl_anchors", "uniform"), ("loss.session_positives", "uniform")):
+        assert R._cached_signature({"config": stored}, str(tmp_path)) != R.run_signature(
+            cfg.replace({key: value}))
+
+
 def test_signature_ignores_cl_knobs_only_for_models_without_cl():
     from micrec_tf.config import Config
 

@@ -3,7 +3,8 @@
 ``python -m micrec_tf.evaluation.investigate --config configs/ml-100k.yaml`` trains ICAN and
 MicRec variants that differ in one knob at a time at the learning rate ICAN's tuning chose
 (``--study weights``: loss weights, temperature, which CL term; ``--study similarity``: cosine
-vs dot-product CL similarity, temperature, field dropout, learning rate), and writes
+vs dot-product CL similarity, temperature, field dropout, learning rate; ``--study sampling``:
+which items get CL, how many CL negatives, how session positives are drawn), and writes
 ``docs/results/<name>-investigation-<study>.md`` with validation HIT@50 (the selection metric)
 and test HIT@50 / coverage@50 / long-tail HIT@50 for reference. Runs are cached like the
 reproduction runs, under ``runs/<name>/investigate/<study>/``.
@@ -68,7 +69,28 @@ def similarity_study(lr: float) -> dict:
     }
 
 
-STUDIES = {"weights": weights_study, "similarity": similarity_study}
+def sampling_study(lr: float) -> dict:
+    """Sampling of the CL anchors, negatives and positives, at the config's CL setting: CL
+    computed on the batch's clicked items (default; popular items dominate) or on items drawn
+    uniformly from the catalogue, or both; 10 / 50 / 500 random negatives for semantic and
+    session CL; session positives drawn in proportion to co-occurrence counts (paper) or
+    uniformly from the list; uniform anchors at the paper's lambdas x0.3 (3x the configs')."""
+    base = {"model.name": "ican", "train.learning_rate": lr, "train.seed": 0}
+    final = {**base, "model.cl": ALL}
+    return {
+        "ICAN": {**base, "model.cl": []},
+        "MicRec (config setting: batch anchors, 50 CL negatives, count positives)": final,
+        "MicRec, uniform anchors": {**final, "loss.cl_anchors": "uniform"},
+        "MicRec, batch + uniform anchors": {**final, "loss.cl_anchors": "both"},
+        "MicRec, uniform anchors, paper lambdas x0.3": {**final, "loss.cl_anchors": "uniform",
+                                                  **scaled_lambdas(0.3)},
+        "MicRec, 10 CL negatives": {**final, "loss.num_cl_negatives": 10},
+        "MicRec, 500 CL negatives": {**final, "loss.num_cl_negatives": 500},
+        "MicRec, uniform session positives": {**final, "loss.session_positives": "uniform"},
+    }
+
+
+STUDIES = {"weights": weights_study, "similarity": similarity_study, "sampling": sampling_study}
 
 
 def norm_popularity(item_vectors, train_counts) -> tuple:
@@ -90,6 +112,18 @@ def norm_popularity(item_vectors, train_counts) -> tuple:
         norms[head].mean() / norms[rest].mean())
 
 
+def mean_metrics(runs: list) -> dict:
+    """Seed-mean of the runs' ``valid`` / ``test`` metrics and final-epoch losses (the keys the
+    first run has); one run is returned as it is."""
+    if len(runs) == 1:
+        return runs[0]
+    out = {part: {k: float(np.mean([r[part][k] for r in runs])) for k in runs[0][part]}
+           for part in ("valid", "test")}
+    out["history"] = {k: [float(np.mean([r["history"][k][-1] for r in runs]))]
+                      for k in runs[0]["history"]}
+    return out
+
+
 def _norm_columns(run_dir: str, counts) -> str:
     """The norm / popularity cells of one finished run ("-" when it has no checkpoint)."""
     if not os.path.exists(os.path.join(run_dir, "checkpoint")):
@@ -108,23 +142,31 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--study", choices=sorted(STUDIES), default="weights",
                         help="which one-knob-at-a-time study to run (default: weights)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="seeds per variant (0..S-1); cells are means over seeds")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     cfg = load_config(args.config, parse_overrides(args.set))
     runner = Runner(cfg, os.path.join(cfg.run_dir, "investigate", args.study), grid="none")
     rows = []
     for name, ov in STUDIES[args.study](args.lr).items():
-        res = runner.run(_slug(name), ov, evaluate_test=True)
-        rows.append((name, res))
+        runs = [runner.run(_slug(name) if s == 0 else f"{_slug(name)}_seed{s}",
+                           {**ov, "train.seed": s}, evaluate_test=True)
+                for s in range(args.seeds)]
+        rows.append((name, mean_metrics(runs)))
     ican_val = rows[0][1]["valid"]["hit@50"]
     lines = [f"# Investigation ({args.study}): {cfg.name}", "",
              " ".join(inspect.cleandoc(STUDIES[args.study].__doc__).split()), "",
              f"- command: `python -m micrec_tf.evaluation.investigate {' '.join(argv or sys.argv[1:])}`",
-             f"- date: {datetime.date.today().isoformat()}; seed 0; learning rate {args.lr}; "
+             f"- date: {datetime.date.today().isoformat()}; "
+             f"{'seed 0' if args.seeds == 1 else f'mean over seeds 0..{args.seeds - 1}'}; "
+             f"learning rate {args.lr}; "
              f"epochs <= {cfg.train.epochs}",
              "- selection metric: validation HIT@50; test columns are shown for reference only", "",
-             "- item vector norms: Spearman rho of an item's norm vs its training clicks, and "
-             "the mean norm of the 20 % most-clicked items over that of the rest", "",
+             "- item vector norms (seed 0): Spearman rho of an item's norm vs its training "
+             "clicks, and the mean norm of the 20 % most-clicked items over that of the rest", "",
              "| variant | valid HIT@50 | vs ICAN (valid) | test HIT@50 | test coverage@50 | "
              "test tail HIT@50 | final losses (softmax / fea / sem / sess) | rho(norm, clicks) | "
              "norm head / rest |",

@@ -132,9 +132,9 @@ def run_signature(cfg: Config) -> dict:
 _CL_LOSS_KEYS = (
     ({"feature"}, ("lambda_feature", "feature_dropout", "mask_ratio")),
     ({"semantic"}, ("lambda_semantic",)),
-    ({"session"}, ("lambda_session", "same_category_weight")),
+    ({"session"}, ("lambda_session", "same_category_weight", "session_positives")),
     ({"semantic", "session"}, ("num_cl_negatives",)),
-    (set(CL_TASKS), ("temperature", "cl_similarity")),
+    (set(CL_TASKS), ("temperature", "cl_similarity", "cl_anchors")),
 )
 
 
@@ -164,10 +164,12 @@ def _normalise(sig: dict) -> dict:
 
 def _cached_signature(cached: dict, run_dir: str):
     """The signature of a cached run; for runs cached before signatures were stored, rebuilt from
-    the ``config.yaml`` the run wrote (keys added since then take their defaults, which keep the
-    old behaviour)."""
+    the ``config.yaml`` the run wrote. Config keys added since the run take their defaults, which
+    keep the old behaviour."""
+    from micrec_tf.config import from_dict
+
     if "config" in cached:
-        return _normalise(cached["config"])
+        return run_signature(from_dict(cached["config"]))
     path = os.path.join(run_dir, "config.yaml")
     # config.yaml is written when a run starts: newer than metrics.json, it belongs to a later
     # run that did not finish, not to the cached result.
@@ -175,8 +177,6 @@ def _cached_signature(cached: dict, run_dir: str):
             os.path.join(run_dir, "metrics.json")):
         return None
     import yaml
-
-    from micrec_tf.config import from_dict
 
     with open(path) as fh:
         return run_signature(from_dict(yaml.safe_load(fh)))
