@@ -21,7 +21,7 @@ import numpy as np
 
 from micrec_tf.config import load_config, parse_overrides
 from micrec_tf.evaluation.data import train_item_counts
-from micrec_tf.evaluation.reproduce import Runner, _slug, scaled_lambdas
+from micrec_tf.evaluation.reproduce import Runner, _slug, paired_p, scaled_lambdas
 
 ALL = ["feature", "semantic", "session"]
 
@@ -155,8 +155,11 @@ def main(argv=None) -> int:
         runs = [runner.run(_slug(name) if s == 0 else f"{_slug(name)}_seed{s}",
                            {**ov, "train.seed": s}, evaluate_test=True)
                 for s in range(args.seeds)]
-        rows.append((name, mean_metrics(runs)))
+        rows.append((name, mean_metrics(runs), [r["valid"]["hit@50"] for r in runs]))
     ican_val = rows[0][1]["valid"]["hit@50"]
+    # With several seeds: paired t-tests of validation HIT@50 against ICAN and the second row
+    # (each study's reference MicRec setting).
+    tests = [(rows[0][2], "ICAN"), (rows[1][2], "row 2")] if args.seeds > 1 else []
     lines = [f"# Investigation ({args.study}): {cfg.name}", "",
              " ".join(inspect.cleandoc(STUDIES[args.study].__doc__).split()), "",
              f"- command: `python -m micrec_tf.evaluation.investigate {' '.join(argv or sys.argv[1:])}`",
@@ -167,17 +170,21 @@ def main(argv=None) -> int:
              "- selection metric: validation HIT@50; test columns are shown for reference only", "",
              "- item vector norms (seed 0): Spearman rho of an item's norm vs its training "
              "clicks, and the mean norm of the 20 % most-clicked items over that of the rest", "",
-             "| variant | valid HIT@50 | vs ICAN (valid) | test HIT@50 | test coverage@50 | "
+             "| variant | valid HIT@50 | vs ICAN (valid) | "
+             + "".join(f"p vs {label} (valid) | " for _, label in tests)
+             + "test HIT@50 | test coverage@50 | "
              "test tail HIT@50 | final losses (softmax / fea / sem / sess) | rho(norm, clicks) | "
              "norm head / rest |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|" + "---|" * len(tests) + "---|---|---|---|---|---|"]
     counts = train_item_counts(cfg.artifacts_dir)
-    for name, res in rows:
+    for name, res, per_seed in rows:
         v, t, h = res["valid"], res["test"], res["history"]
+        p_cells = "".join("- | " if ref is per_seed else f"{paired_p(per_seed, ref):.3f} | "
+                          for ref, _ in tests)
         losses = " / ".join(f"{h[k][-1]:.2f}" if k in h else "-" for k in (
             "sampled_softmax_loss", "feature_cl_loss", "semantic_cl_loss", "session_cl_loss"))
         lines.append(f"| {name} | {v['hit@50']:.4f} | {(v['hit@50'] / ican_val - 1) * 100:+.1f} % | "
-                     f"{t['hit@50']:.4f} | {t['coverage@50']:.4f} | "
+                     f"{p_cells}{t['hit@50']:.4f} | {t['coverage@50']:.4f} | "
                      f"{t.get('long_tail/hit@50', float('nan')):.4f} | {losses} | "
                      f"{_norm_columns(os.path.join(runner.root, _slug(name)), counts)} |")
     os.makedirs(args.out, exist_ok=True)
