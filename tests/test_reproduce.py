@@ -141,3 +141,13 @@ def test_fig3_rows_compare_with_their_base_model():
     row = next(line for line in fig3.splitlines() if line.startswith("| YoutubeDNN + fea |"))
     gain = (0.435 / 0.41 - 1) * 100  # against YoutubeDNN, not ICAN
     assert f"{gain:+.1f} %" in row and "vs its base model" in fig3
+
+
+def test_rows_that_are_the_same_model_share_one_cache_name():
+    assert R.canonical_name("MicRec - sem") == "MicRec (fea+sess)"
+    assert R.canonical_name("MicRec - all (ICAN)") == "ICAN"
+    assert R.canonical_name("MicRec - fea") == "MicRec - fea"
+    for name, (_, overrides) in R.VARIANTS.items():
+        first = R.canonical_name(name)
+        assert R.VARIANTS[first][1] == overrides
+        assert list(R.VARIANTS).index(first) <= list(R.VARIANTS).index(name)

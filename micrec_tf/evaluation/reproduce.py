@@ -107,6 +107,12 @@ def base_of(overrides: dict) -> str | None:
     raise ValueError(f"no base variant without CL for model {overrides['model.name']!r}")
 
 
+def canonical_name(name: str) -> str:
+    """The first variant with the same model as ``name`` ("MicRec - sem" -> "MicRec (fea+sess)"):
+    its runs are kept under that name, so rows that are the same model share one cache."""
+    return next(n for n, (_, ov) in VARIANTS.items() if ov == VARIANTS[name][1])
+
+
 def scaled_lambdas(scale: float) -> dict:
     """The paper's loss weights (1.0, 0.3, 0.1) times ``scale``, as config overrides."""
     return {"loss.lambda_feature": round(1.0 * scale, 6),
@@ -422,10 +428,10 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
             settings[name], per_seed[name] = settings[done[sig]], per_seed[done[sig]]
             continue
         base = base_of(overrides)
-        settings[name], seed0_key = runner.tune(name, overrides,
+        settings[name], seed0_key = runner.tune(canonical_name(name), overrides,
                                                 inherited=settings[base] if base else None)
         per_seed[name] = [
-            runner.run(seed0_key if s == 0 else f"{_slug(name)}/seed{s}",
+            runner.run(seed0_key if s == 0 else f"{_slug(canonical_name(name))}/seed{s}",
                        {**overrides, **settings[name], "train.seed": s}, evaluate_test=True)
             for s in range(seeds)]
         histories[name] = per_seed[name][0]["history"]
