@@ -395,7 +395,8 @@ def test_cl_anchors_and_session_positives_reach_the_model():
             assert len(got) <= size
         else:  # the batch's items first, then uniform draws not already there
             assert set(batch_items.tolist()) <= set(got.tolist())
-            np.testing.assert_array_equal(got[:len(batch_items)], pd_unique(ids.numpy()))
+            np.testing.assert_array_equal(got[:len(batch_items)],
+                                          first_occurrence_order(ids.numpy()))
         # Anchors carry their own catalogue fields and tower outputs.
         np.testing.assert_array_equal(inputs.features["item"].numpy().reshape(-1), got)
         np.testing.assert_allclose(inputs.embeddings.numpy(),
@@ -406,7 +407,7 @@ def test_cl_anchors_and_session_positives_reach_the_model():
     assert _build(_cfg(cl=[], loss={"cl_anchors": "uniform"})).cl_anchor_sampler is None
 
 
-def pd_unique(values):
+def first_occurrence_order(values):
     """First-occurrence order of distinct values (pure numpy)."""
     _, first = np.unique(values, return_index=True)
     return values[np.sort(first)]

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from micrec_tf.config import CL_TASKS, Config, load_config, parse_overrides
+from micrec_tf.config import CL_TASKS, Config, from_dict, load_config, parse_overrides
 
 ALL_CL = ["feature", "semantic", "session"]
 # name -> (table, overrides). Tables: main (Table 2), ablation (Table 4), universality (Fig. 3).
@@ -172,8 +172,6 @@ def _cached_signature(cached: dict, run_dir: str):
     """The signature of a cached run; for runs cached before signatures were stored, rebuilt from
     the ``config.yaml`` the run wrote. Config keys added since the run take their defaults, which
     keep the old behaviour."""
-    from micrec_tf.config import from_dict
-
     if "config" in cached:
         return run_signature(from_dict(cached["config"]))
     path = os.path.join(run_dir, "config.yaml")
@@ -417,25 +415,23 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
     seeds = seeds or cfg.eval.seeds
     names = [n for n in VARIANTS if variants is None or n in variants]
     runner = Runner(cfg, os.path.join(cfg.run_dir, "reproduce"), grid, log)
-    settings, per_seed, histories, done = {}, {}, {}, {}
+    settings, per_seed, histories = {}, {}, {}
     # Models with CL terms start from their base model's chosen setting, so bases run first:
     # those not asked for, then the asked-for names in VARIANTS order (bases precede CL rows).
     bases = [b for b in dict.fromkeys(base_of(VARIANTS[n][1]) for n in names) if b]
     for name in [*[b for b in bases if b not in names], *names]:
-        overrides = VARIANTS[name][1]
-        sig = json.dumps(overrides, sort_keys=True)
-        if sig in done:  # same model as another row (e.g. "MicRec - sem" = "MicRec (fea+sess)")
-            settings[name], per_seed[name] = settings[done[sig]], per_seed[done[sig]]
+        overrides, same = VARIANTS[name][1], canonical_name(name)
+        if same in per_seed:  # same model as an earlier row ("MicRec - sem" = "MicRec (fea+sess)")
+            settings[name], per_seed[name] = settings[same], per_seed[same]
             continue
         base = base_of(overrides)
-        settings[name], seed0_key = runner.tune(canonical_name(name), overrides,
+        settings[name], seed0_key = runner.tune(same, overrides,
                                                 inherited=settings[base] if base else None)
         per_seed[name] = [
-            runner.run(seed0_key if s == 0 else f"{_slug(canonical_name(name))}/seed{s}",
+            runner.run(seed0_key if s == 0 else f"{_slug(same)}/seed{s}",
                        {**overrides, **settings[name], "train.seed": s}, evaluate_test=True)
             for s in range(seeds)]
         histories[name] = per_seed[name][0]["history"]
-        done[sig] = name
     sweep = {}
     if sparsity and BASE in settings and FINAL in settings:
         for frac in SPARSITY:
