@@ -21,7 +21,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "nbclient", "nbformat", "ipykernel"],
+        "dev": ["pytest", "pytest-timeout", "hypothesis", "nbclient", "nbformat", "ipykernel"],
         "gpu": ["tensorflow[and-cuda]==2.20.*"],
     },
 )

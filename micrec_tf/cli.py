@@ -1,0 +1,126 @@
+"""What every command-line entry point shares: the common flags, one-line errors, quiet logs.
+
+Each ``python -m ...`` entry point builds its parser with :func:`parser`, and ends with
+``sys.exit(run(main))``::
+
+    def main(argv=None) -> int:
+        args = cli.parser(__doc__).parse_args(argv)
+        cfg = cli.load(args)          # --config + --set, ConfigError on a bad key or value
+        ...
+
+    if __name__ == "__main__":
+        sys.exit(cli.run(main))
+
+A user error (:class:`UsageError`, a :class:`~micrec_tf.config.ConfigError`, a missing input
+file) prints one line, ``error: <message>``, on stderr and exits 2. ``--debug`` (or
+``MICREC_DEBUG=1``) shows the traceback instead. TensorFlow's and Beam's own log lines are off
+by default; ``--verbose`` (or ``MICREC_VERBOSE=1``) brings them back. The C++ log level of
+TensorFlow is fixed when TensorFlow loads, so ``micrec_tf/__init__.py`` reads the same switch
+(:func:`verbose_requested`) before anything imports TensorFlow.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+DEBUG_ENV = "MICREC_DEBUG"
+VERBOSE_ENV = "MICREC_VERBOSE"
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """The user asked for something that cannot be done as asked; the message says what to fix."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def verbose_requested(argv=None) -> bool:
+    """``--verbose`` on the command line or ``MICREC_VERBOSE=1`` in the environment."""
+    argv = sys.argv[1:] if argv is None else argv
+    return _env_flag(VERBOSE_ENV) or "--verbose" in argv
+
+
+def debug_requested(argv=None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return _env_flag(DEBUG_ENV) or "--debug" in argv
+
+
+def parser(doc: str | None, config_required: bool = True,
+           **kwargs) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` with ``--config``, ``--set``, ``--debug`` and ``--verbose``.
+
+    ``doc`` is the module docstring; its first line becomes the description. The parser exits
+    2 with one line on a bad flag, as argparse does.
+    """
+    description = (doc or "").strip().split("\n\n")[0].strip() or None
+    p = argparse.ArgumentParser(description=description, **kwargs)
+    p.add_argument("--config", required=config_required,
+                   help="YAML config, e.g. configs/ml-1m.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, repeatable (e.g. --set train.epochs=3)")
+    p.add_argument("--debug", action="store_true",
+                   help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
+    p.add_argument("--verbose", action="store_true",
+                   help=f"show TensorFlow's and Beam's own log lines (or set {VERBOSE_ENV}=1)")
+    return p
+
+
+def load(args):
+    """The validated :class:`~micrec_tf.config.Config` of parsed ``--config`` / ``--set`` args."""
+    from micrec_tf.config import load_config, parse_overrides
+
+    quiet_logs(getattr(args, "verbose", False))
+    return load_config(args.config, parse_overrides(args.set))
+
+
+def quiet_logs(verbose: bool = False) -> None:
+    """Silences TensorFlow's, absl's and Beam's Python loggers unless ``verbose``.
+
+    Only what the project prints itself (``[train] ...`` progress lines), errors, and warnings
+    the project raises on purpose remain.
+    """
+    if verbose or verbose_requested():
+        return
+    for name in ("tensorflow", "absl", "apache_beam", "h5py", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # absl logging (TensorFlow's Python logger sits on it)
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover - absl comes with TensorFlow
+        pass
+    if "tensorflow" in sys.modules:
+        sys.modules["tensorflow"].get_logger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _user_errors() -> tuple:
+    from micrec_tf.config import ConfigError
+
+    return (UsageError, ConfigError, FileNotFoundError, NotADirectoryError)
+
+
+def run(main, argv=None) -> int:
+    """Calls ``main(argv)``; a user error becomes one ``error: ...`` line on stderr and exit 2.
+
+    Any other exception keeps its traceback (it is a bug, and the traceback is what a bug report
+    needs). ``--debug`` / ``MICREC_DEBUG=1`` re-raise user errors too.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return main(argv)
+    except _user_errors() as err:
+        if debug_requested(argv):
+            raise
+        print(f"error: {err} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
