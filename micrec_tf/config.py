@@ -35,13 +35,17 @@ CL_ANCHORS = ("batch", "uniform", "both")
 SESSION_POSITIVES = ("count", "uniform")
 MIXED_PRECISION = ("auto", "on", "off")
 INDEX_KINDS = ("scann", "brute_force")
-# Named presets (paper 5.2): model + CL tasks + feature-dropout strategy.
+SYNTHETIC_DATA_DIR = "data/generated/synthetic"
+# Named presets (paper 5.2): each sets the dotted config keys it names. A preset and an explicit
+# key of the same layer (one YAML file, or one set of overrides) that disagree are an error; a
+# later layer (``--set`` over the YAML) replaces what an earlier one set.
 PRESETS = {
-    "micrec": {"model": "ican", "cl": ["feature", "semantic", "session"]},
-    "ican": {"model": "ican", "cl": []},
-    "rfm_star": {"model": "ican", "cl": ["feature"], "feature_dropout": "element"},
-    "cfm": {"model": "ican", "cl": ["feature"], "feature_dropout": "correlated"},
+    "micrec": {"model.name": "ican", "model.cl": ["feature", "semantic", "session"]},
+    "ican": {"model.name": "ican", "model.cl": []},
+    "rfm_star": {"model.name": "ican", "model.cl": ["feature"], "loss.feature_dropout": "element"},
+    "cfm": {"model.name": "ican", "model.cl": ["feature"], "loss.feature_dropout": "correlated"},
 }
+PRESET_KEY = "model.preset"
 
 
 class ConfigError(ValueError):
@@ -64,8 +68,9 @@ class DataConfig:
     """Where the raw data is and which adapter reads it."""
 
     dataset: str = "synthetic"
-    # Raw data folder, read in place. For ``synthetic`` the generator writes here first.
-    data_dir: str = "data/generated/synthetic"
+    # Raw data folder, read in place; required for a real dataset. For ``synthetic`` the
+    # generator writes here first (default ``SYNTHETIC_DATA_DIR``).
+    data_dir: str = ""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -208,12 +213,28 @@ class Config:
         return dataclasses.asdict(self)
 
     def replace(self, overrides: Mapping[str, Any]) -> "Config":
-        """A validated copy with dotted-key overrides, e.g. ``{"loss.lambda_session": 0.5}``."""
+        """A validated copy with dotted-key overrides, e.g. ``{"loss.lambda_session": 0.5}``.
+
+        ``model.preset`` among the overrides sets the keys it names (over this config's values);
+        an override of a key the current preset names, to another value, drops the preset name
+        (the model is no longer that preset).
+        """
         raw = self.to_dict()
+        overrides = dict(overrides)
+        preset = overrides.pop(PRESET_KEY, None)
+        if preset:
+            keys = _preset_keys(preset)
+            _check_preset_conflicts(preset, keys, overrides, "the overrides")
+            overrides = {**keys, **overrides}
+        elif self.model.preset:
+            named = _preset_keys(self.model.preset)
+            if any(k in named and v != named[k] for k, v in overrides.items()):
+                preset = ""
         for key, value in overrides.items():
             _set_dotted(raw, key, value)
+        if preset is not None:
+            raw["model"]["preset"] = preset
         return from_dict(raw)
-
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node = raw
@@ -297,6 +318,9 @@ def _check_positive(key: str, value, allow_zero: bool = False) -> None:
 def validate(cfg: Config) -> Config:
     """Checks values that types alone cannot; returns ``cfg`` or raises :class:`ConfigError`."""
     _check_choice("data.dataset", cfg.data.dataset, DATASETS)
+    if not cfg.data.data_dir:
+        raise ConfigError(f"data.data_dir is missing: data.dataset is {cfg.data.dataset!r}; set "
+                          f"data.data_dir to the folder that holds its raw files")
     _check_choice("preprocess.split", cfg.preprocess.split, SPLITS)
     _check_choice("semantic.source", cfg.semantic.source, SEMANTIC_SOURCES)
     _check_choice("model.name", cfg.model.name, MODELS)
@@ -366,21 +390,56 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _preset_keys(preset: Any) -> dict:
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset must be one of {list(PRESETS)}, got {preset!r}")
+    return copy.deepcopy(PRESETS[preset])
+
+
+def _check_preset_conflicts(preset: str, keys: dict, explicit: Mapping[str, Any],
+                            where: str) -> None:
+    for key, value in keys.items():
+        if key in explicit and explicit[key] != value:
+            raise ConfigError(
+                f"model.preset={preset!r} sets {key}={value!r}, but {where} also set "
+                f"{key}={explicit[key]!r}: remove one of the two")
+
+
+def _get_dotted(raw: Mapping, key: str):
+    node = raw
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
 def from_dict(raw: Mapping[str, Any]) -> Config:
-    """Builds and validates a :class:`Config`; ``model.preset`` expands into model/cl/dropout."""
+    """Builds and validates a :class:`Config`; ``model.preset`` sets the keys it names.
+
+    A key the preset names that ``raw`` also sets to another value is a :class:`ConfigError`.
+    """
     raw = copy.deepcopy(dict(raw or {}))
     preset = (raw.get("model") or {}).get("preset")
     if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"model.preset must be one of {list(PRESETS)}, got {preset!r}")
-        spec = PRESETS[preset]
-        model = raw.setdefault("model", {})
-        model.setdefault("name", spec["model"])
-        model.setdefault("cl", list(spec["cl"]))
-        if "feature_dropout" in spec:
-            raw.setdefault("loss", {}).setdefault("feature_dropout", spec["feature_dropout"])
+        keys = _preset_keys(preset)
+        explicit = {k: v for k in keys if (v := _get_dotted(raw, k)) is not _MISSING}
+        _check_preset_conflicts(preset, keys, explicit, "the config")
+        for key, value in keys.items():
+            section, name = key.split(".")
+            if raw.get(section) is None:
+                raw[section] = {}
+            if isinstance(raw[section], Mapping):  # else _build names the bad section
+                raw[section][name] = value
+    data = raw.get("data")
+    if data is None or isinstance(data, Mapping):
+        data = raw["data"] = dict(data or {})
+        if data.get("dataset", "synthetic") == "synthetic" and not data.get("data_dir"):
+            data["data_dir"] = SYNTHETIC_DATA_DIR
     return validate(_build(Config, raw, ""))
-
 
 def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """Reads a YAML config file; ``overrides`` are dotted keys applied after loading."""

@@ -3,8 +3,11 @@
 Reads the preprocessing artifacts, builds the configured model (base towers + CL plug-ins), trains
 it with the custom ``train_step`` and writes to ``runs/<name>/`` (or ``--run-dir``)::
 
-    backup/          BackupAndRestore state: a killed run resumes mid-epoch from here
-    checkpoint/      final weights (tf.train.Checkpoint of the model), best epoch by val HIT@50
+    backup/          BackupAndRestore state, written at every epoch end and every
+                     train.steps_per_checkpoint batches: a killed run resumes from here
+    best_weights.npz the best epoch's weights so far (early stopping survives a kill)
+    checkpoint/      final weights (tf.train.Checkpoint of the model): with early stopping
+                     (train.early_stopping_patience > 0) the best epoch by val HIT@N[0]
     tensorboard/     per-loss curves and validation HIT@N
     config.yaml      the exact config used
     history.json     per-epoch losses and validation metrics
@@ -16,7 +19,6 @@ under ``mixed_precision: auto``; Pascal cards such as the P40 train in float32).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -29,7 +31,8 @@ import tensorflow as tf
 import tf_keras
 import yaml
 
-from micrec_tf.config import Config, load_config, parse_overrides
+from micrec_tf import cli
+from micrec_tf.config import Config
 from micrec_tf.data.artifacts import load_artifacts
 from micrec_tf.data.input import make_dataset
 from micrec_tf.evaluation.data import (earlier_clicks_exclusion, load_split_arrays,
@@ -101,18 +104,109 @@ class ValidationHitRate(tf_keras.callbacks.Callback):
 
 
 class _JsonHistory(tf_keras.callbacks.Callback):
-    def __init__(self, path):
+    """Writes ``history.json``: one row per finished epoch, kept across a resumed run.
+
+    ``completed_epochs`` is how many epochs the resumed backup holds (rows after them belong to
+    work the kill lost and are dropped); ``resumed_from_batch`` (1-based, 0 = a whole epoch)
+    marks the row of an epoch resumed mid-way, whose logged losses average only the batches
+    trained after the restart.
+    """
+
+    def __init__(self, path, completed_epochs: int = 0, resumed_from_batch: int = 0):
         super().__init__()
         self.path, self.rows = path, []
-        if os.path.exists(path):  # resumed run: keep the epochs already done
+        if os.path.exists(path) and completed_epochs:  # resumed run: keep the epochs done
             with open(path) as fh:
-                self.rows = json.load(fh)
+                self.rows = [r for r in json.load(fh) if r["epoch"] <= completed_epochs]
+        self.partial_epoch = completed_epochs + 1 if resumed_from_batch else None
+        self.resumed_from_batch = resumed_from_batch
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
+        if epoch + 1 == self.partial_epoch:
+            row["losses_from_batch"] = self.resumed_from_batch
         self.rows = [r for r in self.rows if r["epoch"] != epoch + 1] + [row]
-        with open(self.path, "w") as fh:
-            json.dump(self.rows, fh, indent=1)
+        write_json_atomic(self.path, self.rows)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` via a temporary file and a rename (no torn files)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+class BestEpoch(tf_keras.callbacks.Callback):
+    """Early stopping on a validation metric that survives a kill, and restores the best epoch.
+
+    Like ``EarlyStopping(mode="max", restore_best_weights=True)``, except that (a) the best
+    epoch's weights are also restored when the run ends at the epoch cap, not only when it
+    stops early, and (b) its state (best value, epochs without improvement, best weights in
+    ``weights_path``) is rebuilt from ``history_rows`` of a resumed run, so a killed run stops
+    and restores exactly as the uninterrupted one would. ``patience`` 0 disables both: the
+    run keeps its last epoch.
+    """
+
+    def __init__(self, monitor: str, patience: int, weights_path: str, history_rows=(),
+                 log=print):
+        super().__init__()
+        self.monitor, self.patience, self.weights_path, self.log = (monitor, patience,
+                                                                     weights_path, log)
+        self.best, self.best_epoch, self.wait, self.best_weights = -np.inf, None, 0, None
+        self.stopped_early = False
+        for row in sorted(history_rows, key=lambda r: r["epoch"]):
+            self._update(row["epoch"], row.get(monitor))
+        if self.best_epoch is not None and os.path.exists(weights_path):
+            with np.load(weights_path) as saved:
+                self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+
+    def _update(self, epoch: int, value) -> bool:
+        if value is None:
+            return False
+        if value > self.best:
+            self.best, self.best_epoch, self.wait = float(value), epoch, 0
+            return True
+        self.wait += 1
+        return False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.patience <= 0:
+            return
+        if self._update(epoch + 1, (logs or {}).get(self.monitor)):
+            self.best_weights = self.model.get_weights()
+            tmp = f"{self.weights_path}.tmp-{os.getpid()}.npz"
+            np.savez(tmp, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
+            os.replace(tmp, self.weights_path)
+        elif self.wait >= self.patience:
+            self.model.stop_training = True
+            self.stopped_early = True
+            self.log(f"[train] early stopping after epoch {epoch + 1}: {self.monitor} has not "
+                     f"improved for {self.wait} epoch(s)")
+
+    def on_train_end(self, logs=None):
+        if self.patience > 0 and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+            self.log(f"[train] restored the best epoch {self.best_epoch} "
+                     f"({self.monitor}={self.best:.4f})")
+
+
+class EpochBackup(tf_keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` that backs up every ``save_freq`` batches *and* at every epoch end.
+
+    With ``save_freq`` in batches alone, an epoch shorter than it is never backed up and a
+    killed run restarts from epoch 1. Put it last among the callbacks, so that the epoch-end
+    backup follows validation, history and early-stopping state.
+    """
+
+    def __init__(self, backup_dir: str, save_freq: int, log=print):
+        super().__init__(backup_dir, save_freq=save_freq)
+        self.log = log
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._batches_count = 0
+        self._backup(epoch=epoch)  # the saved batch is the epoch's last: resume at epoch + 1
+        self.log(f"[train] epoch {epoch + 1} backed up to {self.backup_dir}")
 
 
 def user_sampler(fraction: float, seed: int, buckets: int = 10000):
@@ -184,7 +278,8 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
           log=print, extra_callbacks=()) -> dict:
     """Trains ``cfg``'s model; returns ``{"run_dir", "history", "valid", "test", "model"}``.
 
-    ``extra_callbacks`` are appended to the Keras callbacks (tests use one to kill a run).
+    ``extra_callbacks`` run after the others and before the backup (tests use one to kill a
+    run). ``best_epoch`` in the result is the epoch whose weights the run keeps.
     """
     run_dir = run_dir or cfg.run_dir
     os.makedirs(run_dir, exist_ok=True)
@@ -203,7 +298,8 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
     art = load_artifacts(cfg.artifacts_dir)
     num_items = art.item_table.num_items
     n_train = art.feature_spec.get("num_examples", {}).get("train")
-    log(f"[train] {cfg.name}: model={cfg.model.name} cl={cfg.model.cl} items={num_items - 1} "
+    preset = f" preset={cfg.model.preset}" if cfg.model.preset else ""
+    log(f"[train] {cfg.name}: model={cfg.model.name}{preset} cl={cfg.model.cl} items={num_items - 1} "
         f"train examples={n_train} batch={cfg.train.batch_size}")
     with strategy.scope():
         model = build_model(cfg, art.item_table, art.vocab_sizes, art.user_fields,
@@ -217,8 +313,13 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
                                          / cfg.train.batch_size)))
     backup_dir = os.path.join(run_dir, "backup")
     done = consumed_batches(backup_dir, steps_per_epoch)
+    completed_epochs, resumed_batch = divmod(done, steps_per_epoch)
     if done:
-        log(f"[train] resuming from {backup_dir}: skipping {done} batches already trained on")
+        where = (f"at batch {resumed_batch + 1}/{steps_per_epoch} of epoch {completed_epochs + 1}"
+                 f" (its logged losses average the resumed batches only)" if resumed_batch
+                 else f"at epoch {completed_epochs + 1}")
+        log(f"[train] resuming from {backup_dir} {where}: skipping {done} batches already "
+            f"trained on")
     train_ds = make_dataset(cfg.artifacts_dir, "train", cfg.train.batch_size, shuffle=True,
                             seed=cfg.train.seed, repeat=True)
     if cfg.train.train_fraction < 1.0:
@@ -238,29 +339,37 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
     t_excl = (earlier_clicks_exclusion(splits["test"], history) if cfg.eval.exclude_clicked
               else None)
 
+    history_cb = _JsonHistory(os.path.join(run_dir, "history.json"), completed_epochs,
+                              resumed_batch + 1 if resumed_batch else 0)
+    best_cb = BestEpoch(f"val_hit_at_{cfg.eval.hit_n[0]}", cfg.train.early_stopping_patience,
+                        os.path.join(run_dir, "best_weights.npz"), history_cb.rows, log)
     callbacks = [
         ValidationHitRate(valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n, v_excl,
                           cfg.eval.batch_size),
-        tf_keras.callbacks.BackupAndRestore(backup_dir, save_freq=cfg.train.steps_per_checkpoint),
         tf_keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq=50),
-        _JsonHistory(os.path.join(run_dir, "history.json")),
+        history_cb,
+        best_cb,
+        *extra_callbacks,
+        # Last: its epoch-end backup must follow the state the callbacks above just updated.
+        EpochBackup(backup_dir, cfg.train.steps_per_checkpoint, log),
     ]
-    first_hit = f"val_hit_at_{cfg.eval.hit_n[0]}"
-    if cfg.train.early_stopping_patience > 0:
-        callbacks.append(tf_keras.callbacks.EarlyStopping(
-            monitor=first_hit, mode="max", patience=cfg.train.early_stopping_patience,
-            restore_best_weights=True, verbose=1))
 
     start = time.time()
     hist = model.fit(train_ds, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
-                     callbacks=callbacks + list(extra_callbacks), verbose=2)
+                     callbacks=callbacks, verbose=2)
     seconds = time.time() - start
     log(f"[train] done in {seconds:.1f}s ({(n_train or 0) * len(hist.epoch) / max(seconds, 1e-9):.0f} "
         f"examples/s over {len(hist.epoch)} epoch(s))")
 
     ckpt_dir = os.path.join(run_dir, "checkpoint")
     tf.train.Checkpoint(model=model).write(os.path.join(ckpt_dir, "model"))
-    result = {"run_dir": run_dir, "seconds": seconds,
+    epochs_run = completed_epochs + len(hist.epoch)
+    if best_cb.patience > 0 and best_cb.best_epoch == cfg.train.epochs:
+        log(f"[train] the best epoch is the last allowed (train.epochs={cfg.train.epochs}): "
+            f"the run stopped at its epoch cap and may not have converged")
+    result = {"run_dir": run_dir, "seconds": seconds, "epochs_run": epochs_run,
+              "best_epoch": best_cb.best_epoch if best_cb.patience > 0 else epochs_run,
+              "stopped_early": best_cb.stopped_early,
               "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
               "valid": evaluate_model(model, valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n,
                                       exclude=v_excl, batch_size=cfg.eval.batch_size)}
@@ -299,16 +408,12 @@ def restore_model(run_dir: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.epochs=3")
+    parser = cli.parser(__doc__)
     parser.add_argument("--run-dir", default=None, help="default: runs/<name>")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, parse_overrides(args.set))
-    train(cfg, run_dir=args.run_dir)
+    train(cli.load(args), run_dir=args.run_dir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

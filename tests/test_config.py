@@ -65,9 +65,40 @@ def test_presets_expand():
     assert cfg.loss.feature_dropout == "element"
     cfg = from_dict({"model": {"preset": "cfm"}})
     assert cfg.loss.feature_dropout == "correlated"
-    # Explicit keys win over the preset.
-    cfg = from_dict({"model": {"preset": "micrec", "cl": ["session"]}})
-    assert cfg.model.cl == ["session"]
+    # An explicit key of the same layer that disagrees with the preset is an error naming both.
+    with pytest.raises(ConfigError, match=r"model.preset='micrec'.*model.cl=\['session'\]"):
+        from_dict({"model": {"preset": "micrec", "cl": ["session"]}})
+    # ... and one that agrees is fine.
+    assert from_dict({"model": {"preset": "ican", "cl": []}}).model.cl == []
+
+
+def test_preset_on_the_command_line_sets_what_it_names(tmp_path):
+    """``--set model.preset=ican`` over a YAML that lists CL terms trains ICAN (issue 14.12)."""
+    path = _write(tmp_path, {"model": {"name": "ican", "cl": ["feature", "semantic", "session"]}})
+    cfg = load_config(path, parse_overrides(["model.preset=ican"]))
+    assert (cfg.model.preset, cfg.model.name, cfg.model.cl) == ("ican", "ican", [])
+    cfg = load_config(path, parse_overrides(["model.preset=cfm"]))
+    assert cfg.model.cl == ["feature"] and cfg.loss.feature_dropout == "correlated"
+    # The saved config (config.yaml) reloads to the same model.
+    assert from_dict(cfg.to_dict()) == cfg
+    # A preset and a disagreeing key in the same overrides: an error naming both.
+    with pytest.raises(ConfigError, match=r"model.preset='ican' sets model.cl=\[\].*model.cl="):
+        load_config(path, parse_overrides(["model.preset=ican", "model.cl=[feature]"]))
+    # Overriding a key the YAML's preset set, to another value, drops the preset's name.
+    path = _write(tmp_path, {"model": {"preset": "micrec"}})
+    cfg = load_config(path, parse_overrides(["model.cl=[session]"]))
+    assert cfg.model.cl == ["session"] and cfg.model.preset == ""
+    cfg = load_config(path, parse_overrides(["loss.temperature=0.5"]))
+    assert cfg.model.preset == "micrec" and cfg.model.cl == ["feature", "semantic", "session"]
+    with pytest.raises(ConfigError, match="model.preset must be one of"):
+        load_config(path, parse_overrides(["model.preset=icn"]))
+
+
+def test_real_dataset_without_data_dir_says_so(tmp_path):
+    """No silent fall-back to the synthetic folder (issue 14.5)."""
+    with pytest.raises(ConfigError, match="data.data_dir is missing.*movielens_1m"):
+        load_config(_write(tmp_path, {"data": {"dataset": "movielens_1m"}}))
+    assert from_dict({}).data.data_dir == "data/generated/synthetic"
 
 
 def test_overrides():

@@ -67,13 +67,15 @@ def test_killed_run_resumes_to_the_same_result(tiny_pipeline):
     with pytest.raises(_Kill):
         train(cfg, run_dir=run_dir, evaluate_test=False, log=quiet,
               extra_callbacks=[_KillAt(at_batch=17)])
-    # The backup holds the last multiple of steps_per_checkpoint (2) before the kill.
+    # The backup was written at the end of epoch 1 and then every steps_per_checkpoint (2)
+    # batches; the killer runs before the backup of its own batch.
     from micrec_tf.data.artifacts import load_artifacts
 
     n_train = load_artifacts(cfg.artifacts_dir).feature_spec["num_examples"]["train"]
     steps = int(np.ceil(n_train / cfg.train.batch_size))
     assert steps < 16 < 2 * steps  # the kill lands in the second epoch
-    assert consumed_batches(os.path.join(run_dir, "backup"), steps) == 16
+    expected = steps + (16 - steps) // 2 * 2
+    assert consumed_batches(os.path.join(run_dir, "backup"), steps) == expected
     resumed = train(cfg, run_dir=run_dir, evaluate_test=False, log=quiet)
     for a, b in zip(_weights(full["model"]), _weights(resumed["model"])):
         np.testing.assert_allclose(a, b, atol=1e-4)
@@ -99,3 +101,87 @@ def test_backup_of_another_config_is_discarded_not_resumed(tmp_path):
     assert discard_stale_backup(changed, run_dir, messages.append)
     assert not os.path.exists(os.path.join(run_dir, "backup"))
     assert "loss.temperature" in messages[0] and "train.epochs" in messages[0]
+
+
+def _write_config(cfg, path, **overrides):
+    import yaml
+
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.replace(overrides).to_dict(), fh, sort_keys=False)
+    return str(path)
+
+
+def _train_cli(config_path, run_dir, kill_on=None, timeout=900):
+    """Runs ``python -m micrec_tf.train`` as a real process; with ``kill_on``, SIGKILLs it as
+    soon as a line containing that text appears. Returns ``(returncode, output)``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "micrec_tf.train", "--config", config_path, "--run-dir", run_dir],
+        cwd=root, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if kill_on and kill_on in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+        assert time.time() < deadline, "training subprocess timed out:\n" + "".join(lines)
+    rest, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, "".join(lines) + (rest or "")
+
+
+def test_sigkilled_run_resumes_with_default_checkpointing(tiny_pipeline, tmp_path):
+    """Issue 14.2: with the default ``train.steps_per_checkpoint`` (200 batches, longer than an
+    epoch here) a run SIGKILLed after its first epoch resumes at epoch 2, not epoch 1, and ends
+    with the uninterrupted run's metrics; early stopping and the best epoch survive the kill."""
+    from micrec_tf.config import TrainConfig
+
+    cfg, _ = tiny_pipeline
+    defaults = TrainConfig()
+    config = _write_config(cfg, tmp_path / "c.yaml", **{
+        "train.epochs": 3, "train.steps_per_checkpoint": defaults.steps_per_checkpoint,
+        "train.early_stopping_patience": defaults.early_stopping_patience})
+    from micrec_tf.data.artifacts import load_artifacts
+
+    n_train = load_artifacts(cfg.artifacts_dir).feature_spec["num_examples"]["train"]
+    assert n_train / cfg.train.batch_size < defaults.steps_per_checkpoint  # the issue's case
+
+    full_dir, killed_dir = str(tmp_path / "full"), str(tmp_path / "killed")
+    rc, out = _train_cli(config, full_dir)
+    assert rc == 0, out
+    rc, out = _train_cli(config, killed_dir, kill_on="[train] epoch 1 backed up")
+    assert rc == -9, out
+    assert "epoch 1 validation" in out and "epoch 2 validation" not in out
+    rc, out = _train_cli(config, killed_dir)
+    assert rc == 0, out
+    assert "resuming from" in out and "at epoch 2" in out, out
+    assert "Epoch 1/3" not in out and "Epoch 2/3" in out, out
+
+    def metrics(run_dir):
+        with open(os.path.join(run_dir, "metrics.json")) as fh:
+            return json.load(fh)
+
+    want, got = metrics(full_dir), metrics(killed_dir)
+    assert got["best_epoch"] == want["best_epoch"]
+    for split in ("valid", "test"):
+        for key, value in want[split].items():
+            assert got[split][key] == pytest.approx(value, abs=1e-3), (split, key)
+    with open(os.path.join(killed_dir, "history.json")) as fh:
+        assert [r["epoch"] for r in json.load(fh)] == list(range(1, want["epochs_run"] + 1))
+
+
+def test_best_epoch_is_restored_at_the_epoch_cap(tiny_pipeline):
+    """With early stopping on, the kept weights are the best validation epoch's, also when the
+    run ends at ``train.epochs`` (tf_keras's EarlyStopping restores only when it stops)."""
+    cfg, tmp = tiny_pipeline
+    res = train(cfg.replace({"train.epochs": 3, "train.early_stopping_patience": 5}),
+                run_dir=os.path.join(tmp, "runs", "best"), evaluate_test=False,
+                log=lambda *a: None)
+    curve = res["history"]["val_hit_at_10"]
+    assert res["best_epoch"] == int(np.argmax(curve)) + 1 and not res["stopped_early"]
+    assert res["valid"]["hit@10"] == pytest.approx(max(curve), abs=1e-6)
