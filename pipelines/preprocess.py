@@ -6,11 +6,18 @@ Any flag this module does not know goes to Beam's ``PipelineOptions`` (after
 ``preprocess.beam_args`` from the config), so ``--runner=DataflowRunner --project=...`` or
 ``--direct_num_workers=2`` work unchanged. DirectRunner is the default.
 
+A flag that neither this module nor any Beam ``PipelineOptions`` class knows (``--sett``, a
+stray word) is an error naming it (exit 2), never a warning Beam prints before running anyway.
+
 Steps (issue 3):
-1. Parse raw lines with the dataset adapter; bad lines go to ``dead_letters/`` with their reason
-   (Beam counters ``dead_letters:<reason>``), clicks on items missing from the item table too
-   (``unknown_item``). Nothing is dropped silently: every raw line is counted in stats.json as
-   parsed, skipped (header or blank) or dead-lettered.
+1. Read every raw file as numbered lines (:class:`ReadNumberedLines`: bytes exactly as stored,
+   1-based line numbers, uncompressed files split in line-aligned ranges), parse them with the
+   dataset adapter; bad lines go to ``dead_letters/`` with their reason (Beam counters
+   ``dead_letters:<reason>``), clicks on items missing from the item table too
+   (``unknown_item``). A dead letter keeps the file, the line number and the original bytes
+   (:func:`dead_letter_record`), so the line can be fixed and replayed. Nothing is dropped
+   silently: every raw line is counted in stats.json as parsed, skipped (header or blank) or
+   dead-lettered.
 2. Split: ``global_time`` (exact timestamp quantiles, two passes: day buckets, then the exact
    seconds inside the two boundary buckets; ties at a boundary all go to the later split) or
    ``leave_last_out`` (per user, last click = test, second-last = valid).
@@ -27,8 +34,11 @@ place only when everything succeeded.
 """
 from __future__ import annotations
 
-import argparse
+import base64
 import collections
+import contextlib
+import difflib
+import io
 import json
 import logging
 import math
@@ -42,13 +52,41 @@ import zlib
 import numpy as np
 
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.transforms.window import GlobalWindows
+from micrec_tf import cli
 
-from micrec_tf.config import Config, load_config, parse_overrides
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """Drops what is logged on the root logger inside the block, unless ``--verbose``.
+
+    ``import apache_beam`` warns ``apitools not found ...`` through ``logging.warning`` (the root
+    logger, which :func:`micrec_tf.cli.quiet_logs` cannot target by name) on a machine without
+    the Google Cloud client libraries. The NullHandler also keeps ``logging.warning`` from
+    installing a root handler.
+    """
+    if cli.verbose_requested():
+        yield
+        return
+    root = logging.getLogger()
+    guard, errors_only = logging.NullHandler(), (lambda record: record.levelno >= logging.ERROR)
+    root.addHandler(guard)
+    root.addFilter(errors_only)
+    try:
+        yield
+    finally:
+        root.removeFilter(errors_only)
+        root.removeHandler(guard)
+
+
+with _quiet_root_logger():
+    import apache_beam as beam
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.metrics import Metrics
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.transforms.window import GlobalWindows
+
+from micrec_tf.config import Config
 from micrec_tf.data import schema
 from micrec_tf.data.artifacts import vocab_field_names
 
@@ -303,6 +341,104 @@ def _write_lines(path: str, lines) -> None:
     _write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
+# Uncompressed raw files larger than this are read as several line-aligned ranges in parallel.
+READ_RANGE_BYTES = 64 << 20
+_READ_BLOCK_BYTES = 1 << 20
+
+
+def numbered_lines(fh, first_line: int = 1, limit: int | None = None):
+    """Yields ``(line_number, raw)`` of a binary stream: ``raw`` is the line's bytes exactly as
+    stored, its ``\\n`` included (none on an unterminated last line), as ``for raw in fh`` gives.
+
+    Reads at most ``limit`` bytes (all when None); only ``\\n`` ends a line.
+    """
+    line_no, rest = first_line, b""
+    while limit is None or limit > 0:
+        data = fh.read(_READ_BLOCK_BYTES if limit is None else min(_READ_BLOCK_BYTES, limit))
+        if not data:
+            break
+        if limit is not None:
+            limit -= len(data)
+        rest_next = b""
+        for raw in io.BytesIO(rest + data):
+            if not raw.endswith(b"\n"):
+                rest_next = raw
+                break
+            yield line_no, raw
+            line_no += 1
+        rest = rest_next
+    if rest:
+        yield line_no, rest
+
+
+def line_ranges(path: str, range_bytes: int = READ_RANGE_BYTES) -> list:
+    """``[(path, start, end, first_line_number)]`` covering ``path`` in whole lines.
+
+    A compressed or small file is one range (``end`` None: to the end). A larger uncompressed
+    file is cut after the last ``\\n`` of every ``range_bytes`` block, its newlines counted on
+    the way so that each range knows the number of its first line.
+    """
+    compressed = (CompressionTypes.detect_compression_type(path)
+                  != CompressionTypes.UNCOMPRESSED)
+    if compressed or FileSystems.match([path])[0].metadata_list[0].size_in_bytes <= range_bytes:
+        return [(path, 0, None, 1)]
+    ranges, start, pos, first = [], 0, 0, 1
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        while True:
+            data = fh.read(range_bytes)
+            if not data:
+                break
+            cut = data.rfind(b"\n")
+            pos += len(data)
+            if cut >= 0:
+                end = pos - len(data) + cut + 1
+                ranges.append((path, start, end, first))
+                first += data.count(b"\n")
+                start = end
+    if start < pos:
+        ranges.append((path, start, None, first))
+    return ranges
+
+
+def read_range(line_range):
+    """Yields ``(path, line_number, raw bytes)`` of one range of :func:`line_ranges`."""
+    path, start, end, first = line_range
+    with FileSystems.open(path) as fh:
+        if start:
+            fh.seek(start)
+        for line_no, raw in numbered_lines(fh, first, None if end is None else end - start):
+            yield path, line_no, raw
+
+
+class ReadNumberedLines(beam.PTransform):
+    """Raw files -> ``(path, line_number, raw bytes)``, every line exactly as stored."""
+
+    def __init__(self, paths, range_bytes: int = READ_RANGE_BYTES):
+        super().__init__()
+        self.paths = list(paths)
+        self.range_bytes = range_bytes
+
+    def expand(self, p):
+        return (p | "Paths" >> beam.Create(self.paths, reshuffle=False)
+                | "Ranges" >> beam.FlatMap(line_ranges, self.range_bytes)
+                | "Spread" >> beam.Reshuffle()
+                | "Lines" >> beam.FlatMap(read_range))
+
+
+def dead_letter_record(source: str, path: str, line_number: int, reason: str, detail: str,
+                       raw: bytes, encoding: str) -> dict:
+    """One line of ``dead_letters.jsonl``: where the line is, why it was rejected, and the line.
+
+    ``raw`` is the base64 of the line's exact bytes (line ending included, gzip already
+    undone): ``base64.b64decode(record["raw"])`` gives back the line to fix and replay. ``text``
+    is the same line decoded with the source's encoding (undecodable bytes as U+FFFD, line
+    ending removed), as the adapter saw it, for reading only.
+    """
+    return {"source": source, "file": path, "line_number": line_number, "reason": reason,
+            "detail": detail, "raw": base64.b64encode(raw).decode("ascii"),
+            "text": raw.decode(encoding, errors="replace").rstrip("\r\n")}
+
+
 class _BundleCounter:
     """Mixin: counts per bundle, emitted once at finish_bundle on the STATS output."""
 
@@ -316,7 +452,11 @@ class _BundleCounter:
 
 
 class ParseRows(beam.DoFn, _BundleCounter):
-    """Raw line bytes -> canonical tuples; bad lines -> DEAD output (source, reason, row)."""
+    """``(path, line_number, raw)`` -> canonical tuples; bad lines -> DEAD output.
+
+    A DEAD element is ``(source, path, line_number, reason, detail, raw)``. Interaction tuples
+    carry their origin ``(path, line_number, raw)`` last, for :class:`ValidateClicks`.
+    """
 
     def __init__(self, adapter, source: str, encoding: str):
         self.adapter = adapter
@@ -334,21 +474,23 @@ class ParseRows(beam.DoFn, _BundleCounter):
     def start_bundle(self):
         self._reset_stats()
 
-    def _dead(self, reason, line):
-        self._counters[reason].inc()
-        self._stats[f"dead.{self.source}.{reason}"] += 1
-        return beam.pvalue.TaggedOutput(DEAD, (self.source, reason, line))
+    def _dead(self, err, origin):
+        self._counters[err.reason].inc()
+        self._stats[f"dead.{self.source}.{err.reason}"] += 1
+        path, line_no, raw = origin
+        return beam.pvalue.TaggedOutput(
+            DEAD, (self.source, path, line_no, err.reason, err.detail, raw))
 
-    def process(self, raw):
-        line = raw.decode(self.encoding, errors="replace") if isinstance(raw, bytes) else raw
-        yield from self._rows(line.rstrip("\r\n"))
+    def process(self, numbered_line):
+        line = numbered_line[2].decode(self.encoding, errors="replace")
+        yield from self._rows(line.rstrip("\r\n"), numbered_line)
 
-    def _rows(self, line):
+    def _rows(self, line, origin):
         self._stats[f"rows.{self.source}"] += 1
         try:
             rows = self._parse(line)
         except schema.RowError as err:
-            yield self._dead(err.reason, line)
+            yield self._dead(err, origin)
             return
         if not rows:
             self._stats[f"skipped.{self.source}"] += 1
@@ -357,32 +499,33 @@ class ParseRows(beam.DoFn, _BundleCounter):
             try:
                 out = self._canonical(row, line)
             except schema.RowError as err:
-                yield self._dead(err.reason, line)
+                yield self._dead(err, origin)
                 continue
             self._stats[f"parsed.{self.source}"] += 1
-            yield out
+            yield out + (origin,) if self.source == "interactions" else out
 
     def _canonical(self, row, line):
         """Plain tuples (fast Beam coders), re-checking the contract adapters must keep."""
         if self.source == "interactions":
             user_id, item_id = str(row.user_id).strip(), str(row.item_id).strip()
             if not user_id or not item_id:
-                raise schema.RowError(schema.EMPTY_ID, line)
+                raise schema.RowError(schema.EMPTY_ID, line, "empty user_id or item_id")
             ts = row.timestamp
             if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
-                raise schema.RowError(schema.BAD_TIMESTAMP, line)
+                raise schema.RowError(schema.BAD_TIMESTAMP, line,
+                                      f"timestamp {ts!r} is not a non-negative integer")
             return user_id, item_id, ts
         if self.source == "items":
             item_id = str(row.item_id).strip()
             if not item_id:
-                raise schema.RowError(schema.EMPTY_ID, line)
+                raise schema.RowError(schema.EMPTY_ID, line, "empty item_id")
             extra = row.extra or {}
             return (item_id, str(row.title or ""), tuple(str(t).strip() for t in row.tags or ()),
                     str(row.provider or "").strip(),
                     tuple(str(extra.get(f, "") or "").strip() for f in self._extra_fields))
         user_id = str(row.user_id).strip()
         if not user_id:
-            raise schema.RowError(schema.EMPTY_ID, line)
+            raise schema.RowError(schema.EMPTY_ID, line, "empty user_id")
         profile = row.profile or {}
         return user_id, tuple(str(profile.get(f, "") or "").strip() for f in self._user_fields)
 
@@ -391,7 +534,8 @@ class ParseRows(beam.DoFn, _BundleCounter):
 
 
 class ValidateClicks(beam.DoFn, _BundleCounter):
-    """(user, item, ts) -> keyed (user, (ts, item)); unknown items -> DEAD. Day-bucket counts."""
+    """(user, item, ts, origin) -> keyed (user, (ts, item)); unknown items -> DEAD (with the
+    origin's raw line). Day-bucket counts."""
 
     def __init__(self, with_buckets: bool):
         self.with_buckets = with_buckets
@@ -404,12 +548,13 @@ class ValidateClicks(beam.DoFn, _BundleCounter):
         self._buckets = collections.Counter()
 
     def process(self, event, known_items):
-        user_id, item_id, ts = event
+        user_id, item_id, ts, (path, line_no, raw) = event
         if item_id not in known_items:
             self._unknown.inc()
             self._stats[f"dead.interactions.{schema.UNKNOWN_ITEM}"] += 1
-            yield beam.pvalue.TaggedOutput(
-                DEAD, ("interactions", schema.UNKNOWN_ITEM, f"{user_id}\t{item_id}\t{ts}"))
+            yield beam.pvalue.TaggedOutput(DEAD, (
+                "interactions", path, line_no, schema.UNKNOWN_ITEM,
+                f"item {item_id!r} is not in the item table", raw))
         else:
             self._stats["events"] += 1
             if self.with_buckets:
@@ -754,10 +899,10 @@ class WriteShard(beam.DoFn):
         yield f"examples.{split}", len(records)
 
 
-def _write_dead_letters(rows, out_dir):
-    rows = sorted(rows)
-    lines = [json.dumps({"source": s, "reason": r, "row": row}, ensure_ascii=False)
-             for s, r, row in rows]
+def _write_dead_letters(rows, out_dir, encodings):
+    """Sorted by source, file, line number (``encodings``: {source: text encoding})."""
+    lines = [json.dumps(dead_letter_record(*row, encoding=encodings[row[0]]), ensure_ascii=False)
+             for row in sorted(rows)]
     _write_lines(os.path.join(out_dir, "dead_letters", "dead_letters.jsonl"), lines)
     return [("dead_letters.written", len(lines))]
 
@@ -774,16 +919,10 @@ def _write_summary(items, out_dir):
 
 def _read(p, label, files: schema.SourceFiles, data_dir: str, required: bool):
     paths = files.paths(data_dir)
-    if not paths:
-        if required:
-            raise FileNotFoundError(
-                f"no {label} files match {list(files.patterns)} under {data_dir!r}")
-        return p | f"No{label}" >> beam.Create([], reshuffle=False).with_output_types(bytes)
-    reads = [p | f"Read{label}{i}" >> beam.io.ReadFromText(
-        path, coder=beam.coders.BytesCoder(), validate=True) for i, path in enumerate(paths)]
-    if len(reads) == 1:
-        return reads[0]
-    return tuple(reads) | f"Flatten{label}" >> beam.Flatten()
+    if not paths and required:
+        raise FileNotFoundError(
+            f"no {label} files match {list(files.patterns)} under {data_dir!r}")
+    return p | f"Read{label}" >> ReadNumberedLines(paths)
 
 
 def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None:
@@ -898,7 +1037,9 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     # 1. Dead letters.
     dead = ((inter[DEAD], items[DEAD], users[DEAD], valid[DEAD]) | "FlattenDead" >> beam.Flatten()
             | "AllDead" >> beam.combiners.ToList()
-            | "WriteDead" >> beam.FlatMap(_write_dead_letters, out_dir))
+            | "WriteDead" >> beam.FlatMap(_write_dead_letters, out_dir, {
+                src: files.encoding for src, files in zip(SOURCES, (
+                    adapter.interaction_files, adapter.item_files, adapter.user_files))}))
 
     # 6. Summary (stats.json and feature_spec.json are finished by the driver).
     bounds_stats = boundaries | "BoundaryStats" >> beam.FlatMap(
@@ -915,6 +1056,58 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
+
+def _beam_parser():
+    """The argparse parser of every registered Beam ``PipelineOptions`` class.
+
+    Beam hands it to ``add_extra_args_fn``; its ``error`` raises :class:`cli.UsageError` instead
+    of printing Beam's whole usage and exiting.
+    """
+    captured = []
+    with _quiet_root_logger():  # PipelineOptions() calls logging.basicConfig()
+        PipelineOptions([]).get_all_options(add_extra_args_fn=captured.append)
+    parser = captured[0]
+
+    def error(message):
+        raise cli.UsageError(f"bad Beam pipeline option: {message}")
+
+    parser.error = error
+    return parser
+
+
+def _option_strings(parser) -> list:
+    return [o for action in parser._actions for o in action.option_strings]
+
+
+def beam_options(beam_argv, command=None) -> PipelineOptions:
+    """``PipelineOptions`` of ``beam_argv``, DirectRunner unless a runner is given.
+
+    An argument that no Beam options class recognises is a :class:`cli.UsageError` naming it,
+    with the closest flag of ``command`` (the calling command's argparse parser) or of Beam,
+    instead of Beam's ``Unparseable argument`` warning and a run that ignores it.
+    """
+    beam_argv = [str(a) for a in beam_argv]
+    parser = _beam_parser()
+    _, unknown = parser.parse_known_args(beam_argv)
+    if unknown:
+        flags = (_option_strings(command) if command else []) + _option_strings(parser)
+        first = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), None)
+        close = difflib.get_close_matches(first, flags, n=1) if first else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise cli.UsageError(
+            f"unrecognized arguments {unknown}: neither a flag of this command nor a Beam "
+            f"pipeline option (command line or preprocess.beam_args){hint}")
+    with _quiet_root_logger():
+        options = PipelineOptions(beam_argv)
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    return options
+
+
+def pipeline_options(cfg: Config, beam_argv=(), command=None) -> PipelineOptions:
+    """:func:`beam_options` of ``preprocess.beam_args`` followed by ``beam_argv``."""
+    return beam_options(list(cfg.preprocess.beam_args) + list(beam_argv), command)
+
 
 def _dead_letter_counters(result):
     """The Beam counters ``dead_letters:<reason>`` (None where the runner cannot report them)."""
@@ -1017,6 +1210,7 @@ def run(cfg: Config, beam_argv=(), adapter=None, data_dir=None, out_dir=None,
     defaults to ``cfg.artifacts_dir``. A local output is written to a temporary sibling and
     renamed into place at the end; a remote one (``gs://...``) is cleared, then written in place.
     """
+    options = pipeline_options(cfg, beam_argv)
     adapter, data_dir = _resolve_data(cfg, adapter, data_dir)
     out_dir = out_dir or cfg.artifacts_dir
     remote = _is_remote(out_dir)
@@ -1028,9 +1222,6 @@ def run(cfg: Config, beam_argv=(), adapter=None, data_dir=None, out_dir=None,
     else:
         out_dir = os.path.abspath(out_dir)
         tmp_dir = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
-    options = PipelineOptions(list(cfg.preprocess.beam_args) + list(beam_argv))
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = "DirectRunner"
     start = time.time()
     try:
         p = beam.Pipeline(options=options)
@@ -1072,17 +1263,15 @@ def summary_text(stats: dict, out_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/ml-1m.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted config override, repeatable (e.g. preprocess.num_shards=8)")
+    """Flags this parser does not know go to Beam (checked by :func:`beam_options`)."""
+    parser = cli.parser(__doc__, allow_abbrev=False)
     parser.add_argument("--out_dir", default=None, help="output dir (default: artifacts/<name>)")
     args, beam_argv = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg = cli.load(args)
+    pipeline_options(cfg, beam_argv, command=parser)  # an unknown flag fails before any work
     run(cfg, beam_argv, out_dir=args.out_dir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

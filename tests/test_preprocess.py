@@ -120,10 +120,11 @@ def make_data(root):
     return events
 
 
-def make_cfg(out_root, split="global_time", **pre):
+def make_cfg(out_root, data_dir, split="global_time", **pre):
     pre = {"split": split, "num_shards": 2, "max_pairs_per_click": 1000,
            "cooccurrence_top_m": 1000, "max_tags": 3, **pre}
-    return from_dict({"name": "t", "artifacts_root": str(out_root), "data": {"dataset": "canonical"},
+    return from_dict({"name": "t", "artifacts_root": str(out_root),
+                      "data": {"dataset": "canonical", "data_dir": str(data_dir)},
                       "preprocess": pre})
 
 
@@ -135,7 +136,7 @@ def data(tmp_path_factory):
 
 
 def _run(data, out_root, split="global_time", **pre):
-    cfg = make_cfg(out_root, split, **pre)
+    cfg = make_cfg(out_root, data[0], split, **pre)
     stats = preprocess.run(cfg, ["--direct_num_workers=1"], adapter=TsvAdapter(),
                            data_dir=data[0], verbose=False)
     return cfg.artifacts_dir, stats
@@ -262,7 +263,7 @@ def test_dead_letters_and_counts(gt, data):
     art, stats = gt
     events = data[1]
     dead = read_jsonl(os.path.join(art, "dead_letters", "dead_letters.jsonl"))
-    got = {(d["source"], d["row"]): d["reason"] for d in dead}
+    got = {(d["source"], d["text"]): d["reason"] for d in dead}
     assert got == {k: v for k, v in BAD_ROWS.items()}
     assert len(dead) == len(BAD_ROWS)
     by_reason = collections.Counter(BAD_ROWS.values())
@@ -546,7 +547,7 @@ def test_identical_clicks_count_once_and_are_reported(tmp_path):
     dups = [clicks[0], clicks[0], clicks[3], clicks[7]]
     (root / "interactions.tsv").write_text(
         "user_id\titem_id\ttimestamp\n" + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in clicks + dups))
-    cfg = make_cfg(tmp_path / "out", "leave_last_out", deduplicate_clicks=True)
+    cfg = make_cfg(tmp_path / "out", root, "leave_last_out", deduplicate_clicks=True)
     stats = preprocess.run(cfg, ["--direct_num_workers=1"], adapter=TsvAdapter(),
                            data_dir=str(root), verbose=False)
     assert stats["duplicate_clicks_removed"] == len(dups)
