@@ -49,11 +49,11 @@ index asc. Output is deterministic: each title's embedding does not depend on ho
 (see :mod:`micrec_tf.text.encoder`), and every file is written in item order.
 
 Any flag this module does not know goes to Beam's ``PipelineOptions`` (after
-``preprocess.beam_args``); DirectRunner is the default.
+``preprocess.beam_args``); DirectRunner is the default. A flag Beam does not know either is an
+error naming it (exit 2), whatever the source.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import gzip
 import json
@@ -69,7 +69,8 @@ import uuid
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import numpy as np
 
-from micrec_tf.config import Config, load_config, parse_overrides
+from micrec_tf import cli
+from micrec_tf.config import Config
 
 LOG = logging.getLogger("pipelines.title_neighbours")
 
@@ -327,13 +328,12 @@ def _make_encode_dofn():
 
 def encode_titles_beam(items_path: str, work_dir: str, cfg: Config, beam_argv=()):
     """Runs the Beam part; returns ``({item: vector}, {item: skip reason}, timing dict)``."""
+    from pipelines.preprocess import pipeline_options  # imports Beam without its log noise
+
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    options = PipelineOptions(list(cfg.preprocess.beam_args) + list(beam_argv))
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = "DirectRunner"
+    options = pipeline_options(cfg, beam_argv)
     bs = int(cfg.semantic.batch_size)
     prefix = os.path.join(work_dir, "encoded")
     start = time.time()
@@ -581,18 +581,18 @@ def summary_text(stats: dict, out_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/ml-1m.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted config override, repeatable (e.g. semantic.top_k=20)")
+    """Flags this parser does not know go to Beam (checked even when no Beam job runs)."""
+    from pipelines.preprocess import pipeline_options
+
+    parser = cli.parser(__doc__, allow_abbrev=False)
     parser.add_argument("--artifacts_dir", default=None,
                         help="artifacts to read and write (default: artifacts/<name>)")
     args, beam_argv = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg = cli.load(args)
+    pipeline_options(cfg, beam_argv, command=parser)  # an unknown flag fails before any work
     run(cfg, beam_argv, artifacts_dir=args.artifacts_dir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

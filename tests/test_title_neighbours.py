@@ -250,3 +250,22 @@ def test_vectors_job_scann(tmp_path, config_path):
 def test_missing_items_file(tmp_path, config_path):
     with pytest.raises(FileNotFoundError, match="pipelines.preprocess"):
         tn.main(["--config", config_path, "--artifacts_dir", str(tmp_path / "nothing")])
+
+
+def test_unknown_flag_is_one_line_error_and_beam_flags_pass(tmp_path, config_path, capsys):
+    """A typo is neither ours nor Beam's: exit 2 naming it, nothing written; Beam's own flags
+    (and --artifacts_dir) still work."""
+    from micrec_tf import cli
+
+    art = str(tmp_path / "art")
+    write_items(art, [{"item": i + 1, "item_id": f"m{i + 1}", "title": "", "tags": [1 + i % 2]}
+                      for i in range(4)])
+    base = ["--config", config_path, "--artifacts_dir", art, "--set", "semantic.source=taxonomy"]
+    capsys.readouterr()
+    assert cli.run(tn.main, base + ["--sett", "semantic.top_k=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'--sett'" in err[0] and "did you mean --set?" in err[0], err
+    assert not os.path.exists(os.path.join(art, "title_neighbours"))
+    assert cli.run(tn.main, base + ["--runner=DirectRunner", "--direct_num_workers=2",
+                                    "--project=x"]) == 0
+    assert len(read_neighbours(art)) == 4
