@@ -13,17 +13,24 @@ exactly the JSON TF Serving would return:
 * Columnar format ``{"signature_name": ..., "inputs": {<input>: <tensor as nested lists>}}``.
 * String values are JSON strings or ``{"b64": "<base64>"}``. Numbers, booleans and null are not
   strings: a request with them is rejected, as TF Serving rejects them.
+* A body given as bytes must be UTF-8 (RFC 8259); a JSON string must be valid Unicode (no unpaired
+  ``\\ud800``-style surrogate escapes: send other bytes as ``{"b64": ...}``).
 * Response: row format -> ``{"predictions": [...]}`` (with a single output its value per example;
   with several, one object per example); columnar -> ``{"outputs": ...}`` (the single output's
   nested list, or an object of all outputs).
 
-Errors raise :class:`RequestError` (HTTP 400 in TF Serving) with a message naming the input.
+Errors raise :class:`RequestError` (HTTP 400 in TF Serving) with a message naming the input. Every
+malformed body does, whatever it holds (invalid UTF-8, nesting deeper than the signature allows or
+than the parser can follow, integers too large to convert, non-JSON values in a ``Mapping`` body):
+no other exception escapes :func:`parse_request` (tests/test_rest_fuzz.py fuzzes it).
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -64,21 +71,89 @@ def specs_from_metadata(inputs: Mapping[str, Mapping]) -> dict:
             for name, d in inputs.items()}
 
 
+_PREVIEW_ITEMS = 4  # list items / object members an error message quotes per level
+_PREVIEW_DEPTH = 3  # nesting levels an error message quotes
+
+
+def _preview(value: Any, limit: int = 60) -> str:
+    """``value`` as short JSON-like text for an error message, at most ``limit`` characters.
+
+    Bounded in depth and width, so any value can be quoted: nested thousands deep, huge, or not
+    JSON at all (bytes, a huge Python int, ...).
+    """
+    text = _render(value, _PREVIEW_DEPTH, limit)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _render(v: Any, depth: int, limit: int) -> str:
+    if isinstance(v, (list, tuple, Mapping)):
+        opener, closer = ("{", "}") if isinstance(v, Mapping) else ("[", "]")
+        if not v:
+            return opener + closer
+        if depth == 0:
+            return opener + "..." + closer
+        items = itertools.islice(v.items() if isinstance(v, Mapping) else v, _PREVIEW_ITEMS)
+        parts = [f"{_render(x[0], 0, limit)}: {_render(x[1], depth - 1, limit)}"
+                 if isinstance(v, Mapping) else _render(x, depth - 1, limit) for x in items]
+        more = ", ..." if len(v) > _PREVIEW_ITEMS else ""
+        return opener + ", ".join(parts) + more + closer
+    if isinstance(v, str):
+        return json.dumps(v[:limit])
+    if v is None or isinstance(v, (bool, float)):
+        return json.dumps(v)  # null, true, NaN, Infinity, 1.5
+    if isinstance(v, int):
+        try:
+            return str(v)
+        except ValueError:  # past sys.get_int_max_str_digits()
+            return f"<integer of {v.bit_length()} bits>"
+    return f"<{type(v).__name__}>"
+
+
+def _key_list(keys, most: int = 5) -> str:
+    """Sorted ``keys`` as a Python list literal (``['extra']``), at most ``most`` of them."""
+    shown = sorted(keys, key=_preview)
+    text = ", ".join(repr(k[:40]) if isinstance(k, str) else _preview(k, 40) for k in shown[:most])
+    return "[" + text + (f", ... ({len(shown)} in all)" if len(shown) > most else "") + "]"
+
+
+def _kind(value: Any) -> str:
+    """The JSON kind of a value, for "expected ..., got <kind>" messages."""
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "object" if isinstance(value, Mapping) else type(value).__name__
+
+
+def _utf8(text: str, where: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(f"{where}: the string is not valid Unicode (unpaired surrogate "
+                           f"{text[err.start]!r} at character {err.start}); send text as UTF-8 "
+                           "or other bytes as {\"b64\": <base64>}") from None
+
+
 def _decode_string(value: Any, where: str) -> bytes:
     if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, dict):
+        return _utf8(value, where)
+    if isinstance(value, Mapping):
         if set(value) != {"b64"} or not isinstance(value["b64"], str):
             raise RequestError(f"{where}: an object value must be {{\"b64\": <base64 string>}}, "
-                               f"got {json.dumps(value)[:80]}")
+                               f"got {_preview(value, 80)}")
         try:
             return base64.b64decode(value["b64"], validate=True)
         except (binascii.Error, ValueError) as err:
             raise RequestError(f"{where}: invalid base64 in b64 value: {err}") from None
-    kind = ("null" if value is None else "bool" if isinstance(value, bool)
-            else "number" if isinstance(value, (int, float)) else type(value).__name__)
-    raise RequestError(f"{where}: expected a string (DT_STRING), got {kind} {json.dumps(value)}; "
-                       f"send ids and profile values as JSON strings, e.g. \"{value}\"")
+    kind, shown = _kind(value), _preview(value)
+    got = kind if value is None else f"{kind} {shown}"
+    example = f', e.g. "{shown}"' if kind == "number" else ""
+    raise RequestError(f"{where}: expected a string (DT_STRING), got {got}; send ids and "
+                       f"profile values as JSON strings{example}")
 
 
 def _to_array(value: Any, rank: int, where: str) -> np.ndarray:
@@ -91,7 +166,7 @@ def _to_array(value: Any, rank: int, where: str) -> np.ndarray:
             return ()
         if not isinstance(v, list):
             raise RequestError(f"{where}{path}: expected a list (the input has rank {rank}), "
-                               f"got {json.dumps(v)[:60]}")
+                               f"got {_preview(v)}")
         shapes = {shape_of(x, depth + 1, f"{path}[{i}]") for i, x in enumerate(v)}
         if len(shapes) > 1:
             raise RequestError(f"{where}{path}: lists of different lengths {sorted(shapes)}; "
@@ -120,24 +195,62 @@ def _check_shape(arr: np.ndarray, spec: InputSpec) -> None:
                                f"wants {want} ({spec})")
 
 
+def _max_depth(specs: Mapping[str, InputSpec]) -> int:
+    """How deep a well-formed body for ``specs`` nests JSON arrays and objects.
+
+    Body object, ``instances`` list / ``inputs`` object, then the input's rank of lists (the row
+    format's instance object stands for the batch list), then a ``{"b64": ...}`` object.
+    """
+    return max((len(s.shape) for s in specs.values()), default=1) + 3
+
+
+def _load_body(body: str | bytes | bytearray, specs: Mapping[str, InputSpec]) -> Any:
+    """A REST body's text (``bytes``: UTF-8) -> the JSON value; :class:`RequestError` if it is
+    not UTF-8, not JSON, nested past what the parser can follow, or has an integer literal too
+    long to convert (Python's ``sys.get_int_max_str_digits()``, 4300 digits by default)."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad = err.object[err.start]
+            raise RequestError(f"request body is not valid UTF-8: byte 0x{bad:02x} at offset "
+                               f"{err.start} ({err.reason})") from None
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as err:
+        raise RequestError(f"request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise RequestError("request body nests arrays/objects too deeply to parse; a request for "
+                           f"this signature nests at most {_max_depth(specs)} levels") from None
+    except ValueError:  # int("9" * 5000): past the digit limit of int conversion
+        raise RequestError("request body has an integer literal too large to convert (over "
+                           f"{sys.get_int_max_str_digits()} digits); DT_STRING inputs take JSON "
+                           "strings") from None
+
+
 def parse_request(body: str | bytes | Mapping, specs: Mapping[str, InputSpec],
                   signature_name: str = "serving_default") -> tuple[dict, str]:
-    """A REST ``:predict`` body -> ``({input: object array of bytes}, "row" | "columnar")``."""
+    """A REST ``:predict`` body -> ``({input: object array of bytes}, "row" | "columnar")``.
+
+    ``body``: the request's text (``str``, or UTF-8 ``bytes``) or its parsed JSON object. Any body
+    that does not fit raises :class:`RequestError`, never another exception.
+    """
     if isinstance(body, (str, bytes, bytearray)):
-        try:
-            body = json.loads(body)
-        except json.JSONDecodeError as err:
-            raise RequestError(f"request body is not valid JSON: {err}") from None
+        body = _load_body(body, specs)
     if not isinstance(body, Mapping):
-        raise RequestError("request body must be a JSON object with \"instances\" or \"inputs\"")
-    unknown = sorted(set(body) - {"signature_name", "instances", "inputs"})
+        raise RequestError("request body must be a JSON object with \"instances\" or \"inputs\", "
+                           f"got {_kind(body)} {_preview(body)}")
+    unknown = set(body) - {"signature_name", "instances", "inputs"}
     if unknown:
-        raise RequestError(f"unknown top-level key(s) {unknown}; expected \"instances\" (row "
-                           "format) or \"inputs\" (columnar format), and optional "
-                           "\"signature_name\"")
+        raise RequestError(f"unknown top-level key(s) {_key_list(unknown)}; expected "
+                           "\"instances\" (row format) or \"inputs\" (columnar format), and "
+                           "optional \"signature_name\"")
     sig = body.get("signature_name", signature_name)
+    if not isinstance(sig, str):
+        raise RequestError(f"\"signature_name\" must be a string, got {_kind(sig)} "
+                           f"{_preview(sig)}")
     if sig != signature_name:
-        raise RequestError(f"serving signature name {sig!r} not found; this model serves "
+        raise RequestError(f"serving signature name {_preview(sig)} not found; this model serves "
                            f"{signature_name!r}")
     has_rows, has_cols = "instances" in body, "inputs" in body
     if has_rows == has_cols:
@@ -165,22 +278,22 @@ def _parse_rows(instances: Any, specs: Mapping[str, InputSpec], names: list) -> 
     single = len(names) == 1
     columns = {n: [] for n in names}
     for i, inst in enumerate(instances):
-        if isinstance(inst, dict) and not (single and set(inst) == {"b64"}):
+        if isinstance(inst, Mapping) and not (single and set(inst) == {"b64"}):
             missing = [n for n in names if n not in inst]
-            extra = sorted(set(inst) - set(names))
+            extra = set(inst) - set(names)
             if missing:
                 raise RequestError(f"instances[{i}]: missing input(s) {missing}; every instance "
                                    f"needs all of {names}")
             if extra:
-                raise RequestError(f"instances[{i}]: unknown input(s) {extra}; the signature "
-                                   f"takes {names}")
+                raise RequestError(f"instances[{i}]: unknown input(s) {_key_list(extra)}; "
+                                   f"the signature takes {names}")
             for n in names:
                 columns[n].append(inst[n])
         elif single:
             columns[names[0]].append(inst)
         else:
             raise RequestError(f"instances[{i}]: expected an object with the named inputs "
-                               f"{names}, got {json.dumps(inst)[:60]}")
+                               f"{names}, got {_preview(inst)}")
     out = {}
     for n in names:
         spec = specs[n]
@@ -191,17 +304,18 @@ def _parse_rows(instances: Any, specs: Mapping[str, InputSpec], names: list) -> 
 
 
 def _parse_columns(inputs: Any, specs: Mapping[str, InputSpec], names: list) -> dict:
-    if not isinstance(inputs, dict) or (len(names) == 1 and names[0] not in inputs):
-        if len(names) == 1:
-            inputs = {names[0]: inputs}
-        else:
-            raise RequestError(f"\"inputs\" must be an object mapping each of {names} to a tensor")
+    if len(names) == 1 and not (isinstance(inputs, Mapping) and names[0] in inputs):
+        inputs = {names[0]: inputs}  # a single input's bare tensor
+    elif not isinstance(inputs, Mapping):
+        raise RequestError(f"\"inputs\" must be an object mapping each of {names} to a tensor, "
+                           f"got {_kind(inputs)} {_preview(inputs)}")
     missing = [n for n in names if n not in inputs]
-    extra = sorted(set(inputs) - set(names))
+    extra = set(inputs) - set(names)
     if missing:
         raise RequestError(f"\"inputs\" is missing input(s) {missing}; the signature takes {names}")
     if extra:
-        raise RequestError(f"\"inputs\" has unknown input(s) {extra}; the signature takes {names}")
+        raise RequestError(f"\"inputs\" has unknown input(s) {_key_list(extra)}; the "
+                           f"signature takes {names}")
     out = {}
     for n in names:
         spec = specs[n]
