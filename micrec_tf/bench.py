@@ -1351,8 +1351,9 @@ def _int_list(text: str) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/ml-1m.yaml")
+    from micrec_tf import cli
+
+    parser = cli.parser(__doc__, config_default="configs/ml-1m.yaml")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (smoke run); also BENCH_QUICK=1")
     parser.add_argument("--out", default=None,
@@ -1370,7 +1371,6 @@ def main(argv=None) -> int:
     parser.add_argument("--train-breakdown", action="store_true",
                         help="also time one-CL-term models (adds ~3 min on 2 cores)")
     parser.add_argument("--work-dir", default=None, help="keep intermediate files here")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-args", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1402,4 +1402,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from micrec_tf import cli
+
+    sys.exit(cli.run(main))

@@ -50,17 +50,19 @@ def debug_requested(argv=None) -> bool:
     return _env_flag(DEBUG_ENV) or "--debug" in argv
 
 
-def parser(doc: str | None, config_required: bool = True,
+def parser(doc: str | None, config_default: str | None = None,
            **kwargs) -> argparse.ArgumentParser:
     """An ``ArgumentParser`` with ``--config``, ``--set``, ``--debug`` and ``--verbose``.
 
-    ``doc`` is the module docstring; its first line becomes the description. The parser exits
-    2 with one line on a bad flag, as argparse does.
+    ``doc`` is the module docstring; its first paragraph becomes the description.
+    ``--config`` is required unless ``config_default`` is given. The parser exits 2 with one
+    line on a bad flag, as argparse does.
     """
     description = (doc or "").strip().split("\n\n")[0].strip() or None
     p = argparse.ArgumentParser(description=description, **kwargs)
-    p.add_argument("--config", required=config_required,
-                   help="YAML config, e.g. configs/ml-1m.yaml")
+    p.add_argument("--config", required=config_default is None, default=config_default,
+                   help="YAML config, e.g. configs/ml-1m.yaml"
+                   + (f" (default {config_default})" if config_default else ""))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, repeatable (e.g. --set train.epochs=3)")
     p.add_argument("--debug", action="store_true",
@@ -118,7 +120,8 @@ def run(main, argv=None) -> int:
     except _user_errors() as err:
         if debug_requested(argv):
             raise
-        print(f"error: {err} (--debug shows the traceback)", file=sys.stderr)
+        one_line = " ".join(str(err).split())
+        print(f"error: {one_line} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

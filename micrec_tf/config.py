@@ -449,7 +449,10 @@ def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Config
         try:
             raw = yaml.safe_load(fh) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {path!r} is not valid YAML: {what}{where}") from err
     cfg = from_dict(raw)
     return cfg.replace(overrides) if overrides else cfg
 

@@ -28,7 +28,6 @@ CLI: ``python -m micrec_tf.data.synthetic --config configs/synthetic.yaml [--out
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -439,16 +438,13 @@ def ensure_generated(cfg: Config, verbose: bool | None = None) -> str:
 
 
 def main(argv=None) -> int:
-    from micrec_tf.config import load_config, parse_overrides
+    from micrec_tf import cli
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/synthetic.yaml")
+    parser = cli.parser(__doc__.split("\n")[0], config_default="configs/synthetic.yaml")
     parser.add_argument("--out", default=None, help="output dir (default: data.data_dir)")
     parser.add_argument("--force", action="store_true", help="regenerate even if up to date")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. data.synthetic.num_events=1000000")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg = cli.load(args)
     out_dir = args.out or cfg.data.data_dir
     if not args.force and is_generated(cfg.data.synthetic, out_dir):
         print(f"synthetic data in {out_dir} is up to date "
@@ -460,4 +456,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from micrec_tf import cli
+
+    sys.exit(cli.run(main))

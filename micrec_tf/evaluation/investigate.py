@@ -11,7 +11,6 @@ reproduction runs, under ``runs/<name>/investigate/<study>/``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import inspect
 import os
@@ -19,7 +18,7 @@ import sys
 
 import numpy as np
 
-from micrec_tf.config import load_config, parse_overrides
+from micrec_tf import cli
 from micrec_tf.evaluation.data import train_item_counts
 from micrec_tf.evaluation.reproduce import Runner, _slug, paired_p, scaled_lambdas
 
@@ -136,9 +135,7 @@ def _norm_columns(run_dir: str, counts) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser = cli.parser(__doc__.splitlines()[0])
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--study", choices=sorted(STUDIES), default="weights",
                         help="which one-knob-at-a-time study to run (default: weights)")
@@ -148,7 +145,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg = cli.load(args)
     runner = Runner(cfg, os.path.join(cfg.run_dir, "investigate", args.study), grid="none")
     rows = []
     for name, ov in STUDIES[args.study](args.lr).items():
@@ -196,4 +193,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -9,7 +9,7 @@ and HIT@N on the long-tail clicks (targets among the 80 % least-clicked training
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import glob
 import json
 import os
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from micrec_tf.config import load_config, parse_overrides
+from micrec_tf import cli
 from micrec_tf.evaluation.baselines import CooccurrenceItemKNN, MostPopular
 from micrec_tf.evaluation.data import (earlier_clicks_exclusion, load_cooccurrence,
                                        load_split_arrays, num_items, train_item_counts)
@@ -71,15 +71,13 @@ def to_markdown(rows: dict, ns, coverage_ns) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], help="config override key=value")
+def main(argv=None) -> int:
+    p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--exclude-clicked", default="both", choices=["both", "on", "off"])
     p.add_argument("--out", default="", help="write the metrics as JSON here")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg = cli.load(args)
     excl = {"both": (False, True), "on": (True,), "off": (False,)}[args.exclude_clicked]
     t0 = time.time()
     rows = reference_rows(cfg.artifacts_dir, args.split, cfg.eval.hit_n, cfg.eval.coverage_n,
@@ -94,7 +92,8 @@ def main(argv=None) -> None:
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump({"artifacts": cfg.artifacts_dir, "split": args.split, "rows": rows}, fh,
                       indent=1, sort_keys=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

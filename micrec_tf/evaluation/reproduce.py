@@ -20,7 +20,6 @@ and PNG plots under ``docs/results/<name>/``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import json
@@ -31,7 +30,8 @@ import time
 
 import numpy as np
 
-from micrec_tf.config import CL_TASKS, Config, from_dict, load_config, parse_overrides
+from micrec_tf import cli
+from micrec_tf.config import CL_TASKS, Config, from_dict
 
 ALL_CL = ["feature", "semantic", "session"]
 # name -> (table, overrides). Tables: main (Table 2), ablation (Table 4), universality (Fig. 3).
@@ -472,9 +472,7 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="MicRec reproduction: baselines, ablations, seeds")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser = cli.parser("MicRec reproduction: baselines, ablations, seeds")
     parser.add_argument("--seeds", type=int, default=None, help="default: eval.seeds")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of: {', '.join(VARIANTS)}")
@@ -485,7 +483,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sparsity", action="store_true")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg = cli.load(args)
     variants = None
     if args.variants:
         variants = [v.strip() for v in args.variants.split(",")]
@@ -505,4 +503,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -1,0 +1,86 @@
+"""Every entry point: a user error is one ``error: ...`` line and exit 2, no traceback (issue 14.5).
+
+``--debug`` (or ``MICREC_DEBUG=1``) brings the traceback back.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from micrec_tf import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINTS = ("micrec_tf.train", "export.export_model", "pipelines.preprocess",
+                "pipelines.title_neighbours", "micrec_tf.retrieve", "micrec_tf.data.synthetic",
+                "micrec_tf.evaluation.reproduce", "micrec_tf.evaluation.investigate",
+                "micrec_tf.evaluation.reference_rows", "micrec_tf.bench")
+
+
+def _config(tmp_path, data, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def _cases(tmp_path):
+    """``(argv, text the one line must contain)`` for each kind of config/CLI error."""
+    good = _config(tmp_path, {"name": "x"}, "good.yaml")
+    return [
+        (["--config", _config(tmp_path, {"loss": {"lambda_sesion": 0.1}})], "lambda_sesion"),
+        (["--config", _config(tmp_path, {"train": {"epochs": "many"}}, "t.yaml")],
+         "train.epochs must be an integer, got 'many'"),
+        (["--config", _config(tmp_path, "train: [unclosed\n", "y.yaml")], "not valid YAML"),
+        (["--config", str(tmp_path / "missing.yaml")], "config file not found"),
+        (["--config", good, "--set", "train.epochs"], "key=value, got 'train.epochs'"),
+        (["--config", good, "--set", "train.epoch=3"], "unknown config key 'train.epoch'"),
+        (["--config", _config(tmp_path, {"data": {"dataset": "movielens_1m"}}, "d.yaml")],
+         "data.data_dir is missing"),
+    ]
+
+
+
+
+def test_each_config_error_is_one_line_and_exit_2(tmp_path, capsys):
+    from micrec_tf.train import main
+
+    for argv, needle in _cases(tmp_path):
+        assert cli.run(main, argv) == 2, argv
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+        assert "Traceback" not in out + err
+
+
+def test_debug_keeps_the_traceback(tmp_path, monkeypatch):
+    from micrec_tf.config import ConfigError
+    from micrec_tf.train import main
+
+    argv, _ = _cases(tmp_path)[0]
+    with pytest.raises(ConfigError, match="lambda_sesion"):
+        cli.run(main, argv + ["--debug"])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ConfigError, match="lambda_sesion"):
+        cli.run(main, argv)
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_entry_point_prints_one_line(module, tmp_path):
+    """A real process per entry point: the error line is all it prints, and it exits 2."""
+    bad = _config(tmp_path, {"loss": {"lambda_sesion": 0.1}})
+    proc = subprocess.run([sys.executable, "-m", module, "--config", bad], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "lambda_sesion" in lines[0], \
+        lines
+
+
+def test_a_bug_keeps_its_traceback():
+    """Only user errors are shortened: anything else is a bug and keeps its traceback."""
+    def main(argv):
+        raise KeyError("num_leaves_to_search")
+
+    with pytest.raises(KeyError):
+        cli.run(main, [])
