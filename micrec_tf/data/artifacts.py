@@ -5,8 +5,10 @@ All arrays are indexed by item index; row 0 is the OOV/padding item and is all z
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+import re
 
 import numpy as np
 
@@ -73,11 +75,107 @@ class Artifacts:
 
 # ------------------------------------------------------------------------------------ loading
 
-FEATURE_SPEC = os.path.join("examples", "feature_spec.json")
+EXAMPLES = "examples"
+FEATURE_SPEC = os.path.join(EXAMPLES, "feature_spec.json")
 ITEMS = os.path.join("items", "items.jsonl")
 COOCCURRENCE = os.path.join("cooccurrence", "cooccurrence.jsonl")
 TITLE_NEIGHBOURS = os.path.join("title_neighbours", "title_neighbours.jsonl")
 STATS = "stats.json"
+SPLITS = ("train", "valid", "test")
+RERUN = "rerun `python -m pipelines.preprocess --config <config>`"
+
+
+class ArtifactError(FileNotFoundError):
+    """The preprocessing output is missing, incomplete or corrupt; the message names the file.
+
+    A ``FileNotFoundError``, so the command-line entry points report it in one line.
+    """
+
+
+# ----------------------------------------------------------------------------- example shards
+
+def shard_name(split: str, shard: int, num_shards: int) -> str:
+    """The file name pipelines/preprocess.py gives shard ``shard`` of ``num_shards``."""
+    return f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord.gz"
+
+
+def _found_shards(examples: str, split: str) -> dict:
+    """``{num_shards: {shard: path}}`` of the ``<split>-K-of-N.tfrecord.gz`` files present."""
+    name = re.compile(rf"{re.escape(split)}-(\d+)-of-(\d+)\.tfrecord\.gz")
+    found = {}
+    for path in glob.glob(os.path.join(glob.escape(examples), f"{split}-*.tfrecord.gz")):
+        m = name.fullmatch(os.path.basename(path))
+        if m:
+            found.setdefault(int(m[2]), {})[int(m[1])] = path
+    return found
+
+
+def split_files(artifacts_dir: str, split: str, num_examples: dict | None = None) -> list:
+    """The TFRecord shards of one split, in shard order, after checking that the set is whole.
+
+    Every ``<split>-K-of-N.tfrecord.gz`` for K in 0..N-1 must be present, with one N. Raises
+    :class:`ArtifactError` naming the missing (or stray) files. A split with no shard at all
+    raises :class:`ArtifactError` too when ``num_examples`` (feature_spec.json's record) gives
+    it examples, a plain ``FileNotFoundError`` otherwise (a split that was never written).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}. Received: {split!r}")
+    examples = os.path.join(os.fspath(artifacts_dir), EXAMPLES)
+    found = _found_shards(examples, split)
+    if not found:
+        msg = f"no {split} shards ({split}-*-of-*.tfrecord.gz) in {examples!r}"
+        if (num_examples or {}).get(split):
+            raise ArtifactError(f"{msg}, but feature_spec.json records {num_examples[split]} "
+                                f"{split} examples: the artifacts are incomplete; {RERUN}")
+        raise FileNotFoundError(f"{msg}: {RERUN}")
+    if len(found) > 1:
+        raise ArtifactError(f"{examples!r} mixes {split} shard sets of {sorted(found)} files: "
+                            f"stale shards of an earlier run are left; {RERUN}")
+    (n, shards), = found.items()
+    missing = [os.path.join(examples, shard_name(split, k, n)) for k in range(n) if k not in shards]
+    if missing:
+        raise ArtifactError(f"{split} shard(s) {missing} are missing (the set has {n} files): "
+                            f"the artifacts are incomplete; {RERUN}")
+    stray = sorted(p for k, p in shards.items() if k >= n)
+    if stray:
+        raise ArtifactError(f"{split} shard(s) {stray} are outside the set of {n} files: {RERUN}")
+    return [shards[k] for k in range(n)]
+
+
+def check_example_count(num_examples: dict, split: str, counts: dict) -> None:
+    """Raises :class:`ArtifactError` if the examples read differ from the recorded number.
+
+    ``counts`` maps each shard path to the examples read from it; ``num_examples`` is
+    feature_spec.json's record (a split it lacks is not checked). The message lists the
+    per-shard counts, so that an empty or short shard stands out.
+    """
+    recorded = (num_examples or {}).get(split)
+    total = sum(counts.values())
+    if recorded is not None and int(recorded) != total:
+        per_shard = ", ".join(f"{os.path.basename(p)}: {n}" for p, n in counts.items())
+        where = os.path.dirname(next(iter(counts), "")) or "."
+        raise ArtifactError(f"the {split} split has {total} examples in {where!r} ({per_shard}) "
+                            f"but feature_spec.json records {recorded}: a shard is incomplete; "
+                            f"{RERUN}")
+
+
+def unreadable_shard_error(path: str, err: Exception) -> ArtifactError:
+    """An :class:`ArtifactError` naming ``path`` for a TensorFlow read error (e.g. DataLossError).
+
+    Keeps TensorFlow's reason ("truncated record at ...") without its op and function names.
+    """
+    reason = getattr(err, "message", None) or str(err)
+    reason = re.sub(r"\{\{[^}]*\}\}\s*", "", reason).split(" [Op:")[0].strip()
+    return ArtifactError(f"{path} is truncated or corrupt ({reason}): {RERUN}")
+
+
+def load_feature_spec(artifacts_dir: str) -> dict:
+    """``examples/feature_spec.json``; :class:`ArtifactError` if it is missing."""
+    path = os.path.join(os.fspath(artifacts_dir), FEATURE_SPEC)
+    if not os.path.exists(path):
+        raise ArtifactError(f"{path} is missing: {os.fspath(artifacts_dir)!r} is not a complete "
+                            f"preprocessing output; {RERUN}")
+    return _read_json(path)
 
 
 def vocab_field_names(user_fields, item_extra_fields) -> list:
@@ -161,19 +259,19 @@ def _load_neighbours(path: str, weight_key: str, num_items: int,
 def load_artifacts(path: str) -> Artifacts:
     """Reads ``artifacts/<name>/`` (see docs/ARCHITECTURE.md) into an :class:`Artifacts`.
 
-    Raises ``FileNotFoundError`` naming every missing required file, ``ValueError`` for files
-    that contradict each other. ``title_neighbours`` is None when that job has not run yet.
+    Raises ``FileNotFoundError`` naming every missing required file (:class:`ArtifactError` for
+    an incomplete set of example shards, see :func:`split_files`), ``ValueError`` for files that
+    contradict each other. ``title_neighbours`` is None when that job has not run yet.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"artifacts directory {path!r} not found: run `python -m pipelines.preprocess "
             "--config <config>` first")
-    spec_path = os.path.join(path, FEATURE_SPEC)
-    if not os.path.exists(spec_path):
-        raise FileNotFoundError(f"{spec_path} is missing: {path!r} is not a complete "
-                                "preprocessing output; rerun pipelines.preprocess")
-    spec = _read_json(spec_path)
+    spec = load_feature_spec(path)
+    for split, count in spec.get("num_examples", {}).items():
+        if split in SPLITS and count:  # only the file names here; readers check the counts
+            split_files(path, split, spec["num_examples"])
     fields = vocab_field_names(spec.get("user_fields", []), spec.get("item_extra_fields", []))
     required = [STATS, ITEMS, COOCCURRENCE] + [os.path.join("vocab", f"{f}.txt") for f in fields]
     missing = [rel for rel in required if not os.path.exists(os.path.join(path, rel))]

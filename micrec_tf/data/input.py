@@ -10,23 +10,12 @@ Features of shape [1] come out as rank-1 [B] tensors; others keep their shape, [
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
-
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import tensorflow as tf
 
-SPLITS = ("train", "valid", "test")
+from micrec_tf.data.artifacts import SPLITS, load_feature_spec, split_files  # noqa: F401
+
 _DTYPES = {"int64": tf.int64, "string": tf.string, "float32": tf.float32}
-
-
-def load_feature_spec(artifacts_dir: str) -> dict:
-    path = os.path.join(artifacts_dir, "examples", "feature_spec.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing: run `python -m pipelines.preprocess` first")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def parse_spec(feature_spec: dict) -> dict:
@@ -37,16 +26,6 @@ def parse_spec(feature_spec: dict) -> dict:
             raise ValueError(f"feature {name!r} has unsupported dtype {f['dtype']!r}")
         out[name] = tf.io.FixedLenFeature(list(f["shape"]), _DTYPES[f["dtype"]])
     return out
-
-
-def example_files(artifacts_dir: str, split: str) -> list:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    pattern = os.path.join(artifacts_dir, "examples", f"{split}-*-of-*.tfrecord.gz")
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
-    return files
 
 
 def make_parse_fn(feature_spec: dict):
@@ -69,11 +48,16 @@ def make_dataset(artifacts_dir: str, split: str, batch_size: int, shuffle: bool 
     Shards are read in parallel (interleave); with ``shuffle`` the shard order and the records
     (buffer ``shuffle_buffer``) are shuffled with ``seed``, reshuffled each epoch. Without
     ``shuffle`` the order is the files' order, deterministic. Parsing runs on whole batches.
+
+    The shard set is checked first (:func:`~micrec_tf.data.artifacts.split_files`): a missing
+    shard raises ``ArtifactError`` naming it. A corrupt shard surfaces only while iterating, as
+    TensorFlow's ``DataLossError``, which does not name the file;
+    :func:`micrec_tf.evaluation.data.load_split_arrays` reads shard by shard and does.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     feature_spec = load_feature_spec(artifacts_dir)
-    files = example_files(artifacts_dir, split)
+    files = split_files(artifacts_dir, split, feature_spec.get("num_examples"))
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)

@@ -1,6 +1,7 @@
 """Reading the preprocessed examples into numpy for evaluation (formats: docs/ARCHITECTURE.md).
 
-* :func:`load_split_arrays` parses ``examples/<split>-*.tfrecord.gz`` with the feature spec.
+* :func:`load_split_arrays` parses ``examples/<split>-K-of-N.tfrecord.gz`` with the feature spec,
+  checking the shards against their ``-of-N`` names and the example count preprocessing recorded.
 * :func:`train_item_counts` counts training clicks per item.
 * :func:`earlier_clicks_exclusion` builds, per test click, the set of items the user clicked
   before it (the "exclude clicked" evaluation option).
@@ -8,14 +9,14 @@
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from micrec_tf.data.artifacts import NeighbourTable
+from micrec_tf.data.artifacts import (NeighbourTable, check_example_count, load_feature_spec,
+                                      split_files, unreadable_shard_error)
 from micrec_tf.evaluation.metrics import CSRExclusion
 
 __all__ = ["load_feature_spec", "load_split_arrays", "train_item_counts", "num_items",
@@ -27,22 +28,10 @@ _DTYPES = {"int64": "int64", "string": "string", "bytes": "string", "float32": "
            "float": "float32"}
 
 
-def load_feature_spec(artifacts_dir: str) -> dict:
-    with open(os.path.join(artifacts_dir, "examples", "feature_spec.json"), encoding="utf-8") as fh:
-        return json.load(fh)
-
-
 def num_items(artifacts_dir: str, spec: dict | None = None) -> int:
     """V: the item vocabulary size including the OOV/padding slot 0."""
     spec = spec or load_feature_spec(artifacts_dir)
     return int(spec["vocab_sizes"]["item_id"])
-
-
-def split_files(artifacts_dir: str, split: str) -> list:
-    files = sorted(glob.glob(os.path.join(artifacts_dir, "examples", f"{split}-*.tfrecord.gz")))
-    if not files:
-        raise FileNotFoundError(f"no {split}-*.tfrecord.gz under {artifacts_dir}/examples")
-    return files
 
 
 def load_split_arrays(artifacts_dir: str, split: str,
@@ -53,6 +42,10 @@ def load_split_arrays(artifacts_dir: str, split: str,
     Scalar features (shape [1]) come back as 1-D arrays [N]; others as [N, *shape]; strings as
     ``bytes`` objects. ``features=None`` (default) loads every feature of the spec; pass e.g.
     ``EVAL_FEATURES`` to load only what the baselines need.
+
+    Raises ``ArtifactError`` (a ``FileNotFoundError``) naming the file when a shard of the
+    ``-of-N`` set is missing or unreadable (truncated, corrupt), and naming the split and both
+    counts when the examples read differ from feature_spec.json's ``num_examples``.
     """
     import tensorflow as tf  # deferred: the rest of evaluation needs no TF
 
@@ -67,12 +60,10 @@ def load_split_arrays(artifacts_dir: str, split: str,
         dtype = _DTYPES[fspec[name]["dtype"]]
         shape = list(fspec[name].get("shape", [1]))
         parse[name] = tf.io.FixedLenFeature(shape, getattr(tf, dtype))
-    ds = tf.data.TFRecordDataset(split_files(artifacts_dir, split), compression_type="GZIP")
-    ds = ds.batch(batch_size).map(lambda x: tf.io.parse_example(x, parse))
+    files = split_files(artifacts_dir, split, spec.get("num_examples"))
     chunks = {n: [] for n in names}
-    for batch in ds.as_numpy_iterator():
-        for n in names:
-            chunks[n].append(batch[n])
+    counts = {path: _read_shard(path, parse, batch_size, chunks) for path in files}
+    check_example_count(spec.get("num_examples"), split, counts)
     out = {}
     for n in names:
         shape = list(fspec[n].get("shape", [1]))
@@ -85,6 +76,28 @@ def load_split_arrays(artifacts_dir: str, split: str,
             arr = arr.reshape(-1)
         out[n] = arr
     return out
+
+
+def _read_shard(path: str, parse: dict, batch_size: int, chunks: dict) -> int:
+    """Appends one shard's parsed batches to ``chunks``; returns its number of examples.
+
+    A TensorFlow read error (``DataLossError`` for a truncated or corrupt file,
+    ``InvalidArgumentError`` for records the spec cannot parse) becomes an ``ArtifactError``
+    naming ``path``.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.TFRecordDataset(path, compression_type="GZIP").batch(batch_size)
+    ds = ds.map(lambda x: (tf.size(x), tf.io.parse_example(x, parse)))
+    count = 0
+    try:
+        for size, batch in ds.as_numpy_iterator():
+            count += int(size)
+            for n in chunks:
+                chunks[n].append(batch[n])
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+        raise unreadable_shard_error(path, err) from err
+    return count
 
 
 def train_item_counts(artifacts_dir: str, train: dict | None = None) -> np.ndarray:
