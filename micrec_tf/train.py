@@ -320,6 +320,9 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
                  else f"at epoch {completed_epochs + 1}")
         log(f"[train] resuming from {backup_dir} {where}: skipping {done} batches already "
             f"trained on")
+    # Reads every split once: a missing, short or corrupt shard stops here, naming the file,
+    # before the first batch.
+    splits = {s: load_split_arrays(cfg.artifacts_dir, s) for s in ("train", "valid", "test")}
     train_ds = make_dataset(cfg.artifacts_dir, "train", cfg.train.batch_size, shuffle=True,
                             seed=cfg.train.seed, repeat=True)
     if cfg.train.train_fraction < 1.0:
@@ -332,7 +335,6 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
         model.optimizer.build(model.trainable_variables)
     # Under a GPU strategy, Keras distributes the dataset, which prefetches batches to the device.
 
-    splits = {s: load_split_arrays(cfg.artifacts_dir, s) for s in ("train", "valid", "test")}
     valid = _subsample(splits["valid"], cfg.train.validation_max_examples, cfg.train.seed)
     history = list(splits.values())
     v_excl = earlier_clicks_exclusion(valid, history) if cfg.eval.exclude_clicked else None
