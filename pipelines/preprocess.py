@@ -413,10 +413,10 @@ def read_range(line_range):
 class ReadNumberedLines(beam.PTransform):
     """Raw files -> ``(path, line_number, raw bytes)``, every line exactly as stored."""
 
-    def __init__(self, paths, range_bytes: int = READ_RANGE_BYTES):
+    def __init__(self, paths, range_bytes: int | None = None):
         super().__init__()
         self.paths = list(paths)
-        self.range_bytes = range_bytes
+        self.range_bytes = range_bytes or READ_RANGE_BYTES
 
     def expand(self, p):
         return (p | "Paths" >> beam.Create(self.paths, reshuffle=False)

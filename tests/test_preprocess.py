@@ -520,7 +520,8 @@ def test_cli_on_generated_synthetic_data(tmp_path, capsys):
                  "synthetic": {"num_users": 40, "num_items": 60, "num_events": 800,
                                "num_topics": 4, "seed": 1}}}))
     assert preprocess.main(["--config", str(cfg_path), "--set", "preprocess.num_shards=3",
-                            "--direct_num_workers=1"]) == 0
+                            "--direct_num_workers=1", "--runner=DirectRunner",
+                            "--project=x"]) == 0
     out = capsys.readouterr().out
     assert "events/s" in out and "dead letters 0" in out
     art = str(tmp_path / "artifacts" / "syn")
@@ -552,3 +553,37 @@ def test_identical_clicks_count_once_and_are_reported(tmp_path):
                            data_dir=str(root), verbose=False)
     assert stats["duplicate_clicks_removed"] == len(dups)
     assert sum(stats["num_examples"].values()) == len(clicks)
+
+
+def test_unknown_flag_is_one_line_error_without_beam_noise(tmp_path):
+    """A typo is neither ours nor Beam's: exit 2 with one line naming it, before any work, and
+    none of Beam's import-time warnings (``apitools not found``) on the way."""
+    import subprocess
+    import sys
+
+    cfg_path = tmp_path / "syn.yaml"
+    cfg_path.write_text(f"name: syn\nartifacts_root: {tmp_path / 'artifacts'}\n"
+                        f"data:\n  data_dir: {tmp_path / 'raw'}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MICREC_VERBOSE", "MICREC_DEBUG")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.preprocess", "--config", str(cfg_path),
+         "--sett", "preprocess.num_shards=3", "--direct_num_workers=1"],
+        capture_output=True, text=True, timeout=300, env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "'--sett'" in lines[0] and "did you mean --set?" in lines[0]
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_beam_args_of_the_config_are_checked_too(data, tmp_path):
+    from micrec_tf import cli
+
+    cfg = make_cfg(tmp_path, data[0], beam_args=["--direct_num_workers=1", "--runnr=x"])
+    with pytest.raises(cli.UsageError, match="--runnr.*did you mean --runner"):
+        preprocess.pipeline_options(cfg)
+    cfg = make_cfg(tmp_path, data[0], beam_args=["--direct_num_workers=2", "--project=x"])
+    options = preprocess.pipeline_options(cfg, ["--region", "eu"]).get_all_options()
+    assert (options["direct_num_workers"], options["project"], options["region"],
+            options["runner"]) == (2, "x", "eu", "DirectRunner")
