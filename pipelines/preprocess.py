@@ -1245,7 +1245,7 @@ def summary_text(stats: dict, out_dir: str) -> str:
     d = stats["dead_letters"]
     lines = [
         f"preprocess: {stats['name']} ({stats['dataset']}) -> {out_dir}",
-        f"  rows read: " + ", ".join(f"{k} {v['read']}" for k, v in stats["rows"].items()),
+        "  rows read: " + ", ".join(f"{k} {v['read']}" for k, v in stats["rows"].items()),
         f"  events {stats['events']} (train {stats['events_by_split']['train']}, "
         f"valid {stats['events_by_split']['valid']}, test {stats['events_by_split']['test']}); "
         f"split {stats['split']} boundaries {stats['split_boundaries']}",
