@@ -1,6 +1,7 @@
 """pipelines/title_neighbours.py: exact / ScaNN / taxonomy top-k and the Beam job end to end."""
 import json
 import os
+import math
 
 import pytest
 
@@ -161,7 +162,7 @@ def test_title_job(tmp_path, config_path):
             assert not set(r["neighbors"]) & (EMPTY | NO_TOKENS)
     stats = json.load(open(os.path.join(art, "title_neighbours", "stats.json")))
     assert stats["skipped"] == {"empty_title": len(EMPTY), "no_known_tokens": len(NO_TOKENS)}
-    assert stats["mode"] == "exact" and stats["timing"]["titles_per_s"] > 0
+    assert stats["mode"] == "exact" and math.isfinite(stats["timing"]["titles_per_s"])
 
     # Embeddings: as the encoder gives them; neighbours: brute force on them.
     emb = np.load(os.path.join(art, "title_embeddings", "embeddings.npy"))
