@@ -29,24 +29,37 @@ Parameters (:func:`scann_params`), for a catalogue of N items and top-k retrieva
   scores are exact dot products;
 * the export then measures top-k recall against brute force on (up to 500) real test users' vectors
   and doubles ``num_leaves_to_search`` until it reaches 0.95 (a query-time parameter: the searcher
-  is not rebuilt; ``params.json`` holds the final value and ``measured_recall``);
-* tiny catalogues (N < 256 items) get a ScaNN brute-force searcher (exact) instead: the tree and
-  the hashing codebooks cannot be trained on so few points.
+  is not rebuilt; ``params.json`` holds the final value and ``measured_recall``).
 
-Brute force (``export.index: brute_force``) writes no ``scann/``: retrieval then multiplies by the
-whole matrix, which is exact and fast enough up to ``export.brute_force_max_items`` items.
+Where ScaNN does not pay, ``export.index: scann`` builds the brute-force index instead and says why
+(:func:`choose_index`; metadata.json ``index.reason``): catalogues under ``SCANN_MIN_ITEMS`` (256)
+items, on which the tree and the hashing codebooks cannot be trained, and catalogues of at most k
+items, where every query returns the whole catalogue.
+
+Brute force (``export.index: brute_force``, or the fallback above) writes no ``scann/``: retrieval
+then multiplies by the whole matrix, which is exact and fast enough up to
+``export.brute_force_max_items`` items.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import sys
+import tempfile
 
 import numpy as np
 
+from micrec_tf.cli import UsageError, verbose_requested
+
 SCANN_MIN_ITEMS = 256
 TARGET_RECALL = 0.95
+# What ScaNN's C++ code logs while it trains: absl INFO / WARNING lines and absl's banner.
+_NATIVE_NOISE = re.compile(rb"^([IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] |"
+                           rb"WARNING: All log messages before absl::InitializeLog\(\))")
 
 
 def read_vocab_file(path: str) -> list:
@@ -100,11 +113,38 @@ def load_item_embeddings(dump_dir: str) -> tuple[list, np.ndarray]:
     return ids, vectors
 
 
+def choose_index(kind: str, num_items: int, k: int) -> tuple[str, str]:
+    """``(kind to build, why)`` for the configured ``export.index`` ``kind`` (module docstring)."""
+    n = int(num_items)
+    if kind == "brute_force":
+        return "brute_force", "export.index is brute_force"
+    if kind != "scann":
+        raise ValueError(f"unknown index kind {kind!r}: expected 'scann' or 'brute_force'")
+    if n < SCANN_MIN_ITEMS:
+        return "brute_force", (f"{n} items are fewer than the {SCANN_MIN_ITEMS} ScaNN needs to "
+                               "train its tree and hashing codebooks; exact scoring is as fast")
+    if n <= k:
+        return "brute_force", (f"top-{k} retrieval returns all {n} items, so an approximate "
+                               "index prunes nothing")
+    return "scann", f"{n} items, more than top-{k} and at least {SCANN_MIN_ITEMS}"
+
+
+def describe_index(info: dict) -> str:
+    """One log line for a :func:`build_index` result."""
+    line = f"{info['kind']} over {info['num_items']} items ({info['reason']})"
+    if "measured_recall" in info:
+        line += (f"; recall@{info['num_neighbors']} vs brute force on {info['recall_queries']} "
+                 f"test users: {info['measured_recall']:.4f} "
+                 f"({info['num_leaves_to_search']}/{info['num_leaves']} leaves)")
+    return line
+
+
 def scann_params(num_items: int, k: int = 500) -> dict:
     """ScaNN parameters for ``num_items`` items and top-``k`` retrieval (module docstring)."""
     n = int(num_items)
     if n < SCANN_MIN_ITEMS:
-        return {"mode": "brute_force", "num_neighbors": min(k, n)}
+        raise ValueError(f"ScaNN needs at least {SCANN_MIN_ITEMS} items to train its tree and "
+                         f"codebooks. Received: num_items={n}; use the brute-force index")
     leaves = max(1, int(round(math.sqrt(n))))
     per_leaf = n / leaves
     search = max(math.ceil(0.05 * leaves), math.ceil(20 * k / per_leaf))
@@ -121,49 +161,84 @@ def scann_params(num_items: int, k: int = 500) -> dict:
     }
 
 
+@contextlib.contextmanager
+def quiet_native_logs():
+    """Drops ScaNN's C++ INFO / WARNING log lines (``I0000 ... partitioner_factory_base.cc:58]
+    Size of sampled dataset ...``) unless verbose logs are on (``micrec_tf.cli``).
+
+    ScaNN logs through its own copy of absl straight to file descriptor 2, which no flag or
+    environment variable silences; so fd 2 goes to a temporary file meanwhile, and every other
+    line written there (errors, Python warnings) is written to stderr afterwards.
+    """
+    if verbose_requested():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                captured.seek(0)
+                kept = [line for line in captured.read().splitlines(keepends=True)
+                        if not _NATIVE_NOISE.match(line)]
+                if kept:
+                    os.write(2, b"".join(kept))
+    finally:
+        os.close(saved)
+
+
 def build_scann(vectors: np.ndarray, params: dict):
     """A ScaNN searcher over ``vectors`` with :func:`scann_params` parameters."""
     from scann import scann_ops_pybind  # deferred: importing ScaNN is slow
 
     db = np.ascontiguousarray(vectors, dtype=np.float32)
     builder = scann_ops_pybind.builder(db, params["num_neighbors"], "dot_product")
-    if params["mode"] == "brute_force":
-        return builder.score_brute_force().build()
-    return (builder.tree(num_leaves=params["num_leaves"],
-                         num_leaves_to_search=params["num_leaves_to_search"],
-                         training_sample_size=params["training_sample_size"])
-            .score_ah(params["dimensions_per_block"], anisotropic_quantization_threshold=params[
-                "anisotropic_quantization_threshold"])
-            .reorder(params["reorder_k"])
-            .build())
+    with quiet_native_logs():
+        return (builder.tree(num_leaves=params["num_leaves"],
+                             num_leaves_to_search=params["num_leaves_to_search"],
+                             training_sample_size=params["training_sample_size"])
+                .score_ah(params["dimensions_per_block"],
+                          anisotropic_quantization_threshold=params[
+                              "anisotropic_quantization_threshold"])
+                .reorder(params["reorder_k"])
+                .build())
 
 
 def build_index(vectors: np.ndarray, kind: str, out_dir: str, k: int = 500,
                 brute_force_max_items: int = 20000, queries: np.ndarray | None = None,
                 target_recall: float = TARGET_RECALL) -> dict:
-    """Builds the configured index into ``out_dir`` (``scann``) or nothing (``brute_force``).
+    """Builds the index :func:`choose_index` picks for ``kind`` into ``out_dir`` (``scann``) or
+    nothing (``brute_force``).
 
     ``queries``: sample user vectors (real test users) to check, and if needed raise,
     ``num_leaves_to_search`` until top-``k`` recall against brute force reaches
     ``target_recall`` (see :func:`tune_leaves_to_search`).
-    Returns the index description stored in metadata.json.
+    Returns the index description stored in metadata.json (``kind``, ``requested``, ``reason``,
+    ``num_items``, and the ScaNN parameters when ``kind`` is ``scann``).
     """
     n = int(vectors.shape[0])
-    if kind == "brute_force":
+    if n == 0:
+        raise ValueError("the item dump is empty: no index to build")
+    chosen, reason = choose_index(kind, n, k)
+    info = {"kind": chosen, "requested": kind, "reason": reason, "num_items": n}
+    if chosen == "brute_force":
         if n > brute_force_max_items:
-            raise ValueError(
+            raise UsageError(
                 f"export.index is brute_force but the catalogue has {n} items, more than "
                 f"export.brute_force_max_items={brute_force_max_items}; use export.index: scann "
                 "(or raise the limit if exact scoring of every item per request is affordable)")
-        return {"kind": "brute_force", "num_items": n}
-    if kind != "scann":
-        raise ValueError(f"unknown index kind {kind!r}: expected 'scann' or 'brute_force'")
+        return info
     params = scann_params(n, k)
     searcher = build_scann(vectors, params)
     if queries is not None and len(queries):
         params = tune_leaves_to_search(searcher, params, vectors, queries, k, target_recall)
     save_scann(searcher, params, out_dir)
-    return {"kind": "scann", "num_items": n, "path": os.path.basename(out_dir), **params}
+    return {**info, "path": os.path.basename(out_dir), **params}
 
 
 def tune_leaves_to_search(searcher, params: dict, vectors: np.ndarray, queries: np.ndarray,
@@ -181,7 +256,7 @@ def tune_leaves_to_search(searcher, params: dict, vectors: np.ndarray, queries: 
     while True:
         rows, _ = search_scann(searcher, params, queries, k, n)
         recall = recall_at_k(rows, exact)
-        if (recall >= target_recall or params.get("mode") != "tree_ah"
+        if (recall >= target_recall
                 or params["num_leaves_to_search"] >= params["num_leaves"]):
             break
         params["num_leaves_to_search"] = int(min(params["num_leaves"],

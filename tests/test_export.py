@@ -489,6 +489,61 @@ def test_scann_recall_on_clustered_catalogue_and_reload(tmp_path):
                                rtol=1e-4, atol=1e-4)
 
 
+def _numpy_top_k(vectors, queries, k):
+    """Independent reference: rows by descending dot product, ties by the smaller row; rows
+    beyond the catalogue are -1 with score -inf."""
+    scores = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    pad = k - order.shape[1]
+    rows = np.concatenate([order, np.full((len(queries), pad), -1)], axis=1)
+    top = np.concatenate([np.take_along_axis(scores, order, 1),
+                          np.full((len(queries), pad), -np.inf)], axis=1)
+    return rows, top
+
+
+@pytest.mark.parametrize("n, k, kind, why", [
+    (1, 500, "brute_force", "fewer than the 256"),
+    (3, 500, "brute_force", "fewer than the 256"),
+    (255, 50, "brute_force", "fewer than the 256"),
+    (256, 50, "scann", "at least 256"),
+    (300, 500, "brute_force", "returns all 300 items"),
+    (600, 500, "scann", "more than top-500"),
+])
+def test_index_for_any_catalogue_size_matches_exact_top_k(tmp_path, n, k, kind, why):
+    """Issue 14 item 4: small catalogues get the exact index (saying why), never a crash."""
+    rng = np.random.default_rng(n)
+    vectors = rng.normal(size=(n, 16)).astype(np.float32)
+    queries = rng.normal(size=(30, 16)).astype(np.float32)
+    out = str(tmp_path / "scann")
+    info = item_index.build_index(vectors, "scann", out, k=k, queries=queries)
+    assert (info["kind"], info["requested"], info["num_items"]) == (kind, "scann", n)
+    assert why in info["reason"] and why in item_index.describe_index(info)
+    want_rows, want_scores = _numpy_top_k(vectors, queries, k)
+    if kind == "brute_force":
+        assert not os.path.exists(out)
+        rows, scores = item_index.search_brute_force(vectors, queries, k)
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
+    else:
+        searcher, params = item_index.load_scann(out)
+        assert params["mode"] == "tree_ah" and params["measured_recall"] >= 0.95
+        rows, scores = item_index.search_scann(searcher, params, queries, k, n)
+        assert item_index.recall_at_k(rows, want_rows) >= 0.95
+        # Re-ordered scores are the exact dot products of the rows returned.
+        got = np.take_along_axis(queries @ vectors.T, np.maximum(rows, 0), 1)
+        np.testing.assert_allclose(scores[rows >= 0], got[rows >= 0], rtol=1e-4, atol=1e-4)
+    assert rows.shape == (len(queries), k)
+    assert np.all((rows == -1) == np.isneginf(scores)) and np.all((rows >= 0).sum(1) == min(n, k))
+
+
+def test_brute_force_over_the_configured_limit_is_a_usage_error(tmp_path):
+    from micrec_tf.cli import UsageError
+
+    with pytest.raises(UsageError, match=r"10 items, more than export.brute_force_max_items=5"):
+        item_index.build_index(np.zeros((10, 4), np.float32), "brute_force", str(tmp_path),
+                               brute_force_max_items=5)
+
+
 def _index_recall(version_dir, queries, k=500):
     r = Retriever.load(version_dir)
     assert r.index_kind == "scann"
