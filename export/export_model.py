@@ -16,15 +16,21 @@ Atomicity: a version is assembled in ``exports/<name>/.tmp-<version>-<pid>-<rand
 published with one ``os.rename``; a reader (the retrieval code, TF Serving) only considers
 all-digit directory names, so it never sees a partial version. Any error removes the temporary
 directory; a killed export leaves only a dot-named directory, swept by the next export. The serving
-view ``serving/<version>`` is published the same way, after the version itself.
+view ``serving/<version>`` is published the same way, right after the version itself. A kill
+between the two renames leaves a *half-published* version (retrieval would use it while TF Serving
+still serves the previous user tower): every export, and every retrieval start-up
+(``micrec_tf.retrieval.resolve_version_dir``), first creates the missing serving views
+(``serving.repair_serving_views``).
+
+Index: ``export.index`` (``scann`` by default); where ScaNN does not pay (under 256 items, or no
+more items than ``export.top_k``) the export builds the exact brute-force index and logs why
+(``item_index.choose_index``).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -33,30 +39,18 @@ import time
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
-from micrec_tf.config import Config, load_config, parse_overrides
+from micrec_tf import cli
+from micrec_tf.config import Config
 from micrec_tf.retrieval import oov_string, raw_requests
 
 from export import item_index, serving
+from export.serving import SERVING_DIR, TMP_PREFIX
 
-SERVING_DIR = "serving"
-TMP_PREFIX = ".tmp-"
 NUM_WARMUP_USERS = 8
 
 
 # ----------------------------------------------------------------------------- versions
-def list_versions(export_root: str) -> list:
-    """Published versions (ints, ascending) under ``exports/<name>``."""
-    if not os.path.isdir(export_root):
-        return []
-    return sorted(int(d) for d in os.listdir(export_root)
-                  if d.isdigit() and os.path.isdir(os.path.join(export_root, d)))
-
-
-def latest_version_dir(export_root: str) -> str:
-    versions = list_versions(export_root)
-    if not versions:
-        raise FileNotFoundError(f"no exported version under {export_root!r}: run `make export`")
-    return os.path.join(export_root, str(versions[-1]))
+list_versions = serving.published_versions
 
 
 def _pid_alive(pid: int) -> bool:
@@ -99,7 +93,7 @@ def publish(tmp_dir: str, parent: str, version: int) -> int:
 
 def _tmp_dir(parent: str, version: int) -> str:
     os.makedirs(parent, exist_ok=True)
-    path = os.path.join(parent, f"{TMP_PREFIX}{version}-{os.getpid()}-{secrets.token_hex(4)}")
+    path = serving.tmp_path(parent, version)
     os.mkdir(path)
     return path
 
@@ -238,9 +232,10 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
     start = time.time()
     export_root = export_root or cfg.export_dir
     index = index or cfg.export.index
-    os.makedirs(export_root, exist_ok=True)
+    os.makedirs(os.path.join(export_root, SERVING_DIR), exist_ok=True)
     sweep_stale_tmp(export_root, log)
     sweep_stale_tmp(os.path.join(export_root, SERVING_DIR), log)
+    serving.repair_serving_views(export_root, log)
     existing = list_versions(export_root)
     version = int(version or max(int(time.time()), (existing[-1] + 1) if existing else 0))
     tmp = _tmp_dir(export_root, version)
@@ -261,15 +256,11 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
         dump = item_index.dump_item_embeddings(model, vocab_files["item_id"],
                                                os.path.join(tmp, "item_embeddings"))
         vectors = np.load(os.path.join(tmp, "item_embeddings", "embeddings.npy"))
-        log(f"[export] index: {index} over {dump['num_items']} items")
         index_info = item_index.build_index(vectors, index, os.path.join(tmp, "scann"),
                                             k=cfg.export.top_k,
                                             brute_force_max_items=cfg.export.brute_force_max_items,
                                             queries=recall_queries(model, art))
-        if "measured_recall" in index_info:
-            log(f"[export] ScaNN recall@{cfg.export.top_k} vs brute force on "
-                f"{index_info['recall_queries']} test users: {index_info['measured_recall']:.4f} "
-                f"({index_info['num_leaves_to_search']}/{index_info['num_leaves']} leaves)")
+        log(f"[export] index: {item_index.describe_index(index_info)}")
         metadata = {
             "name": cfg.name,
             "version": version,
@@ -301,7 +292,7 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
         _write_metadata(meta_path + ".new", metadata)
         os.replace(meta_path + ".new", meta_path)
     version_dir = os.path.join(export_root, str(version))
-    publish_serving_view(export_root, version)
+    serving.publish_serving_view(export_root, version)
     log(f"[export] published {version_dir} in {time.time() - start:.1f}s "
         f"(TF Serving base path: {os.path.join(export_root, SERVING_DIR)})")
     return version_dir
@@ -312,21 +303,39 @@ def _write_metadata(path: str, metadata: dict) -> None:
         json.dump(metadata, fh, indent=1, default=str)
 
 
-def publish_serving_view(export_root: str, version: int) -> str:
-    """``exports/<name>/serving/<version>/`` = the version's user_tower, for TF Serving."""
-    parent = os.path.join(export_root, SERVING_DIR)
-    target = os.path.join(parent, str(version))
-    if os.path.exists(target):
-        return target
-    tmp = os.path.join(parent, f"{TMP_PREFIX}{version}-{os.getpid()}-{secrets.token_hex(4)}")
-    os.makedirs(parent, exist_ok=True)
+def restore_for_export(run_dir: str):
+    """``(model, run_cfg, art)``: the run's model in float32, every weight read from its checkpoint.
+
+    The checkpoint also holds the optimizer's state, which inference does not need (hence
+    ``expect_partial``: no warning per optimizer slot); every variable of the model, built
+    first, must have a value there, so the export carries trained weights, never fresh initial
+    values.
+    """
+    import tensorflow as tf
+    import tf_keras
+
+    from micrec_tf.train import restore_model
+
+    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+        raise FileNotFoundError(f"no trained run at {run_dir!r} (config.yaml missing): "
+                                f"run `make train CONFIG=...` first")
+    # Export in float32 whatever the run trained with: serving vectors must be reproducible.
+    tf_keras.mixed_precision.set_global_policy("float32")
+    model, run_cfg, art = restore_model(run_dir)
+    # Build every lazily created variable, then read the checkpoint again and insist that it
+    # covers all of them.
+    history_length = int(art.feature_spec.get("history_length", run_cfg.preprocess.history_length))
+    serving.build_variables(model, art.user_fields, history_length)
+    ckpt = os.path.join(run_dir, "checkpoint", "model")
+    status = tf.train.Checkpoint(model=model).read(ckpt).expect_partial()
     try:
-        serving.copy_tree_linked(os.path.join(export_root, str(version), "user_tower"), tmp)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        status.assert_existing_objects_matched()
+    except AssertionError as err:
+        first = str(err).strip().splitlines()[0][:300]
+        raise RuntimeError(f"checkpoint {ckpt!r} lacks weights of the model that "
+                           f"{os.path.join(run_dir, 'config.yaml')} describes ({first}); "
+                           "not exporting fresh initial values") from err
+    return model, run_cfg, art
 
 
 def export_run(cfg: Config, run_dir: str | None = None, export_root: str | None = None,
@@ -336,42 +345,23 @@ def export_run(cfg: Config, run_dir: str | None = None, export_root: str | None 
     The model, vocabularies and metadata come from the run's own config.yaml; the export
     settings (``export.*``) and the export location come from ``cfg``.
     """
-    import tensorflow as tf
-    import tf_keras
-
-    from micrec_tf.train import restore_model
-
     run_dir = run_dir or cfg.run_dir
-    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
-        raise FileNotFoundError(f"no trained run at {run_dir!r} (config.yaml missing): "
-                                f"run `make train CONFIG=...` first")
-    # Export in float32 whatever the run trained with: serving vectors must be reproducible.
-    tf_keras.mixed_precision.set_global_policy("float32")
-    model, run_cfg, art = restore_model(run_dir)
-    # Build every lazily created variable, then read the checkpoint again and insist that it
-    # covers all of them: the export must carry trained weights, never fresh initial values.
-    history_length = int(art.feature_spec.get("history_length", run_cfg.preprocess.history_length))
-    serving.build_variables(model, art.user_fields, history_length)
-    ckpt = os.path.join(run_dir, "checkpoint", "model")
-    tf.train.Checkpoint(model=model).read(ckpt).assert_existing_objects_matched()
+    model, run_cfg, art = restore_for_export(run_dir)
     run_cfg = run_cfg.replace({f"export.{k}": v for k, v in cfg.to_dict()["export"].items()})
     return export_model(model, run_cfg, art, export_root=export_root or cfg.export_dir,
                         run_dir=run_dir, log=log)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = cli.parser(__doc__)
     parser.add_argument("--run-dir", default=None,
                         help="trained run to export (default runs/<name>)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set export.index=brute_force")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, parse_overrides(args.set))
+    cfg = cli.load(args)
     version_dir = export_run(cfg, run_dir=args.run_dir)
     print(version_dir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

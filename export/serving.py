@@ -34,6 +34,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import secrets
 import shutil
 from typing import Iterable, Mapping, Sequence
 
@@ -373,3 +374,64 @@ def copy_tree_linked(src: str, dst: str) -> None:
         return d
 
     shutil.copytree(src, dst, copy_function=link_or_copy)
+
+
+# ----------------------------------------------------------------------------- TF Serving base path
+SERVING_DIR = "serving"
+TMP_PREFIX = ".tmp-"
+
+
+def published_versions(export_root: str) -> list:
+    """Published versions (ints, ascending) under ``exports/<name>``: the all-digit directories
+    holding a metadata.json (a version is assembled under a dot name and renamed whole)."""
+    if not os.path.isdir(export_root):
+        return []
+    return sorted(int(d) for d in os.listdir(export_root)
+                  if d.isdigit() and os.path.isfile(os.path.join(export_root, d, "metadata.json")))
+
+
+def tmp_path(parent: str, version: int) -> str:
+    """A fresh ``parent/.tmp-<version>-<pid>-<random>`` name (not created): readers skip dot names,
+    and ``export_model.sweep_stale_tmp`` removes those whose pid no longer runs."""
+    return os.path.join(parent, f"{TMP_PREFIX}{version}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def publish_serving_view(export_root: str, version: int) -> str:
+    """Publishes ``exports/<name>/serving/<version>/`` = the version's ``user_tower/`` (hard links),
+    with one rename; does nothing if it is already there (another process may have published it
+    meanwhile: the two are the same files)."""
+    parent = os.path.join(export_root, SERVING_DIR)
+    target = os.path.join(parent, str(version))
+    if os.path.exists(target):
+        return target
+    os.makedirs(parent, exist_ok=True)
+    tmp = tmp_path(parent, version)
+    try:
+        copy_tree_linked(os.path.join(export_root, str(version), "user_tower"), tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def repair_serving_views(export_root: str, log=print) -> list:
+    """Publishes the missing ``serving/<version>`` of every published version; returns them.
+
+    An export publishes the version directory first and its serving view second; one killed
+    between the two leaves a version that retrieval would use while TF Serving still serves the
+    previous user tower. Every export and every retrieval start-up call this, so the two views
+    agree again. Only a root with a ``serving/`` directory (made by the export) is touched.
+    """
+    if not os.path.isdir(os.path.join(export_root, SERVING_DIR)):
+        return []
+    missing = [v for v in published_versions(export_root)
+               if not os.path.isdir(os.path.join(export_root, SERVING_DIR, str(v)))]
+    for v in missing:
+        publish_serving_view(export_root, v)
+        log(f"[export] repaired half-published version {v}: created "
+            f"{os.path.join(export_root, SERVING_DIR, str(v))} from its user_tower/ "
+            "(TF Serving now serves the same user tower that retrieval uses)")
+    return missing

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Iterable, Mapping, Sequence
 
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -36,19 +37,29 @@ from export import item_index, rest, serving
 
 def resolve_version_dir(path: str, version: int | str | None = None) -> str:
     """``path`` is a version directory (has metadata.json) or an export root (``exports/<name>``);
-    for a root, ``version`` (default: the latest published one) picks the directory."""
+    for a root, ``version`` (default: the latest published one) picks the directory.
+
+    First repairs a half-published version of the root (an export killed between publishing the
+    version and its TF Serving view, see ``export/export_model.py``), so that TF Serving serves
+    the user tower of the version retrieval uses.
+    """
     if version is None and os.path.exists(os.path.join(path, "metadata.json")):
+        _repair_serving_views(os.path.dirname(os.path.abspath(path)))
         return path
+    _repair_serving_views(path)
     if version is not None:
         vdir = os.path.join(path, str(version))
         if not os.path.exists(os.path.join(vdir, "metadata.json")):
             raise FileNotFoundError(f"no export version {version} under {path!r}")
         return vdir
-    versions = sorted(int(d) for d in (os.listdir(path) if os.path.isdir(path) else [])
-                      if d.isdigit() and os.path.exists(os.path.join(path, d, "metadata.json")))
+    versions = serving.published_versions(path)
     if not versions:
         raise FileNotFoundError(f"no exported version under {path!r}: run `make export` first")
     return os.path.join(path, str(versions[-1]))
+
+
+def _repair_serving_views(export_root: str) -> None:
+    serving.repair_serving_views(export_root, log=lambda msg: print(msg, file=sys.stderr))
 
 
 def oov_string(vocab: Sequence[str], avoid_empty: bool) -> str:
