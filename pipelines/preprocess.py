@@ -482,10 +482,13 @@ class ParseRows(beam.DoFn, _BundleCounter):
             DEAD, (self.source, path, line_no, err.reason, err.detail, raw))
 
     def process(self, numbered_line):
-        line = numbered_line[2].decode(self.encoding, errors="replace")
-        yield from self._rows(line.rstrip("\r\n"), numbered_line)
+        try:
+            line, lossy = numbered_line[2].decode(self.encoding), False
+        except UnicodeDecodeError:
+            line, lossy = numbered_line[2].decode(self.encoding, errors="replace"), True
+        yield from self._rows(line.rstrip("\r\n"), numbered_line, lossy)
 
-    def _rows(self, line, origin):
+    def _rows(self, line, origin, lossy=False):
         self._stats[f"rows.{self.source}"] += 1
         try:
             rows = self._parse(line)
@@ -498,11 +501,21 @@ class ParseRows(beam.DoFn, _BundleCounter):
         for row in rows:
             try:
                 out = self._canonical(row, line)
+                if lossy:
+                    self._check_ids_decoded(out)
             except schema.RowError as err:
                 yield self._dead(err, origin)
                 continue
             self._stats[f"parsed.{self.source}"] += 1
             yield out + (origin,) if self.source == "interactions" else out
+
+    def _check_ids_decoded(self, out):
+        """Raises ``bad_encoding`` when an id of a canonical tuple holds undecodable bytes."""
+        ids = out[:2] if self.source == "interactions" else out[:1]
+        bad = [i for i in ids if "\ufffd" in i]
+        if bad:
+            raise schema.RowError(schema.BAD_ENCODING, "", f"id {bad[0]!r} holds bytes that are "
+                                  f"not valid {self.encoding}")
 
     def _canonical(self, row, line):
         """Plain tuples (fast Beam coders), re-checking the contract adapters must keep."""

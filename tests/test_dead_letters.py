@@ -27,7 +27,8 @@ INTERACTIONS_A = [
     (b"u1\ti1\n", "wrong_field_count"),
     (b"u1\ti1\tsoon\n", "bad_timestamp"),
     (b"u1\ti1\t16\xe900\n", "bad_timestamp"),  # invalid UTF-8 in the timestamp
-    (b"u1\ti\xff1\t1600000000\n", "unknown_item"),  # invalid UTF-8 id: not in the items table
+    (b"u1\ti\xff1\t1600000000\n", "bad_encoding"),  # invalid UTF-8 in an id: never guessed
+    (b"u\xff\ti1\t1600000000\n", "bad_encoding"),
     (b"\xff\xfe\tbad\n", "wrong_field_count"),  # invalid UTF-8, two fields
     (b"u1;i1;1600000000\n", "wrong_field_count"),  # odd separator
     (b"u1\t\ti1\t1600000000\n", "wrong_field_count"),  # doubled tab
@@ -51,6 +52,8 @@ ITEMS_ROWS = [
     (b"item_id\ttitle\ttags\tprovider\n", None),
     *[(f"{i}\tTitle {i}\tt{k % 3}\tp{k % 2}\n".encode(), None) for k, i in enumerate(ITEMS)],
     (b"i9\tno fields\n", "wrong_field_count"),
+    (b"i\xfe9\tTitle\tt1\tp1\n", "bad_encoding"),
+    (b"i7b\tTitle \xff\tt1\tp1\n", None),  # a bad byte in a title only: kept, as U+FFFD
     (b" \tEmpty id\tt1\tp1\n", "empty_id"),
 ]
 USERS_ROWS = [
@@ -130,7 +133,7 @@ def test_good_lines_are_all_kept(run):
     assert stats["events"] == good
     rows = stats["rows"]["interactions"]
     assert rows["read"] == len(INTERACTIONS_A) + len(INTERACTIONS_B)
-    assert stats["users_in_table"] == 5 and stats["items_in_table"] == len(ITEMS)
+    assert stats["users_in_table"] == 5 and stats["items_in_table"] == len(ITEMS) + 1  # + i7b
 
 
 def test_dead_letters_replay(run, tmp_path):

@@ -16,7 +16,11 @@ BAD_TIMESTAMP = "bad_timestamp"
 EMPTY_ID = "empty_id"
 UNKNOWN_ITEM = "unknown_item"
 BAD_JSON = "bad_json"
-REASONS = (WRONG_FIELD_COUNT, BAD_TIMESTAMP, EMPTY_ID, UNKNOWN_ITEM, BAD_JSON)
+# A user or item id holding bytes that are not valid in the source's text encoding (two such
+# ids could decode to the same string, so they are never guessed at). Titles and other text
+# fields keep the undecodable bytes as U+FFFD.
+BAD_ENCODING = "bad_encoding"
+REASONS = (WRONG_FIELD_COUNT, BAD_TIMESTAMP, EMPTY_ID, UNKNOWN_ITEM, BAD_JSON, BAD_ENCODING)
 
 
 class RowError(ValueError):
