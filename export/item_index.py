@@ -58,7 +58,7 @@ from micrec_tf.cli import UsageError, verbose_requested
 SCANN_MIN_ITEMS = 256
 TARGET_RECALL = 0.95
 # What ScaNN's C++ code logs while it trains: absl INFO / WARNING lines and absl's banner.
-_NATIVE_NOISE = re.compile(rb"^([IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] |"
+_NATIVE_NOISE = re.compile(rb"^([IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] |"
                            rb"WARNING: All log messages before absl::InitializeLog\(\))")
 
 

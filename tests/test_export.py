@@ -536,6 +536,26 @@ def test_index_for_any_catalogue_size_matches_exact_top_k(tmp_path, n, k, kind, 
     assert np.all((rows == -1) == np.isneginf(scores)) and np.all((rows >= 0).sum(1) == min(n, k))
 
 
+def test_scann_build_prints_no_native_log_lines(tmp_path, capfd, monkeypatch):
+    """ScaNN's C++ INFO / WARNING lines (absl, straight to fd 2) are dropped by default; any
+    other line written meanwhile still reaches stderr; ``--verbose`` brings them back."""
+    monkeypatch.setattr(sys, "argv", ["export"])
+    monkeypatch.delenv("MICREC_VERBOSE", raising=False)
+    vectors = np.random.default_rng(1).normal(size=(400, 8)).astype(np.float32)
+    native = re.compile(r"^([IWEF]\d{4} |WARNING)", re.M)
+    capfd.readouterr()
+    info = item_index.build_index(vectors, "scann", str(tmp_path / "a"), k=10, queries=vectors[:5])
+    assert info["kind"] == "scann"
+    err = capfd.readouterr().err
+    assert not native.search(err), err
+    with item_index.quiet_native_logs():
+        os.write(2, b"I0101 12:00:00.000001   42 some_file.cc:7] noise\nE0101 a real error\n")
+    assert capfd.readouterr().err == "E0101 a real error\n"
+    monkeypatch.setenv("MICREC_VERBOSE", "1")
+    item_index.build_scann(vectors, item_index.scann_params(len(vectors), 10))
+    assert re.search(r"^I\d{4} .*partitioner", capfd.readouterr().err, re.M)
+
+
 def test_brute_force_over_the_configured_limit_is_a_usage_error(tmp_path):
     from micrec_tf.cli import UsageError
 
