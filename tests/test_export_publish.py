@@ -36,7 +36,7 @@ from export import export_model
 publish = export_model.publish
 def publish_then_die(*args, **kwargs):
     version = publish(*args, **kwargs)
-    print(f"published {version}", flush=True)
+    print(f"killed-after-publishing {version}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 export_model.publish = publish_then_die
 sys.exit(export_model.main(sys.argv[1:]))
@@ -169,7 +169,7 @@ def test_export_killed_between_version_and_serving_view_is_repaired(small, tmp_p
     proc = _export_cli(small, tmp_path, script=_KILLED_EXPORT)
     root = os.path.join(tmp_path, small.cfg.name)
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-3000:]
-    version = int(proc.stdout.split("published ")[-1].split()[0])
+    version = int(proc.stdout.split("killed-after-publishing ")[1].split()[0])
     # The half-published state: retrieval would use `version`, TF Serving has nothing of it.
     assert serving.published_versions(root) == [version]
     assert not os.path.exists(os.path.join(root, "serving", str(version)))
