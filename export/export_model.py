@@ -41,6 +41,7 @@ import numpy as np
 
 from micrec_tf import cli
 from micrec_tf.config import Config
+from micrec_tf.data.artifacts import ArtifactError
 from micrec_tf.retrieval import oov_string, raw_requests
 
 from export import item_index, serving
@@ -144,6 +145,8 @@ def sample_test_examples(art, max_rows: int = NUM_WARMUP_USERS):
     for split in ("test", "valid", "train"):
         try:
             arrays = load_split_arrays(art.path, split, feats)
+        except ArtifactError:  # a damaged split is an error, not an absent one
+            raise
         except (FileNotFoundError, KeyError):
             continue
         n = len(arrays["hist_len"])
@@ -162,6 +165,8 @@ def recall_queries(model, art, max_rows: int = 500, seed: int = 0):
     feats = ["hist_items", "hist_len"] + [f"user_{f}" for f in art.user_fields]
     try:
         arrays = load_split_arrays(art.path, "test", feats)
+    except ArtifactError:
+        raise
     except (FileNotFoundError, KeyError):
         return None
     n = len(arrays["hist_len"])

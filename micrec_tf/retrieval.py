@@ -32,6 +32,8 @@ from typing import Iterable, Mapping, Sequence
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
+from micrec_tf.data.artifacts import ArtifactError
+
 from export import item_index, rest, serving
 
 
@@ -339,6 +341,8 @@ def _earlier_clicks(artifacts_dir: str, split: str, at: Mapping[str, tuple], spl
         else:
             try:
                 arrays = load_split_arrays(artifacts_dir, name, ["user_id", "item", "timestamp"])
+            except ArtifactError:  # a damaged split is an error, not an absent one
+                raise
             except FileNotFoundError:
                 continue
             users = [u.decode() if isinstance(u, bytes) else str(u) for u in arrays["user_id"]]
