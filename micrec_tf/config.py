@@ -73,6 +73,10 @@ class DataConfig:
     data_dir: str = ""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
+    def __post_init__(self):
+        if self.dataset == "synthetic" and not self.data_dir:
+            self.data_dir = SYNTHETIC_DATA_DIR
+
 
 @dataclass
 class PreprocessConfig:
@@ -434,11 +438,6 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
                 raw[section] = {}
             if isinstance(raw[section], Mapping):  # else _build names the bad section
                 raw[section][name] = value
-    data = raw.get("data")
-    if data is None or isinstance(data, Mapping):
-        data = raw["data"] = dict(data or {})
-        if data.get("dataset", "synthetic") == "synthetic" and not data.get("data_dir"):
-            data["data_dir"] = SYNTHETIC_DATA_DIR
     return validate(_build(Config, raw, ""))
 
 def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Config:
