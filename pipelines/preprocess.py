@@ -1256,6 +1256,7 @@ def run(cfg: Config, beam_argv=(), adapter=None, data_dir=None, out_dir=None,
 
 def summary_text(stats: dict, out_dir: str) -> str:
     d = stats["dead_letters"]
+    reasons = ", ".join(f"{r} {n}" for r, n in d["by_reason"].items() if n)
     lines = [
         f"preprocess: {stats['name']} ({stats['dataset']}) -> {out_dir}",
         "  rows read: " + ", ".join(f"{k} {v['read']}" for k, v in stats["rows"].items()),
@@ -1268,8 +1269,9 @@ def summary_text(stats: dict, out_dir: str) -> str:
         f"(distinct {stats['pairs_distinct']})",
         f"  examples {stats['num_examples']}",
         f"  vocab sizes {stats['vocab_sizes']}",
-        f"  dead letters {d['total']}: "
-        + ", ".join(f"{r} {n}" for r, n in d["by_reason"].items() if n),
+        f"  dead letters {d['total']}" + (
+            f": {reasons} (raw lines in {os.path.join(out_dir, 'dead_letters')})"
+            if d["total"] else ""),
         f"  wall {stats['timing']['wall_s']:.1f} s, {stats['timing']['events_per_s']} events/s",
     ]
     return "\n".join(lines)
