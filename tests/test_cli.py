@@ -3,6 +3,7 @@
 ``--debug`` (or ``MICREC_DEBUG=1``) brings the traceback back.
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -84,3 +85,25 @@ def test_a_bug_keeps_its_traceback():
 
     with pytest.raises(KeyError):
         cli.run(main, [])
+
+
+NOISE = re.compile(r"WARNING|W0000|E0000|I0000|cuInit|oneDNN|apitools|Unparseable|Traceback")
+
+
+def test_pipelines_print_only_their_own_lines(tmp_path):
+    """Issue 14.11: the Beam jobs' output on a CPU machine is their own summary, nothing else
+    (no TensorFlow, absl or Beam warnings)."""
+    cfg = _config(tmp_path, {
+        "name": "quiet", "artifacts_root": str(tmp_path / "artifacts"),
+        "data": {"dataset": "synthetic", "data_dir": str(tmp_path / "raw"),
+                 "synthetic": {"num_users": 40, "num_items": 60, "num_events": 800,
+                               "num_topics": 4, "seed": 1}},
+        "preprocess": {"num_shards": 1}})
+    for module, first in (("pipelines.preprocess", "preprocess: quiet"),
+                          ("pipelines.title_neighbours", "title_neighbours: quiet")):
+        proc = subprocess.run([sys.executable, "-m", module, "--config", cfg], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.startswith(first), proc.stdout
+        noise = [line for line in (proc.stdout + proc.stderr).splitlines() if NOISE.search(line)]
+        assert not noise and not proc.stderr.strip(), proc.stderr
