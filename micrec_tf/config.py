@@ -35,6 +35,8 @@ CL_ANCHORS = ("batch", "uniform", "both")
 SESSION_POSITIVES = ("count", "uniform")
 MIXED_PRECISION = ("auto", "on", "off")
 INDEX_KINDS = ("scann", "brute_force")
+HISTORY_EMBEDDINGS = ("auto", "table", "slots")
+ATTENTION_IMPLS = ("matmul", "einsum")
 SYNTHETIC_DATA_DIR = "data/generated/synthetic"
 # Named presets (paper 5.2): each sets the dotted config keys it names. A preset and an explicit
 # key of the same layer (one YAML file, or one set of overrides) that disagree are an error; a
@@ -128,6 +130,12 @@ class ModelConfig:
     transformer_dim: int = 64
     dropout: float = 0.0
     cl: list = field(default_factory=lambda: ["feature", "semantic", "session"])
+    # Speed only (the same function either way; see micrec_tf/towers.py and layers.py):
+    # history embeddings through a per-call catalogue table (auto: when the catalogue has fewer
+    # items than batch x history slots) or per slot; attention as batched matmuls or through
+    # tf_keras's einsum MultiHeadAttention (the pre-0.2 code paths: slots + einsum).
+    history_embeddings: str = "auto"
+    attention: str = "matmul"
 
 
 @dataclass
@@ -334,6 +342,8 @@ def validate(cfg: Config) -> Config:
     _check_choice("loss.session_positives", cfg.loss.session_positives, SESSION_POSITIVES)
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     _check_choice("export.index", cfg.export.index, INDEX_KINDS)
+    _check_choice("model.history_embeddings", cfg.model.history_embeddings, HISTORY_EMBEDDINGS)
+    _check_choice("model.attention", cfg.model.attention, ATTENTION_IMPLS)
     if cfg.model.preset:
         _check_choice("model.preset", cfg.model.preset, PRESETS)
     for task in cfg.model.cl:

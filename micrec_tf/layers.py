@@ -314,16 +314,25 @@ class PositionEmbedding(tf_keras.layers.Layer):
         return x + tf.cast(self.positions, x.dtype)
 
 
+# How TransformerEncoderBlock computes attention (``model.attention``): ``matmul`` projects with
+# plain matmuls and forms the [B, heads, L, L] scores and weighted sums as transposed batched
+# matmuls; ``einsum`` calls tf_keras's MultiHeadAttention (its einsum path runs the small
+# L x head_dim x L products at a fraction of the CPU's matmul speed). Both use the same
+# MultiHeadAttention variables, so they compute the same function and share checkpoints.
+ATTENTION_IMPLS = ("matmul", "einsum")
+
+
 @register
 class TransformerEncoderBlock(tf_keras.layers.Layer):
     """Post-LN transformer encoder block with a key padding mask (paper eq. 6).
 
     Call: ``x`` [B, L, D], ``mask`` bool [B, L] (true = real entry) -> [B, L, D]. Padded query
     positions are zeroed in the output; a fully padded row attends uniformly and is zeroed.
+    ``attention``: see :data:`ATTENTION_IMPLS`.
     """
 
     def __init__(self, num_heads: int = 2, ff_dim: int | None = None, dropout: float = 0.0,
-                 **kwargs):
+                 attention: str = "matmul", **kwargs):
         super().__init__(**kwargs)
         if not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
@@ -331,7 +340,10 @@ class TransformerEncoderBlock(tf_keras.layers.Layer):
             raise ValueError(f"ff_dim must be a positive int or None, got {ff_dim!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}. Received: {attention!r}")
         self.num_heads, self.ff_dim, self.dropout = num_heads, ff_dim, float(dropout)
+        self.attention_impl = attention
 
     def build(self, input_shape):
         if len(input_shape) != 3 or input_shape[-1] is None:
@@ -341,6 +353,17 @@ class TransformerEncoderBlock(tf_keras.layers.Layer):
         self.attention = tf_keras.layers.MultiHeadAttention(
             self.num_heads, key_dim=max(1, math.ceil(d / self.num_heads)), dropout=self.dropout,
             name="attention")
+        # Create its variables now, so that the matmul path (which never calls the layer) and
+        # the einsum path own the same ones.
+        shape = tf.TensorShape(input_shape)
+        mha = self.attention
+        mha._build_from_signature(shape, shape)
+        heads_shape = shape[:-1].concatenate([mha._num_heads, mha._value_dim])
+        with tf.name_scope(mha.name):
+            for dense, in_shape in ((mha._query_dense, shape), (mha._key_dense, shape),
+                                    (mha._value_dense, shape), (mha._output_dense, heads_shape)):
+                with tf.name_scope(dense.name):
+                    dense.build(in_shape)
         self.ffn = MLP([self.ff_dim or d, d], activation="relu", name="ffn")
         self.norm1 = tf_keras.layers.LayerNormalization(epsilon=1e-6, name="norm1")
         self.norm2 = tf_keras.layers.LayerNormalization(epsilon=1e-6, name="norm2")
@@ -352,19 +375,55 @@ class TransformerEncoderBlock(tf_keras.layers.Layer):
         if mask is None:
             mask = tf.ones(tf.shape(x)[:2], dtype=tf.bool)
         mask = tf.cast(mask, tf.bool)
-        attention_mask = mask[:, tf.newaxis, :]  # [B, 1(query), L(key)] broadcast over queries
-        attention_mask = tf.logical_and(attention_mask, tf.ones_like(mask)[:, :, tf.newaxis])
-        h = self.attention(x, x, attention_mask=attention_mask, training=training)
+        if self.attention_impl == "matmul":
+            h = self._attend_matmul(x, mask, training)
+        else:
+            attention_mask = mask[:, tf.newaxis, :]  # [B, 1(query), L(key)] over the queries
+            attention_mask = tf.logical_and(attention_mask, tf.ones_like(mask)[:, :, tf.newaxis])
+            h = self.attention(x, x, attention_mask=attention_mask, training=training)
         x = self.norm1(x + self.drop1(h, training=training))
         x = self.norm2(x + self.drop2(self.ffn(x, training=training), training=training))
         return x * tf.cast(mask, x.dtype)[..., tf.newaxis]
+
+    def _attend_matmul(self, x, mask, training):
+        """MultiHeadAttention(x, x) with a key padding mask, as matmuls: [B, L, D] -> [B, L, D].
+
+        The same arithmetic as tf_keras's layer: query scaled by 1/sqrt(head_dim), masked
+        scores + the dtype's large negative, softmax over the keys, its dropout, output dense.
+        """
+        mha = self.attention
+        heads, key_dim, value_dim = mha._num_heads, mha._key_dim, mha._value_dim
+        length, d = x.shape[1], x.shape[2]
+        flat = tf.reshape(x, [-1, d])
+
+        def project(dense, width):  # [B * L, D] -> [B, heads, L, width]
+            y = tf.matmul(flat, tf.cast(tf.reshape(dense.kernel, [d, heads * width]), x.dtype))
+            if dense.bias is not None:
+                y = y + tf.cast(tf.reshape(dense.bias, [heads * width]), x.dtype)
+            return tf.transpose(tf.reshape(y, [-1, length, heads, width]), [0, 2, 1, 3])
+
+        query = project(mha._query_dense, key_dim) * tf.cast(1.0 / math.sqrt(key_dim), x.dtype)
+        scores = tf.matmul(query, project(mha._key_dense, key_dim), transpose_b=True)
+        # tf_keras's Softmax mask value: half of float16's lowest, else -1e9.
+        negative = float(tf.float16.min) / 2.0 if x.dtype == tf.float16 else -1e9
+        keys = tf.cast(mask, scores.dtype)[:, tf.newaxis, tf.newaxis, :]  # [B, 1, 1, L]
+        probs = tf.nn.softmax(scores + (1.0 - keys) * negative, axis=-1)
+        probs = mha._dropout_layer(probs, training=training)
+        out = tf.matmul(probs, project(mha._value_dense, value_dim))  # [B, heads, L, value_dim]
+        out = tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [-1, heads * value_dim])
+        dense = mha._output_dense
+        out = tf.matmul(out, tf.cast(tf.reshape(dense.kernel, [heads * value_dim, d]), x.dtype))
+        if dense.bias is not None:
+            out = out + tf.cast(dense.bias, x.dtype)
+        return tf.reshape(out, [-1, length, d])
 
     def compute_mask(self, inputs, mask=None):
         return None
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_heads=self.num_heads, ff_dim=self.ff_dim, dropout=self.dropout)
+        config.update(num_heads=self.num_heads, ff_dim=self.ff_dim, dropout=self.dropout,
+                      attention=self.attention_impl)
         return config
 
 

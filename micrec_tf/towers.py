@@ -38,6 +38,25 @@ from micrec_tf.layers import (
     require_features, scalar_feature, serialize)
 
 HIST_ITEMS, HIST_LEN = "hist_items", "hist_len"
+# How a user tower embeds the clicks of its history (``model.history_embeddings``): ``slots``
+# embeds each of the B x H history slots; ``table`` embeds (and for ICAN projects) every
+# catalogue item once per call and gathers the history rows from that table, which is the same
+# computation per row, so the same result (exact: ICAN's projection has no bias), far cheaper
+# when V < B x H, and it hands sparse Adam V gradient rows instead of B x H x T; ``auto`` takes
+# the table when the catalogue has fewer items than the call has history slots.
+HISTORY_EMBEDDINGS = ("auto", "table", "slots")
+
+
+def use_history_table(mode: str, num_items: int, batch_size: int | None, history_length: int
+                      ) -> bool:
+    """Whether ``mode`` embeds the history through the catalogue table for one call of
+    ``batch_size`` x ``history_length`` slots (``batch_size`` None: unknown, taken as small)."""
+    if mode not in HISTORY_EMBEDDINGS:
+        raise ValueError(f"history_embeddings must be one of {HISTORY_EMBEDDINGS}. "
+                         f"Received: {mode!r}")
+    if mode != "auto":
+        return mode == "table"
+    return bool(batch_size) and num_items < batch_size * history_length
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,14 +246,26 @@ class AutoIntItemTower(_AutoIntHead, ItemTower):
 # --------------------------------------------------------------------------------------------
 class UserTower(tf_keras.layers.Layer):
     """Base user tower: history clicks embedded with the shared item field embeddings, plus the
-    user profile field embeddings."""
+    user profile field embeddings.
+
+    ``history_embeddings``: see :data:`HISTORY_EMBEDDINGS`. Under ``auto`` a call's batch size
+    is its static one, or, for a training call whose batch dimension is unknown (Keras's
+    ``train_step``), ``history_batch_hint`` (the configured training batch size); an inference
+    call of unknown batch size (the serving signature) embeds the slots.
+    """
 
     def __init__(self, item_lookup: ItemFeatureLookup, item_field_embeddings: ItemFieldEmbeddings,
-                 user_field_embeddings: UserFieldEmbeddings, **kwargs):
+                 user_field_embeddings: UserFieldEmbeddings, history_embeddings: str = "auto",
+                 history_batch_hint: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.item_lookup = deserialize(item_lookup)
         self.item_field_embeddings = deserialize(item_field_embeddings)
         self.user_field_embeddings = deserialize(user_field_embeddings)
+        use_history_table(history_embeddings, 1, None, 1)  # validates the mode
+        if not isinstance(history_batch_hint, int) or history_batch_hint < 0:
+            raise ValueError(f"history_batch_hint must be an int >= 0. Received: "
+                             f"{history_batch_hint!r}")
+        self.history_embeddings, self.history_batch_hint = history_embeddings, history_batch_hint
 
     @property
     def feature_names(self) -> list:
@@ -244,15 +275,27 @@ class UserTower(tf_keras.layers.Layer):
     def output_dim(self) -> int:
         raise NotImplementedError
 
-    def history(self, features):
-        """-> history field embeddings [B, H, F, D] and validity mask bool [B, H]."""
+    def history(self, features, transform=None, training=None):
+        """-> ``transform`` of each history click's field embeddings, [B, H, ...] (default: the
+        field embeddings themselves, [B, H, F, D]), and the validity mask bool [B, H].
+
+        ``transform`` maps [..., F, D] to [..., X] row by row; it runs on the B x H slots or,
+        through the catalogue table (see :data:`HISTORY_EMBEDDINGS`), on the V items once.
+        """
         require_features(features, self.feature_names, type(self).__name__)
         hist = tf.cast(features[HIST_ITEMS], tf.int64)
         if hist.shape.rank != 2:
             raise ValueError(f"hist_items must be [B, H], got shape {hist.shape}")
         length = tf.cast(scalar_feature(features[HIST_LEN], HIST_LEN), tf.int64)
         mask = tf.range(tf.shape(hist, out_type=tf.int64)[1])[tf.newaxis, :] < length[:, tf.newaxis]
-        return self.item_field_embeddings(self.item_lookup(hist)), mask
+        transform = transform or (lambda x: x)
+        num_items = self.item_lookup.num_items
+        batch = hist.shape[0] or (self.history_batch_hint if training else None)
+        if use_history_table(self.history_embeddings, num_items, batch, hist.shape[1] or 1):
+            catalogue = tf.range(num_items, dtype=tf.int64)
+            table = transform(self.item_field_embeddings(self.item_lookup(catalogue)))
+            return tf.gather(table, hist), mask
+        return transform(self.item_field_embeddings(self.item_lookup(hist))), mask
 
     def profile(self, features, batch_size_from):
         """-> user profile field embeddings [B, F_u, D]."""
@@ -267,7 +310,9 @@ class UserTower(tf_keras.layers.Layer):
         config = super().get_config()
         config.update(item_lookup=serialize(self.item_lookup),
                       item_field_embeddings=serialize(self.item_field_embeddings),
-                      user_field_embeddings=serialize(self.user_field_embeddings))
+                      user_field_embeddings=serialize(self.user_field_embeddings),
+                      history_embeddings=self.history_embeddings,
+                      history_batch_hint=self.history_batch_hint)
         return config
 
 
@@ -284,7 +329,8 @@ class ICANUserTower(UserTower):
 
     def __init__(self, item_lookup, item_field_embeddings, user_field_embeddings,
                  units: Sequence[int] = (128, 64, 64), num_heads: int = 2, num_layers: int = 1,
-                 dropout: float = 0.0, transformer_dim: int = 0, **kwargs):
+                 dropout: float = 0.0, transformer_dim: int = 0, attention: str = "matmul",
+                 **kwargs):
         super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
         self.units, self.num_heads, self.num_layers = list(units), num_heads, num_layers
         self.dropout = float(dropout)
@@ -295,8 +341,9 @@ class ICANUserTower(UserTower):
                                               name="history_projection")
                         if self.transformer_dim else None)
         self.positions = PositionEmbedding(name="history_positions")
+        self.attention_impl = attention
         self.blocks = [TransformerEncoderBlock(num_heads, dropout=self.dropout,
-                                               name=f"transformer_{i}")
+                                               attention=attention, name=f"transformer_{i}")
                        for i in range(num_layers)]
         self.mlp = MLP(self.units, dropout=self.dropout, name="user_mlp")
 
@@ -304,27 +351,30 @@ class ICANUserTower(UserTower):
     def output_dim(self) -> int:
         return self.units[-1]
 
+    def _flatten_and_project(self, fields):
+        """[..., F, D] -> [..., transformer_dim] (or [..., F * D] without a projection)."""
+        f, d = fields.shape[-2], fields.shape[-1]
+        x = tf.reshape(fields, tf.concat([tf.shape(fields)[:-2], [f * d]], axis=0))
+        return self.project(x) if self.project is not None else x
+
     def call(self, features, training=None):
-        hist, mask = self.history(features)  # [B, H, F, D]
-        h, f, d = hist.shape[1], hist.shape[2], hist.shape[3]
+        x, mask = self.history(features, self._flatten_and_project, training)  # [B, H, W]
+        h = x.shape[1]
         if h is None:
             raise ValueError("ICANUserTower needs a static history length H in hist_items [B, H]")
-        x = tf.reshape(hist, [-1, h, f * d])
-        if self.project is not None:
-            x = self.project(x)
         x = self.positions(x)
         for block in self.blocks:
             x = block(x, mask=mask, training=training)
         width = x.shape[-1]
         behaviour = tf.reshape(x * tf.cast(mask, x.dtype)[..., tf.newaxis], [-1, h * width])
-        other = self.flatten_fields(self.profile(features, hist))
+        other = self.flatten_fields(self.profile(features, x))
         return self.mlp(tf.concat([behaviour, other], axis=-1), training=training)
 
     def get_config(self):
         config = super().get_config()
         config.update(units=list(self.units), num_heads=self.num_heads,
                       num_layers=self.num_layers, dropout=self.dropout,
-                      transformer_dim=self.transformer_dim)
+                      transformer_dim=self.transformer_dim, attention=self.attention_impl)
         return config
 
 
@@ -343,7 +393,7 @@ class YoutubeDNNUserTower(UserTower):
         return self.units[-1]
 
     def call(self, features, training=None):
-        hist, mask = self.history(features)
+        hist, mask = self.history(features, training=training)
         pooled = self.flatten_fields(_history_field_means(hist, mask))  # mean of history f^d
         other = self.flatten_fields(self.profile(features, hist))
         return self.mlp(tf.concat([pooled, other], axis=-1), training=training)
@@ -369,7 +419,7 @@ class FMUserTower(UserTower):
         return self.item_field_embeddings.embedding_dim
 
     def call(self, features, training=None):
-        hist, mask = self.history(features)
+        hist, mask = self.history(features, training=training)
         history = tf.reduce_sum(_history_field_means(hist, mask), axis=1)
         return history + tf.reduce_sum(self.profile(features, hist), axis=1)
 
@@ -384,7 +434,7 @@ class DeepFMUserTower(YoutubeDNNUserTower):
         return self.item_field_embeddings.embedding_dim + self.units[-1]
 
     def call(self, features, training=None):
-        hist, mask = self.history(features)
+        hist, mask = self.history(features, training=training)
         hist_fields = _history_field_means(hist, mask)  # [B, F, D]
         profile = self.profile(features, hist)  # [B, F_u, D]
         fm = tf.reduce_sum(hist_fields, axis=1) + tf.reduce_sum(profile, axis=1)
@@ -404,7 +454,7 @@ class AutoIntUserTower(_AutoIntHead, UserTower):
                             self.item_field_embeddings.embedding_dim, "user")
 
     def call(self, features, training=None):
-        hist, mask = self.history(features)
+        hist, mask = self.history(features, training=training)
         return self._interact(
             tf.concat([self.profile(features, hist), _history_field_means(hist, mask)], axis=1))
 

@@ -17,13 +17,22 @@ _NON_USER_FEATURES = ("user_id", "timestamp", "item", "item_tags", "item_provide
 
 
 def user_vectors(model, arrays: dict, batch_size: int = 1024) -> np.ndarray:
-    """[N, D] user vectors for N examples, computed in batches by ``model.user_embeddings``."""
+    """[N, D] user vectors for N examples, computed in batches by the model's graph function
+    (``graph_user_embeddings``, else ``user_embeddings``).
+
+    Every batch has ``batch_size`` rows (the last one padded with the first rows, the padding
+    dropped from the result), so the function is traced once, with a static batch size that
+    lets the user tower pick its faster history path.
+    """
     keys = [k for k in arrays if k not in _NON_USER_FEATURES and not k.startswith("item_")]
     n = len(arrays["item"])
+    embed = getattr(model, "graph_user_embeddings", model.user_embeddings)
+    size = min(batch_size, n)
     out = []
     for start in range(0, n, batch_size):
-        batch = {k: arrays[k][start:start + batch_size] for k in keys}
-        out.append(np.asarray(model.user_embeddings(batch), np.float32))
+        rows = np.arange(start, start + size) % n if start + size > n else slice(start, start + size)
+        batch = {k: np.asarray(arrays[k])[rows] for k in keys}
+        out.append(np.asarray(embed(batch), np.float32)[:min(size, n - start)])
     return np.concatenate(out, axis=0) if out else np.zeros((0, 1), np.float32)
 
 

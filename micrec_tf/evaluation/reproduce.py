@@ -130,7 +130,8 @@ def _expand(cfg: Config, overrides: dict) -> Config:
 
 def run_signature(cfg: Config) -> dict:
     """What a cached run must match to be reused: the whole config except the keys that do not
-    change a run's result (where runs are kept, how many seeds the report uses, export)."""
+    change a run's result (where runs are kept, how many seeds the report uses, export, the
+    speed-only code paths of the user tower)."""
     return _normalise(cfg.to_dict())
 
 
@@ -160,6 +161,8 @@ def _normalise(sig: dict) -> dict:
     sig.pop("export", None)
     sig.get("train", {}).pop("runs_dir", None)
     sig.get("eval", {}).pop("seeds", None)
+    for key in ("history_embeddings", "attention"):  # speed only: the same function
+        sig.get("model", {}).pop(key, None)
     tasks = set(sig.get("model", {}).get("cl") or [])
     for readers, keys in _CL_LOSS_KEYS:
         if not tasks & readers:
