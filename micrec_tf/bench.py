@@ -170,16 +170,23 @@ def _loadavg():
 
 
 # ============================================================================ machine
+# CPU flags that decide TensorFlow's kernel speed (oneDNN picks its code path from them).
+_PERF_FLAGS = re.compile(r"^(avx\w*|fma\w*|amx\w*|sse4_2|f16c)$")
+
+
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = None, None  # of the first processor listed
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and cpu is None:
+                    cpu = value.strip()
+                elif key.strip() == "flags" and flags is None:
+                    flags = sorted(f for f in value.split() if _PERF_FLAGS.match(f))
     except OSError:
         pass
+    cpu, flags = cpu or platform.processor() or platform.machine(), flags or []
     ram_gib = None
     try:
         with open("/proc/meminfo") as fh:
@@ -209,7 +216,8 @@ def machine_info() -> dict:
         dirty = bool(status.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu": cpu, "cores": cores, "ram_gib": ram_gib, "os": platform.platform(),
+    return {"cpu": cpu, "cpu_flags": flags, "cores": cores, "ram_gib": ram_gib,
+            "os": platform.platform(),
             "versions": versions, "git_commit": commit, "git_dirty": dirty,
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
 
@@ -509,10 +517,17 @@ def _fixed_batches(art_dir: str, batch_size: int, count: int, seed: int):
 _KEEP_ALIVE: list = []
 
 
+# The pre-0.2 user-tower code paths (per-slot history embeddings, einsum attention), kept
+# selectable so that every run times them beside today's defaults.
+OLD_PATHS = {"model.history_embeddings": "slots", "model.attention": "einsum"}
+
+
 def _train_variants(breakdown: bool) -> dict:
-    v = {"base": [], "micrec": list(ALL_CL)}
+    """``{name: (CL terms, config overrides)}``; ``<name>_old`` runs the old code paths."""
+    v = {"base": ([], {}), "micrec": (list(ALL_CL), {}),
+         "base_old": ([], OLD_PATHS), "micrec_old": (list(ALL_CL), OLD_PATHS)}
     if breakdown:
-        v.update({f"only_{t}": [t] for t in ALL_CL})
+        v.update({f"only_{t}": ([t], {}) for t in ALL_CL})
     return v
 
 
@@ -525,9 +540,9 @@ def bench_training_models(cfg, art, art_dir: str, p: dict, precision: str = "flo
     data = _fixed_batches(art_dir, batch, p["train_batches"], cfg.train.seed)
     variants = _train_variants(p["train_breakdown"])
     models, fns, iters, build_s, warm_s, losses = {}, {}, {}, {}, {}, {}
-    for name, cl in variants.items():
+    for name, (cl, paths) in variants.items():
         tf_keras.utils.set_random_seed(cfg.train.seed)
-        c = cfg.replace({"model.cl": cl})
+        c = cfg.replace({"model.cl": cl, **paths})
         t0 = time.perf_counter()
         m = build_model(c, art.item_table, art.vocab_sizes, art.user_fields, art.cooccurrence,
                         art.title_neighbours)
@@ -565,13 +580,18 @@ def bench_training_models(cfg, art, art_dir: str, p: dict, precision: str = "flo
     out = {}
     for name in names:
         step = _median(per_round[name])
-        out[name] = {"cl": variants[name], "losses": losses[name],
+        out[name] = {"cl": variants[name][0], "code_paths": "old" if variants[name][1] else "new",
+                     "losses": losses[name],
                      "step_ms": _round(step * 1000),
                      "step_ms_per_round": [_round(x * 1000) for x in per_round[name]],
                      "examples_per_s": _round(batch / step),
                      "build_s": _round(build_s[name]), "warmup_s": _round(warm_s[name])}
     ratios = {name: [a / b for a, b in zip(per_round[name], per_round["base"])]
               for name in names if name != "base"}
+    # Today's code paths over the old ones, same model, per round (one number per model).
+    for name in ("base", "micrec"):
+        ratios[f"{name}_new_over_old"] = [
+            a / b for a, b in zip(per_round[name], per_round[f"{name}_old"])]
     return out, {n: _round(_median(r), 4) for n, r in ratios.items()}, \
         {n: [_round(x, 4) for x in r] for n, r in ratios.items()}, models["micrec"]
 
@@ -603,10 +623,15 @@ def bench_training(cfg_path, cfg, p, work, state) -> dict:
         "models": models,
         "ratio_micrec_over_base": ratio["micrec"],
         "ratio_per_round": ratio_rounds["micrec"],
-        "ratios_vs_base": ratio,
+        "ratios_vs_base": {k: v for k, v in ratio.items() if not k.endswith("_new_over_old")},
+        "new_over_old": {k: ratio[f"{k}_new_over_old"] for k in ("base", "micrec")},
+        "new_over_old_per_round": {k: ratio_rounds[f"{k}_new_over_old"]
+                                   for k in ("base", "micrec")},
         "headline": {"base_examples_per_s": models["base"]["examples_per_s"],
                      "micrec_examples_per_s": models["micrec"]["examples_per_s"],
-                     "ratio_micrec_over_base": ratio["micrec"]},
+                     "ratio_micrec_over_base": ratio["micrec"],
+                     "base_step_new_over_old": ratio["base_new_over_old"],
+                     "micrec_step_new_over_old": ratio["micrec_new_over_old"]},
     }
     if gpus:
         try:
@@ -999,6 +1024,12 @@ def evaluate_targets(res: dict, total_s: float, budget_min: float, quick: bool) 
                     "ratio is < 2")
         add("training overhead", "MicRec/base step time <= 1.3 (paper: < 2x)", ratio,
             ratio <= 1.3, why)
+    for name, value in (tr.get("new_over_old") or {}).items():
+        rounds = tr["new_over_old_per_round"][name]
+        add(f"training speed-up ({name})", "step time of today's code paths <= 0.6 x the old "
+            "paths' (history per slot, einsum attention)", value, value <= 0.6,
+            f"median of {len(rounds)} per-round ratios {rounds}, both paths timed in the same "
+            f"run on {tr.get('artifacts', 'the benchmark artifacts')}")
 
     rt = res.get("retrieval", {})
     if "scann" in rt:
@@ -1072,7 +1103,9 @@ def render_markdown(res: dict) -> str:
           "Raw numbers: `benchmarks.json` next to this file.", "",
           "## Machine", ""]
     L += _table(["", ""], [
-        ["CPU", mach["cpu"]], ["cores (usable)", mach["cores"]],
+        ["CPU", mach["cpu"]],
+        ["CPU flags (vector / matrix units)", " ".join(mach.get("cpu_flags") or []) or "unknown"],
+        ["cores (usable)", mach["cores"]],
         ["RAM", f"{mach['ram_gib']} GiB"], ["OS", mach["os"]],
         ["Python", v["python"]], ["TensorFlow / tf_keras", f"{v['tensorflow']} / {v['tf_keras']}"],
         ["Apache Beam", v["apache_beam"]], ["ScaNN", v["scann"]], ["NumPy", v["numpy"]],
@@ -1138,15 +1171,22 @@ def render_markdown(res: dict) -> str:
     if "models" in tr:
         L += [f"Artifacts: {tr['artifacts']}. Device: {tr['device']}. Batch {tr['batch_size']}, "
               f"{tr['num_negatives']} sampled negatives. {tr['method']}.", ""]
-        L += _table(["model", "CL terms", "step (ms)", "examples/s", "step per round (ms)",
-                     "vs base"],
-                    [[name, ", ".join(m["cl"]) or "none", _fmt(m["step_ms"]),
-                      _fmt(m["examples_per_s"]),
+        L += _table(["model", "CL terms", "code paths", "step (ms)", "examples/s",
+                     "step per round (ms)", "vs base"],
+                    [[name, ", ".join(m["cl"]) or "none", m.get("code_paths", "new"),
+                      _fmt(m["step_ms"]), _fmt(m["examples_per_s"]),
                       ", ".join(_fmt(x) for x in m["step_ms_per_round"]),
                       "1" if name == "base" else f"x{tr['ratios_vs_base'][name]}"]
                      for name, m in tr["models"].items()])
         L += ["", f"**MicRec / base step time: {tr['ratio_micrec_over_base']}** (median of the "
               f"per-round ratios {tr['ratio_per_round']})."]
+        if "new_over_old" in tr:
+            no = tr["new_over_old"]
+            L += ["", f"**Today's code paths / the old ones (history per slot, einsum "
+                  f"attention), same model, same run: base {no['base']}, MicRec "
+                  f"{no['micrec']}** (medians of the per-round ratios "
+                  f"{tr['new_over_old_per_round']['base']} / "
+                  f"{tr['new_over_old_per_round']['micrec']})."]
     else:
         L += [f"Not measured: {tr.get('error', 'section not run')}"]
     L += ["", "### GPU", ""]

@@ -40,6 +40,7 @@ from micrec_tf.evaluation.data import (earlier_clicks_exclusion, load_split_arra
 from micrec_tf.evaluation.evaluate import evaluate_model
 from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model
+from micrec_tf.towers import use_history_table
 
 
 class GPURequestedError(RuntimeError):
@@ -274,6 +275,17 @@ def _changed_keys(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
+def describe_code_paths(cfg: Config, num_items: int, feature_spec: dict) -> str:
+    """One line: how the user tower embeds the history in training, and its attention."""
+    h = int(feature_spec.get("history_length", cfg.preprocess.history_length))
+    b, mode = int(cfg.train.batch_size), cfg.model.history_embeddings
+    table = use_history_table(mode, num_items, b, h)
+    why = (f"{num_items:,} items {'<' if table else '>='} batch {b} x {h} history slots"
+           if mode == "auto" else "forced")
+    return (f"history embeddings: {'catalogue table' if table else 'per slot'} "
+            f"(model.history_embeddings={mode}: {why}); attention: {cfg.model.attention}")
+
+
 def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
           log=print, extra_callbacks=()) -> dict:
     """Trains ``cfg``'s model; returns ``{"run_dir", "history", "valid", "test", "model"}``.
@@ -305,6 +317,7 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
         model = build_model(cfg, art.item_table, art.vocab_sizes, art.user_fields,
                             art.cooccurrence, art.title_neighbours)
         model.compile(optimizer=tf_keras.optimizers.Adam(cfg.train.learning_rate))
+    log("[train] " + describe_code_paths(cfg, num_items, art.feature_spec))
 
     # One endless, seeded stream of batches (reshuffled per epoch, deterministically), cut into
     # epochs by steps_per_epoch. A resumed run skips the batches its backup already trained on,
