@@ -280,7 +280,7 @@ def describe_code_paths(cfg: Config, num_items: int, feature_spec: dict) -> str:
     h = int(feature_spec.get("history_length", cfg.preprocess.history_length))
     b, mode = int(cfg.train.batch_size), cfg.model.history_embeddings
     table = use_history_table(mode, num_items, b, h)
-    why = (f"{num_items:,} items {'<' if table else '>='} batch {b} x {h} history slots"
+    why = (f"{num_items - 1:,} items {'<' if table else '>='} batch {b} x {h} history slots"
            if mode == "auto" else "forced")
     return (f"history embeddings: {'catalogue table' if table else 'per slot'} "
             f"(model.history_embeddings={mode}: {why}); attention: {cfg.model.attention}")
