@@ -33,6 +33,9 @@ CL_ANCHORS = ("batch", "uniform", "both")
 # How session CL draws a positive from an item's co-occurrence list: in proportion to the count
 # (paper eq. 5) or uniformly.
 SESSION_POSITIVES = ("count", "uniform")
+# How semantic CL uses an item's title neighbours P_i^t (eq. 4): one drawn uniformly per anchor
+# and step, or all of them (the InfoNCE averaged over the item's neighbours).
+SEMANTIC_POSITIVES = ("sample", "all")
 MIXED_PRECISION = ("auto", "on", "off")
 INDEX_KINDS = ("scann", "brute_force")
 HISTORY_EMBEDDINGS = ("auto", "table", "slots")
@@ -89,8 +92,15 @@ class PreprocessConfig:
     history_length: int = 20
     max_tags: int = 8
     session_window_s: int = 3600
-    max_pairs_per_click: int = 50
-    cooccurrence_top_m: int = 50
+    # Session co-occurrence (paper 3.5): every pair of distinct items a user clicked within
+    # ``session_window_s`` (inclusive) counts once. 0 = no cap (the paper's definition); N > 0
+    # pairs each click with at most its N nearest earlier clicks (faster, biased to bursts).
+    max_pairs_per_click: int = 0
+    # 0 = keep each item's full co-occurrence list (the paper's); M > 0 keeps the top M by count.
+    cooccurrence_top_m: int = 0
+    # "Same category" of session CL's emphasis: ``tags`` = the two items share at least one tag;
+    # ``provider`` or an item extra field name (e.g. ``year``) = equal non-empty values.
+    session_category: str = "tags"
     num_shards: int = 4
     # Keep one copy of identical (user, item, timestamp) clicks; copies are counted in stats.
     deduplicate_clicks: bool = False
@@ -158,6 +168,10 @@ class LossConfig:
     same_category_weight: float = 2.0
     cl_anchors: str = "batch"
     session_positives: str = "count"
+    semantic_positives: str = "sample"
+    # Main loss (eq. 7): a sampled negative that is in the row's recent clicks (``hist_items``)
+    # is not "an item not clicked by u" and is masked out of that row's softmax.
+    mask_history_negatives: bool = True
 
 
 @dataclass
@@ -340,6 +354,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("loss.cl_similarity", cfg.loss.cl_similarity, CL_SIMILARITIES)
     _check_choice("loss.cl_anchors", cfg.loss.cl_anchors, CL_ANCHORS)
     _check_choice("loss.session_positives", cfg.loss.session_positives, SESSION_POSITIVES)
+    _check_choice("loss.semantic_positives", cfg.loss.semantic_positives, SEMANTIC_POSITIVES)
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     _check_choice("export.index", cfg.export.index, INDEX_KINDS)
     _check_choice("model.history_embeddings", cfg.model.history_embeddings, HISTORY_EMBEDDINGS)
@@ -355,9 +370,14 @@ def validate(cfg: Config) -> Config:
             or abs(sum(fr) - 1.0) > 1e-6):
         raise ConfigError(
             f"preprocess.split_fractions must be 3 non-negative numbers summing to 1, got {fr!r}")
-    for key in ("history_length", "max_tags", "session_window_s", "max_pairs_per_click",
-                "cooccurrence_top_m", "num_shards"):
+    for key in ("history_length", "max_tags", "session_window_s", "num_shards"):
         _check_positive(f"preprocess.{key}", getattr(cfg.preprocess, key))
+    for key in ("max_pairs_per_click", "cooccurrence_top_m"):  # 0 = no cap
+        _check_positive(f"preprocess.{key}", getattr(cfg.preprocess, key), allow_zero=True)
+    category = cfg.preprocess.session_category
+    if not isinstance(category, str) or not category.strip():
+        raise ConfigError(f"preprocess.session_category must be 'tags', 'provider' or an item "
+                          f"extra field name. Received: {category!r}")
     for key in ("top_k", "max_length", "batch_size", "exact_max_items"):
         _check_positive(f"semantic.{key}", getattr(cfg.semantic, key))
     try:

@@ -48,6 +48,142 @@ class NeighbourTable:
 
 
 @dataclasses.dataclass
+class CooccurrenceTable:
+    """Every item's full session co-occurrence list, as CSR arrays (``cooccurrence.npz``).
+
+    Row ``i`` (item index; row 0, padding, is empty) holds entries ``indptr[i]:indptr[i + 1]``,
+    sorted by count descending, then neighbour index ascending.
+
+    indptr:        int64 [V + 1]
+    neighbours:    int64 [E] neighbour item indices in 1..V-1, never ``i`` itself
+    counts:        int64 [E] co-occurrence counts (> 0); the table is symmetric
+    same_category: int8  [E] 1 where the pair is "same category" (``preprocess.session_category``)
+    """
+
+    indptr: np.ndarray
+    neighbours: np.ndarray
+    counts: np.ndarray
+    same_category: np.ndarray
+
+    @property
+    def num_items(self) -> int:
+        """V, the padding row included."""
+        return int(self.indptr.size - 1)
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.neighbours.size)
+
+    @property
+    def degree(self) -> np.ndarray:
+        """int64 [V]: how many distinct items co-occurred with each item."""
+        return np.diff(self.indptr)
+
+    def row(self, i: int):
+        """-> (neighbours [n], counts [n], same_category [n]) of item ``i``."""
+        s, e = int(self.indptr[i]), int(self.indptr[i + 1])
+        return self.neighbours[s:e], self.counts[s:e], self.same_category[s:e]
+
+    def rows(self) -> np.ndarray:
+        """int64 [E]: the row (anchor item) of every entry."""
+        return np.repeat(np.arange(self.num_items, dtype=np.int64), self.degree)
+
+    def to_padded(self, max_len: int | None = None) -> NeighbourTable:
+        """The first ``max_len`` entries of each row (all by default) as [V, M] padded arrays."""
+        deg = self.degree
+        m = int(max(deg.max(initial=0), 1)) if max_len is None else int(max_len)
+        m = max(min(m, int(deg.max(initial=0))), 1)
+        neighbours = np.zeros([self.num_items, m], np.int64)
+        weights = np.zeros([self.num_items, m], np.float32)
+        same = np.zeros([self.num_items, m], np.int8)
+        rows = self.rows()
+        pos = np.arange(self.num_entries, dtype=np.int64) - self.indptr[rows]
+        keep = pos < m
+        neighbours[rows[keep], pos[keep]] = self.neighbours[keep]
+        weights[rows[keep], pos[keep]] = self.counts[keep]
+        same[rows[keep], pos[keep]] = self.same_category[keep]
+        return NeighbourTable(neighbors=neighbours, weights=weights, same_category=same)
+
+    @classmethod
+    def from_rows(cls, num_items: int, rows) -> "CooccurrenceTable":
+        """From ``[(item, neighbours, counts, same_category)]`` (any order; each list any order).
+
+        Entries are sorted into the table's order (count desc, neighbour asc).
+        """
+        rows = sorted(rows, key=lambda r: r[0])
+        sizes = np.zeros(num_items, np.int64)
+        nb_parts, c_parts, s_parts = [], [], []
+        for item, nb, counts, same in rows:
+            nb = np.asarray(nb, np.int64)
+            counts = np.asarray(counts, np.int64)
+            order = np.lexsort((nb, -counts))
+            nb_parts.append(nb[order])
+            c_parts.append(counts[order])
+            s_parts.append(np.asarray(same, np.int8)[order])
+            sizes[item] = nb.size
+        indptr = np.zeros(num_items + 1, np.int64)
+        indptr[1:] = np.cumsum(sizes)
+
+        def cat(parts, dtype):
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        return cls(indptr, cat(nb_parts, np.int64), cat(c_parts, np.int64), cat(s_parts, np.int8))
+
+    def validate(self, path: str = "co-occurrence table") -> "CooccurrenceTable":
+        """Raises ``ValueError`` naming ``path`` when the arrays break the contract above."""
+        v, e = self.num_items, self.num_entries
+        if v < 1 or self.indptr[0] != 0 or self.indptr[-1] != e or np.any(np.diff(self.indptr) < 0):
+            raise ValueError(f"{path}: indptr is not a CSR row pointer over {e} entries")
+        if self.counts.size != e or self.same_category.size != e:
+            raise ValueError(f"{path}: neighbours ({e}), counts ({self.counts.size}) and "
+                             f"same_category ({self.same_category.size}) differ in length")
+        if e and (self.neighbours.min() < 1 or self.neighbours.max() >= v):
+            raise ValueError(f"{path}: a neighbour index is outside [1, {v})")
+        if e and self.counts.min() < 1:
+            raise ValueError(f"{path}: a count is < 1")
+        if e and np.any(self.rows() == self.neighbours):
+            raise ValueError(f"{path}: an item is listed as its own neighbour")
+        return self
+
+
+def cooccurrence_npz_bytes(table: CooccurrenceTable) -> bytes:
+    """The ``cooccurrence.npz`` file content of ``table`` (the writer's half of the contract)."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, indptr=table.indptr.astype(np.int64),
+                        neighbours=table.neighbours.astype(np.int32),
+                        counts=table.counts.astype(np.int64),
+                        same_category=table.same_category.astype(np.int8))
+    return buf.getvalue()
+
+
+def load_cooccurrence(artifacts_dir: str, num_items: int | None = None) -> CooccurrenceTable:
+    """``cooccurrence/cooccurrence.npz`` as a validated :class:`CooccurrenceTable`.
+
+    ``num_items`` (V, the item vocabulary + padding) is checked against the table when given.
+    Raises :class:`ArtifactError` when the file is missing or unreadable, ``ValueError`` when it
+    breaks the contract.
+    """
+    path = os.path.join(os.fspath(artifacts_dir), COOCCURRENCE)
+    if not os.path.exists(path):
+        raise ArtifactError(f"{path} is missing: {RERUN}")
+    try:
+        with np.load(path) as z:
+            table = CooccurrenceTable(z["indptr"].astype(np.int64),
+                                      z["neighbours"].astype(np.int64),
+                                      z["counts"].astype(np.int64),
+                                      z["same_category"].astype(np.int8))
+    except (OSError, KeyError, ValueError, EOFError) as err:
+        raise ArtifactError(f"{path} is unreadable ({err}): {RERUN}") from None
+    table.validate(path)
+    if num_items is not None and table.num_items != num_items:
+        raise ValueError(f"{path} has {table.num_items} rows but the item vocabulary has "
+                         f"{num_items} (with padding): the artifacts are stale; {RERUN}")
+    return table
+
+
+@dataclasses.dataclass
 class Artifacts:
     """Everything the trainer loads once from ``artifacts/<name>/``."""
 
@@ -55,7 +191,7 @@ class Artifacts:
     feature_spec: dict
     vocabs: dict  # field -> list[str]; list position p = index p + 1
     item_table: ItemTable
-    cooccurrence: NeighbourTable | None
+    cooccurrence: CooccurrenceTable | None
     title_neighbours: NeighbourTable | None
     stats: dict
 
@@ -78,7 +214,7 @@ class Artifacts:
 EXAMPLES = "examples"
 FEATURE_SPEC = os.path.join(EXAMPLES, "feature_spec.json")
 ITEMS = os.path.join("items", "items.jsonl")
-COOCCURRENCE = os.path.join("cooccurrence", "cooccurrence.jsonl")
+COOCCURRENCE = os.path.join("cooccurrence", "cooccurrence.npz")
 TITLE_NEIGHBOURS = os.path.join("title_neighbours", "title_neighbours.jsonl")
 STATS = "stats.json"
 SPLITS = ("train", "valid", "test")
@@ -234,13 +370,11 @@ def _load_item_table(path: str, num_items: int, max_tags: int, extra_names: list
     return ItemTable(tags=tags, provider=provider, extra=extra, category=category)
 
 
-def _load_neighbours(path: str, weight_key: str, num_items: int,
-                     with_same_category: bool) -> NeighbourTable:
+def _load_neighbours(path: str, weight_key: str, num_items: int) -> NeighbourTable:
     rows = _read_jsonl(path)
     width = max([len(r.get("neighbors", [])) for r in rows] + [1])
     neighbors = np.zeros([num_items, width], np.int64)
     weights = np.zeros([num_items, width], np.float32)
-    same = np.zeros([num_items, width], np.int8) if with_same_category else None
     for row in rows:
         idx = _check_index(path, row, "item", num_items)
         nb, w = list(row.get("neighbors", [])), list(row.get(weight_key, []))
@@ -250,10 +384,7 @@ def _load_neighbours(path: str, weight_key: str, num_items: int,
             raise ValueError(f"{path}: item {idx} has a neighbour outside [1, {num_items})")
         neighbors[idx, :len(nb)] = nb
         weights[idx, :len(w)] = w
-        if same is not None:
-            sc = list(row.get("same_category", [0] * len(nb)))
-            same[idx, :len(sc)] = sc
-    return NeighbourTable(neighbors=neighbors, weights=weights, same_category=same)
+    return NeighbourTable(neighbors=neighbors, weights=weights)
 
 
 def load_artifacts(path: str) -> Artifacts:
@@ -286,9 +417,9 @@ def load_artifacts(path: str) -> Artifacts:
     extra_names = [f"item_{f}" for f in spec.get("item_extra_fields", [])]
     item_table = _load_item_table(os.path.join(path, ITEMS), num_items,
                                   int(spec["max_tags"]), extra_names)
-    cooccurrence = _load_neighbours(os.path.join(path, COOCCURRENCE), "counts", num_items, True)
+    cooccurrence = load_cooccurrence(path, num_items)
     title_path = os.path.join(path, TITLE_NEIGHBOURS)
-    title_neighbours = (_load_neighbours(title_path, "scores", num_items, False)
+    title_neighbours = (_load_neighbours(title_path, "scores", num_items)
                         if os.path.exists(title_path) else None)
     return Artifacts(path=path, feature_spec=spec, vocabs=vocabs, item_table=item_table,
                      cooccurrence=cooccurrence, title_neighbours=title_neighbours,
