@@ -22,7 +22,7 @@ import yaml
 DATASETS = ("synthetic", "canonical", "movielens_1m", "movielens_100k", "mind", "amazon")
 SPLITS = ("global_time", "leave_last_out")
 SEMANTIC_SOURCES = ("title", "taxonomy", "vectors")
-MODELS = ("ican", "youtubednn", "fm", "deepfm", "autoint")
+MODELS = ("ican", "youtubednn", "fm", "deepfm", "autoint", "tfrs_two_tower")
 CL_TASKS = ("feature", "semantic", "session")
 FEATURE_DROPOUTS = ("element", "field", "categorical", "correlated")
 # CL similarity g(a, b): the paper's dot product of projected vectors, or their cosine.
@@ -363,6 +363,9 @@ def validate(cfg: Config) -> Config:
         _check_choice("model.preset", cfg.model.preset, PRESETS)
     for task in cfg.model.cl:
         _check_choice("model.cl[]", task, CL_TASKS)
+    if cfg.model.name == "tfrs_two_tower" and cfg.model.cl:
+        raise ConfigError(f"model.name 'tfrs_two_tower' (the TFRS peer) takes no CL terms; "
+                          f"set model.cl: []. Received: {cfg.model.cl!r}")
     if len(set(cfg.model.cl)) != len(cfg.model.cl):
         raise ConfigError(f"model.cl lists a task twice: {cfg.model.cl!r}")
     fr = cfg.preprocess.split_fractions

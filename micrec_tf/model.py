@@ -244,6 +244,10 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
     samplers' generators must be created there).
     """
     m, loss = cfg.model, cfg.loss
+    if m.name == "tfrs_two_tower":  # the TFRS peer: its own model, the same train/eval contract
+        from micrec_tf.tfrs_peer import build_tfrs_two_tower
+
+        return build_tfrs_two_tower(cfg, item_table, vocab_sizes, user_fields)
     for key in ("item_id", "tag", "provider"):
         if key not in vocab_sizes:
             raise KeyError(f"vocab_sizes lacks {key!r}; received {sorted(vocab_sizes)}")
