@@ -1,13 +1,19 @@
-"""Most-popular and co-occurrence item-kNN on hand-made data; test-split loading round trip."""
+"""Most-popular and co-occurrence item-kNN on hand-made data; test-split loading round trip.
+
+The item-kNN variants are checked against a pure-Python brute force (dicts and loops) written
+here, independently of the sparse-matrix scoring. Popularities are powers of 4, so every weight
+(count / 2^a) and every sum is exact in floating point and rankings can be compared exactly.
+"""
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 
-from micrec_tf.data.artifacts import NeighbourTable
-from micrec_tf.evaluation import (CooccurrenceItemKNN, MostPopular, earlier_clicks_exclusion,
-                                  summarize_topk)
+from micrec_tf.data.artifacts import CooccurrenceTable, NeighbourTable, cooccurrence_npz_bytes
+from micrec_tf.evaluation import (KNN_VARIANTS, CooccurrenceItemKNN, MostPopular, choose_variant,
+                                  earlier_clicks_exclusion, summarize_topk)
 
 # V = 6: items 1..5. Popularity order: 2 and 3 (9 each, 2 first by index), 1, 5, 4.
 COUNTS = np.array([0, 5, 9, 9, 1, 3])
@@ -99,23 +105,39 @@ def test_earlier_clicks_exclusion_by_hand():
 
 
 # ----------------------------------------------------------------------------- artifacts round trip
-def write_artifacts(root):
+def table_from_neighbours(v, neighbours):
+    """CooccurrenceTable of ``{item: (neighbours, counts)}``."""
+    return CooccurrenceTable.from_rows(v, [(i, n, c, [0] * len(n)) for i, (n, c) in
+                                           neighbours.items()])
+
+
+def write_artifacts(root, shards=None, v=6, neighbours=None):
+    """examples/ (feature spec, TFRecord shards ``{name: [(user, hist, item, ts)]}``) and
+    cooccurrence/cooccurrence.npz of ``neighbours`` (default: the NEIGHBOURS fixture)."""
     tf = pytest.importorskip("tensorflow")
+    if shards is None:
+        shards = {"train-00000-of-00002": [(b"a", [], 2, 1), (b"a", [2], 3, 2)],
+                  "train-00001-of-00002": [(b"b", [], 2, 1), (b"b", [2], 1, 3)],
+                  "test-00000-of-00001": [(b"a", [2, 3], 1, 9), (b"b", [2, 1], 0, 9),
+                                          (b"c", [], 4, 9)]}
+    num_examples = {}
+    for name, rows in shards.items():
+        split = name.split("-")[0]
+        num_examples[split] = num_examples.get(split, 0) + len(rows)
     spec = {"features": {"user_id": {"dtype": "string", "shape": [1]},
                          "hist_items": {"dtype": "int64", "shape": [4]},
                          "hist_len": {"dtype": "int64", "shape": [1]},
                          "item": {"dtype": "int64", "shape": [1]},
                          "timestamp": {"dtype": "int64", "shape": [1]}},
-            "history_length": 4, "vocab_sizes": {"item_id": 6},
-            "num_examples": {"train": 4, "test": 3}}
+            "history_length": 4, "vocab_sizes": {"item_id": v},
+            "num_examples": num_examples}
     os.makedirs(os.path.join(root, "examples"))
     os.makedirs(os.path.join(root, "cooccurrence"))
     with open(os.path.join(root, "examples", "feature_spec.json"), "w") as fh:
         json.dump(spec, fh)
-    with open(os.path.join(root, "cooccurrence", "cooccurrence.jsonl"), "w") as fh:
-        for i, (n, c) in NEIGHBOURS.items():
-            fh.write(json.dumps({"item": i, "neighbors": n, "counts": c,
-                                 "same_category": [0] * len(n)}) + "\n")
+    table = table_from_neighbours(v, NEIGHBOURS if neighbours is None else neighbours)
+    with open(os.path.join(root, "cooccurrence", "cooccurrence.npz"), "wb") as fh:
+        fh.write(cooccurrence_npz_bytes(table))
 
     def example(user, h, item, ts):
         f = tf.train.Feature
@@ -127,15 +149,11 @@ def write_artifacts(root):
             "timestamp": f(int64_list=tf.train.Int64List(value=[ts]))})).SerializeToString()
 
     opts = tf.io.TFRecordOptions(compression_type="GZIP")
-    shards = {"train-00000-of-00002": [example(b"a", [], 2, 1), example(b"a", [2], 3, 2)],
-              "train-00001-of-00002": [example(b"b", [], 2, 1), example(b"b", [2], 1, 3)],
-              "test-00000-of-00001": [example(b"a", [2, 3], 1, 9), example(b"b", [2, 1], 0, 9),
-                                      example(b"c", [], 4, 9)]}
     for name, rows in shards.items():
         with tf.io.TFRecordWriter(os.path.join(root, "examples", name + ".tfrecord.gz"),
                                   opts) as w:
             for r in rows:
-                w.write(r)
+                w.write(example(*r))
 
 
 def test_load_split_arrays_and_reference_rows(tmp_path):
@@ -151,7 +169,8 @@ def test_load_split_arrays_and_reference_rows(tmp_path):
     counts = train_item_counts(root)
     assert counts.tolist() == [0, 1, 2, 1, 0, 0]
     table = load_cooccurrence(root)
-    assert table.neighbors[5].tolist() == [1, 3] and table.weights[1].tolist() == [3, 1]
+    assert isinstance(table, CooccurrenceTable)
+    assert table.row(5)[0].tolist() == [1, 3] and table.row(1)[1].tolist() == [3, 1]
 
     rows = reference_rows(root, "test", ns=[1, 2], coverage_ns=[2])
     # most popular ranks 2, 1, 3, 4, 5 (ties by index); excluding clicks: a -> 1, 4; b -> 3, 4
@@ -164,3 +183,6 @@ def test_load_split_arrays_and_reference_rows(tmp_path):
     knn = rows["cooccurrence_itemknn/exclude_clicked=false"]
     assert knn["hit@2"] == 0.0 and knn["num_oov_clicks"] == 1
     assert "long_tail/hit@1" in knn
+    # no valid split: nothing to choose on, the first variant (raw counts) is used
+    assert knn["variant"] == "count"
+    assert knn["variant_selection"] == {"split": None, "reason": "no valid split"}

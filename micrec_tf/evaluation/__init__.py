@@ -2,7 +2,8 @@
 
 Importing this package does not import TensorFlow or ScaNN; they are loaded when first needed.
 """
-from micrec_tf.evaluation.baselines import CooccurrenceItemKNN, MostPopular
+from micrec_tf.evaluation.baselines import (KNN_VARIANTS, CooccurrenceItemKNN, MostPopular,
+                                            choose_variant)
 from micrec_tf.evaluation.data import (EarlierClicksExclusion, earlier_clicks_exclusion,
                                        load_cooccurrence, load_feature_spec, load_split_arrays,
                                        num_items, train_item_counts)
@@ -12,7 +13,8 @@ from micrec_tf.evaluation.metrics import (CSRExclusion, as_exclusion, evaluate_r
                                           top_k_from_scores, top_k_items, top_k_items_scann)
 
 __all__ = [
-    "CooccurrenceItemKNN", "MostPopular", "EarlierClicksExclusion", "earlier_clicks_exclusion",
+    "CooccurrenceItemKNN", "KNN_VARIANTS", "MostPopular", "choose_variant",
+    "EarlierClicksExclusion", "earlier_clicks_exclusion",
     "load_cooccurrence", "load_feature_spec", "load_split_arrays", "num_items",
     "train_item_counts", "CSRExclusion", "as_exclusion", "evaluate_retrieval", "hit_at_n",
     "hit_at_n_on_slice", "item_coverage", "long_tail_items", "summarize_topk",

@@ -5,17 +5,16 @@
 * :func:`train_item_counts` counts training clicks per item.
 * :func:`earlier_clicks_exclusion` builds, per test click, the set of items the user clicked
   before it (the "exclude clicked" evaluation option).
-* :func:`load_cooccurrence` reads ``cooccurrence/cooccurrence.jsonl`` into a ``NeighbourTable``.
+* :func:`load_cooccurrence` is :func:`micrec_tf.data.artifacts.load_cooccurrence` (the one strict
+  reader of ``cooccurrence/cooccurrence.npz``), re-exported for the evaluation code.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from micrec_tf.data.artifacts import (NeighbourTable, check_example_count, load_feature_spec,
+from micrec_tf.data.artifacts import (check_example_count, load_cooccurrence, load_feature_spec,
                                       split_files, unreadable_shard_error)
 from micrec_tf.evaluation.metrics import CSRExclusion
 
@@ -167,28 +166,3 @@ def earlier_clicks_exclusion(query: dict, history_splits: Iterable[dict]) -> Ear
     split need ``user_id``, ``item``, ``timestamp``; the query also ``hist_items``.
     """
     return EarlierClicksExclusion(query, history_splits)
-
-
-def load_cooccurrence(artifacts_dir: str, v: int | None = None) -> NeighbourTable:
-    """``cooccurrence/cooccurrence.jsonl`` as padded arrays [V, M] (weights = counts, 0 = pad)."""
-    path = os.path.join(artifacts_dir, "cooccurrence", "cooccurrence.jsonl")
-    v = v or num_items(artifacts_dir)
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
-    m = max([len(r.get("neighbors", [])) for r in rows] + [1])
-    neighbors = np.zeros((v, m), np.int64)
-    weights = np.zeros((v, m), np.float32)
-    same = np.zeros((v, m), np.int8)
-    for r in rows:
-        i = int(r["item"])
-        if not 0 < i < v:
-            continue
-        nb = r.get("neighbors", [])
-        neighbors[i, :len(nb)] = nb
-        weights[i, :len(nb)] = r.get("counts", [])
-        if r.get("same_category") is not None:
-            same[i, :len(nb)] = r["same_category"]
-    return NeighbourTable(neighbors=neighbors, weights=weights, same_category=same)
