@@ -18,11 +18,13 @@ clicked items get CL as often as popular ones.
   tags before pooling), ``correlated`` (CFM: mask the fields most correlated with a random seed
   field, Yao et al. 2021).
 * :class:`SemanticCL` (``semantic_cl``, eq. 4): positive drawn uniformly from the item's title
-  neighbours, negatives random items outside that set, projector on the tower output.
+  neighbours (or all of them, ``positives="all"``), negatives random items outside that set,
+  projector on the tower output.
 * :class:`SessionCL` (``session_cl``, eq. 5): positive drawn in proportion to the co-occurrence
-  count, same-category pairs multiplied by ``same_category_weight`` (or uniformly from the list,
-  ``positives="uniform"``); negatives random items outside the item's top-M co-occurrence list;
-  items without co-occurrences are left out.
+  count over the item's full list, same-category pairs multiplied by ``same_category_weight``
+  (or uniformly from the list, ``positives="uniform"``); negatives random items that never
+  co-occurred with the item (rejected against its full list); items without co-occurrences are
+  left out.
 
 All sampling is done with TF ops inside the graph.
 """
@@ -35,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from micrec_tf.config import CL_ANCHORS, FEATURE_DROPOUTS, SESSION_POSITIVES
+from micrec_tf.config import CL_ANCHORS, FEATURE_DROPOUTS, SEMANTIC_POSITIVES, SESSION_POSITIVES
 from micrec_tf.layers import register
 from micrec_tf.losses import check_similarity, in_batch_info_nce_loss, info_nce_loss
 
@@ -280,89 +282,104 @@ class FeatureCL(tf_keras.layers.Layer):
         return config
 
 
-class NeighbourCL(tf_keras.layers.Layer):
-    """Shared machinery of semantic and session CL (eqs. 4-5): sample one positive per anchor
-    from its neighbour list, ``num_negatives`` shared random items as negatives (masked per anchor
-    when they are the anchor itself or in its neighbour list), projector on the tower output.
+def _neighbour_info_nce(task, inputs: CLInputs, positives, has_positive, negatives,
+                        negative_mask, item_tower, training):
+    """InfoNCE of one positive per anchor against shared, per-anchor-masked negatives, with the
+    task's projector on the item tower outputs (semantic and session CL, eqs. 4-5)."""
+    candidates = task.projector(item_tower.embed_indices(
+        tf.concat([positives, negatives], axis=0), training=training))
+    num_anchors = tf.shape(positives)[0]
+    return info_nce_loss(
+        task.projector(inputs.embeddings), candidates[:num_anchors], candidates[num_anchors:],
+        temperature=task.temperature, negative_mask=negative_mask,
+        example_mask=inputs.valid & has_positive, similarity=task.similarity)
+
+
+@register
+class SemanticCL(tf_keras.layers.Layer):
+    """Semantic-level item CL, ``L_sem`` (eq. 4), with the item's title neighbours ``P_i^t`` as
+    positives (the title-neighbour job's ``NeighbourTable``).
+
+    ``positives="sample"``: one neighbour drawn uniformly per anchor and step. ``positives="all"``
+    (eq. 4's sum over P_i^t): every listed neighbour is a positive; the loss of an anchor is the
+    mean of its InfoNCE terms over its neighbours, then the mean over anchors. Negatives:
+    ``num_negatives`` random items shared by the anchors, masked per anchor when they are the
+    anchor itself or one of its neighbours.
 
     Args:
-      neighbors: int [V, M] neighbour indices, 0-padded; weights: float [V, M] (0 = padding).
-      projection_dim, num_negatives, temperature, seed: as named.
+      neighbors: int [V, M] neighbour indices, 0-padded; weights: float [V, M] (scores; only
+        0 = padding matters).
+      projection_dim, num_negatives, temperature, seed, similarity: as named.
       num_items: V (defaults to ``neighbors.shape[0]``); negatives are uniform in 1..V-1.
-      same_category: int [V, M] 1 where the pair shares a category; same_category_weight: its
-        sampling emphasis (used by :class:`SessionCL`).
+
+    Call: :class:`CLInputs`, ``item_tower=`` -> scalar float32.
     """
 
     def __init__(self, neighbors, weights, projection_dim: int, num_negatives: int = 50,
                  temperature: float = 1.0, seed: int = 2, num_items: int | None = None,
-                 same_category=None, same_category_weight: float = 1.0, similarity: str = "dot",
-                 **kwargs):
+                 similarity: str = "dot", positives: str = "sample", **kwargs):
+        kwargs.setdefault("name", "semantic_cl")
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         neighbors = np.asarray(neighbors, np.int64)
         weights = np.asarray(weights, np.float32)
         if neighbors.ndim != 2 or weights.shape != neighbors.shape:
-            raise ValueError(f"neighbors and weights must both be [V, M], got {neighbors.shape} "
-                             f"and {weights.shape}")
-        same_category = (np.zeros(neighbors.shape, np.int8) if same_category is None
-                         else np.asarray(same_category, np.int8))
-        if same_category.shape != neighbors.shape:
-            raise ValueError(f"same_category must be [V, M] like neighbors {neighbors.shape}, "
-                             f"got {same_category.shape}")
-        if same_category_weight <= 0:
-            raise ValueError(f"same_category_weight must be > 0, got {same_category_weight!r}")
-        self._same_category_np = same_category
-        self.same_category_weight = float(same_category_weight)
+            raise ValueError(f"neighbors and weights must both be [V, M]. Received: "
+                             f"{neighbors.shape} and {weights.shape}")
         num_items = int(num_items if num_items is not None else neighbors.shape[0])
         if num_items < 2 or neighbors.shape[0] != num_items:
             raise ValueError(f"neighbour table has {neighbors.shape[0]} rows, expected num_items="
                              f"{num_items} (>= 2)")
         if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= num_items):
-            raise ValueError(f"neighbour indices must be in [0, {num_items}), got "
+            raise ValueError(f"neighbour indices must be in [0, {num_items}). Received: "
                              f"[{neighbors.min()}, {neighbors.max()}]")
         if not isinstance(num_negatives, int) or num_negatives < 1:
-            raise ValueError(f"num_negatives must be a positive int, got {num_negatives!r}")
+            raise ValueError(f"num_negatives must be a positive int. Received: {num_negatives!r}")
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+            raise ValueError(f"temperature must be > 0. Received: {temperature!r}")
+        if positives not in SEMANTIC_POSITIVES:
+            raise ValueError(f"positives must be one of {list(SEMANTIC_POSITIVES)}. Received: "
+                             f"{positives!r}")
         check_similarity(similarity)
-        self.similarity = similarity
+        self.similarity, self.positives = similarity, positives
         self._neighbors_np, self._weights_np = neighbors, weights
         self.projection_dim, self.num_negatives = int(projection_dim), int(num_negatives)
         self.temperature, self.seed, self.num_items = float(temperature), seed, num_items
-        valid, log_weights = self.positive_log_weights()
         self.neighbors = tf.constant(neighbors)
-        self.neighbor_valid = tf.constant(valid)
-        self.log_weights = tf.constant(np.where(valid, log_weights, 0.0).astype(np.float32))
+        self.neighbor_valid = tf.constant(neighbors > 0)
         self.rng = tf.random.Generator.from_seed(seed)
         self.projector = _projector(self.projection_dim, f"{self.name}_projector")
 
-    def positive_log_weights(self):
-        """-> (valid bool [V, M], log sampling weights float [V, M]); uniform by default."""
-        valid = (self._neighbors_np > 0) & (self._weights_np > 0)
-        return valid, np.zeros(valid.shape, np.float32)
+    @classmethod
+    def from_table(cls, table, projection_dim: int, **kwargs) -> "SemanticCL":
+        return cls(table.neighbors, table.weights, projection_dim, **kwargs)
 
     @property
     def has_neighbours(self) -> np.ndarray:
         """bool [V]: items with at least one neighbour (the others get no CL loss)."""
-        return self.positive_log_weights()[0].any(axis=1)
+        return (self._neighbors_np > 0).any(axis=1)
 
     def sample(self, ids):
         """Samples for anchors ``ids`` int [U]:
 
-        -> positives int64 [U] (0 where none), has_positive bool [U], negatives int64 [K]
-           uniform in 1..V-1, negative_mask bool [U, K] (false: the anchor or one of its
-           neighbours).
+        -> positives int64 [U] (one uniform neighbour, 0 where none), has_positive bool [U],
+           negatives int64 [K] uniform in 1..V-1, negative_mask bool [U, K] (false: the anchor
+           or one of its neighbours).
         """
         ids = tf.cast(tf.reshape(ids, [-1]), tf.int64)
         valid = tf.gather(self.neighbor_valid, ids)  # [U, M]
         has_positive = tf.reduce_any(valid, axis=1)
-        logits = tf.where(valid, tf.gather(self.log_weights, ids), float("-inf"))
+        logits = tf.where(valid, 0.0, float("-inf"))
         logits = tf.where(has_positive[:, tf.newaxis], logits, 0.0)
         choice = tf.random.stateless_categorical(logits, 1, seed=self.rng.make_seeds(1)[:, 0],
                                                  dtype=tf.int32)
         neighbors = tf.gather(self.neighbors, ids)
         positives = tf.gather(neighbors, choice, batch_dims=1)[:, 0]
         positives = tf.where(has_positive, positives, tf.zeros_like(positives))
+        negatives, negative_mask = self._negatives(ids, neighbors, valid)
+        return positives, has_positive, negatives, negative_mask
+
+    def _negatives(self, ids, neighbors, valid):
         negatives = self.rng.uniform([self.num_negatives], minval=1, maxval=self.num_items,
                                      dtype=tf.int64)
         in_list = tf.reduce_any(
@@ -370,81 +387,206 @@ class NeighbourCL(tf_keras.layers.Layer):
             & valid[:, tf.newaxis, :], axis=2)
         negative_mask = tf.logical_not(in_list | tf.equal(negatives[tf.newaxis, :],
                                                           ids[:, tf.newaxis]))
-        return positives, has_positive, negatives, negative_mask
+        return negatives, negative_mask
 
     def call(self, inputs: CLInputs, item_tower=None, training=None):
         if item_tower is None:
-            raise ValueError(f"{type(self).__name__} needs item_tower")
-        positives, has_positive, negatives, negative_mask = self.sample(inputs.ids)
-        candidates = self.projector(item_tower.embed_indices(
-            tf.concat([positives, negatives], axis=0), training=training))
-        num_anchors = tf.shape(positives)[0]
-        return info_nce_loss(
-            self.projector(inputs.embeddings), candidates[:num_anchors], candidates[num_anchors:],
-            temperature=self.temperature, negative_mask=negative_mask,
-            example_mask=inputs.valid & has_positive, similarity=self.similarity)
+            raise ValueError("SemanticCL needs item_tower")
+        if self.positives == "sample":
+            positives, has_positive, negatives, negative_mask = self.sample(inputs.ids)
+            return _neighbour_info_nce(self, inputs, positives, has_positive, negatives,
+                                       negative_mask, item_tower, training)
+        return self._all_neighbours_loss(inputs, item_tower, training)
+
+    def _all_neighbours_loss(self, inputs: CLInputs, item_tower, training):
+        """``positives="all"``: [U, M] positives; per-anchor mean over its valid neighbours."""
+        ids = tf.cast(tf.reshape(inputs.ids, [-1]), tf.int64)
+        neighbors = tf.gather(self.neighbors, ids)            # [U, M]
+        valid = tf.gather(self.neighbor_valid, ids)           # [U, M]
+        negatives, negative_mask = self._negatives(ids, neighbors, valid)
+        unique, where = tf.unique(tf.concat([tf.reshape(neighbors, [-1]), negatives], 0))
+        projected = self.projector(item_tower.embed_indices(unique, training=training))
+        flat = tf.gather(projected, where)
+        m = tf.shape(neighbors)[1]
+        positives = flat[:tf.size(neighbors)]                 # [U * M, p]
+        negative_vectors = flat[tf.size(neighbors):]          # [K, p]
+        anchors = tf.repeat(self.projector(inputs.embeddings), m, axis=0)
+        per_anchor = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1, keepdims=True)
+        weight = tf.math.divide_no_nan(tf.cast(valid, tf.float32), per_anchor)
+        weight *= tf.cast(inputs.valid, tf.float32)[:, tf.newaxis]
+        return info_nce_loss(anchors, positives, negative_vectors, temperature=self.temperature,
+                             negative_mask=tf.repeat(negative_mask, m, axis=0),
+                             example_mask=tf.reshape(weight, [-1]), similarity=self.similarity)
 
     def get_config(self):
         config = super().get_config()
         config.update(neighbors=self._neighbors_np.tolist(), weights=self._weights_np.tolist(),
                       projection_dim=self.projection_dim, num_negatives=self.num_negatives,
                       temperature=self.temperature, seed=self.seed, num_items=self.num_items,
-                      same_category=self._same_category_np.tolist(),
-                      same_category_weight=self.same_category_weight,
-                      similarity=self.similarity)
+                      similarity=self.similarity, positives=self.positives)
         return config
 
 
 @register
-class SemanticCL(NeighbourCL):
-    """Semantic-level item CL, ``L_sem`` (eq. 4): positives drawn uniformly from the item's
-    title neighbours (``NeighbourTable`` of the title-neighbour job)."""
+class SessionCL(tf_keras.layers.Layer):
+    """Session-level item CL, ``L_sess`` (eq. 5), on every item's full co-occurrence list.
 
-    def __init__(self, neighbors, weights, projection_dim: int, **kwargs):
-        kwargs.setdefault("name", "semantic_cl")
-        super().__init__(neighbors, weights, projection_dim, **kwargs)
+    Positive: drawn with probability proportional to ``count * (same_category_weight if the pair
+    is same-category else 1)`` over the anchor's whole list (``positives="count"``, the paper),
+    or uniformly from it (``positives="uniform"``). Negatives: items that never co-occurred with
+    the anchor (eq. 5's "not in the same session"): a pool of ``negative_pool_factor *
+    num_negatives`` items drawn uniformly from ``1 .. V - 1`` per step, shared by the anchors;
+    each anchor keeps the first ``num_negatives`` of the pool that are neither itself nor in its
+    full list (rejection), so head items, which co-occur with most of the catalogue, still get
+    their ``num_negatives``. Anchors without co-occurrences get no loss.
 
-    @classmethod
-    def from_table(cls, table, projection_dim: int, **kwargs) -> "SemanticCL":
-        return cls(table.neighbors, table.weights, projection_dim, **kwargs)
+    Args:
+      indptr: int [V + 1], neighbours: int [E], counts: [E] (> 0): the CSR table
+        (:class:`micrec_tf.data.artifacts.CooccurrenceTable`).
+      projection_dim, num_negatives, temperature, seed, similarity: as named.
+      same_category: int [E] 1 where the pair is same-category; same_category_weight: its
+        sampling emphasis (``count`` only).
+      negative_pool_factor: pool size over ``num_negatives``.
 
-    def positive_log_weights(self):
-        # Title scores only mark padding (0); every listed neighbour is an equal positive.
-        valid = self._neighbors_np > 0
-        return valid, np.zeros(valid.shape, np.float32)
+    Call: :class:`CLInputs`, ``item_tower=`` -> scalar float32.
+    """
 
-
-@register
-class SessionCL(NeighbourCL):
-    """Session-level item CL, ``L_sess`` (eq. 5): positive drawn with probability proportional
-    to ``count * (same_category_weight if same category else 1)`` (``positives="count"``, the
-    paper), or uniformly from the item's co-occurrence list (``positives="uniform"``: counts and
-    category emphasis ignored)."""
-
-    def __init__(self, neighbors, weights, projection_dim: int, positives: str = "count",
-                 **kwargs):
+    def __init__(self, indptr, neighbours, counts, projection_dim: int, num_negatives: int = 50,
+                 temperature: float = 1.0, seed: int = 3, same_category=None,
+                 same_category_weight: float = 1.0, positives: str = "count",
+                 similarity: str = "dot", negative_pool_factor: int = 4, **kwargs):
         kwargs.setdefault("name", "session_cl")
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        indptr = np.asarray(indptr, np.int64)
+        neighbours = np.asarray(neighbours, np.int64)
+        counts = np.asarray(counts, np.float64)
+        num_items = indptr.size - 1
+        if indptr.ndim != 1 or num_items < 2 or indptr[0] != 0 or indptr[-1] != neighbours.size \
+                or np.any(np.diff(indptr) < 0):
+            raise ValueError(f"indptr must be a CSR row pointer [V + 1] (V >= 2) over the "
+                             f"{neighbours.size} entries. Received: shape {indptr.shape}")
+        if counts.shape != neighbours.shape:
+            raise ValueError(f"counts must be [E] like neighbours {neighbours.shape}. Received: "
+                             f"{counts.shape}")
+        if neighbours.size and (neighbours.min() < 1 or neighbours.max() >= num_items):
+            raise ValueError(f"neighbour indices must be in [1, {num_items}). Received: "
+                             f"[{neighbours.min()}, {neighbours.max()}]")
+        if counts.size and counts.min() <= 0:
+            raise ValueError(f"counts must be > 0. Received: min {counts.min()}")
+        same_category = (np.zeros(neighbours.shape, np.int8) if same_category is None
+                         else np.asarray(same_category, np.int8))
+        if same_category.shape != neighbours.shape:
+            raise ValueError(f"same_category must be [E] like neighbours {neighbours.shape}. "
+                             f"Received: {same_category.shape}")
+        if same_category_weight <= 0:
+            raise ValueError(f"same_category_weight must be > 0. Received: "
+                             f"{same_category_weight!r}")
         if positives not in SESSION_POSITIVES:
-            raise ValueError(f"positives must be one of {list(SESSION_POSITIVES)}, got "
+            raise ValueError(f"positives must be one of {list(SESSION_POSITIVES)}. Received: "
                              f"{positives!r}")
-        self.positives = positives
-        super().__init__(neighbors, weights, projection_dim, **kwargs)
+        if not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ValueError(f"num_negatives must be a positive int. Received: {num_negatives!r}")
+        if not isinstance(negative_pool_factor, int) or negative_pool_factor < 1:
+            raise ValueError(f"negative_pool_factor must be a positive int. Received: "
+                             f"{negative_pool_factor!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0. Received: {temperature!r}")
+        check_similarity(similarity)
+        self._indptr_np, self._neighbours_np = indptr, neighbours
+        self._counts_np, self._same_category_np = counts, same_category
+        self.num_items, self.projection_dim = int(num_items), int(projection_dim)
+        self.num_negatives, self.negative_pool_factor = int(num_negatives), int(negative_pool_factor)
+        self.temperature, self.seed, self.similarity = float(temperature), seed, similarity
+        self.same_category_weight, self.positives = float(same_category_weight), positives
+
+        rows = np.repeat(np.arange(num_items, dtype=np.int64), np.diff(indptr))
+        weights = self.positive_weights()
+        cum = np.cumsum(weights)
+        start = np.concatenate([[0.0], cum])[indptr[:-1]]
+        self.neighbours = tf.constant(neighbours)
+        self.cumulative = tf.constant(cum, tf.float64)          # [E]
+        self.row_start = tf.constant(start, tf.float64)         # [V] cumulative before the row
+        self.row_total = tf.constant(np.concatenate([[0.0], cum])[indptr[1:]] - start,
+                                     tf.float64)                 # [V]
+        self.row_first = tf.constant(indptr[:-1])
+        self.row_last = tf.constant(np.maximum(indptr[1:] - 1, indptr[:-1]))
+        self.has_positive_table = tf.constant(np.diff(indptr) > 0)
+        self.pair_keys = tf.constant(np.sort(rows * num_items + neighbours))  # [E] sorted
+        self.rng = tf.random.Generator.from_seed(seed)
+        self.projector = _projector(self.projection_dim, f"{self.name}_projector")
 
     @classmethod
     def from_table(cls, table, projection_dim: int, **kwargs) -> "SessionCL":
-        return cls(table.neighbors, table.weights, projection_dim,
+        """From a :class:`micrec_tf.data.artifacts.CooccurrenceTable`."""
+        return cls(table.indptr, table.neighbours, table.counts, projection_dim,
                    same_category=table.same_category, **kwargs)
 
-    def positive_log_weights(self):
-        valid = (self._neighbors_np > 0) & (self._weights_np > 0)
+    def positive_weights(self) -> np.ndarray:
+        """float64 [E]: each entry's unnormalised probability of being drawn as the positive."""
         if self.positives == "uniform":
-            return valid, np.zeros(valid.shape, np.float32)
-        emphasis = np.where(self._same_category_np > 0, self.same_category_weight, 1.0)
-        with np.errstate(divide="ignore"):
-            log_w = np.log(np.where(valid, self._weights_np * emphasis, 1.0))
-        return valid, log_w.astype(np.float32)
+            return np.ones(self._neighbours_np.shape, np.float64)
+        return self._counts_np * np.where(self._same_category_np > 0, self.same_category_weight,
+                                          1.0)
+
+    @property
+    def has_neighbours(self) -> np.ndarray:
+        """bool [V]: items with at least one co-occurrence (the others get no CL loss)."""
+        return np.diff(self._indptr_np) > 0
+
+    def co_occurred(self, anchors, items) -> tf.Tensor:
+        """bool [U, K]: ``items`` [K] (or [U, K]) is in anchor u's full co-occurrence list."""
+        anchors = tf.cast(anchors, tf.int64)[:, tf.newaxis]
+        items = tf.cast(items, tf.int64)
+        keys = anchors * self.num_items + (items if items.shape.rank == 2
+                                          else items[tf.newaxis, :])
+        flat = tf.reshape(keys, [-1])
+        if self._neighbours_np.size == 0:
+            return tf.zeros_like(keys, tf.bool)
+        pos = tf.minimum(tf.searchsorted(self.pair_keys, flat, out_type=tf.int64),
+                         self._neighbours_np.size - 1)
+        return tf.reshape(tf.equal(tf.gather(self.pair_keys, pos), flat), tf.shape(keys))
+
+    def sample(self, ids):
+        """Samples for anchors ``ids`` int [U]:
+
+        -> positives int64 [U] (0 where none), has_positive bool [U], negatives int64 [P] (the
+           shared pool), negative_mask bool [U, P] (true for each anchor's first
+           ``num_negatives`` pool items that are neither the anchor nor in its list).
+        """
+        ids = tf.cast(tf.reshape(ids, [-1]), tf.int64)
+        has_positive = tf.gather(self.has_positive_table, ids)
+        r = self.rng.uniform(tf.shape(ids), dtype=tf.float64)
+        target = tf.gather(self.row_start, ids) + r * tf.gather(self.row_total, ids)
+        if self._neighbours_np.size:
+            entry = tf.searchsorted(self.cumulative, target, side="right", out_type=tf.int64)
+            entry = tf.clip_by_value(entry, tf.gather(self.row_first, ids),
+                                     tf.gather(self.row_last, ids))
+            positives = tf.gather(self.neighbours, tf.minimum(entry, self._neighbours_np.size - 1))
+        else:
+            positives = tf.zeros_like(ids)
+        positives = tf.where(has_positive, positives, tf.zeros_like(positives))
+        pool = self.rng.uniform([self.num_negatives * self.negative_pool_factor], minval=1,
+                                maxval=self.num_items, dtype=tf.int64)
+        allowed = tf.logical_not(self.co_occurred(ids, pool)
+                                 | tf.equal(pool[tf.newaxis, :], ids[:, tf.newaxis]))
+        rank = tf.cumsum(tf.cast(allowed, tf.int32), axis=1)
+        negative_mask = allowed & (rank <= self.num_negatives)
+        return positives, has_positive, pool, negative_mask
+
+    def call(self, inputs: CLInputs, item_tower=None, training=None):
+        if item_tower is None:
+            raise ValueError("SessionCL needs item_tower")
+        positives, has_positive, negatives, negative_mask = self.sample(inputs.ids)
+        return _neighbour_info_nce(self, inputs, positives, has_positive, negatives,
+                                   negative_mask, item_tower, training)
 
     def get_config(self):
         config = super().get_config()
-        config.update(positives=self.positives)
+        config.update(indptr=self._indptr_np.tolist(), neighbours=self._neighbours_np.tolist(),
+                      counts=self._counts_np.tolist(), projection_dim=self.projection_dim,
+                      num_negatives=self.num_negatives, temperature=self.temperature,
+                      seed=self.seed, same_category=self._same_category_np.tolist(),
+                      same_category_weight=self.same_category_weight, positives=self.positives,
+                      similarity=self.similarity, negative_pool_factor=self.negative_pool_factor)
         return config

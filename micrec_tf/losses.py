@@ -38,7 +38,8 @@ def masked_mean(values: tf.Tensor, weights: tf.Tensor | None = None) -> tf.Tenso
 
 def sampled_softmax_loss(query, positives, positive_ids, negatives=None, negative_ids=None, *,
                          in_batch_negatives: bool = False, remove_accidental_hits: bool = True,
-                         positive_log_q=None, negative_log_q=None, sample_weight=None):
+                         positive_log_q=None, negative_log_q=None, sample_weight=None,
+                         negative_mask=None):
     """Sampled softmax with accidental-hit removal and optional in-batch negatives (logQ).
 
     Args:
@@ -56,6 +57,8 @@ def sampled_softmax_loss(query, positives, positive_ids, negatives=None, negativ
       negative_log_q: scalar or [N], subtracted from the sampled negatives' logits (for uniform
         sampling without in-batch negatives it is a constant shift, irrelevant, so left out).
       sample_weight: optional [B] per-example weights.
+      negative_mask: optional bool [B, N], false = sampled negative n is not a negative of row b
+        (e.g. :func:`history_negative_mask`); its logit becomes ``MASK_LOGIT``.
 
     Returns: scalar float32, the per-example mean of ``-log softmax(positive)``.
     """
@@ -96,10 +99,37 @@ def sampled_softmax_loss(query, positives, positive_ids, negatives=None, negativ
             negative_ids = tf.cast(tf.reshape(negative_ids, [-1]), tf.int64)
             hit = tf.equal(positive_ids[:, tf.newaxis], negative_ids[tf.newaxis, :])
             neg_logits = tf.where(hit, MASK_LOGIT, neg_logits)
+        if negative_mask is not None:
+            neg_logits = tf.where(tf.cast(negative_mask, tf.bool), neg_logits, MASK_LOGIT)
         parts.append(neg_logits)
     logits = tf.concat(parts, axis=1)
     per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     return masked_mean(per_example, sample_weight)
+
+
+def history_negative_mask(history_ids, sorted_negative_ids) -> tf.Tensor:
+    """bool [B, N]: false where sampled negative n is one of row b's history items.
+
+    Args:
+      history_ids: int [B, H] the rows' recent clicks (0 = padding, never a negative).
+      sorted_negative_ids: int [N] sampled negatives sorted ascending (duplicates allowed).
+
+    Each history id's run of equal negatives ``[lo, hi)`` is found by binary search and marked
+    with a difference array, so the cost is O(B H log N + B N) rather than O(B N H).
+    """
+    history_ids = tf.cast(history_ids, tf.int64)
+    negatives = tf.cast(tf.reshape(sorted_negative_ids, [-1]), tf.int64)
+    rows, slots = tf.shape(history_ids)[0], tf.shape(history_ids)[1]
+    n = tf.shape(negatives)[0]
+    flat = tf.reshape(history_ids, [-1])
+    lo = tf.searchsorted(negatives, flat, side="left", out_type=tf.int64)
+    hi = tf.searchsorted(negatives, flat, side="right", out_type=tf.int64)
+    row = tf.repeat(tf.range(tf.cast(rows, tf.int64)), tf.cast(slots, tf.int32))
+    marks = tf.scatter_nd(
+        tf.concat([tf.stack([row, lo], 1), tf.stack([row, hi], 1)], 0),
+        tf.concat([tf.ones_like(lo, tf.float32), -tf.ones_like(hi, tf.float32)], 0),
+        tf.stack([tf.cast(rows, tf.int64), tf.cast(n, tf.int64) + 1]))
+    return tf.math.cumsum(marks, axis=1)[:, :-1] < 0.5
 
 
 def check_similarity(similarity) -> None:
@@ -127,7 +157,8 @@ def info_nce_loss(anchors, positives, negatives, *, temperature: float = 1.0,
       negatives: [K, p] shared negatives or [U, K, p] per-anchor negatives.
       temperature: tau.
       negative_mask: bool [U, K], false = ignore this negative for this anchor.
-      example_mask: bool [U], false = leave this anchor out of the mean.
+      example_mask: bool [U], false = leave this anchor out of the mean; or float [U] weights
+        (a weighted mean).
       similarity: ``dot`` (the paper's eqs. 2-5) or ``cosine`` (vectors L2-normalised first).
 
     Returns: scalar float32, mean over counted anchors of
@@ -237,13 +268,18 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
     ``1 .. V - 1``) once per batch and shared by its rows, embedded by the item tower; optional
     in-batch negatives with logQ correction from :class:`StreamingFrequencyEstimator`.
 
-    Call: ``(query [B, d], positives [B, d], positive_ids [B])``, ``item_tower=``, ``training=``
+    ``mask_history_negatives``: a sampled negative that is in the row's recent clicks is not "an
+    item not clicked by u" (eq. 7) and is masked out of that row's softmax (the negatives are
+    sorted first, which leaves the loss unchanged and makes the mask a binary search).
+
+    Call: ``(query [B, d], positives [B, d], positive_ids [B])`` or, with
+    ``mask_history_negatives``, ``(..., history_ids [B, H])``; ``item_tower=``, ``training=``
     -> scalar float32.
     """
 
     def __init__(self, num_items: int, num_negatives: int = 1000, in_batch_negatives: bool = False,
                  remove_accidental_hits: bool = True, batch_size: int = 4096, seed: int = 0,
-                 **kwargs):
+                 mask_history_negatives: bool = False, **kwargs):
         kwargs.setdefault("dtype", "float32")  # logits and losses stay float32 under mixed precision
         super().__init__(**kwargs)
         if num_items < 2:
@@ -256,6 +292,7 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
         self.in_batch_negatives = bool(in_batch_negatives)
         self.remove_accidental_hits = bool(remove_accidental_hits)
         self.batch_size, self.seed = int(batch_size), int(seed)
+        self.mask_history_negatives = bool(mask_history_negatives)
         self.rng = tf.random.Generator.from_seed(self.seed)
         self.frequency = (StreamingFrequencyEstimator(self.num_items, self.batch_size,
                                                       name="frequency")
@@ -267,12 +304,19 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
                                 dtype=tf.int64)
 
     def call(self, inputs, item_tower=None, training=None):
-        query, positives, positive_ids = inputs
-        negatives = negative_ids = positive_log_q = negative_log_q = None
+        query, positives, positive_ids = inputs[:3]
+        history_ids = inputs[3] if len(inputs) > 3 else None
+        if self.mask_history_negatives and history_ids is None:
+            raise ValueError("SampledSoftmaxTask(mask_history_negatives=True) needs history_ids "
+                             "as the 4th input")
+        negatives = negative_ids = positive_log_q = negative_log_q = negative_mask = None
         if self.num_negatives:
             if item_tower is None:
                 raise ValueError("SampledSoftmaxTask needs item_tower to embed its negatives")
             negative_ids = self.sample_negatives()
+            if self.mask_history_negatives:
+                negative_ids = tf.sort(negative_ids)
+                negative_mask = history_negative_mask(history_ids, negative_ids)
             negatives = item_tower.embed_indices(negative_ids, training=training)
         if self.in_batch_negatives:
             positive_log_q = self.frequency(positive_ids, training=training)
@@ -282,10 +326,12 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
             query, positives, positive_ids, negatives, negative_ids,
             in_batch_negatives=self.in_batch_negatives,
             remove_accidental_hits=self.remove_accidental_hits,
-            positive_log_q=positive_log_q, negative_log_q=negative_log_q)
+            positive_log_q=positive_log_q, negative_log_q=negative_log_q,
+            negative_mask=negative_mask)
 
     def get_config(self):
         config = super().get_config()
+        config.update(mask_history_negatives=self.mask_history_negatives)
         config.update(num_items=self.num_items, num_negatives=self.num_negatives,
                       in_batch_negatives=self.in_batch_negatives,
                       remove_accidental_hits=self.remove_accidental_hits,

@@ -124,9 +124,11 @@ class MicRecModel(tf_keras.Model):
         raw = self.item_tower.raw_embedding(features)
         positives = self.item_tower.encode(raw, training=training)
         item_ids = tf.reshape(tf.cast(features["item"], tf.int64), [-1])
+        retrieval_inputs = (user, tf.cast(positives, tf.float32), item_ids)
+        if self.retrieval.mask_history_negatives:
+            retrieval_inputs += (features["hist_items"],)
         losses = {"sampled_softmax_loss": self.retrieval(
-            (user, tf.cast(positives, tf.float32), item_ids), item_tower=self.item_tower,
-            training=training)}
+            retrieval_inputs, item_tower=self.item_tower, training=training)}
         total = losses["sampled_softmax_loss"]
         tasks = self.cl_tasks
         if tasks:
@@ -236,8 +238,8 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
       vocab_sizes: {vocab name: size incl. OOV 0}: ``item_id``, ``tag``, ``provider``,
         ``user_<field>``, ``item_<extra>``.
       user_fields: profile field names (``gender`` or ``user_gender``).
-      cooccurrence: :class:`NeighbourTable` with counts and ``same_category``; needed for
-        ``session``.
+      cooccurrence: :class:`micrec_tf.data.artifacts.CooccurrenceTable` (every item's full
+        list); needed for ``session``.
       title_neighbours: :class:`NeighbourTable`; needed for ``semantic``.
 
     Build it inside ``strategy.scope()`` when training under a ``tf.distribute`` strategy (the
@@ -315,7 +317,8 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
     seed = int(cfg.train.seed)
     retrieval = SampledSoftmaxTask(
         num_items, loss.num_negatives, loss.in_batch_negatives, loss.remove_accidental_hits,
-        cfg.train.batch_size, seed + _SEED_OFFSETS["sampled_softmax"], name="sampled_softmax")
+        cfg.train.batch_size, seed + _SEED_OFFSETS["sampled_softmax"],
+        mask_history_negatives=loss.mask_history_negatives, name="sampled_softmax")
     dim = item_tower.output_dim
     tasks = {}
     if "feature" in m.cl:
@@ -328,12 +331,13 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
         tasks["semantic_cl"] = SemanticCL.from_table(
             title_neighbours, dim, num_negatives=loss.num_cl_negatives,
             temperature=loss.temperature, seed=seed + _SEED_OFFSETS["semantic"],
-            num_items=num_items, similarity=loss.cl_similarity)
+            num_items=num_items, similarity=loss.cl_similarity,
+            positives=loss.semantic_positives)
     if "session" in m.cl:
         tasks["session_cl"] = SessionCL.from_table(
             cooccurrence, dim, num_negatives=loss.num_cl_negatives,
             temperature=loss.temperature, seed=seed + _SEED_OFFSETS["session"],
-            num_items=num_items, same_category_weight=loss.same_category_weight,
+            same_category_weight=loss.same_category_weight,
             similarity=loss.cl_similarity, positives=loss.session_positives)
     anchors = (CLAnchorSampler(num_items, loss.cl_anchors, seed + _SEED_OFFSETS["anchors"])
                if tasks and loss.cl_anchors != "batch" else None)

@@ -144,13 +144,32 @@ NB[3], CNT[3] = [7, 8, 9, 10], [0.5, 0.4, 0.3, 0.2]
 # item 4 and 0 have no neighbours
 
 
+def csr(nb, cnt, same=None):
+    """The padded fixture as CSR arrays (indptr, neighbours, counts, same_category), by loops."""
+    indptr, neighbours, counts, cats = [0], [], [], []
+    for i in range(nb.shape[0]):
+        for m in range(nb.shape[1]):
+            if nb[i, m] > 0 and cnt[i, m] > 0:
+                neighbours.append(int(nb[i, m]))
+                counts.append(float(cnt[i, m]))
+                cats.append(int(same[i, m]) if same is not None else 0)
+        indptr.append(len(neighbours))
+    return (np.array(indptr), np.array(neighbours, np.int64), np.array(counts),
+            np.array(cats, np.int8))
+
+
+def session_cl(nb=NB, cnt=CNT, same=SAME, **kwargs):
+    indptr, neighbours, counts, cats = csr(nb, cnt, same)
+    return SessionCL(indptr, neighbours, counts, 8, same_category=cats, **kwargs)
+
+
 def _chi2(counts, probs):
     expected = counts.sum() * np.asarray(probs)
     return float(((counts - expected) ** 2 / expected).sum())
 
 
 def test_session_sampler_is_proportional_to_counts_with_category_emphasis():
-    task = SessionCL(NB, CNT, 8, same_category=SAME, same_category_weight=3.0, num_negatives=30)
+    task = session_cl(same_category_weight=3.0, num_negatives=30)
     n = 6000
     pos, has, neg, mask = (t.numpy() for t in task.sample(tf.constant([1] * n + [2] * n)))
     assert has.all()
@@ -164,8 +183,7 @@ def test_session_sampler_is_proportional_to_counts_with_category_emphasis():
 
 
 def test_session_sampler_uniform_positives_ignore_counts_and_category():
-    task = SessionCL(NB, CNT, 8, same_category=SAME, same_category_weight=3.0,
-                     positives="uniform")
+    task = session_cl(same_category_weight=3.0, positives="uniform")
     n = 6000
     pos = task.sample(tf.constant([2] * n))[0].numpy()
     counts = np.array([np.sum(pos == j) for j in (1, 5)])
@@ -191,14 +209,14 @@ def test_cl_anchor_sampler_modes():
         CLAnchorSampler(1, "uniform")
 
 
-def test_neighbour_negatives_never_in_the_positive_set_and_empty_items_masked():
-    task = SessionCL(NB, CNT, 8, num_negatives=200, seed=9)
+def test_semantic_negatives_never_in_the_positive_set_and_empty_items_masked():
+    task = SemanticCL(NB, CNT, 8, num_negatives=200, seed=9)
     ids = np.array([1, 2, 3, 4, 0])
     for _ in range(5):
         pos, has, neg, mask = (t.numpy() for t in task.sample(tf.constant(ids)))
         assert neg.min() >= 1 and neg.max() <= V - 1 and mask.shape == (5, 200)
         for r, i in enumerate(ids):
-            positive_set = set(NB[i][CNT[i] > 0]) | {i}
+            positive_set = set(NB[i][NB[i] > 0]) | {i}
             kept = neg[mask[r]]
             assert not positive_set & set(kept.tolist())
             # and every negative outside the set is kept
@@ -206,6 +224,68 @@ def test_neighbour_negatives_never_in_the_positive_set_and_empty_items_masked():
         np.testing.assert_array_equal(has, [True, True, True, False, False])
         assert pos[3] == 0 and pos[4] == 0
         assert set(pos[:1]) <= {2, 3, 4} and set(pos[2:3]) <= {7, 8, 9, 10}
+
+
+def _random_symmetric_table(v, density, seed):
+    """{item: {neighbour: count}} symmetric, built with dicts; item 1 co-occurs with almost all."""
+    rs = np.random.RandomState(seed)
+    table = {i: {} for i in range(1, v)}
+    for a in range(1, v):
+        for b in range(a + 1, v):
+            if (b % 7 != 0) if a == 1 else rs.rand() < density:
+                c = int(rs.randint(1, 9))
+                table[a][b] = table[b][a] = c
+    return table
+
+
+def _table_csr(table, v):
+    indptr, nb, cnt = [0, 0], [], []
+    for i in range(1, v):
+        for j, c in sorted(table[i].items()):
+            nb.append(j)
+            cnt.append(c)
+        indptr.append(len(nb))
+    return np.array(indptr), np.array(nb, np.int64), np.array(cnt, np.float64)
+
+
+def test_session_negatives_never_co_occur_with_the_anchor_on_the_full_table():
+    v = V
+    table = _random_symmetric_table(v, 0.3, seed=3)
+    assert len(table[1]) > 0.8 * (v - 2)  # a head item: co-occurs with most of the catalogue
+    indptr, nb, cnt = _table_csr(table, v)
+    task = SessionCL(indptr, nb, cnt, 8, num_negatives=5, negative_pool_factor=8, seed=4)
+    ids = np.arange(0, v)
+    for _ in range(5):
+        pos, has, pool, mask = (t.numpy() for t in task.sample(tf.constant(ids)))
+        assert pool.shape == (40,) and mask.shape == (v, 40)
+        for r, i in enumerate(ids):
+            allowed = [k for k, n in enumerate(pool.tolist()) if n != i and n not in table.get(i, {})]
+            # exactly the first num_negatives allowed pool entries, in pool order
+            np.testing.assert_array_equal(np.flatnonzero(mask[r]), allowed[:5])
+            if has[r]:
+                assert pos[r] in table[i]
+        np.testing.assert_array_equal(has, [i in table and bool(table[i]) for i in ids])
+    # the head item gets its negatives despite co-occurring with most items
+    head = np.mean([task.sample(tf.constant([1]))[3].numpy().sum() for _ in range(50)])
+    assert head > 1.0
+
+
+def test_session_positives_follow_counts_over_the_whole_list():
+    table = _random_symmetric_table(V, 0.5, seed=5)
+    indptr, nb, cnt = _table_csr(table, V)
+    task = SessionCL(indptr, nb, cnt, 8, seed=6)
+    anchor = max(table, key=lambda i: len(table[i]))
+    n = 20000
+    pos = task.sample(tf.constant([anchor] * n))[0].numpy()
+    items = sorted(table[anchor])
+    observed = np.array([np.sum(pos == j) for j in items])
+    assert observed.sum() == n
+    probs = np.array([table[anchor][j] for j in items], float)
+    probs /= probs.sum()
+    # chi-square critical value at p = 0.001 for len(items) - 1 dof (Wilson-Hilferty)
+    k = len(items) - 1
+    crit = k * (1 - 2 / (9 * k) + 3.09 * np.sqrt(2 / (9 * k))) ** 3
+    assert _chi2(observed, probs) < crit
 
 
 def test_semantic_sampler_is_uniform_over_title_neighbours():
@@ -221,7 +301,7 @@ def test_semantic_sampler_is_uniform_over_title_neighbours():
 
 def test_items_without_neighbours_get_no_loss():
     tower = make_tower()
-    task = SessionCL(NB, CNT, 8, num_negatives=10)
+    task = session_cl(num_negatives=10)
     loss = task(make_inputs(tower, [4, 0, 11]), item_tower=tower)
     assert loss.numpy() == 0.0
     loss_mixed = task(make_inputs(tower, [4, 1, 2]), item_tower=tower)
@@ -233,8 +313,9 @@ def test_cl_tasks_round_trip_through_config():
     for task in (FeatureCL(8, "correlated", 0.3, 0.5, seed=2, correlation=nmi),
                  FeatureCL(8, similarity="cosine"),
                  SemanticCL(NB, CNT, 8, num_negatives=5, temperature=0.2),
-                 SessionCL(NB, CNT, 8, same_category=SAME, same_category_weight=2.5,
-                           similarity="cosine", positives="uniform"),
+                 SemanticCL(NB, CNT, 8, positives="all", similarity="cosine"),
+                 session_cl(same_category_weight=2.5, similarity="cosine", positives="uniform",
+                            negative_pool_factor=3),
                  CLAnchorSampler(V, "both", seed=3)):
         config = task.get_config()
         clone = type(task).from_config(config)
@@ -251,12 +332,55 @@ def test_cl_argument_errors():
     with pytest.raises(ValueError, match="similarity must be one of .* got 'euclid'"):
         FeatureCL(8, similarity="euclid")
     with pytest.raises(ValueError, match="similarity must be one of .* got 'euclid'"):
-        SessionCL(NB, CNT, 8, similarity="euclid")
-    with pytest.raises(ValueError, match="positives must be one of .* got 'sqrt'"):
-        SessionCL(NB, CNT, 8, positives="sqrt")
-    with pytest.raises(ValueError, match=r"must both be \[V, M\]"):
-        SessionCL(NB, CNT[:, :2], 8)
+        session_cl(similarity="euclid")
+    with pytest.raises(ValueError, match="positives must be one of .* Received: 'sqrt'"):
+        session_cl(positives="sqrt")
+    with pytest.raises(ValueError, match="positives must be one of .* Received: 'every'"):
+        SemanticCL(NB, CNT, 8, positives="every")
+    indptr, nb, cnt, cats = csr(NB, CNT, SAME)
+    with pytest.raises(ValueError, match=r"counts must be \[E\]"):
+        SessionCL(indptr, nb, cnt[:-1], 8)
     with pytest.raises(ValueError, match="same_category must be"):
-        SessionCL(NB, CNT, 8, same_category=SAME[:, :1])
+        SessionCL(indptr, nb, cnt, 8, same_category=cats[:1])
+    with pytest.raises(ValueError, match="CSR row pointer"):
+        SessionCL(indptr[::-1].copy(), nb, cnt, 8)
+    with pytest.raises(ValueError, match="negative_pool_factor must be a positive int"):
+        session_cl(negative_pool_factor=0)
+    with pytest.raises(ValueError, match=r"must both be \[V, M\]"):
+        SemanticCL(NB, CNT[:, :2], 8)
     with pytest.raises(ValueError, match="neighbour indices must be in"):
         SemanticCL(NB + V, CNT, 8)
+
+
+def test_semantic_all_neighbours_loss_matches_numpy():
+    tower = make_tower()
+    task = SemanticCL(NB, CNT, 8, num_negatives=12, temperature=0.5, seed=11, positives="all")
+    ids = [1, 2, 3, 4]
+    inputs = make_inputs(tower, ids)
+    state = task.rng.state.numpy().copy()
+    loss = float(task(inputs, item_tower=tower).numpy())
+    task.rng.state.assign(state)  # replay the same negatives
+    ids_t = tf.constant(ids, tf.int64)
+    negatives, _ = task._negatives(ids_t, tf.gather(task.neighbors, ids_t),
+                                   tf.gather(task.neighbor_valid, ids_t))
+    negatives = negatives.numpy()
+
+    def proj(x):
+        return task.projector(tf.constant(x)).numpy()
+
+    a = proj(inputs.embeddings.numpy())
+    per_anchor = []
+    for r, i in enumerate(ids):
+        pos_ids = [int(j) for j in NB[i] if j > 0]
+        if not pos_ids:
+            continue
+        p = proj(tower.embed_indices(tf.constant(pos_ids, tf.int64)).numpy())
+        n = proj(tower.embed_indices(tf.constant(negatives)).numpy())
+        keep = [k for k, j in enumerate(negatives) if j != i and j not in pos_ids]
+        terms = []
+        for pj in p:
+            pos_logit = a[r] @ pj / 0.5
+            neg_logits = np.array([a[r] @ n[k] / 0.5 for k in keep])
+            terms.append(-pos_logit + np.log(np.exp(pos_logit) + np.exp(neg_logits).sum()))
+        per_anchor.append(np.mean(terms))
+    np.testing.assert_allclose(loss, np.mean(per_anchor), rtol=1e-4)

@@ -22,7 +22,7 @@ import tf_keras
 
 from micrec_tf import train as train_mod
 from micrec_tf.config import from_dict
-from micrec_tf.data.artifacts import ItemTable, NeighbourTable
+from micrec_tf.data.artifacts import CooccurrenceTable, ItemTable, NeighbourTable
 from micrec_tf.model import build_model
 from micrec_tf.train import GPURequestedError, choose_mixed_precision, select_strategy
 
@@ -169,7 +169,8 @@ def _tiny_model_inputs():
         same = [j for j in range(1, V) if j != i and topic[j] == topic[i]]
         nb[i] = rs.choice(same, 3, replace=False)
     counts = np.where(nb > 0, 2.0, 0.0).astype(np.float32)
-    cooc = NeighbourTable(nb, counts, (tags[nb, 0] == tags[:, None, 0]).astype(np.int8))
+    cooc = CooccurrenceTable.from_padded(
+        NeighbourTable(nb, counts, (tags[nb, 0] == tags[:, None, 0]).astype(np.int8)))
     title = NeighbourTable(nb, np.where(nb > 0, 0.9, 0.0).astype(np.float32))
     cfg = from_dict({"model": {"embedding_dim": D, "output_dim": D, "item_mlp_units": [16, D],
                                "user_mlp_units": [16, D], "num_heads": 2,

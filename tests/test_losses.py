@@ -156,7 +156,8 @@ def test_task_samples_uniform_negatives_from_the_corpus_without_padding():
 
 
 def test_task_round_trips_through_config():
-    task = SampledSoftmaxTask(num_items=8, num_negatives=3, in_batch_negatives=True, seed=4)
+    task = SampledSoftmaxTask(num_items=8, num_negatives=3, in_batch_negatives=True, seed=4,
+                              mask_history_negatives=True)
     clone = SampledSoftmaxTask.from_config(task.get_config())
     assert clone.get_config() == task.get_config()
     est = StreamingFrequencyEstimator(10, 4, 0.1)
@@ -186,3 +187,50 @@ def test_cosine_similarity_info_nce_against_numpy():
     np.testing.assert_allclose(scaled.numpy(), np.mean(expected), rtol=1e-5)
     with pytest.raises(ValueError, match="similarity must be one of .* got 'l2'"):
         info_nce_loss(a, p, n, similarity="l2")
+
+
+class _IdTower:
+    """Item "tower" for the task tests: item i's vector is row i of a fixed table."""
+
+    def __init__(self, table):
+        self.table = tf.constant(table)
+
+    def embed_indices(self, ids, training=None):
+        return tf.gather(self.table, ids)
+
+
+def test_history_masked_negatives_against_numpy():
+    from micrec_tf.losses import history_negative_mask
+
+    rs = np.random.RandomState(8)
+    v, b, h, n = 12, 5, 4, 30
+    table = rs.normal(size=(v, 4)).astype(np.float32)
+    hist = rs.randint(0, v, size=(b, h))
+    hist[0] = 0  # an all-padding history masks nothing
+    query = rs.normal(size=(b, 4)).astype(np.float32)
+    pos_ids = rs.randint(1, v, size=b)
+    task = SampledSoftmaxTask(num_items=v, num_negatives=n, seed=5, mask_history_negatives=True)
+    state = task.rng.state.numpy().copy()
+    loss = task((query, table[pos_ids], pos_ids, hist), item_tower=_IdTower(table)).numpy()
+    task.rng.state.assign(state)
+    negs = task.sample_negatives().numpy()  # the same draws, in sampled order
+    expected = []
+    for r in range(b):
+        clicked = {int(x) for x in hist[r] if x > 0}
+        logits = [query[r] @ table[pos_ids[r]]]
+        logits += [query[r] @ table[j] for j in negs if j != pos_ids[r] and j not in clicked]
+        expected.append(_nll(logits, 0))
+    np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+    # without the mask the history items count as negatives: a different loss
+    plain = SampledSoftmaxTask(num_items=v, num_negatives=n, seed=5)
+    assert abs(plain((query, table[pos_ids], pos_ids), item_tower=_IdTower(table)).numpy()
+               - loss) > 1e-4
+    # the mask alone, duplicates among the sorted negatives included
+    sorted_negs = np.sort(negs)
+    mask = history_negative_mask(hist, sorted_negs).numpy()
+    ref = np.array([[j not in set(hist[r][hist[r] > 0].tolist()) for j in sorted_negs]
+                    for r in range(b)])
+    np.testing.assert_array_equal(mask, ref)
+    assert (~ref).sum() > 0 and len(set(negs.tolist())) < n
+    with pytest.raises(ValueError, match="needs history_ids"):
+        task((query, table[pos_ids], pos_ids), item_tower=_IdTower(table))

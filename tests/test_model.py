@@ -9,7 +9,7 @@ import tf_keras
 from micrec_tf import layers as L
 from micrec_tf import towers as TW
 from micrec_tf.config import from_dict
-from micrec_tf.data.artifacts import ItemTable, NeighbourTable
+from micrec_tf.data.artifacts import CooccurrenceTable, ItemTable, NeighbourTable
 from micrec_tf.model import build_model
 
 V, T, H, D, TOPICS = 41, 3, 5, 8, 4
@@ -37,7 +37,8 @@ def _tiny_world(seed=0):
         pick = rs.choice(same, size=m, replace=False)
         nb[i], cnt[i] = pick, rs.randint(1, 6, size=m)
     nb[V - 1], cnt[V - 1] = 0, 0  # one item without neighbours
-    co = NeighbourTable(nb, cnt, (tags[nb, 0] == tags[:, None, 0]).astype(np.int8))
+    co = CooccurrenceTable.from_padded(
+        NeighbourTable(nb, cnt, (tags[nb, 0] == tags[:, None, 0]).astype(np.int8)))
     title = NeighbourTable(nb, np.where(nb > 0, 0.8, 0.0).astype(np.float32))
     return table, co, title, topic
 

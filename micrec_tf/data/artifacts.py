@@ -129,6 +129,19 @@ class CooccurrenceTable:
 
         return cls(indptr, cat(nb_parts, np.int64), cat(c_parts, np.int64), cat(s_parts, np.int8))
 
+    @classmethod
+    def from_padded(cls, table: NeighbourTable) -> "CooccurrenceTable":
+        """From padded [V, M] lists (weight 0 = padding), e.g. a hand-made test table."""
+        nb, w = np.asarray(table.neighbors), np.asarray(table.weights)
+        same = (np.zeros(nb.shape, np.int8) if table.same_category is None
+                else np.asarray(table.same_category))
+        rows = []
+        for i in range(nb.shape[0]):
+            keep = (nb[i] > 0) & (w[i] > 0)
+            if keep.any():
+                rows.append((i, nb[i][keep], np.round(w[i][keep]).astype(np.int64), same[i][keep]))
+        return cls.from_rows(nb.shape[0], rows)
+
     def validate(self, path: str = "co-occurrence table") -> "CooccurrenceTable":
         """Raises ``ValueError`` naming ``path`` when the arrays break the contract above."""
         v, e = self.num_items, self.num_entries
