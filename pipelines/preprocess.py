@@ -23,9 +23,23 @@ Steps (issue 3):
    ``leave_last_out`` (per user, last click = test, second-last = valid).
 3. Vocabularies from training clicks only, by training-click frequency desc, then value.
 4. One ``tf.train.Example`` per click with the H most recent earlier clicks; sharded GZIP TFRecords.
-5. Sessions and the co-occurrence table (training clicks only; per-user partial counts
-   pre-aggregated inside the DoFn, merged with a CombinePerKey; never one element per pair).
+5. Sessions and the co-occurrence table (training clicks only). Every pair of clicks on two
+   distinct items at most ``session_window_s`` apart (inclusive) counts once (A, B, A inside
+   the window: count(A, B) = 2); ``max_pairs_per_click`` N > 0 caps each click at its N nearest
+   earlier clicks instead. Partial counts on item indices are pre-aggregated inside the DoFn,
+   merged per item with a CombinePerKey (never one element per pair) and written as one CSR
+   file, ``cooccurrence/cooccurrence.npz`` (:class:`micrec_tf.data.artifacts.CooccurrenceTable`:
+   every neighbour, or the top ``cooccurrence_top_m``; ``same_category`` per entry from
+   ``session_category``).
 6. stats.json.
+
+Click order (the tie rule): a user's clicks are sorted by timestamp; clicks in the same second
+keep the input order: the input files in the order the adapter lists them, then the line
+number, then the row's position within the line (a MIND line yields many clicks). The key
+(:func:`click_order`, one int) travels from :class:`ParseRows` to :class:`PrepareUser` and is
+dropped there. It decides histories, session pairs under a cap and the leave-last-out targets
+(53 % of MovieLens clicks share their second with the previous click). With
+``deduplicate_clicks`` the first copy of identical (item, second) clicks is kept.
 
 Output is deterministic: every file is sorted before it is written (TFRecord shards by user
 hash, records by user then click order), so two runs give byte-identical artifacts except the
@@ -86,9 +100,10 @@ with _quiet_root_logger():
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
     from apache_beam.transforms.window import GlobalWindows
 
-from micrec_tf.config import Config
+from micrec_tf.config import Config, ConfigError
 from micrec_tf.data import schema
-from micrec_tf.data.artifacts import vocab_field_names
+from micrec_tf.data.artifacts import (CooccurrenceTable, cooccurrence_npz_bytes,
+                                      vocab_field_names)
 
 LOG = logging.getLogger("pipelines.preprocess")
 
@@ -107,6 +122,24 @@ RESERVED_FEATURES = ("user_id", "hist_items", "hist_len", "item", "item_tags", "
 # --------------------------------------------------------------------------------------------
 # Pure functions (also used by the tests as the single definition of each rule)
 # --------------------------------------------------------------------------------------------
+
+# Bits of the line number and of the row position inside a line in :func:`click_order`.
+ORDER_LINE_BITS = 40
+ORDER_ROW_BITS = 24
+
+
+def click_order(file_index: int, line_number: int, position: int) -> int:
+    """One int that sorts clicks in input order: file (in the adapter's listing order), then
+    line number, then the row's position within the line (a MIND line holds many clicks).
+
+    The tie rule of clicks with the same timestamp (:class:`PrepareUser`).
+    """
+    if not (0 <= line_number < 1 << ORDER_LINE_BITS and 0 <= position < 1 << ORDER_ROW_BITS):
+        raise ValueError(f"line {line_number} / row {position} of input file {file_index} is "
+                         f"past the click order key's range (2**{ORDER_LINE_BITS} lines, "
+                         f"2**{ORDER_ROW_BITS} rows per line)")
+    return (((file_index << ORDER_LINE_BITS) | line_number) << ORDER_ROW_BITS) | position
+
 
 def target_ranks(n: int, fractions) -> tuple:
     """0-based ranks (in timestamp order) of the first valid and the first test interaction."""
@@ -138,7 +171,7 @@ def split_of(ts: int, boundaries) -> str:
 
 
 def split_counts(clicks, mode: str, boundaries) -> tuple:
-    """(n_train, n_valid) for one user's clicks sorted by (timestamp, item_id).
+    """(n_train, n_valid) for one user's clicks [(timestamp, item_id)] in click order.
 
     Both strategies give contiguous blocks: train clicks, then valid, then test.
     """
@@ -166,17 +199,19 @@ def count_sessions(clicks, window_s: int) -> int:
     return sessions
 
 
-def cooccurrence_pairs(clicks, window_s: int, max_pairs_per_click: int):
+def cooccurrence_pairs(clicks, window_s: int, max_pairs_per_click: int = 0):
     """Yields one (earlier_item, later_item) per co-occurrence in clicks sorted by time.
 
-    Two clicks on distinct items at most ``window_s`` apart (inclusive) are one co-occurrence.
-    Each click pairs with its nearest earlier clicks first, at most ``max_pairs_per_click``.
+    Two clicks on distinct items at most ``window_s`` apart (inclusive) are one co-occurrence
+    (a user clicking A, B, A inside the window gives two A-B co-occurrences). With
+    ``max_pairs_per_click`` N > 0 each click pairs with its N nearest earlier clicks on another
+    item only; 0 = no cap (the paper's definition).
     """
     for j in range(1, len(clicks)):
         tj, item_j = clicks[j]
         taken = 0
         i = j - 1
-        while i >= 0 and taken < max_pairs_per_click:
+        while i >= 0 and (not max_pairs_per_click or taken < max_pairs_per_click):
             ti, item_i = clicks[i]
             if tj - ti > window_s:
                 break
@@ -186,18 +221,56 @@ def cooccurrence_pairs(clicks, window_s: int, max_pairs_per_click: int):
             i -= 1
 
 
-def cooccurrence_pair_arrays(ts, codes, window_s: int, max_pairs_per_click: int):
-    """Vectorised :func:`cooccurrence_pairs` on int arrays: (earlier codes, later codes).
+# Pairs per array chunk of :func:`cooccurrence_pair_chunks` (a few int64 arrays of this size).
+PAIR_CHUNK = 1 << 21
 
-    Step d pairs every still-open click j with click j - d; a click closes when it reached the
-    cap or click j - d is out of the window (then every earlier one is too). Same pairs as the
-    reference generator, in another order.
+
+def cooccurrence_pair_chunks(ts, codes, window_s: int, max_pairs_per_click: int = 0,
+                             chunk: int = PAIR_CHUNK):
+    """Vectorised :func:`cooccurrence_pairs` on int arrays, in pieces of about ``chunk`` pairs.
+
+    ts:    int64 [n] click times, ascending.
+    codes: int64 [n] item codes.
+    Yields (earlier codes [k], later codes [k]) arrays; together the same pairs as the reference
+    generator, in another order. Memory stays O(chunk + n) however long a burst of clicks is.
+
+    No cap: click j pairs with every click in ``[lo[j], j)``, ``lo`` from one ``searchsorted``
+    on ``ts - window_s``; the clicks are cut into runs whose windows hold about ``chunk`` pairs
+    and each run is expanded with ``repeat``. Cap N: step d pairs every still-open click j with
+    click j - d; a click closes when it reached the cap or click j - d is out of the window (then
+    every earlier one is too).
     """
     ts = np.asarray(ts, np.int64)
     codes = np.asarray(codes, np.int64)
-    taken = np.zeros(len(ts), np.int64)
-    active = np.arange(1, len(ts))
-    out_a, out_b = [], []
+    n = ts.size
+    if n < 2:
+        return
+    if max_pairs_per_click:
+        yield from _capped_pair_chunks(ts, codes, window_s, max_pairs_per_click, chunk)
+        return
+    lo = np.searchsorted(ts, ts - window_s, side="left")
+    width = np.arange(n, dtype=np.int64) - lo  # earlier clicks inside click j's window
+    ends = np.cumsum(width)  # pairs of clicks 0..j
+    start = 0
+    while start < n:
+        before = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, before + chunk, side="right")))
+        w = width[start:stop]
+        total = int(ends[stop - 1]) - before
+        if total:
+            later = np.repeat(np.arange(start, stop, dtype=np.int64), w)
+            earlier = lo[later] + (np.arange(total, dtype=np.int64)
+                                   - np.repeat(ends[start:stop] - w - before, w))
+            a, b = codes[earlier], codes[later]
+            distinct = a != b
+            yield a[distinct], b[distinct]
+        start = stop
+
+
+def _capped_pair_chunks(ts, codes, window_s, cap, chunk):
+    taken = np.zeros(ts.size, np.int64)
+    active = np.arange(1, ts.size)
+    out_a, out_b, size = [], [], 0
     d = 1
     while active.size:
         active = active[active >= d]
@@ -208,82 +281,133 @@ def cooccurrence_pair_arrays(ts, codes, window_s: int, max_pairs_per_click: int)
         later = active[distinct]
         out_a.append(codes[earlier[distinct]])
         out_b.append(codes[later])
+        size += later.size
         taken[later] += 1
-        active = active[taken[active] < max_pairs_per_click]
+        active = active[taken[active] < cap]
         d += 1
-    if not out_a:
+        if size >= chunk or not active.size:
+            if size:
+                yield np.concatenate(out_a), np.concatenate(out_b)
+            out_a, out_b, size = [], [], 0
+
+
+def cooccurrence_pair_arrays(ts, codes, window_s: int, max_pairs_per_click: int = 0):
+    """Every pair of :func:`cooccurrence_pair_chunks` as two arrays (earlier codes, later codes)."""
+    chunks = list(cooccurrence_pair_chunks(ts, codes, window_s, max_pairs_per_click))
+    if not chunks:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(out_a), np.concatenate(out_b)
+    return np.concatenate([a for a, _ in chunks]), np.concatenate([b for _, b in chunks])
+
+
+def merge_counts(keys, counts):
+    """Sums ``counts`` of equal ``keys``: -> (unique keys ascending, summed counts), int64."""
+    keys = np.asarray(keys, np.int64)
+    counts = np.asarray(counts, np.int64)
+    if not keys.size:
+        return keys, counts
+    order = np.argsort(keys, kind="stable")
+    keys, counts = keys[order], counts[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return keys[starts], np.add.reduceat(counts, starts)
 
 
 class PairCounter:
-    """Counts unordered item pairs in int64 keys ``lo << 32 | hi`` (ids local to one counter)."""
+    """Counts unordered pairs of item indices (< 2**31) as int64 keys ``lo << 32 | hi``.
+
+    ``add`` buffers the pairs; they are summed (:func:`merge_counts`) once the buffer holds
+    4x the distinct pairs counted so far (at least 1M), so memory stays a small multiple of the
+    distinct pairs whatever the number of pairs added.
+    """
 
     def __init__(self):
-        self.ids = {}
-        self.names = []
         self._keys = np.zeros(0, np.int64)
         self._counts = np.zeros(0, np.int64)
         self._pending = []
         self._pending_size = 0
 
-    def codes(self, items) -> np.ndarray:
-        ids = self.ids
-        out = np.empty(len(items), np.int64)
-        for k, item in enumerate(items):
-            code = ids.get(item)
-            if code is None:
-                code = ids[item] = len(self.names)
-                self.names.append(item)
-            out[k] = code
-        return out
-
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        """a, b: int [k] item indices of k co-occurrences (order within a pair is ignored)."""
         if not len(a):
             return
-        lo, hi = np.minimum(a, b), np.maximum(a, b)
-        self._pending.append((lo << 32) | hi)
-        self._pending_size += len(lo)
+        a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+        self._pending.append((np.minimum(a, b) << 32) | np.maximum(a, b))
+        self._pending_size += len(a)
         if self._pending_size > 4 * max(len(self._keys), 1_000_000):
             self.compact()
 
     def compact(self) -> None:
         if not self._pending:
             return
-        keys = np.concatenate([self._keys] + self._pending)
-        counts = np.concatenate([self._counts, np.ones(self._pending_size, np.int64)])
-        order = np.argsort(keys, kind="stable")
-        keys, counts = keys[order], counts[order]
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        self._keys, self._counts = keys[starts], np.add.reduceat(counts, starts)
+        pending = np.sort(np.concatenate(self._pending))
+        starts = np.flatnonzero(np.r_[True, pending[1:] != pending[:-1]])
+        new_counts = np.diff(np.r_[starts, pending.size])
         self._pending, self._pending_size = [], 0
+        self._keys, self._counts = merge_counts(np.concatenate([self._keys, pending[starts]]),
+                                                np.concatenate([self._counts, new_counts]))
 
     def num_entries(self) -> int:
+        """Entries of the symmetric table counted so far (2 per distinct pair), buffer excluded."""
         return 2 * len(self._keys)
 
-    def items(self):
-        """Yields (item, {neighbour: count}) in item order, both directions of every pair."""
+    def rows(self):
+        """Yields (item, neighbours int64 [n] ascending, counts int64 [n]) in item order, both
+        directions of every pair."""
         self.compact()
+        if not len(self._keys):
+            return
         lo, hi = self._keys >> 32, self._keys & 0xFFFFFFFF
         a, b = np.concatenate([lo, hi]), np.concatenate([hi, lo])
         counts = np.concatenate([self._counts, self._counts])
-        if not len(a):
-            return
-        names = np.empty(len(self.names), dtype=object)
-        names[:] = self.names
         order = np.lexsort((b, a))
         a, b, counts = a[order], b[order], counts[order]
         bounds = np.flatnonzero(np.r_[True, a[1:] != a[:-1], True])
-        b_names = names[b].tolist()
-        counts = counts.tolist()
         for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            yield names[a[s]], dict(zip(b_names[s:e], counts[s:e]))
+            yield int(a[s]), b[s:e], counts[s:e]
 
 
-def top_neighbours(counts: dict, index: dict, top_m: int):
-    """[(neighbour index, count)] sorted by count desc, then smaller index; at most ``top_m``."""
-    ranked = sorted(((-c, index[b]) for b, c in counts.items() if index.get(b)))
-    return [(idx, -neg) for neg, idx in ranked[:top_m]]
+def merge_neighbour_counts(x, y):
+    """Sum of two (neighbours, counts) rows -> (neighbours ascending, counts)."""
+    return merge_counts(np.concatenate([x[0], y[0]]), np.concatenate([x[1], y[1]]))
+
+
+def top_neighbours(neighbours, counts, top_m: int = 0):
+    """(neighbours, counts) sorted by count desc, then index; the first ``top_m`` (0 = all)."""
+    neighbours = np.asarray(neighbours, np.int64)
+    counts = np.asarray(counts, np.int64)
+    order = np.lexsort((neighbours, -counts))
+    if top_m:
+        order = order[:top_m]
+    return neighbours[order], counts[order]
+
+
+def same_category(item: int, neighbours, categories):
+    """int8 [n]: 1 where ``item`` and each neighbour are "same category" (``session_category``).
+
+    ``categories``: int64 [V, T] tag indices per item (0 = padding; the pair shares a tag) or
+    int64 [V] one value index per item (provider or an extra field; equal and non-zero).
+    Index 0 (no tag / empty value) never counts.
+    """
+    neighbours = np.asarray(neighbours, np.int64)
+    if categories.ndim == 2:
+        own = categories[item]
+        own = own[own > 0]
+        return np.isin(categories[neighbours], own).any(axis=1).astype(np.int8)
+    value = categories[item]
+    return ((categories[neighbours] == value) & (value != 0)).astype(np.int8)
+
+
+def session_category_choices(extra_fields) -> tuple:
+    """The values ``preprocess.session_category`` may take for an adapter's item fields."""
+    return ("tags", "provider") + tuple(extra_fields)
+
+
+def check_session_category(value: str, extra_fields) -> None:
+    """Raises :class:`ConfigError` (one line) when ``value`` names no item field."""
+    choices = session_category_choices(extra_fields)
+    if value not in choices:
+        raise ConfigError(f"preprocess.session_category must be one of {list(choices)} (tags, "
+                          f"provider or an item extra field of this dataset's adapter). "
+                          f"Received: {value!r}")
 
 
 def shard_of(user_id: str, num_shards: int) -> int:
@@ -455,13 +579,15 @@ class ParseRows(beam.DoFn, _BundleCounter):
     """``(path, line_number, raw)`` -> canonical tuples; bad lines -> DEAD output.
 
     A DEAD element is ``(source, path, line_number, reason, detail, raw)``. Interaction tuples
-    carry their origin ``(path, line_number, raw)`` last, for :class:`ValidateClicks`.
+    carry their :func:`click_order` key (``paths``: the source's files in the adapter's order)
+    and their origin ``(path, line_number, raw)`` last, for :class:`ValidateClicks`.
     """
 
-    def __init__(self, adapter, source: str, encoding: str):
+    def __init__(self, adapter, source: str, encoding: str, paths=()):
         self.adapter = adapter
         self.source = source
         self.encoding = encoding
+        self.paths = list(paths)
 
     def setup(self):
         self._parse = getattr(self.adapter, {"interactions": "parse_interaction",
@@ -470,6 +596,9 @@ class ParseRows(beam.DoFn, _BundleCounter):
         self._user_fields = tuple(self.adapter.user_fields)
         self._extra_fields = tuple(self.adapter.item_extra_fields)
         self._counters = {r: Metrics.counter("dead_letters", r) for r in schema.REASONS}
+        self._file_index = {}
+        for k, path in enumerate(self.paths):
+            self._file_index.setdefault(path, k)
 
     def start_bundle(self):
         self._reset_stats()
@@ -498,7 +627,7 @@ class ParseRows(beam.DoFn, _BundleCounter):
         if not rows:
             self._stats[f"skipped.{self.source}"] += 1
             return
-        for row in rows:
+        for position, row in enumerate(rows):
             try:
                 out = self._canonical(row, line)
                 if lossy:
@@ -507,7 +636,12 @@ class ParseRows(beam.DoFn, _BundleCounter):
                 yield self._dead(err, origin)
                 continue
             self._stats[f"parsed.{self.source}"] += 1
-            yield out + (origin,) if self.source == "interactions" else out
+            if self.source == "interactions":
+                path, line_no, _ = origin
+                file_index = self._file_index.get(path, len(self._file_index))
+                yield out + (click_order(file_index, line_no, position), origin)
+            else:
+                yield out
 
     def _check_ids_decoded(self, out):
         """Raises ``bad_encoding`` when an id of a canonical tuple holds undecodable bytes."""
@@ -547,8 +681,8 @@ class ParseRows(beam.DoFn, _BundleCounter):
 
 
 class ValidateClicks(beam.DoFn, _BundleCounter):
-    """(user, item, ts, origin) -> keyed (user, (ts, item)); unknown items -> DEAD (with the
-    origin's raw line). Day-bucket counts."""
+    """(user, item, ts, order, origin) -> keyed (user, (ts, order, item)); unknown items -> DEAD
+    (with the origin's raw line). Day-bucket counts."""
 
     def __init__(self, with_buckets: bool):
         self.with_buckets = with_buckets
@@ -561,7 +695,7 @@ class ValidateClicks(beam.DoFn, _BundleCounter):
         self._buckets = collections.Counter()
 
     def process(self, event, known_items):
-        user_id, item_id, ts, (path, line_no, raw) = event
+        user_id, item_id, ts, order, (path, line_no, raw) = event
         if item_id not in known_items:
             self._unknown.inc()
             self._stats[f"dead.interactions.{schema.UNKNOWN_ITEM}"] += 1
@@ -572,7 +706,7 @@ class ValidateClicks(beam.DoFn, _BundleCounter):
             self._stats["events"] += 1
             if self.with_buckets:
                 self._buckets[ts // DAY] += 1
-            yield user_id, (ts, item_id)
+            yield user_id, (ts, order, item_id)
 
     def finish_bundle(self):
         for bucket, n in sorted(self._buckets.items()):
@@ -631,7 +765,11 @@ def _pick_first(kv):
 
 
 class PrepareUser(beam.DoFn):
-    """CoGroupByKey result -> (user_id, profile, clicks sorted by (ts, item), n_train, n_valid)."""
+    """CoGroupByKey result -> (user_id, profile, clicks, n_train, n_valid, has_profile).
+
+    ``clicks``: ((ts, item_id), ...) sorted by timestamp; clicks of the same second keep their
+    input order (the :func:`click_order` key carried from :class:`ParseRows`, dropped here).
+    """
 
     def __init__(self, mode: str, num_profile_fields: int, deduplicate: bool = False):
         self.mode = mode
@@ -640,15 +778,24 @@ class PrepareUser(beam.DoFn):
 
     def process(self, kv, boundaries):
         user_id, groups = kv
-        clicks = sorted(groups["clicks"])
+        ordered = sorted(groups["clicks"])  # (ts, order, item): the order keys are unique
         if self.deduplicate:
             # The same click twice (same item, same second: e.g. MIND repeats a user's history on
-            # every impression line) counts once; the removed copies are counted in stats.json.
-            unique = [c for i, c in enumerate(clicks) if i == 0 or c != clicks[i - 1]]
-            if len(unique) < len(clicks):
+            # every impression line) counts once, the first in input order; the removed copies
+            # are counted in stats.json.
+            clicks, second, seen = [], None, set()
+            for ts, _, item in ordered:
+                if ts != second:
+                    second, seen = ts, set()
+                if item not in seen:
+                    seen.add(item)
+                    clicks.append((ts, item))
+            if len(clicks) < len(ordered):
                 yield beam.pvalue.TaggedOutput(STATS,
-                                               ("duplicate_clicks", len(clicks) - len(unique)))
-            clicks = unique
+                                               ("duplicate_clicks", len(ordered) - len(clicks)))
+        else:
+            clicks = [(ts, item) for ts, _, item in ordered]
+        del ordered
         if clicks:  # a user row without valid clicks produces nothing
             profiles = sorted(groups["user"], key=repr)
             profile = profiles[0] if profiles else ("",) * self.num_profile_fields
@@ -657,23 +804,15 @@ class PrepareUser(beam.DoFn):
 
 
 class UserTrainStats(beam.DoFn, _BundleCounter):
-    """Training-period counts per user: vocab entries, sessions and co-occurrence partials."""
+    """Training-period counts per user: vocab entries, item click counts and sessions."""
 
-    def __init__(self, user_fields, window_s, max_pairs):
+    def __init__(self, user_fields, window_s):
         self.user_fields = tuple(user_fields)
         self.window_s = window_s
-        self.max_pairs = max_pairs
 
     def start_bundle(self):
         self._reset_stats()
         self._items = collections.Counter()
-        self._pairs = PairCounter()
-
-    def _flush_cooc(self, windowed):
-        for a, counts in self._pairs.items():
-            out = (a, counts)
-            yield beam.pvalue.TaggedOutput("cooc", _wv(out) if windowed else out)
-        self._pairs = PairCounter()
 
     def process(self, user):
         yield from self._user(*user)
@@ -700,44 +839,69 @@ class UserTrainStats(beam.DoFn, _BundleCounter):
                 yield beam.pvalue.TaggedOutput("vocab", ((f"user_{field}", value), n_train))
         for _, item in train:
             self._items[item] += 1
-        if n_train > 1:
-            codes = self._pairs.codes([item for _, item in train])
-            a, b = cooccurrence_pair_arrays([ts for ts, _ in train], codes, self.window_s,
-                                            self.max_pairs)
-            self._pairs.add(a, b)
-            st["pairs"] += len(a)
-            if self._pairs.num_entries() >= COOC_FLUSH_ENTRIES:
-                yield from self._flush_cooc(windowed=False)
 
     def finish_bundle(self):
         for item, n in sorted(self._items.items()):
             yield beam.pvalue.TaggedOutput("item_counts", _wv((item, n)))
         self._items = collections.Counter()
-        yield from self._flush_cooc(windowed=True)
         yield from self._flush_stats()
 
 
-class MergeCounts(beam.CombineFn):
-    """Merges {neighbour: count} dicts (the co-occurrence combiner)."""
+class UserCooccurrence(beam.DoFn, _BundleCounter):
+    """Users' training clicks -> co-occurrence partial rows (item index, (neighbours, counts)).
+
+    Pairs (:func:`cooccurrence_pair_chunks`, on item indices of the ``item_id`` vocabulary) are
+    summed in one :class:`PairCounter` per bundle, emitted as one row per item when it holds
+    ``COOC_FLUSH_ENTRIES`` entries and at the end of the bundle; never one element per pair.
+    ``neighbours`` int64 [n] ascending, ``counts`` int64 [n].
+    """
+
+    def __init__(self, window_s, max_pairs):
+        self.window_s = window_s
+        self.max_pairs = max_pairs
+
+    def start_bundle(self):
+        self._reset_stats()
+        self._pairs = PairCounter()
+
+    def _flush(self, windowed):
+        for item, neighbours, counts in self._pairs.rows():
+            out = (item, (neighbours, counts))
+            yield _wv(out) if windowed else out
+        self._pairs = PairCounter()
+
+    def process(self, user, index):
+        _, _, clicks, n_train, _, _ = user
+        if n_train < 2:
+            return
+        item_index = index["item_id"]
+        train = clicks[:n_train]
+        codes = np.fromiter((item_index[item] for _, item in train), np.int64, n_train)
+        ts = np.fromiter((t for t, _ in train), np.int64, n_train)
+        for a, b in cooccurrence_pair_chunks(ts, codes, self.window_s, self.max_pairs):
+            self._pairs.add(a, b)
+            self._stats["pairs"] += len(a)
+        if self._pairs.num_entries() >= COOC_FLUSH_ENTRIES:
+            yield from self._flush(windowed=False)
+
+    def finish_bundle(self):
+        yield from self._flush(windowed=True)
+        yield from self._flush_stats()
+
+
+class MergeNeighbourCounts(beam.CombineFn):
+    """Sums (neighbours, counts) partial rows of one item (the co-occurrence combiner)."""
 
     def create_accumulator(self):
-        return {}
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
 
-    def add_input(self, acc, counts):
-        if not acc:
-            acc.update(counts)
-            return acc
-        get = acc.get
-        for k, v in counts.items():
-            acc[k] = get(k, 0) + v
-        return acc
+    def add_input(self, acc, row):
+        return merge_neighbour_counts(acc, row)
 
     def merge_accumulators(self, accs):
-        accs = iter(accs)
-        out = next(accs)
-        for acc in accs:
-            self.add_input(out, acc)
-        return out
+        accs = list(accs)
+        return merge_counts(np.concatenate([a[0] for a in accs]),
+                            np.concatenate([a[1] for a in accs]))
 
     def extract_output(self, acc):
         return acc
@@ -803,34 +967,56 @@ def _write_items(rows, out_dir, extra_fields):
         lines.append(json.dumps({
             "item": idx, "item_id": item_id, "title": title, "tags": list(tags),
             "provider": provider,
-            "extra": {f"item_{f}": v for f, v in zip(extra_fields, extras)},
-            "category": tags[0] if tags else 0}, ensure_ascii=False))
+            "extra": {f"item_{f}": v for f, v in zip(extra_fields, extras)}}, ensure_ascii=False))
     _write_lines(os.path.join(out_dir, "items", "items.jsonl"), lines)
     return [("items.vocab", len(lines)), ("items.catalogue", len(rows))]
 
 
-class TopNeighbours(beam.DoFn):
-    """(item_id, {neighbour_id: count}) -> (index, neighbours, counts, same_category, #distinct)."""
+def _category_codes(item_feats, index, session_category, extra_fields, max_tags):
+    """The ``categories`` array of :func:`same_category` for every vocab item (row 0 empty).
+
+    ``item_feats``: [(item_id, (idx, tag indices, provider index, extra indices, title))].
+    -> int64 [V, max_tags] tag indices for ``tags``, int64 [V] value indices otherwise.
+    """
+    num_items = len(index["item_id"]) + 1
+    if session_category == "tags":
+        codes = np.zeros([num_items, max_tags], np.int64)
+    else:
+        codes = np.zeros([num_items], np.int64)
+        k = None if session_category == "provider" else list(extra_fields).index(session_category)
+    for _, (idx, tags, provider, extras, _) in item_feats:
+        if not idx:
+            continue
+        if session_category == "tags":
+            codes[idx, :len(tags)] = tags[:max_tags]
+        else:
+            codes[idx] = provider if k is None else extras[k]
+    return codes
+
+
+class CooccurrenceRows(beam.DoFn):
+    """(item, (neighbours, counts)) -> (item, neighbours, counts, same_category, #distinct).
+
+    Neighbours sorted by count desc, then index; the first ``top_m`` kept (0 = all).
+    """
 
     def __init__(self, top_m):
         self.top_m = top_m
 
-    def process(self, kv, item_feats):
-        item_id, counts = kv
-        idx, tags = item_feats[item_id][:2]
-        category = tags[0] if tags else 0
-        index = {b: item_feats[b][0] for b in counts}
-        top = top_neighbours(counts, index, self.top_m)
-        category_of = {index[b]: (item_feats[b][1][:1] or (0,))[0] for b in counts}
-        same = [int(category != 0 and category_of[b] == category) for b, _ in top]
-        yield idx, [b for b, _ in top], [c for _, c in top], same, len(counts)
+    def process(self, kv, categories):
+        item, (neighbours, counts) = kv
+        top, top_counts = top_neighbours(neighbours, counts, self.top_m)
+        yield (item, top.astype(np.int32), top_counts,
+               same_category(item, top, categories), int(len(neighbours)))
 
 
-def _write_cooc(rows, out_dir):
-    lines = [json.dumps({"item": idx, "neighbors": nb, "counts": counts, "same_category": cats})
-             for idx, nb, counts, cats, _ in sorted(rows)]
-    _write_lines(os.path.join(out_dir, "cooccurrence", "cooccurrence.jsonl"), lines)
-    return [("cooc.items", len(lines)),
+def _write_cooc(rows, out_dir, index):
+    """All :class:`CooccurrenceRows` -> ``cooccurrence/cooccurrence.npz`` (CSR, V rows)."""
+    num_items = len(index["item_id"]) + 1
+    table = CooccurrenceTable.from_rows(num_items, [r[:4] for r in rows])
+    _write_bytes(os.path.join(out_dir, "cooccurrence", "cooccurrence.npz"),
+                 cooccurrence_npz_bytes(table))
+    return [("cooc.items", len(rows)),
             ("pairs.distinct", sum(r[4] for r in rows) // 2)]
 
 
@@ -931,11 +1117,12 @@ def _write_summary(items, out_dir):
 # --------------------------------------------------------------------------------------------
 
 def _read(p, label, files: schema.SourceFiles, data_dir: str, required: bool):
+    """-> (numbered lines of the source's files, the files in the adapter's listing order)."""
     paths = files.paths(data_dir)
     if not paths and required:
         raise FileNotFoundError(
             f"no {label} files match {list(files.patterns)} under {data_dir!r}")
-    return p | f"Read{label}" >> ReadNumberedLines(paths)
+    return p | f"Read{label}" >> ReadNumberedLines(paths), paths
 
 
 def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None:
@@ -946,12 +1133,14 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     for name in [f"user_{f}" for f in user_fields] + [f"item_{f}" for f in extra_fields]:
         if name in RESERVED_FEATURES:
             raise ValueError(f"adapter field {name!r} collides with a reserved feature name")
+    check_session_category(pc.session_category, extra_fields)
     global_time = pc.split == "global_time"
 
     def parse(source, files, required):
-        raw = _read(p, source.capitalize(), files, data_dir, required)
+        raw, paths = _read(p, source.capitalize(), files, data_dir, required)
         return raw | f"Parse{source.capitalize()}" >> beam.ParDo(
-            ParseRows(adapter, source, files.encoding)).with_outputs(DEAD, STATS, main="rows")
+            ParseRows(adapter, source, files.encoding, paths)).with_outputs(
+                DEAD, STATS, main="rows")
 
     inter = parse("interactions", adapter.interaction_files, True)
     items = parse("items", adapter.item_files, True)
@@ -1001,10 +1190,9 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
         .with_outputs(STATS, main="users"))
     prepare_stats, user_rows = user_rows[STATS], user_rows.users
 
-    # 3 + 5. Training-period statistics: vocab counts, sessions, co-occurrence partials.
+    # 3. Training-period statistics: vocab counts, sessions.
     train_stats = user_rows | "TrainStats" >> beam.ParDo(UserTrainStats(
-        user_fields, pc.session_window_s, pc.max_pairs_per_click)).with_outputs(
-        "vocab", "item_counts", "cooc", STATS)
+        user_fields, pc.session_window_s)).with_outputs("vocab", "item_counts", STATS)
     item_counts = train_stats.item_counts | "SumItemCounts" >> beam.CombinePerKey(sum)
     item_entries = ({"count": item_counts, "item": items_kv} | "JoinItemCounts" >> beam.CoGroupByKey()
                     | "ItemVocabEntries" >> beam.FlatMap(_item_vocab_entries, pc.max_tags,
@@ -1028,14 +1216,19 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     item_feats = items_picked | "ItemFeatures" >> beam.Map(
         _item_features, index, pc.max_tags, extra_fields)
     item_feats_si = beam.pvalue.AsDict(item_feats)
-    items_stats = (item_feats | "AllItemFeatures" >> beam.combiners.ToList()
-                   | "WriteItems" >> beam.FlatMap(_write_items, out_dir, extra_fields))
+    all_item_feats = item_feats | "AllItemFeatures" >> beam.combiners.ToList()
+    items_stats = all_item_feats | "WriteItems" >> beam.FlatMap(_write_items, out_dir,
+                                                                extra_fields)
 
-    # 5. Co-occurrence table.
-    cooc_stats = (train_stats.cooc | "MergeCooc" >> beam.CombinePerKey(MergeCounts())
-                  | "TopM" >> beam.ParDo(TopNeighbours(pc.cooccurrence_top_m), item_feats_si)
+    # 5. Co-occurrence table: partial rows on item indices, summed per item, one CSR file.
+    categories = beam.pvalue.AsSingleton(all_item_feats | "CategoryCodes" >> beam.Map(
+        _category_codes, index, pc.session_category, extra_fields, pc.max_tags))
+    cooc = user_rows | "UserCooc" >> beam.ParDo(UserCooccurrence(
+        pc.session_window_s, pc.max_pairs_per_click), index).with_outputs(STATS, main="rows")
+    cooc_stats = (cooc.rows | "MergeCooc" >> beam.CombinePerKey(MergeNeighbourCounts())
+                  | "CoocRows" >> beam.ParDo(CooccurrenceRows(pc.cooccurrence_top_m), categories)
                   | "AllCooc" >> beam.combiners.ToList()
-                  | "WriteCooc" >> beam.FlatMap(_write_cooc, out_dir))
+                  | "WriteCooc" >> beam.FlatMap(_write_cooc, out_dir, index))
 
     # 4. Examples.
     shard_keys = p | "ShardKeys" >> beam.Create(
@@ -1059,8 +1252,8 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
         lambda b: [(f"boundary.{name}", v) for name, v in zip(("valid_start", "test_start"), b)
                    if v is not None])
     ((inter[STATS], items[STATS], users[STATS], valid[STATS], train_stats[STATS],
-      vocab_stats[STATS], items_stats, cooc_stats, example_stats, dead, dup_stats, bounds_stats,
-      prepare_stats)
+      vocab_stats[STATS], items_stats, cooc[STATS], cooc_stats, example_stats, dead, dup_stats,
+      bounds_stats, prepare_stats)
      | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
      | "AllStats" >> beam.combiners.ToList()
      | "WriteSummary" >> beam.Map(_write_summary, out_dir))

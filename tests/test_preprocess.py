@@ -71,7 +71,8 @@ BAD_ROWS = {  # (file, row) -> reason
 
 
 def make_data(root):
-    """Writes the raw files; returns the valid interactions [(user, item, ts)]."""
+    """Writes the raw files; returns the valid interactions [(user, item, ts)] in input order
+    (the file the adapter lists first, then line order): the tie rule of equal timestamps."""
     rng = random.Random(3)
     tags = [f"t{k}" for k in range(6)]
     items = []
@@ -87,7 +88,7 @@ def make_data(root):
     t = T0
     events += [("uA", "i01", t), ("uA", "i02", t + 3600), ("uA", "i03", t + 3600 + 3601)]
     events += [("uB", "i05", t + 100), ("uB", "i06", t + 110), ("uB", "i05", t + 120),
-               ("uB", "i07", t + 120)]  # same timestamp: order by item id
+               ("uB", "i07", t + 120)]  # same timestamp: input order
     gaps = [0, 5, 30, 600, 1800, 3599, 3600, 3601, 7200, 86400]
     for u in [u[0] for u in users] + ["u25", "u26"]:  # u25, u26 have no profile row
         ts = T0 + rng.randint(0, 40 * 86400)
@@ -117,12 +118,11 @@ def make_data(root):
         fh.write("user_id\titem_id\ttimestamp\n" + "\n".join(lines[:half] + bad[:2]) + "\n")
     with gzip.open(os.path.join(root, "interactions-b.tsv.gz"), "wt", encoding="utf-8") as fh:
         fh.write("user_id\titem_id\ttimestamp\n" + "\n".join(lines[half:] + bad[2:]) + "\n")
-    return events
+    return shuffled
 
 
 def make_cfg(out_root, data_dir, split="global_time", **pre):
-    pre = {"split": split, "num_shards": 2, "max_pairs_per_click": 1000,
-           "cooccurrence_top_m": 1000, "max_tags": 3, **pre}
+    pre = {"split": split, "num_shards": 2, "max_tags": 3, **pre}
     return from_dict({"name": "t", "artifacts_root": str(out_root),
                       "data": {"dataset": "canonical", "data_dir": str(data_dir)},
                       "preprocess": pre})
@@ -156,7 +156,8 @@ def llo(data, tmp_path_factory):
 
 def ref_split(events, split, fractions=(0.8, 0.1, 0.1)):
     """global_time: ({(user, item, ts): split}, boundaries) from a plain global sort;
-    leave_last_out: ([((user, item, ts), split)], None) from a per-user sort."""
+    leave_last_out: ([((user, item, ts), split)], None) from a per-user stable sort by time
+    (``events`` in input order: equal timestamps keep it)."""
     out = {}
     if split == "global_time":
         ts = sorted(e[2] for e in events)
@@ -173,7 +174,7 @@ def ref_split(events, split, fractions=(0.8, 0.1, 0.1)):
         by_user[e[0]].append(e)
     out = []
     for u, es in by_user.items():
-        es.sort(key=lambda e: (e[2], e[1]))
+        es.sort(key=lambda e: e[2])
         for k, e in enumerate(es):
             out.append((e, "test" if k == len(es) - 1 else ("valid" if k == len(es) - 2
                                                              else "train")))
@@ -194,6 +195,20 @@ def brute_force_cooc(train_events):
                     counts[(a, b)] += 1
                     counts[(b, a)] += 1
     return counts
+
+
+def read_cooc(art):
+    """{(item index, neighbour index): (count, same_category)} and the rows' neighbour order."""
+    from micrec_tf.data.artifacts import load_cooccurrence
+
+    table = load_cooccurrence(art, len(read_vocab(art, "item_id")) + 1)
+    out, rows = {}, {}
+    for i in range(table.num_items):
+        nb, counts, same = table.row(i)
+        rows[i] = list(zip(counts.tolist(), nb.tolist()))
+        for b, c, s in zip(nb.tolist(), counts.tolist(), same.tolist()):
+            out[(i, b)] = (c, s)
+    return out, rows
 
 
 def read_jsonl(path):
@@ -238,8 +253,10 @@ def test_sessions_and_boundaries():
     assert preprocess.count_sessions([(0, "a"), (3600, "b"), (7201, "c"), (7201, "d")], 3600) == 2
     assert preprocess.target_ranks(10, [0.8, 0.1, 0.1]) == (8, 9)
     assert preprocess.target_ranks(10, [1.0, 0.0, 0.0]) == (10, 10)
-    index = {"x": 3, "y": 1, "z": 2}
-    assert preprocess.top_neighbours({"x": 5, "y": 5, "z": 7}, index, 2) == [(2, 7), (1, 5)]
+    nb, counts = preprocess.top_neighbours([3, 1, 2], [5, 5, 7], 2)
+    assert (nb.tolist(), counts.tolist()) == ([2, 1], [7, 5])
+    nb, counts = preprocess.top_neighbours([3, 1, 2], [5, 5, 7], 0)
+    assert (nb.tolist(), counts.tolist()) == ([2, 1, 3], [7, 5, 5])
 
 
 # ------------------------------------------------------------------------------- pipeline
@@ -300,7 +317,7 @@ def test_histories_are_the_previous_clicks(gt, data):
         by_user[u].append((ts, i))
     want = collections.Counter()
     for u, clicks in by_user.items():
-        clicks.sort()
+        clicks.sort(key=lambda c: c[0])  # stable: same-second clicks keep the input order
         for k, (ts, i) in enumerate(clicks):
             hist = [item_idx.get(x, 0) for _, x in clicks[:k]][-H:]
             want[(ref[(u, i, ts)], u, ts, item_idx.get(i, 0),
@@ -355,10 +372,9 @@ def test_nothing_leaks_from_valid_and_test(gt, data):
     for i in counts:
         tags.update(t for t in item_tags[i] if t)
     assert set(read_vocab(art, "tag")) == tags
-    cooc = read_jsonl(os.path.join(art, "cooccurrence", "cooccurrence.jsonl"))
+    cooc, _ = read_cooc(art)
     n_items = len(counts)
-    assert all(0 < r["item"] <= n_items and all(0 < b <= n_items for b in r["neighbors"])
-               for r in cooc)
+    assert cooc and all(0 < a <= n_items and 0 < b <= n_items for a, b in cooc)
 
 
 def test_cooccurrence_matches_brute_force(gt, data):
@@ -372,17 +388,16 @@ def test_cooccurrence_matches_brute_force(gt, data):
     assert brute_force_cooc([e for e in train if e[0] == "uB"])[("i05", "i06")] == 2
     items = read_vocab(art, "item_id")
     table = {r["item"]: r for r in read_jsonl(os.path.join(art, "items", "items.jsonl"))}
+    cooc, rows = read_cooc(art)
     got = {}
-    for r in read_jsonl(os.path.join(art, "cooccurrence", "cooccurrence.jsonl")):
-        a = items[r["item"] - 1]
-        assert r["counts"] == sorted(r["counts"], reverse=True)
-        for b, c, same in zip(r["neighbors"], r["counts"], r["same_category"]):
-            got[(a, items[b - 1])] = c
-            cat_a, cat_b = table[r["item"]]["category"], table[b]["category"]
-            assert same == int(cat_a != 0 and cat_a == cat_b)
-        ranked = list(zip(r["counts"], r["neighbors"]))
+    for (a, b), (c, same) in cooc.items():
+        got[(items[a - 1], items[b - 1])] = c
+        # session_category "tags" (default): the two items share a tag.
+        assert same == int(bool(set(table[a]["tags"]) & set(table[b]["tags"])))
+    for ranked in rows.values():
         assert ranked == sorted(ranked, key=lambda x: (-x[0], x[1]))
     assert got == dict(want)
+    assert any(same for _, same in cooc.values()) and not all(same for _, same in cooc.values())
     assert stats["pairs"] == sum(want.values()) // 2
     assert stats["pairs_distinct"] == len(want) // 2
 
@@ -428,15 +443,15 @@ def test_load_artifacts(gt, tmp_path):
     assert a.vocab_sizes == stats["vocab_sizes"] and a.title_neighbours is None
     assert a.user_fields == list(USER_FIELDS) and a.item_extra_fields == list(EXTRA_FIELDS)
     for r in read_jsonl(os.path.join(art, "items", "items.jsonl")):
+        assert "category" not in r
         assert a.item_table.provider[r["item"]] == r["provider"]
-        assert a.item_table.category[r["item"]] == r["category"]
         assert a.item_table.extra["item_year"][r["item"]] == r["extra"]["item_year"]
-    assert not a.item_table.tags[0].any() and not a.cooccurrence.neighbors[0].any()
-    for r in read_jsonl(os.path.join(art, "cooccurrence", "cooccurrence.jsonl")):
-        n = len(r["neighbors"])
-        assert a.cooccurrence.neighbors[r["item"], :n].tolist() == r["neighbors"]
-        assert a.cooccurrence.weights[r["item"], :n].tolist() == r["counts"]
-        assert not a.cooccurrence.weights[r["item"], n:].any()
+    assert not a.item_table.tags[0].any() and a.cooccurrence.degree[0] == 0
+    cooc, _ = read_cooc(art)
+    assert a.cooccurrence.num_items == V and a.cooccurrence.num_entries == len(cooc)
+    assert {(int(i), int(b)): (int(c), int(s)) for i, b, c, s in zip(
+        a.cooccurrence.rows(), a.cooccurrence.neighbours, a.cooccurrence.counts,
+        a.cooccurrence.same_category)} == cooc
     copy = str(tmp_path / "copy")
     shutil.copytree(art, copy)
     os.makedirs(os.path.join(copy, "title_neighbours"))
@@ -481,29 +496,30 @@ def test_output_is_deterministic(gt, data, tmp_path):
 
 
 def test_vectorised_pairs_equal_the_reference_generator():
-    import numpy as np
-
     rng = random.Random(5)
     for trial in range(60):
         n = rng.randint(0, 40)
         ts = sorted(rng.choice([0, 1, 3599, 3600, 3601, 5000]) * rng.randint(0, 3)
                     + rng.randint(0, 9000) for _ in range(n))
         items = [f"x{rng.randint(0, 6)}" for _ in range(n)]
-        clicks = sorted(zip(ts, items))
-        cap = rng.choice([1, 2, 5, 1000])
+        clicks = list(zip(ts, items))  # time order; same-second clicks in any order
+        cap = rng.choice([0, 1, 2, 5, 1000])
         want = collections.Counter(preprocess.cooccurrence_pairs(clicks, WINDOW, cap))
-        counter = preprocess.PairCounter()
-        codes = counter.codes([i for _, i in clicks])
-        a, b = preprocess.cooccurrence_pair_arrays([t for t, _ in clicks], codes, WINDOW, cap)
-        got = collections.Counter(zip(np.array(counter.names, dtype=object)[a].tolist(),
-                                      np.array(counter.names, dtype=object)[b].tolist()))
+        names = sorted(set(items))
+        code = {x: k + 1 for k, x in enumerate(names)}
+        a, b = preprocess.cooccurrence_pair_arrays(
+            [t for t, _ in clicks], [code[i] for _, i in clicks], WINDOW, cap)
+        got = collections.Counter(zip([names[k - 1] for k in a.tolist()],
+                                      [names[k - 1] for k in b.tolist()]))
         assert got == want
+        counter = preprocess.PairCounter()
         counter.add(a, b)
         both = collections.Counter()
         for (x, y), c in want.items():
-            both[(x, y)] += c
-            both[(y, x)] += c
-        assert {(x, y): c for x, nb in counter.items() for y, c in nb.items()} == dict(both)
+            both[(code[x], code[y])] += c
+            both[(code[y], code[x])] += c
+        assert {(x, y): c for x, nb, counts in counter.rows()
+                for y, c in zip(nb.tolist(), counts.tolist())} == dict(both)
 
 
 def test_cli_on_generated_synthetic_data(tmp_path, capsys):
@@ -529,7 +545,7 @@ def test_cli_on_generated_synthetic_data(tmp_path, capsys):
     assert stats["events"] == 800 and stats["dead_letters"]["total"] == 0
     assert len(glob.glob(os.path.join(art, "examples", "*-of-00003.tfrecord.gz"))) == 9
     a = load_artifacts(art)
-    assert a.cooccurrence.neighbors.shape[0] == a.item_table.num_items == stats["items"] + 1
+    assert a.cooccurrence.num_items == a.item_table.num_items == stats["items"] + 1
     n = sum(int(b["item"].shape[0]) for b in make_dataset(art, "test", 32))
     assert n == stats["num_examples"]["test"]
 
