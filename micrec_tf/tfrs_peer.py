@@ -1,0 +1,487 @@
+"""The TensorFlow Recommenders peer: a plain two-tower retrieval model (``model.name:
+tfrs_two_tower``), trained by the same :func:`micrec_tf.train.train` and evaluated by the same
+HIT@N / coverage / long-tail code as MicRec, so the comparison is fair.
+
+    model = build_tfrs_two_tower(cfg, art.item_table, art.vocab_sizes, art.user_fields)
+    model.compile(optimizer=tf_keras.optimizers.Adam(cfg.train.learning_rate))
+    model.fit(train_ds, ...)                      # batches: dicts of features
+    users = model.user_embeddings(features)        # [B, d] float32
+    items = model.item_embeddings()                # [V, d] float32, row i = item i
+
+What it is (the model a TFRS user would write):
+
+* **loss**: ``tfrs.tasks.Retrieval``, an in-batch softmax (each row's negatives are the other
+  rows' positives), with
+
+  - logQ correction: ``candidate_sampling_probability`` = each item's share of the training
+    clicks, since in-batch negatives are drawn in proportion to popularity; the logits become
+    ``u_i . v_j - log q_j`` (every candidate, the positive included);
+  - accidental-hit removal (``loss.remove_accidental_hits``, default true): a candidate with
+    the same item id as the row's positive, other than the positive itself, leaves the row's
+    softmax (Retrieval's ``score_mask``; see :class:`InBatchSoftmax` for why not its
+    ``remove_accidental_hits`` flag);
+  - temperature 1 (``loss.temperature`` is the CL losses' and is not read here).
+
+  The loss is the batch mean of ``-log softmax(positive)``, logged as ``loss`` and
+  ``sampled_softmax_loss`` (MicRec's names, so history.json, TensorBoard and the loss-curve plots
+  line up; the values are not comparable across models, whose candidate sets differ).
+  ``loss.num_negatives``, ``loss.in_batch_negatives`` and ``loss.mask_history_negatives`` are
+  MicRec's sampled-softmax settings and do not apply; ``train.batch_size`` sets the number of
+  negatives (B - 1 per row).
+* **user tower** (:class:`TFRSUserModel`): ``MLP([profile field embeddings ; mean of the recent
+  clicks' item-id embeddings])`` (``hist_items``, 0 = padding, left out of the mean).
+* **item tower** (:class:`TFRSItemModel`): ``MLP([item-id embedding ; mean of the tag
+  embeddings])``. The item-id embedding table is the one the user tower averages over the
+  history (shared, as in YoutubeDNN and MicRec).
+
+Both MLPs are ``model.user_mlp_units`` / ``model.item_mlp_units`` (ReLU, linear last layer of
+``model.output_dim`` units), embeddings ``model.embedding_dim`` wide, dropout ``model.dropout``.
+
+Why :class:`TFRSTwoTowerModel` subclasses ``tfrs.models.Model`` and not :class:`MicRecModel`:
+MicRecModel is built around the sampled-softmax task, its random negatives' generators and the CL
+plug-ins (its constructor, ``compute_losses``, ``samplers`` and ``test_step`` all assume them);
+the peer has none of those. ``tfrs.models.Model`` is the class a TFRS user subclasses
+(``compute_loss``); here ``train_step``/``test_step`` are MicRec's (running-mean loss trackers,
+the loss divided by the replica count, ``optimizer.minimize`` so Keras's loss scaling applies
+under mixed precision), and the inference interface (``user_embeddings``,
+``graph_user_embeddings``, ``item_embeddings``, ``compute_losses``) is MicRecModel's, which is
+what train(), evaluation, checkpointing and the export call.
+
+Not in the default build: a user-id embedding. The evaluation (``evaluation/evaluate.py`` drops
+``user_id`` from the user features) and the serving signature (profile fields and history only)
+never pass ``user_id`` to a user tower, so a tower that read it would fail there.
+:class:`TFRSUserModel` takes ``user_id_vocabulary`` for when they do.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+import tf_keras
+
+from micrec_tf.layers import (MLP, deserialize, register, require_features, scalar_feature,
+                              serialize)
+from micrec_tf.model import _unpack, _user_feature_names
+
+HIST_ITEMS = "hist_items"
+USER_ID = "user_id"
+LOSS_NAMES = ("loss", "sampled_softmax_loss")
+
+
+@register
+class MaskedMeanPooling(tf_keras.layers.Layer):
+    """Mean over the second-to-last axis of the entries where ``mask`` is true.
+
+    Call: ``x`` [..., L, D], ``mask`` bool [..., L] -> [..., D]; a slice with no true entry gives
+    zeros (not NaN, unlike ``GlobalAveragePooling1D`` with an all-false mask).
+    """
+
+    def call(self, x, mask):
+        m = tf.cast(mask, x.dtype)[..., tf.newaxis]  # [..., L, 1]
+        total = tf.reduce_sum(x * m, axis=-2)
+        count = tf.reduce_sum(m, axis=-2)
+        return total / tf.maximum(count, tf.ones_like(count))
+
+    def compute_mask(self, inputs, mask=None):
+        return None
+
+
+def _check_units(units, dropout, who):
+    units = [int(u) for u in units]
+    if not units or any(u < 1 for u in units):
+        raise ValueError(f"{who} units must be a non-empty list of positive ints. Received: "
+                         f"{units!r}")
+    return units, float(dropout)
+
+
+@register
+class TFRSItemModel(tf_keras.layers.Layer):
+    """Candidate tower: ``MLP([item-id embedding ; mean of the item's tag embeddings])``.
+
+    Args:
+      tags: int [V, T] every catalogue item's tag indices, 0-padded (row 0 = the padding item).
+      num_tags: tag vocabulary size incl. OOV 0.
+      embedding_dim: E, width of the id and tag embeddings.
+      units: MLP widths; the last is the output dim d.
+      dropout: dropout between the MLP's hidden layers.
+
+    Call: item indices int [N] -> [N, d]. The tags come from ``tags``, so any index (targets,
+    the whole catalogue) is embedded the same way.
+    """
+
+    def __init__(self, tags, num_tags: int, embedding_dim: int = 64,
+                 units: Sequence[int] = (128, 64, 64), dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        tags = np.asarray(tags, dtype=np.int64)
+        if tags.ndim != 2 or tags.shape[0] < 2:
+            raise ValueError(f"tags must be [V, T] with V >= 2 (padding + one item). Received: "
+                             f"shape {tags.shape}")
+        if int(num_tags) < 1:
+            raise ValueError(f"num_tags must be >= 1. Received: {num_tags!r}")
+        if tags.size and (tags.min() < 0 or tags.max() >= int(num_tags)):
+            raise ValueError(f"tag indices must lie in [0, num_tags={num_tags}). Received: "
+                             f"values in [{tags.min()}, {tags.max()}]")
+        self._tags_np = tags
+        self.num_tags, self.embedding_dim = int(num_tags), int(embedding_dim)
+        self.units, self.dropout = _check_units(units, dropout, "TFRSItemModel")
+        self.item_tags = tf.constant(tags)
+        self.id_embedding = tf_keras.layers.Embedding(self.num_items, self.embedding_dim,
+                                                      name="item_id_embedding")
+        self.tag_embedding = tf_keras.layers.Embedding(self.num_tags, self.embedding_dim,
+                                                       name="tag_embedding")
+        self.tag_pooling = MaskedMeanPooling(name="tag_pooling")
+        self.mlp = MLP(self.units, dropout=self.dropout, name="item_mlp")
+
+    @property
+    def num_items(self) -> int:
+        """V, the padding row included."""
+        return int(self._tags_np.shape[0])
+
+    @property
+    def output_dim(self) -> int:
+        return self.units[-1]
+
+    def call(self, item_ids, training=None):
+        ids = tf.reshape(tf.cast(item_ids, tf.int64), [-1])  # [N]
+        tags = tf.gather(self.item_tags, ids)  # [N, T]
+        pooled_tags = self.tag_pooling(self.tag_embedding(tags), tags > 0)  # [N, E]
+        x = tf.concat([self.id_embedding(ids), pooled_tags], axis=-1)  # [N, 2E]
+        return self.mlp(x, training=training)  # [N, d]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(tags=self._tags_np.tolist(), num_tags=self.num_tags,
+                      embedding_dim=self.embedding_dim, units=list(self.units),
+                      dropout=self.dropout)
+        return config
+
+
+@register
+class TFRSUserModel(tf_keras.layers.Layer):
+    """Query tower: ``MLP([profile field embeddings ; mean of the history's item-id embeddings
+    (; user-id embedding)])``.
+
+    Args:
+      profile_vocab_sizes: {feature ``user_<field>``: vocabulary size incl. OOV 0}, in order.
+      item_id_embedding: the item-id ``Embedding`` [V, E] to average over ``hist_items`` (pass
+        the item tower's ``id_embedding`` to share it), or its serialized config.
+      units: MLP widths; the last is the output dim d.
+      dropout: dropout between the MLP's hidden layers.
+      user_id_vocabulary: raw user ids; when given, ``user_id`` (string [B]) is looked up
+        (``StringLookup``, unknown ids -> OOV 0) and embedded too. None (default): no user id.
+
+    Call: features with ``user_<field>`` int [B] (or [B, 1]), ``hist_items`` int [B, H]
+    (0 = padding, anywhere) and, with a vocabulary, ``user_id`` -> [B, d]. Other features are
+    ignored.
+
+    A config round trip rebuilds ``item_id_embedding`` as the tower's own layer (the sharing of
+    one built model is not part of a layer config).
+    """
+
+    def __init__(self, profile_vocab_sizes: Mapping, item_id_embedding,
+                 units: Sequence[int] = (128, 64, 64), dropout: float = 0.0,
+                 user_id_vocabulary: Sequence[str] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.profile_vocab_sizes = {k: int(v) for k, v in profile_vocab_sizes.items()}
+        for name, size in self.profile_vocab_sizes.items():
+            if size < 1:
+                raise ValueError(f"profile field {name!r} vocabulary size must be >= 1. "
+                                 f"Received: {size!r}")
+        self.item_id_embedding = deserialize(item_id_embedding)
+        if not isinstance(self.item_id_embedding, tf_keras.layers.Embedding):
+            raise TypeError(f"item_id_embedding must be a tf_keras Embedding. Received: "
+                            f"{type(self.item_id_embedding).__name__}")
+        self.embedding_dim = int(self.item_id_embedding.output_dim)
+        self.units, self.dropout = _check_units(units, dropout, "TFRSUserModel")
+        self.profile_embeddings = [
+            tf_keras.layers.Embedding(size, self.embedding_dim, name=f"{name}_embedding")
+            for name, size in self.profile_vocab_sizes.items()]
+        self.history_pooling = MaskedMeanPooling(name="history_pooling")
+        self.user_id_vocabulary = (None if user_id_vocabulary is None
+                                   else [str(u) for u in user_id_vocabulary])
+        if self.user_id_vocabulary is not None:
+            self.user_id_lookup = tf_keras.layers.StringLookup(
+                vocabulary=self.user_id_vocabulary, mask_token=None, num_oov_indices=1,
+                name="user_id_lookup")
+            self.user_id_embedding = tf_keras.layers.Embedding(
+                len(self.user_id_vocabulary) + 1, self.embedding_dim, name="user_id_embedding")
+        self.mlp = MLP(self.units, dropout=self.dropout, name="user_mlp")
+
+    @property
+    def feature_names(self) -> list:
+        extra = [USER_ID] if self.user_id_vocabulary is not None else []
+        return [*self.profile_vocab_sizes, HIST_ITEMS, *extra]
+
+    @property
+    def output_dim(self) -> int:
+        return self.units[-1]
+
+    def history_embedding(self, features) -> tf.Tensor:
+        """``hist_items`` int [B, H] -> mean item-id embedding of the non-zero entries [B, E]
+        (zeros for an empty history)."""
+        hist = tf.cast(features[HIST_ITEMS], tf.int64)
+        if hist.shape.rank != 2:
+            raise ValueError(f"hist_items must be [B, H]. Received: shape {hist.shape}")
+        return self.history_pooling(self.item_id_embedding(hist), hist > 0)
+
+    def call(self, features, training=None):
+        require_features(features, self.feature_names, type(self).__name__)
+        parts = [layer(tf.cast(scalar_feature(features[name], name), tf.int64))  # [B, E] each
+                 for name, layer in zip(self.profile_vocab_sizes, self.profile_embeddings)]
+        parts.append(self.history_embedding(features))  # [B, E]
+        if self.user_id_vocabulary is not None:
+            ids = self.user_id_lookup(scalar_feature(features[USER_ID], USER_ID))
+            parts.append(self.user_id_embedding(ids))  # [B, E]
+        return self.mlp(tf.concat(parts, axis=-1), training=training)  # [B, d]
+
+    def get_config(self):
+        config = super().get_config()
+        embedding = serialize(self.item_id_embedding)
+        # Built by whichever tower called it first ([N] items or [B, H] history): not ours.
+        embedding.pop("build_config", None)
+        config.update(profile_vocab_sizes=dict(self.profile_vocab_sizes),
+                      item_id_embedding=embedding,
+                      units=list(self.units), dropout=self.dropout,
+                      user_id_vocabulary=self.user_id_vocabulary)
+        return config
+
+
+@register
+class InBatchSoftmax(tf_keras.layers.Layer):
+    """``tfrs.tasks.Retrieval`` over the batch's positives with logQ correction.
+
+    Args:
+      candidate_probability: float [V], each item's sampling probability as an in-batch
+        candidate (its share of the training clicks); any positive multiple gives the same loss
+        (``log`` of it shifts a row's logits by a constant). It is handed to TFRS divided by its
+        maximum, so TFRS's clip to [1e-6, 1] only touches items over 1e6 times rarer than the
+        most clicked one. Entries <= 0 (the padding row, items without a training click) get
+        the smallest positive entry's value.
+      remove_accidental_hits: mask out of row i's softmax the other rows whose item id is row
+        i's positive's.
+      temperature: None (= 1) or the softmax temperature.
+
+    Call: ``(query [B, d], candidates [B, d], candidate_ids int [B])`` (row i: user i and the
+    item user i clicked) -> scalar float32, the mean over rows of
+    ``-log softmax_j(q_i . c_j - log p_j)`` at ``j = i``.
+    """
+
+    def __init__(self, candidate_probability, remove_accidental_hits: bool = True,
+                 temperature: float | None = None, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # logits and loss stay float32 in mixed precision
+        super().__init__(**kwargs)
+        p = np.asarray(candidate_probability, dtype=np.float64).reshape(-1)
+        if p.size < 2 or not np.all(np.isfinite(p)) or not np.any(p > 0):
+            raise ValueError(f"candidate_probability must be [V] finite values, V >= 2, some > 0."
+                             f" Received: shape {p.shape}, max {p.max() if p.size else None}")
+        if temperature is not None and not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0 or None. Received: {temperature!r}")
+        self._probability_np = p
+        self.remove_accidental_hits = bool(remove_accidental_hits)
+        self.temperature = None if temperature is None else float(temperature)
+        relative = np.where(p > 0, p, p[p > 0].min()) / p.max()  # (0, 1]
+        self.relative_probability = tf.constant(relative, tf.float32)
+        # Accidental hits go in as Retrieval's ``score_mask``, not ``remove_accidental_hits=True``:
+        # that option builds a RemoveAccidentalHits layer inside every call under the global
+        # dtype policy, which under mixed_float16 casts the labels to float16 and fails
+        # ("Input 'y' of 'AddV2' Op has type float16 that does not match type float32").
+        # The mask is applied at the same point (after the logQ correction, before the loss).
+        self.retrieval = tfrs.tasks.Retrieval(
+            loss=tf_keras.losses.CategoricalCrossentropy(
+                from_logits=True, reduction=tf_keras.losses.Reduction.NONE),
+            temperature=self.temperature, name="retrieval")
+        # Retrieval takes no dtype argument: keep it float32 too, or under mixed_float16 Keras
+        # would cast its first input (the queries) to float16 and not the candidates.
+        self.retrieval._set_dtype_policy(tf_keras.mixed_precision.Policy("float32"))
+
+    @property
+    def num_items(self) -> int:
+        return int(self._probability_np.size)
+
+    def call(self, inputs, training=None):
+        query, candidates, candidate_ids = inputs
+        ids = tf.reshape(tf.cast(candidate_ids, tf.int64), [-1])  # [B]
+        score_mask = None
+        if self.remove_accidental_hits:  # [B, B]: false where j != i has row i's item id
+            same = tf.equal(ids[:, tf.newaxis], ids[tf.newaxis, :])
+            score_mask = tf.logical_or(tf.logical_not(same),
+                                       tf.cast(tf.eye(tf.shape(ids)[0]), tf.bool))
+        per_row = self.retrieval(
+            tf.cast(query, tf.float32), tf.cast(candidates, tf.float32),
+            candidate_sampling_probability=tf.gather(self.relative_probability, ids),
+            candidate_ids=ids, compute_metrics=False, compute_batch_metrics=False,
+            score_mask=score_mask)  # [B]
+        return tf.reduce_mean(per_row)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(candidate_probability=self._probability_np.tolist(),
+                      remove_accidental_hits=self.remove_accidental_hits,
+                      temperature=self.temperature)
+        return config
+
+
+class TFRSTwoTowerModel(tfrs.models.Model):
+    """Two-tower retrieval model: :class:`TFRSUserModel`, :class:`TFRSItemModel`,
+    :class:`InBatchSoftmax` (see the module docstring for why ``tfrs.models.Model``).
+
+    Args:
+      user_model: features -> [B, d].
+      item_model: item indices [N] -> [N, d].
+      task: :class:`InBatchSoftmax`.
+      item_batch_size: chunk size of :meth:`item_embeddings`.
+
+    Metrics: ``loss`` and ``sampled_softmax_loss`` (the same value: there is no other term),
+    running means over the epoch.
+    """
+
+    def __init__(self, user_model: TFRSUserModel, item_model: TFRSItemModel,
+                 task: InBatchSoftmax, item_batch_size: int = 4096, **kwargs):
+        super().__init__(**kwargs)
+        if user_model.output_dim != item_model.output_dim:
+            raise ValueError(f"user tower output dim {user_model.output_dim} != item tower "
+                             f"output dim {item_model.output_dim}")
+        if task.num_items != item_model.num_items:
+            raise ValueError(f"the task has probabilities for {task.num_items} items, the item "
+                             f"tower embeds {item_model.num_items}")
+        self.user_model, self.item_model, self.task = user_model, item_model, task
+        self.item_batch_size = int(item_batch_size)
+        self.loss_trackers = {name: tf_keras.metrics.Mean(name=name) for name in LOSS_NAMES}
+        self._embed_items_fn = None
+        self._user_fn = None
+
+    @property
+    def loss_names(self) -> list:
+        return list(LOSS_NAMES)
+
+    @property
+    def metrics(self):
+        return list(self.loss_trackers.values())
+
+    @property
+    def output_dim(self) -> int:
+        return self.item_model.output_dim
+
+    # --- forward -------------------------------------------------------------------------
+    def call(self, features, training=False):
+        """-> {"user_embedding": [B, d], "item_embedding": [B, d]} (target items), float32."""
+        return {"user_embedding": tf.cast(self.user_model(features, training=training),
+                                          tf.float32),
+                "item_embedding": tf.cast(self.item_model(features["item"], training=training),
+                                          tf.float32)}
+
+    def compute_losses(self, features, training: bool = False) -> dict:
+        """{"sampled_softmax_loss", "loss"}: scalars float32 for one batch (dict of features)."""
+        item_ids = tf.reshape(tf.cast(features["item"], tf.int64), [-1])  # [B]
+        # The item tower first: it owns the shared item-id embedding (and names its variable).
+        items = tf.cast(self.item_model(item_ids, training=training), tf.float32)  # [B, d]
+        user = tf.cast(self.user_model(features, training=training), tf.float32)  # [B, d]
+        main = self.task((user, items, item_ids), training=training)
+        total = main + tf.add_n(self.losses) if self.losses else main
+        return {"sampled_softmax_loss": main, "loss": total}
+
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        """The TFRS entry point: the total loss of a batch."""
+        return self.compute_losses(_unpack(inputs), training=training)["loss"]
+
+    def _update_trackers(self, losses):
+        for name, tracker in self.loss_trackers.items():
+            tracker.update_state(losses[name])
+        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+
+    def train_step(self, data):
+        features = _unpack(data)
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(features, training=True)
+            # Gradients are summed over replicas: scale so the update is the global mean.
+            scaled = losses["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
+        self.optimizer.minimize(scaled, self.trainable_variables, tape=tape)
+        return self._update_trackers(losses)
+
+    def test_step(self, data):
+        return self._update_trackers(self.compute_losses(_unpack(data), training=False))
+
+    # --- inference -----------------------------------------------------------------------
+    def user_embeddings(self, features) -> tf.Tensor:
+        """User vectors [B, d] float32 from a batch of features (no dropout)."""
+        return tf.cast(self.user_model(features, training=False), tf.float32)
+
+    def graph_user_embeddings(self, features) -> tf.Tensor:
+        """:meth:`user_embeddings` through one cached ``tf.function`` (the evaluation's path)."""
+        if self._user_fn is None:
+            self._user_fn = tf.function(self.user_embeddings)
+        return self._user_fn({k: tf.convert_to_tensor(v) for k, v in features.items()})
+
+    def item_embeddings(self, indices=None, batch_size: int | None = None) -> tf.Tensor:
+        """Item vectors [N, d] float32 for ``indices`` (default: every item 0..V-1, so row i is
+        item i; row 0 is the padding item), computed in chunks of ``batch_size``."""
+        if self._embed_items_fn is None:
+            self._embed_items_fn = tf.function(
+                lambda ids: tf.cast(self.item_model(ids, training=False), tf.float32),
+                input_signature=[tf.TensorSpec([None], tf.int64)])
+        if indices is None:
+            indices = np.arange(self.item_model.num_items, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        size = int(batch_size or self.item_batch_size)
+        chunks = [self._embed_items_fn(tf.constant(indices[i:i + size]))
+                  for i in range(0, len(indices), size)]
+        if not chunks:
+            return tf.zeros([0, self.output_dim], tf.float32)
+        return tf.concat(chunks, axis=0)
+
+
+def candidate_probability_from_counts(counts) -> np.ndarray:
+    """int [V] training clicks per item -> float64 [V], each item's share of them."""
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+    if counts.size < 2 or np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"item click counts must be [V] non-negative with a positive sum. "
+                         f"Received: shape {counts.shape}, sum {counts.sum()}")
+    return counts / counts.sum()
+
+
+def build_tfrs_two_tower(cfg, item_table, vocab_sizes: Mapping, user_fields,
+                         item_counts=None, user_id_vocabulary=None) -> TFRSTwoTowerModel:
+    """Builds the TFRS peer from ``cfg.model`` (the dispatch target of ``build_model``).
+
+    Args:
+      cfg: :class:`micrec_tf.config.Config` (``model``, ``loss.remove_accidental_hits``,
+        ``artifacts_dir``).
+      item_table: :class:`micrec_tf.data.artifacts.ItemTable` (its ``tags``; row 0 padding).
+      vocab_sizes: {vocab name: size incl. OOV 0}: ``item_id``, ``tag``, ``user_<field>``.
+      user_fields: profile field names (``gender`` or ``user_gender``).
+      item_counts: int [V] training clicks per item, for the logQ correction; None (default):
+        counted from ``cfg.artifacts_dir``'s training split (the item table carries no counts).
+      user_id_vocabulary: see :class:`TFRSUserModel`; None (default): no user-id embedding.
+    """
+    m = cfg.model
+    for key in ("item_id", "tag"):
+        if key not in vocab_sizes:
+            raise KeyError(f"vocab_sizes lacks {key!r}. Received: {sorted(vocab_sizes)}")
+    num_items = item_table.num_items
+    if int(vocab_sizes["item_id"]) != num_items:
+        raise ValueError(f"vocab_sizes['item_id'] must equal the item table's {num_items} rows. "
+                         f"Received: {vocab_sizes['item_id']}")
+    for key in ("item_mlp_units", "user_mlp_units"):
+        units = list(getattr(m, key))
+        if not units or units[-1] != m.output_dim:
+            raise ValueError(f"model.{key}[-1] must equal model.output_dim={m.output_dim} (the "
+                             f"tower output). Received: {units!r}")
+    if item_counts is None:
+        from micrec_tf.evaluation.data import train_item_counts
+
+        item_counts = train_item_counts(cfg.artifacts_dir)
+    item_counts = np.asarray(item_counts).reshape(-1)
+    if item_counts.size != num_items:
+        raise ValueError(f"item_counts must have one entry per item ({num_items}). Received: "
+                         f"{item_counts.size} entries")
+    item_model = TFRSItemModel(item_table.tags, int(vocab_sizes["tag"]), m.embedding_dim,
+                               m.item_mlp_units, m.dropout, name="item_model")
+    profile = {n: int(vocab_sizes[n]) for n in _user_feature_names(user_fields, vocab_sizes)}
+    user_model = TFRSUserModel(profile, item_model.id_embedding, m.user_mlp_units, m.dropout,
+                               user_id_vocabulary=user_id_vocabulary, name="user_model")
+    task = InBatchSoftmax(candidate_probability_from_counts(item_counts),
+                          remove_accidental_hits=cfg.loss.remove_accidental_hits, name="task")
+    return TFRSTwoTowerModel(user_model, item_model, task, name="tfrs_two_tower")
