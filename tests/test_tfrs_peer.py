@@ -5,7 +5,8 @@
 * the user tower's history mean leaves padding out (numpy reference);
 * the layers round-trip through get_config / from_config (same config, same outputs);
 * a training step under mixed_float16 keeps the loss float32 and finite;
-* ``train()`` trains it end to end on the tiny synthetic pipeline and the checkpoint restores.
+* ``train()`` trains it end to end on the tiny synthetic pipeline, the checkpoint restores, and
+  a run killed mid-epoch resumes to the uninterrupted run's weights.
 """
 import os
 
@@ -17,8 +18,8 @@ import tf_keras
 
 from micrec_tf.config import Config
 from micrec_tf.data.artifacts import ItemTable
-from micrec_tf.tfrs_peer import (InBatchSoftmax, MaskedMeanPooling, TFRSItemModel,
-                                 TFRSTwoTowerModel, TFRSUserModel, build_tfrs_two_tower)
+from micrec_tf.tfrs_peer import (InBatchSoftmax, MaskedMeanPooling, TFRSTwoTowerModel,
+                                 TFRSUserModel, build_tfrs_two_tower)
 
 TAGS = np.array([[0, 0], [1, 2], [2, 0], [0, 0], [3, 1], [1, 0]], np.int64)  # V = 6
 COUNTS = np.array([0, 5, 3, 1, 2, 9])  # training clicks per item (row 0: padding)
@@ -218,3 +219,37 @@ def test_train_end_to_end_and_restore(tiny_pipeline):
     model, _, _ = restore_model(run_dir)
     np.testing.assert_allclose(model.item_embeddings().numpy(),
                                res["model"].item_embeddings().numpy(), atol=1e-6)
+
+
+class _Kill(RuntimeError):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_pipeline):
+    from micrec_tf.data.artifacts import load_artifacts
+    from micrec_tf.train import consumed_batches, train
+
+    class KillAt(tf_keras.callbacks.Callback):
+        seen = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            KillAt.seen += 1
+            if KillAt.seen == 17:  # in epoch 2 (13 batches an epoch)
+                raise _Kill("killed")
+
+    cfg, tmp = tiny_pipeline
+    cfg = cfg.replace({"model.name": "tfrs_two_tower", "model.cl": []})
+    n_train = load_artifacts(cfg.artifacts_dir).feature_spec["num_examples"]["train"]
+    assert int(np.ceil(n_train / cfg.train.batch_size)) == 13  # the kill lands in epoch 2
+    quiet = lambda *a: None  # noqa: E731
+    full = train(cfg, run_dir=os.path.join(tmp, "runs", "tfrs_full"), evaluate_test=False,
+                 log=quiet)
+    run_dir = os.path.join(tmp, "runs", "tfrs_killed")
+    with pytest.raises(_Kill):
+        train(cfg, run_dir=run_dir, evaluate_test=False, log=quiet, extra_callbacks=[KillAt()])
+    # The resumed run starts from the backup inside epoch 2, not from scratch.
+    assert 13 < consumed_batches(os.path.join(run_dir, "backup"), 13) < 17
+    resumed = train(cfg, run_dir=run_dir, evaluate_test=False, log=quiet)
+    for a, b in zip(full["model"].trainable_variables, resumed["model"].trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+    assert resumed["valid"]["hit@50"] == pytest.approx(full["valid"]["hit@50"], abs=1e-3)
