@@ -7,7 +7,7 @@ from micrec_tf.evaluation import reproduce as R
 
 def test_reproduce_writes_report_and_caches(tiny_pipeline, tmp_path):
     cfg, _ = tiny_pipeline
-    cfg = cfg.replace({"train.epochs": 1, "name": "tiny"})
+    cfg = cfg.replace({"train.epochs": 1, "name": "tiny", "train.early_stopping_patience": 2})
     out = str(tmp_path / "results")
     logs = []
     md_path = R.reproduce(cfg, variants=["ICAN", "MicRec (final)"], seeds=2, sparsity=True,
@@ -20,28 +20,29 @@ def test_reproduce_writes_report_and_caches(tiny_pipeline, tmp_path):
     assert "training time of the runs it reports" in md
     raw = json.load(open(os.path.join(out, "tiny.json")))
     assert len(raw["per_seed"]["ICAN"]) == 2 and "hit@10" in raw["per_seed"]["ICAN"][0]
-    # The chosen settings come from the small grid.
-    assert raw["settings"]["ICAN"] in R.GRIDS["small"][1]
+    # The chosen settings come from the small grid (plus, if it won, the method option).
+    key, alt = R.option_for(R.VARIANTS["ICAN"][1], "small")
+    ican = {k: v for k, v in raw["settings"]["ICAN"].items() if k != key}
+    assert ican in R.GRIDS["small"][1]
     # MicRec starts from ICAN's chosen setting and tunes only the CL knobs.
-    assert raw["settings"]["MicRec (final)"] in [{**raw["settings"]["ICAN"], **t}
-                                                 for t in R.GRIDS["small"][0]]
+    key, _ = R.option_for(R.VARIANTS["MicRec (final)"][1], "small")
+    mic = {k: v for k, v in raw["settings"]["MicRec (final)"].items() if k != key}
+    assert mic in [{**raw["settings"]["ICAN"], **t} for t in R.GRIDS["small"][0]]
     for png in ("hit_at_n.png", "coverage.png", "loss_curves.png", "sparsity.png"):
         assert os.path.getsize(os.path.join(out, "tiny", png)) > 1000, png
     # Second call: every run is cached, nothing retrains.
     runs_before = sum(1 for m in logs if str(m).startswith("[reproduce] run "))
+    # grid trials + one method option each, extra seeds, 50 % and 20 %
+    assert runs_before == 2 * (2 + 1) + 2 * 1 + 2 * 2 * 2
+    # every finished run left a small JSON in the committed cache, with its convergence record
+    cached = json.load(open(os.path.join(out, "runs", "tiny", "ican", "seed1.json")))
+    assert cached["seed"] == 1 and cached["epochs_cap"] == 1 and "best_epoch" in cached
+    assert "valid" in cached and "test" in cached and cached["config"]["train"]["seed"] == 1
+    assert "Every trial (seed 0)" in md and "(method option)" in md
     logs.clear()
     R.reproduce(cfg, variants=["ICAN", "MicRec (final)"], seeds=2, sparsity=True, grid="small",
                 out_dir=out, command="test", log=logs.append)
-    assert runs_before == 2 * 2 + 2 * 1 + 2 * 2 * 2  # grid trials, extra seeds, 50 % and 20 %
     assert not any(str(m).startswith("[reproduce] run ") for m in logs)
-    # A cached run made with another config is not reused.
-    ov = {**R.VARIANTS["ICAN"][1], **raw["settings"]["ICAN"], "train.seed": 1}
-    logs.clear()
-    runner = R.Runner(cfg.replace({"loss.num_negatives": 7}), os.path.join(cfg.run_dir, "reproduce"),
-                      "small", logs.append)
-    rerun = runner.run("ican/seed1", ov, evaluate_test=True)
-    assert any("run with another config" in str(m) for m in logs)
-    assert rerun["config"]["loss"]["num_negatives"] == 7
 
 
 def test_every_cl_variant_has_a_base_without_cl_and_equal_trial_counts():
@@ -53,6 +54,10 @@ def test_every_cl_variant_has_a_base_without_cl_and_equal_trial_counts():
             assert base is None
     for grid, (cl_grid, base_grid) in R.GRIDS.items():
         assert len(cl_grid) == len(base_grid), grid  # same tuning budget with and without CL
+        assert len(R.PEER_GRIDS[grid]) == len(base_grid), grid  # and for the TFRS peer
+        options = [R.option_for(R.VARIANTS[n][1], grid) for n in ("ICAN", "MicRec (final)",
+                                                                   "TFRS two-tower")]
+        assert len({o is None for o in options}) == 1, (grid, options)  # one option each, or none
 
 
 def test_paired_p_matches_hand_computation():
@@ -71,28 +76,51 @@ def test_paired_p_matches_hand_computation():
     assert math.isnan(R.paired_p([1.0], [0.5]))
 
 
-def test_runs_cached_before_signatures_are_matched_by_their_config_yaml(tmp_path):
-    import yaml
-
+def test_committed_cache_is_reused_only_for_the_same_config_and_artifacts(tmp_path):
     from micrec_tf.config import Config
 
-    cfg = Config()
-    run_dir = tmp_path / "ican" / "seed1"
-    run_dir.mkdir(parents=True)
-    old = cfg.to_dict()
-    del old["loss"]["cl_similarity"]  # a key added after the run: its default is the old code
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
-    cached = {"valid": {}, "test": {"hit@50": 0.5}}
-    (run_dir / "metrics.json").write_text(json.dumps(cached))
-    runner = R.Runner(cfg, str(tmp_path), "none", log=lambda *a: None)
+    art = tmp_path / "artifacts" / "synthetic"
+    art.mkdir(parents=True)
+    (art / "stats.json").write_text(json.dumps({"events.train": 10, "pairs": 4,
+                                                "wall_seconds": 3.2}))
+    cfg = Config().replace({"artifacts_root": str(tmp_path / "artifacts"), "model.cl": []})
+    cache = tmp_path / "results" / "runs"
+    runner = R.Runner(cfg, str(tmp_path / "runs"), "none", log=lambda *a: None,
+                      cache_dir=str(cache))
+    assert runner.fingerprint == {"events.train": 10, "pairs": 4}  # timings left out
+    stored = {"config": R.run_signature(cfg), "artifacts": runner.fingerprint,
+              "valid": {"hit@50": 0.4}, "test": {"hit@50": 0.5}, "best_epoch": 3}
+    (cache / "ican").mkdir(parents=True)
+    (cache / "ican" / "seed1.json").write_text(json.dumps(stored))
     assert runner.run("ican/seed1", {}, evaluate_test=True)["test"]["hit@50"] == 0.5
-    assert R._cached_signature(cached, str(run_dir)) == R.run_signature(cfg)
-    changed = cfg.replace({"loss.cl_similarity": "cosine"})
-    assert R._cached_signature(cached, str(run_dir)) != R.run_signature(changed)
-    # A config.yaml newer than metrics.json belongs to a later, unfinished run: not trusted.
-    later = os.path.getmtime(run_dir / "metrics.json") + 5
-    os.utime(run_dir / "config.yaml", (later, later))
-    assert R._cached_signature(cached, str(run_dir)) is None
+    logs = []
+    other = R.Runner(cfg.replace({"loss.num_negatives": 7}), str(tmp_path / "runs"), "none",
+                     log=logs.append, cache_dir=str(cache))
+    assert other.cached("ican/seed1", {}) is None
+    assert any("another config" in m for m in logs)
+    (art / "stats.json").write_text(json.dumps({"events.train": 10, "pairs": 9}))
+    logs.clear()
+    rebuilt = R.Runner(cfg, str(tmp_path / "runs"), "none", log=logs.append,
+                       cache_dir=str(cache))
+    assert rebuilt.cached("ican/seed1", {}) is None
+    assert any("other artifacts" in m for m in logs)
+
+
+def test_convergence_flags_runs_whose_best_epoch_is_the_cap():
+    runs = [{"key": "a", "best_epoch": 7, "epochs_cap": 30},
+            {"key": "b", "best_epoch": 30, "epochs_cap": 30}]
+    assert R.convergence_text(runs) == "7, 30 (cap!) of <= 30"
+    assert R.unconverged({"ICAN": runs}) == [("ICAN", "b")]
+
+
+def test_reproduce_requires_early_stopping(tmp_path):
+    import pytest
+
+    from micrec_tf.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="early_stopping_patience must be >= 2. Received: 1"):
+        R.reproduce(Config().replace({"train.early_stopping_patience": 1}),
+                    out_dir=str(tmp_path))
 
 
 def test_stored_signatures_from_older_code_match_when_new_keys_keep_their_default(tmp_path):
@@ -101,9 +129,9 @@ def test_stored_signatures_from_older_code_match_when_new_keys_keep_their_defaul
     cfg = Config().replace({"model.cl": ["session"], "loss.cl_similarity": "cosine"})
     stored = R.run_signature(cfg)
     del stored["loss"]["cl_anchors"], stored["loss"]["session_positives"]  # keys added later
-    assert R._cached_signature({"config": stored}, str(tmp_path)) == R.run_signature(cfg)
+    assert R._cached_signature({"config": stored}) == R.run_signature(cfg)
     for key, value in (("loss.cl_anchors", "uniform"), ("loss.session_positives", "uniform")):
-        assert R._cached_signature({"config": stored}, str(tmp_path)) != R.run_signature(
+        assert R._cached_signature({"config": stored}) != R.run_signature(
             cfg.replace({key: value}))
 
 

@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from micrec_tf import cli
-from micrec_tf.config import CL_TASKS, Config, from_dict
+from micrec_tf.config import CL_TASKS, Config, ConfigError, from_dict
 
 ALL_CL = ["feature", "semantic", "session"]
 # name -> (table, overrides). Tables: main (Table 2), ablation (Table 4), universality (Fig. 3).
@@ -41,6 +41,7 @@ VARIANTS = {
     "DeepFM": ("main", {"model.name": "deepfm", "model.cl": []}),
     "AutoInt": ("main", {"model.name": "autoint", "model.cl": []}),
     "ICAN": ("main", {"model.name": "ican", "model.cl": []}),
+    "TFRS two-tower": ("main", {"model.name": "tfrs_two_tower", "model.cl": []}),
     "RFM* (fea)": ("main", {"model.name": "ican", "model.cl": ["feature"]}),
     "MicRec (fea+sess)": ("main", {"model.name": "ican", "model.cl": ["feature", "session"]}),
     "MicRec (final)": ("main", {"model.name": "ican", "model.cl": ALL_CL}),
@@ -54,6 +55,7 @@ VARIANTS = {
 }
 FINAL = "MicRec (final)"
 BASE = "ICAN"
+PEER = "TFRS two-tower"
 SPARSITY = (1.0, 0.5, 0.2)
 
 # The bounded validation grid (the same number of trials for every variant). Models without CL
@@ -79,22 +81,58 @@ GRIDS = {
               [{"train.learning_rate": lr} for lr in (0.001, 0.003)]),
     "none": ([{}], [{}]),
 }
+# The TFRS peer has no sampled negatives to tune: its negatives are the batch's other positives,
+# so the batch size takes their place (the same number of trials as every other model).
+PEER_GRIDS = {
+    "full": [{"train.learning_rate": lr, "train.batch_size": b}
+             for lr in (0.001, 0.003) for b in (1024, 4096)],
+    "small": [{"train.learning_rate": lr} for lr in (0.001, 0.003)],
+    "none": [{}],
+}
+# One method option per model, chosen on validation after its grid (seed 0, at the grid's
+# chosen setting), so every model gets the same number of trials (grid + 1): the main loss's
+# history mask for models without CL, semantic CL's positives for models with it.
+OPTIONS = {
+    "base": ("loss.mask_history_negatives", False),
+    "cl": ("loss.semantic_positives", "all"),
+    # The TFRS peer has no sampled negatives to mask: its extra trial doubles its in-batch
+    # negatives instead (batch 8192).
+    "peer": ("train.batch_size", 8192),
+}
 GRID_TEXT = {
     "full": "models without CL: learning rate {0.001, 0.003} x sampled negatives {500, 1000}; "
-            "models with CL terms: their base model's chosen setting plus either the paper's CL "
-            "setting (dot product, tau 1, lambdas 1.0 / 0.3 / 0.1) or cosine similarity at "
-            "(tau 0.2, lambdas x0.1), (tau 0.2, x0.3) or (tau 0.5, x1). Four trials each.",
+            "the TFRS peer: learning rate {0.001, 0.003} x batch size (its in-batch negatives) "
+            "{1024, 4096}; models with CL terms: their base model's chosen setting plus either the "
+            "paper's CL setting (dot product, tau 1, lambdas 1.0 / 0.3 / 0.1) or cosine "
+            "similarity at (tau 0.2, lambdas x0.1), (tau 0.2, x0.3) or (tau 0.5, x1). Four trials "
+            "each, then one method option each at the chosen setting, kept if it is better on "
+            "validation: the main loss without the history mask (models without CL), semantic CL "
+            "over all title neighbours (models with semantic CL), batch 8192 (the TFRS peer).",
     "small": "models without CL: learning rate {0.001, 0.003}; models with CL terms: their base "
              "model's chosen setting plus cosine CL similarity at (tau 0.2, the paper's lambdas "
-             "1.0 / 0.3 / 0.1 x0.1) or (tau 0.5, x1). Two trials each; everything else at the "
-             "config's values.",
+             "1.0 / 0.3 / 0.1 x0.1) or (tau 0.5, x1). Two trials each, then the method option of "
+             "the full grid; everything else at the config's values.",
     "none": "no tuning: every variant at the config's values.",
 }
 
 
 def grid_for(overrides: dict, grid: str = "full") -> list:
     cl_grid, base_grid = GRIDS[grid]
+    if overrides.get("model.name") == "tfrs_two_tower":
+        return PEER_GRIDS[grid]
     return cl_grid if overrides.get("model.cl") else base_grid
+
+
+def option_for(overrides: dict, grid: str = "full"):
+    """(config key, alternative value) tried after the grid, or None (grid ``none``)."""
+    if grid == "none":
+        return None
+    if overrides.get("model.name") == "tfrs_two_tower":
+        return OPTIONS["peer"]
+    cl = overrides.get("model.cl") or []
+    if not cl:
+        return OPTIONS["base"]
+    return OPTIONS["cl"] if "semantic" in cl else None
 
 
 def base_of(overrides: dict) -> str | None:
@@ -138,7 +176,7 @@ def run_signature(cfg: Config) -> dict:
 # Loss keys and the CL terms that read them: irrelevant to a run with none of those terms.
 _CL_LOSS_KEYS = (
     ({"feature"}, ("lambda_feature", "feature_dropout", "mask_ratio")),
-    ({"semantic"}, ("lambda_semantic",)),
+    ({"semantic"}, ("lambda_semantic", "semantic_positives")),
     ({"session"}, ("lambda_session", "same_category_weight", "session_positives")),
     ({"semantic", "session"}, ("num_cl_negatives",)),
     (set(CL_TASKS), ("temperature", "cl_similarity", "cl_anchors")),
@@ -171,22 +209,26 @@ def _normalise(sig: dict) -> dict:
     return sig
 
 
-def _cached_signature(cached: dict, run_dir: str):
-    """The signature of a cached run; for runs cached before signatures were stored, rebuilt from
-    the ``config.yaml`` the run wrote. Config keys added since the run take their defaults, which
-    keep the old behaviour."""
-    if "config" in cached:
-        return run_signature(from_dict(cached["config"]))
-    path = os.path.join(run_dir, "config.yaml")
-    # config.yaml is written when a run starts: newer than metrics.json, it belongs to a later
-    # run that did not finish, not to the cached result.
-    if not os.path.exists(path) or os.path.getmtime(path) > os.path.getmtime(
-            os.path.join(run_dir, "metrics.json")):
+def _cached_signature(cached: dict):
+    """The signature of a cached run, re-normalised through today's config: keys added since the
+    run take their defaults (which keep the old behaviour), so such runs still match."""
+    if "config" not in cached:
         return None
-    import yaml
+    return run_signature(from_dict(cached["config"]))
 
+
+def artifacts_fingerprint(artifacts_dir: str) -> dict:
+    """The counts of the preprocessing output a run trained on (stats.json without timings), so a
+    cached run is not reused on artifacts that were rebuilt differently (another tie rule, another
+    co-occurrence table)."""
+    path = os.path.join(artifacts_dir, "stats.json")
+    if not os.path.exists(path):
+        return {}
     with open(path) as fh:
-        return run_signature(from_dict(yaml.safe_load(fh)))
+        stats = json.load(fh)
+    return {k: v for k, v in sorted(stats.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and not any(t in k for t in ("second", "wall", "time", "_s"))}
 
 
 def _slug(text: str) -> str:
@@ -194,61 +236,120 @@ def _slug(text: str) -> str:
 
 
 class Runner:
-    """Runs (or loads from cache) one training run per (variant, setting, seed, fraction)."""
+    """Runs (or loads from the committed cache) one training run per (variant, setting, seed).
 
-    def __init__(self, cfg: Config, root: str, grid: str = "full", log=print):
+    ``root``: where runs train (checkpoints; ``runs/<name>/reproduce``, not committed).
+    ``cache_dir``: one small JSON per finished run (config signature, seed, per-epoch validation,
+    best epoch, test metrics), meant to be committed (``docs/results/runs/<name>/``), so that a
+    reproduction continues on another machine instead of re-running what is done. A cached run is
+    reused only when its config signature and the artifacts' fingerprint match.
+    """
+
+    def __init__(self, cfg: Config, root: str, grid: str = "full", log=print,
+                 cache_dir: str | None = None):
         self.cfg, self.root, self.grid, self.log = cfg, root, grid, log
+        self.cache_dir = cache_dir or os.path.join(root, "cache")
         self.run_seconds = {}  # run key -> training seconds, cached runs included
+        self.fingerprint = artifacts_fingerprint(cfg.artifacts_dir)
+
+    def cache_path(self, key: str) -> str:
+        return os.path.join(self.cache_dir, f"{key}.json")
+
+    def cached(self, key: str, overrides: dict, evaluate_test: bool = True):
+        """The cached result of ``key`` if it matches today's config and artifacts, else None."""
+        path = self.cache_path(key)
+        if not os.path.exists(path):
+            return None
+        with open(path) as fh:
+            cached = json.load(fh)
+        signature = run_signature(_expand(self.cfg, overrides))
+        if _cached_signature(cached) != signature:
+            self.log(f"[reproduce] cached {key} was run with another config: running again")
+            return None
+        if cached.get("artifacts", {}) != self.fingerprint:
+            self.log(f"[reproduce] cached {key} was trained on other artifacts "
+                     f"({self.cfg.artifacts_dir} was rebuilt): running again")
+            return None
+        if evaluate_test and "test" not in cached:
+            return None
+        return cached
 
     def run(self, key: str, overrides: dict, evaluate_test: bool) -> dict:
-        run_dir = os.path.join(self.root, key)
-        path = os.path.join(run_dir, "metrics.json")
+        cached = self.cached(key, overrides, evaluate_test)
+        if cached is not None:
+            self.run_seconds[key] = float(cached.get("seconds", 0.0))
+            return cached
         cfg = _expand(self.cfg, overrides)
-        signature = run_signature(cfg)
-        if os.path.exists(path):
-            with open(path) as fh:
-                cached = json.load(fh)
-            if _cached_signature(cached, run_dir) != signature:
-                self.log(f"[reproduce] cached {key} was run with another config: running again")
-            elif not evaluate_test or "test" in cached:
-                self.run_seconds[key] = float(cached.get("seconds", 0.0))
-                return cached
         from micrec_tf.train import train  # deferred: TF loads only when a run is needed
 
         self.log(f"[reproduce] run {key}: {overrides}")
         start = time.time()
-        result = train(cfg, run_dir=run_dir, evaluate_test=evaluate_test, log=self.log)
-        out = {k: result[k] for k in ("valid", "test") if k in result}
+        result = train(cfg, run_dir=os.path.join(self.root, key), evaluate_test=evaluate_test,
+                       log=self.log)
+        out = {"key": key, "seed": cfg.train.seed}
+        out.update({k: result[k] for k in ("valid", "test") if k in result})
         out["history"] = result["history"]
+        for k in ("best_epoch", "epochs_run", "stopped_early"):
+            out[k] = result.get(k)
+        out["epochs_cap"] = cfg.train.epochs
         out["seconds"] = time.time() - start
         self.run_seconds[key] = out["seconds"]
-        out["overrides"] = {k: v for k, v in overrides.items()}
-        out["config"] = signature
-        with open(path, "w") as fh:
+        out["overrides"] = dict(overrides)
+        out["config"] = run_signature(cfg)
+        out["artifacts"] = self.fingerprint
+        out["machine"] = f"{platform.node()} ({os.cpu_count()} CPU cores, {platform.machine()})"
+        out["date"] = datetime.date.today().isoformat()
+        path = self.cache_path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as fh:
             json.dump(out, fh, indent=1)
+        os.replace(path + ".tmp", path)
         # Free the run's graph before the next one.
         import tf_keras
         tf_keras.backend.clear_session()
         return out
 
     def tune(self, name: str, overrides: dict, inherited: dict | None = None) -> tuple:
-        """Best grid setting of ``name`` by validation HIT@N[0] (seed 0): ``(setting, run key)``.
+        """Best setting of ``name`` by validation HIT@N[0] (seed 0): ``(setting, run key)``.
 
+        The grid's trials (:func:`grid_for`), then the model's method option
+        (:func:`option_for`) at the grid's choice, kept if it is better on validation.
         ``inherited``: the setting its base model chose (for models with CL), applied under every
         trial. Trial runs also measure test metrics (so the winner doubles as the seed-0 run), but
-        the choice reads validation only.
+        the choice reads validation only. Every trial is listed in ``self.trials[name]``.
         """
-        trials = [{**(inherited or {}), **t} for t in grid_for(overrides, self.grid)]
-        best, best_key, best_score = None, None, -1.0
-        for setting in trials:
+        n = self.cfg.eval.hit_n[0]
+        self.trials = getattr(self, "trials", {})
+        rows = self.trials[name] = []
+
+        def trial(setting):
             ov = {**overrides, **setting, "train.seed": 0}
             tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(setting.items())) or "default"
             key = f"tune/{_slug(name)}/{_slug(tag)}"
             res = self.run(key, ov, evaluate_test=True)
-            score = res["valid"][f"hit@{self.cfg.eval.hit_n[0]}"]
+            rows.append({"setting": setting, "key": key, "valid": res["valid"][f"hit@{n}"],
+                         "best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"),
+                         "epochs_cap": res.get("epochs_cap"),
+                         "stopped_early": res.get("stopped_early")})
+            return key, res["valid"][f"hit@{n}"]
+
+        best, best_key, best_score = None, None, -1.0
+        for t in grid_for(overrides, self.grid):
+            setting = {**(inherited or {}), **t}
+            key, score = trial(setting)
+            if score > best_score:
+                best, best_key, best_score = setting, key, score
+        option = option_for(overrides, self.grid)
+        if option is not None and best.get(option[0], _UNSET) != option[1]:
+            setting = {**best, option[0]: option[1]}
+            key, score = trial(setting)
+            rows[-1]["option"] = True
             if score > best_score:
                 best, best_key, best_score = setting, key, score
         return best, best_key
+
+
+_UNSET = object()
 
 
 def paired_p(a, b) -> float:
@@ -275,9 +376,31 @@ def summarise(per_seed: dict, ns, coverage_ns) -> dict:
     return out
 
 
+def convergence_text(runs: list) -> str:
+    """"13, 12, 15 of <= 30" from runs' best epochs; a run whose best epoch is the last allowed
+    (or that ran without early stopping) is marked "(cap!)": it is not known to be converged."""
+    parts = []
+    for r in runs:
+        best, cap = r.get("best_epoch"), r.get("epochs_cap")
+        if best is None:
+            parts.append("?")
+            continue
+        parts.append(f"{best}" + (" (cap!)" if cap is not None and best >= cap else ""))
+    caps = sorted({r.get("epochs_cap") for r in runs if r.get("epochs_cap") is not None})
+    return ", ".join(parts) + (f" of <= {caps[0]}" if len(caps) == 1 else "")
+
+
+def unconverged(runs_by_name: dict) -> list:
+    """[(row name, run key)] of runs whose best epoch is the epoch cap."""
+    return [(name, r.get("key", "?")) for name, runs in runs_by_name.items() for r in runs
+            if r.get("best_epoch") is not None and r.get("epochs_cap") is not None
+            and r["best_epoch"] >= r["epochs_cap"]]
+
+
 def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, sparsity: dict,
                 seeds: int, command: str, seconds: float, grid: str = "full",
-                run_seconds: float | None = None) -> str:
+                run_seconds: float | None = None, convergence: dict | None = None,
+                trials: dict | None = None) -> str:
     ns, cns = cfg.eval.hit_n, cfg.eval.coverage_n
     cols = [f"hit@{n}" for n in ns] + [f"coverage@{n}" for n in cns] + \
         [f"long_tail/hit@{ns[0]}", f"long_tail/hit@{ns[-1]}"]
@@ -295,6 +418,14 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
              f"stopping on validation HIT@{ns[0]}",
              "- every number below was measured by this run; mean +- std over seeds; p-values: "
              "two-sided paired t-test over seeds of MicRec (final) vs the row", ""]
+    if convergence:
+        flagged = unconverged(convergence)
+        lines += ["- convergence: every run stops by early stopping on validation "
+                  f"HIT@{ns[0]} (patience {cfg.train.early_stopping_patience}, best epoch "
+                  "restored); " + (f"**{len(flagged)} run(s) had their best epoch at the cap and "
+                                   f"are not known to be converged: "
+                                   f"{', '.join(k for _, k in flagged)}**" if flagged else
+                                   "no run's best epoch was the last allowed"), ""]
     base = summary.get(BASE, {}).get(f"hit@{ns[0]}", (float("nan"),))[0]
 
     def gain_vs_base(value: float) -> float:
@@ -330,6 +461,11 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
                 p = paired_p(final_vals, m[f"hit@{ns[0]}"][2]) if name != FINAL else float("nan")
             lines.append("| " + " | ".join(cells + [f"{gain:+.1f} %", f"{p:.3g}"]) + " |")
         lines.append("")
+        if convergence and table == "main":
+            lines += ["Best (restored) epoch of each seed's run:", ""]
+            lines += [f"- {name}: {convergence_text(convergence[name])}" for name in rows
+                      if name in convergence]
+            lines.append("")
     if sparsity:
         lines += ["## Sparsity sweep (fraction of users' training clicks)", "",
                   f"| fraction | ICAN HIT@{ns[0]} | MicRec (final) HIT@{ns[0]} | relative gain | p |",
@@ -345,6 +481,18 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
     lines += [f"| {n} | `{json.dumps(s)}` | {effective_values(cfg, n, s)} |"
               for n, s in settings.items()]
     lines += ["", f"Grid `{grid}`: {GRID_TEXT[grid]}", ""]
+    if trials:
+        lines += [f"### Every trial (seed 0): validation HIT@{ns[0]}", "",
+                  f"| model | setting | validation HIT@{ns[0]} | best epoch | epochs run |",
+                  "|---|---|---|---|---|"]
+        for name, rows in trials.items():
+            for t in rows:
+                mark = " (method option)" if t.get("option") else ""
+                chosen = " **chosen**" if t["setting"] == settings.get(name) else ""
+                lines.append(f"| {name} | `{json.dumps(t['setting'])}`{mark}{chosen} | "
+                             f"{t['valid']:.4f} | {t.get('best_epoch')} | "
+                             f"{t.get('epochs_run')} of <= {t.get('epochs_cap')} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -416,24 +564,39 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
     """Runs everything (cached) and writes the report; returns the markdown path."""
     start = time.time()
     seeds = seeds or cfg.eval.seeds
+    if cfg.train.early_stopping_patience < 2:
+        raise ConfigError(f"a reproduction stops every run by early stopping: "
+                          f"train.early_stopping_patience must be >= 2. Received: "
+                          f"{cfg.train.early_stopping_patience}")
     names = [n for n in VARIANTS if variants is None or n in variants]
-    runner = Runner(cfg, os.path.join(cfg.run_dir, "reproduce"), grid, log)
-    settings, per_seed, histories = {}, {}, {}
+    runner = Runner(cfg, os.path.join(cfg.run_dir, "reproduce"), grid, log,
+                    cache_dir=os.path.join(out_dir, "runs", cfg.name))
+    settings, per_seed, histories, seed0 = {}, {}, {}, {}
     # Models with CL terms start from their base model's chosen setting, so bases run first:
     # those not asked for, then the asked-for names in VARIANTS order (bases precede CL rows).
+    # Every model is tuned first; then the seeds run seed by seed across the models, so an
+    # interrupted reproduction holds paired seeds of every model.
     bases = [b for b in dict.fromkeys(base_of(VARIANTS[n][1]) for n in names) if b]
-    for name in [*[b for b in bases if b not in names], *names]:
+    order = [*[b for b in bases if b not in names], *names]
+    for name in order:
         overrides, same = VARIANTS[name][1], canonical_name(name)
-        if same in per_seed:  # same model as an earlier row ("MicRec - sem" = "MicRec (fea+sess)")
-            settings[name], per_seed[name] = settings[same], per_seed[same]
+        if same in seed0:  # same model as an earlier row ("MicRec - sem" = "MicRec (fea+sess)")
+            settings[name], seed0[name] = settings[same], seed0[same]
             continue
         base = base_of(overrides)
-        settings[name], seed0_key = runner.tune(same, overrides,
-                                                inherited=settings[base] if base else None)
-        per_seed[name] = [
-            runner.run(seed0_key if s == 0 else f"{_slug(same)}/seed{s}",
-                       {**overrides, **settings[name], "train.seed": s}, evaluate_test=True)
-            for s in range(seeds)]
+        settings[name], seed0[name] = runner.tune(same, overrides,
+                                                  inherited=settings[base] if base else None)
+    for s in range(seeds):
+        for name in order:
+            same = canonical_name(name)
+            if same != name and same in per_seed:
+                per_seed[name] = per_seed[same]
+                continue
+            run = runner.run(seed0[name] if s == 0 else f"{_slug(same)}/seed{s}",
+                             {**VARIANTS[name][1], **settings[name], "train.seed": s},
+                             evaluate_test=True)
+            per_seed.setdefault(name, []).append(run)
+    for name in order:
         histories[name] = per_seed[name][0]["history"]
     sweep = {}
     if sparsity and BASE in settings and FINAL in settings:
@@ -461,13 +624,19 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
     pngs = plots(os.path.join(out_dir, cfg.name), cfg, summary, sweep,
                  {n: histories[n] for n in (BASE, FINAL) if n in histories})
     md = to_markdown(cfg, summary, ref, settings, sweep, seeds, command, time.time() - start, grid,
-                     run_seconds=sum(runner.run_seconds.values()))
+                     run_seconds=sum(runner.run_seconds.values()),
+                     convergence={n: per_seed[n] for n in names if n in per_seed},
+                     trials={n: runner.trials[canonical_name(n)] for n in names
+                             if canonical_name(n) in getattr(runner, "trials", {})})
     md += "\n## Plots\n\n" + "\n".join(
         f"![{os.path.basename(p)}]({cfg.name}/{os.path.basename(p)})" for p in pngs) + "\n"
     with open(md_path, "w") as fh:
         fh.write(md)
     with open(os.path.join(out_dir, f"{cfg.name}.json"), "w") as fh:
         json.dump({"per_seed": {n: [r["test"] for r in runs] for n, runs in per_seed.items()},
+                   "best_epochs": {n: [r.get("best_epoch") for r in runs]
+                                   for n, runs in per_seed.items()},
+                   "trials": getattr(runner, "trials", {}),
                    "settings": settings, "reference": ref,
                    "sparsity": {str(k): v for k, v in sweep.items()}}, fh, indent=1)
     log(f"[reproduce] wrote {md_path}")
