@@ -453,7 +453,8 @@ def build_tfrs_two_tower(cfg, item_table, vocab_sizes: Mapping, user_fields,
       vocab_sizes: {vocab name: size incl. OOV 0}: ``item_id``, ``tag``, ``user_<field>``.
       user_fields: profile field names (``gender`` or ``user_gender``).
       item_counts: int [V] training clicks per item, for the logQ correction; None (default):
-        counted from ``cfg.artifacts_dir``'s training split (the item table carries no counts).
+        counted from ``cfg.artifacts_dir``'s whole training split (the item table carries no
+        counts; under ``train.train_fraction`` < 1 the sampled users' shares differ a little).
       user_id_vocabulary: see :class:`TFRSUserModel`; None (default): no user-id embedding.
     """
     m = cfg.model
