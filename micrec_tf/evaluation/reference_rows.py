@@ -43,7 +43,8 @@ def reference_rows(artifacts_dir: str, split: str = "test", ns=(50, 100, 200, 50
     """{"<baseline>/exclude_clicked=<bool>": metrics dict} for both baselines (summarize_topk keys,
     plus ``long_tail/...`` and ``seconds``, the ranking time of the row's split).
 
-    The item-kNN rows also hold ``variant`` (the weighting used) and ``variant_selection``:
+    The item-kNN rows also hold ``cooccurrence_entries`` (E of the table), ``variant`` (the
+    weighting used) and ``variant_selection``:
     ``{"split", "metric", "hit": {variant: HIT@N on that split}, "seconds"}`` when the variant
     was chosen among ``knn_variants`` on ``select_split`` by HIT@``select_n`` (default: ``ns[0]``),
     or ``{"split": None, "reason": ...}`` when ``knn_variant`` fixed it, only one variant was
@@ -106,6 +107,7 @@ def reference_rows(artifacts_dir: str, split: str = "test", ns=(50, 100, 200, 50
             if name == "cooccurrence_itemknn":
                 res["variant"] = chosen
                 res["variant_selection"] = selection
+                res["cooccurrence_entries"] = table.num_entries
             out[f"{name}/exclude_clicked={str(excl).lower()}"] = res
     return out
 
