@@ -616,7 +616,8 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
 
     ref = reference_rows(cfg.artifacts_dir, ns=cfg.eval.hit_n, coverage_ns=cfg.eval.coverage_n,
                          exclude_clicked=(cfg.eval.exclude_clicked,))
-    ref = {("Most popular" if k.startswith("most_popular") else "Item-kNN (1 h co-occurrence)"): v
+    ref = {("Most popular" if k.startswith("most_popular") else
+            f"Item-kNN (1 h co-occurrence, {v.get('variant', 'count')} weights)"): v
            for k, v in ref.items()}
     summary = summarise(per_seed, cfg.eval.hit_n, cfg.eval.coverage_n)
     os.makedirs(out_dir, exist_ok=True)
