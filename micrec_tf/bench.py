@@ -1380,10 +1380,25 @@ def run_suite(config: str, out_dir: str, quick: bool, sections=SECTIONS, work_di
     with open(os.path.join(out_dir, "benchmarks.json"), "w") as fh:
         json.dump(res, fh, indent=1, allow_nan=False)
         fh.write("\n")
-    with open(os.path.join(out_dir, "BENCHMARKS.md"), "w") as fh:
-        fh.write(render_markdown(res))
+    md_path = os.path.join(out_dir, "BENCHMARKS.md")
+    old = open(md_path, encoding="utf-8").read() if os.path.exists(md_path) else ""
+    with open(md_path, "w") as fh:
+        fh.write(keep_hand_sections(old, render_markdown(res)))
     log(f"wrote {out_dir}/BENCHMARKS.md and benchmarks.json ({total / 60:.1f} min)")
     return res
+
+
+HAND_MARKER = "<!-- Sections below were measured by separate commands; make bench keeps them. -->"
+
+
+def keep_hand_sections(old: str, new: str) -> str:
+    """``new`` followed by everything from :data:`HAND_MARKER` on in ``old`` (sections measured by
+    separate commands, e.g. the full co-occurrence table's preprocessing cost), so a regenerated
+    BENCHMARKS.md does not lose them."""
+    at = old.find(HAND_MARKER)
+    if at < 0:
+        return new
+    return new.rstrip("\n") + "\n\n" + old[at:]
 
 
 def _int_list(text: str) -> list:

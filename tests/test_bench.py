@@ -158,3 +158,13 @@ def test_power_fit_and_estimates():
     runs = {1000: [{"wall_s": 10.0}], 4000: [{"wall_s": 20.0}]}
     # Sub-linear so far, but the estimate is never better than linear from the largest run.
     assert _estimate_time(8000, runs) == pytest.approx(40.0)
+
+
+def test_regenerated_benchmarks_keep_the_hand_measured_sections():
+    from micrec_tf.bench import HAND_MARKER, keep_hand_sections
+
+    old = f"# Benchmarks\nold suite\n\n{HAND_MARKER}\n\n## Preprocessing: full table\n| a |\n"
+    out = keep_hand_sections(old, "# Benchmarks\nnew suite\n")
+    assert out.startswith("# Benchmarks\nnew suite\n") and "old suite" not in out
+    assert out.endswith(f"{HAND_MARKER}\n\n## Preprocessing: full table\n| a |\n")
+    assert keep_hand_sections("# no marker\n", "new\n") == "new\n"
