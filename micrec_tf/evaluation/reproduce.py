@@ -447,6 +447,9 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
                 cells = [ref_name] + [f"{ref[c]:.4f}" if c in ref else "" for c in cols]
                 gain = gain_vs_base(ref[f"hit@{ns[0]}"])
                 lines.append("| " + " | ".join(cells + [f"{gain:+.1f} %", "(deterministic)"]) + " |")
+            from micrec_tf.evaluation.reference_rows import selection_lines
+
+            notes = selection_lines(reference)
         for name in rows:
             m = summary[name]
             cells = [name] + [f"{m[c][0]:.4f} +- {m[c][1]:.4f}" if c in m else "" for c in cols]
@@ -461,6 +464,8 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
                 p = paired_p(final_vals, m[f"hit@{ns[0]}"][2]) if name != FINAL else float("nan")
             lines.append("| " + " | ".join(cells + [f"{gain:+.1f} %", f"{p:.3g}"]) + " |")
         lines.append("")
+        if table == "main" and reference:
+            lines += [f"- {line}" for line in notes] + [""]
         if convergence and table == "main":
             lines += ["Best (restored) epoch of each seed's run:", ""]
             lines += [f"- {name}: {convergence_text(convergence[name])}" for name in rows
