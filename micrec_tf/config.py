@@ -168,6 +168,11 @@ class LossConfig:
     same_category_weight: float = 2.0
     cl_anchors: str = "batch"
     session_positives: str = "count"
+    # Session CL draws a pool of this many x num_cl_negatives uniform items per step; each anchor
+    # keeps the first num_cl_negatives that never co-occurred with it. On ml-1m the median item
+    # co-occurs with 67 % of the catalogue: with x8, 96 % of items keep >= 45 of their 50 negatives
+    # in expectation (x4: 71 %).
+    session_negative_pool: int = 8
     semantic_positives: str = "sample"
     # Main loss (eq. 7): a sampled negative that is in the row's recent clicks (``hist_items``)
     # is not "an item not clicked by u" and is masked out of that row's softmax.
@@ -355,6 +360,9 @@ def validate(cfg: Config) -> Config:
     _check_choice("loss.cl_anchors", cfg.loss.cl_anchors, CL_ANCHORS)
     _check_choice("loss.session_positives", cfg.loss.session_positives, SESSION_POSITIVES)
     _check_choice("loss.semantic_positives", cfg.loss.semantic_positives, SEMANTIC_POSITIVES)
+    if not isinstance(cfg.loss.session_negative_pool, int) or cfg.loss.session_negative_pool < 1:
+        raise ConfigError(f"loss.session_negative_pool must be an int >= 1. Received: "
+                          f"{cfg.loss.session_negative_pool!r}")
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     _check_choice("export.index", cfg.export.index, INDEX_KINDS)
     _check_choice("model.history_embeddings", cfg.model.history_embeddings, HISTORY_EMBEDDINGS)

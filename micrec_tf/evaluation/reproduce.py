@@ -177,7 +177,8 @@ def run_signature(cfg: Config) -> dict:
 _CL_LOSS_KEYS = (
     ({"feature"}, ("lambda_feature", "feature_dropout", "mask_ratio")),
     ({"semantic"}, ("lambda_semantic", "semantic_positives")),
-    ({"session"}, ("lambda_session", "same_category_weight", "session_positives")),
+    ({"session"}, ("lambda_session", "same_category_weight", "session_positives",
+                   "session_negative_pool")),
     ({"semantic", "session"}, ("num_cl_negatives",)),
     (set(CL_TASKS), ("temperature", "cl_similarity", "cl_anchors")),
 )
