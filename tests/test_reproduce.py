@@ -43,6 +43,19 @@ def test_reproduce_writes_report_and_caches(tiny_pipeline, tmp_path):
     R.reproduce(cfg, variants=["ICAN", "MicRec (final)"], seeds=2, sparsity=True, grid="small",
                 out_dir=out, command="test", log=logs.append)
     assert not any(str(m).startswith("[reproduce] run ") for m in logs)
+    # --cached-only with a seed run and a MicRec trial missing: nothing trains, the report says
+    # what is missing, ICAN keeps its done seeds, MicRec (grid incomplete) has no row yet.
+    os.remove(os.path.join(out, "runs", "tiny", "ican", "seed1.json"))
+    mic_trial = next(t["key"] for t in raw["trials"]["MicRec (final)"])
+    os.remove(os.path.join(out, "runs", "tiny", f"{mic_trial}.json"))
+    logs.clear()
+    partial = open(R.reproduce(cfg, variants=["ICAN", "MicRec (final)"], seeds=2, sparsity=False,
+                               grid="small", out_dir=out, command="test", log=logs.append,
+                               cached_only=True)).read()
+    assert not any(str(m).startswith("[reproduce] run ") for m in logs)
+    assert "PARTIAL" in partial and "`ican/seed1`" in partial and mic_trial in partial
+    assert "| ICAN |" in partial and "| MicRec (final) |" not in partial.split("## Chosen")[0]
+    assert "not run yet" in partial
 
 
 def test_every_cl_variant_has_a_base_without_cl_and_equal_trial_counts():

@@ -247,11 +247,15 @@ class Runner:
     """
 
     def __init__(self, cfg: Config, root: str, grid: str = "full", log=print,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, cached_only: bool = False):
         self.cfg, self.root, self.grid, self.log = cfg, root, grid, log
+        # cached_only: never train; a run not in the cache is recorded in ``missing`` and
+        # returns None (a partial report of what is done).
+        self.cached_only, self.missing = cached_only, []
         self.cache_dir = cache_dir or os.path.join(root, "cache")
         self.run_seconds = {}  # run key -> training seconds, cached runs included
         self.fingerprint = artifacts_fingerprint(cfg.artifacts_dir)
+        self.trials = {}  # model name -> [trial rows] (see :meth:`tune`)
 
     def cache_path(self, key: str) -> str:
         return os.path.join(self.cache_dir, f"{key}.json")
@@ -280,6 +284,9 @@ class Runner:
         if cached is not None:
             self.run_seconds[key] = float(cached.get("seconds", 0.0))
             return cached
+        if self.cached_only:
+            self.missing.append(key)
+            return None
         cfg = _expand(self.cfg, overrides)
         from micrec_tf.train import train  # deferred: TF loads only when a run is needed
 
@@ -320,7 +327,6 @@ class Runner:
         the choice reads validation only. Every trial is listed in ``self.trials[name]``.
         """
         n = self.cfg.eval.hit_n[0]
-        self.trials = getattr(self, "trials", {})
         rows = self.trials[name] = []
 
         def trial(setting):
@@ -328,25 +334,34 @@ class Runner:
             tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(setting.items())) or "default"
             key = f"tune/{_slug(name)}/{_slug(tag)}"
             res = self.run(key, ov, evaluate_test=True)
+            if res is None:  # cached_only and not run yet
+                rows.append({"setting": setting, "key": key, "valid": None, "missing": True})
+                return key, None
             rows.append({"setting": setting, "key": key, "valid": res["valid"][f"hit@{n}"],
                          "best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"),
                          "epochs_cap": res.get("epochs_cap"),
                          "stopped_early": res.get("stopped_early")})
             return key, res["valid"][f"hit@{n}"]
 
-        best, best_key, best_score = None, None, -1.0
+        best, best_key, best_score, complete = None, None, -1.0, True
         for t in grid_for(overrides, self.grid):
             setting = {**(inherited or {}), **t}
             key, score = trial(setting)
-            if score > best_score:
+            if score is None:
+                complete = False
+            elif score > best_score:
                 best, best_key, best_score = setting, key, score
         option = option_for(overrides, self.grid)
-        if option is not None and best.get(option[0], _UNSET) != option[1]:
+        if complete and option is not None and best.get(option[0], _UNSET) != option[1]:
             setting = {**best, option[0]: option[1]}
             key, score = trial(setting)
             rows[-1]["option"] = True
-            if score > best_score:
+            if score is None:
+                complete = False
+            elif score > best_score:
                 best, best_key, best_score = setting, key, score
+        if not complete:
+            return None, None  # the choice is not made until every trial has run
         return best, best_key
 
 
@@ -401,7 +416,7 @@ def unconverged(runs_by_name: dict) -> list:
 def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, sparsity: dict,
                 seeds: int, command: str, seconds: float, grid: str = "full",
                 run_seconds: float | None = None, convergence: dict | None = None,
-                trials: dict | None = None) -> str:
+                trials: dict | None = None, missing: list | None = None) -> str:
     ns, cns = cfg.eval.hit_n, cfg.eval.coverage_n
     cols = [f"hit@{n}" for n in ns] + [f"coverage@{n}" for n in cns] + \
         [f"long_tail/hit@{ns[0]}", f"long_tail/hit@{ns[-1]}"]
@@ -419,6 +434,12 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
              f"stopping on validation HIT@{ns[0]}",
              "- every number below was measured by this run; mean +- std over seeds; p-values: "
              "two-sided paired t-test over seeds of MicRec (final) vs the row", ""]
+    if missing:
+        lines += [f"**PARTIAL: a report of the cached runs only (`--cached-only`); {len(missing)} "
+                  f"run(s) of the protocol are not done yet:** "
+                  + ", ".join(f"`{k}`" for k in missing)
+                  + ". Rows show the seeds done so far; a model whose grid is incomplete has no "
+                    "chosen setting and no row yet.", ""]
     if convergence:
         flagged = unconverged(convergence)
         lines += ["- convergence: every run stops by early stopping on validation "
@@ -495,6 +516,10 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
             for t in rows:
                 mark = " (method option)" if t.get("option") else ""
                 chosen = " **chosen**" if t["setting"] == settings.get(name) else ""
+                if t.get("missing"):
+                    lines.append(f"| {name} | `{json.dumps(t['setting'])}`{mark} | not run yet "
+                                 f"| | |")
+                    continue
                 lines.append(f"| {name} | `{json.dumps(t['setting'])}`{mark}{chosen} | "
                              f"{t['valid']:.4f} | {t.get('best_epoch')} | "
                              f"{t.get('epochs_run')} of <= {t.get('epochs_cap')} |")
@@ -566,8 +591,12 @@ def plots(out_dir: str, cfg: Config, summary: dict, sparsity: dict, histories: d
 
 
 def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=True,
-              grid: str = "full", out_dir="docs/results", command="", log=print) -> str:
-    """Runs everything (cached) and writes the report; returns the markdown path."""
+              grid: str = "full", out_dir="docs/results", command="", log=print,
+              cached_only: bool = False) -> str:
+    """Runs everything (cached) and writes the report; returns the markdown path.
+
+    ``cached_only``: train nothing; report what the committed cache holds, marked partial.
+    """
     start = time.time()
     seeds = seeds or cfg.eval.seeds
     if cfg.train.early_stopping_patience < 2:
@@ -576,7 +605,7 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
                           f"{cfg.train.early_stopping_patience}")
     names = [n for n in VARIANTS if variants is None or n in variants]
     runner = Runner(cfg, os.path.join(cfg.run_dir, "reproduce"), grid, log,
-                    cache_dir=os.path.join(out_dir, "runs", cfg.name))
+                    cache_dir=os.path.join(out_dir, "runs", cfg.name), cached_only=cached_only)
     settings, per_seed, histories, seed0 = {}, {}, {}, {}
     # Models with CL terms start from their base model's chosen setting, so bases run first:
     # those not asked for, then the asked-for names in VARIANTS order (bases precede CL rows).
@@ -590,6 +619,12 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
             settings[name], seed0[name] = settings[same], seed0[same]
             continue
         base = base_of(overrides)
+        if base and settings.get(base) is None:  # its base model is not tuned yet (cached_only)
+            settings[name] = seed0[name] = None
+            runner.trials[same] = [{"setting": {}, "key": f"tune/{_slug(same)}/...",
+                                    "valid": None, "missing": True}]
+            runner.missing.append(f"tune/{_slug(same)}/* (after {base})")
+            continue
         settings[name], seed0[name] = runner.tune(same, overrides,
                                                   inherited=settings[base] if base else None)
     for s in range(seeds):
@@ -598,14 +633,19 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
             if same != name and same in per_seed:
                 per_seed[name] = per_seed[same]
                 continue
+            if settings[name] is None:
+                continue
             run = runner.run(seed0[name] if s == 0 else f"{_slug(same)}/seed{s}",
                              {**VARIANTS[name][1], **settings[name], "train.seed": s},
                              evaluate_test=True)
-            per_seed.setdefault(name, []).append(run)
+            if run is not None:
+                per_seed.setdefault(name, []).append(run)
     for name in order:
-        histories[name] = per_seed[name][0]["history"]
+        if per_seed.get(name):
+            histories[name] = per_seed[name][0]["history"]
+    settings = {k: v for k, v in settings.items() if v is not None}
     sweep = {}
-    if sparsity and BASE in settings and FINAL in settings:
+    if sparsity and BASE in settings and FINAL in settings and not cached_only:
         for frac in SPARSITY:
             pair = []
             if frac == 1.0:  # the main runs already are the 100 % point
@@ -634,7 +674,8 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
                      run_seconds=sum(runner.run_seconds.values()),
                      convergence={n: per_seed[n] for n in names if n in per_seed},
                      trials={n: runner.trials[canonical_name(n)] for n in names
-                             if canonical_name(n) in getattr(runner, "trials", {})})
+                             if canonical_name(n) in runner.trials},
+                     missing=runner.missing)
     md += "\n## Plots\n\n" + "\n".join(
         f"![{os.path.basename(p)}]({cfg.name}/{os.path.basename(p)})" for p in pngs) + "\n"
     with open(md_path, "w") as fh:
@@ -643,7 +684,7 @@ def reproduce(cfg: Config, variants=None, seeds: int | None = None, sparsity=Tru
         json.dump({"per_seed": {n: [r["test"] for r in runs] for n, runs in per_seed.items()},
                    "best_epochs": {n: [r.get("best_epoch") for r in runs]
                                    for n, runs in per_seed.items()},
-                   "trials": getattr(runner, "trials", {}),
+                   "trials": runner.trials, "missing": runner.missing,
                    "settings": settings, "reference": ref,
                    "sparsity": {str(k): v for k, v in sweep.items()}}, fh, indent=1)
     log(f"[reproduce] wrote {md_path}")
@@ -660,6 +701,8 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="full",
                         help="validation grid per variant (default: full, 4 trials)")
     parser.add_argument("--no-sparsity", action="store_true")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train nothing: write a partial report of the runs already cached")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
     cfg = cli.load(args)
@@ -676,6 +719,7 @@ def main(argv=None) -> int:
             parser.error(f"unknown table(s) {bad}")
         variants = [v for v in (variants or VARIANTS) if VARIANTS[v][0] in tables]
     reproduce(cfg, variants, args.seeds, sparsity=not args.no_sparsity, grid=args.grid,
+              cached_only=args.cached_only,
               out_dir=args.out, command="python -m micrec_tf.evaluation.reproduce " +
               " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
