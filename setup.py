@@ -13,6 +13,10 @@ setup(
         "tensorflow-text==2.20.*",
         "scann[tf]==1.4.2",
         "tensorflow-recommenders==0.7.7",
+        # TF Serving's PredictRequest / PredictResponse / PredictionLog protos (export/serving.py).
+        # Pinned to TensorFlow's release: 2.21.0 requires tensorflow>=2.21 (and protobuf>=6.31.1),
+        # while 2.20.* requires tensorflow>=2.20,<3 and adds only itself to the pinned stack.
+        "tensorflow-serving-api==2.20.*",
         "apache-beam[tfrecord]>=2.60",
         "numpy",
         "pyyaml",

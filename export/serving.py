@@ -25,9 +25,8 @@ The features then match the training examples (``user_<field>`` [B], ``hist_item
 zero-padded at the end, ``hist_len`` [B]) and go through the trained ``model.user_embeddings``.
 
 ``assets.extra/tf_serving_warmup_requests`` holds a few ``PredictionLog`` records (TFRecord) so that
-TF Serving runs the graph once before taking traffic. The protos are built here from a private
-descriptor of the ``tensorflow.serving`` messages (field numbers as in tensorflow_serving/apis), or
-with ``tensorflow-serving-api`` when that package happens to be installed.
+TF Serving runs the graph once before taking traffic. The request, response and log messages are
+those of the ``tensorflow-serving-api`` package (``tensorflow_serving.apis``), pinned in setup.py.
 """
 from __future__ import annotations
 
@@ -219,97 +218,20 @@ def encode_strings(value) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- warmup records
-_PROTOS = None
-
-
 def serving_protos():
-    """``(PredictionLog, PredictRequest, PredictResponse)`` message classes.
+    """``(PredictionLog, PredictRequest, PredictResponse)`` message classes of ``tensorflow-serving-api``.
 
-    From ``tensorflow_serving.apis`` when installed; otherwise built from a private descriptor with
-    the same package, message names and field numbers as tensorflow_serving/apis/{model,predict,
-    prediction_log}.proto, so the bytes are identical on the wire. (Only the fields used here are
-    declared; fields such as ``PredictionLog.log_metadata`` are simply absent.)
+    The package is imported here rather than at the top of the module so that the rest of
+    ``export.serving`` (version listing, publishing) works in an environment that predates the pin.
     """
-    global _PROTOS
-    if _PROTOS is not None:
-        return _PROTOS
-    try:  # pragma: no cover - the package is not a dependency of this project
+    try:
         from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
-        _PROTOS = (prediction_log_pb2.PredictionLog, predict_pb2.PredictRequest,
-                   predict_pb2.PredictResponse)
-        return _PROTOS
-    except ImportError:
-        pass
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
-    from tensorflow.core.framework import tensor_pb2
-
-    pool = descriptor_pool.DescriptorPool()
-    added = set()
-
-    def add(fd):
-        if fd.name in added:
-            return
-        for dep in fd.dependencies:
-            add(dep)
-        proto = descriptor_pb2.FileDescriptorProto()
-        fd.CopyToProto(proto)
-        pool.Add(proto)
-        added.add(fd.name)
-
-    add(tensor_pb2.DESCRIPTOR)
-    add(wrappers_pb2.DESCRIPTOR)
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(
-        name="micrec_tf/tensorflow_serving_predict_subset.proto", package="tensorflow.serving",
-        syntax="proto3",
-        dependency=["tensorflow/core/framework/tensor.proto", "google/protobuf/wrappers.proto"])
-
-    def msg(name, fields, nested=(), oneofs=()):
-        m = fdp.message_type.add(name=name)
-        for n in nested:
-            m.nested_type.add().CopyFrom(n)
-        for o in oneofs:
-            m.oneof_decl.add(name=o)
-        for fname, number, ftype, label, type_name, oneof in fields:
-            f = m.field.add(name=fname, number=number, type=ftype, label=label)
-            if type_name:
-                f.type_name = type_name
-            if oneof is not None:
-                f.oneof_index = oneof
-        return m
-
-    def map_entry(name):
-        e = descriptor_pb2.DescriptorProto(name=name)
-        e.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-        e.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                    type_name=".tensorflow.TensorProto")
-        e.options.map_entry = True
-        return e
-
-    OPT, REP, MSG, STR = F.LABEL_OPTIONAL, F.LABEL_REPEATED, F.TYPE_MESSAGE, F.TYPE_STRING
-    msg("ModelSpec", [("name", 1, STR, OPT, None, None),
-                      ("version", 2, MSG, OPT, ".google.protobuf.Int64Value", 0),
-                      ("version_label", 4, STR, OPT, None, 0),
-                      ("signature_name", 3, STR, OPT, None, None)],
-        oneofs=["version_choice"])
-    msg("PredictRequest", [("model_spec", 1, MSG, OPT, ".tensorflow.serving.ModelSpec", None),
-                           ("inputs", 2, MSG, REP, ".tensorflow.serving.PredictRequest.InputsEntry",
-                            None),
-                           ("output_filter", 3, STR, REP, None, None)],
-        nested=[map_entry("InputsEntry")])
-    msg("PredictResponse", [("model_spec", 2, MSG, OPT, ".tensorflow.serving.ModelSpec", None),
-                            ("outputs", 1, MSG, REP,
-                             ".tensorflow.serving.PredictResponse.OutputsEntry", None)],
-        nested=[map_entry("OutputsEntry")])
-    msg("PredictLog", [("request", 1, MSG, OPT, ".tensorflow.serving.PredictRequest", None),
-                       ("response", 2, MSG, OPT, ".tensorflow.serving.PredictResponse", None)])
-    msg("PredictionLog", [("predict_log", 6, MSG, OPT, ".tensorflow.serving.PredictLog", 0)],
-        oneofs=["log_type"])
-    pool.Add(fdp)
-    get = lambda n: message_factory.GetMessageClass(pool.FindMessageTypeByName(n))  # noqa: E731
-    _PROTOS = (get("tensorflow.serving.PredictionLog"), get("tensorflow.serving.PredictRequest"),
-               get("tensorflow.serving.PredictResponse"))
-    return _PROTOS
+    except ImportError as e:  # pragma: no cover - a project dependency (setup.py)
+        raise ImportError("export.serving needs the tensorflow-serving-api package (setup.py pins "
+                          "tensorflow-serving-api==2.20.*); run `make install`. Received: "
+                          f"{e}") from e
+    return (prediction_log_pb2.PredictionLog, predict_pb2.PredictRequest,
+            predict_pb2.PredictResponse)
 
 
 def predict_request(cols: Mapping, model_name: str = MODEL_NAME,
@@ -321,8 +243,7 @@ def predict_request(cols: Mapping, model_name: str = MODEL_NAME,
     req.model_spec.signature_name = signature_name
     for name, value in cols.items():
         arr = encode_strings(value)
-        proto = tf.make_tensor_proto(arr, dtype=tf.string, shape=arr.shape)
-        req.inputs[name].ParseFromString(proto.SerializeToString())
+        req.inputs[name].CopyFrom(tf.make_tensor_proto(arr, dtype=tf.string, shape=arr.shape))
     return req
 
 
@@ -342,10 +263,8 @@ def write_warmup_requests(path: str, requests: Iterable[Mapping],
 
 
 def tensor_to_numpy(tensor_proto) -> np.ndarray:
-    """A ``TensorProto`` (of any descriptor pool, e.g. a response output) -> numpy array."""
-    from tensorflow.core.framework import tensor_pb2
-
-    return tf.make_ndarray(tensor_pb2.TensorProto.FromString(tensor_proto.SerializeToString()))
+    """A ``TensorProto`` (e.g. a ``PredictResponse`` output) -> numpy array."""
+    return tf.make_ndarray(tensor_proto)
 
 
 def read_warmup_requests(path: str) -> list:
