@@ -317,20 +317,22 @@ def restore_for_export(run_dir: str):
     values.
     """
     import tensorflow as tf
-    import tf_keras
 
+    from micrec_tf.precision import policy_scope
     from micrec_tf.train import restore_model
 
     if not os.path.exists(os.path.join(run_dir, "config.yaml")):
         raise FileNotFoundError(f"no trained run at {run_dir!r} (config.yaml missing): "
                                 f"run `make train CONFIG=...` first")
-    # Export in float32 whatever the run trained with: serving vectors must be reproducible.
-    tf_keras.mixed_precision.set_global_policy("float32")
-    model, run_cfg, art = restore_model(run_dir)
-    # Build every lazily created variable, then read the checkpoint again and insist that it
-    # covers all of them.
-    history_length = int(art.feature_spec.get("history_length", run_cfg.preprocess.history_length))
-    serving.build_variables(model, art.user_fields, history_length)
+    # Export in float32 whatever the run trained with: serving vectors must be reproducible. The
+    # caller's global policy is restored on return; the model's layers stay float32.
+    with policy_scope("float32"):
+        model, run_cfg, art = restore_model(run_dir)
+        # Build every lazily created variable, then read the checkpoint again and insist that it
+        # covers all of them.
+        history_length = int(art.feature_spec.get("history_length",
+                                                  run_cfg.preprocess.history_length))
+        serving.build_variables(model, art.user_fields, history_length)
     ckpt = os.path.join(run_dir, "checkpoint", "model")
     status = tf.train.Checkpoint(model=model).read(ckpt).expect_partial()
     try:
@@ -350,11 +352,14 @@ def export_run(cfg: Config, run_dir: str | None = None, export_root: str | None 
     The model, vocabularies and metadata come from the run's own config.yaml; the export
     settings (``export.*``) and the export location come from ``cfg``.
     """
+    from micrec_tf.precision import policy_scope
+
     run_dir = run_dir or cfg.run_dir
-    model, run_cfg, art = restore_for_export(run_dir)
-    run_cfg = run_cfg.replace({f"export.{k}": v for k, v in cfg.to_dict()["export"].items()})
-    return export_model(model, run_cfg, art, export_root=export_root or cfg.export_dir,
-                        run_dir=run_dir, log=log)
+    with policy_scope("float32"):  # the whole export in float32; the caller's policy comes back
+        model, run_cfg, art = restore_for_export(run_dir)
+        run_cfg = run_cfg.replace({f"export.{k}": v for k, v in cfg.to_dict()["export"].items()})
+        return export_model(model, run_cfg, art, export_root=export_root or cfg.export_dir,
+                            run_dir=run_dir, log=log)
 
 
 def main(argv=None) -> int:

@@ -514,9 +514,6 @@ def _fixed_batches(art_dir: str, batch_size: int, count: int, seed: int):
     return tf.data.Dataset.from_tensor_slices(stacked).repeat().prefetch(2)
 
 
-_KEEP_ALIVE: list = []
-
-
 # The pre-0.2 user-tower code paths (per-slot history embeddings, einsum attention), kept
 # selectable so that every run times them beside today's defaults.
 OLD_PATHS = {"model.history_embeddings": "slots", "model.attention": "einsum"}
@@ -531,7 +528,10 @@ def _train_variants(breakdown: bool) -> dict:
     return v
 
 
-def bench_training_models(cfg, art, art_dir: str, p: dict, precision: str = "float32") -> tuple:
+def bench_training_models(cfg, art, art_dir: str, p: dict, keep_alive: list,
+                          precision: str = "float32") -> tuple:
+    """Times the training step of every variant; the models, their traced train functions, their
+    iterators and the data are appended to ``keep_alive``, a list owned by the benchmark run."""
     import tf_keras
     from micrec_tf.model import build_model
 
@@ -575,8 +575,9 @@ def bench_training_models(cfg, art, art_dir: str, p: dict, precision: str = "flo
         log(f"training[{precision}]: round {r + 1}: " + ", ".join(
             f"{n} {per_round[n][-1] * 1000:.0f} ms" for n in names))
     tf_keras.mixed_precision.set_global_policy("float32")
-    # Releasing traced train functions costs TF tens of seconds; keep them until the process ends.
-    _KEEP_ALIVE.append((models, fns, iters, data))
+    # Releasing traced train functions costs TF tens of seconds; the run keeps them until its report
+    # is written, so that the cost never falls inside a timed section.
+    keep_alive.append((models, fns, iters, data))
     out = {}
     for name in names:
         step = _median(per_round[name])
@@ -608,7 +609,8 @@ def bench_training(cfg_path, cfg, p, work, state) -> dict:
     device = ("GPU: " + ", ".join(
         tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus)
         if gpus else "CPU")
-    models, ratio, ratio_rounds, micrec = bench_training_models(cfg, art, art_dir, p)
+    models, ratio, ratio_rounds, micrec = bench_training_models(cfg, art, art_dir, p,
+                                                                state["keep_alive"])
     state.update(model=micrec, art=art, cfg=cfg)
     n_train = art.feature_spec.get("num_examples", {}).get("train")
     result = {
@@ -636,7 +638,8 @@ def bench_training(cfg_path, cfg, p, work, state) -> dict:
     if gpus:
         try:
             mp, mp_ratio, _, _ = bench_training_models(
-                cfg, art, art_dir, dict(p, train_breakdown=False), "mixed_float16")
+                cfg, art, art_dir, dict(p, train_breakdown=False), state["keep_alive"],
+                "mixed_float16")
             result["gpu"] = {"device": device,
                              "float32": {k: models[k] for k in ("base", "micrec")},
                              "mixed_float16": mp, "ratio_mixed": mp_ratio}
@@ -1337,7 +1340,9 @@ def run_suite(config: str, out_dir: str, quick: bool, sections=SECTIONS, work_di
                     "sections_run": list(sections)}}
     # Leave ~1 min for the report; preprocessing runs last and gets what is left of the budget.
     deadline = start + p["budget_min"] * 60 - 60
-    state: dict = {}
+    # Objects shared between sections; "keep_alive" holds what must outlive the timed sections (the
+    # traced train functions), released when the suite returns, after the report is written.
+    state: dict = {"keep_alive": []}
     order = [s for s in SECTIONS if s in sections]
     log(f"{'quick' if quick else 'full'} suite {order}, config {res['meta']['config']}, "
         f"work dir {work}")

@@ -40,6 +40,7 @@ from micrec_tf.evaluation.data import (earlier_clicks_exclusion, load_split_arra
 from micrec_tf.evaluation.evaluate import evaluate_model
 from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model
+from micrec_tf.precision import policy_scope
 from micrec_tf.towers import use_history_table
 
 
@@ -305,8 +306,15 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
 
     strategy, gpus = select_strategy(cfg.train.require_gpu, log)
     mixed = choose_mixed_precision(cfg.train.mixed_precision, gpus, log)
-    tf_keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    # The model is built and trained under this policy; the caller's global policy is restored on
+    # return (the returned model keeps the policy its layers were built with).
+    with policy_scope("mixed_float16" if mixed else "float32"):
+        return _train_under_policy(cfg, run_dir, strategy, evaluate_test, log, extra_callbacks)
 
+
+def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool, log,
+                        extra_callbacks) -> dict:
+    """The body of :func:`train` once the run directory, strategy and dtype policy are set."""
     art = load_artifacts(cfg.artifacts_dir)
     num_items = art.item_table.num_items
     n_train = art.feature_spec.get("num_examples", {}).get("train")
