@@ -219,7 +219,7 @@ def encode_strings(value) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- warmup records
 def serving_protos():
-    """``(PredictionLog, PredictRequest, PredictResponse)`` message classes of ``tensorflow-serving-api``.
+    """``(PredictionLog, PredictRequest, PredictResponse)``: the ``tensorflow-serving-api`` messages.
 
     The package is imported here rather than at the top of the module so that the rest of
     ``export.serving`` (version listing, publishing) works in an environment that predates the pin.

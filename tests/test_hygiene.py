@@ -1,4 +1,4 @@
-"""Architecture hygiene: no module-level mutable state, maintained protos, restored global policy."""
+"""Architecture hygiene: no module-level mutable state, maintained protos, restored dtype policy."""
 from export import serving
 
 
