@@ -181,15 +181,29 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    """The training run (micrec_tf/train.py): optimisation, early stopping, checkpoints, devices."""
+
+    # Examples per training step.
     batch_size: int = 4096
+    # Adam's learning rate (> 0).
     learning_rate: float = 0.001
+    # Most epochs to run; an epoch = ceil(train examples x train_fraction / batch_size) steps.
     epochs: int = 10
+    # Seeds Keras/TF/numpy, the shuffling of the training stream and the validation subsample.
     seed: int = 42
+    # Epochs without a better validation HIT@N (first N of eval.hit_n) before stopping; the run
+    # keeps its best epoch's weights. 0 = no early stopping: the run keeps its last epoch.
     early_stopping_patience: int = 2
+    # Validation clicks scored after every epoch (and in metrics.json): a fixed seeded subset.
     validation_max_examples: int = 20000
+    # "auto": mixed_float16 only when every visible GPU has compute capability >= 7.0 (float32 on
+    # CPU and on Pascal cards such as the P40); "on" / "off" force it either way.
     mixed_precision: str = "auto"
+    # Backup (BackupAndRestore) every this many batches, and at every epoch end.
     steps_per_checkpoint: int = 200
+    # Parent folder of the run directories: runs/<name>.
     runs_dir: str = "runs"
+    # Stop before training when TensorFlow sees no GPU (instead of training on the CPU).
     require_gpu: bool = False
     # Sparsity sweep: train on this fraction of users' training clicks (sampled by user, seeded).
     train_fraction: float = 1.0
@@ -197,19 +211,37 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Offline evaluation (micrec_tf/evaluation): HIT@N and coverage@N on validation and test."""
+
+    # N of HIT@N (paper 5.4.1): share of clicks whose item is in the query's top-N. The first N is
+    # the validation metric of early stopping.
     hit_n: list = field(default_factory=lambda: [50, 100, 200, 500])
+    # N of coverage@N (paper 5.6.2): share of the catalogue in the union of all top-N lists.
     coverage_n: list = field(default_factory=lambda: [50, 500])
+    # Remove the items each user clicked before the query click from its ranking (a target among
+    # them is a miss); false = rank the whole catalogue.
     exclude_clicked: bool = False
+    # Rank with ScaNN instead of exact brute force (evaluate_retrieval's ``use_scann``); no
+    # evaluation entry point reads this key today: they all rank exactly.
     use_scann: bool = False
+    # Query clicks per user-tower batch when computing user vectors (speed and memory).
     batch_size: int = 1024
+    # Seeds 0 .. seeds-1 per model in ``micrec_tf.evaluation.reproduce`` (mean +- std over them).
     seeds: int = 5
 
 
 @dataclass
 class ExportConfig:
+    """The serving export (export/export_model.py): user-tower SavedModel, item vectors, index."""
+
+    # Parent folder of the exports: exports/<name>/<version>/.
     exports_dir: str = "exports"
+    # Item index: "scann" (ANN; the export falls back to brute force under 256 items or when the
+    # catalogue has no more than top_k items) or "brute_force" (exact, every item scored).
     index: str = "scann"
+    # K: items retrieved per request; ScaNN's leaves to search are tuned for top-K recall.
     top_k: int = 500
+    # Largest catalogue that export.index: brute_force accepts (every item scored per request).
     brute_force_max_items: int = 20000
 
 
