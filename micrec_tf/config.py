@@ -61,10 +61,13 @@ class ConfigError(ValueError):
 class SyntheticConfig:
     """Sizes of the embedded synthetic dataset (deterministic by ``seed``)."""
 
+    # Users, items and clicks generated (micrec_tf/data/synthetic.py); all > 0.
     num_users: int = 2000
     num_items: int = 1000
     num_events: int = 60000
+    # Topics: an item's first tag is its topic; users prefer a few topics.
     num_topics: int = 20
+    # The same sizes and seed always give the same bytes.
     seed: int = 7
 
 
@@ -72,10 +75,13 @@ class SyntheticConfig:
 class DataConfig:
     """Where the raw data is and which adapter reads it."""
 
+    # Adapter of the raw files, one of DATASETS (``canonical``: the TSV format of
+    # docs/ARCHITECTURE.md; ``synthetic``: generated into data_dir first).
     dataset: str = "synthetic"
     # Raw data folder, read in place; required for a real dataset. For ``synthetic`` the
     # generator writes here first (default ``SYNTHETIC_DATA_DIR``).
     data_dir: str = ""
+    # Generator sizes, read only when dataset is ``synthetic``.
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self):
@@ -87,10 +93,16 @@ class DataConfig:
 class PreprocessConfig:
     """The Beam preprocessing job (pipelines/preprocess.py)."""
 
+    # ``global_time``: train / valid / test by exact timestamp quantiles (ties at a boundary go to
+    # the later split); ``leave_last_out``: per user, last click = test, second-last = valid.
     split: str = "global_time"
+    # [train, valid, test] shares of the clicks for ``global_time``: 3 numbers >= 0 summing to 1.
     split_fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    # H: each example's history holds the user's H most recent earlier clicks (``hist_items``).
     history_length: int = 20
+    # Tags kept per item (its first distinct ones), the width of ``item_tags``.
     max_tags: int = 8
+    # Session window in seconds: two clicks at most this far apart co-occur (see below).
     session_window_s: int = 3600
     # Session co-occurrence (paper 3.5): every pair of distinct items a user clicked within
     # ``session_window_s`` (inclusive) counts once. 0 = no cap (the paper's definition); N > 0
@@ -101,6 +113,7 @@ class PreprocessConfig:
     # "Same category" of session CL's emphasis: ``tags`` = the two items share at least one tag;
     # ``provider`` or an item extra field name (e.g. ``year``) = equal non-empty values.
     session_category: str = "tags"
+    # TFRecord shards per split (users assigned by a hash of their id).
     num_shards: int = 4
     # Keep one copy of identical (user, item, timestamp) clicks; copies are counted in stats.
     deduplicate_clicks: bool = False
@@ -112,10 +125,16 @@ class PreprocessConfig:
 class SemanticConfig:
     """Sources of item semantics for semantic-level CL (paper 3.4) and the neighbour job."""
 
+    # ``title`` (all-MiniLM-L6-v2 title embeddings, cosine), ``taxonomy`` (Jaccard of tag sets) or
+    # ``vectors`` (user-supplied vectors at vectors_path, cosine).
     source: str = "title"
+    # ``.npz`` (item_ids, vectors) or text ``item_id<TAB>v1 v2 ...`` file; required for ``vectors``.
     vectors_path: str = ""
+    # Title neighbours kept per item (P_i^t of semantic CL), best first.
     top_k: int = 10
+    # Tokens per title for the encoder, [CLS] and [SEP] included (longer titles are truncated).
     max_length: int = 64
+    # Titles per encoder batch in the Beam job (speed and memory).
     batch_size: int = 64
     # Exact blocked matrix products up to this many items, ScaNN above it.
     exact_max_items: int = 100000
@@ -127,18 +146,27 @@ class SemanticConfig:
 class ModelConfig:
     """Towers and contrastive plug-ins (paper 3.3-3.6, 5.3)."""
 
+    # Base two-tower model, one of MODELS (``tfrs_two_tower``: the TFRS peer, without CL).
     name: str = "ican"
+    # One of PRESETS (sets the keys it names, see PRESETS above), or "" for none.
     preset: str = ""
+    # Width of every feature-field embedding (item id, tags, profile fields, ...).
     embedding_dim: int = 64
+    # D: width of the user and item vectors that are matched (the served user_embedding).
     output_dim: int = 64
+    # Hidden and output widths of the item / user tower MLPs; for ican and youtubednn the last
+    # entry must equal output_dim.
     item_mlp_units: list = field(default_factory=lambda: [128, 64, 64])
     user_mlp_units: list = field(default_factory=lambda: [128, 64, 64])
+    # Attention heads and layers of the transformer (ican's history encoder, autoint's towers).
     num_heads: int = 2
     num_transformer_layers: int = 1
     # ICAN: width of the transformer over the recent clicks (raw item embeddings are projected
     # to it); 0 = the raw width (fields x embedding_dim).
     transformer_dim: int = 64
+    # Dropout rate of the towers, in [0, 1).
     dropout: float = 0.0
+    # The CL terms trained with the main loss, a subset of CL_TASKS ([] = the base model alone).
     cl: list = field(default_factory=lambda: ["feature", "semantic", "session"])
     # Speed only (the same function either way; see micrec_tf/towers.py and layers.py):
     # history embeddings through a per-call catalogue table (auto: when the catalogue has fewer
@@ -152,27 +180,41 @@ class ModelConfig:
 class LossConfig:
     """Main sampled softmax and the CL losses, ``L = L_S + l1 L_fea + l2 L_sem + l3 L_sess``."""
 
+    # Main loss negatives: items drawn uniformly from the catalogue per batch, shared by its rows
+    # (0 needs in_batch_negatives).
     num_negatives: int = 1000
+    # Also use the batch's other positives as negatives (with logQ correction).
     in_batch_negatives: bool = False
+    # A negative equal to the row's positive item is masked out of that row's softmax.
     remove_accidental_hits: bool = True
+    # l1, l2, l3: weights (>= 0) of the feature, semantic and session CL losses.
     lambda_feature: float = 1.0
     lambda_semantic: float = 0.3
     lambda_session: float = 0.1
+    # tau (> 0) of the CL losses' InfoNCE: logits are g(a, b) / tau.
     temperature: float = 1.0
     # g(.,.) of the CL losses: "dot" (paper eqs. 2-5) or "cosine" (projected vectors
     # L2-normalised, so CL constrains directions and leaves the norms to the main loss).
     cl_similarity: str = "dot"
+    # Feature CL's augmentation, one of FEATURE_DROPOUTS: ``element`` (mask single elements),
+    # ``field`` (zero whole fields), ``categorical`` (drop tags), ``correlated`` (CFM).
     feature_dropout: str = "element"
+    # Share (in (0, 1)) of the elements, fields or tags feature CL masks (correlated: of fields).
     mask_ratio: float = 0.5
+    # Negatives per anchor of semantic and session CL (random items outside the positives' set).
     num_cl_negatives: int = 50
+    # Session CL: factor (> 0) on the count of a same-category pair when drawing the positive.
     same_category_weight: float = 2.0
+    # The items that get CL, one of CL_ANCHORS (see CL_ANCHORS above).
     cl_anchors: str = "batch"
+    # Session CL's positive draw, one of SESSION_POSITIVES (see SESSION_POSITIVES above).
     session_positives: str = "count"
     # Session CL draws a pool of this many x num_cl_negatives uniform items per step; each anchor
     # keeps the first num_cl_negatives that never co-occurred with it. On ml-1m the median item
     # co-occurs with 67 % of the catalogue: with x8, 96 % of items keep >= 45 of their 50 negatives
     # in expectation (x4: 71 %).
     session_negative_pool: int = 8
+    # Semantic CL's use of the title neighbours, one of SEMANTIC_POSITIVES (see above).
     semantic_positives: str = "sample"
     # Main loss (eq. 7): a sampled negative that is in the row's recent clicks (``hist_items``)
     # is not "an item not clicked by u" and is masked out of that row's softmax.
