@@ -1,4 +1,4 @@
-"""Benchmarks (issue 7): ``python -m micrec_tf.bench --config configs/ml-1m.yaml`` (``make bench``).
+"""Benchmarks: ``python -m micrec_tf.bench --config configs/ml-1m.yaml`` (``make bench``).
 
 Runs a fixed suite and writes ``docs/BENCHMARKS.md`` (machine, versions, date, commit, every figure
 with what it is the median of) and ``docs/benchmarks.json``. ``BENCH_QUICK=1`` (or ``--quick``)

@@ -9,7 +9,7 @@ Any flag this module does not know goes to Beam's ``PipelineOptions`` (after
 A flag that neither this module nor any Beam ``PipelineOptions`` class knows (``--sett``, a
 stray word) is an error naming it (exit 2), never a warning Beam prints before running anyway.
 
-Steps (issue 3):
+Steps:
 1. Read every raw file as numbered lines (:class:`ReadNumberedLines`: bytes exactly as stored,
    1-based line numbers, uncompressed files split in line-aligned ranges), parse them with the
    dataset adapter; bad lines go to ``dead_letters/`` with their reason (Beam counters

@@ -1,4 +1,4 @@
-"""Benchmark suite (issue 7): the quick mode runs end to end, so `make bench` cannot rot.
+"""Benchmark suite: the quick mode runs end to end, so `make bench` cannot rot.
 
 One run of ``BENCH_QUICK=1 python -m micrec_tf.bench --config configs/synthetic.yaml --out TMP``
 (tiny sizes; about half a minute to a minute on 2 CPU cores). Checks that every section ran and
@@ -53,7 +53,7 @@ def test_every_section_has_finite_figures(quick_run):
 
 
 def test_noisy_quick_timings_are_still_well_formed(quick_run):
-    """The fault a fresh clone hit (issue 14.1): a quick run whose fitted scaling exponent came
+    """The fault a fresh clone hit: a quick run whose fitted scaling exponent came
     out negative (-0.113) and whose other timings are tiny is a valid run, and it renders."""
     import copy
 

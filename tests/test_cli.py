@@ -1,4 +1,4 @@
-"""Every entry point: a user error is one ``error: ...`` line and exit 2, no traceback (issue 14.5).
+"""Every entry point: a user error is one ``error: ...`` line and exit 2, no traceback.
 
 ``--debug`` (or ``MICREC_DEBUG=1``) brings the traceback back.
 """
@@ -91,7 +91,7 @@ NOISE = re.compile(r"WARNING|W0000|E0000|I0000|cuInit|oneDNN|apitools|Unparseabl
 
 
 def test_pipelines_print_only_their_own_lines(tmp_path):
-    """Issue 14.11: the Beam jobs' output on a CPU machine is their own summary, nothing else
+    """Quiet logs: the Beam jobs' output on a CPU machine is their own summary, nothing else
     (no TensorFlow, absl or Beam warnings)."""
     cfg = _config(tmp_path, {
         "name": "quiet", "artifacts_root": str(tmp_path / "artifacts"),

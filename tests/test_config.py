@@ -73,7 +73,7 @@ def test_presets_expand():
 
 
 def test_preset_on_the_command_line_sets_what_it_names(tmp_path):
-    """``--set model.preset=ican`` over a YAML that lists CL terms trains ICAN (issue 14.12)."""
+    """``--set model.preset=ican`` over a YAML that lists CL terms trains ICAN."""
     path = _write(tmp_path, {"model": {"name": "ican", "cl": ["feature", "semantic", "session"]}})
     cfg = load_config(path, parse_overrides(["model.preset=ican"]))
     assert (cfg.model.preset, cfg.model.name, cfg.model.cl) == ("ican", "ican", [])
@@ -95,7 +95,7 @@ def test_preset_on_the_command_line_sets_what_it_names(tmp_path):
 
 
 def test_real_dataset_without_data_dir_says_so(tmp_path):
-    """No silent fall-back to the synthetic folder (issue 14.5)."""
+    """No silent fall-back to the synthetic folder."""
     with pytest.raises(ConfigError, match="data.data_dir is missing.*movielens_1m"):
         load_config(_write(tmp_path, {"data": {"dataset": "movielens_1m"}}))
     assert from_dict({}).data.data_dir == "data/generated/synthetic"

@@ -1,4 +1,4 @@
-"""Export and serving (issue 6): user-tower SavedModel, REST/gRPC formats, item dump, ScaNN index,
+"""Export and serving: user-tower SavedModel, REST/gRPC formats, item dump, ScaNN index,
 atomic versions, retrieval.
 
 One module-scoped pipeline run on a tiny synthetic config in a tmp dir: preprocessing job
@@ -510,7 +510,7 @@ def _numpy_top_k(vectors, queries, k):
     (600, 500, "scann", "more than top-500"),
 ])
 def test_index_for_any_catalogue_size_matches_exact_top_k(tmp_path, n, k, kind, why):
-    """Issue 14 item 4: small catalogues get the exact index (saying why), never a crash."""
+    """Small catalogues (under 256 items, or at most k items) get the exact index, saying why."""
     rng = np.random.default_rng(n)
     vectors = rng.normal(size=(n, 16)).astype(np.float32)
     queries = rng.normal(size=(30, 16)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Export over a small catalogue, publishing (issue 14 items 4, 8 and the export part of 11).
+"""Export over a small catalogue (exact index), half-published versions, quiet export logs.
 
 One module-scoped run: a synthetic catalogue of a few dozen items, preprocessed and trained for
 one epoch in-process (the trained model is the reference), then exported by the real CLI in

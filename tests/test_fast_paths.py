@@ -1,4 +1,4 @@
-"""The fast code paths of the user towers compute what the pre-0.2 paths compute (issue 15).
+"""The fast code paths of the user towers compute what the pre-0.2 paths compute.
 
 ``model.history_embeddings: table`` (history rows gathered from a per-call catalogue table) and
 ``model.attention: matmul`` (attention as batched matmuls) against the old paths, ``slots`` and

@@ -1,4 +1,4 @@
-"""The GPU path of the trainer (issue 8), checked without a GPU.
+"""The GPU path of the trainer, checked without a GPU.
 
 * ``choose_mixed_precision``: ``auto`` turns float16 on only when every visible GPU has compute
   capability >= 7.0 (Pascal P40 = 6.1 stays float32), ``on``/``off`` force it, and the decision is

@@ -1,4 +1,4 @@
-"""The Colab quick-start notebook (issue 8) runs headless, top to bottom, in quick mode.
+"""The Colab quick-start notebook runs headless, top to bottom, in quick mode.
 
 ``notebooks/colab_quickstart.ipynb`` is executed with nbclient in a fresh kernel of this
 interpreter (cwd = repository root, ``MICREC_NOTEBOOK_QUICK=1``, artifacts/runs/exports in a tmp

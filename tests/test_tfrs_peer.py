@@ -1,4 +1,4 @@
-"""The TFRS two-tower peer (micrec_tf/tfrs_peer.py, issue 16).
+"""The TFRS two-tower peer (micrec_tf/tfrs_peer.py).
 
 * its loss on a hand-made batch equals a numpy in-batch softmax with logQ correction and
   accidental-hit removal, written here from the formula;

@@ -137,7 +137,7 @@ def _train_cli(config_path, run_dir, kill_on=None, timeout=900):
 
 
 def test_sigkilled_run_resumes_with_default_checkpointing(tiny_pipeline, tmp_path):
-    """Issue 14.2: with the default ``train.steps_per_checkpoint`` (200 batches, longer than an
+    """With the default ``train.steps_per_checkpoint`` (200 batches, longer than an
     epoch here) a run SIGKILLed after its first epoch resumes at epoch 2, not epoch 1, and ends
     with the uninterrupted run's metrics; early stopping and the best epoch survive the kill."""
     from micrec_tf.config import TrainConfig
@@ -150,12 +150,12 @@ def test_sigkilled_run_resumes_with_default_checkpointing(tiny_pipeline, tmp_pat
     from micrec_tf.data.artifacts import load_artifacts
 
     n_train = load_artifacts(cfg.artifacts_dir).feature_spec["num_examples"]["train"]
-    assert n_train / cfg.train.batch_size < defaults.steps_per_checkpoint  # the issue's case
+    assert n_train / cfg.train.batch_size < defaults.steps_per_checkpoint  # no mid-epoch backup
 
     full_dir, killed_dir = str(tmp_path / "full"), str(tmp_path / "killed")
     rc, out = _train_cli(config, full_dir)
     assert rc == 0, out
-    # Quiet logs (issue 14.11): the project's lines and Keras's epoch lines, nothing else.
+    # Quiet logs: the project's lines and Keras's epoch lines, nothing else.
     noise = [line for line in out.splitlines() if re.search(
         r"WARNING|W0000|E0000|I0000|cuInit|cuda|oneDNN|apitools|Traceback", line)]
     assert not noise, noise
