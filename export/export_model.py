@@ -42,9 +42,9 @@ import numpy as np
 from micrec_tf import cli
 from micrec_tf.config import Config
 from micrec_tf.data.artifacts import ArtifactError
-from micrec_tf.retrieval import oov_string, raw_requests
 
 from export import item_index, serving
+from export.requests import oov_string, raw_requests
 from export.serving import SERVING_DIR, TMP_PREFIX
 
 NUM_WARMUP_USERS = 8
@@ -127,7 +127,7 @@ def _read_json(path: str):
 
 # ----------------------------------------------------------------------------- requests
 def requests_from_arrays(arrays: dict, rows, art) -> list:
-    """Raw request rows for example ``rows`` of split arrays (see retrieval.raw_requests)."""
+    """Raw request rows for example ``rows`` of split arrays (see export.requests.raw_requests)."""
     return raw_requests(arrays, rows, art.vocabs, art.user_fields)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
@@ -35,6 +35,7 @@ import numpy as np
 from micrec_tf.data.artifacts import ArtifactError
 
 from export import item_index, rest, serving
+from export.requests import oov_string, raw_requests  # noqa: F401  (re-exported)
 
 
 def resolve_version_dir(path: str, version: int | str | None = None) -> str:
@@ -62,39 +63,6 @@ def resolve_version_dir(path: str, version: int | str | None = None) -> str:
 
 def _repair_serving_views(export_root: str) -> None:
     serving.repair_serving_views(export_root, log=lambda msg: print(msg, file=sys.stderr))
-
-
-def oov_string(vocab: Sequence[str], avoid_empty: bool) -> str:
-    """A value absent from ``vocab`` (so the serving lookup maps it to index 0)."""
-    values = set(vocab)
-    cand = "__oov__" if avoid_empty else ""
-    while cand in values:
-        cand += "_"
-    return cand
-
-
-def raw_requests(arrays: Mapping, rows: Iterable[int], vocabs: Mapping[str, Sequence[str]],
-                 user_fields: Sequence[str]) -> list:
-    """Raw request rows ``{field: str, "history": [ids]}`` for examples ``rows`` of split arrays.
-
-    ``vocabs``: ``item_id`` and ``user_<field>`` lists (position p = index p + 1). Index 0 (OOV)
-    becomes a string absent from the vocabulary, so the request maps back to exactly the example's
-    indices.
-    """
-    item_vocab = vocabs["item_id"]
-    oov_item = oov_string(item_vocab, avoid_empty=True)
-    oov_user = {f: oov_string(vocabs[f"user_{f}"], avoid_empty=False) for f in user_fields}
-    out = []
-    for r in rows:
-        row = {}
-        for f in user_fields:
-            idx = int(arrays[f"user_{f}"][r])
-            row[f] = vocabs[f"user_{f}"][idx - 1] if idx > 0 else oov_user[f]
-        n = int(arrays["hist_len"][r])
-        row[serving.HISTORY_INPUT] = [item_vocab[i - 1] if i > 0 else oov_item
-                                      for i in np.asarray(arrays["hist_items"][r][:n], np.int64)]
-        out.append(row)
-    return out
 
 
 class Retriever:
