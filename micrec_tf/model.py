@@ -50,7 +50,86 @@ def _unpack(data):
                     f"first element is one), got {type(data).__name__}")
 
 
-class MicRecModel(tf_keras.Model):
+class TwoTowerSteps:
+    """The Keras steps and inference paths shared by the two-tower models (mixed in before the
+    Keras base class).
+
+    The host model provides ``compute_losses(features, training) -> {name: scalar float32}``,
+    ``user_vectors(features, training) -> [B, d]``, ``item_vectors(ids [N] int64, training) ->
+    [N, d]``, ``num_items``, ``output_dim`` and, optionally, ``samplers`` (the
+    ``tf.random.Generator`` objects that test steps must leave as they found them); its
+    ``__init__`` calls :meth:`_init_steps`.
+    """
+
+    def _init_steps(self, loss_names, item_batch_size: int):
+        self.item_batch_size = int(item_batch_size)
+        self.loss_trackers = {name: tf_keras.metrics.Mean(name=name) for name in loss_names}
+        self._embed_items_fn = None
+        self._user_fn = None
+
+    @property
+    def metrics(self):
+        return list(self.loss_trackers.values())
+
+    @property
+    def samplers(self) -> list:
+        return []
+
+    def _update_trackers(self, losses):
+        for name, tracker in self.loss_trackers.items():
+            tracker.update_state(losses[name])
+        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+
+    def train_step(self, data):
+        features = _unpack(data)
+        with tf.GradientTape() as tape:
+            losses = self.compute_losses(features, training=True)
+            # Gradients are summed over replicas: scale so the update is the global mean.
+            scaled = losses["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
+        self.optimizer.minimize(scaled, self.trainable_variables, tape=tape)
+        return self._update_trackers(losses)
+
+    def test_step(self, data):
+        # Evaluation leaves the samplers as it found them: training randomness does not depend
+        # on how often validation ran, and every validation batch sees the same draws.
+        saved = [g.state.read_value() for g in self.samplers]
+        logs = self._update_trackers(self.compute_losses(_unpack(data), training=False))
+        with tf.control_dependencies(list(logs.values())):
+            for g, state in zip(self.samplers, saved):
+                g.state.assign(state)
+        return logs
+
+    # --- inference -----------------------------------------------------------------------
+    def user_embeddings(self, features) -> tf.Tensor:
+        """User vectors [B, d] float32 from a batch of features (no CL, no dropout)."""
+        return tf.cast(self.user_vectors(features, training=False), tf.float32)
+
+    def graph_user_embeddings(self, features) -> tf.Tensor:
+        """:meth:`user_embeddings` through one cached ``tf.function`` (a trace per input shape):
+        the evaluation loop's path, several times faster than eager calls."""
+        if self._user_fn is None:
+            self._user_fn = tf.function(self.user_embeddings)
+        return self._user_fn({k: tf.convert_to_tensor(v) for k, v in features.items()})
+
+    def item_embeddings(self, indices=None, batch_size: int | None = None) -> tf.Tensor:
+        """Item vectors [N, d] float32 for ``indices`` (default: every item 0..V-1, so row i is
+        item i; row 0 is the padding item), computed in chunks of ``batch_size``."""
+        if self._embed_items_fn is None:
+            self._embed_items_fn = tf.function(
+                lambda ids: tf.cast(self.item_vectors(ids, training=False), tf.float32),
+                input_signature=[tf.TensorSpec([None], tf.int64)])
+        if indices is None:
+            indices = np.arange(self.num_items, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        size = int(batch_size or self.item_batch_size)
+        chunks = [self._embed_items_fn(tf.constant(indices[i:i + size]))
+                  for i in range(0, len(indices), size)]
+        if not chunks:
+            return tf.zeros([0, self.output_dim], tf.float32)
+        return tf.concat(chunks, axis=0)
+
+
+class MicRecModel(TwoTowerSteps, tf_keras.Model):
     """Two-tower model with a main sampled-softmax task and optional CL tasks.
 
     Args:
@@ -91,10 +170,7 @@ class MicRecModel(tf_keras.Model):
         for task, value in self.lambdas.items():
             if value < 0:
                 raise ValueError(f"lambda for {task} must be >= 0, got {value!r}")
-        self.item_batch_size = int(item_batch_size)
-        self.loss_trackers = {name: tf_keras.metrics.Mean(name=name) for name in self.loss_names}
-        self._embed_items_fn = None
-        self._user_fn = None
+        self._init_steps(self.loss_names, item_batch_size)
 
     # --- bookkeeping ---------------------------------------------------------------------
     @property
@@ -108,8 +184,12 @@ class MicRecModel(tf_keras.Model):
                                                    if getattr(self, attr) is not None]
 
     @property
-    def metrics(self):
-        return list(self.loss_trackers.values())
+    def num_items(self) -> int:
+        return self.item_tower.item_lookup.num_items
+
+    @property
+    def output_dim(self) -> int:
+        return self.item_tower.output_dim
 
     # --- forward -------------------------------------------------------------------------
     def call(self, features, training=False):
@@ -154,20 +234,6 @@ class MicRecModel(tf_keras.Model):
         return cl_inputs_from_batch(ids, features, raw,
                                     self.item_tower.encode(raw, training=training))
 
-    def _update_trackers(self, losses):
-        for name, tracker in self.loss_trackers.items():
-            tracker.update_state(losses[name])
-        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
-
-    def train_step(self, data):
-        features = _unpack(data)
-        with tf.GradientTape() as tape:
-            losses = self.compute_losses(features, training=True)
-            # Gradients are summed over replicas: scale so the update is the global mean.
-            scaled = losses["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
-        self.optimizer.minimize(scaled, self.trainable_variables, tape=tape)
-        return self._update_trackers(losses)
-
     @property
     def samplers(self) -> list:
         """The ``tf.random.Generator`` of every task (checkpointed with the model)."""
@@ -176,46 +242,14 @@ class MicRecModel(tf_keras.Model):
             tasks.append(self.cl_anchor_sampler)
         return [t.rng for t in tasks]
 
-    def test_step(self, data):
-        # Evaluation leaves the samplers as it found them: training randomness does not depend
-        # on how often validation ran, and every validation batch sees the same draws.
-        saved = [g.state.read_value() for g in self.samplers]
-        logs = self._update_trackers(self.compute_losses(_unpack(data), training=False))
-        with tf.control_dependencies(list(logs.values())):
-            for g, state in zip(self.samplers, saved):
-                g.state.assign(state)
-        return logs
+    # --- the towers, for TwoTowerSteps' inference paths -----------------------------------
+    def user_vectors(self, features, training=False) -> tf.Tensor:
+        """[B, d] in the compute dtype."""
+        return self.user_tower(features, training=training)
 
-    # --- inference -----------------------------------------------------------------------
-    def user_embeddings(self, features) -> tf.Tensor:
-        """User vectors [B, d] float32 from a batch of features (no CL, no dropout)."""
-        return tf.cast(self.user_tower(features, training=False), tf.float32)
-
-    def graph_user_embeddings(self, features) -> tf.Tensor:
-        """:meth:`user_embeddings` through one cached ``tf.function`` (a trace per input shape):
-        the evaluation loop's path, several times faster than eager calls."""
-        if self._user_fn is None:
-            self._user_fn = tf.function(self.user_embeddings)
-        return self._user_fn({k: tf.convert_to_tensor(v) for k, v in features.items()})
-
-    def item_embeddings(self, indices=None, batch_size: int | None = None) -> tf.Tensor:
-        """Item vectors [N, d] float32 for ``indices`` (default: every item 0..V-1, so row i is
-        item i; row 0 is the padding item), computed in chunks of ``batch_size``."""
-        if self._embed_items_fn is None:
-            self._embed_items_fn = tf.function(
-                lambda ids: tf.cast(self.item_tower.embed_indices(ids, training=False),
-                                    tf.float32),
-                input_signature=[tf.TensorSpec([None], tf.int64)])
-        if indices is None:
-            indices = np.arange(self.item_tower.item_lookup.num_items, dtype=np.int64)
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        size = int(batch_size or self.item_batch_size)
-        chunks = [self._embed_items_fn(tf.constant(indices[i:i + size]))
-                  for i in range(0, len(indices), size)]
-        if not chunks:
-            return tf.zeros([0, self.item_tower.output_dim], tf.float32)
-        return tf.concat(chunks, axis=0)
-
+    def item_vectors(self, ids, training=False) -> tf.Tensor:
+        """int64 [N] item indices -> [N, d] in the compute dtype."""
+        return self.item_tower.embed_indices(ids, training=training)
 
 def _user_feature_names(user_fields, vocab_sizes):
     names = []

@@ -64,7 +64,7 @@ import tf_keras
 
 from micrec_tf.layers import (MLP, deserialize, register, require_features, scalar_feature,
                               serialize)
-from micrec_tf.model import _unpack, _user_feature_names
+from micrec_tf.model import TwoTowerSteps, _unpack, _user_feature_names
 
 HIST_ITEMS = "hist_items"
 USER_ID = "user_id"
@@ -324,7 +324,7 @@ class InBatchSoftmax(tf_keras.layers.Layer):
         return config
 
 
-class TFRSTwoTowerModel(tfrs.models.Model):
+class TFRSTwoTowerModel(TwoTowerSteps, tfrs.models.Model):
     """Two-tower retrieval model: :class:`TFRSUserModel`, :class:`TFRSItemModel`,
     :class:`InBatchSoftmax` (see the module docstring for why ``tfrs.models.Model``).
 
@@ -348,18 +348,15 @@ class TFRSTwoTowerModel(tfrs.models.Model):
             raise ValueError(f"the task has probabilities for {task.num_items} items, the item "
                              f"tower embeds {item_model.num_items}")
         self.user_model, self.item_model, self.task = user_model, item_model, task
-        self.item_batch_size = int(item_batch_size)
-        self.loss_trackers = {name: tf_keras.metrics.Mean(name=name) for name in LOSS_NAMES}
-        self._embed_items_fn = None
-        self._user_fn = None
+        self._init_steps(LOSS_NAMES, item_batch_size)
 
     @property
     def loss_names(self) -> list:
         return list(LOSS_NAMES)
 
     @property
-    def metrics(self):
-        return list(self.loss_trackers.values())
+    def num_items(self) -> int:
+        return self.item_model.num_items
 
     @property
     def output_dim(self) -> int:
@@ -387,51 +384,14 @@ class TFRSTwoTowerModel(tfrs.models.Model):
         """The TFRS entry point: the total loss of a batch."""
         return self.compute_losses(_unpack(inputs), training=training)["loss"]
 
-    def _update_trackers(self, losses):
-        for name, tracker in self.loss_trackers.items():
-            tracker.update_state(losses[name])
-        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+    # --- the towers, for TwoTowerSteps' inference paths -----------------------------------
+    def user_vectors(self, features, training=False) -> tf.Tensor:
+        """[B, d] in the compute dtype."""
+        return self.user_model(features, training=training)
 
-    def train_step(self, data):
-        features = _unpack(data)
-        with tf.GradientTape() as tape:
-            losses = self.compute_losses(features, training=True)
-            # Gradients are summed over replicas: scale so the update is the global mean.
-            scaled = losses["loss"] / tf.distribute.get_strategy().num_replicas_in_sync
-        self.optimizer.minimize(scaled, self.trainable_variables, tape=tape)
-        return self._update_trackers(losses)
-
-    def test_step(self, data):
-        return self._update_trackers(self.compute_losses(_unpack(data), training=False))
-
-    # --- inference -----------------------------------------------------------------------
-    def user_embeddings(self, features) -> tf.Tensor:
-        """User vectors [B, d] float32 from a batch of features (no dropout)."""
-        return tf.cast(self.user_model(features, training=False), tf.float32)
-
-    def graph_user_embeddings(self, features) -> tf.Tensor:
-        """:meth:`user_embeddings` through one cached ``tf.function`` (the evaluation's path)."""
-        if self._user_fn is None:
-            self._user_fn = tf.function(self.user_embeddings)
-        return self._user_fn({k: tf.convert_to_tensor(v) for k, v in features.items()})
-
-    def item_embeddings(self, indices=None, batch_size: int | None = None) -> tf.Tensor:
-        """Item vectors [N, d] float32 for ``indices`` (default: every item 0..V-1, so row i is
-        item i; row 0 is the padding item), computed in chunks of ``batch_size``."""
-        if self._embed_items_fn is None:
-            self._embed_items_fn = tf.function(
-                lambda ids: tf.cast(self.item_model(ids, training=False), tf.float32),
-                input_signature=[tf.TensorSpec([None], tf.int64)])
-        if indices is None:
-            indices = np.arange(self.item_model.num_items, dtype=np.int64)
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        size = int(batch_size or self.item_batch_size)
-        chunks = [self._embed_items_fn(tf.constant(indices[i:i + size]))
-                  for i in range(0, len(indices), size)]
-        if not chunks:
-            return tf.zeros([0, self.output_dim], tf.float32)
-        return tf.concat(chunks, axis=0)
-
+    def item_vectors(self, ids, training=False) -> tf.Tensor:
+        """int64 [N] item indices -> [N, d] in the compute dtype."""
+        return self.item_model(ids, training=training)
 
 def candidate_probability_from_counts(counts) -> np.ndarray:
     """int [V] training clicks per item -> float64 [V], each item's share of them."""

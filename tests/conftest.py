@@ -1,4 +1,6 @@
 """Shared fixtures: a tiny synthetic dataset run through the real preprocessing jobs."""
+import glob
+import json
 import os
 
 import pytest
@@ -6,6 +8,24 @@ import pytest
 from micrec_tf.config import from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_examples(art: str, split: str) -> list:
+    """Every example of ``split`` in the artifacts at ``art``, parsed with the committed
+    ``feature_spec.json`` alone (not the library's reader): [{feature: str or [int]}]."""
+    import tensorflow as tf
+
+    with open(os.path.join(art, "examples", "feature_spec.json"), encoding="utf-8") as fh:
+        spec = json.load(fh)
+    parse = {k: tf.io.FixedLenFeature(v["shape"], tf.string if v["dtype"] == "string" else tf.int64)
+             for k, v in spec["features"].items()}
+    files = sorted(glob.glob(os.path.join(art, "examples", f"{split}-*.tfrecord.gz")))
+    out = []
+    for rec in tf.data.TFRecordDataset(files, compression_type="GZIP"):
+        ex = tf.io.parse_single_example(rec, parse)
+        out.append({k: (v.numpy()[0].decode() if v.dtype == tf.string else v.numpy().tolist())
+                    for k, v in ex.items()})
+    return out
 
 
 def tiny_config(tmp: str, **sections) -> "object":

@@ -12,8 +12,6 @@ references written here (tiny data, DirectRunner).
   CooccurrenceRows) on TestPipeline.
 """
 import collections
-import glob
-import json
 import os
 import random
 
@@ -24,6 +22,7 @@ import micrec_tf  # noqa: F401  (before tensorflow)
 from micrec_tf.config import ConfigError, from_dict
 from micrec_tf.data import schema
 from micrec_tf.data.artifacts import load_cooccurrence
+from conftest import read_examples
 from pipelines import preprocess
 
 import apache_beam as beam  # noqa: E402  (after pipelines.preprocess: its import is quiet)
@@ -123,21 +122,6 @@ def read_table(art):
             out[(items[i - 1], items[b - 1])] = (c, s)
     assert table.degree[0] == 0
     return out, rows
-
-
-def read_examples(art, split):
-    import tensorflow as tf
-
-    spec = json.load(open(os.path.join(art, "examples", "feature_spec.json")))
-    parse = {k: tf.io.FixedLenFeature(v["shape"], tf.string if v["dtype"] == "string" else tf.int64)
-             for k, v in spec["features"].items()}
-    files = sorted(glob.glob(os.path.join(art, "examples", f"{split}-*.tfrecord.gz")))
-    out = []
-    for rec in tf.data.TFRecordDataset(files, compression_type="GZIP"):
-        ex = tf.io.parse_single_example(rec, parse)
-        out.append({k: (v.numpy()[0].decode() if v.dtype == tf.string else v.numpy().tolist())
-                    for k, v in ex.items()})
-    return out
 
 
 # ------------------------------------------------------------------------------- references

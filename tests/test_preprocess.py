@@ -15,6 +15,7 @@ import pytest
 import micrec_tf  # noqa: F401  (before tensorflow)
 from micrec_tf.config import from_dict
 from micrec_tf.data import schema
+from conftest import read_examples
 from pipelines import preprocess
 
 H = 20
@@ -219,21 +220,6 @@ def read_jsonl(path):
 def read_vocab(art, field):
     with open(os.path.join(art, "vocab", f"{field}.txt"), encoding="utf-8") as fh:
         return [line.rstrip("\n") for line in fh]
-
-
-def read_examples(art, split):
-    import tensorflow as tf
-
-    spec = json.load(open(os.path.join(art, "examples", "feature_spec.json")))
-    parse = {k: tf.io.FixedLenFeature(v["shape"], tf.string if v["dtype"] == "string" else tf.int64)
-             for k, v in spec["features"].items()}
-    files = sorted(glob.glob(os.path.join(art, "examples", f"{split}-*.tfrecord.gz")))
-    out = []
-    for rec in tf.data.TFRecordDataset(files, compression_type="GZIP"):
-        ex = tf.io.parse_single_example(rec, parse)
-        out.append({k: (v.numpy()[0].decode() if v.dtype == tf.string else v.numpy().tolist())
-                    for k, v in ex.items()})
-    return out
 
 
 # ------------------------------------------------------------------------------- pure functions
