@@ -49,7 +49,7 @@ bench: install
 	$(PY) -m micrec_tf.bench --config $(BENCH_CONFIG)
 
 reproduce: install
-	$(PY) -m micrec_tf.evaluation.reproduce --config $(CONFIG)
+	$(PY) -m experiments.reproduce --config $(CONFIG)
 
 clean:
 	rm -rf artifacts runs exports .pytest_cache

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from micrec_tf.evaluation.investigate import STUDIES, norm_popularity
+from experiments.investigate import STUDIES, norm_popularity
 
 
 def test_norm_popularity_against_hand_computation():
@@ -25,7 +25,7 @@ def test_every_study_starts_with_its_ican_reference():
 
 
 def test_mean_metrics_averages_seeds_and_final_losses():
-    from micrec_tf.evaluation.investigate import mean_metrics
+    from experiments.investigate import mean_metrics
 
     runs = [{"valid": {"hit@50": 0.4}, "test": {"hit@50": 0.3},
              "history": {"loss": [5.0, 4.0]}},

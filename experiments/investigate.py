@@ -1,6 +1,6 @@
 """Why does MicRec not beat ICAN here? Targeted runs on the validation split (seed 0).
 
-``python -m micrec_tf.evaluation.investigate --config configs/ml-100k.yaml`` trains ICAN and
+``python -m experiments.investigate --config configs/ml-100k.yaml`` trains ICAN and
 MicRec variants that differ in one knob at a time at the learning rate ICAN's tuning chose
 (``--study weights``: loss weights, temperature, which CL term; ``--study similarity``: cosine
 vs dot-product CL similarity, temperature, field dropout, learning rate; ``--study sampling``:
@@ -20,9 +20,10 @@ import numpy as np
 
 from micrec_tf import cli
 from micrec_tf.evaluation.data import train_item_counts
-from micrec_tf.evaluation.reproduce import Runner, _slug, paired_p, scaled_lambdas
 
-ALL = ["feature", "semantic", "session"]
+from experiments.report import paired_p
+from experiments.run_cache import Runner, slug
+from experiments.variants import ALL_CL as ALL, scaled_lambdas
 
 
 def weights_study(lr: float) -> dict:
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
     runner = Runner(cfg, os.path.join(cfg.run_dir, "investigate", args.study), grid="none")
     rows = []
     for name, ov in STUDIES[args.study](args.lr).items():
-        runs = [runner.run(_slug(name) if s == 0 else f"{_slug(name)}_seed{s}",
+        runs = [runner.run(slug(name) if s == 0 else f"{slug(name)}_seed{s}",
                            {**ov, "train.seed": s}, evaluate_test=True)
                 for s in range(args.seeds)]
         rows.append((name, mean_metrics(runs), [r["valid"]["hit@50"] for r in runs]))
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     tests = [(rows[0][2], "ICAN"), (rows[1][2], "row 2")] if args.seeds > 1 else []
     lines = [f"# Investigation ({args.study}): {cfg.name}", "",
              " ".join(inspect.cleandoc(STUDIES[args.study].__doc__).split()), "",
-             f"- command: `python -m micrec_tf.evaluation.investigate {' '.join(argv or sys.argv[1:])}`",
+             f"- command: `python -m experiments.investigate {' '.join(argv or sys.argv[1:])}`",
              f"- date: {datetime.date.today().isoformat()}; "
              f"{'seed 0' if args.seeds == 1 else f'mean over seeds 0..{args.seeds - 1}'}; "
              f"learning rate {args.lr}; "
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {v['hit@50']:.4f} | {(v['hit@50'] / ican_val - 1) * 100:+.1f} % | "
                      f"{p_cells}{t['hit@50']:.4f} | {t['coverage@50']:.4f} | "
                      f"{t.get('long_tail/hit@50', float('nan')):.4f} | {losses} | "
-                     f"{_norm_columns(os.path.join(runner.root, _slug(name)), counts)} |")
+                     f"{_norm_columns(os.path.join(runner.root, slug(name)), counts)} |")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{cfg.name}-investigation-{args.study}.md")
     with open(path, "w") as fh:

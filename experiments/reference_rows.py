@@ -1,6 +1,6 @@
 """The two non-neural reference rows (most-popular, co-occurrence item-kNN) on a split.
 
-    python -m micrec_tf.evaluation.reference_rows --config configs/ml-1m.yaml [--split test]
+    python -m experiments.reference_rows --config configs/ml-1m.yaml [--split test]
         [--exclude-clicked both|on|off] [--knn-variant count|sqrt_pop|cosine|count_top50]
         [--out results.json]
 
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         with open(args.out, "w", encoding="utf-8") as fh:
             json.dump({"artifacts": cfg.artifacts_dir, "split": args.split, "rows": rows,
                        "artifacts_stats": _stats(cfg.artifacts_dir), "seconds": seconds,
-                       "command": "python -m micrec_tf.evaluation.reference_rows "
+                       "command": "python -m experiments.reference_rows "
                                   + " ".join(argv if argv is not None else sys.argv[1:])},
                       fh, indent=1, sort_keys=True)
     return 0
