@@ -46,7 +46,7 @@ test: install
 # says so, when ml-1m's artifacts are absent); CONFIG=... on the command line overrides.
 BENCH_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/ml-1m.yaml)
 bench: install
-	$(PY) -m micrec_tf.bench --config $(BENCH_CONFIG)
+	$(PY) -m benchmarks --config $(BENCH_CONFIG)
 
 reproduce: install
 	$(PY) -m experiments.reproduce --config $(CONFIG)

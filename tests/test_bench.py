@@ -1,6 +1,6 @@
 """Benchmark suite: the quick mode runs end to end, so `make bench` cannot rot.
 
-One run of ``BENCH_QUICK=1 python -m micrec_tf.bench --config configs/synthetic.yaml --out TMP``
+One run of ``BENCH_QUICK=1 python -m benchmarks --config configs/synthetic.yaml --out TMP``
 (tiny sizes; about half a minute to a minute on 2 CPU cores). Checks that every section ran and
 produced finite, well-formed figures, that the targets are evaluated, and that the markdown
 renders. Quick-mode timings come from seconds-long runs on tiny inputs: they are noise, so no
@@ -25,7 +25,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, BENCH_QUICK="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "micrec_tf.bench", "--config", "configs/synthetic.yaml",
+        [sys.executable, "-m", "benchmarks", "--config", "configs/synthetic.yaml",
          "--out", str(out), "--work-dir", str(out / "work")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, \
@@ -57,7 +57,7 @@ def test_noisy_quick_timings_are_still_well_formed(quick_run):
     out negative (-0.113) and whose other timings are tiny is a valid run, and it renders."""
     import copy
 
-    from micrec_tf.bench import evaluate_targets, render_markdown
+    from benchmarks.report import evaluate_targets, render_markdown
 
     res = copy.deepcopy(quick_run[0])
     res["preprocessing"]["headline"]["scaling_exponent"] = -0.113
@@ -145,13 +145,13 @@ def test_markdown_renders(quick_run):
 
 def test_quick_mode_refuses_docs():
     proc = subprocess.run(
-        [sys.executable, "-m", "micrec_tf.bench", "--quick", "--out", os.path.join(ROOT, "docs")],
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", os.path.join(ROOT, "docs")],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "docs" in proc.stderr
 
 
 def test_power_fit_and_estimates():
-    from micrec_tf.bench import _estimate_time, power_fit
+    from benchmarks.preprocessing import _estimate_time, power_fit
 
     a, b = power_fit([1e5, 1e6, 1e7], [2.0, 20.0, 200.0])
     assert b == pytest.approx(1.0) and a == pytest.approx(2e-5)
@@ -161,7 +161,7 @@ def test_power_fit_and_estimates():
 
 
 def test_regenerated_benchmarks_keep_the_hand_measured_sections():
-    from micrec_tf.bench import HAND_MARKER, keep_hand_sections
+    from benchmarks.report import HAND_MARKER, keep_hand_sections
 
     old = f"# Benchmarks\nold suite\n\n{HAND_MARKER}\n\n## Preprocessing: full table\n| a |\n"
     out = keep_hand_sections(old, "# Benchmarks\nnew suite\n")
