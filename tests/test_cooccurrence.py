@@ -23,7 +23,9 @@ from micrec_tf.config import ConfigError, from_dict
 from micrec_tf.data import schema
 from micrec_tf.data.artifacts import load_cooccurrence
 from conftest import read_examples
-from pipelines import preprocess
+from pipelines import common, cooccurrence, preprocess
+from pipelines.rows import ParseRows, click_order
+from pipelines.split import PrepareUser
 
 import apache_beam as beam  # noqa: E402  (after pipelines.preprocess: its import is quiet)
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline  # noqa: E402
@@ -152,7 +154,7 @@ def capped_counts(clicks, cap):
     counts = collections.Counter()
     for cl in by_user.values():
         cl.sort(key=lambda c: c[0])
-        for a, b in preprocess.cooccurrence_pairs(cl, WINDOW, cap):
+        for a, b in cooccurrence.cooccurrence_pairs(cl, WINDOW, cap):
             counts[(a, b)] += 1
             counts[(b, a)] += 1
     return counts
@@ -337,10 +339,10 @@ def test_tie_rule_capped_pairs(tie):
 def test_click_order_sorts_by_file_line_row():
     rng = random.Random(2)
     keys = [(rng.randint(0, 3), rng.randint(1, 10**9), rng.randint(0, 5000)) for _ in range(500)]
-    by_int = sorted(keys, key=lambda k: preprocess.click_order(*k))
+    by_int = sorted(keys, key=lambda k: click_order(*k))
     assert by_int == sorted(keys)
     with pytest.raises(ValueError, match="row 16777216"):
-        preprocess.click_order(0, 1, 1 << 24)
+        click_order(0, 1, 1 << 24)
 
 
 def test_uncapped_chunks_on_a_long_burst_stay_small():
@@ -353,11 +355,11 @@ def test_uncapped_chunks_on_a_long_burst_stay_small():
     chunk = 50_000
     got = collections.Counter()
     sizes = []
-    for a, b in preprocess.cooccurrence_pair_chunks(ts, items, WINDOW, 0, chunk):
+    for a, b in cooccurrence.cooccurrence_pair_chunks(ts, items, WINDOW, 0, chunk):
         sizes.append(len(a))
         got.update(zip(a.tolist(), b.tolist()))
     assert len(sizes) > 10 and max(sizes) <= chunk
-    want = collections.Counter(preprocess.cooccurrence_pairs(list(zip(ts, items)), WINDOW, 0))
+    want = collections.Counter(cooccurrence.cooccurrence_pairs(list(zip(ts, items)), WINDOW, 0))
     assert got == want
     # The hand count: every pair of clicks on distinct items (all inside the window).
     assert sum(want.values()) == sum(1 for x in range(n) for y in range(x + 1, n)
@@ -367,15 +369,15 @@ def test_uncapped_chunks_on_a_long_burst_stay_small():
 def test_same_category_tags_and_field():
     tags = np.array([[0, 0], [1, 2], [2, 3], [4, 0], [0, 0], [3, 1]])
     # item 1 {1, 2}: 2 {2, 3} shares 2, 3 {4} none, 4 {} none, 5 {3, 1} shares 1.
-    assert preprocess.same_category(1, [2, 3, 4, 5], tags).tolist() == [1, 0, 0, 1]
-    assert preprocess.same_category(4, [1, 2, 3], tags).tolist() == [0, 0, 0]  # no tag: never
+    assert cooccurrence.same_category(1, [2, 3, 4, 5], tags).tolist() == [1, 0, 0, 1]
+    assert cooccurrence.same_category(4, [1, 2, 3], tags).tolist() == [0, 0, 0]  # no tag: never
     values = np.array([0, 7, 7, 0, 8, 0])
-    assert preprocess.same_category(1, [2, 3, 4, 5], values).tolist() == [1, 0, 0, 0]
-    assert preprocess.same_category(3, [5], values).tolist() == [0]  # both empty: not the same
+    assert cooccurrence.same_category(1, [2, 3, 4, 5], values).tolist() == [1, 0, 0, 0]
+    assert cooccurrence.same_category(3, [5], values).tolist() == [0]  # both empty: not the same
 
 
 def test_pair_counter_merges_buffers():
-    counter = preprocess.PairCounter()
+    counter = cooccurrence.PairCounter()
     counter.add(np.array([1, 2, 3]), np.array([2, 1, 1]))
     counter.compact()
     counter.add(np.array([1]), np.array([3]))
@@ -399,16 +401,16 @@ def test_parse_rows_carries_the_click_order():
     def build(p):
         lines = p | beam.Create([("/d/b.tsv", 2, b"u\t1\t5\n"), ("/d/a.tsv", 9, b"u\t3,7\t5\n"),
                                  ("/d/a.tsv", 2, b"u\t9,10\t5\n")])
-        out = lines | beam.ParDo(preprocess.ParseRows(
+        out = lines | beam.ParDo(ParseRows(
             LinesAdapter(), "interactions", "utf-8", ["/d/a.tsv", "/d/b.tsv"])).with_outputs(
-                preprocess.DEAD, preprocess.STATS, main="rows")
+                common.DEAD, common.STATS, main="rows")
         assert_that(out.rows, check)
 
     _run_pipeline(build)
 
 
 def test_prepare_user_sorts_by_time_then_input_order_and_drops_the_key():
-    key = preprocess.click_order
+    key = click_order
     # Input order: 9@200 (a:2), 10@200 (a:3), 9@200 again (a:4), 5@100 (b:1), 11@300 (a:5),
     # 12@300 (b:2). Given shuffled.
     clicks = [(200, key(0, 3, 0), "10"), (300, key(1, 2, 0), "12"), (100, key(1, 1, 0), "5"),
@@ -419,13 +421,13 @@ def test_prepare_user_sorts_by_time_then_input_order_and_drops_the_key():
         users = p | beam.Create([("u", {"clicks": clicks, "user": []})])
         for dedup in (False, True):
             out = users | f"Prep{dedup}" >> beam.ParDo(
-                preprocess.PrepareUser("leave_last_out", 0, dedup), bounds).with_outputs(
-                    preprocess.STATS, main="users")
+                PrepareUser("leave_last_out", 0, dedup), bounds).with_outputs(
+                    common.STATS, main="users")
             order = ((100, "5"), (200, "9"), (200, "10")) + (() if dedup else ((200, "9"),)) + (
                 (300, "11"), (300, "12"))
             assert_that(out.users, equal_to([("u", (), order, len(order) - 2, 1, False)]),
                         label=f"Users{dedup}")
-            assert_that(out[preprocess.STATS],
+            assert_that(out[common.STATS],
                         equal_to([("duplicate_clicks", 1)] if dedup else []),
                         label=f"Stats{dedup}")
 
@@ -434,7 +436,7 @@ def test_prepare_user_sorts_by_time_then_input_order_and_drops_the_key():
 
 def test_user_cooccurrence_partials_merge_to_the_brute_force(monkeypatch):
     """Tiny flush threshold: many partial rows per item, summed by MergeNeighbourCounts."""
-    monkeypatch.setattr(preprocess, "COOC_FLUSH_ENTRIES", 4)
+    monkeypatch.setattr(cooccurrence, "COOC_FLUSH_ENTRIES", 4)
     rng = random.Random(8)
     users, clicks = [], []
     for u in range(6):
@@ -453,13 +455,13 @@ def test_user_cooccurrence_partials_merge_to_the_brute_force(monkeypatch):
 
     def build(p):
         out = (p | beam.Create(users) | beam.ParDo(
-            preprocess.UserCooccurrence(WINDOW, 0),
+            cooccurrence.UserCooccurrence(WINDOW, 0),
             beam.pvalue.AsSingleton(p | "I" >> beam.Create([index]))).with_outputs(
-                preprocess.STATS, main="rows"))
-        merged = (out.rows | beam.CombinePerKey(preprocess.MergeNeighbourCounts())
+                common.STATS, main="rows"))
+        merged = (out.rows | beam.CombinePerKey(cooccurrence.MergeNeighbourCounts())
                   | beam.MapTuple(lambda i, r: (i, dict(zip(r[0].tolist(), r[1].tolist())))))
         assert_that(merged, equal_to(list(want.items())))
-        assert_that(out[preprocess.STATS] | beam.CombinePerKey(sum),
+        assert_that(out[common.STATS] | beam.CombinePerKey(sum),
                     equal_to([("pairs", sum(ref.values()) // 2)]), label="Pairs")
 
     _run_pipeline(build)
@@ -472,7 +474,7 @@ def test_cooccurrence_rows_rank_cut_and_flag():
         cats = beam.pvalue.AsSingleton(p | "C" >> beam.Create([tags]))
         rows = p | beam.Create([(2, (np.array([1, 3, 4, 5]), np.array([4, 9, 4, 1])))])
         for top_m in (0, 2):
-            out = (rows | f"Rows{top_m}" >> beam.ParDo(preprocess.CooccurrenceRows(top_m), cats)
+            out = (rows | f"Rows{top_m}" >> beam.ParDo(cooccurrence.CooccurrenceRows(top_m), cats)
                    | f"Lists{top_m}" >> beam.Map(lambda r: (r[0], r[1].tolist(), r[2].tolist(),
                                                             r[3].tolist(), r[4])))
             # item 2 {1, 2}: 3 {3} no, 1 {1} yes, 4 {2} yes, 5 {} no; ties by smaller index.

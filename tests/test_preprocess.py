@@ -16,7 +16,8 @@ import micrec_tf  # noqa: F401  (before tensorflow)
 from micrec_tf.config import from_dict
 from micrec_tf.data import schema
 from conftest import read_examples
-from pipelines import preprocess
+from pipelines import cooccurrence, preprocess
+from pipelines.split import target_ranks
 
 H = 20
 WINDOW = 3600
@@ -226,22 +227,22 @@ def read_vocab(art, field):
 
 def test_cooccurrence_pairs_window_and_cap():
     clicks = [(0, "a"), (3600, "b"), (7201, "c"), (7201, "b"), (7210, "b")]
-    pairs = collections.Counter(preprocess.cooccurrence_pairs(clicks, 3600, 50))
+    pairs = collections.Counter(cooccurrence.cooccurrence_pairs(clicks, 3600, 50))
     # a-b at exactly 3600 s counts; b(3600)-c(7201) is 3601 s: no; c-b at 0 s and 9 s count.
     assert pairs == {("a", "b"): 1, ("c", "b"): 2}
     # The cap keeps the nearest earlier clicks.
     clicks = [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
-    assert list(preprocess.cooccurrence_pairs(clicks, 3600, 2)) == [
+    assert list(cooccurrence.cooccurrence_pairs(clicks, 3600, 2)) == [
         ("a", "b"), ("b", "c"), ("a", "c"), ("c", "d"), ("b", "d")]
 
 
 def test_sessions_and_boundaries():
-    assert preprocess.count_sessions([(0, "a"), (3600, "b"), (7201, "c"), (7201, "d")], 3600) == 2
-    assert preprocess.target_ranks(10, [0.8, 0.1, 0.1]) == (8, 9)
-    assert preprocess.target_ranks(10, [1.0, 0.0, 0.0]) == (10, 10)
-    nb, counts = preprocess.top_neighbours([3, 1, 2], [5, 5, 7], 2)
+    assert cooccurrence.count_sessions([(0, "a"), (3600, "b"), (7201, "c"), (7201, "d")], 3600) == 2
+    assert target_ranks(10, [0.8, 0.1, 0.1]) == (8, 9)
+    assert target_ranks(10, [1.0, 0.0, 0.0]) == (10, 10)
+    nb, counts = cooccurrence.top_neighbours([3, 1, 2], [5, 5, 7], 2)
     assert (nb.tolist(), counts.tolist()) == ([2, 1], [7, 5])
-    nb, counts = preprocess.top_neighbours([3, 1, 2], [5, 5, 7], 0)
+    nb, counts = cooccurrence.top_neighbours([3, 1, 2], [5, 5, 7], 0)
     assert (nb.tolist(), counts.tolist()) == ([2, 1, 3], [7, 5, 5])
 
 
@@ -490,15 +491,15 @@ def test_vectorised_pairs_equal_the_reference_generator():
         items = [f"x{rng.randint(0, 6)}" for _ in range(n)]
         clicks = list(zip(ts, items))  # time order; same-second clicks in any order
         cap = rng.choice([0, 1, 2, 5, 1000])
-        want = collections.Counter(preprocess.cooccurrence_pairs(clicks, WINDOW, cap))
+        want = collections.Counter(cooccurrence.cooccurrence_pairs(clicks, WINDOW, cap))
         names = sorted(set(items))
         code = {x: k + 1 for k, x in enumerate(names)}
-        a, b = preprocess.cooccurrence_pair_arrays(
+        a, b = cooccurrence.cooccurrence_pair_arrays(
             [t for t, _ in clicks], [code[i] for _, i in clicks], WINDOW, cap)
         got = collections.Counter(zip([names[k - 1] for k in a.tolist()],
                                       [names[k - 1] for k in b.tolist()]))
         assert got == want
-        counter = preprocess.PairCounter()
+        counter = cooccurrence.PairCounter()
         counter.add(a, b)
         both = collections.Counter()
         for (x, y), c in want.items():

@@ -1,0 +1,161 @@
+"""Training examples: one ``tf.train.Example`` per click with the H most recent earlier clicks,
+in sharded GZIP TFRecords ``examples/<split>-<shard>-of-<num_shards>.tfrecord.gz``, and the
+feature spec that describes them (``examples/feature_spec.json``, written by the driver).
+
+Each example holds ``user_id`` (bytes), ``user_<field>`` per user field, ``hist_items`` [H]
+(the item indices of the user's H most recent earlier clicks, oldest first, 0-padded at the
+end), ``hist_len``, the target ``item``, ``item_tags`` [max_tags] (0-padded),
+``item_provider``, ``item_<field>`` per item extra field and ``timestamp``. A user's examples
+all go to shard :func:`shard_of` of their split; records are sorted by user, then click order.
+
+Transforms (PCollections they take and give):
+
+- :class:`WriteExamples`: ``(users, item features, index)`` -> the TFRecord shards, and the
+  STATS PCollection ``(examples.<split>, records)``.
+
+``users`` are the rows of :class:`pipelines.split.UserTimelines`, ``item features`` the
+``features`` of :class:`pipelines.items.ItemTable`, ``index`` the one-element
+``{field: {value: index}}`` of :class:`pipelines.vocab.Vocabularies`.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+
+from pipelines.split import SPLITS, TEST, TRAIN, VALID
+
+import apache_beam as beam  # noqa: E402  (after pipelines.split: pipelines.common made it quiet)
+
+from micrec_tf.config import Config  # noqa: E402
+
+RESERVED_FEATURES = ("user_id", "hist_items", "hist_len", "item", "item_tags", "item_provider",
+                     "timestamp")
+
+
+def shard_of(user_id: str, num_shards: int) -> int:
+    """The shard of every example of ``user_id`` (CRC-32 of the UTF-8 id, mod ``num_shards``)."""
+    return zlib.crc32(user_id.encode("utf-8")) % num_shards
+
+
+def feature_spec(cfg: Config, user_fields, item_extra_fields, vocab_sizes, num_examples) -> dict:
+    """The content of ``examples/feature_spec.json``: every feature's dtype and shape, and the
+    sizes the readers need (history length, max tags, vocabulary sizes, examples per split)."""
+    p = cfg.preprocess
+    feats = {"user_id": {"dtype": "string", "shape": [1]}}
+    for f in user_fields:
+        feats[f"user_{f}"] = {"dtype": "int64", "shape": [1]}
+    feats["hist_items"] = {"dtype": "int64", "shape": [p.history_length]}
+    feats["hist_len"] = {"dtype": "int64", "shape": [1]}
+    feats["item"] = {"dtype": "int64", "shape": [1]}
+    feats["item_tags"] = {"dtype": "int64", "shape": [p.max_tags]}
+    feats["item_provider"] = {"dtype": "int64", "shape": [1]}
+    for f in item_extra_fields:
+        feats[f"item_{f}"] = {"dtype": "int64", "shape": [1]}
+    feats["timestamp"] = {"dtype": "int64", "shape": [1]}
+    return {"features": feats, "history_length": p.history_length, "max_tags": p.max_tags,
+            "user_fields": list(user_fields), "item_extra_fields": list(item_extra_fields),
+            "vocab_sizes": dict(vocab_sizes), "num_examples": dict(num_examples)}
+
+
+class MakeExamples(beam.DoFn):
+    """One user's clicks -> ((split, shard), [(position, serialized tf.train.Example)])."""
+
+    def __init__(self, user_fields, extra_fields, history_length, max_tags, num_shards):
+        self.user_fields = tuple(user_fields)
+        self.extra_fields = tuple(extra_fields)
+        self.history_length = history_length
+        self.max_tags = max_tags
+        self.num_shards = num_shards
+
+    def setup(self):
+        import tensorflow as tf  # imported on the worker only
+        self._tf = tf
+        self._extra_keys = [f"item_{f}" for f in self.extra_fields]
+        self._item_cache = {}  # item_id -> target-item features (the side input is fixed)
+
+    def _int(self, values):
+        tf = self._tf
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+    def _item(self, item, item_feats):
+        feats = self._item_cache.get(item)
+        if feats is None:
+            item_idx, tags, provider, extras, _ = item_feats[item]
+            tags = list(tags[:self.max_tags])
+            feats = {"item": self._int([item_idx]),
+                     "item_tags": self._int(tags + [0] * (self.max_tags - len(tags))),
+                     "item_provider": self._int([provider])}
+            for name, v in zip(self._extra_keys, extras):
+                feats[name] = self._int([v])
+            self._item_cache[item] = feats
+        return feats
+
+    def process(self, user, item_feats, index):
+        tf = self._tf
+        user_id, profile, clicks, n_train, n_valid, _ = user
+        H = self.history_length
+        base = {"user_id": tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[user_id.encode("utf-8")]))}
+        for field, value in zip(self.user_fields, profile):
+            base[f"user_{field}"] = self._int([index[f"user_{field}"].get(value, 0)])
+        idx = [item_feats[item][0] for _, item in clicks]
+        shard = shard_of(user_id, self.num_shards)
+        out = {TRAIN: [], VALID: [], TEST: []}
+        for k, (ts, item) in enumerate(clicks):
+            split = TRAIN if k < n_train else (VALID if k < n_train + n_valid else TEST)
+            hist = idx[max(0, k - H):k]
+            feats = dict(base)
+            feats.update(self._item(item, item_feats))
+            feats["hist_items"] = self._int(hist + [0] * (H - len(hist)))
+            feats["hist_len"] = self._int([len(hist)])
+            feats["timestamp"] = self._int([ts])
+            example = tf.train.Example(features=tf.train.Features(feature=feats))
+            out[split].append(((user_id, k), example.SerializeToString(deterministic=True)))
+        for split in SPLITS:
+            if out[split]:
+                yield (split, shard), out[split]
+
+
+class WriteShard(beam.DoFn):
+    def __init__(self, out_dir, num_shards):
+        self.out_dir = out_dir
+        self.num_shards = num_shards
+
+    def process(self, kv):
+        import tensorflow as tf
+
+        (split, shard), groups = kv
+        records = sorted(r for batch in groups["examples"] for r in batch)
+        path = os.path.join(self.out_dir, "examples",
+                            f"{split}-{shard:05d}-of-{self.num_shards:05d}.tfrecord.gz")
+        tf.io.gfile.makedirs(os.path.dirname(path))
+        with tf.io.TFRecordWriter(path, options=tf.io.TFRecordOptions(compression_type="GZIP")) as w:
+            for _, data in records:
+                w.write(data)
+        yield f"examples.{split}", len(records)
+
+
+class WriteExamples(beam.PTransform):
+    """``(users, item features, index)`` -> ``<out_dir>/examples/*.tfrecord.gz``.
+
+    Every (split, shard) file is written, empty when no user falls in it. Returns the STATS
+    PCollection ``(examples.<split>, records written)``, one element per shard.
+    """
+
+    def __init__(self, out_dir: str, user_fields, extra_fields, history_length: int,
+                 max_tags: int, num_shards: int):
+        super().__init__()
+        self.out_dir, self.num_shards = out_dir, num_shards
+        self.user_fields, self.extra_fields = tuple(user_fields), tuple(extra_fields)
+        self.history_length, self.max_tags = history_length, max_tags
+
+    def expand(self, inputs):
+        users, item_feats, index = inputs
+        shard_keys = users.pipeline | "ShardKeys" >> beam.Create(
+            [((s, k), None) for s in SPLITS for k in range(self.num_shards)])
+        examples = users | "MakeExamples" >> beam.ParDo(
+            MakeExamples(self.user_fields, self.extra_fields, self.history_length,
+                         self.max_tags, self.num_shards),
+            beam.pvalue.AsDict(item_feats), beam.pvalue.AsSingleton(index))
+        return ({"examples": examples, "keys": shard_keys} | "GroupShards" >> beam.CoGroupByKey()
+                | "WriteShards" >> beam.ParDo(WriteShard(self.out_dir, self.num_shards)))

@@ -1,0 +1,157 @@
+"""Vocabularies from training clicks only: each field's values by training-click frequency
+descending, then value; index 0 is out-of-vocabulary, so value k of ``vocab/<field>.txt`` has
+index k + 1.
+
+Fields (:func:`micrec_tf.data.artifacts.vocab_field_names`): ``item_id``, ``tag``,
+``provider``, ``user_id``, ``user_<field>`` per user field and ``item_<field>`` per item extra
+field. A user's training clicks count for its id and each non-empty profile value; an item's
+training clicks count for its id, each of its first ``max_tags`` distinct tags, its provider and
+each non-empty extra value.
+
+Transforms (PCollections they take and give):
+
+- :class:`Vocabularies`: ``(users, items)`` -> ``{"index": one {field: {value: index}}, STATS}``
+  and ``vocab/<field>.txt``; STATS also holds the training-period counts of
+  :class:`UserTrainStats` (users, events per split, sessions).
+
+``users`` are the rows of :class:`pipelines.split.UserTimelines`; ``items`` are ``(item_id, item
+tuple)``, one per item of the table.
+"""
+from __future__ import annotations
+
+import collections
+import os
+
+from pipelines.common import STATS, BundleCounter, windowed, write_lines
+from pipelines.cooccurrence import count_sessions
+from pipelines.items import item_values
+
+import apache_beam as beam  # noqa: E402  (after pipelines.common: its import is quiet)
+
+from micrec_tf.data.artifacts import vocab_field_names  # noqa: E402
+
+
+class UserTrainStats(beam.DoFn, BundleCounter):
+    """Training-period counts per user: vocab entries, item click counts and sessions."""
+
+    def __init__(self, user_fields, window_s):
+        self.user_fields = tuple(user_fields)
+        self.window_s = window_s
+
+    def start_bundle(self):
+        self._reset_stats()
+        self._items = collections.Counter()
+
+    def process(self, user):
+        yield from self._user(*user)
+
+    def _user(self, user_id, profile, clicks, n_train, n_valid, has_profile):
+        n = len(clicks)
+        st = self._stats
+        st["users"] += 1
+        st["events.train"] += n_train
+        st["events.valid"] += n_valid
+        st["events.test"] += n - n_train - n_valid
+        st["sessions"] += count_sessions(clicks, self.window_s)
+        if not has_profile:
+            st["events_unknown_user"] += n
+            st["users_unknown"] += 1
+        if n_train == 0:
+            return
+        st["users.train"] += 1
+        train = clicks[:n_train]
+        st["sessions.train"] += count_sessions(train, self.window_s)
+        yield beam.pvalue.TaggedOutput("vocab", (("user_id", user_id), n_train))
+        for field, value in zip(self.user_fields, profile):
+            if value:
+                yield beam.pvalue.TaggedOutput("vocab", ((f"user_{field}", value), n_train))
+        for _, item in train:
+            self._items[item] += 1
+
+    def finish_bundle(self):
+        for item, n in sorted(self._items.items()):
+            yield beam.pvalue.TaggedOutput("item_counts", windowed((item, n)))
+        self._items = collections.Counter()
+        yield from self._flush_stats()
+
+
+def _item_vocab_entries(kv, max_tags, extra_fields):
+    """Training click counts of one item spread onto its item_id, tags, provider and extras."""
+    item_id, groups = kv
+    n = sum(groups["count"])
+    if not n:
+        return
+    item = groups["item"][0]
+    tags, provider, extras = item_values(item, max_tags)
+    yield ("item_id", item_id), n
+    for t in tags:
+        yield ("tag", t), n
+    if provider:
+        yield ("provider", provider), n
+    for f, v in zip(extra_fields, extras):
+        if v:
+            yield (f"item_{f}", v), n
+
+
+def _sorted_vocab(kv):
+    field, groups = kv
+    entries = [e for lst in groups["entries"] for e in lst]
+    return field, [v for _, v in sorted((-n, v) for v, n in entries)]
+
+
+class WriteVocab(beam.DoFn):
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+
+    def process(self, kv):
+        field, values = kv
+        for v in values:
+            if "\n" in v or "\r" in v:
+                raise ValueError(f"vocab value {v!r} of field {field!r} holds a line break")
+        write_lines(os.path.join(self.out_dir, "vocab", f"{field}.txt"), values)
+        yield beam.pvalue.TaggedOutput(STATS, (f"vocab.{field}", len(values) + 1))
+
+
+def _vocab_index(vocabs):
+    """[(field, values)] -> {field: {value: index}} with index 0 = OOV."""
+    return {field: {v: i + 1 for i, v in enumerate(values)} for field, values in vocabs}
+
+
+class Vocabularies(beam.PTransform):
+    """``(users, items)`` -> ``{"index", STATS}``; writes ``<out_dir>/vocab/<field>.txt``.
+
+    ``index``: one ``{field: {value: index}}`` dict (index 0 = out of vocabulary; every field of
+    :func:`vocab_field_names` present, empty when nothing counted). ``STATS``: ``vocab.<field>``
+    (the vocabulary size, OOV included) and the :class:`UserTrainStats` counts.
+    """
+
+    def __init__(self, out_dir: str, user_fields, extra_fields, max_tags: int, window_s: int):
+        super().__init__()
+        self.out_dir, self.max_tags, self.window_s = out_dir, max_tags, window_s
+        self.user_fields, self.extra_fields = tuple(user_fields), tuple(extra_fields)
+
+    def expand(self, inputs):
+        users, items = inputs
+        train = users | "TrainStats" >> beam.ParDo(UserTrainStats(
+            self.user_fields, self.window_s)).with_outputs("vocab", "item_counts", STATS)
+        item_counts = train.item_counts | "SumItemCounts" >> beam.CombinePerKey(sum)
+        item_entries = ({"count": item_counts, "item": items}
+                        | "JoinItemCounts" >> beam.CoGroupByKey()
+                        | "ItemVocabEntries" >> beam.FlatMap(_item_vocab_entries, self.max_tags,
+                                                             self.extra_fields))
+        per_field = (
+            (item_entries, train.vocab) | "FlattenVocab" >> beam.Flatten()
+            | "SumVocab" >> beam.CombinePerKey(sum)
+            | "ByField" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
+            | "GroupField" >> beam.GroupByKey()
+            | "FieldList" >> beam.MapTuple(lambda f, es: (f, list(es))))
+        fields = vocab_field_names(self.user_fields, self.extra_fields)
+        expected = users.pipeline | "VocabFields" >> beam.Create([(f, []) for f in fields])
+        vocabs = ({"entries": per_field, "expected": expected}
+                  | "JoinFields" >> beam.CoGroupByKey() | "SortVocab" >> beam.Map(_sorted_vocab))
+        written = vocabs | "WriteVocab" >> beam.ParDo(WriteVocab(self.out_dir)).with_outputs(
+            STATS, main="none")
+        index = (vocabs | "AllVocabs" >> beam.combiners.ToList()
+                 | "VocabIndex" >> beam.Map(_vocab_index))
+        stats = (train[STATS], written[STATS]) | "FlattenStats" >> beam.Flatten()
+        return {"index": index, STATS: stats}
