@@ -14,25 +14,36 @@ from experiments.variants import BASE, FINAL, GRID_TEXT, VARIANTS, base_of, expa
 
 
 def paired_p(a, b) -> float:
-    """Two-sided paired t-test p-value over seeds (nan with fewer than 2 pairs)."""
+    """Two-sided paired t-test p-value over seeds (nan with fewer than 2 pairs).
+
+    ``a``, ``b``: equal-length sequences paired by position, or {seed: value} dicts paired by
+    seed (seeds in only one of them are left out: a partial report while seeds are running).
+    """
     from scipy import stats
 
+    if isinstance(a, dict) or isinstance(b, dict):
+        seeds = sorted(set(a) & set(b))
+        a, b = [a[s] for s in seeds], [b[s] for s in seeds]
     a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_p needs pairs. Received: {a.shape} and {b.shape} values")
     if len(a) < 2 or np.allclose(a - b, (a - b)[0]):
         return float("nan")
     return float(stats.ttest_rel(a, b).pvalue)
 
 
 def summarise(per_seed: dict, ns, coverage_ns) -> dict:
-    """name -> metric -> (mean, std, values) over seeds."""
+    """name -> metric -> (mean, std, {seed: value}) over seeds."""
     out = {}
     for name, runs in per_seed.items():
         metrics = {}
         for key in ([f"hit@{n}" for n in ns] + [f"coverage@{n}" for n in coverage_ns]
                     + [f"long_tail/hit@{n}" for n in (ns[0], ns[-1])]):
-            vals = [r["test"][key] for r in runs if key in r["test"]]
+            vals = {r.get("seed", i): r["test"][key] for i, r in enumerate(runs)
+                    if key in r["test"]}
             if vals:
-                metrics[key] = (float(np.mean(vals)), float(np.std(vals)), vals)
+                v = list(vals.values())
+                metrics[key] = (float(np.mean(v)), float(np.std(v)), vals)
         out[name] = metrics
     return out
 
@@ -99,7 +110,7 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
         """Relative HIT@N[0] gain over ICAN in %, nan when ICAN was not run."""
         return (value / base - 1) * 100 if base and not np.isnan(base) else float("nan")
 
-    final_vals = summary.get(FINAL, {}).get(f"hit@{ns[0]}", (0, 0, []))[2]
+    final_vals = summary.get(FINAL, {}).get(f"hit@{ns[0]}", (0, 0, {}))[2]
     for table, title in (("main", "Table 2: models"), ("ablation", "Table 4: ablations"),
                          ("universality", "Fig. 3: CL terms on other models")):
         rows = [n for n, (t, _) in VARIANTS.items() if t == table and n in summary]

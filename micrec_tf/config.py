@@ -268,7 +268,7 @@ class EvalConfig:
     use_scann: bool = False
     # Query clicks per user-tower batch when computing user vectors (speed and memory).
     batch_size: int = 1024
-    # Seeds 0 .. seeds-1 per model in ``micrec_tf.evaluation.reproduce`` (mean +- std over them).
+    # Seeds 0 .. seeds-1 per model in ``experiments.reproduce`` (mean +- std over them).
     seeds: int = 5
 
 

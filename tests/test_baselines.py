@@ -254,7 +254,7 @@ def test_choose_variant_picks_the_best_on_validation():
 
 
 def test_reference_rows_choose_the_knn_variant_on_valid(tmp_path):
-    from micrec_tf.evaluation.reference_rows import reference_rows
+    from experiments.reference_rows import reference_rows
 
     root = str(tmp_path / "art")
     # training clicks give HAND_POP (each click its own user, long before the rest)
@@ -359,7 +359,7 @@ def write_artifacts(root, shards=None, v=6, neighbours=None):
 
 def test_load_split_arrays_and_reference_rows(tmp_path):
     from micrec_tf.evaluation.data import load_cooccurrence, load_split_arrays, train_item_counts
-    from micrec_tf.evaluation.reference_rows import reference_rows
+    from experiments.reference_rows import reference_rows
 
     root = str(tmp_path / "art")
     write_artifacts(root)

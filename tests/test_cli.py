@@ -15,8 +15,8 @@ from micrec_tf import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ("micrec_tf.train", "export.export_model", "pipelines.preprocess",
                 "pipelines.title_neighbours", "micrec_tf.retrieve", "micrec_tf.data.synthetic",
-                "micrec_tf.evaluation.reproduce", "micrec_tf.evaluation.investigate",
-                "micrec_tf.evaluation.reference_rows", "micrec_tf.bench")
+                "experiments.reproduce", "experiments.investigate",
+                "experiments.reference_rows", "benchmarks")
 
 
 def _config(tmp_path, data, name="c.yaml"):

@@ -92,6 +92,19 @@ def test_paired_p_matches_hand_computation():
     cdf_upper = 0.5 - (math.atan(u) + u / (1 + u * u)) / math.pi
     assert abs(report.paired_p(a, b) - 2 * cdf_upper) < 1e-9
     assert math.isnan(report.paired_p([1.0], [0.5]))
+    # {seed: value}: paired by seed; a seed one model has not finished yet is left out.
+    by_seed = dict(enumerate(a))
+    assert abs(report.paired_p({**by_seed, 4: 0.9}, dict(enumerate(b))) - 2 * cdf_upper) < 1e-9
+    with pytest.raises(ValueError, match="Received"):
+        report.paired_p(a, b[:3])
+
+
+def test_summarise_keys_values_by_seed():
+    runs = [{"seed": 3, "test": {"hit@50": 0.4, "coverage@50": 0.9, "long_tail/hit@50": 0.2}},
+            {"seed": 1, "test": {"hit@50": 0.2, "coverage@50": 0.7, "long_tail/hit@50": 0.1}}]
+    m = report.summarise({"ICAN": runs}, [50], [50])["ICAN"]
+    assert m["hit@50"][2] == {3: 0.4, 1: 0.2}
+    assert abs(m["hit@50"][0] - 0.3) < 1e-12 and abs(m["hit@50"][1] - 0.1) < 1e-12
 
 
 def test_committed_cache_is_reused_only_for_the_same_config_and_artifacts(tmp_path):
