@@ -136,8 +136,8 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
 
     # 2. Split boundaries (exact, two passes); each user's clicks in order, labelled.
     bounds = clicks | "Split" >> SplitBoundaries(pc.split, pc.split_fractions)
-    user_rows = ((clicks, users_kv, bounds["boundaries"])
-                 | "UserTimelines" >> UserTimelines(pc.split, len(user_fields), pc.deduplicate_clicks))
+    user_rows = ((clicks, users_kv, bounds["boundaries"]) | "UserTimelines" >> UserTimelines(
+        pc.split, len(user_fields), pc.deduplicate_clicks))
 
     # 3. Vocabularies (training clicks only) and the item table on their indices.
     vocab = ((user_rows["users"], items_kv)
