@@ -62,9 +62,7 @@ from pipelines.common import DEAD, STATS, is_remote, quiet_root_logger, write_by
 from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence, check_session_category
 from pipelines.examples import RESERVED_FEATURES, WriteExamples, feature_spec
 from pipelines.items import ItemTable
-from pipelines import rows
-from pipelines.rows import (SOURCES, KnownClicks, OnePerId, ReadSource, WriteDeadLetters,
-                            line_ranges, read_range)
+from pipelines.rows import SOURCES, KnownClicks, OnePerId, ReadSource, WriteDeadLetters
 from pipelines.split import SPLITS, SplitBoundaries, UserTimelines
 from pipelines.vocab import Vocabularies
 
@@ -78,21 +76,7 @@ from micrec_tf.data.artifacts import vocab_field_names  # noqa: E402
 
 LOG = logging.getLogger("pipelines.preprocess")
 
-# Uncompressed raw files larger than this are read as several line-aligned ranges in parallel
-# (read when the pipeline is built: tests set it small to exercise the ranges end to end).
-READ_RANGE_BYTES = rows.READ_RANGE_BYTES
-_READ_BLOCK_BYTES = rows._READ_BLOCK_BYTES
-
-
-def numbered_lines(fh, first_line: int = 1, limit: int | None = None):
-    """:func:`pipelines.rows.numbered_lines` in blocks of this module's ``_READ_BLOCK_BYTES``
-    (tests/test_dead_letters.py sets it small)."""
-    return rows.numbered_lines(fh, first_line, limit, _READ_BLOCK_BYTES)
-
-# The public names; line_ranges, numbered_lines and read_range (pipelines.rows) are kept here
-# for tests/test_dead_letters.py, which reads them (and patches the two sizes above) here.
-__all__ = ["beam_options", "build_pipeline", "line_ranges", "main", "numbered_lines",
-           "pipeline_options", "read_range", "run", "summary_text"]
+__all__ = ["beam_options", "build_pipeline", "main", "pipeline_options", "run", "summary_text"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,12 +100,9 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     check_session_category(pc.session_category, extra_fields)
 
     # 1. Raw rows: parsed, one item / user row per id, clicks on known items.
-    inter = p | "Interactions" >> ReadSource(adapter, "interactions", adapter.interaction_files,
-                                             data_dir, range_bytes=READ_RANGE_BYTES)
-    items = p | "Items" >> ReadSource(adapter, "items", adapter.item_files, data_dir,
-                                      range_bytes=READ_RANGE_BYTES)
-    users = p | "Users" >> ReadSource(adapter, "users", adapter.user_files, data_dir,
-                                      required=False, range_bytes=READ_RANGE_BYTES)
+    inter = p | "Interactions" >> ReadSource(adapter, "interactions", adapter.interaction_files, data_dir)
+    items = p | "Items" >> ReadSource(adapter, "items", adapter.item_files, data_dir)
+    users = p | "Users" >> ReadSource(adapter, "users", adapter.user_files, data_dir, required=False)
     items_picked = items["rows"] | "PickItems" >> OnePerId()
     items_kv = items_picked | "ItemKV" >> beam.Map(lambda r: (r[0], r[1]))
     users_kv = (users["rows"] | "PickUsers" >> OnePerId(value=lambda r: r[1])

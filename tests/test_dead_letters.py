@@ -15,7 +15,7 @@ import micrec_tf  # noqa: F401  (before tensorflow)
 from micrec_tf.config import from_dict
 from micrec_tf.data import schema
 from micrec_tf.data.adapters import CanonicalAdapter
-from pipelines import preprocess
+from pipelines import preprocess, rows
 
 T = 1_600_000_000
 ITEMS = [f"i{k}" for k in range(8)]
@@ -94,7 +94,7 @@ def run(tmp_path_factory):
                      "data": {"dataset": "canonical", "data_dir": root},
                      "preprocess": {"split": "leave_last_out", "num_shards": 1}})
     mp = pytest.MonkeyPatch()
-    mp.setattr(preprocess, "READ_RANGE_BYTES", 60)
+    mp.setattr(rows, "READ_RANGE_BYTES", 60)  # read when ReadSource is built
     try:
         stats = preprocess.run(cfg, ["--direct_num_workers=1"],
                                adapter=CanonicalAdapter.from_dir(root), verbose=False)
@@ -152,18 +152,17 @@ def test_numbered_ranges_cover_the_file(tmp_path, range_bytes):
     path = str(tmp_path / "f.tsv")
     with open(path, "wb") as fh:
         fh.write(data)
-    ranges = preprocess.line_ranges(path, range_bytes)
-    got = [(n, raw) for r in ranges for _, n, raw in preprocess.read_range(r)]
+    ranges = rows.line_ranges(path, range_bytes)
+    got = [(n, raw) for r in ranges for _, n, raw in rows.read_range(r)]
     assert got == sorted(file_lines(path).items())
     assert b"".join(raw for _, raw in got) == data
     if range_bytes < 20:
         assert len(ranges) > 1
 
 
-def test_numbered_lines_small_blocks(monkeypatch):
-    monkeypatch.setattr(preprocess, "_READ_BLOCK_BYTES", 3)
+def test_numbered_lines_small_blocks():
     data = b"one\ntwo lines\r\n\nthree"
-    assert list(preprocess.numbered_lines(io.BytesIO(data), 5)) == [
+    assert list(rows.numbered_lines(io.BytesIO(data), 5, block_bytes=3)) == [
         (5, b"one\n"), (6, b"two lines\r\n"), (7, b"\n"), (8, b"three")]
-    assert list(preprocess.numbered_lines(io.BytesIO(data), 1, limit=8)) == [
+    assert list(rows.numbered_lines(io.BytesIO(data), 1, limit=8, block_bytes=3)) == [
         (1, b"one\n"), (2, b"two ")]
