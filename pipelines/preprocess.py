@@ -100,9 +100,11 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     check_session_category(pc.session_category, extra_fields)
 
     # 1. Raw rows: parsed, one item / user row per id, clicks on known items.
-    inter = p | "Interactions" >> ReadSource(adapter, "interactions", adapter.interaction_files, data_dir)
+    inter = p | "Interactions" >> ReadSource(adapter, "interactions",
+                                             adapter.interaction_files, data_dir)
     items = p | "Items" >> ReadSource(adapter, "items", adapter.item_files, data_dir)
-    users = p | "Users" >> ReadSource(adapter, "users", adapter.user_files, data_dir, required=False)
+    users = p | "Users" >> ReadSource(adapter, "users", adapter.user_files, data_dir,
+                                      required=False)
     items_picked = items["rows"] | "PickItems" >> OnePerId()
     items_kv = items_picked | "ItemKV" >> beam.Map(lambda r: (r[0], r[1]))
     users_kv = (users["rows"] | "PickUsers" >> OnePerId(value=lambda r: r[1])
