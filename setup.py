@@ -5,7 +5,14 @@ setup(
     name="micrec_tf",
     version="0.1.0",
     description="MicRec two-tower matching with item-based contrastive learning (TF2 / Keras 2)",
-    packages=find_packages(include=["micrec_tf", "micrec_tf.*", "pipelines", "pipelines.*", "export", "export.*"]),
+    # ``pipelines`` and ``export`` are top-level by the product's design (their CLIs are
+    # ``python -m pipelines.preprocess`` and ``python -m export.export_model``, and
+    # ``micrec_tf.retrieval`` reads ``export.requests``), so they are installed under those names:
+    # install into a virtual environment (``make install`` does), where no other distribution
+    # ships an ``export`` or ``pipelines`` package. ``experiments`` and ``benchmarks`` are not
+    # installed: they run from a checkout (``make reproduce`` / ``make bench``).
+    packages=find_packages(include=["micrec_tf", "micrec_tf.*", "pipelines", "pipelines.*",
+                                    "export", "export.*"]),
     python_requires=">=3.11,<3.13",
     install_requires=[
         "tensorflow==2.20.*",
