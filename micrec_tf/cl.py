@@ -307,32 +307,32 @@ class SemanticCL(tf_keras.layers.Layer):
     anchor itself or one of its neighbours.
 
     Args:
-      neighbors: int [V, M] neighbour indices, 0-padded; weights: float [V, M] (scores; only
+      neighbours: int [V, M] neighbour indices, 0-padded; weights: float [V, M] (scores; only
         0 = padding matters).
       projection_dim, num_negatives, temperature, seed, similarity: as named.
-      num_items: V (defaults to ``neighbors.shape[0]``); negatives are uniform in 1..V-1.
+      num_items: V (defaults to ``neighbours.shape[0]``); negatives are uniform in 1..V-1.
 
     Call: :class:`CLInputs`, ``item_tower=`` -> scalar float32.
     """
 
-    def __init__(self, neighbors, weights, projection_dim: int, num_negatives: int = 50,
+    def __init__(self, neighbours, weights, projection_dim: int, num_negatives: int = 50,
                  temperature: float = 1.0, seed: int = 2, num_items: int | None = None,
                  similarity: str = "dot", positives: str = "sample", **kwargs):
         kwargs.setdefault("name", "semantic_cl")
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        neighbors = np.asarray(neighbors, np.int64)
+        neighbours = np.asarray(neighbours, np.int64)
         weights = np.asarray(weights, np.float32)
-        if neighbors.ndim != 2 or weights.shape != neighbors.shape:
-            raise ValueError(f"neighbors and weights must both be [V, M]. Received: "
-                             f"{neighbors.shape} and {weights.shape}")
-        num_items = int(num_items if num_items is not None else neighbors.shape[0])
-        if num_items < 2 or neighbors.shape[0] != num_items:
-            raise ValueError(f"neighbour table has {neighbors.shape[0]} rows, expected num_items="
+        if neighbours.ndim != 2 or weights.shape != neighbours.shape:
+            raise ValueError(f"neighbours and weights must both be [V, M]. Received: "
+                             f"{neighbours.shape} and {weights.shape}")
+        num_items = int(num_items if num_items is not None else neighbours.shape[0])
+        if num_items < 2 or neighbours.shape[0] != num_items:
+            raise ValueError(f"neighbour table has {neighbours.shape[0]} rows, expected num_items="
                              f"{num_items} (>= 2)")
-        if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= num_items):
+        if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= num_items):
             raise ValueError(f"neighbour indices must be in [0, {num_items}). Received: "
-                             f"[{neighbors.min()}, {neighbors.max()}]")
+                             f"[{neighbours.min()}, {neighbours.max()}]")
         if not isinstance(num_negatives, int) or num_negatives < 1:
             raise ValueError(f"num_negatives must be a positive int. Received: {num_negatives!r}")
         if temperature <= 0:
@@ -342,22 +342,22 @@ class SemanticCL(tf_keras.layers.Layer):
                              f"{positives!r}")
         check_similarity(similarity)
         self.similarity, self.positives = similarity, positives
-        self._neighbors_np, self._weights_np = neighbors, weights
+        self._neighbours_np, self._weights_np = neighbours, weights
         self.projection_dim, self.num_negatives = int(projection_dim), int(num_negatives)
         self.temperature, self.seed, self.num_items = float(temperature), seed, num_items
-        self.neighbors = tf.constant(neighbors)
-        self.neighbor_valid = tf.constant(neighbors > 0)
+        self.neighbours = tf.constant(neighbours)
+        self.neighbour_valid = tf.constant(neighbours > 0)
         self.rng = tf.random.Generator.from_seed(seed)
         self.projector = _projector(self.projection_dim, f"{self.name}_projector")
 
     @classmethod
     def from_table(cls, table, projection_dim: int, **kwargs) -> "SemanticCL":
-        return cls(table.neighbors, table.weights, projection_dim, **kwargs)
+        return cls(table.neighbours, table.weights, projection_dim, **kwargs)
 
     @property
     def has_neighbours(self) -> np.ndarray:
         """bool [V]: items with at least one neighbour (the others get no CL loss)."""
-        return (self._neighbors_np > 0).any(axis=1)
+        return (self._neighbours_np > 0).any(axis=1)
 
     def sample(self, ids):
         """Samples for anchors ``ids`` int [U]:
@@ -367,23 +367,23 @@ class SemanticCL(tf_keras.layers.Layer):
            or one of its neighbours).
         """
         ids = tf.cast(tf.reshape(ids, [-1]), tf.int64)
-        valid = tf.gather(self.neighbor_valid, ids)  # [U, M]
+        valid = tf.gather(self.neighbour_valid, ids)  # [U, M]
         has_positive = tf.reduce_any(valid, axis=1)
         logits = tf.where(valid, 0.0, float("-inf"))
         logits = tf.where(has_positive[:, tf.newaxis], logits, 0.0)
         choice = tf.random.stateless_categorical(logits, 1, seed=self.rng.make_seeds(1)[:, 0],
                                                  dtype=tf.int32)
-        neighbors = tf.gather(self.neighbors, ids)
-        positives = tf.gather(neighbors, choice, batch_dims=1)[:, 0]
+        neighbours = tf.gather(self.neighbours, ids)
+        positives = tf.gather(neighbours, choice, batch_dims=1)[:, 0]
         positives = tf.where(has_positive, positives, tf.zeros_like(positives))
-        negatives, negative_mask = self._negatives(ids, neighbors, valid)
+        negatives, negative_mask = self._negatives(ids, neighbours, valid)
         return positives, has_positive, negatives, negative_mask
 
-    def _negatives(self, ids, neighbors, valid):
+    def _negatives(self, ids, neighbours, valid):
         negatives = self.rng.uniform([self.num_negatives], minval=1, maxval=self.num_items,
                                      dtype=tf.int64)
         in_list = tf.reduce_any(
-            tf.equal(negatives[tf.newaxis, :, tf.newaxis], neighbors[:, tf.newaxis, :])
+            tf.equal(negatives[tf.newaxis, :, tf.newaxis], neighbours[:, tf.newaxis, :])
             & valid[:, tf.newaxis, :], axis=2)
         negative_mask = tf.logical_not(in_list | tf.equal(negatives[tf.newaxis, :],
                                                           ids[:, tf.newaxis]))
@@ -401,15 +401,15 @@ class SemanticCL(tf_keras.layers.Layer):
     def _all_neighbours_loss(self, inputs: CLInputs, item_tower, training):
         """``positives="all"``: [U, M] positives; per-anchor mean over its valid neighbours."""
         ids = tf.cast(tf.reshape(inputs.ids, [-1]), tf.int64)
-        neighbors = tf.gather(self.neighbors, ids)            # [U, M]
-        valid = tf.gather(self.neighbor_valid, ids)           # [U, M]
-        negatives, negative_mask = self._negatives(ids, neighbors, valid)
-        unique, where = tf.unique(tf.concat([tf.reshape(neighbors, [-1]), negatives], 0))
+        neighbours = tf.gather(self.neighbours, ids)            # [U, M]
+        valid = tf.gather(self.neighbour_valid, ids)           # [U, M]
+        negatives, negative_mask = self._negatives(ids, neighbours, valid)
+        unique, where = tf.unique(tf.concat([tf.reshape(neighbours, [-1]), negatives], 0))
         projected = self.projector(item_tower.embed_indices(unique, training=training))
         flat = tf.gather(projected, where)
-        m = tf.shape(neighbors)[1]
-        positives = flat[:tf.size(neighbors)]                 # [U * M, p]
-        negative_vectors = flat[tf.size(neighbors):]          # [K, p]
+        m = tf.shape(neighbours)[1]
+        positives = flat[:tf.size(neighbours)]                 # [U * M, p]
+        negative_vectors = flat[tf.size(neighbours):]          # [K, p]
         anchors = tf.repeat(self.projector(inputs.embeddings), m, axis=0)
         per_anchor = tf.reduce_sum(tf.cast(valid, tf.float32), axis=1, keepdims=True)
         weight = tf.math.divide_no_nan(tf.cast(valid, tf.float32), per_anchor)
@@ -420,7 +420,7 @@ class SemanticCL(tf_keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(neighbors=self._neighbors_np.tolist(), weights=self._weights_np.tolist(),
+        config.update(neighbours=self._neighbours_np.tolist(), weights=self._weights_np.tolist(),
                       projection_dim=self.projection_dim, num_negatives=self.num_negatives,
                       temperature=self.temperature, seed=self.seed, num_items=self.num_items,
                       similarity=self.similarity, positives=self.positives)

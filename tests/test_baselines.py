@@ -27,7 +27,7 @@ def cooc_table():
     for i, (n, c) in NEIGHBOURS.items():
         nb[i, :len(n)] = n
         w[i, :len(c)] = c
-    return NeighbourTable(neighbors=nb, weights=w)
+    return NeighbourTable(neighbours=nb, weights=w)
 
 
 def hist(*rows, h=4):

@@ -361,8 +361,8 @@ def test_semantic_all_neighbours_loss_matches_numpy():
     loss = float(task(inputs, item_tower=tower).numpy())
     task.rng.state.assign(state)  # replay the same negatives
     ids_t = tf.constant(ids, tf.int64)
-    negatives, _ = task._negatives(ids_t, tf.gather(task.neighbors, ids_t),
-                                   tf.gather(task.neighbor_valid, ids_t))
+    negatives, _ = task._negatives(ids_t, tf.gather(task.neighbours, ids_t),
+                                   tf.gather(task.neighbour_valid, ids_t))
     negatives = negatives.numpy()
 
     def proj(x):

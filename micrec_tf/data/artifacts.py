@@ -36,13 +36,13 @@ class ItemTable:
 
 @dataclasses.dataclass
 class NeighbourTable:
-    """Per item, padded neighbour lists: ``neighbors`` int64 [V, M], ``weights`` float32 [V, M].
+    """Per item, padded neighbour lists: ``neighbours`` int64 [V, M], ``weights`` float32 [V, M].
 
     A weight of 0 marks padding. For co-occurrence, weights are counts and ``same_category`` is an
     int8 [V, M] flag; for title neighbours, weights are cosine scores.
     """
 
-    neighbors: np.ndarray
+    neighbours: np.ndarray
     weights: np.ndarray
     same_category: np.ndarray | None = None
 
@@ -102,7 +102,7 @@ class CooccurrenceTable:
         neighbours[rows[keep], pos[keep]] = self.neighbours[keep]
         weights[rows[keep], pos[keep]] = self.counts[keep]
         same[rows[keep], pos[keep]] = self.same_category[keep]
-        return NeighbourTable(neighbors=neighbours, weights=weights, same_category=same)
+        return NeighbourTable(neighbours=neighbours, weights=weights, same_category=same)
 
     @classmethod
     def from_rows(cls, num_items: int, rows) -> "CooccurrenceTable":
@@ -132,7 +132,7 @@ class CooccurrenceTable:
     @classmethod
     def from_padded(cls, table: NeighbourTable) -> "CooccurrenceTable":
         """From padded [V, M] lists (weight 0 = padding), e.g. a hand-made test table."""
-        nb, w = np.asarray(table.neighbors), np.asarray(table.weights)
+        nb, w = np.asarray(table.neighbours), np.asarray(table.weights)
         same = (np.zeros(nb.shape, np.int8) if table.same_category is None
                 else np.asarray(table.same_category))
         rows = []
@@ -386,18 +386,19 @@ def _load_item_table(path: str, num_items: int, max_tags: int, extra_names: list
 def _load_neighbours(path: str, weight_key: str, num_items: int) -> NeighbourTable:
     rows = _read_jsonl(path)
     width = max([len(r.get("neighbors", [])) for r in rows] + [1])
-    neighbors = np.zeros([num_items, width], np.int64)
+    neighbours = np.zeros([num_items, width], np.int64)
     weights = np.zeros([num_items, width], np.float32)
     for row in rows:
         idx = _check_index(path, row, "item", num_items)
         nb, w = list(row.get("neighbors", [])), list(row.get(weight_key, []))
         if len(nb) != len(w):
-            raise ValueError(f"{path}: item {idx} has {len(nb)} neighbors but {len(w)} {weight_key}")
+            raise ValueError(f"{path}: item {idx} has {len(nb)} neighbours but {len(w)} "
+                             f"{weight_key}")
         if any(not 0 < b < num_items for b in nb):
             raise ValueError(f"{path}: item {idx} has a neighbour outside [1, {num_items})")
-        neighbors[idx, :len(nb)] = nb
+        neighbours[idx, :len(nb)] = nb
         weights[idx, :len(w)] = w
-    return NeighbourTable(neighbors=neighbors, weights=weights)
+    return NeighbourTable(neighbours=neighbours, weights=weights)
 
 
 def load_artifacts(path: str) -> Artifacts:

@@ -71,7 +71,7 @@ class CooccurrenceItemKNN:
 
     Args:
       cooccurrence: a :class:`CooccurrenceTable` (full CSR lists), or a padded
-        :class:`NeighbourTable` (``neighbors [V, M]``, ``weights [V, M]`` counts, 0 = padding).
+        :class:`NeighbourTable` (``neighbours [V, M]``, ``weights [V, M]`` counts, 0 = padding).
       train_counts: int [V] training clicks per item (``pop`` and the tie-breaker).
       variant: one of :data:`KNN_VARIANTS`.
       recent: use only the last ``recent`` history clicks (None: all of ``hist_items``).
@@ -88,7 +88,7 @@ class CooccurrenceItemKNN:
         rows, cols, vals = _entries(cooccurrence, top=_TOP50 if variant == "count_top50" else None)
         v = self.counts.size
         n_rows = (cooccurrence.num_items if isinstance(cooccurrence, CooccurrenceTable)
-                  else int(np.asarray(cooccurrence.neighbors).shape[0]))
+                  else int(np.asarray(cooccurrence.neighbours).shape[0]))
         if n_rows != v:
             raise ValueError(f"the co-occurrence table has {n_rows} rows but train_counts has "
                              f"{v} items. Received: train_counts of shape {self.counts.shape}")
@@ -156,7 +156,7 @@ def _entries(table, top: int | None = None):
     if not isinstance(table, NeighbourTable):
         raise TypeError("cooccurrence must be a CooccurrenceTable or a NeighbourTable. "
                         f"Received: {type(table).__name__}")
-    nb = np.asarray(table.neighbors, dtype=np.int64)
+    nb = np.asarray(table.neighbours, dtype=np.int64)
     w = np.asarray(table.weights, dtype=np.float64)
     if top is not None:
         nb, w = nb[:, :top], w[:, :top]
