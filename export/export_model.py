@@ -32,15 +32,15 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
-from micrec_tf import cli
+from micrec_tf import cli, provenance
 from micrec_tf.config import Config
+from micrec_tf.publish import publish_numbered
 from micrec_tf.data.artifacts import ArtifactError
 
 from export import item_index, serving
@@ -78,18 +78,7 @@ def sweep_stale_tmp(parent: str, log=print) -> None:
             shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
 
 
-def publish(tmp_dir: str, parent: str, version: int) -> int:
-    """Renames ``tmp_dir`` to ``parent/<version>``; if taken, tries the next versions."""
-    while True:
-        target = os.path.join(parent, str(version))
-        if not os.path.exists(target):
-            try:
-                os.rename(tmp_dir, target)
-                return version
-            except OSError:
-                if not os.path.exists(target):
-                    raise
-        version += 1
+publish = publish_numbered  # the one atomic folder publish: micrec_tf.publish
 
 
 def _tmp_dir(parent: str, version: int) -> str:
@@ -100,22 +89,7 @@ def _tmp_dir(parent: str, version: int) -> str:
 
 
 # ----------------------------------------------------------------------------- provenance
-def code_version() -> dict:
-    """``{"micrec_tf": __version__, "git_commit": sha | None, "git_dirty": bool | None}``."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(micrec_tf.__file__)))
-    out = {"micrec_tf": micrec_tf.__version__, "git_commit": None, "git_dirty": None}
-    try:
-        sha = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        if sha.returncode == 0:
-            out["git_commit"] = sha.stdout.strip()
-            st = subprocess.run(["git", "-C", root, "status", "--porcelain",
-                                 "--untracked-files=no"], capture_output=True, text=True,
-                                timeout=10)
-            out["git_dirty"] = bool(st.stdout.strip()) if st.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return out
+code_version = provenance.code_version  # the one git probe: micrec_tf.provenance
 
 
 def _read_json(path: str):

@@ -42,24 +42,18 @@ then multiplies by the whole matrix, which is exact and fast enough up to
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import re
 import shutil
-import sys
-import tempfile
 
 import numpy as np
 
-from micrec_tf.cli import UsageError, verbose_requested
+from micrec_tf import search
+from micrec_tf.cli import UsageError
 
 SCANN_MIN_ITEMS = 256
 TARGET_RECALL = 0.95
-# What ScaNN's C++ code logs while it trains: absl INFO / WARNING lines and absl's banner.
-_NATIVE_NOISE = re.compile(rb"^([IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] |"
-                           rb"WARNING: All log messages before absl::InitializeLog\(\))")
 
 
 def read_vocab_file(path: str) -> list:
@@ -72,14 +66,11 @@ def read_vocab_file(path: str) -> list:
 
 
 def item_vectors(model, indices: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """float32 [len(indices), D] from ``model.item_embeddings``, in batches."""
-    out = []
-    for start in range(0, len(indices), batch_size):
-        idx = np.asarray(indices[start:start + batch_size], dtype=np.int64)
-        out.append(np.asarray(model.item_embeddings(idx), dtype=np.float32))
-    if not out:
+    """float32 [len(indices), D]: the model's own chunked ``item_embeddings(indices, batch_size)``."""
+    if len(indices) == 0:
         raise ValueError("the item vocabulary is empty: nothing to export")
-    return np.concatenate(out, axis=0)
+    return np.asarray(model.item_embeddings(np.asarray(indices, np.int64), batch_size),
+                      dtype=np.float32)
 
 
 def dump_item_embeddings(model, item_vocab_file: str, out_dir: str,
@@ -161,52 +152,14 @@ def scann_params(num_items: int, k: int = 500) -> dict:
     }
 
 
-@contextlib.contextmanager
-def quiet_native_logs():
-    """Drops ScaNN's C++ INFO / WARNING log lines (``I0000 ... partitioner_factory_base.cc:58]
-    Size of sampled dataset ...``) unless verbose logs are on (``micrec_tf.cli``).
-
-    ScaNN logs through its own copy of absl straight to file descriptor 2, which no flag or
-    environment variable silences; so fd 2 goes to a temporary file meanwhile, and every other
-    line written there (errors, Python warnings) is written to stderr afterwards.
-    """
-    if verbose_requested():
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as captured:
-            os.dup2(captured.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                captured.seek(0)
-                kept = [line for line in captured.read().splitlines(keepends=True)
-                        if not _NATIVE_NOISE.match(line)]
-                if kept:
-                    os.write(2, b"".join(kept))
-    finally:
-        os.close(saved)
+# The ScaNN builder, searcher and log filter are micrec_tf.search's (one implementation for the
+# export, the evaluation's use_scann and the title-neighbour job).
+quiet_native_logs = search.quiet_native_logs
 
 
 def build_scann(vectors: np.ndarray, params: dict):
     """A ScaNN searcher over ``vectors`` with :func:`scann_params` parameters."""
-    from scann import scann_ops_pybind  # deferred: importing ScaNN is slow
-
-    db = np.ascontiguousarray(vectors, dtype=np.float32)
-    builder = scann_ops_pybind.builder(db, params["num_neighbors"], "dot_product")
-    with quiet_native_logs():
-        return (builder.tree(num_leaves=params["num_leaves"],
-                             num_leaves_to_search=params["num_leaves_to_search"],
-                             training_sample_size=params["training_sample_size"])
-                .score_ah(params["dimensions_per_block"],
-                          anisotropic_quantization_threshold=params[
-                              "anisotropic_quantization_threshold"])
-                .reorder(params["reorder_k"])
-                .build())
+    return search.build_scann(vectors, params)
 
 
 def build_index(vectors: np.ndarray, kind: str, out_dir: str, k: int = 500,
@@ -276,66 +229,26 @@ def save_scann(searcher, params: dict, out_dir: str) -> None:
 
 def load_scann(index_dir: str):
     """Reloads a serialised searcher (no rebuilding): ``(searcher, params)``."""
-    from scann import scann_ops_pybind
-
     with open(os.path.join(index_dir, "params.json")) as fh:
         params = json.load(fh)
-    return scann_ops_pybind.load_searcher(index_dir), params
+    return search.load_scann_searcher(index_dir), params
 
 
 def search_scann(searcher, params: dict, queries: np.ndarray, k: int,
                  num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` rows of the dump per query: ``(rows int64 [B, k], scores float32 [B, k])``.
-
-    Missing neighbours (k larger than what the searched leaves hold) come back as row -1 and score
-    -inf.
-    """
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    want = int(min(k, num_items))
-    if q.shape[0] == 0 or want == 0:
-        return (np.full((q.shape[0], k), -1, np.int64),
-                np.full((q.shape[0], k), -np.inf, np.float32))
-    kwargs = {"final_num_neighbors": want}
-    if params.get("mode") == "tree_ah":
-        kwargs["pre_reorder_num_neighbors"] = int(min(num_items,
-                                                      max(params["reorder_k"], 2 * want)))
-        kwargs["leaves_to_search"] = int(params["num_leaves_to_search"])
-    rows, scores = searcher.search_batched(q, **kwargs)
-    rows = np.asarray(rows, dtype=np.int64)
-    scores = np.asarray(scores, dtype=np.float32)
-    bad = ~np.isfinite(scores) | (rows < 0) | (rows >= num_items)
-    rows[bad], scores[bad] = -1, -np.inf
-    if want < k:
-        pad = k - want
-        rows = np.concatenate([rows, np.full((rows.shape[0], pad), -1, np.int64)], axis=1)
-        scores = np.concatenate([scores, np.full((rows.shape[0], pad), -np.inf, np.float32)], 1)
-    return rows, scores
+    """Top-``k`` rows of the dump per query: ``(rows int64 [B, k], scores float32 [B, k])``
+    (:func:`micrec_tf.search.search_scann`: higher score first, then the lower row; missing
+    neighbours are row -1, score -inf)."""
+    return search.search_scann(searcher, params, queries, k, num_items)
 
 
 def search_brute_force(vectors: np.ndarray, queries: np.ndarray, k: int,
                        batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` by dot product; ties by the smaller row. Padding: row -1, score -inf."""
-    n = vectors.shape[0]
-    want = min(k, n)
-    rows_out, scores_out = [], []
-    for start in range(0, queries.shape[0], batch_size):
-        s = np.asarray(queries[start:start + batch_size], np.float32) @ vectors.T
-        if want < n:
-            part = np.argpartition(-s, want - 1, axis=1)[:, :want]
-        else:
-            part = np.broadcast_to(np.arange(n), s.shape).copy()
-        ps = np.take_along_axis(s, part, 1)
-        order = np.lexsort((part, -ps), axis=1)
-        rows = np.take_along_axis(part, order, 1)
-        rows_out.append(rows)
-        scores_out.append(np.take_along_axis(s, rows, 1))
-    rows = np.concatenate(rows_out) if rows_out else np.zeros((0, want), np.int64)
-    scores = np.concatenate(scores_out) if scores_out else np.zeros((0, want), np.float32)
-    if want < k:
-        pad = k - want
-        rows = np.concatenate([rows, np.full((rows.shape[0], pad), -1, np.int64)], 1)
-        scores = np.concatenate([scores, np.full((rows.shape[0], pad), -np.inf, np.float32)], 1)
-    return rows.astype(np.int64), scores.astype(np.float32)
+    """Exact top-``k`` by dot product (:func:`micrec_tf.search.top_k_dot`): higher score first,
+    then the lower row. Padding: row -1, score -inf."""
+    rows, scores = search.top_k_dot(np.asarray(queries, np.float32), vectors, k,
+                                    batch_size=batch_size)
+    return rows, scores.astype(np.float32)
 
 
 def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:

@@ -45,7 +45,7 @@ SYNTHETIC_DATA_DIR = "data/generated/synthetic"
 # key of the same layer (one YAML file, or one set of overrides) that disagree are an error; a
 # later layer (``--set`` over the YAML) replaces what an earlier one set.
 PRESETS = {
-    "micrec": {"model.name": "ican", "model.cl": ["feature", "semantic", "session"]},
+    "micrec": {"model.name": "ican", "model.cl": list(CL_TASKS)},
     "ican": {"model.name": "ican", "model.cl": []},
     "rfm_star": {"model.name": "ican", "model.cl": ["feature"], "loss.feature_dropout": "element"},
     "cfm": {"model.name": "ican", "model.cl": ["feature"], "loss.feature_dropout": "correlated"},
@@ -167,7 +167,7 @@ class ModelConfig:
     # Dropout rate of the towers, in [0, 1).
     dropout: float = 0.0
     # The CL terms trained with the main loss, a subset of CL_TASKS ([] = the base model alone).
-    cl: list = field(default_factory=lambda: ["feature", "semantic", "session"])
+    cl: list = field(default_factory=lambda: list(CL_TASKS))
     # Speed only (the same function either way; see micrec_tf/towers.py and layers.py):
     # history embeddings through a per-call catalogue table (auto: when the catalogue has fewer
     # items than batch x history slots) or per slot; attention as batched matmuls or through

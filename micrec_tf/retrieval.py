@@ -283,43 +283,35 @@ class Retriever:
         vocabs = self.vocabularies()
         rows = [latest[u][1] for u in user_ids]
         requests = raw_requests(arrays, rows, vocabs, self.user_fields)
-        clicked = _earlier_clicks(artifacts_dir, split, {u: (latest[u][0][0], latest[u][1])
-                                                         for u in user_ids}, arrays, users)
+        clicked = _earlier_clicks(artifacts_dir, split, rows, arrays)
         item_vocab = vocabs["item_id"]
         name = lambda i: item_vocab[i - 1] if 0 < i <= len(item_vocab) else ""  # noqa: E731
         return [{"user_id": u, "request": req, "target": name(int(arrays["item"][row])),
-                 "clicked": [name(i) for i in clicked[u] if i > 0]}
-                for u, req, row in zip(user_ids, requests, rows)]
+                 "clicked": [name(int(i)) for i in clicked[j]]}
+                for j, (u, req, row) in enumerate(zip(user_ids, requests, rows))]
 
 
-def _earlier_clicks(artifacts_dir: str, split: str, at: Mapping[str, tuple], split_arrays,
-                    split_users) -> dict:
-    """Per user, item indices clicked strictly before its example ``at[user] = (ts, pos)``.
+def _earlier_clicks(artifacts_dir: str, split: str, rows: Sequence[int],
+                    split_arrays: dict) -> list:
+    """Per example ``rows[j]`` of ``split``, the item indices its user clicked before it (sorted):
+    the evaluation's own definition, :class:`micrec_tf.evaluation.data.EarlierClicksExclusion`
+    (earlier timestamps in every split, plus the example's history), so ``--exclude-clicked``
+    drops what the evaluation's "exclude clicked" option drops."""
+    from micrec_tf.evaluation.data import earlier_clicks_exclusion, load_split_arrays
 
-    Order as the preprocessing job builds histories: (timestamp, split train < valid < test,
-    position in the split).
-    """
-    from micrec_tf.evaluation.data import load_split_arrays
-
-    order = {"train": 0, "valid": 1, "test": 2}
-    clicks = {u: [] for u in at}
+    history = []
     for name in ("train", "valid", "test"):
         if name == split:
-            arrays, users = split_arrays, split_users
-        else:
-            try:
-                arrays = load_split_arrays(artifacts_dir, name, ["user_id", "item", "timestamp"])
-            except ArtifactError:  # a damaged split is an error, not an absent one
-                raise
-            except FileNotFoundError:
-                continue
-            users = [u.decode() if isinstance(u, bytes) else str(u) for u in arrays["user_id"]]
-        for pos, u in enumerate(users):
-            if u in clicks:
-                clicks[u].append((int(arrays["timestamp"][pos]), order[name], pos,
-                                  int(arrays["item"][pos])))
-    out = {}
-    for u, (ts, pos) in at.items():
-        limit = (ts, order[split], pos)
-        out[u] = sorted({c[3] for c in clicks[u] if c[:3] < limit})
-    return out
+            history.append(split_arrays)
+            continue
+        try:
+            history.append(load_split_arrays(artifacts_dir, name, ["user_id", "item", "timestamp"]))
+        except ArtifactError:  # a damaged split is an error, not an absent one
+            raise
+        except FileNotFoundError:
+            continue
+    rows = np.asarray(rows, np.int64)
+    query = {f: np.asarray(split_arrays[f])[rows]
+             for f in ("user_id", "item", "timestamp", "hist_items")}
+    excl = earlier_clicks_exclusion(query, history)
+    return [excl.items_of(j) for j in range(len(rows))]

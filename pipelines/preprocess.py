@@ -55,9 +55,8 @@ import os
 import shutil
 import sys
 import time
-import uuid
 
-from micrec_tf import cli
+from micrec_tf import cli, publish
 from pipelines.common import DEAD, STATS, is_remote, quiet_root_logger, write_bytes
 from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence, check_session_category
 from pipelines.examples import RESERVED_FEATURES, WriteExamples, feature_spec
@@ -285,16 +284,6 @@ def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) ->
     return stats
 
 
-def _swap_into_place(tmp_dir: str, out_dir: str) -> None:
-    old = None
-    if os.path.exists(out_dir):
-        old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out_dir, old)
-    os.rename(tmp_dir, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _resolve_data(cfg: Config, adapter, data_dir):
     """The adapter and raw-data folder (generating the synthetic dataset first if needed)."""
     if data_dir is None:
@@ -328,7 +317,7 @@ def run(cfg: Config, beam_argv=(), adapter=None, data_dir=None, out_dir=None,
         tmp_dir = out_dir
     else:
         out_dir = os.path.abspath(out_dir)
-        tmp_dir = f"{out_dir}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp_dir = publish.tmp_sibling(out_dir)
     start = time.time()
     try:
         p = beam.Pipeline(options=options)
@@ -342,7 +331,7 @@ def run(cfg: Config, beam_argv=(), adapter=None, data_dir=None, out_dir=None,
             shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     if not remote:
-        _swap_into_place(tmp_dir, out_dir)
+        publish.replace_dir(tmp_dir, out_dir)
     if verbose:
         print(summary_text(stats, out_dir))
     return stats

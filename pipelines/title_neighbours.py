@@ -69,7 +69,7 @@ import uuid
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import numpy as np
 
-from micrec_tf import cli
+from micrec_tf import cli, publish, search
 from micrec_tf.config import Config
 
 LOG = logging.getLogger("pipelines.title_neighbours")
@@ -116,88 +116,63 @@ def read_items(path: str) -> list[dict]:
 # Top-k (pure numpy; the tests compare these against brute force)
 # --------------------------------------------------------------------------------------------
 
-def _sorted_top(cols: np.ndarray, vals: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((cols, -vals.astype(np.float64)))[:k]
-    return cols[order], vals[order]
-
-
 def exact_top_k(emb: np.ndarray, k: int, block_rows: int | None = None):
     """Top-k rows by dot product for every row of ``emb`` [M, D], excluding the row itself.
 
     Returns ``(neighbors int64 [M, k'], scores float32 [M, k'])`` with k' = min(k, M - 1), rows
-    sorted by score desc then row index asc (ties at the cut resolved the same way).
+    sorted by the project's tie rule (:mod:`micrec_tf.search`: score desc, then row index asc,
+    ties at the cut resolved the same way); ``block_rows`` rows are scored per matrix product.
     """
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     m = emb.shape[0]
     kk = max(0, min(k, m - 1))
-    nbrs = np.zeros((m, kk), np.int64)
-    scores = np.zeros((m, kk), np.float32)
     if kk == 0:
-        return nbrs, scores
+        return np.zeros((m, 0), np.int64), np.zeros((m, 0), np.float32)
     block_rows = block_rows or max(1, min(m, BLOCK_ENTRIES // m))
-    for start in range(0, m, block_rows):
-        stop = min(m, start + block_rows)
+
+    def scores(start, stop):
         s = emb[start:stop] @ emb.T
         rows = np.arange(stop - start)
-        s[rows, rows + start] = -np.inf
-        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        pv = np.take_along_axis(s, part, axis=1)
-        kth = pv.min(axis=1)
-        # A tie straddles the cut when more than kk entries reach the k-th value.
-        straddle = np.nonzero((s >= kth[:, None]).sum(axis=1) > kk)[0]
-        order = np.lexsort((part, -pv.astype(np.float64)), axis=1)
-        nbrs[start:stop] = np.take_along_axis(part, order, axis=1)
-        scores[start:stop] = np.take_along_axis(pv, order, axis=1)
-        for r in straddle:
-            cols = np.nonzero(s[r] >= kth[r])[0]
-            c, v = _sorted_top(cols, s[r, cols], kk)
-            nbrs[start + r], scores[start + r] = c, v
-    return nbrs, scores
+        s[rows, rows + start] = -np.inf  # never the item itself
+        return s
+
+    nbrs, sc = search.top_k_by_score_fn(scores, m, kk, batch_size=block_rows)
+    return nbrs, sc.astype(np.float32)
 
 
 def scann_top_k(emb: np.ndarray, k: int, num_leaves: int | None = None,
                 leaves_to_search: int | None = None, reorder: int | None = None):
-    """Approximate :func:`exact_top_k` with ScaNN; candidates are rescored exactly and sorted
-    the same way (score desc, index asc)."""
-    from scann.scann_ops.py import scann_ops_pybind
-
+    """Approximate :func:`exact_top_k` with ScaNN (:func:`micrec_tf.search.build_scann`; k-means++
+    tree, one training thread, so every build is the same); candidates are rescored exactly and
+    ordered by the same tie rule. A row for which ScaNN finds fewer than k' others is filled from an
+    exact scan of that row."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    m, d = emb.shape
+    m = emb.shape[0]
     kk = max(0, min(k, m - 1))
     if kk == 0:
         return np.zeros((m, 0), np.int64), np.zeros((m, 0), np.float32)
     num_leaves = num_leaves or max(2, int(round(math.sqrt(m))))
-    leaves_to_search = leaves_to_search or max(2, int(math.ceil(num_leaves / 8)))
-    reorder = reorder or max(100, 10 * (kk + 1))
-    builder = scann_ops_pybind.builder(emb, kk + 1, "dot_product")
-    # k-means++ initialisation: ScaNN's random initialisation gives a different tree per build.
-    builder.set_n_training_threads(1)
-    searcher = (builder
-                .tree(num_leaves=num_leaves, num_leaves_to_search=min(num_leaves, leaves_to_search),
-                      training_sample_size=m, spherical=True, random_init=False)
-                .score_ah(2, anisotropic_quantization_threshold=0.2)
-                .reorder(reorder)
-                .build())
+    params = {"mode": "tree_ah", "num_neighbors": kk + 1, "num_leaves": num_leaves,
+              "num_leaves_to_search": min(num_leaves, leaves_to_search
+                                          or max(2, int(math.ceil(num_leaves / 8)))),
+              "training_sample_size": m, "spherical": True, "random_init": False,
+              "training_threads": 1, "dimensions_per_block": 2,
+              "anisotropic_quantization_threshold": 0.2,
+              "reorder_k": reorder or max(100, 10 * (kk + 1))}
+    searcher = search.build_scann(emb, params)
     found, _ = searcher.search_batched(emb, final_num_neighbors=kk + 1)
-    found = np.asarray(found, np.int64)
-    nbrs = np.zeros((m, kk), np.int64)
-    scores = np.zeros((m, kk), np.float32)
-    for i in range(m):
-        cols = found[i]
-        cols = np.unique(cols[(cols >= 0) & (cols != i)])
-        vals = (emb[cols] * emb[i]).sum(axis=1)  # per pair: independent of the candidate set
-        c, v = _sorted_top(cols, vals, kk)
-        if len(c) < kk:  # ScaNN found fewer: fill from an exact scan of this row
-            c, v = _exact_row(emb, i, kk)
-        nbrs[i], scores[i] = c, v
+    self_rows = np.arange(m, dtype=np.int64)
+    nbrs, scores = search.rescore_candidates(emb, emb, np.asarray(found, np.int64), kk,
+                                             self_rows, self_rows)
+    short = np.nonzero((nbrs < 0).any(axis=1))[0]
+    if short.size:  # ScaNN found fewer: fill from an exact scan of these rows
+        def exact(start, stop):
+            s = emb[short[start:stop]] @ emb.T
+            s[np.arange(stop - start), short[start:stop]] = -np.inf
+            return s
+
+        nbrs[short], scores[short] = search.top_k_by_score_fn(exact, short.size, kk)
     return nbrs, scores
-
-
-def _exact_row(emb, i, kk):
-    s = emb @ emb[i]
-    s[i] = -np.inf
-    cols = np.argsort(-s, kind="stable")[:kk]
-    return cols, s[cols]
 
 
 def _pair_hash(i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -436,29 +411,21 @@ def cosine_neighbours(emb: np.ndarray, k: int, exact_max_items: int):
     return (*scann_top_k(emb, k), "scann")
 
 
-def _replace_dir(tmp: str, final: str) -> None:
-    old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_embeddings(out_dir: str, items: np.ndarray, emb: np.ndarray, meta: dict) -> None:
     final = os.path.join(out_dir, EMBEDDINGS_DIR)
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = publish.tmp_sibling(final)
     os.makedirs(tmp)
     np.save(os.path.join(tmp, "embeddings.npy"), emb.astype(np.float32))
     np.save(os.path.join(tmp, "items.npy"), items.astype(np.int64))
     with open(os.path.join(tmp, "metadata.json"), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=1, sort_keys=True)
         fh.write("\n")
-    _replace_dir(tmp, final)
+    publish.replace_dir(tmp, final)
 
 
 def _write_neighbours(out_dir: str, all_items: list, table: dict, stats: dict) -> None:
     final = os.path.join(out_dir, NEIGHBOURS_DIR)
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = publish.tmp_sibling(final)
     os.makedirs(tmp)
     with open(os.path.join(tmp, NEIGHBOURS_FILE), "w", encoding="utf-8") as fh:
         for item in all_items:
@@ -469,7 +436,7 @@ def _write_neighbours(out_dir: str, all_items: list, table: dict, stats: dict) -
     with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as fh:
         json.dump(stats, fh, indent=1, sort_keys=True)
         fh.write("\n")
-    _replace_dir(tmp, final)
+    publish.replace_dir(tmp, final)
 
 
 def _table_from_rows(keys: np.ndarray, nbr_rows: np.ndarray, scores: np.ndarray) -> dict:

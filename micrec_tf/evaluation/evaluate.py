@@ -37,12 +37,10 @@ def user_vectors(model, arrays: dict, batch_size: int = 1024) -> np.ndarray:
 
 
 def item_vectors(model, num_items: int, batch_size: int = 4096) -> np.ndarray:
-    """[V, D] item vectors for every item index (row 0 = padding; never retrieved)."""
-    out = []
-    for start in range(0, num_items, batch_size):
-        idx = np.arange(start, min(num_items, start + batch_size), dtype=np.int64)
-        out.append(np.asarray(model.item_embeddings(idx), np.float32))
-    return np.concatenate(out, axis=0)
+    """[V, D] item vectors for every item index (row 0 = padding; never retrieved): the model's own
+    chunked ``item_embeddings(indices, batch_size)``."""
+    return np.asarray(model.item_embeddings(np.arange(num_items, dtype=np.int64), batch_size),
+                      np.float32)
 
 
 def evaluate_model(model, arrays: dict, num_items: int, hit_n=(50, 100, 200, 500),
