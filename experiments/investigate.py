@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 from micrec_tf import cli
-from micrec_tf.evaluation.data import train_item_counts
+from micrec_tf.data.arrays import train_item_counts
 
 from experiments.report import paired_p
 from experiments.run_cache import Runner, slug

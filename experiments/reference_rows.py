@@ -24,8 +24,9 @@ import numpy as np
 from micrec_tf import cli
 from micrec_tf.evaluation.baselines import (KNN_VARIANTS, CooccurrenceItemKNN, MostPopular,
                                             choose_variant)
-from micrec_tf.evaluation.data import (earlier_clicks_exclusion, load_cooccurrence,
-                                       load_split_arrays, num_items, train_item_counts)
+from micrec_tf.data.arrays import load_split_arrays, num_items, train_item_counts
+from micrec_tf.data.artifacts import load_cooccurrence
+from micrec_tf.evaluation.data import earlier_clicks_exclusion
 from micrec_tf.evaluation.metrics import long_tail_items, summarize_topk
 
 BASELINES = ("most_popular", "cooccurrence_itemknn")

@@ -113,7 +113,7 @@ def user_features(arrays: dict, rows, art) -> dict:
 
 def sample_test_examples(art, max_rows: int = NUM_WARMUP_USERS):
     """``(arrays, rows)``: up to ``max_rows`` test examples (valid/train if test is empty)."""
-    from micrec_tf.evaluation.data import load_split_arrays
+    from micrec_tf.data.arrays import load_split_arrays
 
     feats = ["user_id", "hist_items", "hist_len"] + [f"user_{f}" for f in art.user_fields]
     for split in ("test", "valid", "train"):
@@ -134,7 +134,7 @@ def sample_test_examples(art, max_rows: int = NUM_WARMUP_USERS):
 
 def recall_queries(model, art, max_rows: int = 500, seed: int = 0):
     """User vectors of up to ``max_rows`` random test examples (None if there is no test split)."""
-    from micrec_tf.evaluation.data import load_split_arrays
+    from micrec_tf.data.arrays import load_split_arrays
 
     feats = ["hist_items", "hist_len"] + [f"user_{f}" for f in art.user_fields]
     try:

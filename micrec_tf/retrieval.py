@@ -254,7 +254,7 @@ class Retriever:
         clicked at that example), ``clicked`` (every item id the user clicked before it, training
         period included). ``user_ids`` default: the first ``num_users`` users of the split.
         """
-        from micrec_tf.evaluation.data import load_split_arrays
+        from micrec_tf.data.arrays import load_split_arrays
 
         feats = ["user_id", "hist_items", "hist_len", "item", "timestamp"] + \
             [f"user_{f}" for f in self.user_fields]

@@ -21,19 +21,16 @@ import time
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 
 from micrec_tf import cli
+from micrec_tf.data.artifacts import ITEMS, read_items
 from micrec_tf.retrieval import Retriever, resolve_version_dir
 
 
 def _titles(artifacts_dir: str) -> dict:
-    path = os.path.join(artifacts_dir, "items", "items.jsonl")
-    titles = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    row = json.loads(line)
-                    titles[str(row.get("item_id"))] = row.get("title", "")
-    return titles
+    """item id -> title from ``items.jsonl`` (:func:`micrec_tf.data.artifacts.read_items`);
+    empty when the artifacts are not beside the export."""
+    if not os.path.exists(os.path.join(artifacts_dir, ITEMS)):
+        return {}
+    return {row["item_id"]: row["title"] for row in read_items(artifacts_dir)}
 
 
 def profile_fields(retriever: Retriever) -> list:

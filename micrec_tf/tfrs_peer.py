@@ -431,7 +431,7 @@ def build_tfrs_two_tower(cfg, item_table, vocab_sizes: Mapping, user_fields,
             raise ValueError(f"model.{key}[-1] must equal model.output_dim={m.output_dim} (the "
                              f"tower output). Received: {units!r}")
     if item_counts is None:
-        from micrec_tf.evaluation.data import train_item_counts
+        from micrec_tf.data.arrays import train_item_counts
 
         item_counts = train_item_counts(cfg.artifacts_dir)
     item_counts = np.asarray(item_counts).reshape(-1)

@@ -33,10 +33,10 @@ import yaml
 
 from micrec_tf import cli
 from micrec_tf.config import Config
+from micrec_tf.data.arrays import load_split_arrays, train_item_counts
 from micrec_tf.data.artifacts import load_artifacts
 from micrec_tf.data.input import make_dataset
-from micrec_tf.evaluation.data import (earlier_clicks_exclusion, load_split_arrays,
-                                       train_item_counts)
+from micrec_tf.evaluation.data import earlier_clicks_exclusion
 from micrec_tf.evaluation.evaluate import evaluate_model
 from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model

@@ -2,10 +2,8 @@
 in sharded GZIP TFRecords ``examples/<split>-<shard>-of-<num_shards>.tfrecord.gz``, and the
 feature spec that describes them (``examples/feature_spec.json``, written by the driver).
 
-Each example holds ``user_id`` (bytes), ``user_<field>`` per user field, ``hist_items`` [H]
-(the item indices of the user's H most recent earlier clicks, oldest first, 0-padded at the
-end), ``hist_len``, the target ``item``, ``item_tags`` [max_tags] (0-padded),
-``item_provider``, ``item_<field>`` per item extra field and ``timestamp``. A user's examples
+The features, their names, dtypes and shapes are :mod:`micrec_tf.data.contract`'s (the one
+declaration the readers and the serving layer use too). A user's examples
 all go to shard :func:`shard_of` of their split; records are sorted by user, then click order.
 
 Transforms (PCollections they take and give):
@@ -27,9 +25,7 @@ from pipelines.split import SPLITS, TEST, TRAIN, VALID
 import apache_beam as beam  # noqa: E402  (after pipelines.split: pipelines.common made it quiet)
 
 from micrec_tf.config import Config  # noqa: E402
-
-RESERVED_FEATURES = ("user_id", "hist_items", "hist_len", "item", "item_tags", "item_provider",
-                     "timestamp")
+from micrec_tf.data import contract as C  # noqa: E402
 
 
 def shard_of(user_id: str, num_shards: int) -> int:
@@ -38,23 +34,10 @@ def shard_of(user_id: str, num_shards: int) -> int:
 
 
 def feature_spec(cfg: Config, user_fields, item_extra_fields, vocab_sizes, num_examples) -> dict:
-    """The content of ``examples/feature_spec.json``: every feature's dtype and shape, and the
-    sizes the readers need (history length, max tags, vocabulary sizes, examples per split)."""
-    p = cfg.preprocess
-    feats = {"user_id": {"dtype": "string", "shape": [1]}}
-    for f in user_fields:
-        feats[f"user_{f}"] = {"dtype": "int64", "shape": [1]}
-    feats["hist_items"] = {"dtype": "int64", "shape": [p.history_length]}
-    feats["hist_len"] = {"dtype": "int64", "shape": [1]}
-    feats["item"] = {"dtype": "int64", "shape": [1]}
-    feats["item_tags"] = {"dtype": "int64", "shape": [p.max_tags]}
-    feats["item_provider"] = {"dtype": "int64", "shape": [1]}
-    for f in item_extra_fields:
-        feats[f"item_{f}"] = {"dtype": "int64", "shape": [1]}
-    feats["timestamp"] = {"dtype": "int64", "shape": [1]}
-    return {"features": feats, "history_length": p.history_length, "max_tags": p.max_tags,
-            "user_fields": list(user_fields), "item_extra_fields": list(item_extra_fields),
-            "vocab_sizes": dict(vocab_sizes), "num_examples": dict(num_examples)}
+    """The content of ``examples/feature_spec.json`` for this job's config
+    (:func:`micrec_tf.data.contract.feature_spec`)."""
+    return C.feature_spec(cfg.preprocess.history_length, cfg.preprocess.max_tags, user_fields,
+                          item_extra_fields, vocab_sizes, num_examples)
 
 
 class MakeExamples(beam.DoFn):
@@ -70,7 +53,7 @@ class MakeExamples(beam.DoFn):
     def setup(self):
         import tensorflow as tf  # imported on the worker only
         self._tf = tf
-        self._extra_keys = [f"item_{f}" for f in self.extra_fields]
+        self._extra_keys = [C.item_feature(f) for f in self.extra_fields]
         self._item_cache = {}  # item_id -> target-item features (the side input is fixed)
 
     def _int(self, values):
@@ -82,9 +65,9 @@ class MakeExamples(beam.DoFn):
         if feats is None:
             item_idx, tags, provider, extras, _ = item_feats[item]
             tags = list(tags[:self.max_tags])
-            feats = {"item": self._int([item_idx]),
-                     "item_tags": self._int(tags + [0] * (self.max_tags - len(tags))),
-                     "item_provider": self._int([provider])}
+            feats = {C.ITEM: self._int([item_idx]),
+                     C.ITEM_TAGS: self._int(tags + [0] * (self.max_tags - len(tags))),
+                     C.ITEM_PROVIDER: self._int([provider])}
             for name, v in zip(self._extra_keys, extras):
                 feats[name] = self._int([v])
             self._item_cache[item] = feats
@@ -94,10 +77,11 @@ class MakeExamples(beam.DoFn):
         tf = self._tf
         user_id, profile, clicks, n_train, n_valid, _ = user
         H = self.history_length
-        base = {"user_id": tf.train.Feature(bytes_list=tf.train.BytesList(
+        base = {C.USER_ID: tf.train.Feature(bytes_list=tf.train.BytesList(
             value=[user_id.encode("utf-8")]))}
         for field, value in zip(self.user_fields, profile):
-            base[f"user_{field}"] = self._int([index[f"user_{field}"].get(value, 0)])
+            name = C.user_feature(field)
+            base[name] = self._int([index[name].get(value, 0)])
         idx = [item_feats[item][0] for _, item in clicks]
         shard = shard_of(user_id, self.num_shards)
         out = {TRAIN: [], VALID: [], TEST: []}
@@ -106,9 +90,9 @@ class MakeExamples(beam.DoFn):
             hist = idx[max(0, k - H):k]
             feats = dict(base)
             feats.update(self._item(item, item_feats))
-            feats["hist_items"] = self._int(hist + [0] * (H - len(hist)))
-            feats["hist_len"] = self._int([len(hist)])
-            feats["timestamp"] = self._int([ts])
+            feats[C.HIST_ITEMS] = self._int(hist + [0] * (H - len(hist)))
+            feats[C.HIST_LEN] = self._int([len(hist)])
+            feats[C.TIMESTAMP] = self._int([ts])
             example = tf.train.Example(features=tf.train.Features(feature=feats))
             out[split].append(((user_id, k), example.SerializeToString(deterministic=True)))
         for split in SPLITS:

@@ -19,6 +19,8 @@ from pipelines.common import STATS, write_lines
 
 import apache_beam as beam  # noqa: E402  (after pipelines.common: its import is quiet)
 
+from micrec_tf.data.contract import item_feature  # noqa: E402
+
 
 def item_values(item, max_tags):
     """(tags, provider, extras) of an item tuple: tags deduplicated, first ``max_tags`` kept."""
@@ -35,7 +37,7 @@ def _item_features(kv, index, max_tags, extra_fields):
     item_id, item, _ = kv
     tags, provider, extras = item_values(item, max_tags)
     tag_idx = tuple(i for i in (index["tag"].get(t, 0) for t in tags) if i)
-    extra_idx = tuple(index[f"item_{f}"].get(v, 0) for f, v in zip(extra_fields, extras))
+    extra_idx = tuple(index[item_feature(f)].get(v, 0) for f, v in zip(extra_fields, extras))
     return item_id, (index["item_id"].get(item_id, 0), tag_idx,
                      index["provider"].get(provider, 0), extra_idx, item[1])
 
@@ -48,7 +50,7 @@ def _write_items(rows, out_dir, extra_fields):
         lines.append(json.dumps({
             "item": idx, "item_id": item_id, "title": title, "tags": list(tags),
             "provider": provider,
-            "extra": {f"item_{f}": v for f, v in zip(extra_fields, extras)}}, ensure_ascii=False))
+            "extra": {item_feature(f): v for f, v in zip(extra_fields, extras)}}, ensure_ascii=False))
     write_lines(os.path.join(out_dir, "items", "items.jsonl"), lines)
     return [("items.vocab", len(lines)), ("items.catalogue", len(rows))]
 

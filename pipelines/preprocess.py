@@ -59,7 +59,7 @@ import time
 from micrec_tf import cli, publish
 from pipelines.common import DEAD, STATS, is_remote, quiet_root_logger, write_bytes
 from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence, check_session_category
-from pipelines.examples import RESERVED_FEATURES, WriteExamples, feature_spec
+from pipelines.examples import WriteExamples, feature_spec
 from pipelines.items import ItemTable
 from pipelines.rows import SOURCES, KnownClicks, OnePerId, ReadSource, WriteDeadLetters
 from pipelines.split import SPLITS, SplitBoundaries, UserTimelines
@@ -71,7 +71,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from micrec_tf.config import Config  # noqa: E402
 from micrec_tf.data import schema  # noqa: E402
-from micrec_tf.data.artifacts import vocab_field_names  # noqa: E402
+from micrec_tf.data.contract import (RESERVED_FEATURES, item_feature, user_feature,  # noqa: E402
+                                     vocab_names)
 
 LOG = logging.getLogger("pipelines.preprocess")
 
@@ -93,7 +94,7 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     pc = cfg.preprocess
     user_fields = tuple(adapter.user_fields)
     extra_fields = tuple(adapter.item_extra_fields)
-    for name in [f"user_{f}" for f in user_fields] + [f"item_{f}" for f in extra_fields]:
+    for name in [user_feature(f) for f in user_fields] + [item_feature(f) for f in extra_fields]:
         if name in RESERVED_FEATURES:
             raise ValueError(f"adapter field {name!r} collides with a reserved feature name")
     check_session_category(pc.session_category, extra_fields)
@@ -237,7 +238,7 @@ def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) ->
         s = json.loads(fh.read().decode("utf-8"))
     FileSystems.delete([summary_path])
     user_fields, extra_fields = list(adapter.user_fields), list(adapter.item_extra_fields)
-    fields = vocab_field_names(user_fields, extra_fields)
+    fields = vocab_names(user_fields, extra_fields)
     vocab_sizes = {f: s.get(f"vocab.{f}", 1) for f in fields}
     num_examples = {split: s.get(f"examples.{split}", 0) for split in SPLITS}
     spec = feature_spec(cfg, user_fields, extra_fields, vocab_sizes, num_examples)

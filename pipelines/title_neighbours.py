@@ -12,7 +12,7 @@ Reads ``<artifacts_dir>/items/items.jsonl`` (written by pipelines/preprocess.py)
     ``metadata.json``   {"source", "model", "max_length", "dim", "count"}.
 ``title_neighbours/title_neighbours.jsonl``
     one line per item of items.jsonl, ascending item index:
-    ``{"item": 12, "neighbors": [4, 9], "scores": [0.91, 0.88]}`` -- at most ``semantic.top_k``
+    ``{"item": 12, "neighbours": [4, 9], "scores": [0.91, 0.88]}`` -- at most ``semantic.top_k``
     neighbours, best first, never the item itself; empty lists for items without semantics.
 ``title_neighbours/stats.json``
     counts (items, with neighbours, skipped per reason), mode, timings, titles/s.
@@ -70,6 +70,7 @@ import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is i
 import numpy as np
 
 from micrec_tf import cli, publish, search
+from micrec_tf.data import artifacts
 from micrec_tf.config import Config
 
 LOG = logging.getLogger("pipelines.title_neighbours")
@@ -88,28 +89,9 @@ BLOCK_ENTRIES = 1 << 24
 # --------------------------------------------------------------------------------------------
 
 def read_items(path: str) -> list[dict]:
-    """items.jsonl rows sorted by item index; raises on bad JSON or a repeated item index."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run `python -m pipelines.preprocess "
-                                "--config <config>` first")
-    rows, seen = [], set()
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
-            idx = row.get("item")
-            if not isinstance(idx, int) or isinstance(idx, bool) or idx <= 0:
-                raise ValueError(f"{path}:{n}: item must be a positive int, got {idx!r}")
-            if idx in seen:
-                raise ValueError(f"{path}:{n}: item {idx} appears twice")
-            seen.add(idx)
-            rows.append(row)
-    rows.sort(key=lambda r: r["item"])
-    return rows
+    """``items.jsonl`` rows sorted by item index (:func:`micrec_tf.data.artifacts.read_items`,
+    the one strict reader)."""
+    return artifacts.read_items(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,7 +101,7 @@ def read_items(path: str) -> list[dict]:
 def exact_top_k(emb: np.ndarray, k: int, block_rows: int | None = None):
     """Top-k rows by dot product for every row of ``emb`` [M, D], excluding the row itself.
 
-    Returns ``(neighbors int64 [M, k'], scores float32 [M, k'])`` with k' = min(k, M - 1), rows
+    Returns ``(neighbours int64 [M, k'], scores float32 [M, k'])`` with k' = min(k, M - 1), rows
     sorted by the project's tie rule (:mod:`micrec_tf.search`: score desc, then row index asc,
     ties at the cut resolved the same way); ``block_rows`` rows are scored per matrix product.
     """
@@ -272,8 +254,7 @@ def _make_encode_dofn():
 
         def process(self, batch):
             encoder = self._handle.encoder
-            titles = [row.get("title") if isinstance(row.get("title"), str) else ""
-                      for row in batch]
+            titles = [row["title"] for row in batch]
             if self.strip_pattern:  # e.g. MovieLens's "(1995)": neighbours by year are noise
                 titles = [re.sub(self.strip_pattern, "", t) for t in titles]
             t0 = time.perf_counter()
@@ -405,7 +386,7 @@ def _normalise(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cosine_neighbours(emb: np.ndarray, k: int, exact_max_items: int):
-    """``(neighbors rows, scores, mode)`` for unit rows ``emb``: exact or ScaNN by size."""
+    """``(neighbour rows, scores, mode)`` for unit rows ``emb``: exact or ScaNN by size."""
     if emb.shape[0] <= exact_max_items:
         return (*exact_top_k(emb, k), "exact")
     return (*scann_top_k(emb, k), "scann")
@@ -430,7 +411,7 @@ def _write_neighbours(out_dir: str, all_items: list, table: dict, stats: dict) -
     with open(os.path.join(tmp, NEIGHBOURS_FILE), "w", encoding="utf-8") as fh:
         for item in all_items:
             nb, sc = table.get(item, ([], []))
-            fh.write(json.dumps({"item": int(item), "neighbors": [int(x) for x in nb],
+            fh.write(json.dumps({"item": int(item), "neighbours": [int(x) for x in nb],
                                  "scores": [round(float(x), 6) for x in sc]},
                                 separators=(", ", ": ")) + "\n")
     with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as fh:

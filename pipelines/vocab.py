@@ -2,7 +2,7 @@
 descending, then value; index 0 is out-of-vocabulary, so value k of ``vocab/<field>.txt`` has
 index k + 1.
 
-Fields (:func:`micrec_tf.data.artifacts.vocab_field_names`): ``item_id``, ``tag``,
+Fields (:func:`micrec_tf.data.contract.vocab_names`): ``item_id``, ``tag``,
 ``provider``, ``user_id``, ``user_<field>`` per user field and ``item_<field>`` per item extra
 field. A user's training clicks count for its id and each non-empty profile value; an item's
 training clicks count for its id, each of its first ``max_tags`` distinct tags, its provider and
@@ -28,7 +28,7 @@ from pipelines.items import item_values
 
 import apache_beam as beam  # noqa: E402  (after pipelines.common: its import is quiet)
 
-from micrec_tf.data.artifacts import vocab_field_names  # noqa: E402
+from micrec_tf.data.contract import item_feature, user_feature, vocab_names  # noqa: E402
 
 
 class UserTrainStats(beam.DoFn, BundleCounter):
@@ -64,7 +64,7 @@ class UserTrainStats(beam.DoFn, BundleCounter):
         yield beam.pvalue.TaggedOutput("vocab", (("user_id", user_id), n_train))
         for field, value in zip(self.user_fields, profile):
             if value:
-                yield beam.pvalue.TaggedOutput("vocab", ((f"user_{field}", value), n_train))
+                yield beam.pvalue.TaggedOutput("vocab", ((user_feature(field), value), n_train))
         for _, item in train:
             self._items[item] += 1
 
@@ -90,7 +90,7 @@ def _item_vocab_entries(kv, max_tags, extra_fields):
         yield ("provider", provider), n
     for f, v in zip(extra_fields, extras):
         if v:
-            yield (f"item_{f}", v), n
+            yield (item_feature(f), v), n
 
 
 def _sorted_vocab(kv):
@@ -121,7 +121,7 @@ class Vocabularies(beam.PTransform):
     """``(users, items)`` -> ``{"index", STATS}``; writes ``<out_dir>/vocab/<field>.txt``.
 
     ``index``: one ``{field: {value: index}}`` dict (index 0 = out of vocabulary; every field of
-    :func:`vocab_field_names` present, empty when nothing counted). ``STATS``: ``vocab.<field>``
+    :func:`~micrec_tf.data.contract.vocab_names` present, empty when nothing counted). ``STATS``: ``vocab.<field>``
     (the vocabulary size, OOV included) and the :class:`UserTrainStats` counts.
     """
 
@@ -145,7 +145,7 @@ class Vocabularies(beam.PTransform):
             | "ByField" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
             | "GroupField" >> beam.GroupByKey()
             | "FieldList" >> beam.MapTuple(lambda f, es: (f, list(es))))
-        fields = vocab_field_names(self.user_fields, self.extra_fields)
+        fields = vocab_names(self.user_fields, self.extra_fields)
         expected = users.pipeline | "VocabFields" >> beam.Create([(f, []) for f in fields])
         vocabs = ({"entries": per_field, "expected": expected}
                   | "JoinFields" >> beam.CoGroupByKey() | "SortVocab" >> beam.Map(_sorted_vocab))

@@ -443,7 +443,7 @@ def test_load_artifacts(gt, tmp_path):
     shutil.copytree(art, copy)
     os.makedirs(os.path.join(copy, "title_neighbours"))
     with open(os.path.join(copy, "title_neighbours", "title_neighbours.jsonl"), "w") as fh:
-        fh.write(json.dumps({"item": 2, "neighbors": [4, 1], "scores": [0.9, 0.5]}) + "\n")
+        fh.write(json.dumps({"item": 2, "neighbours": [4, 1], "scores": [0.9, 0.5]}) + "\n")
     t = load_artifacts(copy).title_neighbours
     assert t.neighbours[2].tolist() == [4, 1] and t.weights.shape == (V, 2)
     os.remove(os.path.join(copy, "vocab", "tag.txt"))

@@ -107,10 +107,14 @@ def test_taxonomy_equals_brute_force():
 # --------------------------------------------------------------------------------- the job
 
 def write_items(path, rows):
+    """items.jsonl in the writer's format (pipelines/items.py): keys a test row omits default."""
     os.makedirs(os.path.join(path, "items"), exist_ok=True)
     with open(os.path.join(path, "items", "items.jsonl"), "w", encoding="utf-8") as fh:
         for row in rows:
-            fh.write(json.dumps(row) + "\n")
+            full = {"item_id": f"m{row['item']}", "title": "", "tags": [], "provider": 0,
+                    "extra": {}}
+            full.update(row)
+            fh.write(json.dumps(full) + "\n")
 
 
 def read_neighbours(art):
@@ -126,22 +130,19 @@ def config_path(tmp_path):
     return str(path)
 
 
-TITLES = ["Toy Story (1995)", "Toy Story 2 (1999)", "", "Heat (1995)", None, "   ",
+TITLES = ["Toy Story (1995)", "Toy Story 2 (1999)", "", "Heat (1995)", "\t", "   ",
           "GoldenEye (1995)", "\u200b\u200d", "Tomorrow Never Dies (1997)", "😀🎬",
           "Misérables, Les (1995)", "Les Misérables (1998)", "Heat (1995)",
           "Crouching Tiger, Hidden Dragon (Wo hu cang long) (2000)", "卧虎藏龙 (2000)"]
-EMPTY = {3, 5, 6, 8}  # "", None (missing key), blank, zero-width only
+EMPTY = {3, 5, 6, 8}  # "", tab, blank, zero-width only
 NO_TOKENS = {10}  # only [UNK]
 
 
 def title_rows():
     rows = []
     for i, t in enumerate(TITLES, 1):
-        row = {"item": i, "item_id": f"m{i}", "tags": [], "provider": 0, "extra": {},
-               "category": 0}
-        if t is not None:
-            row["title"] = t
-        rows.append(row)
+        rows.append({"item": i, "item_id": f"m{i}", "title": t, "tags": [], "provider": 0,
+                     "extra": {}})
     return rows[::-1]  # unsorted on purpose
 
 
@@ -156,10 +157,10 @@ def test_title_job(tmp_path, config_path):
     assert [r["item"] for r in rows] == list(range(1, len(TITLES) + 1))
     for r in rows:
         if r["item"] in EMPTY | NO_TOKENS:
-            assert r["neighbors"] == [] and r["scores"] == [], r
+            assert r["neighbours"] == [] and r["scores"] == [], r
         else:
-            assert len(r["neighbors"]) == 4 and r["item"] not in r["neighbors"]
-            assert not set(r["neighbors"]) & (EMPTY | NO_TOKENS)
+            assert len(r["neighbours"]) == 4 and r["item"] not in r["neighbours"]
+            assert not set(r["neighbours"]) & (EMPTY | NO_TOKENS)
     stats = json.load(open(os.path.join(art, "title_neighbours", "stats.json")))
     assert stats["skipped"] == {"empty_title": len(EMPTY), "no_known_tokens": len(NO_TOKENS)}
     assert stats["mode"] == "exact" and math.isfinite(stats["timing"]["titles_per_s"])
@@ -173,10 +174,10 @@ def test_title_job(tmp_path, config_path):
     np.testing.assert_allclose(emb, direct, atol=1e-6)
     by_item = {r["item"]: r for r in rows}
     for row, (w_idx, w_sc) in zip(items, brute_force(emb, 4)):
-        assert by_item[int(row)]["neighbors"] == items[w_idx].tolist()
+        assert by_item[int(row)]["neighbours"] == items[w_idx].tolist()
         np.testing.assert_allclose(by_item[int(row)]["scores"], w_sc, atol=1e-6)
     # Identical titles are each other's best neighbour.
-    assert by_item[4]["neighbors"][0] == 13 and by_item[4]["scores"][0] == pytest.approx(1.0)
+    assert by_item[4]["neighbours"][0] == 13 and by_item[4]["scores"][0] == pytest.approx(1.0)
 
     # Deterministic: a second run with other Beam batches gives the same bytes.
     before = {name: open(os.path.join(art, *name.split("/")), "rb").read()
@@ -188,9 +189,19 @@ def test_title_job(tmp_path, config_path):
         assert open(os.path.join(art, *name.split("/")), "rb").read() == data, name
 
 
+def test_items_reader_is_strict(tmp_path):
+    art = str(tmp_path / "art")
+    write_items(art, [{"item": 1}, {"item": 2, "title": None}])
+    with pytest.raises(ValueError, match=r"items\.jsonl:2: item 2 has bad \['title'\]"):
+        tn.read_items(os.path.join(art, "items", "items.jsonl"))
+    write_items(art, [{"item": 1}, {"item": 1}])
+    with pytest.raises(ValueError, match="item 1 appears twice"):
+        tn.read_items(os.path.join(art, "items", "items.jsonl"))
+
+
 def test_taxonomy_job(tmp_path, config_path):
     art = str(tmp_path / "art")
-    tags = [[1, 2], [1, 2], [2, 3], [], [3], [1, 2, 3], [4], [0]]
+    tags = [[1, 2], [1, 2], [2, 3], [], [3], [1, 2, 3], [4], []]
     write_items(art, [{"item": i + 1, "item_id": f"m{i + 1}", "title": "", "tags": t}
                       for i, t in enumerate(tags)])
     tn.main(["--config", config_path, "--artifacts_dir", art,
@@ -198,10 +209,10 @@ def test_taxonomy_job(tmp_path, config_path):
     rows = {r["item"]: r for r in read_neighbours(art)}
     keys = np.arange(1, len(tags) + 1)
     for i, (w_idx, w_sc) in enumerate(taxonomy_brute_force(tags, 3, keys)):
-        assert rows[i + 1]["neighbors"] == keys[w_idx].tolist()
+        assert rows[i + 1]["neighbours"] == keys[w_idx].tolist()
         np.testing.assert_allclose(rows[i + 1]["scores"], w_sc, atol=1e-6)
-    assert rows[1]["neighbors"][0] == 2 and rows[1]["scores"][0] == 1.0
-    assert rows[4]["neighbors"] == rows[7]["neighbors"] == rows[8]["neighbors"] == []
+    assert rows[1]["neighbours"][0] == 2 and rows[1]["scores"][0] == 1.0
+    assert rows[4]["neighbours"] == rows[7]["neighbours"] == rows[8]["neighbours"] == []
     stats = json.load(open(os.path.join(art, "title_neighbours", "stats.json")))
     assert stats["skipped"] == {"no_tags": 2}
     assert not os.path.exists(os.path.join(art, "title_embeddings"))
@@ -217,9 +228,9 @@ def test_vectors_job_tsv(tmp_path, config_path):
     tn.main(["--config", config_path, "--artifacts_dir", art, "--set", "semantic.source=vectors",
              "--set", f"semantic.vectors_path={vec_path}", "--set", "semantic.top_k=2"])
     rows = {r["item"]: r for r in read_neighbours(art)}
-    assert rows[1]["neighbors"] == [2, 6]
-    assert rows[3]["neighbors"] == [6, 2]
-    assert rows[4]["neighbors"] == [] and rows[5]["neighbors"] == []
+    assert rows[1]["neighbours"] == [2, 6]
+    assert rows[3]["neighbours"] == [6, 2]
+    assert rows[4]["neighbours"] == [] and rows[5]["neighbours"] == []
     stats = json.load(open(os.path.join(art, "title_neighbours", "stats.json")))
     assert stats["skipped"] == {"no_vector": 1, "zero_vector": 1}
     assert stats["unknown_vector_ids"] == 1
@@ -241,7 +252,7 @@ def test_vectors_job_scann(tmp_path, config_path):
     stats = json.load(open(os.path.join(art, "title_neighbours", "stats.json")))
     assert stats["mode"] == "scann" and stats["with_neighbours"] == n
     first = open(os.path.join(art, "title_neighbours", "title_neighbours.jsonl"), "rb").read()
-    got = [np.array(r["neighbors"]) - 1 for r in read_neighbours(art)]
+    got = [np.array(r["neighbours"]) - 1 for r in read_neighbours(art)]
     assert recall(got, [w for w, _ in brute_force(emb, 10)]) >= 0.95
     tn.main(args)
     assert open(os.path.join(art, "title_neighbours", "title_neighbours.jsonl"), "rb").read() \

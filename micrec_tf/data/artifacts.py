@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from micrec_tf.data import contract
+
 
 @dataclasses.dataclass
 class ItemTable:
@@ -324,13 +326,10 @@ def load_feature_spec(artifacts_dir: str) -> dict:
     if not os.path.exists(path):
         raise ArtifactError(f"{path} is missing: {os.fspath(artifacts_dir)!r} is not a complete "
                             f"preprocessing output; {RERUN}")
-    return _read_json(path)
-
-
-def vocab_field_names(user_fields, item_extra_fields) -> list:
-    """Every vocabulary the preprocessing job writes, in a fixed order."""
-    return (["item_id", "tag", "provider", "user_id"] + [f"user_{f}" for f in user_fields]
-            + [f"item_{f}" for f in item_extra_fields])
+    try:
+        return contract.check_feature_spec(_read_json(path), path)
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}): {RERUN}") from None
 
 
 def _read_json(path: str):
@@ -338,16 +337,15 @@ def _read_json(path: str):
         return json.load(fh)
 
 
-def _read_jsonl(path: str) -> list:
-    rows = []
+def _read_jsonl_numbered(path: str):
+    """``(line number, parsed row)`` of every non-blank line; ``ValueError`` on bad JSON."""
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    yield n, json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
-    return rows
 
 
 def _read_vocab(path: str) -> list:
@@ -362,40 +360,92 @@ def _check_index(path: str, row: dict, key: str, size: int) -> int:
     return idx
 
 
+def read_items(path: str) -> list:
+    """``items/items.jsonl`` (a path to the file or to the artifacts folder): its rows sorted by
+    ``item``, each checked strictly (``ValueError`` naming ``file:line`` and the bad value).
+
+    A row: ``{"item": int >= 1 (unique), "item_id": str, "title": str, "tags": [int >= 1],
+    "provider": int >= 0, "extra": {"item_<field>": int >= 0}}``.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, ITEMS)
+    if not os.path.exists(path):
+        raise ArtifactError(f"{path} is missing: {RERUN}")
+    rows, seen = [], set()
+    for n, row in _read_jsonl_numbered(path):
+        where = f"{path}:{n}"
+        idx = row.get("item") if isinstance(row, dict) else None
+        if not _is_int(idx) or idx < 1:
+            raise ValueError(f"{where}: item must be a positive int. Received: {idx!r}")
+        if idx in seen:
+            raise ValueError(f"{where}: item {idx} appears twice")
+        seen.add(idx)
+        bad = [k for k, ok in (("item_id", isinstance(row.get("item_id"), str)),
+                               ("title", isinstance(row.get("title"), str)),
+                               ("tags", isinstance(row.get("tags"), list)
+                                and all(_is_int(t) and t >= 1 for t in row["tags"])),
+                               ("provider", _is_int(row.get("provider")) and row["provider"] >= 0),
+                               ("extra", isinstance(row.get("extra"), dict)
+                                and all(_is_int(v) and v >= 0 for v in row["extra"].values())))
+               if not ok]
+        if bad:
+            raise ValueError(f"{where}: item {idx} has bad {bad}. Received: "
+                             f"{ {k: row.get(k) for k in bad} }")
+        rows.append(row)
+    rows.sort(key=lambda r: r["item"])
+    return rows
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _load_item_table(path: str, num_items: int, max_tags: int, extra_names: list) -> ItemTable:
+    """The :class:`ItemTable` of ``items.jsonl``; every vocabulary item must have a row."""
     tags = np.zeros([num_items, max_tags], np.int64)
     provider = np.zeros([num_items], np.int64)
-    category = np.zeros([num_items], np.int64)
     extra = {name: np.zeros([num_items], np.int64) for name in extra_names}
-    seen = 0
-    for row in _read_jsonl(path):
+    rows = read_items(path)
+    for row in rows:
         idx = _check_index(path, row, "item", num_items)
-        item_tags = list(row.get("tags", []))[:max_tags]
+        item_tags = row["tags"][:max_tags]
         tags[idx, :len(item_tags)] = item_tags
-        provider[idx] = row.get("provider", 0)
-        category[idx] = row.get("category", item_tags[0] if item_tags else 0)
+        provider[idx] = row["provider"]
+        unknown = sorted(set(row["extra"]) - set(extra_names))
+        if unknown:
+            raise ValueError(f"{path}: item {idx} has extra fields {unknown} that feature_spec.json "
+                             f"does not declare ({extra_names}): the artifacts are inconsistent")
         for name in extra_names:
-            extra[name][idx] = row.get("extra", {}).get(name, 0)
-        seen += 1
-    if seen != num_items - 1:
-        raise ValueError(f"{path} has {seen} items, the item vocabulary {num_items - 1}: "
-                         "the artifacts are stale or incomplete; rerun pipelines.preprocess")
-    return ItemTable(tags=tags, provider=provider, extra=extra, category=category)
+            extra[name][idx] = row["extra"].get(name, 0)
+    if len(rows) != num_items - 1:
+        raise ValueError(f"{path} has {len(rows)} items, the item vocabulary {num_items - 1}: "
+                         f"the artifacts are stale or incomplete; {RERUN}")
+    return ItemTable(tags=tags, provider=provider, extra=extra, category=tags[:, 0].copy())
 
 
 def _load_neighbours(path: str, weight_key: str, num_items: int) -> NeighbourTable:
-    rows = _read_jsonl(path)
-    width = max([len(r.get("neighbors", [])) for r in rows] + [1])
+    """``title_neighbours.jsonl`` as a padded :class:`NeighbourTable`; every row needs ``item``,
+    ``neighbours`` and ``weight_key`` lists of one length (``ValueError`` naming the line)."""
+    rows = []
+    for n, row in _read_jsonl_numbered(path):
+        where = f"{path}:{n}"
+        idx = _check_index(where, row, "item", num_items)
+        nb, w = row.get("neighbours"), row.get(weight_key)
+        if not isinstance(nb, list) or not isinstance(w, list):
+            raise ValueError(f"{where}: item {idx} needs 'neighbours' and {weight_key!r} lists. "
+                             f"Received keys: {sorted(row)}")
+        if len(nb) != len(w):
+            raise ValueError(f"{where}: item {idx} has {len(nb)} neighbours but {len(w)} "
+                             f"{weight_key}")
+        if any(not _is_int(b) or not 0 < b < num_items for b in nb):
+            raise ValueError(f"{where}: item {idx} has a neighbour outside [1, {num_items}). "
+                             f"Received: {nb}")
+        rows.append((idx, nb, w))
+    width = max([len(nb) for _, nb, _ in rows] + [1])
     neighbours = np.zeros([num_items, width], np.int64)
     weights = np.zeros([num_items, width], np.float32)
-    for row in rows:
-        idx = _check_index(path, row, "item", num_items)
-        nb, w = list(row.get("neighbors", [])), list(row.get(weight_key, []))
-        if len(nb) != len(w):
-            raise ValueError(f"{path}: item {idx} has {len(nb)} neighbours but {len(w)} "
-                             f"{weight_key}")
-        if any(not 0 < b < num_items for b in nb):
-            raise ValueError(f"{path}: item {idx} has a neighbour outside [1, {num_items})")
+    for idx, nb, w in rows:
         neighbours[idx, :len(nb)] = nb
         weights[idx, :len(w)] = w
     return NeighbourTable(neighbours=neighbours, weights=weights)
@@ -417,7 +467,7 @@ def load_artifacts(path: str) -> Artifacts:
     for split, count in spec.get("num_examples", {}).items():
         if split in SPLITS and count:  # only the file names here; readers check the counts
             split_files(path, split, spec["num_examples"])
-    fields = vocab_field_names(spec.get("user_fields", []), spec.get("item_extra_fields", []))
+    fields = contract.vocab_names(spec["user_fields"], spec["item_extra_fields"])
     required = [STATS, ITEMS, COOCCURRENCE] + [os.path.join("vocab", f"{f}.txt") for f in fields]
     missing = [rel for rel in required if not os.path.exists(os.path.join(path, rel))]
     if missing:
@@ -428,7 +478,7 @@ def load_artifacts(path: str) -> Artifacts:
             raise ValueError(f"vocab/{f}.txt has {len(vocabs[f])} values but feature_spec.json "
                              f"says size {size} (with OOV): the artifacts are inconsistent")
     num_items = len(vocabs["item_id"]) + 1
-    extra_names = [f"item_{f}" for f in spec.get("item_extra_fields", [])]
+    extra_names = [contract.item_feature(f) for f in spec["item_extra_fields"]]
     item_table = _load_item_table(os.path.join(path, ITEMS), num_items,
                                   int(spec["max_tags"]), extra_names)
     cooccurrence = load_cooccurrence(path, num_items)

@@ -1,6 +1,6 @@
 """tf.data input: batched feature dicts parsed from the preprocessing TFRecords.
 
-The parsing spec comes from ``examples/feature_spec.json`` (written by pipelines/preprocess.py),
+The parsing spec comes from ``examples/feature_spec.json`` through :mod:`micrec_tf.data.contract`,
 so no feature list is duplicated here::
 
     ds = make_dataset("artifacts/ml-1m", "train", batch_size=4096, shuffle=True, repeat=True)
@@ -13,25 +13,15 @@ from __future__ import annotations
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import tensorflow as tf
 
-from micrec_tf.data.artifacts import SPLITS, load_feature_spec, split_files  # noqa: F401
-
-_DTYPES = {"int64": tf.int64, "string": tf.string, "float32": tf.float32}
-
-
-def parse_spec(feature_spec: dict) -> dict:
-    """feature_spec.json -> {name: tf.io.FixedLenFeature} for tf.io.parse_example."""
-    out = {}
-    for name, f in feature_spec["features"].items():
-        if f["dtype"] not in _DTYPES:
-            raise ValueError(f"feature {name!r} has unsupported dtype {f['dtype']!r}")
-        out[name] = tf.io.FixedLenFeature(list(f["shape"]), _DTYPES[f["dtype"]])
-    return out
+from micrec_tf.data import contract
+from micrec_tf.data.artifacts import load_feature_spec, split_files
 
 
 def make_parse_fn(feature_spec: dict):
-    """A function parsing a batch of serialized examples into a dict of [B, ...] tensors."""
-    spec = parse_spec(feature_spec)
-    scalar = {name for name, f in feature_spec["features"].items() if list(f["shape"]) == [1]}
+    """A function parsing a batch of serialized examples into a dict of [B, ...] tensors
+    (:func:`micrec_tf.data.contract.parse_features`; shape-[1] features squeezed to [B])."""
+    spec = contract.parse_features(feature_spec)
+    scalar = contract.scalar_features(feature_spec)
 
     def parse(serialized):
         feats = tf.io.parse_example(serialized, spec)
