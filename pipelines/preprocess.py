@@ -48,7 +48,6 @@ place only when everything succeeded.
 from __future__ import annotations
 
 import collections
-import difflib
 import json
 import logging
 import os
@@ -57,17 +56,17 @@ import sys
 import time
 
 from micrec_tf import cli, publish
-from pipelines.common import DEAD, STATS, is_remote, quiet_root_logger, write_bytes
+from pipelines.common import DEAD, STATS, is_remote, write_bytes
 from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence, check_session_category
 from pipelines.examples import WriteExamples, feature_spec
 from pipelines.items import ItemTable
 from pipelines.rows import SOURCES, KnownClicks, OnePerId, ReadSource, WriteDeadLetters
 from pipelines.split import SPLITS, SplitBoundaries, UserTimelines
+from pipelines.options import pipeline_options
 from pipelines.vocab import Vocabularies
 
 import apache_beam as beam  # noqa: E402  (after pipelines.common: its import is quiet)
 from apache_beam.io.filesystems import FileSystems  # noqa: E402
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions  # noqa: E402
 
 from micrec_tf.config import Config  # noqa: E402
 from micrec_tf.data import schema  # noqa: E402
@@ -76,7 +75,7 @@ from micrec_tf.data.contract import (RESERVED_FEATURES, item_feature, user_featu
 
 LOG = logging.getLogger("pipelines.preprocess")
 
-__all__ = ["beam_options", "build_pipeline", "main", "pipeline_options", "run", "summary_text"]
+__all__ = ["build_pipeline", "main", "run", "summary_text"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,58 +162,6 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-
-def _beam_parser():
-    """The argparse parser of every registered Beam ``PipelineOptions`` class.
-
-    Beam hands it to ``add_extra_args_fn``; its ``error`` raises :class:`cli.UsageError` instead
-    of printing Beam's whole usage and exiting.
-    """
-    captured = []
-    with quiet_root_logger():  # PipelineOptions() calls logging.basicConfig()
-        PipelineOptions([]).get_all_options(add_extra_args_fn=captured.append)
-    parser = captured[0]
-
-    def error(message):
-        raise cli.UsageError(f"bad Beam pipeline option: {message}")
-
-    parser.error = error
-    return parser
-
-
-def _option_strings(parser) -> list:
-    return [o for action in parser._actions for o in action.option_strings]
-
-
-def beam_options(beam_argv, command=None) -> PipelineOptions:
-    """``PipelineOptions`` of ``beam_argv``, DirectRunner unless a runner is given.
-
-    An argument that no Beam options class recognises is a :class:`cli.UsageError` naming it,
-    with the closest flag of ``command`` (the calling command's argparse parser) or of Beam,
-    instead of Beam's ``Unparseable argument`` warning and a run that ignores it.
-    """
-    beam_argv = [str(a) for a in beam_argv]
-    parser = _beam_parser()
-    _, unknown = parser.parse_known_args(beam_argv)
-    if unknown:
-        flags = (_option_strings(command) if command else []) + _option_strings(parser)
-        first = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), None)
-        close = difflib.get_close_matches(first, flags, n=1) if first else []
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise cli.UsageError(
-            f"unrecognized arguments {unknown}: neither a flag of this command nor a Beam "
-            f"pipeline option (command line or preprocess.beam_args){hint}")
-    with quiet_root_logger():
-        options = PipelineOptions(beam_argv)
-    if not options.view_as(StandardOptions).runner:
-        options.view_as(StandardOptions).runner = "DirectRunner"
-    return options
-
-
-def pipeline_options(cfg: Config, beam_argv=(), command=None) -> PipelineOptions:
-    """:func:`beam_options` of ``preprocess.beam_args`` followed by ``beam_argv``."""
-    return beam_options(list(cfg.preprocess.beam_args) + list(beam_argv), command)
-
 
 def _dead_letter_counters(result):
     """The Beam counters ``dead_letters:<reason>`` (None where the runner cannot report them)."""
@@ -362,7 +309,7 @@ def summary_text(stats: dict, out_dir: str) -> str:
 
 
 def main(argv=None) -> int:
-    """Flags this parser does not know go to Beam (checked by :func:`beam_options`)."""
+    """Flags this parser does not know go to Beam (checked by :func:`pipelines.options.beam_options`)."""
     parser = cli.parser(__doc__, allow_abbrev=False)
     parser.add_argument("--out_dir", default=None, help="output dir (default: artifacts/<name>)")
     args, beam_argv = parser.parse_known_args(argv)

@@ -284,7 +284,7 @@ def _make_encode_dofn():
 
 def encode_titles_beam(items_path: str, work_dir: str, cfg: Config, beam_argv=()):
     """Runs the Beam part; returns ``({item: vector}, {item: skip reason}, timing dict)``."""
-    from pipelines.preprocess import pipeline_options  # imports Beam without its log noise
+    from pipelines.options import pipeline_options  # imports Beam without its log noise
 
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
@@ -530,7 +530,7 @@ def summary_text(stats: dict, out_dir: str) -> str:
 
 def main(argv=None) -> int:
     """Flags this parser does not know go to Beam (checked even when no Beam job runs)."""
-    from pipelines.preprocess import pipeline_options
+    from pipelines.options import pipeline_options
 
     parser = cli.parser(__doc__, allow_abbrev=False)
     parser.add_argument("--artifacts_dir", default=None,

@@ -23,7 +23,7 @@ from micrec_tf.config import ConfigError, from_dict
 from micrec_tf.data import schema
 from micrec_tf.data.artifacts import load_cooccurrence
 from conftest import read_examples
-from pipelines import common, cooccurrence, preprocess
+from pipelines import common, cooccurrence, options, preprocess
 from pipelines.rows import ParseRows, click_order
 from pipelines.split import PrepareUser
 
@@ -388,7 +388,7 @@ def test_pair_counter_merges_buffers():
 # ------------------------------------------------------------------------------- Beam stages
 
 def _run_pipeline(build):
-    with BeamTestPipeline(options=preprocess.beam_options(["--direct_num_workers=1"])) as p:
+    with BeamTestPipeline(options=options.beam_options(["--direct_num_workers=1"])) as p:
         build(p)
 
 

@@ -24,7 +24,7 @@ from pipelines.common import DEAD, STATS
 from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence
 from pipelines.examples import WriteExamples
 from pipelines.items import ItemTable
-from pipelines.preprocess import beam_options
+from pipelines.options import beam_options
 from pipelines.rows import (KnownClicks, OnePerId, ReadNumberedLines, ReadSource,
                             WriteDeadLetters)
 from pipelines.split import SplitBoundaries, UserTimelines

@@ -16,7 +16,7 @@ import micrec_tf  # noqa: F401  (before tensorflow)
 from micrec_tf.config import from_dict
 from micrec_tf.data import schema
 from conftest import read_examples
-from pipelines import cooccurrence, preprocess
+from pipelines import cooccurrence, options, preprocess
 from pipelines.split import target_ranks
 
 H = 20
@@ -585,8 +585,26 @@ def test_beam_args_of_the_config_are_checked_too(data, tmp_path):
 
     cfg = make_cfg(tmp_path, data[0], beam_args=["--direct_num_workers=1", "--runnr=x"])
     with pytest.raises(cli.UsageError, match="--runnr.*did you mean --runner"):
-        preprocess.pipeline_options(cfg)
+        options.pipeline_options(cfg)
     cfg = make_cfg(tmp_path, data[0], beam_args=["--direct_num_workers=2", "--project=x"])
-    options = preprocess.pipeline_options(cfg, ["--region", "eu"]).get_all_options()
-    assert (options["direct_num_workers"], options["project"], options["region"],
-            options["runner"]) == (2, "x", "eu", "DirectRunner")
+    got = options.pipeline_options(cfg, ["--region", "eu"]).get_all_options()
+    assert (got["direct_num_workers"], got["project"], got["region"],
+            got["runner"]) == (2, "x", "eu", "DirectRunner")
+
+
+@pytest.mark.parametrize("runner", ["DaskRunner",
+                                    "apache_beam.runners.dask.dask_runner.DaskRunner"])
+def test_runners_known_to_give_wrong_results_are_refused(runner):
+    from micrec_tf import cli
+
+    with pytest.raises(cli.UsageError, match=r"--runner=DaskRunner is not supported: .*"
+                                             r"multi-output ParDo"):
+        options.beam_options([f"--runner={runner}"])
+
+
+def test_an_untested_runner_warns_and_a_supported_one_does_not(caplog):
+    with caplog.at_level("WARNING", logger="pipelines.options"):
+        assert options.check_runner("FlinkRunner") == "FlinkRunner"
+        assert not caplog.records
+        assert options.check_runner("my.pkg.FancyRunner") == "FancyRunner"
+    assert "FancyRunner is not tested" in caplog.text
