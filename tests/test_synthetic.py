@@ -269,3 +269,31 @@ def test_streaming_memory_is_bounded(tmp_path):
     size_mb = os.path.getsize(tmp_path / "large" / "interactions.tsv") / 2**20
     # holding 1.2 M events as Python strings or rows would add far more than this
     assert large - small < 0.5 * size_mb + 10, (small, large, size_mb)
+
+
+def test_million_item_config_keeps_a_zipf_like_long_tail(tmp_path):
+    """configs/synthetic-1m.yaml at 1/100 of its size (10k items, 100k clicks): most items have a
+    handful of clicks or none, a few take most of them. Counted in pure Python from the TSV; the
+    uniform-popularity reference (10 clicks per item on average) would give ~0 % of items without
+    a click and ~7 % with at most 5."""
+    import dataclasses
+
+    from micrec_tf.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = load_config(os.path.join(root, "configs", "synthetic-1m.yaml")).data.synthetic
+    assert (full.num_items, full.num_events) == (1_000_000, 10_000_000)
+    syn = dataclasses.replace(full, num_users=full.num_users // 100,
+                              num_items=full.num_items // 100, num_events=full.num_events // 100)
+    synthetic.generate(syn, str(tmp_path))
+    clicks = collections.Counter(row[1] for row in _read(str(tmp_path / "interactions.tsv"))[1:])
+    catalogue = [row[0] for row in _read(str(tmp_path / "items.tsv"))[1:]]
+    assert len(catalogue) == syn.num_items and set(clicks) <= set(catalogue)
+    per_item = sorted((clicks.get(i, 0) for i in catalogue), reverse=True)
+    n = len(per_item)
+    no_click = sum(c == 0 for c in per_item) / n
+    at_most_5 = sum(c <= 5 for c in per_item) / n
+    top_1pct = sum(per_item[:n // 100]) / sum(per_item)
+    assert 0.10 <= no_click <= 0.45, no_click
+    assert at_most_5 >= 0.6, at_most_5
+    assert top_1pct >= 0.3, top_1pct
