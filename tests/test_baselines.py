@@ -325,13 +325,16 @@ def write_artifacts(root, shards=None, v=6, neighbours=None):
     for name, rows in shards.items():
         split = name.split("-")[0]
         num_examples[split] = num_examples.get(split, 0) + len(rows)
+    # The spec the preprocessing job writes (no profile or extra fields, one tag slot).
     spec = {"features": {"user_id": {"dtype": "string", "shape": [1]},
                          "hist_items": {"dtype": "int64", "shape": [4]},
                          "hist_len": {"dtype": "int64", "shape": [1]},
                          "item": {"dtype": "int64", "shape": [1]},
+                         "item_tags": {"dtype": "int64", "shape": [1]},
+                         "item_provider": {"dtype": "int64", "shape": [1]},
                          "timestamp": {"dtype": "int64", "shape": [1]}},
-            "history_length": 4, "vocab_sizes": {"item_id": v},
-            "num_examples": num_examples}
+            "history_length": 4, "max_tags": 1, "user_fields": [], "item_extra_fields": [],
+            "vocab_sizes": {"item_id": v}, "num_examples": num_examples}
     os.makedirs(os.path.join(root, "examples"))
     os.makedirs(os.path.join(root, "cooccurrence"))
     with open(os.path.join(root, "examples", "feature_spec.json"), "w") as fh:
@@ -347,6 +350,8 @@ def write_artifacts(root, shards=None, v=6, neighbours=None):
             "hist_items": f(int64_list=tf.train.Int64List(value=h + [0] * (4 - len(h)))),
             "hist_len": f(int64_list=tf.train.Int64List(value=[len(h)])),
             "item": f(int64_list=tf.train.Int64List(value=[item])),
+            "item_tags": f(int64_list=tf.train.Int64List(value=[0])),
+            "item_provider": f(int64_list=tf.train.Int64List(value=[0])),
             "timestamp": f(int64_list=tf.train.Int64List(value=[ts]))})).SerializeToString()
 
     opts = tf.io.TFRecordOptions(compression_type="GZIP")
