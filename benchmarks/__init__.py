@@ -30,7 +30,7 @@ side by side in the same run, interleaved):
     1 M x 64 clustered synthetic item vectors (1 000 gaussian clusters of lognormal sizes, noise
     as large as the centres so clusters overlap, varying norms; queries from the same mixture):
     brute force (numpy product + argpartition,
-    export.item_index.search_brute_force) vs ScaNN (tree + AH + exact reordering), top-500: build
+    micrec_tf.search.top_k_dot) vs ScaNN (tree + AH + exact reordering), top-500: build
     time, QPS at batch 1 and 256, recall@500 against the exact top 500. The ScaNN query-time
     parameters (leaves to search, reorder candidates) are tuned on a grid over separate tuning
     queries; the pick is the fastest setting with recall >= 0.95 there, then measured on the

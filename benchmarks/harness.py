@@ -20,6 +20,8 @@ import time
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
 import numpy as np
 
+from micrec_tf import provenance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("training", "serving", "title_encoding", "retrieval", "preprocessing")
 NO_GPU_TEXT = "not measured: no GPU machine was lent to this task"
@@ -155,18 +157,10 @@ def machine_info() -> dict:
             versions[label] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[label] = "not installed"
-    commit, dirty = "unknown", None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
-        dirty = bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit, dirty = provenance.git_state(ROOT)
     return {"cpu": cpu, "cpu_flags": flags, "cores": cores, "ram_gib": ram_gib,
             "os": platform.platform(),
-            "versions": versions, "git_commit": commit, "git_dirty": dirty,
+            "versions": versions, "git_commit": commit or "unknown", "git_dirty": dirty,
             "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")}
 
 

@@ -261,7 +261,7 @@ def render_markdown(res: dict) -> str:
               f"a query's exact top {rt['k']} lie in a single cluster, the rest spreads over "
               f"neighbouring ones); top-{rt['k']} by dot product; {rt['queries']} evaluation "
               f"queries, {rt['tuning_queries']} separate tuning queries. Brute force: numpy "
-              "product + argpartition (`export.item_index.search_brute_force`, 64-query blocks; "
+              "product + argpartition (`micrec_tf.search.top_k_dot`, 64-query blocks; "
               "BLAS uses every core). ScaNN: "
               f"tree ({sc['num_leaves']} leaves, trained on {_fmt(sc['training_sample_size'])} "
               f"vectors) + AH ({sc['dimensions_per_block']} dims/block, anisotropic threshold "

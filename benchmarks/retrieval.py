@@ -35,13 +35,9 @@ def clustered_vectors(n: int, d: int, clusters: int, seed: int, centers=None, we
     return out, centers, weights
 
 
-def _recall(approx: np.ndarray, exact: np.ndarray) -> float:
-    from export.item_index import recall_at_k
-    return recall_at_k(approx, exact)
-
-
 def bench_retrieval(p) -> dict:
     from export import item_index
+    from micrec_tf import search
 
     n, d, k = p["retrieval_items"], p["retrieval_dim"], p["retrieval_k"]
     bsz, nq, spread = p["retrieval_batch"], p["retrieval_queries"], p["retrieval_spread"]
@@ -60,15 +56,15 @@ def bench_retrieval(p) -> dict:
     exact, bf_batch_s = [], []
     for s in range(0, nq, bsz):
         t0 = time.perf_counter()
-        rows, _ = item_index.search_brute_force(items, queries[s:s + bsz], k, batch_size=64)
+        rows, _ = search.top_k_dot(queries[s:s + bsz], items, k, batch_size=64)
         bf_batch_s.append(time.perf_counter() - t0)
         exact.append(rows)
     exact = np.concatenate(exact)
-    tune_exact, _ = item_index.search_brute_force(items, tune_q, k, batch_size=64)
+    tune_exact, _ = search.top_k_dot(tune_q, items, k, batch_size=64)
     bf_single = []
     for q in queries[:p["retrieval_bf_single_queries"]]:
         t0 = time.perf_counter()
-        item_index.search_brute_force(items, q[None], k)
+        search.top_k_dot(q[None], items, k)
         bf_single.append(time.perf_counter() - t0)
     bf = {"qps_batch1": rounded(1.0 / median(bf_single)),
           "latency_ms_batch1_p50": rounded(1000 * median(bf_single)),
@@ -90,7 +86,7 @@ def bench_retrieval(p) -> dict:
                   num_leaves_to_search=max(1, leaves // 40),
                   training_sample_size=int(min(n, 250_000)))
     t0 = time.perf_counter()
-    searcher = item_index.build_scann(items, params)
+    searcher = search.build_scann(items, params)
     build_s = time.perf_counter() - t0
     log(f"retrieval: ScaNN built in {build_s:.1f} s ({leaves} leaves)")
 
@@ -109,7 +105,7 @@ def bench_retrieval(p) -> dict:
             rows, _ = searcher.search_batched_parallel(tune_q, final_num_neighbors=k,
                                                        pre_reorder_num_neighbors=ro,
                                                        leaves_to_search=lv)
-            rec = _recall(np.asarray(rows), tune_exact)
+            rec = item_index.recall_at_k(np.asarray(rows), tune_exact)
             lat = median(single_latency(tune_q[:30], lv, ro))
             grid.append({"leaves_to_search": lv, "reorder": ro, "recall_tuning": rounded(rec),
                          "qps_batch1": rounded(1.0 / lat)})
@@ -122,7 +118,7 @@ def bench_retrieval(p) -> dict:
     # The picked setting, measured on the evaluation queries.
     rows, _ = searcher.search_batched_parallel(queries, final_num_neighbors=k,
                                                pre_reorder_num_neighbors=ro, leaves_to_search=lv)
-    recall = _recall(np.asarray(rows), exact)
+    recall = item_index.recall_at_k(np.asarray(rows), exact)
     single = single_latency(queries[:p["retrieval_single_queries"]], lv, ro)
     batch_s, batch_s_1t = [], []
     for s in range(0, nq, bsz):

@@ -85,12 +85,11 @@ def bench_serving(cfg_path, cfg, p, work, state) -> dict:
         weights = "untrained weights (latency does not depend on them)"
     else:
         weights = "the MicRec model of the training benchmark (a few steps trained)"
-    history_length = int(art.feature_spec.get("history_length", cfg.preprocess.history_length))
     out_dir = os.path.join(work, "user_tower")
     shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    serving.save_user_tower(model, art.user_fields, export_model._vocab_files(art),
-                            history_length, out_dir)
+    serving.save_user_tower(model, art.user_fields, export_model.vocab_files(art),
+                            export_model.history_length(art, cfg), out_dir)
     save_s = time.perf_counter() - t0
     arrays, rows = export_model.sample_test_examples(art, max_rows=256)
     reqs = export_model.requests_from_arrays(arrays, rows, art)

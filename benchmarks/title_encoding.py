@@ -1,4 +1,5 @@
-"""Benchmark section 3: titles/s of the title encoder (all-MiniLM-L6-v2) on the artifacts' titles."""
+"""Benchmark section 3: titles/s of the title encoder (all-MiniLM-L6-v2) on the artifacts'
+titles."""
 from __future__ import annotations
 
 import json

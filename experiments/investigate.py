@@ -181,7 +181,8 @@ def main(argv=None) -> int:
                           for ref, _ in tests)
         losses = " / ".join(f"{h[k][-1]:.2f}" if k in h else "-" for k in (
             "sampled_softmax_loss", "feature_cl_loss", "semantic_cl_loss", "session_cl_loss"))
-        lines.append(f"| {name} | {v['hit@50']:.4f} | {(v['hit@50'] / ican_val - 1) * 100:+.1f} % | "
+        gain = (v["hit@50"] / ican_val - 1) * 100
+        lines.append(f"| {name} | {v['hit@50']:.4f} | {gain:+.1f} % | "
                      f"{p_cells}{t['hit@50']:.4f} | {t['coverage@50']:.4f} | "
                      f"{t.get('long_tail/hit@50', float('nan')):.4f} | {losses} | "
                      f"{_norm_columns(os.path.join(runner.root, slug(name)), counts)} |")

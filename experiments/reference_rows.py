@@ -13,10 +13,10 @@ unless ``--knn-variant`` fixes it; the row names the variant and every variant's
 """
 from __future__ import annotations
 
-import sys
 import glob
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -26,10 +26,10 @@ from micrec_tf.evaluation.baselines import (KNN_VARIANTS, CooccurrenceItemKNN, M
                                             choose_variant)
 from micrec_tf.data.arrays import load_split_arrays, num_items, train_item_counts
 from micrec_tf.data.artifacts import load_cooccurrence
+from micrec_tf.data.contract import HIST_ITEMS, HIST_LEN, ITEM, TIMESTAMP, USER_ID
 from micrec_tf.evaluation.data import earlier_clicks_exclusion
 from micrec_tf.evaluation.metrics import long_tail_items, summarize_topk
 
-BASELINES = ("most_popular", "cooccurrence_itemknn")
 # The stats.json entries the rows depend on (written next to them by --out): these keys, and
 # every key starting with one of the prefixes (the co-occurrence pair counts and settings).
 ROW_STATS = ("items", "events_by_split", "num_examples", "split", "split_boundaries")
@@ -62,7 +62,7 @@ def reference_rows(artifacts_dir: str, split: str = "test", ns=(50, 100, 200, 50
     k = max(ns + coverage_ns)
     select_n = int(ns[0] if select_n is None else select_n)
     v = num_items(artifacts_dir)
-    cols = ["user_id", "item", "timestamp"]
+    cols = [USER_ID, ITEM, TIMESTAMP]
 
     def present(name):
         return bool(glob.glob(os.path.join(glob.escape(artifacts_dir), "examples", f"{name}-*")))
@@ -73,12 +73,12 @@ def reference_rows(artifacts_dir: str, split: str = "test", ns=(50, 100, 200, 50
     splits = {}
     for name in ("train", "valid", "test"):
         if name in queries or present(name):
-            feats = cols + ["hist_items", "hist_len"] if name in queries else cols
+            feats = cols + [HIST_ITEMS, HIST_LEN] if name in queries else cols
             splits[name] = load_split_arrays(artifacts_dir, name, feats)
     query = splits[split]
     counts = train_item_counts(artifacts_dir, splits["train"])
     table = load_cooccurrence(artifacts_dir, v)
-    targets = np.asarray(query["item"], dtype=np.int64)
+    targets = np.asarray(query[ITEM], dtype=np.int64)
     slices = {"long_tail": long_tail_items(counts, long_tail_fraction)[targets]}
     exclusion = earlier_clicks_exclusion(query, list(splits.values()))
     if selecting:
@@ -88,7 +88,7 @@ def reference_rows(artifacts_dir: str, split: str = "test", ns=(50, 100, 200, 50
     for excl in exclude_clicked:
         if selecting:
             chosen, hits, secs = choose_variant(
-                table, counts, sel_query, sel_query["item"], select_n, knn_variants,
+                table, counts, sel_query, sel_query[ITEM], select_n, knn_variants,
                 exclude=sel_exclusion if excl else None, batch_size=batch_size)
             selection = {"split": select_split, "metric": f"hit@{select_n}", "hit": hits,
                          "seconds": secs}

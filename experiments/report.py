@@ -10,7 +10,8 @@ import numpy as np
 
 from micrec_tf.config import Config
 
-from experiments.variants import BASE, FINAL, GRID_TEXT, VARIANTS, base_of, expand
+from experiments.variants import (BASE, FINAL, GRID_TEXT, PEER_MODEL, VARIANTS, base_of,
+                                  expand)
 
 
 def paired_p(a, b) -> float:
@@ -124,7 +125,8 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
             for ref_name, ref in reference.items():
                 cells = [ref_name] + [f"{ref[c]:.4f}" if c in ref else "" for c in cols]
                 gain = gain_vs_base(ref[f"hit@{ns[0]}"])
-                lines.append("| " + " | ".join(cells + [f"{gain:+.1f} %", "(deterministic)"]) + " |")
+                cells += [f"{gain:+.1f} %", "(deterministic)"]
+                lines.append("| " + " | ".join(cells) + " |")
             from experiments.reference_rows import selection_lines
 
             notes = selection_lines(reference)
@@ -151,7 +153,8 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
             lines.append("")
     if sparsity:
         lines += ["## Sparsity sweep (fraction of users' training clicks)", "",
-                  f"| fraction | ICAN HIT@{ns[0]} | MicRec (final) HIT@{ns[0]} | relative gain | p |",
+                  f"| fraction | ICAN HIT@{ns[0]} | MicRec (final) HIT@{ns[0]} | relative gain "
+                  "| p |",
                   "|---|---|---|---|---|"]
         for frac, (ican, mic) in sorted(sparsity.items(), reverse=True):
             gain = (np.mean(mic) / np.mean(ican) - 1) * 100
@@ -183,11 +186,26 @@ def to_markdown(cfg: Config, summary: dict, reference: dict, settings: dict, spa
     return "\n".join(lines)
 
 
+def negatives_text(run: Config) -> str:
+    """The negatives of the main loss a run trained with: the TFRS peer's in-batch ones (B - 1
+    per row, ``train.batch_size``), otherwise ``loss.num_negatives`` sampled ones (plus the
+    batch's other positives with ``loss.in_batch_negatives``)."""
+    if run.model.name == PEER_MODEL:
+        b = run.train.batch_size
+        return f"in-batch negatives (batch {b}: {b - 1} per row)"
+    loss = run.loss
+    if not loss.in_batch_negatives:
+        return f"{loss.num_negatives} negatives"
+    if not loss.num_negatives:
+        return "in-batch negatives"
+    return f"{loss.num_negatives} negatives + in-batch"
+
+
 def effective_values(cfg: Config, name: str, setting: dict) -> str:
     """The training and CL values a variant ran with (config + its grid setting), as text."""
     run = expand(cfg, {**VARIANTS[name][1], **setting})
     t, loss = run.train, run.loss
-    text = f"lr {t.learning_rate}, {loss.num_negatives} negatives, <= {t.epochs} epochs"
+    text = f"lr {t.learning_rate}, {negatives_text(run)}, <= {t.epochs} epochs"
     if run.model.cl:
         lambdas = ", ".join(f"{task} {getattr(loss, f'lambda_{task}'):g}" for task in run.model.cl)
         text += f"; CL {loss.cl_similarity}, tau {loss.temperature:g}, lambdas {lambdas}"
@@ -240,7 +258,8 @@ def plots(out_dir: str, cfg: Config, summary: dict, sparsity: dict, histories: d
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([f * 100 for f in fr], gains, marker="o")
         ax.axhline(0, color="grey", lw=.8)
-        ax.set_xlabel("% of training clicks"), ax.set_ylabel(f"MicRec gain over ICAN, HIT@{ns[0]} (%)")
+        ax.set_xlabel("% of training clicks")
+        ax.set_ylabel(f"MicRec gain over ICAN, HIT@{ns[0]} (%)")
         files.append(os.path.join(out_dir, "sparsity.png"))
         fig.savefig(files[-1], dpi=110, bbox_inches="tight"), plt.close(fig)
     return files

@@ -185,7 +185,8 @@ class Runner:
 
         def trial(setting):
             ov = {**overrides, **setting, "train.seed": 0}
-            tag = "_".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(setting.items())) or "default"
+            tag = ("_".join(f"{k.split('.')[-1]}{v}" for k, v in sorted(setting.items()))
+                   or "default")
             key = f"tune/{slug(name)}/{slug(tag)}"
             res = self.run(key, ov, evaluate_test=True)
             if res is None:  # cached_only and not run yet

@@ -11,6 +11,7 @@ from __future__ import annotations
 from micrec_tf.config import CL_TASKS, Config
 
 ALL_CL = list(CL_TASKS)
+PEER_MODEL = "tfrs_two_tower"  # model.name of the TFRS peer (in-batch negatives, no CL)
 # name -> (table, overrides). Tables: main (Table 2), ablation (Table 4), universality (Fig. 3).
 VARIANTS = {
     "FM": ("main", {"model.name": "fm", "model.cl": []}),
@@ -18,7 +19,7 @@ VARIANTS = {
     "DeepFM": ("main", {"model.name": "deepfm", "model.cl": []}),
     "AutoInt": ("main", {"model.name": "autoint", "model.cl": []}),
     "ICAN": ("main", {"model.name": "ican", "model.cl": []}),
-    "TFRS two-tower": ("main", {"model.name": "tfrs_two_tower", "model.cl": []}),
+    "TFRS two-tower": ("main", {"model.name": PEER_MODEL, "model.cl": []}),
     "RFM* (fea)": ("main", {"model.name": "ican", "model.cl": ["feature"]}),
     "MicRec (fea+sess)": ("main", {"model.name": "ican", "model.cl": ["feature", "session"]}),
     "MicRec (final)": ("main", {"model.name": "ican", "model.cl": ALL_CL}),
@@ -32,7 +33,6 @@ VARIANTS = {
 }
 FINAL = "MicRec (final)"
 BASE = "ICAN"
-PEER = "TFRS two-tower"
 SPARSITY = (1.0, 0.5, 0.2)
 
 # The bounded validation grid (the same number of trials for every variant). Models without CL
@@ -95,7 +95,7 @@ GRID_TEXT = {
 
 def grid_for(overrides: dict, grid: str = "full") -> list:
     cl_grid, base_grid = GRIDS[grid]
-    if overrides.get("model.name") == "tfrs_two_tower":
+    if overrides.get("model.name") == PEER_MODEL:
         return PEER_GRIDS[grid]
     return cl_grid if overrides.get("model.cl") else base_grid
 
@@ -104,7 +104,7 @@ def option_for(overrides: dict, grid: str = "full"):
     """(config key, alternative value) tried after the grid, or None (grid ``none``)."""
     if grid == "none":
         return None
-    if overrides.get("model.name") == "tfrs_two_tower":
+    if overrides.get("model.name") == PEER_MODEL:
         return OPTIONS["peer"]
     cl = overrides.get("model.cl") or []
     if not cl:

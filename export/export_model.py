@@ -38,10 +38,10 @@ import time
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
-from micrec_tf import cli, provenance
+from micrec_tf import cli, provenance, publish
 from micrec_tf.config import Config
-from micrec_tf.publish import publish_numbered
 from micrec_tf.data.artifacts import ArtifactError
+from micrec_tf.data.contract import HIST_LEN, USER_ID, user_feature, user_tower_features
 
 from export import item_index, serving
 from export.requests import oov_string, raw_requests
@@ -50,10 +50,7 @@ from export.serving import SERVING_DIR, TMP_PREFIX
 NUM_WARMUP_USERS = 8
 
 
-# ----------------------------------------------------------------------------- versions
-list_versions = serving.published_versions
-
-
+# ----------------------------------------------------------------------------- temporary folders
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -78,18 +75,11 @@ def sweep_stale_tmp(parent: str, log=print) -> None:
             shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
 
 
-publish = publish_numbered  # the one atomic folder publish: micrec_tf.publish
-
-
 def _tmp_dir(parent: str, version: int) -> str:
     os.makedirs(parent, exist_ok=True)
     path = serving.tmp_path(parent, version)
     os.mkdir(path)
     return path
-
-
-# ----------------------------------------------------------------------------- provenance
-code_version = provenance.code_version  # the one git probe: micrec_tf.provenance
 
 
 def _read_json(path: str):
@@ -107,43 +97,39 @@ def requests_from_arrays(arrays: dict, rows, art) -> list:
 
 def user_features(arrays: dict, rows, art) -> dict:
     """The integer features ``model.user_embeddings`` takes, for example ``rows``."""
-    keys = [f"user_{f}" for f in art.user_fields] + ["hist_items", "hist_len"]
+    keys = user_tower_features(art.user_fields)
     return {k: np.asarray(arrays[k])[np.asarray(rows)].astype(np.int64) for k in keys}
+
+
+def _split_arrays(art, split: str, feats: list):
+    """The split arrays of ``feats`` in ``split``; None where the split or a feature is absent
+    (a damaged split is an error, not an absent one)."""
+    from micrec_tf.data.arrays import load_split_arrays
+
+    try:
+        return load_split_arrays(art.path, split, feats)
+    except ArtifactError:
+        raise
+    except (FileNotFoundError, KeyError):
+        return None
 
 
 def sample_test_examples(art, max_rows: int = NUM_WARMUP_USERS):
     """``(arrays, rows)``: up to ``max_rows`` test examples (valid/train if test is empty)."""
-    from micrec_tf.data.arrays import load_split_arrays
-
-    feats = ["user_id", "hist_items", "hist_len"] + [f"user_{f}" for f in art.user_fields]
+    feats = [USER_ID] + user_tower_features(art.user_fields)
     for split in ("test", "valid", "train"):
-        try:
-            arrays = load_split_arrays(art.path, split, feats)
-        except ArtifactError:  # a damaged split is an error, not an absent one
-            raise
-        except (FileNotFoundError, KeyError):
-            continue
-        n = len(arrays["hist_len"])
-        if n:
+        arrays = _split_arrays(art, split, feats)
+        if arrays is not None and len(arrays[HIST_LEN]):
             # The first rows with a non-empty history (rows with none if there are too few).
-            order = np.argsort(np.asarray(arrays["hist_len"]) == 0, kind="stable")
-            rows = np.sort(order[:max_rows])
-            return arrays, rows
+            order = np.argsort(np.asarray(arrays[HIST_LEN]) == 0, kind="stable")
+            return arrays, np.sort(order[:max_rows])
     return None, None
 
 
 def recall_queries(model, art, max_rows: int = 500, seed: int = 0):
     """User vectors of up to ``max_rows`` random test examples (None if there is no test split)."""
-    from micrec_tf.data.arrays import load_split_arrays
-
-    feats = ["hist_items", "hist_len"] + [f"user_{f}" for f in art.user_fields]
-    try:
-        arrays = load_split_arrays(art.path, "test", feats)
-    except ArtifactError:
-        raise
-    except (FileNotFoundError, KeyError):
-        return None
-    n = len(arrays["hist_len"])
+    arrays = _split_arrays(art, "test", user_tower_features(art.user_fields))
+    n = 0 if arrays is None else len(arrays[HIST_LEN])
     if not n:
         return None
     rows = np.sort(np.random.default_rng(seed).choice(n, min(n, max_rows), replace=False))
@@ -157,21 +143,28 @@ def warmup_requests(art, sample_rows: list) -> list:
     if sample_rows:
         reqs.append(serving.columnar(sample_rows, fields))
         reqs.append(serving.columnar(sample_rows[:1], fields))
-    unknown = {f: oov_string(art.vocabs[f"user_{f}"], avoid_empty=True) for f in fields}
+    unknown = {f: oov_string(art.vocabs[user_feature(f)], avoid_empty=True) for f in fields}
     unknown[serving.HISTORY_INPUT] = [oov_string(art.vocabs["item_id"], avoid_empty=True)]
     reqs.append(serving.columnar([unknown, {f: unknown[f] for f in fields}], fields))
     return reqs
 
 
 # ----------------------------------------------------------------------------- export
-def _vocab_files(art) -> dict:
-    names = ["item_id"] + [f"user_{f}" for f in art.user_fields]
+def history_length(art, cfg: Config) -> int:
+    """H, the history length of the artifacts' feature spec (the config's where it has none)."""
+    return int(art.feature_spec.get("history_length", cfg.preprocess.history_length))
+
+
+def vocab_files(art) -> dict:
+    """``{vocab name: path}`` of the vocabularies the serving graph reads
+    (:func:`export.serving.tower_vocab_names`), each checked against the loaded one and for
+    duplicate lines (a lookup table needs unique keys)."""
     files = {}
-    for name in names:
+    for name in serving.tower_vocab_names(art.user_fields):
         path = os.path.join(art.path, "vocab", f"{name}.txt")
         if not os.path.exists(path):
             raise FileNotFoundError(f"vocabulary {path!r} not found (artifacts incomplete?)")
-        lines = serving.read_vocab_file(path)
+        lines = item_index.read_vocab_file(path)
         if name in art.vocabs and list(art.vocabs[name]) != lines:
             raise ValueError(f"{path} does not match the loaded vocabulary {name!r}")
         if len(set(lines)) != len(lines):
@@ -215,24 +208,23 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
     sweep_stale_tmp(export_root, log)
     sweep_stale_tmp(os.path.join(export_root, SERVING_DIR), log)
     serving.repair_serving_views(export_root, log)
-    existing = list_versions(export_root)
-    version = int(version or max(int(time.time()), (existing[-1] + 1) if existing else 0))
+    latest = serving.latest_version(export_root)
+    version = int(version or max(int(time.time()), (latest + 1) if latest is not None else 0))
     tmp = _tmp_dir(export_root, version)
     try:
-        vocab_files = _vocab_files(art)
-        history_length = int(art.feature_spec.get("history_length", cfg.preprocess.history_length))
+        files = vocab_files(art)
         arrays, rows = sample_test_examples(art)
         sample = requests_from_arrays(arrays, rows, art) if arrays is not None else []
 
         log(f"[export] user tower -> {tmp}/user_tower")
         tower = serving.save_user_tower(
-            model, art.user_fields, vocab_files, history_length, os.path.join(tmp, "user_tower"),
-            warmup_requests=warmup_requests(art, sample))
+            model, art.user_fields, files, history_length(art, cfg),
+            os.path.join(tmp, "user_tower"), warmup_requests=warmup_requests(art, sample))
         tower["self_check_max_abs_diff"] = _self_check(os.path.join(tmp, "user_tower"), model,
                                                        arrays, rows, art)
 
         log("[export] item embeddings")
-        dump = item_index.dump_item_embeddings(model, vocab_files["item_id"],
+        dump = item_index.dump_item_embeddings(model, files["item_id"],
                                                os.path.join(tmp, "item_embeddings"))
         vectors = np.load(os.path.join(tmp, "item_embeddings", "embeddings.npy"))
         index_info = item_index.build_index(vectors, index, os.path.join(tmp, "scann"),
@@ -247,7 +239,7 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
             "run_dir": os.path.abspath(run_dir) if run_dir else None,
             "artifacts_dir": art.path,
             "artifacts_dir_abs": os.path.abspath(art.path),
-            "code_version": code_version(),
+            "code_version": provenance.code_version(),
             "tensorflow_version": tf.__version__,
             "config": cfg.to_dict(),
             "vocab_sizes": {k: int(v) for k, v in art.vocab_sizes.items()},
@@ -260,7 +252,7 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
             "top_k": cfg.export.top_k,
         }
         _write_metadata(os.path.join(tmp, "metadata.json"), metadata)
-        published = publish(tmp, export_root, version)
+        published = publish.publish_numbered(tmp, export_root, version)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -304,9 +296,7 @@ def restore_for_export(run_dir: str):
         model, run_cfg, art = restore_model(run_dir)
         # Build every lazily created variable, then read the checkpoint again and insist that it
         # covers all of them.
-        history_length = int(art.feature_spec.get("history_length",
-                                                  run_cfg.preprocess.history_length))
-        serving.build_variables(model, art.user_fields, history_length)
+        serving.build_variables(model, art.user_fields, history_length(art, run_cfg))
     ckpt = os.path.join(run_dir, "checkpoint", "model")
     status = tf.train.Checkpoint(model=model).read(ckpt).expect_partial()
     try:

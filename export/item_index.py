@@ -66,7 +66,8 @@ def read_vocab_file(path: str) -> list:
 
 
 def item_vectors(model, indices: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """float32 [len(indices), D]: the model's own chunked ``item_embeddings(indices, batch_size)``."""
+    """float32 [len(indices), D]: the model's own chunked
+    ``item_embeddings(indices, batch_size)``."""
     if len(indices) == 0:
         raise ValueError("the item vocabulary is empty: nothing to export")
     return np.asarray(model.item_embeddings(np.asarray(indices, np.int64), batch_size),
@@ -138,28 +139,18 @@ def scann_params(num_items: int, k: int = 500) -> dict:
                          f"codebooks. Received: num_items={n}; use the brute-force index")
     leaves = max(1, int(round(math.sqrt(n))))
     per_leaf = n / leaves
-    search = max(math.ceil(0.05 * leaves), math.ceil(20 * k / per_leaf))
+    to_search = max(math.ceil(0.05 * leaves), math.ceil(20 * k / per_leaf))
     return {
         "mode": "tree_ah",
         "num_neighbors": min(k, n),
         "num_leaves": leaves,
-        "num_leaves_to_search": int(min(leaves, search)),
+        "num_leaves_to_search": int(min(leaves, to_search)),
         "training_sample_size": int(min(n, 250000)),
         "dimensions_per_block": 2,
         "anisotropic_quantization_threshold": 0.2,
         "reorder_k": int(min(n, max(4 * k, 1000))),
         "distance_measure": "dot_product",
     }
-
-
-# The ScaNN builder, searcher and log filter are micrec_tf.search's (one implementation for the
-# export, the evaluation's use_scann and the title-neighbour job).
-quiet_native_logs = search.quiet_native_logs
-
-
-def build_scann(vectors: np.ndarray, params: dict):
-    """A ScaNN searcher over ``vectors`` with :func:`scann_params` parameters."""
-    return search.build_scann(vectors, params)
 
 
 def build_index(vectors: np.ndarray, kind: str, out_dir: str, k: int = 500,
@@ -187,7 +178,7 @@ def build_index(vectors: np.ndarray, kind: str, out_dir: str, k: int = 500,
                 "(or raise the limit if exact scoring of every item per request is affordable)")
         return info
     params = scann_params(n, k)
-    searcher = build_scann(vectors, params)
+    searcher = search.build_scann(vectors, params)
     if queries is not None and len(queries):
         params = tune_leaves_to_search(searcher, params, vectors, queries, k, target_recall)
     save_scann(searcher, params, out_dir)
@@ -205,9 +196,9 @@ def tune_leaves_to_search(searcher, params: dict, vectors: np.ndarray, queries: 
     """
     params = dict(params)
     n = vectors.shape[0]
-    exact, _ = search_brute_force(vectors, queries, k)
+    exact, _ = search.top_k_dot(np.asarray(queries, np.float32), vectors, k)
     while True:
-        rows, _ = search_scann(searcher, params, queries, k, n)
+        rows, _ = search.search_scann(searcher, params, queries, k, n)
         recall = recall_at_k(rows, exact)
         if (recall >= target_recall
                 or params["num_leaves_to_search"] >= params["num_leaves"]):
@@ -228,27 +219,11 @@ def save_scann(searcher, params: dict, out_dir: str) -> None:
 
 
 def load_scann(index_dir: str):
-    """Reloads a serialised searcher (no rebuilding): ``(searcher, params)``."""
+    """Reloads a :func:`save_scann` index (no rebuilding): ``(searcher, params)``; search it with
+    :func:`micrec_tf.search.search_scann` (neighbour j = dump row j)."""
     with open(os.path.join(index_dir, "params.json")) as fh:
         params = json.load(fh)
     return search.load_scann_searcher(index_dir), params
-
-
-def search_scann(searcher, params: dict, queries: np.ndarray, k: int,
-                 num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` rows of the dump per query: ``(rows int64 [B, k], scores float32 [B, k])``
-    (:func:`micrec_tf.search.search_scann`: higher score first, then the lower row; missing
-    neighbours are row -1, score -inf)."""
-    return search.search_scann(searcher, params, queries, k, num_items)
-
-
-def search_brute_force(vectors: np.ndarray, queries: np.ndarray, k: int,
-                       batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` by dot product (:func:`micrec_tf.search.top_k_dot`): higher score first,
-    then the lower row. Padding: row -1, score -inf."""
-    rows, scores = search.top_k_dot(np.asarray(queries, np.float32), vectors, k,
-                                    batch_size=batch_size)
-    return rows, scores.astype(np.float32)
 
 
 def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:

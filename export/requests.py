@@ -10,6 +10,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from micrec_tf.data.contract import HIST_ITEMS, HIST_LEN, user_feature
+
 from export.serving import HISTORY_INPUT
 
 
@@ -32,15 +34,15 @@ def raw_requests(arrays: Mapping, rows: Iterable[int], vocabs: Mapping[str, Sequ
     """
     item_vocab = vocabs["item_id"]
     oov_item = oov_string(item_vocab, avoid_empty=True)
-    oov_user = {f: oov_string(vocabs[f"user_{f}"], avoid_empty=False) for f in user_fields}
+    oov_user = {f: oov_string(vocabs[user_feature(f)], avoid_empty=False) for f in user_fields}
     out = []
     for r in rows:
         row = {}
         for f in user_fields:
-            idx = int(arrays[f"user_{f}"][r])
-            row[f] = vocabs[f"user_{f}"][idx - 1] if idx > 0 else oov_user[f]
-        n = int(arrays["hist_len"][r])
+            idx = int(arrays[user_feature(f)][r])
+            row[f] = vocabs[user_feature(f)][idx - 1] if idx > 0 else oov_user[f]
+        n = int(arrays[HIST_LEN][r])
         row[HISTORY_INPUT] = [item_vocab[i - 1] if i > 0 else oov_item
-                              for i in np.asarray(arrays["hist_items"][r][:n], np.int64)]
+                              for i in np.asarray(arrays[HIST_ITEMS][r][:n], np.int64)]
         out.append(row)
     return out

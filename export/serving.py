@@ -41,7 +41,9 @@ import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow load
 import numpy as np
 import tensorflow as tf
 
-from export.item_index import read_vocab_file  # noqa: F401  (re-exported)
+from micrec_tf.data.contract import HIST_ITEMS, HIST_LEN, user_feature
+
+from export.item_index import read_vocab_file
 
 SIGNATURE_NAME = "serving_default"
 HISTORY_INPUT = "history"
@@ -71,6 +73,10 @@ def input_specs(user_fields: Sequence[str]) -> dict:
     return specs
 
 
+def tower_vocab_names(user_fields: Sequence[str]) -> list:
+    """The vocabularies the serving graph looks raw strings up in: ``item_id`` (the history),
+    then ``user_<field>`` per profile field."""
+    return ["item_id"] + [user_feature(f) for f in user_fields]
 
 
 def _vocab_table(path: str, asset) -> tf.lookup.StaticHashTable:
@@ -100,7 +106,7 @@ class UserTowerModule(tf.Module):
         build_variables(model, self._user_fields, self.history_length)
         self.model_variables = list(model.variables)
         self.vocab_assets, self.tables = {}, {}
-        for name in ["item_id"] + [f"user_{f}" for f in self._user_fields]:
+        for name in tower_vocab_names(self._user_fields):
             if name not in vocab_files:
                 raise KeyError(f"vocab file for {name!r} missing (have {sorted(vocab_files)})")
             asset = tf.saved_model.Asset(vocab_files[name])
@@ -122,14 +128,15 @@ class UserTowerModule(tf.Module):
         """The model's integer features from the raw string inputs."""
         feats = {}
         for f in self._user_fields:
-            feats[f"user_{f}"] = self._lookup(f"user_{f}", tf.reshape(inputs[f], [-1]))
+            name = user_feature(f)
+            feats[name] = self._lookup(name, tf.reshape(inputs[f], [-1]))
         hist = inputs[HISTORY_INPUT]
         kept = tf.ragged.boolean_mask(hist, tf.not_equal(hist, ""))
         recent = kept[:, -self.history_length:]
         padded = recent.to_tensor(default_value="", shape=[None, self.history_length])
         idx = self._lookup("item_id", padded)
-        feats["hist_items"] = tf.where(tf.equal(padded, ""), tf.zeros_like(idx), idx)
-        feats["hist_len"] = tf.cast(recent.row_lengths(), tf.int64)
+        feats[HIST_ITEMS] = tf.where(tf.equal(padded, ""), tf.zeros_like(idx), idx)
+        feats[HIST_LEN] = tf.cast(recent.row_lengths(), tf.int64)
         return feats
 
     @tf.function
@@ -148,9 +155,9 @@ class UserTowerModule(tf.Module):
 def build_variables(model, user_fields: Sequence[str], history_length: int) -> None:
     """Runs both towers once on a dummy batch, so that lazily built Keras layers create (and a
     deferred checkpoint restore fills) every variable before they are collected or compared."""
-    feats = {f"user_{f}": np.zeros([1], np.int64) for f in user_fields}
-    feats["hist_items"] = np.zeros([1, int(history_length)], np.int64)
-    feats["hist_len"] = np.zeros([1], np.int64)
+    feats = {user_feature(f): np.zeros([1], np.int64) for f in user_fields}
+    feats[HIST_ITEMS] = np.zeros([1, int(history_length)], np.int64)
+    feats[HIST_LEN] = np.zeros([1], np.int64)
     model.user_embeddings(feats)
     model.item_embeddings(np.zeros([1], np.int64))
 
@@ -219,7 +226,8 @@ def encode_strings(value) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- warmup records
 def serving_protos():
-    """``(PredictionLog, PredictRequest, PredictResponse)``: the ``tensorflow-serving-api`` messages.
+    """``(PredictionLog, PredictRequest, PredictResponse)``: the ``tensorflow-serving-api``
+    messages.
 
     The package is imported here rather than at the top of the module so that the rest of
     ``export.serving`` (version listing, publishing) works in an environment that predates the pin.
@@ -307,6 +315,27 @@ def published_versions(export_root: str) -> list:
         return []
     return sorted(int(d) for d in os.listdir(export_root)
                   if d.isdigit() and os.path.isfile(os.path.join(export_root, d, "metadata.json")))
+
+
+def latest_version(export_root: str) -> int | None:
+    """The newest of :func:`published_versions` (None when there is none)."""
+    versions = published_versions(export_root)
+    return versions[-1] if versions else None
+
+
+def version_dir(export_root: str, version: int | str | None = None) -> str:
+    """``exports/<name>/<version>``: ``version`` (it must hold a metadata.json) or, by default,
+    :func:`latest_version`; ``FileNotFoundError`` naming the root when there is none."""
+    if version is not None:
+        vdir = os.path.join(export_root, str(version))
+        if not os.path.exists(os.path.join(vdir, "metadata.json")):
+            raise FileNotFoundError(f"no export version {version} under {export_root!r}")
+        return vdir
+    latest = latest_version(export_root)
+    if latest is None:
+        raise FileNotFoundError(f"no exported version under {export_root!r}: "
+                                "run `make export` first")
+    return os.path.join(export_root, str(latest))
 
 
 def tmp_path(parent: str, version: int) -> str:

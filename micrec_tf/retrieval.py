@@ -32,10 +32,13 @@ from typing import Mapping, Sequence
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
+from micrec_tf import search
 from micrec_tf.data.artifacts import ArtifactError
+from micrec_tf.data.contract import (EVAL_FEATURES, HIST_ITEMS, ITEM, TIMESTAMP, USER_ID,
+                                     user_feature)
 
 from export import item_index, rest, serving
-from export.requests import oov_string, raw_requests  # noqa: F401  (re-exported)
+from export.requests import raw_requests
 
 
 def resolve_version_dir(path: str, version: int | str | None = None) -> str:
@@ -50,15 +53,7 @@ def resolve_version_dir(path: str, version: int | str | None = None) -> str:
         _repair_serving_views(os.path.dirname(os.path.abspath(path)))
         return path
     _repair_serving_views(path)
-    if version is not None:
-        vdir = os.path.join(path, str(version))
-        if not os.path.exists(os.path.join(vdir, "metadata.json")):
-            raise FileNotFoundError(f"no export version {version} under {path!r}")
-        return vdir
-    versions = serving.published_versions(path)
-    if not versions:
-        raise FileNotFoundError(f"no exported version under {path!r}: run `make export` first")
-    return os.path.join(path, str(versions[-1]))
+    return serving.version_dir(path, version)
 
 
 def _repair_serving_views(export_root: str) -> None:
@@ -203,9 +198,9 @@ class Retriever:
         want = k + extra
         n = self.vectors.shape[0]
         if self.searcher is not None:
-            rows, scores = item_index.search_scann(self.searcher, self.index_params, q, want, n)
+            rows, scores = search.search_scann(self.searcher, self.index_params, q, want, n)
         else:
-            rows, scores = item_index.search_brute_force(self.vectors, q, want)
+            rows, scores = search.top_k_dot(q, self.vectors, want)
         out_rows = np.full((q.shape[0], k), -1, np.int64)
         out_scores = np.full((q.shape[0], k), -np.inf, np.float32)
         for i in range(q.shape[0]):
@@ -242,8 +237,8 @@ class Retriever:
         """``item_id`` and ``user_<field>`` vocab lists, from the export's own copies."""
         read, root = item_index.read_vocab_file, self.version_dir
         vocabs = {"item_id": read(os.path.join(root, "item_embeddings", "vocab.txt"))}
-        for f in self.user_fields:
-            vocabs[f"user_{f}"] = read(os.path.join(root, "user_tower", "assets", f"user_{f}.txt"))
+        for name in map(user_feature, self.user_fields):
+            vocabs[name] = read(os.path.join(root, "user_tower", "assets", f"{name}.txt"))
         return vocabs
 
     def test_users(self, artifacts_dir: str, user_ids: Sequence[str] | None = None,
@@ -256,10 +251,9 @@ class Retriever:
         """
         from micrec_tf.data.arrays import load_split_arrays
 
-        feats = ["user_id", "hist_items", "hist_len", "item", "timestamp"] + \
-            [f"user_{f}" for f in self.user_fields]
+        feats = list(EVAL_FEATURES) + [user_feature(f) for f in self.user_fields]
         arrays = load_split_arrays(artifacts_dir, split, feats)
-        users = [u.decode() if isinstance(u, bytes) else str(u) for u in arrays["user_id"]]
+        users = [u.decode() if isinstance(u, bytes) else str(u) for u in arrays[USER_ID]]
         if user_ids is None:
             seen = []
             for u in users:
@@ -273,7 +267,7 @@ class Retriever:
         latest = {}
         for pos, u in enumerate(users):
             if u in wanted:
-                key = (int(arrays["timestamp"][pos]), pos)
+                key = (int(arrays[TIMESTAMP][pos]), pos)
                 if u not in latest or key > latest[u][0]:
                     latest[u] = (key, pos)
         unknown = [u for u in user_ids if u not in latest]
@@ -286,7 +280,7 @@ class Retriever:
         clicked = _earlier_clicks(artifacts_dir, split, rows, arrays)
         item_vocab = vocabs["item_id"]
         name = lambda i: item_vocab[i - 1] if 0 < i <= len(item_vocab) else ""  # noqa: E731
-        return [{"user_id": u, "request": req, "target": name(int(arrays["item"][row])),
+        return [{"user_id": u, "request": req, "target": name(int(arrays[ITEM][row])),
                  "clicked": [name(int(i)) for i in clicked[j]]}
                 for j, (u, req, row) in enumerate(zip(user_ids, requests, rows))]
 
@@ -305,13 +299,12 @@ def _earlier_clicks(artifacts_dir: str, split: str, rows: Sequence[int],
             history.append(split_arrays)
             continue
         try:
-            history.append(load_split_arrays(artifacts_dir, name, ["user_id", "item", "timestamp"]))
+            history.append(load_split_arrays(artifacts_dir, name, [USER_ID, ITEM, TIMESTAMP]))
         except ArtifactError:  # a damaged split is an error, not an absent one
             raise
         except FileNotFoundError:
             continue
     rows = np.asarray(rows, np.int64)
-    query = {f: np.asarray(split_arrays[f])[rows]
-             for f in ("user_id", "item", "timestamp", "hist_items")}
+    query = {f: np.asarray(split_arrays[f])[rows] for f in (USER_ID, ITEM, TIMESTAMP, HIST_ITEMS)}
     excl = earlier_clicks_exclusion(query, history)
     return [excl.items_of(j) for j in range(len(rows))]

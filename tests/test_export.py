@@ -20,8 +20,10 @@ import micrec_tf  # noqa: F401  (before tensorflow)
 import tensorflow as tf
 
 from export import export_model, item_index, rest, serving
+from export.requests import raw_requests
+from micrec_tf import search
 from micrec_tf.config import load_config
-from micrec_tf.retrieval import Retriever, raw_requests
+from micrec_tf.retrieval import Retriever
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H = 20
@@ -134,7 +136,7 @@ def test_version_layout_metadata_and_serving_view(env):
     root = env.export_root
     name = os.path.basename(env.version_dir)
     assert name.isdigit() and abs(int(name) - __import__("time").time()) < 3600
-    assert export_model.list_versions(root) == [int(name)]
+    assert serving.published_versions(root) == [int(name)]
     assert not [d for d in os.listdir(root) if d.startswith(".")]
     for rel in ("user_tower/saved_model.pb", "user_tower/variables/variables.index",
                 "user_tower/assets.extra/tf_serving_warmup_requests",
@@ -462,28 +464,28 @@ def test_scann_recall_on_clustered_catalogue_and_reload(tmp_path):
     k = 500
     params = item_index.scann_params(len(items), k)
     assert params["mode"] == "tree_ah" and params["num_leaves"] == 141
-    searcher = item_index.build_scann(items, params)
+    searcher = search.build_scann(items, params)
     item_index.save_scann(searcher, params, str(tmp_path / "building"))
     os.rename(tmp_path / "building", tmp_path / "published")  # relative asset paths: movable
     reloaded, params2 = item_index.load_scann(str(tmp_path / "published"))
     assert params2 == params
-    rows, scores = item_index.search_scann(searcher, params, queries, k, len(items))
-    rows2, scores2 = item_index.search_scann(reloaded, params, queries, k, len(items))
+    rows, scores = search.search_scann(searcher, params, queries, k, len(items))
+    rows2, scores2 = search.search_scann(reloaded, params, queries, k, len(items))
     np.testing.assert_array_equal(rows, rows2)
     np.testing.assert_array_equal(scores, scores2)
-    exact, exact_scores = item_index.search_brute_force(items, queries, k)
+    exact, exact_scores = search.top_k_dot(queries, items, k)
     recall = item_index.recall_at_k(rows, exact)
     print(f"\n[scann] clustered synthetic catalogue N={len(items)}: recall@{k} vs brute force "
           f"= {recall:.4f} ({params['num_leaves_to_search']}/{params['num_leaves']} leaves)")
     assert recall >= 0.95
     # Too few leaves: the export-time check doubles num_leaves_to_search until recall >= 0.95.
     low = {**params, "num_leaves_to_search": 2}
-    assert item_index.recall_at_k(item_index.search_scann(searcher, low, queries, k, len(items))[0],
+    assert item_index.recall_at_k(search.search_scann(searcher, low, queries, k, len(items))[0],
                                   exact) < 0.95
     tuned = item_index.tune_leaves_to_search(searcher, low, items, queries[:50], k)
     assert tuned["num_leaves_to_search"] > 2 and tuned["measured_recall"] >= 0.95
     assert item_index.recall_at_k(
-        item_index.search_scann(searcher, tuned, queries, k, len(items))[0], exact) >= 0.9
+        search.search_scann(searcher, tuned, queries, k, len(items))[0], exact) >= 0.9
     # Re-ordered scores are exact dot products.
     np.testing.assert_allclose(scores[:, 0], np.max(queries @ items.T, axis=1),
                                rtol=1e-4, atol=1e-4)
@@ -521,13 +523,13 @@ def test_index_for_any_catalogue_size_matches_exact_top_k(tmp_path, n, k, kind, 
     want_rows, want_scores = _numpy_top_k(vectors, queries, k)
     if kind == "brute_force":
         assert not os.path.exists(out)
-        rows, scores = item_index.search_brute_force(vectors, queries, k)
+        rows, scores = search.top_k_dot(queries, vectors, k)
         np.testing.assert_array_equal(rows, want_rows)
         np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
     else:
         searcher, params = item_index.load_scann(out)
         assert params["mode"] == "tree_ah" and params["measured_recall"] >= 0.95
-        rows, scores = item_index.search_scann(searcher, params, queries, k, n)
+        rows, scores = search.search_scann(searcher, params, queries, k, n)
         assert item_index.recall_at_k(rows, want_rows) >= 0.95
         # Re-ordered scores are the exact dot products of the rows returned.
         got = np.take_along_axis(queries @ vectors.T, np.maximum(rows, 0), 1)
@@ -548,11 +550,11 @@ def test_scann_build_prints_no_native_log_lines(tmp_path, capfd, monkeypatch):
     assert info["kind"] == "scann"
     err = capfd.readouterr().err
     assert not native.search(err), err
-    with item_index.quiet_native_logs():
+    with search.quiet_native_logs():
         os.write(2, b"I0101 12:00:00.000001   42 some_file.cc:7] noise\nE0101 a real error\n")
     assert capfd.readouterr().err == "E0101 a real error\n"
     monkeypatch.setenv("MICREC_VERBOSE", "1")
-    item_index.build_scann(vectors, item_index.scann_params(len(vectors), 10))
+    search.build_scann(vectors, item_index.scann_params(len(vectors), 10))
     assert re.search(r"^I\d{4} .*partitioner", capfd.readouterr().err, re.M)
 
 
@@ -596,7 +598,7 @@ def test_ml1m_export_recall_if_available():
     """
     root = os.environ.get("MICREC_ML1M_EXPORT", os.path.join(ROOT, "exports", "ml-1m"))
     art = os.environ.get("MICREC_ML1M_ARTIFACTS", os.path.join(ROOT, "artifacts", "ml-1m"))
-    if not export_model.list_versions(root) or not os.path.isdir(art):
+    if not serving.published_versions(root) or not os.path.isdir(art):
         pytest.skip("no exports/ml-1m version and artifacts/ml-1m (make preprocess train export "
                     "CONFIG=configs/ml-1m.yaml)")
     r = Retriever.load(root)
@@ -611,7 +613,7 @@ def test_ml1m_export_recall_if_available():
 # ----------------------------------------------------------------------------- atomicity
 def test_interrupted_export_leaves_no_visible_version(env, monkeypatch):
     root = env.export_root
-    before = export_model.list_versions(root)
+    before = serving.published_versions(root)
     meta_before = open(os.path.join(env.version_dir, "metadata.json")).read()
 
     def crash(*args, **kwargs):  # after user tower, dump and index are half on disk
@@ -622,7 +624,7 @@ def test_interrupted_export_leaves_no_visible_version(env, monkeypatch):
         export_model.export_model(env.model, env.cfg, env.art, export_root=root,
                                   log=lambda *a: None)
     monkeypatch.undo()
-    assert export_model.list_versions(root) == before
+    assert serving.published_versions(root) == before
     assert not [d for d in os.listdir(root) if d.startswith(".")]
     assert sorted(os.listdir(os.path.join(root, "serving"))) == [str(v) for v in before]
     assert open(os.path.join(env.version_dir, "metadata.json")).read() == meta_before
@@ -634,13 +636,13 @@ def test_interrupted_export_leaves_no_visible_version(env, monkeypatch):
     stale = os.path.join(root, f".tmp-{before[-1] + 5}-{dead.pid}-deadbeef")
     os.makedirs(os.path.join(stale, "user_tower"))
     open(os.path.join(stale, "user_tower", "saved_model.pb"), "wb").write(b"partial")
-    assert export_model.list_versions(root) == before
+    assert serving.published_versions(root) == before
     assert Retriever.load(root).version_dir == env.version_dir
     new_dir = export_model.export_model(env.model, env.cfg, env.art, export_root=root,
                                         log=lambda *a: None)
     assert not os.path.exists(stale)
     assert int(os.path.basename(new_dir)) > before[-1]
-    assert export_model.list_versions(root) == before + [int(os.path.basename(new_dir))]
+    assert serving.published_versions(root) == before + [int(os.path.basename(new_dir))]
     assert os.path.exists(os.path.join(root, "serving", os.path.basename(new_dir),
                                        "saved_model.pb"))
     assert Retriever.load(root).version_dir == new_dir

@@ -23,7 +23,8 @@ import micrec_tf  # noqa: F401  (before tensorflow)
 
 from conftest import tiny_config
 from export import export_model, item_index, serving
-from micrec_tf.retrieval import Retriever, raw_requests
+from export.requests import raw_requests
+from micrec_tf.retrieval import Retriever
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_ITEMS = 30  # under item_index.SCANN_MIN_ITEMS: the catalogue that used to crash the export
@@ -33,12 +34,13 @@ NUM_ITEMS = 30  # under item_index.SCANN_MIN_ITEMS: the catalogue that used to c
 _KILLED_EXPORT = r"""
 import os, signal, sys
 from export import export_model
-publish = export_model.publish
+from micrec_tf import publish
+publish_numbered = publish.publish_numbered
 def publish_then_die(*args, **kwargs):
-    version = publish(*args, **kwargs)
+    version = publish_numbered(*args, **kwargs)
     print(f"killed-after-publishing {version}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
-export_model.publish = publish_then_die
+publish.publish_numbered = publish_then_die
 sys.exit(export_model.main(sys.argv[1:]))
 """
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from micrec_tf import search
 from micrec_tf.evaluation import metrics as M
 
 
@@ -103,7 +104,7 @@ def test_exclusion_formats_are_equivalent():
     users = rng.integers(-2, 3, size=(9, 4)).astype(np.float64)
     items = rng.integers(-2, 3, size=(20, 4)).astype(np.float64)
     lists = [rng.choice(20, size=rng.integers(0, 6), replace=False) for _ in range(9)]
-    csr = M.CSRExclusion.from_lists(lists)
+    csr = search.CSRExclusion.from_lists(lists)
     sp = scipy_sparse.csr_matrix((np.ones(csr.indices.size), csr.indices, csr.indptr),
                                  shape=(9, 20))
     base, _ = M.top_k_items(users, items, 8, exclude=lists, batch_size=4)

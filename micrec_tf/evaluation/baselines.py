@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from micrec_tf.data.artifacts import CooccurrenceTable, NeighbourTable
+from micrec_tf.data.contract import HIST_ITEMS, HIST_LEN, ITEM
 from micrec_tf.evaluation.metrics import hit_at_n, top_k_by_score_fn
 
 __all__ = ["MostPopular", "CooccurrenceItemKNN", "KNN_VARIANTS", "choose_variant"]
@@ -52,7 +53,7 @@ class MostPopular:
 
     def rank(self, examples: dict, k: int, exclude=None, batch_size: int = 1024):
         """Top-k for each query in ``examples`` (only its length is used)."""
-        n = len(examples["item"]) if "item" in examples else len(next(iter(examples.values())))
+        n = len(examples[ITEM]) if ITEM in examples else len(next(iter(examples.values())))
         return self.rank_n(n, k, exclude, batch_size)
 
     def rank_n(self, num_queries: int, k: int, exclude=None, batch_size: int = 1024):
@@ -135,9 +136,10 @@ class CooccurrenceItemKNN:
         return np.asarray((x @ self.weights).toarray(), dtype=np.float64)
 
     def rank(self, examples: dict, k: int, exclude=None, batch_size: int = 1024):
-        """Top-k for each query; ``examples`` needs ``hist_items`` (and uses ``hist_len`` if present)."""
-        hist = np.asarray(examples["hist_items"])
-        hist_len = examples.get("hist_len")
+        """Top-k for each query; ``examples`` needs ``hist_items`` (and uses ``hist_len`` if
+        present)."""
+        hist = np.asarray(examples[HIST_ITEMS])
+        hist_len = examples.get(HIST_LEN)
         return top_k_by_score_fn(
             lambda a, b: self.scores(hist[a:b], None if hist_len is None else hist_len[a:b]),
             hist.shape[0], k, exclude=exclude, batch_size=batch_size, secondary=self.counts)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from micrec_tf.data.contract import (ITEM, ITEM_PROVIDER, ITEM_TAGS, TIMESTAMP, USER_ID,
+                                     item_feature)
 from micrec_tf.evaluation import metrics
 
-# Example features the user tower reads (everything else in the split arrays is ignored).
-_NON_USER_FEATURES = ("user_id", "timestamp", "item", "item_tags", "item_provider")
+# Example features the user tower does not read (the ids, the click time, the target item and its
+# fields); every other feature of the split arrays goes to the tower.
+_NON_USER_FEATURES = (USER_ID, TIMESTAMP, ITEM, ITEM_TAGS, ITEM_PROVIDER)
+_ITEM_FIELD_PREFIX = item_feature("")  # item_<extra field>
 
 
 def user_vectors(model, arrays: dict, batch_size: int = 1024) -> np.ndarray:
@@ -24,13 +28,15 @@ def user_vectors(model, arrays: dict, batch_size: int = 1024) -> np.ndarray:
     dropped from the result), so the function is traced once, with a static batch size that
     lets the user tower pick its faster history path.
     """
-    keys = [k for k in arrays if k not in _NON_USER_FEATURES and not k.startswith("item_")]
-    n = len(arrays["item"])
+    keys = [k for k in arrays
+            if k not in _NON_USER_FEATURES and not k.startswith(_ITEM_FIELD_PREFIX)]
+    n = len(arrays[ITEM])
     embed = getattr(model, "graph_user_embeddings", model.user_embeddings)
     size = min(batch_size, n)
     out = []
     for start in range(0, n, batch_size):
-        rows = np.arange(start, start + size) % n if start + size > n else slice(start, start + size)
+        rows = (np.arange(start, start + size) % n if start + size > n
+                else slice(start, start + size))
         batch = {k: np.asarray(arrays[k])[rows] for k in keys}
         out.append(np.asarray(embed(batch), np.float32)[:min(size, n - start)])
     return np.concatenate(out, axis=0) if out else np.zeros((0, 1), np.float32)
@@ -49,14 +55,14 @@ def evaluate_model(model, arrays: dict, num_items: int, hit_n=(50, 100, 200, 500
     """HIT@N and coverage@N of ``model`` on the examples in ``arrays``.
 
     ``exclude``: items to drop from the ranking per example, in any form
-    :func:`micrec_tf.evaluation.metrics.as_exclusion` takes (or None).
+    :func:`micrec_tf.search.as_exclusion` takes (or None).
     ``slices``: name -> bool mask over examples; each adds ``<name>/hit@N`` entries.
     Returns ``{"hit@50": ..., "coverage@50": ..., "num_examples": N}``.
     """
     users = user_vectors(model, arrays, batch_size)
     items = item_vectors(model, num_items)
     result = metrics.evaluate_retrieval(
-        users, items, np.asarray(arrays["item"]), ns=list(hit_n), coverage_ns=list(coverage_n),
+        users, items, np.asarray(arrays[ITEM]), ns=list(hit_n), coverage_ns=list(coverage_n),
         exclude=exclude, use_scann=use_scann, slices=slices)
-    result["num_examples"] = int(len(arrays["item"]))
+    result["num_examples"] = int(len(arrays[ITEM]))
     return result

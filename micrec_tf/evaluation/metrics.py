@@ -29,18 +29,17 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from micrec_tf import search
+from micrec_tf.search import CSRExclusion, as_exclusion  # noqa: F401  (micrec_tf.evaluation's)
 
 __all__ = [
     "top_k_items", "top_k_from_scores", "hit_at_n", "item_coverage", "long_tail_items",
-    "hit_at_n_on_slice", "summarize_topk", "evaluate_retrieval", "CSRExclusion", "as_exclusion",
-    "top_k_by_score_fn", "top_k_items_scann",
+    "hit_at_n_on_slice", "summarize_topk", "evaluate_retrieval", "top_k_by_score_fn",
+    "top_k_items_scann",
 ]
 
 # Exact top-K, the ScaNN searcher and the exclusion sets live in micrec_tf.search (one
 # implementation for evaluation, the export's index and the title-neighbour job); the functions
 # below only add the evaluation's conventions (column 0 is padding, valid masks, DB ids).
-CSRExclusion = search.CSRExclusion
-as_exclusion = search.as_exclusion
 
 
 # ----------------------------------------------------------------------------- top-k selection
@@ -100,7 +99,7 @@ def top_k_items_scann(user_vectors: np.ndarray, item_vectors: np.ndarray, k: int
     valid[0] = False
     db_ids = np.nonzero(valid)[0]
     n = db_ids.size
-    excl = as_exclusion(exclude, user_vectors.shape[0])
+    excl = search.as_exclusion(exclude, user_vectors.shape[0])
     num_rows = user_vectors.shape[0]
     if n == 0:
         return (np.full((num_rows, k), -1, np.int64), np.full((num_rows, k), -np.inf, np.float32))
@@ -166,7 +165,8 @@ def hit_at_n(topk_indices: np.ndarray, target_items: np.ndarray, ns: Iterable[in
 
 
 def item_coverage(topk_indices: np.ndarray, num_items: int, ns: Iterable[int]) -> dict:
-    """{N: distinct items 1..V-1 in the union of all queries' top-N / (V - 1)}; V = ``num_items``."""
+    """{N: distinct items 1..V-1 in the union of all queries' top-N / (V - 1)};
+    V = ``num_items``."""
     topk_indices = np.asarray(topk_indices)
     ns = _check_ns(topk_indices, ns)
     if num_items <= 1:
