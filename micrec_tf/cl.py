@@ -38,7 +38,8 @@ import tensorflow as tf
 import tf_keras
 
 from micrec_tf.config import CL_ANCHORS, FEATURE_DROPOUTS, SEMANTIC_POSITIVES, SESSION_POSITIVES
-from micrec_tf.layers import register
+from micrec_tf.data.contract import ITEM_TAGS
+from micrec_tf.layers import check_choice, check_int, check_positive, register
 from micrec_tf.losses import check_similarity, in_batch_info_nce_loss, info_nce_loss
 
 
@@ -93,11 +94,9 @@ class CLAnchorSampler(tf_keras.layers.Layer):
     def __init__(self, num_items: int, mode: str = "batch", seed: int = 4, **kwargs):
         kwargs.setdefault("name", "cl_anchor_sampler")
         super().__init__(**kwargs)
-        if mode not in CL_ANCHORS:
-            raise ValueError(f"mode must be one of {list(CL_ANCHORS)}, got {mode!r}")
-        if not isinstance(num_items, (int, np.integer)) or num_items < 2:
-            raise ValueError(f"num_items must be an int >= 2, got {num_items!r}")
-        self.num_items, self.mode, self.seed = int(num_items), mode, seed
+        self.mode = check_choice("mode", mode, CL_ANCHORS)
+        self.num_items = check_int("num_items", num_items, minimum=2)
+        self.seed = seed
         self.rng = tf.random.Generator.from_seed(seed)
 
     def call(self, item_ids):
@@ -218,25 +217,22 @@ class FeatureCL(tf_keras.layers.Layer):
         kwargs.setdefault("name", "feature_cl")
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if strategy not in FEATURE_DROPOUTS:
-            raise ValueError(f"feature dropout strategy must be one of {list(FEATURE_DROPOUTS)}, "
-                             f"got {strategy!r}")
+        self.strategy = check_choice("strategy", strategy, FEATURE_DROPOUTS)
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        check_similarity(similarity)
-        self.similarity = similarity
-        if not isinstance(projection_dim, int) or projection_dim < 1:
-            raise ValueError(f"projection_dim must be a positive int, got {projection_dim!r}")
+            raise ValueError(f"mask_ratio must be in (0, 1). Received: mask_ratio={mask_ratio!r}")
+        self.mask_ratio = float(mask_ratio)
+        self.temperature = check_positive("temperature", temperature)
+        self.similarity = check_similarity(similarity)
+        self.projection_dim = check_int("projection_dim", projection_dim)
         if strategy == "correlated":
             if correlation is None:
-                raise ValueError("strategy 'correlated' needs the field correlation matrix")
+                raise ValueError("strategy 'correlated' needs the field correlation matrix. "
+                                 "Received: correlation=None")
             correlation = np.asarray(correlation, np.float32)
             if correlation.ndim != 2 or correlation.shape[0] != correlation.shape[1]:
-                raise ValueError(f"correlation must be [F, F], got shape {correlation.shape}")
-        self.projection_dim, self.strategy = projection_dim, strategy
-        self.mask_ratio, self.temperature, self.seed = float(mask_ratio), float(temperature), seed
+                raise ValueError(f"correlation must be [F, F]. Received: shape "
+                                 f"{correlation.shape}")
+        self.seed = seed
         self.correlation = None if correlation is None else np.asarray(correlation, np.float32)
         self.rng = tf.random.Generator.from_seed(seed)
         self.projector = _projector(projection_dim, "feature_projector")
@@ -249,7 +245,7 @@ class FeatureCL(tf_keras.layers.Layer):
             return raw * tf.cast(element_keep_mask(self.rng, tf.shape(raw), self.mask_ratio),
                                  raw.dtype)
         if self.strategy == "categorical":
-            keep = tag_keep_mask(self.rng, tf.cast(inputs.features["item_tags"], tf.int64),
+            keep = tag_keep_mask(self.rng, tf.cast(inputs.features[ITEM_TAGS], tf.int64),
                                  self.mask_ratio)
             return tf.cast(item_tower.raw_embedding(inputs.features, tag_keep_mask=keep),
                            raw.dtype)
@@ -321,6 +317,11 @@ class SemanticCL(tf_keras.layers.Layer):
         kwargs.setdefault("name", "semantic_cl")
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.projection_dim = check_int("projection_dim", projection_dim)
+        self.num_negatives = check_int("num_negatives", num_negatives)
+        self.temperature = check_positive("temperature", temperature)
+        self.positives = check_choice("positives", positives, SEMANTIC_POSITIVES)
+        self.similarity = check_similarity(similarity)
         neighbours = np.asarray(neighbours, np.int64)
         weights = np.asarray(weights, np.float32)
         if neighbours.ndim != 2 or weights.shape != neighbours.shape:
@@ -328,23 +329,13 @@ class SemanticCL(tf_keras.layers.Layer):
                              f"{neighbours.shape} and {weights.shape}")
         num_items = int(num_items if num_items is not None else neighbours.shape[0])
         if num_items < 2 or neighbours.shape[0] != num_items:
-            raise ValueError(f"neighbour table has {neighbours.shape[0]} rows, expected num_items="
-                             f"{num_items} (>= 2)")
+            raise ValueError(f"num_items must be >= 2 and equal the neighbour table's "
+                             f"{neighbours.shape[0]} rows. Received: num_items={num_items}")
         if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= num_items):
             raise ValueError(f"neighbour indices must be in [0, {num_items}). Received: "
                              f"[{neighbours.min()}, {neighbours.max()}]")
-        if not isinstance(num_negatives, int) or num_negatives < 1:
-            raise ValueError(f"num_negatives must be a positive int. Received: {num_negatives!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0. Received: {temperature!r}")
-        if positives not in SEMANTIC_POSITIVES:
-            raise ValueError(f"positives must be one of {list(SEMANTIC_POSITIVES)}. Received: "
-                             f"{positives!r}")
-        check_similarity(similarity)
-        self.similarity, self.positives = similarity, positives
         self._neighbours_np, self._weights_np = neighbours, weights
-        self.projection_dim, self.num_negatives = int(projection_dim), int(num_negatives)
-        self.temperature, self.seed, self.num_items = float(temperature), seed, num_items
+        self.seed, self.num_items = seed, num_items
         self.neighbours = tf.constant(neighbours)
         self.neighbour_valid = tf.constant(neighbours > 0)
         self.rng = tf.random.Generator.from_seed(seed)
@@ -353,11 +344,6 @@ class SemanticCL(tf_keras.layers.Layer):
     @classmethod
     def from_table(cls, table, projection_dim: int, **kwargs) -> "SemanticCL":
         return cls(table.neighbours, table.weights, projection_dim, **kwargs)
-
-    @property
-    def has_neighbours(self) -> np.ndarray:
-        """bool [V]: items with at least one neighbour (the others get no CL loss)."""
-        return (self._neighbours_np > 0).any(axis=1)
 
     def sample(self, ids):
         """Samples for anchors ``ids`` int [U]:
@@ -458,6 +444,13 @@ class SessionCL(tf_keras.layers.Layer):
         kwargs.setdefault("name", "session_cl")
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
+        self.projection_dim = check_int("projection_dim", projection_dim)
+        self.num_negatives = check_int("num_negatives", num_negatives)
+        self.negative_pool_factor = check_int("negative_pool_factor", negative_pool_factor)
+        self.temperature = check_positive("temperature", temperature)
+        self.same_category_weight = check_positive("same_category_weight", same_category_weight)
+        self.positives = check_choice("positives", positives, SESSION_POSITIVES)
+        self.similarity, self.seed = check_similarity(similarity), seed
         indptr = np.asarray(indptr, np.int64)
         neighbours = np.asarray(neighbours, np.int64)
         counts = np.asarray(counts, np.float64)
@@ -479,26 +472,9 @@ class SessionCL(tf_keras.layers.Layer):
         if same_category.shape != neighbours.shape:
             raise ValueError(f"same_category must be [E] like neighbours {neighbours.shape}. "
                              f"Received: {same_category.shape}")
-        if same_category_weight <= 0:
-            raise ValueError(f"same_category_weight must be > 0. Received: "
-                             f"{same_category_weight!r}")
-        if positives not in SESSION_POSITIVES:
-            raise ValueError(f"positives must be one of {list(SESSION_POSITIVES)}. Received: "
-                             f"{positives!r}")
-        if not isinstance(num_negatives, int) or num_negatives < 1:
-            raise ValueError(f"num_negatives must be a positive int. Received: {num_negatives!r}")
-        if not isinstance(negative_pool_factor, int) or negative_pool_factor < 1:
-            raise ValueError(f"negative_pool_factor must be a positive int. Received: "
-                             f"{negative_pool_factor!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0. Received: {temperature!r}")
-        check_similarity(similarity)
         self._indptr_np, self._neighbours_np = indptr, neighbours
         self._counts_np, self._same_category_np = counts, same_category
-        self.num_items, self.projection_dim = int(num_items), int(projection_dim)
-        self.num_negatives, self.negative_pool_factor = int(num_negatives), int(negative_pool_factor)
-        self.temperature, self.seed, self.similarity = float(temperature), seed, similarity
-        self.same_category_weight, self.positives = float(same_category_weight), positives
+        self.num_items = int(num_items)
 
         rows = np.repeat(np.arange(num_items, dtype=np.int64), np.diff(indptr))
         weights = self.positive_weights()
@@ -528,11 +504,6 @@ class SessionCL(tf_keras.layers.Layer):
             return np.ones(self._neighbours_np.shape, np.float64)
         return self._counts_np * np.where(self._same_category_np > 0, self.same_category_weight,
                                           1.0)
-
-    @property
-    def has_neighbours(self) -> np.ndarray:
-        """bool [V]: items with at least one co-occurrence (the others get no CL loss)."""
-        return np.diff(self._indptr_np) > 0
 
     def co_occurred(self, anchors, items) -> tf.Tensor:
         """bool [U, K]: ``items`` [K] (or [U, K]) is in anchor u's full co-occurrence list."""

@@ -38,6 +38,9 @@ SESSION_POSITIVES = ("count", "uniform")
 SEMANTIC_POSITIVES = ("sample", "all")
 MIXED_PRECISION = ("auto", "on", "off")
 INDEX_KINDS = ("scann", "brute_force")
+# How the user towers embed the history clicks and how the transformer computes attention
+# (speed only, the same function either way): see micrec_tf/towers.py and micrec_tf/layers.py,
+# which take these tuples from here.
 HISTORY_EMBEDDINGS = ("auto", "table", "slots")
 ATTENTION_IMPLS = ("matmul", "einsum")
 SYNTHETIC_DATA_DIR = "data/generated/synthetic"
@@ -341,6 +344,7 @@ class Config:
             raw["model"]["preset"] = preset
         return from_dict(raw)
 
+
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
@@ -477,7 +481,8 @@ def validate(cfg: Config) -> Config:
     for key in ("item_mlp_units", "user_mlp_units"):
         units = getattr(cfg.model, key)
         if not units or any(not isinstance(u, int) or u <= 0 for u in units):
-            raise ConfigError(f"model.{key} must be a non-empty list of positive ints, got {units!r}")
+            raise ConfigError(f"model.{key} must be a non-empty list of positive ints, "
+                              f"got {units!r}")
     _check_positive("model.transformer_dim", cfg.model.transformer_dim, allow_zero=True)
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.model.dropout!r}")
@@ -485,8 +490,9 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.num_negatives == 0 and not cfg.loss.in_batch_negatives:
         raise ConfigError("loss.num_negatives is 0 and loss.in_batch_negatives is false: "
                           "the main loss would have no negatives")
-    for key in ("lambda_feature", "lambda_semantic", "lambda_session"):
-        _check_positive(f"loss.{key}", getattr(cfg.loss, key), allow_zero=True)
+    for task in CL_TASKS:  # loss.lambda_<task>
+        _check_positive(f"loss.lambda_{task}", getattr(cfg.loss, f"lambda_{task}"),
+                        allow_zero=True)
     _check_positive("loss.temperature", cfg.loss.temperature)
     if not 0.0 < cfg.loss.mask_ratio < 1.0:
         raise ConfigError(f"loss.mask_ratio must be in (0, 1), got {cfg.loss.mask_ratio!r}")
@@ -497,7 +503,8 @@ def validate(cfg: Config) -> Config:
         _check_positive(f"train.{key}", getattr(cfg.train, key))
     _check_positive("train.early_stopping_patience", cfg.train.early_stopping_patience, True)
     if not 0.0 < cfg.train.train_fraction <= 1.0:
-        raise ConfigError(f"train.train_fraction must be in (0, 1], got {cfg.train.train_fraction!r}")
+        raise ConfigError(f"train.train_fraction must be in (0, 1], "
+                          f"got {cfg.train.train_fraction!r}")
     for key in ("hit_n", "coverage_n"):
         ns = getattr(cfg.eval, key)
         if not ns or any(not isinstance(n, int) or n <= 0 for n in ns):
@@ -555,6 +562,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
                 raw[section][name] = value
     return validate(_build(Config, raw, ""))
 
+
 def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Config:
     """Reads a YAML config file; ``overrides`` are dotted keys applied after loading."""
     if not os.path.exists(path):
@@ -572,7 +580,8 @@ def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Config
 
 
 def parse_overrides(items: list[str] | None) -> dict:
-    """Parses CLI ``--set key=value`` items; values are read as YAML (``3``, ``true``, ``[1,2]``)."""
+    """Parses CLI ``--set key=value`` items; values are read as YAML (``3``, ``true``,
+    ``[1,2]``)."""
     out = {}
     for item in items or []:
         if "=" not in item:

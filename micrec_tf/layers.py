@@ -18,6 +18,7 @@ Every layer is registered under the ``micrec_tf`` package and round-trips throug
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping, Sequence
 
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
@@ -25,9 +26,52 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from micrec_tf.config import ATTENTION_IMPLS
+from micrec_tf.data.contract import ITEM, ITEM_PROVIDER, ITEM_TAGS, item_feature
+
 register = tf_keras.saving.register_keras_serializable(package="micrec_tf")
 
-ITEM_ID, ITEM_TAGS, ITEM_PROVIDER = "item", "item_tags", "item_provider"
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: every layer validates its constructor arguments with these, so a layer used
+# outside the config fails at construction with a one-line ``ValueError`` naming the argument.
+# --------------------------------------------------------------------------------------------
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an ``int`` if it is an integer >= ``minimum`` (bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` as a ``float`` if it is a real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be > 0. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_rate(name: str, value) -> float:
+    """``value`` as a ``float`` if it is a real number in [0, 1) (a dropout rate)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1). Received: {name}={value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value, choices: Sequence):
+    """``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}. Received: {name}={value!r}")
+    return value
+
+
+def check_units(units, who: str) -> list:
+    """``units`` as a list of ints if it is a non-empty sequence of ints >= 1 (MLP widths)."""
+    units = list(units)
+    if not units or any(isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 1
+                        for u in units):
+        raise ValueError(f"{who} units must be a non-empty list of positive ints. Received: "
+                         f"units={units!r}")
+    return [int(u) for u in units]
 
 
 def serialize(layer: tf_keras.layers.Layer) -> dict:
@@ -48,14 +92,16 @@ def scalar_feature(x: tf.Tensor, name: str) -> tf.Tensor:
     if x.shape.rank == 2 and x.shape[-1] == 1:
         return tf.squeeze(x, axis=-1)
     if x.shape.rank not in (None, 1):
-        raise ValueError(f"feature {name!r} must have shape [B] or [B, 1], got {x.shape}")
+        raise ValueError(f"feature {name!r} must have shape [B] or [B, 1]. Received: shape "
+                         f"{x.shape}")
     return x
 
 
 def require_features(features: Mapping, names: Sequence[str], who: str) -> None:
     """Raises a ``KeyError`` naming the missing features and the ones received."""
     if not isinstance(features, Mapping):
-        raise TypeError(f"{who} expects a dict of features, got {type(features).__name__}")
+        raise TypeError(f"{who} expects a dict of features. Received: "
+                        f"{type(features).__name__}")
     missing = [n for n in names if n not in features]
     if missing:
         raise KeyError(f"{who} is missing feature(s) {missing}; received {sorted(features)}")
@@ -95,15 +141,18 @@ class ItemFeatureLookup(tf_keras.layers.Layer):
         provider = np.asarray(provider, dtype=np.int64)
         extra = {k: np.asarray(v, dtype=np.int64) for k, v in (extra or {}).items()}
         if tags.ndim != 2:
-            raise ValueError(f"item table tags must be [V, T], got shape {tags.shape}")
+            raise ValueError(f"item table tags must be [V, T]. Received: shape {tags.shape}")
         if provider.shape != (tags.shape[0],):
-            raise ValueError(f"item table provider must be [V]={tags.shape[0]}, got {provider.shape}")
+            raise ValueError(f"item table provider must be [V]={tags.shape[0]}. Received: shape "
+                             f"{provider.shape}")
+        prefix = item_feature("")  # "item_": extra fields are item_<field> features
         for name, col in extra.items():
-            if not name.startswith("item_"):
-                raise ValueError(f"extra item field names must start with 'item_', got {name!r}")
+            if not name.startswith(prefix):
+                raise ValueError(f"extra item field names must start with {prefix!r}. Received: "
+                                 f"{name!r}")
             if col.shape != (tags.shape[0],):
-                raise ValueError(f"item table extra[{name!r}] must be [V]={tags.shape[0]}, "
-                                 f"got {col.shape}")
+                raise ValueError(f"item table extra[{name!r}] must be [V]={tags.shape[0]}. "
+                                 f"Received: shape {col.shape}")
         self._tags_np, self._provider_np, self._extra_np = tags, provider, extra
         self.tags = tf.constant(tags)
         self.provider = tf.constant(provider)
@@ -124,7 +173,7 @@ class ItemFeatureLookup(tf_keras.layers.Layer):
 
     def call(self, indices):
         indices = tf.cast(indices, tf.int64)
-        out = {ITEM_ID: indices, ITEM_TAGS: tf.gather(self.tags, indices),
+        out = {ITEM: indices, ITEM_TAGS: tf.gather(self.tags, indices),
                ITEM_PROVIDER: tf.gather(self.provider, indices)}
         for name, col in self.extra.items():
             out[name] = tf.gather(col, indices)
@@ -154,27 +203,23 @@ class ItemFieldEmbeddings(tf_keras.layers.Layer):
     def __init__(self, num_items: int, num_tags: int, num_providers: int,
                  extra_vocab_sizes: Mapping | None = None, embedding_dim: int = 64, **kwargs):
         super().__init__(**kwargs)
-        sizes = {"num_items": num_items, "num_tags": num_tags, "num_providers": num_providers,
-                 **{f"extra_vocab_sizes[{k!r}]": v for k, v in (extra_vocab_sizes or {}).items()}}
-        for key, value in sizes.items():
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"ItemFieldEmbeddings {key} must be a positive int, got {value!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        self.num_items, self.num_tags, self.num_providers = int(num_items), int(num_tags), int(
-            num_providers)
-        self.extra_vocab_sizes = {k: int(v) for k, v in (extra_vocab_sizes or {}).items()}
-        self.embedding_dim = embedding_dim
+        self.num_items = check_int("num_items", num_items)
+        self.num_tags = check_int("num_tags", num_tags)
+        self.num_providers = check_int("num_providers", num_providers)
+        self.extra_vocab_sizes = {k: check_int(f"extra_vocab_sizes[{k!r}]", v)
+                                  for k, v in (extra_vocab_sizes or {}).items()}
+        self.embedding_dim = check_int("embedding_dim", embedding_dim)
         emb = tf_keras.layers.Embedding
-        self.item_embedding = emb(self.num_items, embedding_dim, name="item_id_embedding")
-        self.tag_embedding = emb(self.num_tags, embedding_dim, name="tag_embedding")
-        self.provider_embedding = emb(self.num_providers, embedding_dim, name="provider_embedding")
-        self.extra_embeddings = [emb(v, embedding_dim, name=f"{k}_embedding")
+        dim = self.embedding_dim
+        self.item_embedding = emb(self.num_items, dim, name="item_id_embedding")
+        self.tag_embedding = emb(self.num_tags, dim, name="tag_embedding")
+        self.provider_embedding = emb(self.num_providers, dim, name="provider_embedding")
+        self.extra_embeddings = [emb(v, dim, name=f"{k}_embedding")
                                  for k, v in self.extra_vocab_sizes.items()]
 
     @property
     def field_names(self) -> list:
-        return [ITEM_ID, ITEM_TAGS, ITEM_PROVIDER, *self.extra_vocab_sizes]
+        return [ITEM, ITEM_TAGS, ITEM_PROVIDER, *self.extra_vocab_sizes]
 
     @property
     def num_fields(self) -> int:
@@ -182,12 +227,12 @@ class ItemFieldEmbeddings(tf_keras.layers.Layer):
 
     def call(self, features, tag_keep_mask=None):
         require_features(features, self.field_names, "ItemFieldEmbeddings")
-        ids = tf.cast(features[ITEM_ID], tf.int64)
+        ids = tf.cast(features[ITEM], tf.int64)
         tags = tf.cast(features[ITEM_TAGS], tf.int64)
         if tags.shape.rank is not None and ids.shape.rank is not None and (
                 tags.shape.rank != ids.shape.rank + 1):
-            raise ValueError(f"item_tags must have one more dimension than item: got item "
-                             f"{ids.shape}, item_tags {tags.shape}")
+            raise ValueError(f"{ITEM_TAGS} must have one more dimension than {ITEM}. Received: "
+                             f"{ITEM} {ids.shape}, {ITEM_TAGS} {tags.shape}")
         fields = [_zero_padding(self.item_embedding(ids), ids)]
         tag_mask = tags > 0
         if tag_keep_mask is not None:
@@ -223,15 +268,9 @@ class UserFieldEmbeddings(tf_keras.layers.Layer):
 
     def __init__(self, vocab_sizes: Mapping, embedding_dim: int = 64, **kwargs):
         super().__init__(**kwargs)
-        for key, value in vocab_sizes.items():
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"user field {key!r} vocabulary size must be a positive int, "
-                                 f"got {value!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
-        self.vocab_sizes = {k: int(v) for k, v in vocab_sizes.items()}
-        self.embedding_dim = embedding_dim
-        self.embeddings = [tf_keras.layers.Embedding(v, embedding_dim, name=f"{k}_embedding")
+        self.vocab_sizes = {k: check_int(f"vocab_sizes[{k!r}]", v) for k, v in vocab_sizes.items()}
+        self.embedding_dim = check_int("embedding_dim", embedding_dim)
+        self.embeddings = [tf_keras.layers.Embedding(v, self.embedding_dim, name=f"{k}_embedding")
                            for k, v in self.vocab_sizes.items()]
 
     @property
@@ -268,18 +307,13 @@ class MLP(tf_keras.layers.Layer):
     def __init__(self, units: Sequence[int], activation: str = "relu", dropout: float = 0.0,
                  final_activation: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        units = list(units)
-        if not units or any(not isinstance(u, (int, np.integer)) or u < 1 for u in units):
-            raise ValueError(f"MLP units must be a non-empty list of positive ints, got {units!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"MLP dropout must be in [0, 1), got {dropout!r}")
-        self.units = [int(u) for u in units]
+        self.units = check_units(units, "MLP")
         self.activation = activation
-        self.dropout = float(dropout)
+        self.dropout = check_rate("dropout", dropout)
         self.final_activation = final_activation
         self.dense_layers = [
             tf_keras.layers.Dense(
-                u, activation=activation if i < len(units) - 1 else final_activation,
+                u, activation=activation if i < len(self.units) - 1 else final_activation,
                 name=f"dense_{i}")
             for i, u in enumerate(self.units)]
         self.dropout_layers = [tf_keras.layers.Dropout(self.dropout) for _ in self.units[:-1]]
@@ -304,7 +338,8 @@ class PositionEmbedding(tf_keras.layers.Layer):
 
     def build(self, input_shape):
         if input_shape[-2] is None or input_shape[-1] is None:
-            raise ValueError(f"PositionEmbedding needs a static [B, L, D] shape, got {input_shape}")
+            raise ValueError(f"PositionEmbedding needs a static [B, L, D] shape. Received: "
+                             f"{input_shape}")
         self.positions = self.add_weight(
             name="positions", shape=(int(input_shape[-2]), int(input_shape[-1])),
             initializer=tf_keras.initializers.RandomNormal(stddev=0.02))
@@ -314,41 +349,33 @@ class PositionEmbedding(tf_keras.layers.Layer):
         return x + tf.cast(self.positions, x.dtype)
 
 
-# How TransformerEncoderBlock computes attention (``model.attention``): ``matmul`` projects with
-# plain matmuls and forms the [B, heads, L, L] scores and weighted sums as transposed batched
-# matmuls; ``einsum`` calls tf_keras's MultiHeadAttention (its einsum path runs the small
-# L x head_dim x L products at a fraction of the CPU's matmul speed). Both use the same
-# MultiHeadAttention variables, so they compute the same function and share checkpoints.
-ATTENTION_IMPLS = ("matmul", "einsum")
-
-
 @register
 class TransformerEncoderBlock(tf_keras.layers.Layer):
     """Post-LN transformer encoder block with a key padding mask (paper eq. 6).
 
     Call: ``x`` [B, L, D], ``mask`` bool [B, L] (true = real entry) -> [B, L, D]. Padded query
     positions are zeroed in the output; a fully padded row attends uniformly and is zeroed.
-    ``attention``: see :data:`ATTENTION_IMPLS`.
+
+    ``attention`` (``model.attention``, one of :data:`micrec_tf.config.ATTENTION_IMPLS`):
+    ``matmul`` projects with plain matmuls and forms the [B, heads, L, L] scores and weighted
+    sums as transposed batched matmuls; ``einsum`` calls tf_keras's MultiHeadAttention (its
+    einsum path runs the small L x head_dim x L products at a fraction of the CPU's matmul
+    speed). Both use the same MultiHeadAttention variables, so they compute the same function
+    and share checkpoints.
     """
 
     def __init__(self, num_heads: int = 2, ff_dim: int | None = None, dropout: float = 0.0,
                  attention: str = "matmul", **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if ff_dim is not None and (not isinstance(ff_dim, int) or ff_dim < 1):
-            raise ValueError(f"ff_dim must be a positive int or None, got {ff_dim!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}. Received: {attention!r}")
-        self.num_heads, self.ff_dim, self.dropout = num_heads, ff_dim, float(dropout)
-        self.attention_impl = attention
+        self.num_heads = check_int("num_heads", num_heads)
+        self.ff_dim = None if ff_dim is None else check_int("ff_dim", ff_dim)
+        self.dropout = check_rate("dropout", dropout)
+        self.attention_impl = check_choice("attention", attention, ATTENTION_IMPLS)
 
     def build(self, input_shape):
         if len(input_shape) != 3 or input_shape[-1] is None:
-            raise ValueError(f"TransformerEncoderBlock expects [B, L, D] with static D, got "
-                             f"{input_shape}")
+            raise ValueError(f"TransformerEncoderBlock expects [B, L, D] with static D. "
+                             f"Received: {input_shape}")
         d = int(input_shape[-1])
         self.attention = tf_keras.layers.MultiHeadAttention(
             self.num_heads, key_dim=max(1, math.ceil(d / self.num_heads)), dropout=self.dropout,
@@ -435,14 +462,14 @@ class AutoIntInteraction(tf_keras.layers.Layer):
     def __init__(self, num_heads: int = 2, head_dim: int = 32, use_residual: bool = True,
                  **kwargs):
         super().__init__(**kwargs)
-        for key, value in (("num_heads", num_heads), ("head_dim", head_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"AutoIntInteraction {key} must be a positive int, got {value!r}")
-        self.num_heads, self.head_dim, self.use_residual = num_heads, head_dim, bool(use_residual)
+        self.num_heads = check_int("num_heads", num_heads)
+        self.head_dim = check_int("head_dim", head_dim)
+        self.use_residual = bool(use_residual)
 
     def build(self, input_shape):
         if len(input_shape) != 3 or input_shape[-1] is None:
-            raise ValueError(f"AutoIntInteraction expects [B, F, D] with static D, got {input_shape}")
+            raise ValueError(f"AutoIntInteraction expects [B, F, D] with static D. Received: "
+                             f"{input_shape}")
         d, out = int(input_shape[-1]), self.num_heads * self.head_dim
         init = "glorot_uniform"  # a fresh initializer per weight (distinct values)
         self.w_query = self.add_weight(name="w_query", shape=(d, out), initializer=init)

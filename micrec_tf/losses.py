@@ -1,4 +1,5 @@
-"""Losses: the main sampled softmax L_S (paper eqs. 1, 7) and InfoNCE for the CL tasks (eqs. 3-5).
+"""Losses: the main sampled softmax L_S (paper eqs. 1, 7) and InfoNCE for the CL tasks
+(eqs. 3-5).
 
 Every loss is a per-example MEAN (over the examples that count), computed in float32 whatever the
 global mixed-precision policy, so the weights ``lambda_1..3`` of eq. 8 compare like with like.
@@ -16,7 +17,7 @@ import tensorflow as tf
 import tf_keras
 
 from micrec_tf.config import CL_SIMILARITIES
-from micrec_tf.layers import register
+from micrec_tf.layers import check_choice, check_int, check_positive, register
 
 # Logit given to masked candidates (accidental hits, negatives in the positive set). Finite so a
 # row with every candidate masked still has a finite loss.
@@ -64,7 +65,7 @@ def sampled_softmax_loss(query, positives, positive_ids, negatives=None, negativ
     """
     query, positives = _f32(query), _f32(positives)
     if query.shape.rank != 2 or positives.shape.rank != 2:
-        raise ValueError(f"query and positives must be [B, d], got {query.shape} and "
+        raise ValueError(f"query and positives must be [B, d]. Received: {query.shape} and "
                          f"{positives.shape}")
     if query.shape[-1] is not None and positives.shape[-1] is not None and (
             query.shape[-1] != positives.shape[-1]):
@@ -89,7 +90,7 @@ def sampled_softmax_loss(query, positives, positive_ids, negatives=None, negativ
     if negatives is not None:
         negatives = _f32(negatives)
         if negatives.shape.rank != 2:
-            raise ValueError(f"negatives must be [N, d], got {negatives.shape}")
+            raise ValueError(f"negatives must be [N, d]. Received: {negatives.shape}")
         neg_logits = tf.matmul(query, negatives, transpose_b=True)  # [B, N]
         if negative_log_q is not None:
             neg_logits -= _f32(negative_log_q)
@@ -132,10 +133,9 @@ def history_negative_mask(history_ids, sorted_negative_ids) -> tf.Tensor:
     return tf.math.cumsum(marks, axis=1)[:, :-1] < 0.5
 
 
-def check_similarity(similarity) -> None:
-    """Raises ValueError naming ``similarity`` unless it is one of ``CL_SIMILARITIES``."""
-    if similarity not in CL_SIMILARITIES:
-        raise ValueError(f"similarity must be one of {list(CL_SIMILARITIES)}, got {similarity!r}")
+def check_similarity(similarity) -> str:
+    """``similarity`` if it is one of ``CL_SIMILARITIES``; ValueError naming it otherwise."""
+    return check_choice("similarity", similarity, CL_SIMILARITIES)
 
 
 def _similarity_inputs(similarity: str, *tensors):
@@ -164,11 +164,10 @@ def info_nce_loss(anchors, positives, negatives, *, temperature: float = 1.0,
     Returns: scalar float32, mean over counted anchors of
       ``-log(exp(a.p/tau) / (exp(a.p/tau) + sum_k exp(a.n_k/tau)))``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_positive("temperature", temperature)
     anchors, positives, negatives = _similarity_inputs(similarity, anchors, positives, negatives)
     if anchors.shape.rank != 2 or positives.shape.rank != 2:
-        raise ValueError(f"anchors and positives must be [U, p], got {anchors.shape} and "
+        raise ValueError(f"anchors and positives must be [U, p]. Received: {anchors.shape} and "
                          f"{positives.shape}")
     pos = tf.reduce_sum(anchors * positives, axis=-1, keepdims=True)
     if negatives.shape.rank == 2:
@@ -176,7 +175,7 @@ def info_nce_loss(anchors, positives, negatives, *, temperature: float = 1.0,
     elif negatives.shape.rank == 3:
         neg = tf.einsum("up,ukp->uk", anchors, negatives)
     else:
-        raise ValueError(f"negatives must be [K, p] or [U, K, p], got {negatives.shape}")
+        raise ValueError(f"negatives must be [K, p] or [U, K, p]. Received: {negatives.shape}")
     logits = tf.concat([pos, neg], axis=1) / temperature
     if negative_mask is not None:
         keep = tf.concat([tf.ones_like(pos, dtype=tf.bool), tf.cast(negative_mask, tf.bool)], 1)
@@ -197,8 +196,7 @@ def in_batch_info_nce_loss(anchors, positives, *, temperature: float = 1.0, vali
         items (deduplicate before calling, or repeated items become false negatives).
       similarity: ``dot`` or ``cosine``, as in :func:`info_nce_loss`.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_positive("temperature", temperature)
     anchors, positives = _similarity_inputs(similarity, anchors, positives)
     logits = tf.matmul(anchors, positives, transpose_b=True) / temperature  # [U, U]
     if valid is not None:
@@ -223,13 +221,11 @@ class StreamingFrequencyEstimator(tf_keras.layers.Layer):
 
     def __init__(self, num_items: int, batch_size: int = 4096, alpha: float = 0.05, **kwargs):
         super().__init__(**kwargs)
-        if num_items < 2:
-            raise ValueError(f"num_items must be >= 2, got {num_items!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.num_items = check_int("num_items", num_items, minimum=2)
+        self.batch_size = check_int("batch_size", batch_size)
         if not 0.0 < alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-        self.num_items, self.batch_size, self.alpha = int(num_items), int(batch_size), float(alpha)
+            raise ValueError(f"alpha must be in (0, 1]. Received: alpha={alpha!r}")
+        self.alpha = float(alpha)
         prior = max(1.0, (self.num_items - 1) / self.batch_size)
         agg = tf.VariableAggregation.ONLY_FIRST_REPLICA
         self.step = self.add_weight(name="step", shape=(), dtype=tf.float32, trainable=False,
@@ -280,18 +276,16 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
     def __init__(self, num_items: int, num_negatives: int = 1000, in_batch_negatives: bool = False,
                  remove_accidental_hits: bool = True, batch_size: int = 4096, seed: int = 0,
                  mask_history_negatives: bool = False, **kwargs):
-        kwargs.setdefault("dtype", "float32")  # logits and losses stay float32 under mixed precision
+        kwargs.setdefault("dtype", "float32")  # logits and losses stay float32 in mixed precision
         super().__init__(**kwargs)
-        if num_items < 2:
-            raise ValueError(f"num_items must be >= 2 (padding + one item), got {num_items!r}")
-        if num_negatives < 0:
-            raise ValueError(f"num_negatives must be >= 0, got {num_negatives!r}")
+        self.num_items = check_int("num_items", num_items, minimum=2)  # padding + one item
+        self.num_negatives = check_int("num_negatives", num_negatives, minimum=0)
         if num_negatives == 0 and not in_batch_negatives:
-            raise ValueError("num_negatives is 0 and in_batch_negatives is False: no negatives")
-        self.num_items, self.num_negatives = int(num_items), int(num_negatives)
+            raise ValueError("num_negatives is 0 and in_batch_negatives is False: no negatives. "
+                             "Received: num_negatives=0, in_batch_negatives=False")
         self.in_batch_negatives = bool(in_batch_negatives)
         self.remove_accidental_hits = bool(remove_accidental_hits)
-        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.batch_size, self.seed = check_int("batch_size", batch_size), int(seed)
         self.mask_history_negatives = bool(mask_history_negatives)
         self.rng = tf.random.Generator.from_seed(self.seed)
         self.frequency = (StreamingFrequencyEstimator(self.num_items, self.batch_size,
@@ -331,9 +325,9 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(mask_history_negatives=self.mask_history_negatives)
         config.update(num_items=self.num_items, num_negatives=self.num_negatives,
                       in_batch_negatives=self.in_batch_negatives,
                       remove_accidental_hits=self.remove_accidental_hits,
-                      batch_size=self.batch_size, seed=self.seed)
+                      batch_size=self.batch_size, seed=self.seed,
+                      mask_history_negatives=self.mask_history_negatives)
         return config

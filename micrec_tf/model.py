@@ -27,17 +27,21 @@ import tf_keras
 
 from micrec_tf.cl import (CLAnchorSampler, FeatureCL, SemanticCL, SessionCL,
                           cl_inputs_from_batch, field_correlation)
+from micrec_tf.config import CL_TASKS
+from micrec_tf.data.contract import HIST_ITEMS, ITEM, user_feature
 from micrec_tf.layers import ItemFeatureLookup, ItemFieldEmbeddings, UserFieldEmbeddings
 from micrec_tf.losses import SampledSoftmaxTask
 from micrec_tf.towers import (AutoIntItemTower, AutoIntUserTower, DeepFMItemTower,
                               DeepFMUserTower, FMItemTower, FMUserTower, ICANUserTower,
                               MLPItemTower, YoutubeDNNUserTower)
 
-LOSS_NAMES = ("loss", "sampled_softmax_loss", "feature_cl_loss", "semantic_cl_loss",
-              "session_cl_loss")
-_TASKS = (("feature", "feature_cl"), ("semantic", "semantic_cl"), ("session", "session_cl"))
-# Seed offsets from train.seed, one generator per sampler.
-_SEED_OFFSETS = {"sampled_softmax": 0, "feature": 1, "semantic": 2, "session": 3, "anchors": 4}
+# (task, MicRecModel attribute and constructor argument): ("feature", "feature_cl"), ...; the
+# task's loss is logged as "<attribute>_loss".
+_TASKS = tuple((task, f"{task}_cl") for task in CL_TASKS)
+# Seed offsets from train.seed, one generator per sampler: the main loss 0, the CL tasks 1, 2, 3
+# in CL_TASKS order, the CL anchor sampler after them.
+_SEED_OFFSETS = {"sampled_softmax": 0, **{task: 1 + i for i, task in enumerate(CL_TASKS)},
+                 "anchors": 1 + len(CL_TASKS)}
 
 
 def _unpack(data):
@@ -47,7 +51,7 @@ def _unpack(data):
     if isinstance(data, (tuple, list)) and data and isinstance(data[0], Mapping):
         return data[0]
     raise TypeError(f"MicRecModel expects batches that are a dict of features (or a tuple whose "
-                    f"first element is one), got {type(data).__name__}")
+                    f"first element is one). Received: {type(data).__name__}")
 
 
 class TwoTowerSteps:
@@ -162,14 +166,13 @@ class MicRecModel(TwoTowerSteps, tf_keras.Model):
             cl_anchor_sampler = None  # the identity: keep the default path (and checkpoints)
         self.cl_anchor_sampler = cl_anchor_sampler
         lambdas = dict(lambdas or {})
-        unknown = set(lambdas) - {t for t, _ in _TASKS}
+        unknown = set(lambdas) - set(CL_TASKS)
         if unknown:
-            raise ValueError(f"unknown lambda key(s) {sorted(unknown)}; valid: "
-                             f"{[t for t, _ in _TASKS]}")
-        self.lambdas = {t: float(lambdas.get(t, 0.0)) for t, _ in _TASKS}
+            raise ValueError(f"lambdas keys must be in {CL_TASKS}. Received: {sorted(unknown)}")
+        self.lambdas = {t: float(lambdas.get(t, 0.0)) for t in CL_TASKS}
         for task, value in self.lambdas.items():
             if value < 0:
-                raise ValueError(f"lambda for {task} must be >= 0, got {value!r}")
+                raise ValueError(f"lambdas[{task!r}] must be >= 0. Received: {value!r}")
         self._init_steps(self.loss_names, item_batch_size)
 
     # --- bookkeeping ---------------------------------------------------------------------
@@ -203,10 +206,10 @@ class MicRecModel(TwoTowerSteps, tf_keras.Model):
         user = tf.cast(self.user_tower(features, training=training), tf.float32)
         raw = self.item_tower.raw_embedding(features)
         positives = self.item_tower.encode(raw, training=training)
-        item_ids = tf.reshape(tf.cast(features["item"], tf.int64), [-1])
+        item_ids = tf.reshape(tf.cast(features[ITEM], tf.int64), [-1])
         retrieval_inputs = (user, tf.cast(positives, tf.float32), item_ids)
         if self.retrieval.mask_history_negatives:
-            retrieval_inputs += (features["hist_items"],)
+            retrieval_inputs += (features[HIST_ITEMS],)
         losses = {"sampled_softmax_loss": self.retrieval(
             retrieval_inputs, item_tower=self.item_tower, training=training)}
         total = losses["sampled_softmax_loss"]
@@ -251,10 +254,13 @@ class MicRecModel(TwoTowerSteps, tf_keras.Model):
         """int64 [N] item indices -> [N, d] in the compute dtype."""
         return self.item_tower.embed_indices(ids, training=training)
 
-def _user_feature_names(user_fields, vocab_sizes):
+
+def _user_feature_names(user_fields, vocab_sizes) -> list:
+    """The ``user_<field>`` feature names of ``user_fields`` (given as ``gender`` or, when that
+    is a vocabulary, ``user_gender``); ``KeyError`` for a field without a vocabulary."""
     names = []
     for f in user_fields:
-        name = f if (f.startswith("user_") and f in vocab_sizes) else f"user_{f}"
+        name = f if (f.startswith(user_feature("")) and f in vocab_sizes) else user_feature(f)
         if name not in vocab_sizes:
             raise KeyError(f"user field {f!r}: vocabulary {name!r} not in vocab_sizes "
                            f"{sorted(vocab_sizes)}")
@@ -345,8 +351,8 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
                                       m.num_heads, m.num_transformer_layers, **history,
                                       name="user_tower")
     else:
-        raise ValueError(f"model.name must be one of ican, youtubednn, fm, deepfm, autoint; "
-                         f"got {m.name!r}")
+        raise ValueError(f"model.name must be one of ican, youtubednn, fm, deepfm, autoint, "
+                         f"tfrs_two_tower. Received: {m.name!r}")
 
     seed = int(cfg.train.seed)
     retrieval = SampledSoftmaxTask(
@@ -378,6 +384,5 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
                if tasks and loss.cl_anchors != "batch" else None)
     return MicRecModel(
         user_tower, item_tower, retrieval, **tasks, cl_anchor_sampler=anchors,
-        lambdas={"feature": loss.lambda_feature, "semantic": loss.lambda_semantic,
-                 "session": loss.lambda_session},
+        lambdas={task: getattr(loss, f"lambda_{task}") for task in CL_TASKS},
         name=f"micrec_{m.name}")

@@ -62,12 +62,11 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
 
-from micrec_tf.layers import (MLP, deserialize, register, require_features, scalar_feature,
-                              serialize)
+from micrec_tf.data.contract import HIST_ITEMS, ITEM, USER_ID
+from micrec_tf.layers import (MLP, check_int, check_rate, check_units, deserialize, masked_mean,
+                              register, require_features, scalar_feature, serialize)
 from micrec_tf.model import TwoTowerSteps, _unpack, _user_feature_names
 
-HIST_ITEMS = "hist_items"
-USER_ID = "user_id"
 LOSS_NAMES = ("loss", "sampled_softmax_loss")
 
 
@@ -80,21 +79,10 @@ class MaskedMeanPooling(tf_keras.layers.Layer):
     """
 
     def call(self, x, mask):
-        m = tf.cast(mask, x.dtype)[..., tf.newaxis]  # [..., L, 1]
-        total = tf.reduce_sum(x * m, axis=-2)
-        count = tf.reduce_sum(m, axis=-2)
-        return total / tf.maximum(count, tf.ones_like(count))
+        return masked_mean(x, mask, axis=-2)
 
     def compute_mask(self, inputs, mask=None):
         return None
-
-
-def _check_units(units, dropout, who):
-    units = [int(u) for u in units]
-    if not units or any(u < 1 for u in units):
-        raise ValueError(f"{who} units must be a non-empty list of positive ints. Received: "
-                         f"{units!r}")
-    return units, float(dropout)
 
 
 @register
@@ -119,14 +107,14 @@ class TFRSItemModel(tf_keras.layers.Layer):
         if tags.ndim != 2 or tags.shape[0] < 2:
             raise ValueError(f"tags must be [V, T] with V >= 2 (padding + one item). Received: "
                              f"shape {tags.shape}")
-        if int(num_tags) < 1:
-            raise ValueError(f"num_tags must be >= 1. Received: {num_tags!r}")
-        if tags.size and (tags.min() < 0 or tags.max() >= int(num_tags)):
+        self.num_tags = check_int("num_tags", num_tags)
+        if tags.size and (tags.min() < 0 or tags.max() >= self.num_tags):
             raise ValueError(f"tag indices must lie in [0, num_tags={num_tags}). Received: "
                              f"values in [{tags.min()}, {tags.max()}]")
         self._tags_np = tags
-        self.num_tags, self.embedding_dim = int(num_tags), int(embedding_dim)
-        self.units, self.dropout = _check_units(units, dropout, "TFRSItemModel")
+        self.embedding_dim = check_int("embedding_dim", embedding_dim)
+        self.units = check_units(units, "TFRSItemModel")
+        self.dropout = check_rate("dropout", dropout)
         self.item_tags = tf.constant(tags)
         self.id_embedding = tf_keras.layers.Embedding(self.num_items, self.embedding_dim,
                                                       name="item_id_embedding")
@@ -185,17 +173,15 @@ class TFRSUserModel(tf_keras.layers.Layer):
                  units: Sequence[int] = (128, 64, 64), dropout: float = 0.0,
                  user_id_vocabulary: Sequence[str] | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.profile_vocab_sizes = {k: int(v) for k, v in profile_vocab_sizes.items()}
-        for name, size in self.profile_vocab_sizes.items():
-            if size < 1:
-                raise ValueError(f"profile field {name!r} vocabulary size must be >= 1. "
-                                 f"Received: {size!r}")
+        self.profile_vocab_sizes = {k: check_int(f"profile_vocab_sizes[{k!r}]", v)
+                                    for k, v in profile_vocab_sizes.items()}
         self.item_id_embedding = deserialize(item_id_embedding)
         if not isinstance(self.item_id_embedding, tf_keras.layers.Embedding):
             raise TypeError(f"item_id_embedding must be a tf_keras Embedding. Received: "
                             f"{type(self.item_id_embedding).__name__}")
         self.embedding_dim = int(self.item_id_embedding.output_dim)
-        self.units, self.dropout = _check_units(units, dropout, "TFRSUserModel")
+        self.units = check_units(units, "TFRSUserModel")
+        self.dropout = check_rate("dropout", dropout)
         self.profile_embeddings = [
             tf_keras.layers.Embedding(size, self.embedding_dim, name=f"{name}_embedding")
             for name, size in self.profile_vocab_sizes.items()]
@@ -224,7 +210,7 @@ class TFRSUserModel(tf_keras.layers.Layer):
         (zeros for an empty history)."""
         hist = tf.cast(features[HIST_ITEMS], tf.int64)
         if hist.shape.rank != 2:
-            raise ValueError(f"hist_items must be [B, H]. Received: shape {hist.shape}")
+            raise ValueError(f"{HIST_ITEMS} must be [B, H]. Received: shape {hist.shape}")
         return self.history_pooling(self.item_id_embedding(hist), hist > 0)
 
     def call(self, features, training=None):
@@ -367,12 +353,12 @@ class TFRSTwoTowerModel(TwoTowerSteps, tfrs.models.Model):
         """-> {"user_embedding": [B, d], "item_embedding": [B, d]} (target items), float32."""
         return {"user_embedding": tf.cast(self.user_model(features, training=training),
                                           tf.float32),
-                "item_embedding": tf.cast(self.item_model(features["item"], training=training),
+                "item_embedding": tf.cast(self.item_model(features[ITEM], training=training),
                                           tf.float32)}
 
     def compute_losses(self, features, training: bool = False) -> dict:
         """{"sampled_softmax_loss", "loss"}: scalars float32 for one batch (dict of features)."""
-        item_ids = tf.reshape(tf.cast(features["item"], tf.int64), [-1])  # [B]
+        item_ids = tf.reshape(tf.cast(features[ITEM], tf.int64), [-1])  # [B]
         # The item tower first: it owns the shared item-id embedding (and names its variable).
         items = tf.cast(self.item_model(item_ids, training=training), tf.float32)  # [B, d]
         user = tf.cast(self.user_model(features, training=training), tf.float32)  # [B, d]
@@ -392,6 +378,7 @@ class TFRSTwoTowerModel(TwoTowerSteps, tfrs.models.Model):
     def item_vectors(self, ids, training=False) -> tf.Tensor:
         """int64 [N] item indices -> [N, d] in the compute dtype."""
         return self.item_model(ids, training=training)
+
 
 def candidate_probability_from_counts(counts) -> np.ndarray:
     """int [V] training clicks per item -> float64 [V], each item's share of them."""

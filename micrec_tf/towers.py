@@ -32,19 +32,20 @@ import micrec_tf  # noqa: F401
 import tensorflow as tf
 import tf_keras
 
+from micrec_tf.config import ATTENTION_IMPLS, HISTORY_EMBEDDINGS
+from micrec_tf.data.contract import HIST_ITEMS, HIST_LEN, ITEM_TAGS
 from micrec_tf.layers import (
     MLP, AutoIntInteraction, ItemFeatureLookup, ItemFieldEmbeddings, PositionEmbedding,
-    TransformerEncoderBlock, UserFieldEmbeddings, deserialize, masked_mean, register,
-    require_features, scalar_feature, serialize)
+    TransformerEncoderBlock, UserFieldEmbeddings, check_choice, check_int, check_rate,
+    check_units, deserialize, masked_mean, register, require_features, scalar_feature, serialize)
 
-HIST_ITEMS, HIST_LEN = "hist_items", "hist_len"
-# How a user tower embeds the clicks of its history (``model.history_embeddings``): ``slots``
-# embeds each of the B x H history slots; ``table`` embeds (and for ICAN projects) every
-# catalogue item once per call and gathers the history rows from that table, which is the same
-# computation per row, so the same result (exact: ICAN's projection has no bias), far cheaper
-# when V < B x H, and it hands sparse Adam V gradient rows instead of B x H x T; ``auto`` takes
-# the table when the catalogue has fewer items than the call has history slots.
-HISTORY_EMBEDDINGS = ("auto", "table", "slots")
+# How a user tower embeds the clicks of its history (``model.history_embeddings``, one of
+# :data:`micrec_tf.config.HISTORY_EMBEDDINGS`): ``slots`` embeds each of the B x H history slots;
+# ``table`` embeds (and for ICAN projects) every catalogue item once per call and gathers the
+# history rows from that table, which is the same computation per row, so the same result
+# (exact: ICAN's projection has no bias), far cheaper when V < B x H, and it hands sparse Adam V
+# gradient rows instead of B x H x T; ``auto`` takes the table when the catalogue has fewer
+# items than the call has history slots.
 
 
 def use_history_table(mode: str, num_items: int, batch_size: int | None, history_length: int
@@ -71,10 +72,10 @@ class ItemTower(tf_keras.layers.Layer):
         self.item_lookup = deserialize(item_lookup)
         self.field_embeddings = deserialize(field_embeddings)
         if not isinstance(self.item_lookup, ItemFeatureLookup):
-            raise TypeError(f"item_lookup must be an ItemFeatureLookup, got "
+            raise TypeError(f"item_lookup must be an ItemFeatureLookup. Received: "
                             f"{type(self.item_lookup).__name__}")
         if not isinstance(self.field_embeddings, ItemFieldEmbeddings):
-            raise TypeError(f"field_embeddings must be an ItemFieldEmbeddings, got "
+            raise TypeError(f"field_embeddings must be an ItemFieldEmbeddings. Received: "
                             f"{type(self.field_embeddings).__name__}")
         missing = set(self.item_lookup.extra_names) ^ set(self.field_embeddings.extra_vocab_sizes)
         if missing:
@@ -112,7 +113,7 @@ class ItemTower(tf_keras.layers.Layer):
     def raw_embedding(self, features, tag_keep_mask=None) -> tf.Tensor:
         """Item features [B] -> raw item embedding ``f^d`` [B, F * D]."""
         require_features(features, self.feature_names, type(self).__name__)
-        inputs = {k: features[k] if k == "item_tags" else scalar_feature(features[k], k)
+        inputs = {k: features[k] if k == ITEM_TAGS else scalar_feature(features[k], k)
                   for k in self.feature_names}
         fields = self.field_embeddings(inputs, tag_keep_mask=tag_keep_mask)
         return tf.reshape(fields, [-1, self.num_fields * self.embedding_dim])
@@ -142,7 +143,7 @@ class MLPItemTower(ItemTower):
     def __init__(self, item_lookup, field_embeddings, units: Sequence[int] = (128, 64, 64),
                  dropout: float = 0.0, **kwargs):
         super().__init__(item_lookup, field_embeddings, **kwargs)
-        self.units, self.dropout = list(units), float(dropout)
+        self.units, self.dropout = check_units(units, "item tower"), check_rate("dropout", dropout)
         self.mlp = MLP(self.units, dropout=self.dropout, name="item_mlp")
 
     @property
@@ -179,7 +180,7 @@ class DeepFMItemTower(ItemTower):
     def __init__(self, item_lookup, field_embeddings, units: Sequence[int] = (128, 64, 64),
                  dropout: float = 0.0, **kwargs):
         super().__init__(item_lookup, field_embeddings, **kwargs)
-        self.units, self.dropout = list(units), float(dropout)
+        self.units, self.dropout = check_units(units, "item tower"), check_rate("dropout", dropout)
         self.mlp = MLP(self.units, dropout=self.dropout, name="item_dnn")
 
     @property
@@ -206,7 +207,9 @@ class _AutoIntHead:
     """Shared by the AutoInt towers: interacting layers over field vectors, flatten, Dense."""
 
     def _build_autoint(self, output_dim, num_heads, num_layers, embedding_dim, side):
-        self._output_dim, self.num_heads, self.num_layers = int(output_dim), num_heads, num_layers
+        self._output_dim = check_int("output_dim", output_dim)
+        self.num_heads = check_int("num_heads", num_heads)
+        self.num_layers = check_int("num_layers", num_layers, minimum=0)
         self.interactions = _autoint_stack(num_layers, num_heads, embedding_dim, f"{side}_autoint")
         self.flatten = tf_keras.layers.Flatten()
         self.output_layer = tf_keras.layers.Dense(self._output_dim, name=f"{side}_output")
@@ -262,10 +265,8 @@ class UserTower(tf_keras.layers.Layer):
         self.item_field_embeddings = deserialize(item_field_embeddings)
         self.user_field_embeddings = deserialize(user_field_embeddings)
         use_history_table(history_embeddings, 1, None, 1)  # validates the mode
-        if not isinstance(history_batch_hint, int) or history_batch_hint < 0:
-            raise ValueError(f"history_batch_hint must be an int >= 0. Received: "
-                             f"{history_batch_hint!r}")
-        self.history_embeddings, self.history_batch_hint = history_embeddings, history_batch_hint
+        self.history_embeddings = history_embeddings
+        self.history_batch_hint = check_int("history_batch_hint", history_batch_hint, minimum=0)
 
     @property
     def feature_names(self) -> list:
@@ -285,7 +286,7 @@ class UserTower(tf_keras.layers.Layer):
         require_features(features, self.feature_names, type(self).__name__)
         hist = tf.cast(features[HIST_ITEMS], tf.int64)
         if hist.shape.rank != 2:
-            raise ValueError(f"hist_items must be [B, H], got shape {hist.shape}")
+            raise ValueError(f"{HIST_ITEMS} must be [B, H]. Received: shape {hist.shape}")
         length = tf.cast(scalar_feature(features[HIST_LEN], HIST_LEN), tf.int64)
         mask = tf.range(tf.shape(hist, out_type=tf.int64)[1])[tf.newaxis, :] < length[:, tf.newaxis]
         transform = transform or (lambda x: x)
@@ -332,19 +333,20 @@ class ICANUserTower(UserTower):
                  dropout: float = 0.0, transformer_dim: int = 0, attention: str = "matmul",
                  **kwargs):
         super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
-        self.units, self.num_heads, self.num_layers = list(units), num_heads, num_layers
-        self.dropout = float(dropout)
-        self.transformer_dim = int(transformer_dim)
-        if self.transformer_dim < 0:
-            raise ValueError(f"transformer_dim must be >= 0, got {transformer_dim}")
+        self.units = check_units(units, "user tower")
+        self.num_heads = check_int("num_heads", num_heads)
+        self.num_layers = check_int("num_layers", num_layers, minimum=0)
+        self.dropout = check_rate("dropout", dropout)
+        self.transformer_dim = check_int("transformer_dim", transformer_dim, minimum=0)
+        self.attention_impl = check_choice("attention", attention, ATTENTION_IMPLS)
         self.project = (tf_keras.layers.Dense(self.transformer_dim, use_bias=False,
                                               name="history_projection")
                         if self.transformer_dim else None)
         self.positions = PositionEmbedding(name="history_positions")
-        self.attention_impl = attention
-        self.blocks = [TransformerEncoderBlock(num_heads, dropout=self.dropout,
-                                               attention=attention, name=f"transformer_{i}")
-                       for i in range(num_layers)]
+        self.blocks = [TransformerEncoderBlock(self.num_heads, dropout=self.dropout,
+                                               attention=self.attention_impl,
+                                               name=f"transformer_{i}")
+                       for i in range(self.num_layers)]
         self.mlp = MLP(self.units, dropout=self.dropout, name="user_mlp")
 
     @property
@@ -361,7 +363,8 @@ class ICANUserTower(UserTower):
         x, mask = self.history(features, self._flatten_and_project, training)  # [B, H, W]
         h = x.shape[1]
         if h is None:
-            raise ValueError("ICANUserTower needs a static history length H in hist_items [B, H]")
+            raise ValueError(f"ICANUserTower needs a static history length H in {HIST_ITEMS} "
+                             f"[B, H]. Received: shape {x.shape}")
         x = self.positions(x)
         for block in self.blocks:
             x = block(x, mask=mask, training=training)
@@ -385,7 +388,7 @@ class YoutubeDNNUserTower(UserTower):
     def __init__(self, item_lookup, item_field_embeddings, user_field_embeddings,
                  units: Sequence[int] = (128, 64, 64), dropout: float = 0.0, **kwargs):
         super().__init__(item_lookup, item_field_embeddings, user_field_embeddings, **kwargs)
-        self.units, self.dropout = list(units), float(dropout)
+        self.units, self.dropout = check_units(units, "user tower"), check_rate("dropout", dropout)
         self.mlp = MLP(self.units, dropout=self.dropout, name="user_mlp")
 
     @property

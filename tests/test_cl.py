@@ -203,9 +203,9 @@ def test_cl_anchor_sampler_modes():
     assert both.shape == (8,)
     np.testing.assert_array_equal(both[:4], ids.numpy())
     assert both[4:].min() >= 1
-    with pytest.raises(ValueError, match="mode must be one of .* got 'popular'"):
+    with pytest.raises(ValueError, match="mode must be one of .* Received: mode='popular'"):
         CLAnchorSampler(V, "popular")
-    with pytest.raises(ValueError, match="num_items must be an int >= 2, got 1"):
+    with pytest.raises(ValueError, match="num_items must be an int >= 2. Received: num_items=1"):
         CLAnchorSampler(1, "uniform")
 
 
@@ -259,7 +259,8 @@ def test_session_negatives_never_co_occur_with_the_anchor_on_the_full_table():
         pos, has, pool, mask = (t.numpy() for t in task.sample(tf.constant(ids)))
         assert pool.shape == (40,) and mask.shape == (v, 40)
         for r, i in enumerate(ids):
-            allowed = [k for k, n in enumerate(pool.tolist()) if n != i and n not in table.get(i, {})]
+            allowed = [k for k, n in enumerate(pool.tolist())
+                       if n != i and n not in table.get(i, {})]
             # exactly the first num_negatives allowed pool entries, in pool order
             np.testing.assert_array_equal(np.flatnonzero(mask[r]), allowed[:5])
             if has[r]:
@@ -323,33 +324,45 @@ def test_cl_tasks_round_trip_through_config():
 
 
 def test_cl_argument_errors():
-    with pytest.raises(ValueError, match="strategy must be one of"):
-        FeatureCL(8, "bogus")
-    with pytest.raises(ValueError, match="needs the field correlation"):
-        FeatureCL(8, "correlated")
-    with pytest.raises(ValueError, match="mask_ratio must be in"):
-        FeatureCL(8, mask_ratio=1.0)
-    with pytest.raises(ValueError, match="similarity must be one of .* got 'euclid'"):
-        FeatureCL(8, similarity="euclid")
-    with pytest.raises(ValueError, match="similarity must be one of .* got 'euclid'"):
-        session_cl(similarity="euclid")
-    with pytest.raises(ValueError, match="positives must be one of .* Received: 'sqrt'"):
-        session_cl(positives="sqrt")
-    with pytest.raises(ValueError, match="positives must be one of .* Received: 'every'"):
-        SemanticCL(NB, CNT, 8, positives="every")
+    """Every task checks its arguments at construction: one line naming the bad value."""
     indptr, nb, cnt, cats = csr(NB, CNT, SAME)
-    with pytest.raises(ValueError, match=r"counts must be \[E\]"):
-        SessionCL(indptr, nb, cnt[:-1], 8)
-    with pytest.raises(ValueError, match="same_category must be"):
-        SessionCL(indptr, nb, cnt, 8, same_category=cats[:1])
-    with pytest.raises(ValueError, match="CSR row pointer"):
-        SessionCL(indptr[::-1].copy(), nb, cnt, 8)
-    with pytest.raises(ValueError, match="negative_pool_factor must be a positive int"):
-        session_cl(negative_pool_factor=0)
-    with pytest.raises(ValueError, match=r"must both be \[V, M\]"):
-        SemanticCL(NB, CNT[:, :2], 8)
-    with pytest.raises(ValueError, match="neighbour indices must be in"):
-        SemanticCL(NB + V, CNT, 8)
+    cases = [
+        (lambda: FeatureCL(8, "bogus"), "strategy must be one of .* Received: strategy='bogus'"),
+        (lambda: FeatureCL(8, "correlated"), "needs the field correlation"),
+        (lambda: FeatureCL(8, mask_ratio=1.0), r"mask_ratio must be in \(0, 1\). Received: "
+                                               r"mask_ratio=1.0"),
+        (lambda: FeatureCL(8, temperature=0), "temperature must be > 0. Received: temperature=0"),
+        (lambda: FeatureCL(0), "projection_dim must be an int >= 1. Received: projection_dim=0"),
+        (lambda: FeatureCL(8, similarity="euclid"),
+         "similarity must be one of .* Received: similarity='euclid'"),
+        (lambda: session_cl(similarity="euclid"),
+         "similarity must be one of .* Received: similarity='euclid'"),
+        (lambda: session_cl(positives="sqrt"),
+         "positives must be one of .* Received: positives='sqrt'"),
+        (lambda: session_cl(negative_pool_factor=0),
+         "negative_pool_factor must be an int >= 1. Received: negative_pool_factor=0"),
+        (lambda: session_cl(same_category_weight=-1.0),
+         "same_category_weight must be > 0. Received: same_category_weight=-1.0"),
+        (lambda: session_cl(num_negatives=2.5),
+         "num_negatives must be an int >= 1. Received: num_negatives=2.5"),
+        (lambda: SessionCL(indptr, nb, cnt, 0), "projection_dim must be an int >= 1"),
+        (lambda: SessionCL(indptr, nb, cnt[:-1], 8), r"counts must be \[E\]"),
+        (lambda: SessionCL(indptr, nb, cnt, 8, same_category=cats[:1]), "same_category must be"),
+        (lambda: SessionCL(indptr[::-1].copy(), nb, cnt, 8), "CSR row pointer"),
+        (lambda: SemanticCL(NB, CNT, 8, positives="every"),
+         "positives must be one of .* Received: positives='every'"),
+        (lambda: SemanticCL(NB, CNT, 8, num_negatives=0),
+         "num_negatives must be an int >= 1. Received: num_negatives=0"),
+        (lambda: SemanticCL(NB, CNT, -3), "projection_dim must be an int >= 1. Received: "
+                                          "projection_dim=-3"),
+        (lambda: SemanticCL(NB, CNT, 8, num_items=V + 1),
+         f"equal the neighbour table's {V} rows. Received: num_items={V + 1}"),
+        (lambda: SemanticCL(NB, CNT[:, :2], 8), r"must both be \[V, M\]"),
+        (lambda: SemanticCL(NB + V, CNT, 8), "neighbour indices must be in"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make()
 
 
 def test_semantic_all_neighbours_loss_matches_numpy():

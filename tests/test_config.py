@@ -25,7 +25,8 @@ def test_shipped_configs_load(path):
 
 def test_defaults_follow_the_paper():
     cfg = from_dict({})
-    assert (cfg.loss.lambda_feature, cfg.loss.lambda_semantic, cfg.loss.lambda_session) == (1.0, 0.3, 0.1)
+    lambdas = (cfg.loss.lambda_feature, cfg.loss.lambda_semantic, cfg.loss.lambda_session)
+    assert lambdas == (1.0, 0.3, 0.1)
     assert cfg.loss.mask_ratio == 0.5 and cfg.loss.num_cl_negatives == 50
     assert cfg.train.batch_size == 4096 and cfg.train.learning_rate == 0.001
     assert cfg.preprocess.history_length == 20 and cfg.preprocess.session_window_s == 3600
@@ -53,6 +54,13 @@ def test_unknown_key_names_the_key(tmp_path):
     ({"loss": {"cl_similarity": "euclid"}}, "loss.cl_similarity.*euclid"),
     ({"loss": {"cl_anchors": "popular"}}, "loss.cl_anchors.*popular"),
     ({"loss": {"session_positives": "sqrt"}}, "loss.session_positives.*sqrt"),
+    ({"loss": {"lambda_feature": -1.0}}, "loss.lambda_feature must be >= 0"),
+    ({"loss": {"lambda_semantic": -0.5}}, "loss.lambda_semantic must be >= 0"),
+    ({"loss": {"lambda_session": -0.1}}, "loss.lambda_session must be >= 0"),
+    ({"loss": {"feature_dropout": "gaussian"}}, "loss.feature_dropout.*gaussian"),
+    ({"loss": {"semantic_positives": "every"}}, "loss.semantic_positives.*every"),
+    ({"model": {"history_embeddings": "fast"}}, "model.history_embeddings.*fast"),
+    ({"model": {"attention": "flash"}}, "model.attention.*flash"),
 ])
 def test_bad_values_are_clear_errors(raw, needle):
     with pytest.raises(ConfigError, match=needle):

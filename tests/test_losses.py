@@ -156,13 +156,37 @@ def test_task_samples_uniform_negatives_from_the_corpus_without_padding():
 
 
 def test_task_round_trips_through_config():
-    task = SampledSoftmaxTask(num_items=8, num_negatives=3, in_batch_negatives=True, seed=4,
-                              mask_history_negatives=True)
-    clone = SampledSoftmaxTask.from_config(task.get_config())
-    assert clone.get_config() == task.get_config()
+    for task in (SampledSoftmaxTask(num_items=8, num_negatives=3, in_batch_negatives=True,
+                                    seed=4, mask_history_negatives=True),
+                 SampledSoftmaxTask(num_items=8, num_negatives=0, in_batch_negatives=True,
+                                    remove_accidental_hits=False, batch_size=16)):
+        clone = SampledSoftmaxTask.from_config(task.get_config())
+        assert clone.get_config() == task.get_config()
+        assert (clone.num_negatives, clone.in_batch_negatives, clone.batch_size) == (
+            task.num_negatives, task.in_batch_negatives, task.batch_size)
     est = StreamingFrequencyEstimator(10, 4, 0.1)
     assert StreamingFrequencyEstimator.from_config(est.get_config()).get_config() == \
         est.get_config()
+
+
+def test_task_and_estimator_argument_errors_name_what_was_received():
+    cases = [
+        (lambda: SampledSoftmaxTask(num_items=1), "num_items must be an int >= 2. Received: "
+                                                  "num_items=1"),
+        (lambda: SampledSoftmaxTask(num_items=8, num_negatives=-1),
+         "num_negatives must be an int >= 0. Received: num_negatives=-1"),
+        (lambda: SampledSoftmaxTask(num_items=8, batch_size=0),
+         "batch_size must be an int >= 1. Received: batch_size=0"),
+        (lambda: StreamingFrequencyEstimator(8, alpha=1.5),
+         r"alpha must be in \(0, 1\]. Received: alpha=1.5"),
+        (lambda: StreamingFrequencyEstimator(8, batch_size=2.0),
+         "batch_size must be an int >= 1. Received: batch_size=2.0"),
+        (lambda: in_batch_info_nce_loss(Q, P, temperature=-1.0),
+         "temperature must be > 0. Received: temperature=-1.0"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make()
 
 
 def test_cosine_similarity_info_nce_against_numpy():
@@ -185,7 +209,7 @@ def test_cosine_similarity_info_nce_against_numpy():
     # scaling a vector changes the dot-product loss but not the cosine one
     scaled = info_nce_loss(a * 3.0, p, n, temperature=tau, similarity="cosine")
     np.testing.assert_allclose(scaled.numpy(), np.mean(expected), rtol=1e-5)
-    with pytest.raises(ValueError, match="similarity must be one of .* got 'l2'"):
+    with pytest.raises(ValueError, match="similarity must be one of .* Received: similarity='l2'"):
         info_nce_loss(a, p, n, similarity="l2")
 
 

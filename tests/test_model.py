@@ -10,7 +10,7 @@ from micrec_tf import layers as L
 from micrec_tf import towers as TW
 from micrec_tf.config import from_dict
 from micrec_tf.data.artifacts import CooccurrenceTable, ItemTable, NeighbourTable
-from micrec_tf.model import build_model
+from micrec_tf.model import MicRecModel, build_model
 
 V, T, H, D, TOPICS = 41, 3, 5, 8, 4
 NUM_TAGS, NUM_PROVIDERS, NUM_YEARS = 9, 5, 4
@@ -111,10 +111,16 @@ def _all_towers():
         TW.DeepFMItemTower(lk, itf, [16, D]), TW.AutoIntItemTower(lk, itf, D, 2, 2),
         TW.ICANUserTower(lk, itf, _user_fields(), [16, D], 2, 1),
         TW.ICANUserTower(lk, itf, _user_fields(), [16, D], 2, 1, transformer_dim=8),
+        TW.ICANUserTower(lk, itf, _user_fields(), [16, D], 1, 2, 0.1, attention="einsum",
+                         history_embeddings="slots", history_batch_hint=4),
         TW.YoutubeDNNUserTower(lk, itf, _user_fields(), [16, D]),
+        TW.YoutubeDNNUserTower(lk, itf, _user_fields(), [D], history_embeddings="table"),
         TW.FMUserTower(lk, itf, _user_fields()),
         TW.DeepFMUserTower(lk, itf, _user_fields(), [16, D]),
         TW.AutoIntUserTower(lk, itf, _user_fields(), D, 2, 1)]
+
+
+NUM_TOWERS = 12  # len(_all_towers()), checked by the round-trip test
 
 
 def _round_trip(layer, *args, **kwargs):
@@ -142,13 +148,18 @@ def test_layers_round_trip_through_get_config():
     _round_trip(_user_fields(), feats)
     _round_trip(L.MLP([4, 3], dropout=0.1, final_activation="tanh"), x)
     _round_trip(L.PositionEmbedding(), x)
+    _round_trip(L.MLP([D]), x)
     _round_trip(L.TransformerEncoderBlock(2, ff_dim=6), x, mask=mask)
+    _round_trip(L.TransformerEncoderBlock(1, dropout=0.1, attention="einsum"), x, mask=mask)
     _round_trip(L.AutoIntInteraction(2, 3), x)
+    _round_trip(L.AutoIntInteraction(1, 4, use_residual=False), x)
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(NUM_TOWERS))
 def test_towers_round_trip_through_get_config(index):
-    tower = _all_towers()[index]
+    towers = _all_towers()
+    assert len(towers) == NUM_TOWERS
+    tower = towers[index]
     feats = _tensors(_batches(1, 6)[0])
     _round_trip(tower, feats)
     assert tower(feats).shape == (6, tower.output_dim)
@@ -166,6 +177,49 @@ def test_layer_argument_errors_name_what_was_received():
         TW.ICANUserTower(_lookup(), _item_fields(), _user_fields(), [D])(
             {"user_gender": tf.constant([1]), "user_age": tf.constant([1]),
              "hist_items": tf.constant([1, 2]), "hist_len": tf.constant([1])})
+
+
+def test_layer_and_tower_constructors_check_their_arguments():
+    """Each layer and tower validates its arguments at construction, in one line naming the
+    argument and the value received (the config checks are not the only guard)."""
+    lk, itf, uf = _lookup(), _item_fields(), _user_fields()
+    cases = [
+        (lambda: L.ItemFeatureLookup(TABLE.tags, TABLE.provider, {"year": TABLE.provider}),
+         "must start with 'item_'. Received: 'year'"),
+        (lambda: L.ItemFieldEmbeddings(V, 0, NUM_PROVIDERS),
+         "num_tags must be an int >= 1. Received: num_tags=0"),
+        (lambda: L.ItemFieldEmbeddings(V, NUM_TAGS, NUM_PROVIDERS, {"item_year": -2}),
+         r"extra_vocab_sizes\['item_year'\] must be an int >= 1. Received: "
+         r"extra_vocab_sizes\['item_year'\]=-2"),
+        (lambda: L.ItemFieldEmbeddings(V, NUM_TAGS, NUM_PROVIDERS, embedding_dim=8.0),
+         "embedding_dim must be an int >= 1. Received: embedding_dim=8.0"),
+        (lambda: L.UserFieldEmbeddings({"user_gender": 0}),
+         r"vocab_sizes\['user_gender'\] must be an int >= 1. Received: "),
+        (lambda: L.MLP([4, 0]), r"MLP units must be .* Received: units=\[4, 0\]"),
+        (lambda: L.MLP([4], dropout=1.0), r"dropout must be in \[0, 1\). Received: dropout=1.0"),
+        (lambda: L.TransformerEncoderBlock(0), "num_heads must be an int >= 1. Received: "
+                                               "num_heads=0"),
+        (lambda: L.TransformerEncoderBlock(2, ff_dim=-4), "Received: ff_dim=-4"),
+        (lambda: L.TransformerEncoderBlock(2, attention="fast"),
+         r"attention must be one of \('matmul', 'einsum'\). Received: attention='fast'"),
+        (lambda: L.AutoIntInteraction(2, head_dim=0), "Received: head_dim=0"),
+        (lambda: TW.MLPItemTower(lk, itf, [16, D], dropout=-0.1), "Received: dropout=-0.1"),
+        (lambda: TW.DeepFMItemTower(lk, itf, []), "item tower units must be .* Received: "
+                                                  r"units=\[\]"),
+        (lambda: TW.AutoIntItemTower(lk, itf, output_dim=0), "Received: output_dim=0"),
+        (lambda: TW.AutoIntUserTower(lk, itf, uf, D, num_layers=-1), "Received: num_layers=-1"),
+        (lambda: TW.ICANUserTower(lk, itf, uf, [D], transformer_dim=-1),
+         "transformer_dim must be an int >= 0. Received: transformer_dim=-1"),
+        (lambda: TW.ICANUserTower(lk, itf, uf, [D], num_layers=0, attention="flash"),
+         "Received: attention='flash'"),
+        (lambda: TW.ICANUserTower(lk, itf, uf, [D], num_heads=0), "Received: num_heads=0"),
+        (lambda: TW.YoutubeDNNUserTower(lk, itf, uf, [D], history_batch_hint=-1),
+         "history_batch_hint must be an int >= 0. Received: history_batch_hint=-1"),
+        (lambda: TW.FMUserTower(lk, itf, uf, history_embeddings="fast"), "Received: 'fast'"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make()
 
 
 def test_history_padding_is_ignored():
@@ -360,6 +414,27 @@ def test_build_model_errors_are_clear():
         build_model(_cfg(cl=[]), TABLE, VOCAB, ["income"])
     with pytest.raises(ValueError, match="item table has 41 rows"):
         build_model(_cfg(cl=[]), TABLE, {**VOCAB, "item_id": 40}, USER_FIELDS)
+    base = _build(_cfg(cl=[]))
+    parts = (base.user_tower, base.item_tower, base.retrieval)
+    with pytest.raises(ValueError, match=r"lambdas keys must be in .* Received: \['graph'\]"):
+        MicRecModel(*parts, lambdas={"feature": 1.0, "graph": 1.0})
+    with pytest.raises(ValueError, match=r"lambdas\['session'\] must be >= 0. Received: -1.0"):
+        MicRecModel(*parts, lambdas={"session": -1.0})
+
+
+def test_built_model_takes_each_cl_task_s_lambda_and_seed_from_the_config():
+    """The lambdas and sampler seeds follow ``loss.lambda_<task>`` and ``train.seed`` + 1, 2, 3
+    (the tasks in the order feature, semantic, session), anchors + 4, the main loss + 0."""
+    model = _build(_cfg(cl=["feature", "semantic", "session"],
+                        loss={"lambda_feature": 0.7, "lambda_semantic": 0.2,
+                              "lambda_session": 0.05, "cl_anchors": "both"}))
+    assert model.lambdas == {"feature": 0.7, "semantic": 0.2, "session": 0.05}
+    assert model.loss_names == ["loss", "sampled_softmax_loss", "feature_cl_loss",
+                                "semantic_cl_loss", "session_cl_loss"]
+    seeds = {"main": model.retrieval.seed, "feature": model.feature_cl.seed,
+             "semantic": model.semantic_cl.seed, "session": model.session_cl.seed,
+             "anchors": model.cl_anchor_sampler.seed}
+    assert seeds == {"main": 11, "feature": 12, "semantic": 13, "session": 14, "anchors": 15}
 
 
 def test_cl_similarity_reaches_every_cl_task_and_cosine_losses_are_bounded():

@@ -18,8 +18,8 @@ import tf_keras
 
 from micrec_tf.config import Config
 from micrec_tf.data.artifacts import ItemTable
-from micrec_tf.tfrs_peer import (InBatchSoftmax, MaskedMeanPooling, TFRSTwoTowerModel,
-                                 TFRSUserModel, build_tfrs_two_tower)
+from micrec_tf.tfrs_peer import (InBatchSoftmax, MaskedMeanPooling, TFRSItemModel,
+                                 TFRSTwoTowerModel, TFRSUserModel, build_tfrs_two_tower)
 
 TAGS = np.array([[0, 0], [1, 2], [2, 0], [0, 0], [3, 1], [1, 0]], np.int64)  # V = 6
 COUNTS = np.array([0, 5, 3, 1, 2, 9])  # training clicks per item (row 0: padding)
@@ -182,6 +182,32 @@ def test_bad_settings_are_one_line_errors():
                            category=TAGS[:, 0])
     with pytest.raises(ValueError, match="one entry per item \\(6\\). Received: 3 entries"):
         build_tfrs_two_tower(_cfg(), item_table, VOCAB, ["gender"], item_counts=[1, 2, 3])
+
+
+def test_layer_constructors_check_their_arguments():
+    emb = tf_keras.layers.Embedding(6, 4)
+    cases = [
+        (lambda: TFRSItemModel(TAGS, 0), "num_tags must be an int >= 1. Received: num_tags=0"),
+        (lambda: TFRSItemModel(TAGS, 4, embedding_dim=0), "Received: embedding_dim=0"),
+        (lambda: TFRSItemModel(TAGS, 4, units=[3, 0]),
+         r"TFRSItemModel units must be .* Received: units=\[3, 0\]"),
+        (lambda: TFRSItemModel(TAGS, 4, dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (lambda: TFRSItemModel(TAGS, 2), r"tag indices must lie in \[0, num_tags=2\)"),
+        (lambda: TFRSUserModel({"user_gender": 0}, emb),
+         r"profile_vocab_sizes\['user_gender'\] must be an int >= 1. Received: "),
+        (lambda: TFRSUserModel({}, emb, units=[]), "TFRSUserModel units must be"),
+        (lambda: TFRSUserModel({}, emb, dropout=-0.5), "Received: dropout=-0.5"),
+        (lambda: InBatchSoftmax(COUNTS / COUNTS.sum(), temperature=0.0),
+         "temperature must be > 0 or None. Received: 0.0"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make()
+    with pytest.raises(TypeError, match="item_id_embedding must be a tf_keras Embedding"):
+        TFRSUserModel({}, tf_keras.layers.Dense(3))
+    task = InBatchSoftmax(COUNTS / COUNTS.sum(), remove_accidental_hits=False, temperature=0.5)
+    clone = InBatchSoftmax.from_config(task.get_config())
+    assert clone.get_config() == task.get_config() and clone.temperature == 0.5
 
 
 def test_mixed_precision_step_keeps_the_loss_float32():
