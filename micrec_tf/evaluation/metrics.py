@@ -29,7 +29,6 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from micrec_tf import search
-from micrec_tf.search import CSRExclusion, as_exclusion  # noqa: F401  (micrec_tf.evaluation's)
 
 __all__ = [
     "top_k_items", "top_k_from_scores", "hit_at_n", "item_coverage", "long_tail_items",
