@@ -53,6 +53,7 @@ class MakeExamples(beam.DoFn):
     def setup(self):
         import tensorflow as tf  # imported on the worker only
         self._tf = tf
+        self._user_keys = [C.user_feature(f) for f in self.user_fields]
         self._extra_keys = [C.item_feature(f) for f in self.extra_fields]
         self._item_cache = {}  # item_id -> target-item features (the side input is fixed)
 
@@ -79,8 +80,7 @@ class MakeExamples(beam.DoFn):
         H = self.history_length
         base = {C.USER_ID: tf.train.Feature(bytes_list=tf.train.BytesList(
             value=[user_id.encode("utf-8")]))}
-        for field, value in zip(self.user_fields, profile):
-            name = C.user_feature(field)
+        for name, value in zip(self._user_keys, profile):
             base[name] = self._int([index[name].get(value, 0)])
         idx = [item_feats[item][0] for _, item in clicks]
         shard = shard_of(user_id, self.num_shards)

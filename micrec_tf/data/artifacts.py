@@ -355,7 +355,7 @@ def _read_vocab(path: str) -> list:
 
 def _check_index(path: str, row: dict, key: str, size: int) -> int:
     idx = row.get(key)
-    if not isinstance(idx, int) or not 0 < idx < size:
+    if not _is_int(idx) or not 0 < idx < size:
         raise ValueError(f"{path}: {key} {idx!r} is outside the item vocabulary [1, {size})")
     return idx
 
