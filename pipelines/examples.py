@@ -5,6 +5,8 @@ feature spec that describes them (``examples/feature_spec.json``, written by the
 The features, their names, dtypes and shapes are :mod:`micrec_tf.data.contract`'s (the one
 declaration the readers and the serving layer use too). A user's examples
 all go to shard :func:`shard_of` of their split; records are sorted by user, then click order.
+Only the user rows are shuffled (keyed by shard); the examples are built as the shard's files
+are written (:class:`WriteShard`).
 
 Transforms (PCollections they take and give):
 
@@ -28,6 +30,10 @@ from micrec_tf.config import Config  # noqa: E402
 from micrec_tf.data import contract as C  # noqa: E402
 
 
+# Target-item feature protos cached per worker before the cache is cleared.
+ITEM_CACHE_SIZE = 100_000
+
+
 def shard_of(user_id: str, num_shards: int) -> int:
     """The shard of every example of ``user_id`` (CRC-32 of the UTF-8 id, mod ``num_shards``)."""
     return zlib.crc32(user_id.encode("utf-8")) % num_shards
@@ -40,22 +46,22 @@ def feature_spec(cfg: Config, user_fields, item_extra_fields, vocab_sizes, num_e
                           item_extra_fields, vocab_sizes, num_examples)
 
 
-class MakeExamples(beam.DoFn):
-    """One user's clicks -> ((split, shard), [(position, serialized tf.train.Example)])."""
+class ExampleWriter:
+    """Builds one user's serialized ``tf.train.Example`` records (one per click).
 
-    def __init__(self, user_fields, extra_fields, history_length, max_tags, num_shards):
-        self.user_fields = tuple(user_fields)
-        self.extra_fields = tuple(extra_fields)
-        self.history_length = history_length
-        self.max_tags = max_tags
-        self.num_shards = num_shards
+    Target-item features are cached per item (the item table is fixed during a job); the cache
+    is cleared at :data:`ITEM_CACHE_SIZE` entries so a million-item catalogue does not keep a
+    million feature protos alive per worker.
+    """
 
-    def setup(self):
+    def __init__(self, user_fields, extra_fields, history_length, max_tags):
         import tensorflow as tf  # imported on the worker only
         self._tf = tf
-        self._user_keys = [C.user_feature(f) for f in self.user_fields]
-        self._extra_keys = [C.item_feature(f) for f in self.extra_fields]
-        self._item_cache = {}  # item_id -> target-item features (the side input is fixed)
+        self.history_length = history_length
+        self.max_tags = max_tags
+        self._user_keys = [C.user_feature(f) for f in user_fields]
+        self._extra_keys = [C.item_feature(f) for f in extra_fields]
+        self._item_cache = {}
 
     def _int(self, values):
         tf = self._tf
@@ -64,6 +70,8 @@ class MakeExamples(beam.DoFn):
     def _item(self, item, item_feats):
         feats = self._item_cache.get(item)
         if feats is None:
+            if len(self._item_cache) >= ITEM_CACHE_SIZE:
+                self._item_cache.clear()
             item_idx, tags, provider, extras, _ = item_feats[item]
             tags = list(tags[:self.max_tags])
             feats = {C.ITEM: self._int([item_idx]),
@@ -74,7 +82,8 @@ class MakeExamples(beam.DoFn):
             self._item_cache[item] = feats
         return feats
 
-    def process(self, user, item_feats, index):
+    def records(self, user, item_feats, index):
+        """Yields ``(split, serialized Example)`` for every click of ``user`` in click order."""
         tf = self._tf
         user_id, profile, clicks, n_train, n_valid, _ = user
         H = self.history_length
@@ -83,8 +92,6 @@ class MakeExamples(beam.DoFn):
         for name, value in zip(self._user_keys, profile):
             base[name] = self._int([index[name].get(value, 0)])
         idx = [item_feats[item][0] for _, item in clicks]
-        shard = shard_of(user_id, self.num_shards)
-        out = {TRAIN: [], VALID: [], TEST: []}
         for k, (ts, item) in enumerate(clicks):
             split = TRAIN if k < n_train else (VALID if k < n_train + n_valid else TEST)
             hist = idx[max(0, k - H):k]
@@ -94,36 +101,60 @@ class MakeExamples(beam.DoFn):
             feats[C.HIST_LEN] = self._int([len(hist)])
             feats[C.TIMESTAMP] = self._int([ts])
             example = tf.train.Example(features=tf.train.Features(feature=feats))
-            out[split].append(((user_id, k), example.SerializeToString(deterministic=True)))
-        for split in SPLITS:
-            if out[split]:
-                yield (split, shard), out[split]
+            yield split, example.SerializeToString(deterministic=True)
 
 
 class WriteShard(beam.DoFn):
-    def __init__(self, out_dir, num_shards):
+    """(shard, {"users": user rows, "keys": ...}) -> the shard's file of every split.
+
+    Examples are built here, while the file is written, from the shard's users sorted by id:
+    only the compact user rows go through the shuffle, never the serialized examples (which
+    are about ten times larger and made the DirectRunner hold them all in memory).
+    """
+
+    def __init__(self, out_dir, num_shards, user_fields, extra_fields, history_length,
+                 max_tags):
         self.out_dir = out_dir
         self.num_shards = num_shards
+        self.user_fields = tuple(user_fields)
+        self.extra_fields = tuple(extra_fields)
+        self.history_length = history_length
+        self.max_tags = max_tags
 
-    def process(self, kv):
+    def setup(self):
+        self._writer = ExampleWriter(self.user_fields, self.extra_fields, self.history_length,
+                                     self.max_tags)
+
+    def process(self, kv, item_feats, index):
         import tensorflow as tf
 
-        (split, shard), groups = kv
-        records = sorted(r for batch in groups["examples"] for r in batch)
-        path = os.path.join(self.out_dir, "examples",
-                            f"{split}-{shard:05d}-of-{self.num_shards:05d}.tfrecord.gz")
-        tf.io.gfile.makedirs(os.path.dirname(path))
-        with tf.io.TFRecordWriter(path, options=tf.io.TFRecordOptions(compression_type="GZIP")) as w:
-            for _, data in records:
-                w.write(data)
-        yield f"examples.{split}", len(records)
+        shard, groups = kv
+        users = sorted(groups["users"], key=lambda u: u[0])
+        options = tf.io.TFRecordOptions(compression_type="GZIP")
+        writers, counts = {}, {}
+        try:
+            for split in SPLITS:
+                path = os.path.join(self.out_dir, "examples",
+                                    f"{split}-{shard:05d}-of-{self.num_shards:05d}.tfrecord.gz")
+                tf.io.gfile.makedirs(os.path.dirname(path))
+                writers[split] = tf.io.TFRecordWriter(path, options=options)
+                counts[split] = 0
+            for user in users:
+                for split, data in self._writer.records(user, item_feats, index):
+                    writers[split].write(data)
+                    counts[split] += 1
+        finally:
+            for w in writers.values():
+                w.close()
+        for split in SPLITS:
+            yield f"examples.{split}", counts[split]
 
 
 class WriteExamples(beam.PTransform):
     """``(users, item features, index)`` -> ``<out_dir>/examples/*.tfrecord.gz``.
 
     Every (split, shard) file is written, empty when no user falls in it. Returns the STATS
-    PCollection ``(examples.<split>, records written)``, one element per shard.
+    PCollection ``(examples.<split>, records written)``, one element per (split, shard).
     """
 
     def __init__(self, out_dir: str, user_fields, extra_fields, history_length: int,
@@ -135,11 +166,12 @@ class WriteExamples(beam.PTransform):
 
     def expand(self, inputs):
         users, item_feats, index = inputs
+        num_shards = self.num_shards
         shard_keys = users.pipeline | "ShardKeys" >> beam.Create(
-            [((s, k), None) for s in SPLITS for k in range(self.num_shards)])
-        examples = users | "MakeExamples" >> beam.ParDo(
-            MakeExamples(self.user_fields, self.extra_fields, self.history_length,
-                         self.max_tags, self.num_shards),
-            beam.pvalue.AsDict(item_feats), beam.pvalue.AsSingleton(index))
-        return ({"examples": examples, "keys": shard_keys} | "GroupShards" >> beam.CoGroupByKey()
-                | "WriteShards" >> beam.ParDo(WriteShard(self.out_dir, self.num_shards)))
+            [(k, None) for k in range(num_shards)])
+        keyed = users | "KeyByShard" >> beam.Map(lambda u: (shard_of(u[0], num_shards), u))
+        return ({"users": keyed, "keys": shard_keys} | "GroupShards" >> beam.CoGroupByKey()
+                | "WriteShards" >> beam.ParDo(
+                    WriteShard(self.out_dir, num_shards, self.user_fields, self.extra_fields,
+                               self.history_length, self.max_tags),
+                    beam.pvalue.AsDict(item_feats), beam.pvalue.AsSingleton(index)))
