@@ -271,6 +271,9 @@ class EvalConfig:
     use_scann: bool = False
     # Query clicks per user-tower batch when computing user vectors (speed and memory).
     batch_size: int = 1024
+    # Test clicks scored by train's final evaluation: 0 = all of them, else a fixed seeded random
+    # subset of this many (train.seed), for catalogues where exact ranking of every click is slow.
+    test_max_examples: int = 0
     # Seeds 0 .. seeds-1 per model in ``experiments.reproduce`` (mean +- std over them).
     seeds: int = 5
 
@@ -502,6 +505,7 @@ def validate(cfg: Config) -> Config:
                 "steps_per_checkpoint"):
         _check_positive(f"train.{key}", getattr(cfg.train, key))
     _check_positive("train.early_stopping_patience", cfg.train.early_stopping_patience, True)
+    _check_positive("eval.test_max_examples", cfg.eval.test_max_examples, True)
     if not 0.0 < cfg.train.train_fraction <= 1.0:
         raise ConfigError(f"train.train_fraction must be in (0, 1], "
                           f"got {cfg.train.train_fraction!r}")

@@ -399,10 +399,15 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
     if evaluate_test:
         # Long tail (paper 5.6): test clicks on the 80 % least-clicked training items.
         tail = long_tail_items(train_item_counts(cfg.artifacts_dir, splits["train"]))
-        result["test"] = evaluate_model(model, splits["test"], num_items, cfg.eval.hit_n,
+        test = splits["test"]
+        if cfg.eval.test_max_examples:
+            test = _subsample(test, cfg.eval.test_max_examples, cfg.train.seed + 1)
+            if cfg.eval.exclude_clicked:
+                t_excl = earlier_clicks_exclusion(test, history)
+        result["test"] = evaluate_model(model, test, num_items, cfg.eval.hit_n,
                                         cfg.eval.coverage_n, exclude=t_excl,
                                         batch_size=cfg.eval.batch_size,
-                                        slices={"long_tail": tail[splits["test"]["item"]]})
+                                        slices={"long_tail": tail[test["item"]]})
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump({k: v for k, v in result.items() if k != "history"}, fh, indent=1)
     for split in ("valid", "test"):

@@ -375,11 +375,28 @@ def _normalise(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
+# Rows of the seeded sample on which ScaNN-mode neighbour lists are checked against exact search.
+RECALL_SAMPLE = 1000
+
+
 def cosine_neighbours(emb: np.ndarray, k: int, exact_max_items: int):
     """``(neighbour rows, scores, mode)`` for unit rows ``emb``: exact or ScaNN by size."""
     if emb.shape[0] <= exact_max_items:
         return (*exact_top_k(emb, k), "exact")
     return (*scann_top_k(emb, k), "scann")
+
+
+def sampled_recall(emb: np.ndarray, nbr_rows: np.ndarray, k: int, sample: int = RECALL_SAMPLE,
+                   seed: int = 0) -> dict:
+    """Recall@k of approximate neighbour rows against exact search on a seeded sample of rows:
+    the mean share of each sampled row's exact top k (itself excluded) found in its list."""
+    m = emb.shape[0]
+    rows = np.sort(np.random.default_rng(seed).choice(m, min(sample, m), replace=False))
+    kk = nbr_rows.shape[1]
+    exact, _ = search.top_k_dot(emb[rows], emb, kk, exclude=[[int(r)] for r in rows])
+    hits = [len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(nbr_rows[rows], exact)]
+    return {"rows": int(len(rows)), "k": int(kk),
+            "recall": round(float(np.sum(hits) / max(1, len(rows) * kk)), 5)}
 
 
 def _write_embeddings(out_dir: str, items: np.ndarray, emb: np.ndarray, meta: dict) -> None:
@@ -484,6 +501,8 @@ def run(cfg: Config, beam_argv=(), artifacts_dir: str | None = None,
         table = _table_from_rows(keys, nbr_rows, scores)
         stats["mode"] = mode
         stats["embedded"] = int(len(keys))
+        if mode == "scann":
+            stats["recall_sample"] = sampled_recall(mat, nbr_rows, k)
 
     reasons: dict = {}
     for reason in skipped.values():

@@ -281,3 +281,21 @@ def test_unknown_flag_is_one_line_error_and_beam_flags_pass(tmp_path, config_pat
     assert cli.run(tn.main, base + ["--runner=DirectRunner", "--direct_num_workers=2",
                                     "--project=x"]) == 0
     assert len(read_neighbours(art)) == 4
+
+
+def test_sampled_recall_against_brute_force_lists():
+    """sampled_recall: exact lists score 1; lists with half of each row replaced by far items
+    score the share a pure-numpy brute force says they keep."""
+    from pipelines.title_neighbours import sampled_recall
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(400, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    s = emb @ emb.T
+    np.fill_diagonal(s, -np.inf)
+    exact = np.argsort(-s, axis=1, kind="stable")[:, :6]
+    assert sampled_recall(emb, exact, 6, sample=400)["recall"] == 1.0
+    worst = np.argsort(s, axis=1, kind="stable")[:, :3]  # the 3 least similar of each row
+    mixed = np.concatenate([exact[:, :3], worst], axis=1)
+    got = sampled_recall(emb, mixed, 6, sample=400)
+    assert got == {"rows": 400, "k": 6, "recall": 0.5}
