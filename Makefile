@@ -45,8 +45,15 @@ test: install
 # The training benchmark is defined on the ml-1m config (it falls back to synthetic data, and
 # says so, when ml-1m's artifacts are absent); CONFIG=... on the command line overrides.
 BENCH_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/ml-1m.yaml)
+# BENCH_SCALE=1: the scale benchmark instead (every stage at 10k, 100k and 1M items; hours on
+# 2 cores, resumable: benchmarks/scale.py).
+BENCH_SCALE ?= 0
 bench: install
+ifeq ($(BENCH_SCALE),1)
+	$(PY) -m benchmarks.scale --config configs/synthetic-1m.yaml
+else
 	$(PY) -m benchmarks --config $(BENCH_CONFIG)
+endif
 
 reproduce: install
 	$(PY) -m experiments.reproduce --config $(CONFIG)

@@ -284,7 +284,31 @@ def report(out_dir: str = OUT) -> str:
     text = "\n".join(L)
     with open(os.path.join(os.path.dirname(out_dir), "scale.md"), "w", encoding="utf-8") as fh:
         fh.write(text)
+    update_benchmarks_md(text)
     return text
+
+
+SCALE_BEGIN, SCALE_END = "<!-- scale:begin -->", "<!-- scale:end -->"
+
+
+def update_benchmarks_md(text: str, path: str = os.path.join(ROOT, "docs", "BENCHMARKS.md")):
+    """Puts ``text`` (its title demoted to a section) between the scale markers of
+    BENCHMARKS.md, after the sections ``make bench`` keeps (appended the first time)."""
+    from benchmarks.report import HAND_MARKER
+
+    with open(path, encoding="utf-8") as fh:
+        old = fh.read()
+    body = text.replace("# Scale:", "## Scale:", 1).replace("\n## ", "\n### ")
+    block = f"{SCALE_BEGIN}\n{body.rstrip()}\n{SCALE_END}"
+    if SCALE_BEGIN in old and SCALE_END in old:
+        head, rest = old.split(SCALE_BEGIN, 1)
+        new = head + block + rest.split(SCALE_END, 1)[1]
+    else:
+        if HAND_MARKER not in old:
+            old = old.rstrip("\n") + "\n\n" + HAND_MARKER + "\n"
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(new)
 
 
 def main(argv=None) -> int:
