@@ -297,6 +297,10 @@ def top_k_dot(queries, vectors, k: int, exclude=None, valid_mask: np.ndarray | N
                              valid_mask, batch_size, skip_columns=skip_columns)
 
 
+# Gathered candidate-vector entries per block of :func:`rescore_candidates` (64 M floats, 256 MB).
+RESCORE_BLOCK_ENTRIES = 1 << 26
+
+
 def rescore_candidates(queries: np.ndarray, vectors: np.ndarray, candidates: np.ndarray, k: int,
                        excluded_rows=None, excluded_cols=None):
     """Exact re-ranking of per-query candidate rows (e.g. an ANN index's answer).
@@ -313,7 +317,14 @@ def rescore_candidates(queries: np.ndarray, vectors: np.ndarray, candidates: np.
     v = vectors.shape[0]
     ok = (cand >= 0) & (cand < v)
     safe = np.where(ok, cand, 0)
-    scores = (np.asarray(vectors, np.float32)[safe] * q[:, None, :]).sum(axis=-1)
+    vec = np.asarray(vectors, np.float32)
+    # The gathered [rows, C, D] candidate vectors, a block of queries at a time (all 1 M rows of
+    # a title-neighbour search at once would be tens of GB); each row's sum is the same.
+    block = max(1, RESCORE_BLOCK_ENTRIES // max(1, c * q.shape[1]))
+    scores = np.empty((b, c), np.float32)
+    for start in range(0, b, block):
+        stop = start + block
+        scores[start:stop] = (vec[safe[start:stop]] * q[start:stop, None, :]).sum(axis=-1)
     scores[~ok] = -np.inf
     if excluded_rows is not None and len(excluded_rows):
         er, ec = np.asarray(excluded_rows, np.int64), np.asarray(excluded_cols, np.int64)

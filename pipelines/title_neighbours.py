@@ -306,7 +306,9 @@ def encode_titles_beam(items_path: str, work_dir: str, cfg: Config, beam_argv=()
     vectors, skipped = {}, {}
     for meta in FileSystems.match([prefix + "*"])[0].metadata_list:
         with FileSystems.open(meta.path) as fh:
-            for line in fh.read().decode("utf-8").splitlines():
+            for line in fh:  # one line at a time: the whole file is GBs at 1 M titles
+                if not line.strip():
+                    continue
                 rec = json.loads(line)
                 if "vec" in rec:
                     vectors[rec["item"]] = _decode_vector(rec["vec"])
