@@ -97,14 +97,13 @@ def run_stage(stage: str, config: str, items: int, log_dir: str) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.time() - start
     rc = os.waitstatus_to_exitcode(status)
-    with open(log_path, encoding="utf-8", errors="replace") as fh:
-        tail = fh.read()[-3000:]
     out = {"stage": stage, "items": items, "rc": rc, "wall_s": round(wall, 1),
            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "command": cmd[2:],
            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     if rc:
-        out["log_tail"] = tail
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            out["log_tail"] = fh.read()[-3000:]
     log(f"{items:,} items: {stage}: rc {rc}, {wall:.0f} s, peak RSS {out['peak_rss_mib']:,.0f} MiB")
     return out
 
@@ -123,20 +122,22 @@ def stage_metrics(stage: str, items: int) -> dict:
         return {k: s[k] for k in ("events", "users", "items", "pairs", "pairs_distinct",
                                   "num_examples")}
     if stage == "title_neighbours":
-        path = glob.glob(os.path.join(art, "title_neighbours", "stats.json"))
-        if not path:
+        path = os.path.join(art, "title_neighbours", "stats.json")
+        if not os.path.exists(path):
             return {}
-        s = _json(path[0])
+        s = _json(path)
         return {k: s.get(k) for k in ("mode", "embedded", "recall_sample", "timing")}
     if stage.startswith("train_"):
         m = _json(os.path.join(ROOT, run_dir(items, stage[len("train_"):]), "metrics.json"))
         return {k: m.get(k) for k in ("seconds", "epochs_run", "best_epoch", "valid", "test")}
     if stage == "export":
-        latest = sorted(glob.glob(os.path.join(ROOT, "exports", name, "[0-9]*")))
-        if not latest:
+        from export.serving import latest_version, version_dir
+
+        root = os.path.join(ROOT, "exports", name)
+        if latest_version(root) is None:
             return {}
-        return {"index": _json(os.path.join(latest[-1], "scann", "params.json"))
-                if os.path.exists(os.path.join(latest[-1], "scann", "params.json")) else None}
+        params = os.path.join(version_dir(root, latest_version(root)), "scann", "params.json")
+        return {"index": _json(params) if os.path.exists(params) else None}
     if stage == "retrieval":
         return _json(os.path.join(OUT, str(items), "retrieval-measured.json"))
     return {}
@@ -165,7 +166,7 @@ def measure_retrieval(config: str, items: int, k: int = 500, num_queries: int = 
 
     from export.export_model import recall_queries, restore_for_export
     from export.item_index import recall_at_k
-    from export.serving import latest_version
+    from export.serving import latest_version, version_dir
     from micrec_tf import search
 
     import tensorflow as tf
@@ -174,10 +175,10 @@ def measure_retrieval(config: str, items: int, k: int = 500, num_queries: int = 
     model, cfg, art = restore_for_export(os.path.join(ROOT, run_dir(items, "micrec")))
     queries = recall_queries(model, art, max_rows=num_queries, seed=1)
     export_root = os.path.join(ROOT, cfg.export.exports_dir, name)
-    version_dir = os.path.join(export_root, str(latest_version(export_root)))
-    vectors = np.load(os.path.join(version_dir, "item_embeddings", "embeddings.npy"))
-    params = _json(os.path.join(version_dir, "scann", "params.json"))
-    searcher = search.load_scann_searcher(os.path.join(version_dir, "scann"))
+    version = version_dir(export_root, latest_version(export_root))
+    vectors = np.load(os.path.join(version, "item_embeddings", "embeddings.npy"))
+    params = _json(os.path.join(version, "scann", "params.json"))
+    searcher = search.load_scann_searcher(os.path.join(version, "scann"))
     k = min(k, len(vectors) - 1)
 
     vt = tf.constant(vectors)
