@@ -198,15 +198,57 @@ def _top_k_masked(scores: np.ndarray, k: int, secondary: np.ndarray | None):
     return idx, out_scores
 
 
+# Wide rows (at least this many columns) are first cut to the entries at or above a lower bound
+# of their k-th largest score: the k-th largest of every PREFILTER_STRIDE-th column.
+PREFILTER_MIN_COLUMNS = 1 << 16
+PREFILTER_STRIDE = 16
+
+
+def _prefilter_candidates(scores: np.ndarray, k: int):
+    """Exact candidate cut for wide rows: ``(columns, values)``, both [B, C], or None.
+
+    The k-th largest score of any subset of a row's columns is at most the row's k-th largest,
+    so every entry of the row's top k (ties at the k-th place included) scores at least the
+    k-th largest of a strided sample of its columns; those entries, about ``k * stride`` per row,
+    are kept in ascending column order (so the tie rule's lower index is the lower position),
+    padded with column -1 / -inf. None when the cut does not pay (narrow rows, large k, or a
+    row whose sample holds fewer than k retrievable entries).
+    """
+    b, v = scores.shape
+    if v < PREFILTER_MIN_COLUMNS or k * PREFILTER_STRIDE * 4 > v:
+        return None
+    sample = scores[:, ::PREFILTER_STRIDE]
+    bound = -np.partition(-sample, k - 1, axis=1)[:, k - 1]  # k-th largest of the sample
+    if not np.all(bound > -np.inf):
+        return None
+    rr, cc = np.nonzero(scores >= bound[:, None])  # row-major: columns ascending in each row
+    counts = np.bincount(rr, minlength=b)
+    width = int(counts.max())
+    if width * 4 > v:
+        return None
+    pos = np.arange(rr.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    cols = np.full((b, width), -1, dtype=np.int64)
+    vals = np.full((b, width), -np.inf, dtype=scores.dtype)
+    cols[rr, pos] = cc
+    vals[rr, pos] = scores[rr, cc]
+    return cols, vals
+
+
 def _top_k_prepared(scores: np.ndarray, k: int, secondary: np.ndarray | None):
     """Top-k of a checked working copy (see :func:`_working_copy`), under the tie rule.
 
-    Fast path (no secondary key, k < V): ``argpartition``, then rows where a tie straddles the
-    k-th place or fewer than k entries are retrievable go through the general path.
+    Fast path (no secondary key, k < V): wide rows are first cut to their candidates
+    (:func:`_prefilter_candidates`, exact); then ``argpartition``, and rows where a tie straddles
+    the k-th place or fewer than k entries are retrievable go through the general path.
     """
     b, v = scores.shape
     if secondary is not None or k >= v or b == 0:
         return _top_k_masked(scores, k, secondary)
+    cut = _prefilter_candidates(scores, k)
+    if cut is not None:
+        cols, vals = cut
+        idx, top = _top_k_prepared(vals, k, None)  # every row holds >= k finite candidates
+        return np.take_along_axis(cols, idx, axis=1), top
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     vals = np.take_along_axis(scores, part, axis=1)
     kth = vals.min(axis=1)
@@ -278,17 +320,24 @@ def _score_dtype(queries: np.ndarray, vectors: np.ndarray):
     return np.float64 if dt == np.float64 else np.float32
 
 
+# Most score entries one block of :func:`top_k_dot` holds (its working copies are as large).
+SCORE_BLOCK_ENTRIES = 1 << 28
+
+
 def top_k_dot(queries, vectors, k: int, exclude=None, valid_mask: np.ndarray | None = None,
               batch_size: int = 1024, skip_columns=None):
     """Exact maximum-inner-product top-``k``: :func:`top_k_by_score_fn` over
-    ``queries [B, D] @ vectors [V, D].T`` in batches of ``batch_size`` queries (float32, float64
-    if either input is float64). Returns ``indices int64 [B, k]`` (rows of ``vectors``) and
+    ``queries [B, D] @ vectors [V, D].T`` in batches of ``batch_size`` queries, fewer where
+    ``batch_size * V`` would exceed ``SCORE_BLOCK_ENTRIES`` (scores float32, float64 if either
+    input is float64). Returns ``indices int64 [B, k]`` (rows of ``vectors``) and
     ``scores [B, k]``."""
     queries, vectors = np.asarray(queries), np.asarray(vectors)
     if (queries.ndim != 2 or vectors.ndim != 2 or queries.shape[1] != vectors.shape[1]):
         raise ValueError(f"need queries [B, D] and vectors [V, D]. Received: shapes "
                          f"{queries.shape} and {vectors.shape}")
     dt = _score_dtype(queries, vectors)
+    # A block of scores is at most SCORE_BLOCK_ENTRIES (1 GB of float32 at 1 M items).
+    batch_size = max(1, min(int(batch_size), SCORE_BLOCK_ENTRIES // max(1, vectors.shape[0])))
     q = queries.astype(dt, copy=False)
     items_t = vectors.astype(dt, copy=False).T
     if q.shape[0] > batch_size:  # several products: one contiguous copy pays

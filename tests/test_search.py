@@ -136,3 +136,43 @@ def test_rescore_candidates_in_blocks_matches_a_per_row_reference(monkeypatch):
         got = [int(c) for c in idx[r] if c >= 0]
         assert got == want
         np.testing.assert_allclose(scores[r][:len(got)], [exact[c] for c in got], rtol=1e-5)
+
+
+def test_wide_rows_prefilter_is_exact(monkeypatch):
+    """The strided-sample cut of wide rows (made "wide" at 2,000 columns here) keeps every
+    entry of the top k, ties at the k-th place included, and falls back where a row's sample
+    holds fewer than k retrievable entries."""
+    monkeypatch.setattr(search, "PREFILTER_MIN_COLUMNS", 64)
+    rs = np.random.RandomState(3)
+    b, v, k = 12, 2000, 5
+    scores = np.round(rs.randn(b, v), 1).astype(np.float32)  # many ties at every value
+    scores[0, 100:140] = 9.0                                   # a 40-way tie at the top
+    scores[1, rs.rand(v) < 0.5] = -np.inf                      # exclusions
+    cut = search._prefilter_candidates(search._working_copy(scores), k)
+    assert cut is not None and cut[0].shape[1] * 4 <= v        # the cut was taken and narrows
+    want, _ = reference(scores, k)
+    for row in range(b):
+        assert set(want[row]) <= set(cut[0][row][cut[0][row] >= 0])
+    np.testing.assert_array_equal(search.top_k(scores, k)[0], want)
+    assert search.top_k(scores, k)[0][0].tolist() == [100, 101, 102, 103, 104]
+    sparse = scores.copy()
+    sparse[2, 1:] = -np.inf  # one retrievable entry: no cut, padded by the general path
+    assert search._prefilter_candidates(search._working_copy(sparse), k) is None
+    np.testing.assert_array_equal(search.top_k(sparse, k)[0], reference(sparse, k)[0])
+
+
+def test_top_k_dot_caps_the_score_block(monkeypatch):
+    seen = []
+    real = search.top_k_by_score_fn
+
+    def spy(score_fn, num_rows, k, exclude, valid_mask, batch_size, **kw):
+        seen.append(batch_size)
+        return real(score_fn, num_rows, k, exclude, valid_mask, batch_size, **kw)
+
+    monkeypatch.setattr(search, "top_k_by_score_fn", spy)
+    monkeypatch.setattr(search, "SCORE_BLOCK_ENTRIES", 300)
+    rs = np.random.RandomState(0)
+    q, items = rs.randn(25, 4), rs.randn(100, 4)
+    idx, _ = search.top_k_dot(q, items, 7, batch_size=1024)
+    assert seen == [3]  # 300 entries // 100 items
+    np.testing.assert_array_equal(idx, reference(q @ items.T, 7)[0])
