@@ -74,6 +74,8 @@ from micrec_tf.data.artifacts import read_items  # the one strict items.jsonl re
 from micrec_tf.config import Config
 
 LOG = logging.getLogger("pipelines.title_neighbours")
+# Seconds between the encoder's progress lines (when the job runs verbose, the default).
+PROGRESS_EVERY_S = 60.0
 
 ITEMS = os.path.join("items", "items.jsonl")
 EMBEDDINGS_DIR = "title_embeddings"
@@ -229,10 +231,13 @@ def _make_encode_dofn():
     class EncodeTitles(beam.DoFn):
         """Batch of item rows -> one JSON line per item: its vector, or why it has none."""
 
-        def __init__(self, max_length: int, batch_size: int, strip_pattern: str = ""):
+        def __init__(self, max_length: int, batch_size: int, strip_pattern: str = "",
+                     progress_every_s: float = 0.0, total: int | None = None):
             self.max_length = max_length
             self.batch_size = batch_size
             self.strip_pattern = strip_pattern
+            self.progress_every_s = float(progress_every_s)  # 0: silent
+            self.total = total
             self._shared = shared.Shared()
             self.encoded = Metrics.counter("title_neighbours", "titles_encoded")
             self.skipped = Metrics.counter("title_neighbours", "titles_skipped")
@@ -241,6 +246,23 @@ def _make_encode_dofn():
         def setup(self):
             key = f"minilm-{self.max_length}"
             self._handle = self._shared.acquire(lambda: _EncoderHandle(self.max_length), tag=key)
+            self._done, self._started = 0, time.perf_counter()
+            self._next_report = self._started + self.progress_every_s
+
+        def _report(self, n: int) -> None:
+            """A ``[title_neighbours]`` progress line every ``progress_every_s`` seconds (counts
+            of this worker: a distributed runner has several)."""
+            self._done += n
+            now = time.perf_counter()
+            if not self.progress_every_s or now < self._next_report:
+                return
+            self._next_report = now + self.progress_every_s
+            rate = self._done / max(now - self._started, 1e-9)
+            of = f" of {self.total:,} titles" if self.total else " titles"
+            eta = (f", about {max(self.total - self._done, 0) / rate / 60:.0f} min left"
+                   if self.total and rate > 0 else "")
+            print(f"[title_neighbours] encoded {self._done:,}{of} ({rate:.0f}/s{eta})",
+                  file=sys.stderr, flush=True)
 
         def process(self, batch):
             encoder = self._handle.encoder
@@ -266,14 +288,18 @@ def _make_encode_dofn():
             self.encode_ms.inc(int(1000 * (time.perf_counter() - t0)))
             self.encoded.inc(len(ok))
             self.skipped.inc(len(batch) - len(ok))
+            self._report(len(batch))
             for rec in out:
                 yield json.dumps(rec, separators=(",", ":"))
 
     return EncodeTitles
 
 
-def encode_titles_beam(items_path: str, work_dir: str, cfg: Config, beam_argv=()):
-    """Runs the Beam part; returns ``({item: vector}, {item: skip reason}, timing dict)``."""
+def encode_titles_beam(items_path: str, work_dir: str, cfg: Config, beam_argv=(),
+                       progress_every_s: float = 0.0, total: int | None = None):
+    """Runs the Beam part; returns ``({item: vector}, {item: skip reason}, timing dict)``.
+
+    ``progress_every_s`` > 0 prints a progress line that often (``total``: titles to encode)."""
     from pipelines.options import pipeline_options  # imports Beam without its log noise
 
     import apache_beam as beam
@@ -289,7 +315,8 @@ def encode_titles_beam(items_path: str, work_dir: str, cfg: Config, beam_argv=()
          | "Parse" >> beam.Map(json.loads)
          | "Batch" >> beam.BatchElements(min_batch_size=bs, max_batch_size=bs)
          | "Encode" >> beam.ParDo(_make_encode_dofn()(cfg.semantic.max_length, bs,
-                                                         cfg.semantic.title_strip_pattern))
+                                                         cfg.semantic.title_strip_pattern,
+                                                         progress_every_s, total))
          | "Write" >> beam.io.WriteToText(prefix, file_name_suffix=".jsonl"))
     result = p.run()
     result.wait_until_finish()
@@ -464,8 +491,9 @@ def run(cfg: Config, beam_argv=(), artifacts_dir: str | None = None,
             work = os.path.join(out_dir, f".title_neighbours-beam-{uuid.uuid4().hex[:8]}")
             os.makedirs(work)
             try:
-                vectors, skipped, beam_timing = encode_titles_beam(items_path, work, cfg,
-                                                                   beam_argv)
+                vectors, skipped, beam_timing = encode_titles_beam(
+                    items_path, work, cfg, beam_argv,
+                    progress_every_s=PROGRESS_EVERY_S if verbose else 0.0, total=len(rows))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             timing.update(beam_timing)
