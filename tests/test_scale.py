@@ -37,3 +37,33 @@ def test_benchmarks_md_block_is_appended_once_then_replaced(tmp_path):
     assert text.count(scale.SCALE_BEGIN) == 1 and "first" not in text
     assert "## Scale: second" in text and "### 10 items" in text
     assert text.index(HAND_MARKER) < text.index("## Hand") < text.index(scale.SCALE_BEGIN)
+
+
+def _stage(stage, items, wall, rss, metrics=None, rc=0):
+    return {"stage": stage, "items": items, "rc": rc, "wall_s": wall, "peak_rss_mib": rss,
+            "metrics": metrics or {}}
+
+
+def test_report_text_tables_from_hand_made_results():
+    test = {"hit@50": 0.25, "hit@500": 0.5, "coverage@50": 0.000125, "coverage@500": 0.0025,
+            "long_tail/hit@50": 0.0123, "long_tail/num_clicks": 4979, "num_clicks": 50000}
+    q = {"batch_1": {"qps": 900.0}, "batch_256": {"qps": 20000.0}}
+    res = {10_000: {"generate": _stage("generate", 10_000, 2.0, 100.0),
+                    "preprocess": _stage("preprocess", 10_000, 10.0, 500.0, rc=1)},
+           1_000_000: {"generate": _stage("generate", 1_000_000, 200.0, 100.0),
+                       "train_micrec": _stage("train_micrec", 1_000_000, 3600.0, 9000.0,
+                                              {"epochs_run": 1, "seconds": 3000.4,
+                                               "test": test}),
+                       "retrieval": _stage("retrieval", 1_000_000, 60.0, 4000.0,
+                                           {"queries": 1024, "k": 500,
+                                            "recall_at_k_scann": 0.97, "scann": q,
+                                            "tf_matmul_top_k": q, "numpy": q})}}
+    text = scale.report_text(res)
+    lines = text.splitlines()
+    # generate: 2 s -> 200 s over 10 k -> 1 M items: exponent log(100) / log(100) = 1
+    assert "| generate | 2 s, 100 MiB | 200 s, 100 MiB | 1.0 | 0.0 |" in lines
+    assert "| preprocess | failed (rc 1) | not run |  |  |" in lines
+    assert ("| 1,000,000 | MicRec (feature + semantic + session CL) | 1 | 3,000 | 50,000 | "
+            "0.2500 | 0.5000 | 0.00013 | 0.00250 | 0.0123 (4,979) |") in lines
+    assert "| 1,000,000 | 1,024 | 0.9700 @ 500 | ScaNN (export's index) | 900 | 20,000 |" in lines
+    assert "not converged" in text
