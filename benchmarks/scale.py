@@ -244,6 +244,10 @@ def load_results(out_dir: str = OUT) -> dict:
     return res
 
 
+def _size(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
 def _cell(x, fmt: str = "{:.4f}") -> str:
     return "" if x is None else fmt.format(x)
 
@@ -326,8 +330,11 @@ def report_text(res: dict) -> str:
             ts.append(r["wall_s"])
             rs.append(r["peak_rss_mib"])
         et, er = fit_exponent(xs, ts), fit_exponent(xs, rs)
+        # An exponent over fewer sizes than the table's says which ones it spans.
+        span = "" if xs == sizes else f" ({_size(xs[0])}-{_size(xs[-1])} only)" if xs else ""
         L.append(f"| {stage} | " + " | ".join(cells)
-                 + f" | {'' if et is None else et} | {'' if er is None else er} |")
+                 + f" | {'' if et is None else f'{et}{span}'} "
+                 f"| {'' if er is None else f'{er}{span}'} |")
     L += ["", "Exponent: least-squares slope of log(wall time) or log(peak RSS) on log(items) "
           "over the sizes measured (1 = linear; fixed start-up costs pull it below 1 at small "
           "sizes).", ""]

@@ -63,6 +63,14 @@ def test_report_text_tables_from_hand_made_results():
     # generate: 2 s -> 200 s over 10 k -> 1 M items: exponent log(100) / log(100) = 1
     assert "| generate | 2 s, 100 MiB | 200 s, 100 MiB | 1.0 | 0.0 |" in lines
     assert "| preprocess | failed (rc 1) | not run |  |  |" in lines
+    res[100_000] = {"generate": _stage("generate", 100_000, 20.0, 100.0)}
+    lines = scale.report_text(res).splitlines()
+    assert "| generate | 2 s, 100 MiB | 20 s, 100 MiB | 200 s, 100 MiB | 1.0 | 0.0 |" in lines
+    assert "| train_micrec | not run | not run | 3,600 s, 9,000 MiB |  |  |" in lines
+    del res[1_000_000]["generate"]
+    lines = scale.report_text(res).splitlines()
+    assert ("| generate | 2 s, 100 MiB | 20 s, 100 MiB | not run | 1.0 (10k-100k only) | "
+            "0.0 (10k-100k only) |") in lines
     assert ("| 1,000,000 | MicRec (feature + semantic + session CL) | 1 | 3,000 | 50,000 | "
             "0.2500 | 0.5000 | 0.00013 | 0.00250 | 0.0123 (4,979) |") in lines
     assert "| 1,000,000 | 1,024 | 0.9700 @ 500 | ScaNN (export's index) | 900 | 20,000 |" in lines
