@@ -105,6 +105,43 @@ class ValidationHitRate(tf_keras.callbacks.Callback):
         print(f"[train] epoch {epoch + 1} validation: {shown}", flush=True)
 
 
+# Seconds between the ``[train]`` step-progress lines within an epoch.
+PROGRESS_EVERY_S = 60.0
+
+
+class StepProgress(tf_keras.callbacks.Callback):
+    """A ``[train] epoch E: step S/T ...`` line every ``every_s`` seconds within an epoch (steps,
+    examples/s, loss, minutes left of the epoch): an epoch at 1 M items runs most of an hour.
+    ``every_s=0`` prints after every step."""
+
+    def __init__(self, batch_size: int, every_s: float = PROGRESS_EVERY_S, log=print):
+        super().__init__()
+        if int(batch_size) != batch_size or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer. Received: {batch_size!r}")
+        if not every_s >= 0:
+            raise ValueError(f"every_s must be >= 0. Received: {every_s!r}")
+        self.batch_size, self.every_s, self.log = int(batch_size), float(every_s), log
+        self._epoch, self._start, self._next = 0, 0.0, 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._start = epoch, time.perf_counter()
+        self._next = self._start + self.every_s
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if now < self._next:
+            return
+        self._next = now + self.every_s
+        done, total = batch + 1, (self.params or {}).get("steps")
+        rate = done / max(now - self._start, 1e-9)
+        loss = (logs or {}).get("loss")
+        left = (f", about {(total - done) / rate / 60:.0f} min left of the epoch"
+                if total else "")
+        self.log(f"[train] epoch {self._epoch + 1}: step {done:,}/{total or '?'}"
+                 f" ({rate * self.batch_size:,.0f} examples/s"
+                 + ("" if loss is None else f", loss {float(loss):.4f}") + f"{left})")
+
+
 class _JsonHistory(tf_keras.callbacks.Callback):
     """Writes ``history.json``: one row per finished epoch, kept across a resumed run.
 
@@ -370,6 +407,7 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
         ValidationHitRate(valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n, v_excl,
                           cfg.eval.batch_size),
         tf_keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq=50),
+        StepProgress(cfg.train.batch_size, PROGRESS_EVERY_S, log),
         history_cb,
         best_cb,
         *extra_callbacks,

@@ -190,3 +190,29 @@ def test_best_epoch_is_restored_at_the_epoch_cap(tiny_pipeline):
     curve = res["history"]["val_hit_at_10"]
     assert res["best_epoch"] == int(np.argmax(curve)) + 1 and not res["stopped_early"]
     assert res["valid"]["hit@10"] == pytest.approx(max(curve), abs=1e-6)
+
+
+def test_step_progress_lines_within_an_epoch():
+    import tf_keras
+
+    from micrec_tf.train import StepProgress
+
+    lines = []
+    model = tf_keras.Sequential([tf_keras.layers.Dense(1, input_shape=(3,))])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((40, 3), np.float32), np.zeros((40, 1), np.float32)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[StepProgress(8, every_s=0, log=lines.append)])
+    pat = re.compile(r"\[train\] epoch (\d): step (\d)/5 \([\d,]+ examples/s, loss ([\d.]+), "
+                     r"about \d+ min left of the epoch\)")
+    got = [pat.fullmatch(line) for line in lines]
+    assert all(got) and len(got) == 10, lines
+    assert [(int(m[1]), int(m[2])) for m in got] == [(e, s) for e in (1, 2) for s in range(1, 6)]
+    with pytest.raises(ValueError, match="every_s must be >= 0. Received: -1"):
+        StepProgress(8, every_s=-1)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer. Received: 0"):
+        StepProgress(0)
+    silent = []
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[StepProgress(8, every_s=3600, log=silent.append)])
+    assert silent == []
