@@ -338,6 +338,12 @@ def report_text(res: dict) -> str:
     L += ["", "Exponent: least-squares slope of log(wall time) or log(peak RSS) on log(items) "
           "over the sizes measured (1 = linear; fixed start-up costs pull it below 1 at small "
           "sizes).", ""]
+    vocab = [f"{_size(n)}: {res[n]['preprocess']['metrics']['items']:,}" for n in sizes
+             if (res[n].get("preprocess") or {}).get("metrics", {}).get("items")]
+    if vocab:
+        L += ["Items with a training click (the models' vocabulary, the exported vectors and the "
+              "index; a test click on any other catalogue item is an out-of-vocabulary miss): "
+              + ", ".join(vocab) + ".", ""]
     models, retrieval = model_table(res), retrieval_table(res)
     if len(models) > 2:
         L += ["### Models (test split, exact ranking over the catalogue)", ""] + models + [

@@ -75,3 +75,5 @@ def test_report_text_tables_from_hand_made_results():
             "0.2500 | 0.5000 | 0.00013 | 0.00250 | 0.0123 (4,979) |") in lines
     assert "| 1,000,000 | 1,024 | 0.9700 @ 500 | ScaNN (export's index) | 900 | 20,000 |" in lines
     assert "not converged" in text
+    res[10_000]["preprocess"] = _stage("preprocess", 10_000, 10.0, 500.0, {"items": 7646})
+    assert "out-of-vocabulary miss): 10k: 7,646." in scale.report_text(res)
