@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -397,6 +398,8 @@ def _coerce(f: dataclasses.Field, value: Any, key: str):
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check below (all compare False)
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -405,6 +408,8 @@ def _coerce(f: dataclasses.Field, value: Any, key: str):
     if isinstance(default, list):
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ConfigError(f"{key} must hold finite numbers, got {value!r}")
         return list(value)
     return value
 
@@ -571,16 +576,38 @@ def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> Config
     """Reads a YAML config file; ``overrides`` are dotted keys applied after loading."""
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path!r}")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            what = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"config file {path!r} is not valid YAML: {what}{where}") from err
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory: give the YAML file inside it")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise ConfigError(f"config file {path!r} cannot be read: {err.strerror or err}") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise ConfigError(f"config file {path!r} is not UTF-8: byte {data[err.start]:#04x} at "
+                          f"line {line}; save it as UTF-8") from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_problem(err)}") from err
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {path!r} must be a mapping of sections (name:, data:, "
+                          f"train:, ...) at its top level, got a {type(raw).__name__}")
     cfg = from_dict(raw)
     return cfg.replace(overrides) if overrides else cfg
+
+
+def _yaml_problem(err: Exception) -> str:
+    """What a ``yaml.YAMLError`` says is wrong and where (1-based line and column), one line."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{what}{where}"
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -591,5 +618,9 @@ def parse_overrides(items: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"override must look like key=value, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item} is not valid YAML: {_yaml_problem(err)}; quote a "
+                              f"string value, close a list with ]") from err
     return out

@@ -107,3 +107,41 @@ def test_pipelines_print_only_their_own_lines(tmp_path):
         assert proc.stdout.startswith(first), proc.stdout
         noise = [line for line in (proc.stdout + proc.stderr).splitlines() if NOISE.search(line)]
         assert not noise and not proc.stderr.strip(), proc.stderr
+
+
+def _malformed_cases(tmp_path):
+    """``(argv, text the one line must contain)`` for config files and overrides that cannot be
+    read at all (each was a traceback before)."""
+    good = _config(tmp_path, {"name": "x"}, "good.yaml")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: x\ntrain:\n  epochs: 3 # caf\u00e9\n".encode("latin-1"))
+    return [
+        (["--config", good, "--set", "model.cl=[feature"], "--set model.cl=[feature"),
+        (["--config", str(tmp_path)], "is a directory"),
+        (["--config", str(latin1)], "is not UTF-8: byte 0xe9 at line 3"),
+        (["--config", _config(tmp_path, "- name: x\n", "list.yaml")], "must be a mapping"),
+        (["--config", good, "--set", "train.learning_rate=.nan"],
+         "train.learning_rate must be a finite number, got nan"),
+    ]
+
+
+def test_malformed_configs_are_one_line_and_exit_2(tmp_path, capsys):
+    from micrec_tf.train import main
+
+    for argv, needle in _malformed_cases(tmp_path):
+        assert cli.run(main, argv) == 2, argv
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+        assert "Traceback" not in out + err
+
+
+def test_bad_yaml_override_in_a_real_process(tmp_path):
+    """The issue's case, end to end: ``--set 'model.cl=[feature'`` printed 52 lines, exit 1."""
+    good = _config(tmp_path, {"name": "x"}, "good.yaml")
+    proc = subprocess.run([sys.executable, "-m", "micrec_tf.train", "--config", good,
+                           "--set", "model.cl=[feature"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
+    assert lines[0].startswith("error: --set model.cl=[feature is not valid YAML"), lines

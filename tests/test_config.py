@@ -121,3 +121,45 @@ def test_overrides():
 def test_missing_file_is_clear():
     with pytest.raises(ConfigError, match="not found"):
         load_config(os.path.join(ROOT, "configs", "does-not-exist.yaml"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.learning_rate=.nan", "train.learning_rate"),
+    ("loss.temperature=.inf", "loss.temperature"),
+    ("loss.lambda_session=-.inf", "loss.lambda_session"),
+    ("preprocess.split_fractions=[.nan,0,0]", "preprocess.split_fractions"),
+    ("preprocess.split_fractions=[.inf,0,0]", "preprocess.split_fractions"),
+    ("model.dropout=.nan", "model.dropout"),
+])
+def test_non_finite_numbers_are_refused(override, key):
+    """NaN slips past every ``<``/``>`` range check (each comparison is False) and past the
+    split-fraction sum check (``abs(nan - 1) > 1e-6`` is False): refused up front, by key."""
+    with pytest.raises(ConfigError, match=rf"{key}.*(nan|inf)"):
+        from_dict({}).replace(parse_overrides([override]))
+
+
+def test_non_finite_number_in_a_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: .NaN\n")
+    with pytest.raises(ConfigError, match="train.learning_rate must be a finite number"):
+        load_config(str(path))
+
+
+def test_malformed_config_files_are_config_errors(tmp_path):
+    """Every way a config file or an override can be unreadable is a ConfigError naming it."""
+    with pytest.raises(ConfigError, match=r"--set model\.cl=\[feature.*not valid YAML"):
+        parse_overrides(["model.cl=[feature"])
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml.*not UTF-8.*line 1"):
+        load_config(str(latin1))
+    as_list = tmp_path / "list.yaml"
+    as_list.write_text("- name: x\n- train: {}\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml.*must be a mapping.*list"):
+        load_config(str(as_list))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError, match=r"scalar\.yaml.*must be a mapping"):
+        load_config(str(scalar))
