@@ -34,7 +34,7 @@ import yaml
 from micrec_tf import cli
 from micrec_tf.config import Config
 from micrec_tf.data.arrays import load_split_arrays, train_item_counts
-from micrec_tf.data.artifacts import load_artifacts
+from micrec_tf.data.artifacts import check_cl_tables, load_artifacts
 from micrec_tf.data.input import make_dataset
 from micrec_tf.evaluation.data import earlier_clicks_exclusion
 from micrec_tf.evaluation.evaluate import evaluate_model
@@ -353,6 +353,7 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
                         extra_callbacks) -> dict:
     """The body of :func:`train` once the run directory, strategy and dtype policy are set."""
     art = load_artifacts(cfg.artifacts_dir)
+    check_cl_tables(art, cfg.model.cl)
     num_items = art.item_table.num_items
     n_train = art.feature_spec.get("num_examples", {}).get("train")
     preset = f" preset={cfg.model.preset}" if cfg.model.preset else ""

@@ -145,19 +145,21 @@ class CooccurrenceTable:
         return cls.from_rows(nb.shape[0], rows)
 
     def validate(self, path: str = "co-occurrence table") -> "CooccurrenceTable":
-        """Raises ``ValueError`` naming ``path`` when the arrays break the contract above."""
+        """Raises :class:`ArtifactContentError` (a ``ValueError``) naming ``path`` when the arrays
+        break the contract above."""
         v, e = self.num_items, self.num_entries
+        bad = ArtifactContentError
         if v < 1 or self.indptr[0] != 0 or self.indptr[-1] != e or np.any(np.diff(self.indptr) < 0):
-            raise ValueError(f"{path}: indptr is not a CSR row pointer over {e} entries")
+            raise bad(f"{path}: indptr is not a CSR row pointer over {e} entries")
         if self.counts.size != e or self.same_category.size != e:
-            raise ValueError(f"{path}: neighbours ({e}), counts ({self.counts.size}) and "
-                             f"same_category ({self.same_category.size}) differ in length")
+            raise bad(f"{path}: neighbours ({e}), counts ({self.counts.size}) and "
+                      f"same_category ({self.same_category.size}) differ in length")
         if e and (self.neighbours.min() < 1 or self.neighbours.max() >= v):
-            raise ValueError(f"{path}: a neighbour index is outside [1, {v})")
+            raise bad(f"{path}: a neighbour index is outside [1, {v})")
         if e and self.counts.min() < 1:
-            raise ValueError(f"{path}: a count is < 1")
+            raise bad(f"{path}: a count is < 1")
         if e and np.any(self.rows() == self.neighbours):
-            raise ValueError(f"{path}: an item is listed as its own neighbour")
+            raise bad(f"{path}: an item is listed as its own neighbour")
         return self
 
 
@@ -177,8 +179,8 @@ def load_cooccurrence(artifacts_dir: str, num_items: int | None = None) -> Coocc
     """``cooccurrence/cooccurrence.npz`` as a validated :class:`CooccurrenceTable`.
 
     ``num_items`` (V, the item vocabulary + padding) is checked against the table when given.
-    Raises :class:`ArtifactError` when the file is missing or unreadable, ``ValueError`` when it
-    breaks the contract.
+    Raises :class:`ArtifactError` when the file is missing or unreadable,
+    :class:`ArtifactContentError` (a ``ValueError``) when it breaks the contract.
     """
     path = os.path.join(os.fspath(artifacts_dir), COOCCURRENCE)
     if not os.path.exists(path):
@@ -193,8 +195,9 @@ def load_cooccurrence(artifacts_dir: str, num_items: int | None = None) -> Coocc
         raise ArtifactError(f"{path} is unreadable ({err}): {RERUN}") from None
     table.validate(path)
     if num_items is not None and table.num_items != num_items:
-        raise ValueError(f"{path} has {table.num_items} rows but the item vocabulary has "
-                         f"{num_items} (with padding): the artifacts are stale; {RERUN}")
+        raise ArtifactContentError(f"{path} has {table.num_items} rows but the item vocabulary "
+                                   f"has {num_items} (with padding): the artifacts are stale; "
+                                   f"{RERUN}")
     return table
 
 
@@ -240,6 +243,15 @@ class ArtifactError(FileNotFoundError):
     """The preprocessing output is missing, incomplete or corrupt; the message names the file.
 
     A ``FileNotFoundError``, so the command-line entry points report it in one line.
+    """
+
+
+class ArtifactContentError(ArtifactError, ValueError):
+    """A file of the preprocessing output breaks its contract; the message names ``file:line``
+    (or the file) and the bad value.
+
+    Also a ``ValueError`` (the readers raised that before), and an :class:`ArtifactError`, so
+    the command-line entry points report it in one line.
     """
 
 
@@ -333,38 +345,64 @@ def load_feature_spec(artifacts_dir: str) -> dict:
 
 
 def _read_json(path: str):
+    """A JSON file (``json.JSONDecodeError``, a ``ValueError``, when it is not valid)."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
+def _read_stats(path: str) -> dict:
+    """``stats.json``; :class:`ArtifactContentError` naming it when it is not valid JSON."""
+    try:
+        return _read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactContentError(f"{path} is not valid JSON ({err}): {RERUN}") from None
+
+
 def _read_jsonl_numbered(path: str):
-    """``(line number, parsed row)`` of every non-blank line; ``ValueError`` on bad JSON."""
+    """``(line number, parsed row)`` of every non-blank line; :class:`ArtifactContentError`
+    naming ``file:line`` on bad JSON."""
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if line.strip():
                 try:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n} is not valid JSON: {err}") from None
+                    raise ArtifactContentError(f"{path}:{n} is not valid JSON: {err}") from None
 
 
-def _read_vocab(path: str) -> list:
+def read_vocab(path: str) -> list:
+    """The values of a ``vocab/<field>.txt`` file, in order (value k has index k + 1).
+
+    Strict: a value repeated on a later line (two indices for one key) is an
+    :class:`ArtifactContentError` naming ``file:line`` and the line it repeats.
+    """
+    values, first = [], {}
     with open(path, encoding="utf-8") as fh:
-        return [line.rstrip("\n") for line in fh]
+        for n, line in enumerate(fh, 1):
+            value = line.rstrip("\n")
+            if value in first:
+                raise ArtifactContentError(
+                    f"{path}:{n}: value {value!r} repeats line {first[value]}: a vocabulary "
+                    f"gives each value one index; the artifacts are corrupt; {RERUN}")
+            first[value] = n
+            values.append(value)
+    return values
 
 
 def _check_index(path: str, row: dict, key: str, size: int) -> int:
     idx = row.get(key)
     if not _is_int(idx) or not 0 < idx < size:
-        raise ValueError(f"{path}: {key} {idx!r} is outside the item vocabulary [1, {size})")
+        raise ArtifactContentError(f"{path}: {key} {idx!r} is outside the item vocabulary "
+                                   f"[1, {size}): the artifacts are inconsistent; {RERUN}")
     return idx
 
 
 def read_items(path: str) -> list:
     """``items/items.jsonl`` (a path to the file or to the artifacts folder): its rows sorted by
-    ``item``, each checked strictly (``ValueError`` naming ``file:line`` and the bad value).
+    ``item``, each checked strictly (:class:`ArtifactContentError`, a ``ValueError``, naming
+    ``file:line`` and the bad value).
 
-    A row: ``{"item": int >= 1 (unique), "item_id": str, "title": str, "tags": [int >= 1],
+    A row: ``{"item": int >= 1 (unique), "item_id": str (unique), "title": str, "tags": [int >= 1],
     "provider": int >= 0, "extra": {"item_<field>": int >= 0}}``.
     """
     path = os.fspath(path)
@@ -372,14 +410,14 @@ def read_items(path: str) -> list:
         path = os.path.join(path, ITEMS)
     if not os.path.exists(path):
         raise ArtifactError(f"{path} is missing: {RERUN}")
-    rows, seen = [], set()
+    rows, seen, id_lines = [], set(), {}
     for n, row in _read_jsonl_numbered(path):
         where = f"{path}:{n}"
         idx = row.get("item") if isinstance(row, dict) else None
         if not _is_int(idx) or idx < 1:
-            raise ValueError(f"{where}: item must be a positive int. Received: {idx!r}")
+            raise ArtifactContentError(f"{where}: item must be a positive int. Received: {idx!r}")
         if idx in seen:
-            raise ValueError(f"{where}: item {idx} appears twice")
+            raise ArtifactContentError(f"{where}: item {idx} appears twice: {RERUN}")
         seen.add(idx)
         bad = [k for k, ok in (("item_id", isinstance(row.get("item_id"), str)),
                                ("title", isinstance(row.get("title"), str)),
@@ -390,8 +428,12 @@ def read_items(path: str) -> list:
                                 and all(_is_int(v) and v >= 0 for v in row["extra"].values())))
                if not ok]
         if bad:
-            raise ValueError(f"{where}: item {idx} has bad {bad}. Received: "
-                             f"{ {k: row.get(k) for k in bad} }")
+            raise ArtifactContentError(f"{where}: item {idx} has bad {bad}. Received: "
+                                       f"{ {k: row.get(k) for k in bad} }")
+        if row["item_id"] in id_lines:
+            raise ArtifactContentError(f"{where}: item_id {row['item_id']!r} repeats line "
+                                       f"{id_lines[row['item_id']]}: {RERUN}")
+        id_lines[row["item_id"]] = n
         rows.append(row)
     rows.sort(key=lambda r: r["item"])
     return rows
@@ -414,33 +456,36 @@ def _load_item_table(path: str, num_items: int, max_tags: int, extra_names: list
         provider[idx] = row["provider"]
         unknown = sorted(set(row["extra"]) - set(extra_names))
         if unknown:
-            raise ValueError(f"{path}: item {idx} has extra fields {unknown} that feature_spec.json "
-                             f"does not declare ({extra_names}): the artifacts are inconsistent")
+            raise ArtifactContentError(
+                f"{path}: item {idx} has extra fields {unknown} that feature_spec.json does not "
+                f"declare ({extra_names}): the artifacts are inconsistent; {RERUN}")
         for name in extra_names:
             extra[name][idx] = row["extra"].get(name, 0)
     if len(rows) != num_items - 1:
-        raise ValueError(f"{path} has {len(rows)} items, the item vocabulary {num_items - 1}: "
-                         f"the artifacts are stale or incomplete; {RERUN}")
+        raise ArtifactContentError(f"{path} has {len(rows)} items, the item vocabulary "
+                                   f"{num_items - 1}: the artifacts are stale or incomplete; "
+                                   f"{RERUN}")
     return ItemTable(tags=tags, provider=provider, extra=extra, category=tags[:, 0].copy())
 
 
 def _load_neighbours(path: str, weight_key: str, num_items: int) -> NeighbourTable:
     """``title_neighbours.jsonl`` as a padded :class:`NeighbourTable`; every row needs ``item``,
-    ``neighbours`` and ``weight_key`` lists of one length (``ValueError`` naming the line)."""
+    ``neighbours`` and ``weight_key`` lists of one length (:class:`ArtifactContentError`, a
+    ``ValueError``, naming ``file:line``)."""
     rows = []
     for n, row in _read_jsonl_numbered(path):
         where = f"{path}:{n}"
         idx = _check_index(where, row, "item", num_items)
         nb, w = row.get("neighbours"), row.get(weight_key)
         if not isinstance(nb, list) or not isinstance(w, list):
-            raise ValueError(f"{where}: item {idx} needs 'neighbours' and {weight_key!r} lists. "
-                             f"Received keys: {sorted(row)}")
+            raise ArtifactContentError(f"{where}: item {idx} needs 'neighbours' and "
+                                       f"{weight_key!r} lists. Received keys: {sorted(row)}")
         if len(nb) != len(w):
-            raise ValueError(f"{where}: item {idx} has {len(nb)} neighbours but {len(w)} "
-                             f"{weight_key}")
+            raise ArtifactContentError(f"{where}: item {idx} has {len(nb)} neighbours but "
+                                       f"{len(w)} {weight_key}")
         if any(not _is_int(b) or not 0 < b < num_items for b in nb):
-            raise ValueError(f"{where}: item {idx} has a neighbour outside [1, {num_items}). "
-                             f"Received: {nb}")
+            raise ArtifactContentError(f"{where}: item {idx} has a neighbour outside "
+                                       f"[1, {num_items}). Received: {nb}")
         rows.append((idx, nb, w))
     width = max([len(nb) for _, nb, _ in rows] + [1])
     neighbours = np.zeros([num_items, width], np.int64)
@@ -455,8 +500,9 @@ def load_artifacts(path: str) -> Artifacts:
     """Reads ``artifacts/<name>/`` (see docs/ARCHITECTURE.md) into an :class:`Artifacts`.
 
     Raises ``FileNotFoundError`` naming every missing required file (:class:`ArtifactError` for
-    an incomplete set of example shards, see :func:`split_files`), ``ValueError`` for files that
-    contradict each other. ``title_neighbours`` is None when that job has not run yet.
+    an incomplete set of example shards, see :func:`split_files`), :class:`ArtifactContentError`
+    (a ``ValueError``) for a bad line (named ``file:line``) or files that contradict each other.
+    ``title_neighbours`` is None when that job has not run yet (see :func:`check_cl_tables`).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -472,11 +518,13 @@ def load_artifacts(path: str) -> Artifacts:
     missing = [rel for rel in required if not os.path.exists(os.path.join(path, rel))]
     if missing:
         raise FileNotFoundError(f"artifacts in {path!r} lack {missing}; rerun pipelines.preprocess")
-    vocabs = {f: _read_vocab(os.path.join(path, "vocab", f"{f}.txt")) for f in fields}
+    vocabs = {f: read_vocab(os.path.join(path, "vocab", f"{f}.txt")) for f in fields}
     for f, size in spec.get("vocab_sizes", {}).items():
         if f in vocabs and len(vocabs[f]) + 1 != size:
-            raise ValueError(f"vocab/{f}.txt has {len(vocabs[f])} values but feature_spec.json "
-                             f"says size {size} (with OOV): the artifacts are inconsistent")
+            raise ArtifactContentError(
+                f"{os.path.join(path, 'vocab', f + '.txt')} has {len(vocabs[f])} values but "
+                f"feature_spec.json says size {size} (with OOV): the artifacts are inconsistent; "
+                f"{RERUN}")
     num_items = len(vocabs["item_id"]) + 1
     extra_names = [contract.item_feature(f) for f in spec["item_extra_fields"]]
     item_table = _load_item_table(os.path.join(path, ITEMS), num_items,
@@ -487,4 +535,15 @@ def load_artifacts(path: str) -> Artifacts:
                         if os.path.exists(title_path) else None)
     return Artifacts(path=path, feature_spec=spec, vocabs=vocabs, item_table=item_table,
                      cooccurrence=cooccurrence, title_neighbours=title_neighbours,
-                     stats=_read_json(os.path.join(path, STATS)))
+                     stats=_read_stats(os.path.join(path, STATS)))
+
+
+def check_cl_tables(art: Artifacts, cl_tasks) -> None:
+    """Raises :class:`ArtifactError` when a CL term of ``cl_tasks`` (``model.cl``) lacks the
+    table it trains on: semantic CL needs ``title_neighbours.jsonl``, which
+    ``pipelines.title_neighbours`` writes after ``pipelines.preprocess``."""
+    if "semantic" in cl_tasks and art.title_neighbours is None:
+        raise ArtifactError(
+            f"{os.path.join(art.path, TITLE_NEIGHBOURS)} is missing but model.cl has 'semantic': "
+            f"run `python -m pipelines.title_neighbours --config <config>` after "
+            f"pipelines.preprocess, or drop 'semantic' from model.cl")
