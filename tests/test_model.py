@@ -315,6 +315,15 @@ def test_presets_build(preset, strategy):
     assert np.isfinite(float(losses["loss"]))
 
 
+def _assert_float32_close(got, want, rel=1e-5):
+    """``got`` equals ``want`` up to float32 rounding of a different kernel or batch shape: the
+    error of a sum scales with its largest terms, so the tolerance is ``rel`` of the largest
+    |want| (a near-zero element carries the same absolute error as the others)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=rel, atol=rel * float(np.max(np.abs(want))))
+
+
 def test_inference_paths_skip_cl_and_match_the_towers():
     model = _build(_cfg(cl=["feature", "semantic", "session"]))
     batch = _tensors(_batches(1, 8)[0])
@@ -328,12 +337,12 @@ def test_inference_paths_skip_cl_and_match_the_towers():
     for t, s in zip(model.cl_tasks.values(), states):
         np.testing.assert_array_equal(t.rng.state.numpy(), s)
     np.testing.assert_array_equal(model.retrieval.rng.state.numpy(), main_state)
-    # the table-based item path equals the batch-feature path for the same items
-    np.testing.assert_allclose(tf.gather(items, batch["item"]), out["item_embedding"],
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(users, out["user_embedding"], rtol=1e-6)
-    np.testing.assert_allclose(model.item_embeddings([3, 5], batch_size=1),
-                               tf.gather(items, [3, 5]), rtol=1e-6)
+    # the table-based item path equals the batch-feature path for the same items; float32
+    # tolerance: oneDNN picks its kernels by shape and instruction set, so on an AVX2-only CPU
+    # the bits differ between batch sizes (and near-zero elements differ relatively most)
+    _assert_float32_close(tf.gather(items, batch["item"]), out["item_embedding"])
+    _assert_float32_close(users, out["user_embedding"])
+    _assert_float32_close(model.item_embeddings([3, 5], batch_size=1), tf.gather(items, [3, 5]))
     # evaluation leaves the samplers as they were, and repeats its draws
     model.compile(optimizer=tf_keras.optimizers.Adam(0.01), run_eagerly=True)
     first = model.evaluate(_dataset(_batches(1, 8)), verbose=0, return_dict=True)
