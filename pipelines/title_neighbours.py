@@ -45,8 +45,11 @@ Sources (``semantic.source``):
 Neighbour search for title/vectors runs in the driver on the in-memory [M, D] matrix: exact
 blocked matrix products when M <= ``semantic.exact_max_items``, ScaNN (tree + AH + exact
 reordering, then exact rescoring of the candidates) above. Exact order: score desc, then item
-index asc. Output is deterministic: each title's embedding does not depend on how Beam batches it
-(see :mod:`micrec_tf.text.encoder`), and every file is written in item order.
+index asc. Every file is written in item order. Output is deterministic for one batch plan on one
+machine (same items, same ``semantic.batch_size``): a re-run writes the same bytes. How Beam
+batches the titles changes only float32 rounding of the embeddings (oneDNN picks kernels by shape
+and instruction set; ~6e-8 on an AVX2-only CPU, see :mod:`micrec_tf.text.encoder`), so across
+batch plans or machines the scores agree to ~1e-7 and neighbours may swap only among near-ties.
 
 Any flag this module does not know goes to Beam's ``PipelineOptions`` (after
 ``preprocess.beam_args``); DirectRunner is the default. A flag Beam does not know either is an

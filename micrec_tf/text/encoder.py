@@ -11,13 +11,16 @@ model (``BertModel`` -> mean over the attention mask -> ``Normalize``)::
 BERT details: post-LayerNorm blocks, LayerNorm eps 1e-12, exact (erf) GELU, absolute position
 embeddings, token type 0. Inference only (no dropout). Import ``micrec_tf`` before ``tensorflow``.
 
-Each title's vector depends only on that title: titles are grouped by token count into buckets of
-``bucket_width`` tokens and padded to the bucket's upper bound, and rows never interact, so
-the same title gives the same float32 bits whatever else is in the batch (Beam may batch titles
-differently from run to run; the neighbour job must stay deterministic). Verified on CPU, where
-the matrix kernels do not depend on the row count. On a GPU the kernel choice may depend on the
-shape, so there (``pad_rows="auto"``) every batch is also padded to ``batch_size`` rows, giving
-one shape per length bucket (not verified on a GPU: none was available).
+Each title's vector depends only on that title, up to float32 rounding: titles are grouped by
+token count into buckets of ``bucket_width`` tokens and padded to the bucket's upper bound, and
+rows never interact. The bits are not independent of the batch: oneDNN (CPU) picks its matrix
+kernels by shape and instruction set, so on an AVX2-only CPU the same title's vector differs by up
+to ~6e-8 (7th significant digit) between batch sizes; only on AVX-512 were they found identical.
+Bit-for-bit determinism holds for one batch plan on one machine (the same titles in the same
+order and ``batch_size``); across batch plans, vectors agree to ~1e-7 and cosine neighbours may
+swap only among near-ties. On a GPU the kernel choice may also depend on the shape, so there
+(``pad_rows="auto"``) every batch is also padded to ``batch_size`` rows, giving one shape per
+length bucket (not verified on a GPU: none was available).
 """
 from __future__ import annotations
 
@@ -184,7 +187,8 @@ class TitleEncoder:
         if not rows:
             return out
         lengths = np.array([self._padded_length(len(r)) for r in rows])
-        # Stable: same input order -> same batches. Rows are independent anyway.
+        # Stable: same input order -> same batches -> same bits (rows are independent up to
+        # float32 rounding, which depends on the batch shape; see the module docstring).
         order = np.argsort(lengths, kind="stable")
         for bucket in np.unique(lengths):
             members = order[lengths[order] == bucket]
