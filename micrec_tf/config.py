@@ -292,6 +292,11 @@ class ExportConfig:
     top_k: int = 500
     # Largest catalogue that export.index: brute_force accepts (every item scored per request).
     brute_force_max_items: int = 20000
+    # Most users one REST :predict request may hold (export/rest.py refuses more, before any array
+    # conversion): the tower runs on a request's whole batch at once, ~62 KB and 0.4 ms per user
+    # (a 45k-user request took 2.8 GB, 18 s), so 1024, the Python API's own batch, bounds one
+    # call to ~64 MB. The Python API batches instead of capping.
+    max_request_instances: int = 1024
 
 
 @dataclass
@@ -520,6 +525,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"eval.{key} must be a non-empty list of positive ints, got {ns!r}")
     _check_positive("eval.seeds", cfg.eval.seeds)
     _check_positive("export.top_k", cfg.export.top_k)
+    _check_positive("export.max_request_instances", cfg.export.max_request_instances)
     for key in ("num_users", "num_items", "num_events", "num_topics"):
         _check_positive(f"data.synthetic.{key}", getattr(cfg.data.synthetic, key))
     return cfg

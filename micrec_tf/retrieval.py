@@ -11,9 +11,12 @@ Requests are raw features, as the serving signature takes them (docs/SERVING.md)
 user ``{<profile field>: str, "history": [item ids, oldest first]}`` (histories may differ in
 length here; they are padded with ""), a columnar dict ``{<field>: [...], "history": [[...]]}``, or
 a TF Serving REST body (``{"instances": ...}`` / ``{"inputs": ...}``, checked strictly as TF
-Serving would). User vectors come from the exported SavedModel, so retrieval here is exactly what
-production does with TF Serving + the index; the index is the serialised ScaNN searcher (reloaded,
-not rebuilt) or, for ``brute_force`` exports, an exact product with the dump.
+Serving would). Every form goes through the REST parser's checks (``rest.parse_python_request``):
+a malformed request is a one-line ``rest.RequestError`` naming the request and the input; the
+dict forms also take ``bytes`` values. User vectors come from the exported SavedModel, so
+retrieval here is exactly what production does with TF Serving + the index; the index is the
+serialised ScaNN searcher (reloaded, not rebuilt) or, for ``brute_force`` exports, an exact
+product with the dump.
 
 ``exclude``: ``None``; ``"history"`` (drop each user's history items); or one iterable of item ids
 per user. Excluded items are removed before the top K is cut, so K items still come back when the
@@ -27,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
@@ -106,48 +109,13 @@ class Retriever:
 
     # ------------------------------------------------------------------ requests -> vectors
     def to_columns(self, requests) -> dict:
-        """Any accepted request form -> ``{input: object array of bytes}`` (signature shapes)."""
-        if isinstance(requests, (str, bytes)) or (isinstance(requests, Mapping) and (
-                "instances" in requests or "inputs" in requests)):
-            cols, _ = rest.parse_request(requests, self.specs)
-            return cols
-        if isinstance(requests, Mapping):
-            missing = [n for n in self.specs if n not in requests]
-            if missing:
-                raise rest.RequestError(f"columnar request is missing input(s) {missing}")
-            n = len(requests[serving.HISTORY_INPUT])
-            rows = [{f: requests[f][i] for f in self.specs} for i in range(n)]
-        else:
-            rows = list(requests)
-        clean = []
-        for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
-                raise rest.RequestError(f"request {i} must be a dict of raw features")
-            missing = [n for n in self.user_fields if n not in row]
-            extra = sorted(set(row) - set(self.specs))
-            if missing or extra:
-                raise rest.RequestError(
-                    f"request {i}: missing {missing} / unknown {extra}; the user tower takes "
-                    f"{list(self.specs)}")
-            out = {}
-            for f in self.user_fields:
-                if not isinstance(row[f], (str, bytes)):
-                    raise rest.RequestError(f"request {i}: {f!r} must be a string, got "
-                                            f"{type(row[f]).__name__} {row[f]!r}")
-                out[f] = row[f].decode("utf-8") if isinstance(row[f], bytes) else row[f]
-            hist = row.get(serving.HISTORY_INPUT)
-            hist = [] if hist is None else hist
-            if isinstance(hist, (str, bytes)) or any(not isinstance(h, (str, bytes)) for h in hist):
-                raise rest.RequestError(f"request {i}: 'history' must be a list of item id "
-                                        f"strings, got {hist!r}")
-            out[serving.HISTORY_INPUT] = [h.decode("utf-8") if isinstance(h, bytes) else h
-                                          for h in hist]
-            clean.append(out)
-        cols = serving.columnar(clean, self.user_fields)
-        out = {k: serving.encode_strings(v) for k, v in cols.items()}
-        if out[serving.HISTORY_INPUT].ndim != 2:
-            out[serving.HISTORY_INPUT] = out[serving.HISTORY_INPUT].reshape(len(clean), 0)
-        return out
+        """Any accepted request form -> ``{input: object array of bytes}`` (signature shapes).
+
+        One validation for every form (:func:`export.rest.parse_python_request`, the REST
+        parser's own checks): a malformed request raises :class:`export.rest.RequestError` naming
+        the request index and the input. No per-request cap: the tower runs in batches.
+        """
+        return rest.parse_python_request(requests, self.specs)
 
     def user_vectors(self, requests, batch_size: int = 1024) -> np.ndarray:
         """float32 [B, D] from the exported user tower."""
@@ -176,15 +144,13 @@ class Retriever:
             if exclude != "history" or cols is None:
                 raise ValueError("exclude must be None, 'history' (with requests) or one "
                                  "iterable of item ids per user")
-            exclude = [[h.decode() for h in row if h] for row in cols[serving.HISTORY_INPUT]]
+            exclude = [[_id_text(h) for h in row if h] for row in cols[serving.HISTORY_INPUT]]
         exclude = list(exclude)
         if len(exclude) != n:
             raise ValueError(f"exclude has {len(exclude)} entries for {n} users")
         out = []
         for items in exclude:
-            rows = {self.row_of[i.decode() if isinstance(i, bytes) else str(i)]
-                    for i in (items or []) if (i.decode() if isinstance(i, bytes) else str(i))
-                    in self.row_of}
+            rows = {self.row_of[_id_text(i)] for i in (items or []) if _id_text(i) in self.row_of}
             out.append(np.asarray(sorted(rows), np.int64))
         return out
 
@@ -308,3 +274,11 @@ def _earlier_clicks(artifacts_dir: str, split: str, rows: Sequence[int],
     query = {f: np.asarray(split_arrays[f])[rows] for f in (USER_ID, ITEM, TIMESTAMP, HIST_ITEMS)}
     excl = earlier_clicks_exclusion(query, history)
     return [excl.items_of(j) for j in range(len(rows))]
+
+
+def _id_text(item_id) -> str:
+    """An item id as the catalogue's ``str`` keys; bytes that are not UTF-8 (valid ids for the
+    tower) keep their bytes as surrogates, so they match no catalogue id instead of raising."""
+    if isinstance(item_id, bytes):
+        return item_id.decode("utf-8", "surrogateescape")
+    return str(item_id)

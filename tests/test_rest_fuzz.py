@@ -301,6 +301,118 @@ def test_a_non_string_element_is_always_rejected(request, data):
         rest.parse_request(encode(data.draw, broken), specs)
 
 
+# ----------------------------------------------------------------------------- Python API forms
+# :meth:`micrec_tf.retrieval.Retriever.to_columns` is ``rest.parse_python_request``: a list of
+# dicts or a columnar dict, checked by the REST parser's own code (bytes allowed as they are,
+# ``history`` optional and ragged). The same malformed values must be RequestErrors there too.
+def python_form(body, specs, draw=None):
+    """The Python API form of a REST body's content: a list of dicts for ``instances``, a
+    columnar dict for ``inputs`` (a single input's bare values named); with ``draw``, some
+    ``{"b64": ...}`` elements become the bytes they stand for, some lists tuples."""
+    names = list(specs)
+    if "instances" in body:
+        form = [row if isinstance(row, dict) and (len(names) > 1 or names[0] in row)
+                else {names[0]: row} for row in body["instances"]]
+    else:
+        inputs = body["inputs"]
+        form = inputs if isinstance(inputs, dict) and names[0] in inputs else {names[0]: inputs}
+    form = json.loads(json.dumps(form))
+    if draw is None:
+        return form
+
+    def loosen(v):
+        if isinstance(v, dict) and set(v) == {"b64"} and draw(st.booleans()):
+            return base64.b64decode(v["b64"])
+        if isinstance(v, dict):
+            return {k: loosen(x) for k, x in v.items()}
+        if isinstance(v, list):
+            items = [loosen(x) for x in v]
+            return tuple(items) if draw(st.booleans()) else items
+        return v
+    return loosen(form) if isinstance(form, dict) else [loosen(row) for row in form]
+
+
+@_fuzz(300)
+@given(requests(), st.data())
+def test_python_forms_parse_to_the_rest_tensors(request, data):
+    """A list of dicts / columnar dict of one content gives the reference and the REST tensors."""
+    specs, body, expected = request
+    got = rest.parse_python_request(python_form(body, specs, data.draw), specs)
+    rest_tensors, _ = rest.parse_request(body, specs)
+    assert_fits_signature(got, "row", specs)
+    for name, want in expected.items():
+        assert got[name].shape == want.shape, name
+        assert got[name].tolist() == want.tolist() == rest_tensors[name].tolist(), name
+
+
+@_fuzz(300)
+@given(requests(), st.data())
+def test_a_non_string_element_is_rejected_in_python_forms(request, data):
+    """The REST test's replacement values (numbers, NaN, null, lists, objects, bad b64 objects)
+    in a Python form: RequestError too, never TypeError / IndexError / KeyError."""
+    specs, body, _ = request
+    where = element_paths(body)
+    if not where:
+        return
+    broken = replaced(body, data.draw(st.sampled_from(where)), data.draw(NOT_A_STRING))
+    with pytest.raises(rest.RequestError):
+        rest.parse_python_request(python_form(broken, specs), specs)
+
+
+# Values a Python caller may put anywhere: JSON values, bytes, tuples, numpy arrays, sets, None.
+PY_VALUE = st.one_of(JSON_VALUE, st.binary(max_size=6), st.tuples(st.text(max_size=3)),
+                     st.lists(st.text(max_size=3), max_size=3).map(np.asarray),
+                     st.frozensets(st.text(max_size=3), max_size=3), st.none())
+
+
+@_fuzz(400)
+@given(requests(), st.data())
+def test_broken_python_forms_are_rejected_or_fit(request, data):
+    """A Python form with a value replaced, deleted (uneven columns, a missing input) or added:
+    a RequestError, or tensors that fit the signature."""
+    specs, body, _ = request
+    form = python_form(body, specs)
+    path = data.draw(st.sampled_from(list(paths(form))))
+    how = data.draw(st.sampled_from(["replace", "delete", "add"]))
+    if how == "replace" or not path:
+        if not path:
+            form = data.draw(PY_VALUE)
+        else:
+            parent = form
+            for key in path[:-1]:
+                parent = parent[key]
+            parent[path[-1]] = data.draw(PY_VALUE)
+    elif how == "delete":
+        form = deleted(form, path)
+    else:
+        parent = form
+        for key in path:
+            parent = parent[key]
+        if isinstance(parent, dict):
+            parent[data.draw(st.sampled_from(["x", "b64", *specs]))] = data.draw(PY_VALUE)
+        elif isinstance(parent, list):
+            parent.append(data.draw(PY_VALUE))
+    try:
+        tensors = rest.parse_python_request(form, specs)
+    except rest.RequestError as err:
+        assert str(err) and "\n" not in str(err)
+        return
+    assert_fits_signature(tensors, "row", specs)
+
+
+@pytest.mark.parametrize("form, message", [
+    ([{"gender": "F", "age": "a", "region": "r", "history": 5}],
+     r"input 'history' \(requests\)\[0\]: expected a list"),
+    ({"gender": ["F", "M"], "age": ["a"], "region": ["r", "s"], "history": [[], []]},
+     r"different batch sizes"),
+    ([{"gender": "F", "age": "a", "region": "r", "history": {"i1": 1}}],
+     r"input 'history' \(requests\)\[0\]: expected a list"),
+])
+def test_python_form_regressions(form, message):
+    with pytest.raises(rest.RequestError, match=message):
+        rest.parse_python_request(form, SPECS["user_tower"])
+
+
 # ----------------------------------------------------------------------------- regressions
 USER_TOWER = SPECS["user_tower"]
 
