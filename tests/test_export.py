@@ -674,10 +674,17 @@ def test_retriever_topk_exclusion_and_batches(env):
     for row, u in zip(c_ids, users):
         assert not set(row) & set(u["clicked"]) and len(row) == 50
         assert set(u["request"]["history"]) & set(r.ids) <= set(u["clicked"])
-    # Batch mode = one user at a time; REST bodies and columnar dicts work too.
+    # Batch mode = one user at a time, up to float32 rounding (oneDNN picks the tower's kernels
+    # by batch shape and instruction set: on AVX2 the vectors differ in the 7th digit), so the
+    # same scores, and an id differs only where near-tied items trade places; REST bodies and
+    # columnar dicts (the same batch of 5) give the same ids exactly.
     for i, req in enumerate(reqs):
-        one, _ = r.retrieve([req], k=50)
-        np.testing.assert_array_equal(one[0], ids[i])
+        one, one_scores = r.retrieve([req], k=50)
+        np.testing.assert_allclose(one_scores[0], scores[i], rtol=0, atol=1e-5)
+        for p in np.flatnonzero(one[0] != ids[i]):
+            at = np.flatnonzero(ids[i] == one[0][p])
+            near = scores[i][at[0]] if at.size else scores[i][-1]  # cut off at k: a tie there
+            assert abs(float(near) - float(one_scores[0][p])) <= 1e-5, (i, p, one[0][p])
     cols = columns(reqs, r.user_fields)
     np.testing.assert_array_equal(r.retrieve({"inputs": cols}, k=50)[0], ids)
     np.testing.assert_array_equal(r.retrieve(cols, k=50)[0], ids)
