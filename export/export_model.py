@@ -38,7 +38,7 @@ import time
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
-from micrec_tf import cli, provenance, publish
+from micrec_tf import cli, locks, provenance, publish
 from micrec_tf.config import Config
 from micrec_tf.data.artifacts import ArtifactError
 from micrec_tf.data.contract import HIST_LEN, USER_ID, user_feature, user_tower_features
@@ -198,13 +198,26 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
 
     ``cfg`` is the run's config (stored in metadata.json); ``export_root`` defaults to
     ``cfg.export_dir`` and ``index`` to ``cfg.export.index``.
-    """
-    import tensorflow as tf
 
+    The export folder must be one a job may own (:func:`micrec_tf.publish.check_owned_dir`); the
+    export holds its lock (``<exports_dir>/.<name>.lock``) throughout: a second export into the
+    same folder fails at once, naming this one's pid (:mod:`micrec_tf.locks`).
+    """
     start = time.time()
     export_root = export_root or cfg.export_dir
     index = index or cfg.export.index
+    publish.check_owned_dir(export_root, "the export folder")
     os.makedirs(os.path.join(export_root, SERVING_DIR), exist_ok=True)
+    with locks.folder_lock(export_root, "export",
+                           "wait for it or pick another export.exports_dir"):
+        return _export_locked(model, cfg, art, export_root, index, run_dir, version, log, start)
+
+
+def _export_locked(model, cfg: Config, art, export_root: str, index: str, run_dir, version,
+                   log, start: float) -> str:
+    """The body of :func:`export_model` while it holds the export folder's lock."""
+    import tensorflow as tf
+
     sweep_stale_tmp(export_root, log)
     sweep_stale_tmp(os.path.join(export_root, SERVING_DIR), log)
     serving.repair_serving_views(export_root, log)

@@ -31,7 +31,7 @@ import tensorflow as tf
 import tf_keras
 import yaml
 
-from micrec_tf import cli
+from micrec_tf import cli, locks, publish
 from micrec_tf.config import Config
 from micrec_tf.data.arrays import load_split_arrays, train_item_counts
 from micrec_tf.data.artifacts import check_cl_tables, load_artifacts
@@ -330,8 +330,20 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
 
     ``extra_callbacks`` run after the others and before the backup (tests use one to kill a
     run). ``best_epoch`` in the result is the epoch whose weights the run keeps.
+
+    The run folder must be one a job may own (:func:`micrec_tf.publish.check_owned_dir`: not
+    the current folder, the repository, the home folder or one above them); the run holds its
+    lock (``<runs_dir>/.<name>.lock``) throughout: a second training of the same folder fails at
+    once, naming this one's pid (:mod:`micrec_tf.locks`).
     """
     run_dir = run_dir or cfg.run_dir
+    publish.check_owned_dir(run_dir, "the run folder (--run-dir)")
+    with locks.folder_lock(run_dir, "training", "wait for it or pick another --run-dir"):
+        return _train_locked(cfg, run_dir, evaluate_test, log, extra_callbacks)
+
+
+def _train_locked(cfg: Config, run_dir: str, evaluate_test: bool, log, extra_callbacks) -> dict:
+    """The body of :func:`train` while it holds the run folder's lock."""
     os.makedirs(run_dir, exist_ok=True)
     discard_stale_backup(cfg, run_dir, log)
     # A previous run's results no longer describe this directory once its config is replaced.

@@ -42,8 +42,12 @@ clicks is kept.
 
 Output is deterministic: every file is sorted before it is written (TFRecord shards by user
 hash, records by user then click order), so two runs give byte-identical artifacts except the
-timing block of stats.json. The job writes into ``<artifacts_dir>.tmp-<id>`` and renames it into
-place only when everything succeeded.
+timing block of stats.json. The job writes into ``<artifacts_dir>.tmp-<pid>-<id>`` and renames it
+into place only when everything succeeded. It holds the lock of the artifacts folder meanwhile
+(``artifacts/.<name>.lock``: a second preprocess of the same folder fails at once, naming the
+pid), and first removes the temporaries of killed runs (their pid no longer runs). It replaces
+only a folder that holds artifacts (``stats.json``) or nothing, never the current folder, the
+repository, the home folder or one above them (:mod:`micrec_tf.publish`).
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ import shutil
 import sys
 import time
 
-from micrec_tf import cli, publish
+from micrec_tf import cli, locks, publish
 from pipelines.common import DEAD, STATS, is_remote, write_bytes
 from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence, check_session_category
 from pipelines.examples import WriteExamples, feature_spec
@@ -76,6 +80,9 @@ from micrec_tf.data.contract import (RESERVED_FEATURES, item_feature, user_featu
 LOG = logging.getLogger("pipelines.preprocess")
 
 __all__ = ["build_pipeline", "main", "run", "summary_text"]
+
+# Files that mark a folder as preprocessing artifacts: the only kind of folder preprocess replaces.
+ARTIFACTS_MARKERS = ("stats.json",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,37 +259,60 @@ def run(cfg: Config, beam_argv=(), adapter=None, data_dir=None, out_dir=None,
 
     ``adapter``/``data_dir`` default to the config's (tests pass their own); ``out_dir``
     defaults to ``cfg.artifacts_dir``. A local output is written to a temporary sibling and
-    renamed into place at the end; a remote one (``gs://...``) is cleared, then written in place.
+    renamed into place at the end, under the folder's lock (:mod:`micrec_tf.locks`: a second
+    preprocess of the same folder fails at once, naming this one's pid), after the temporaries
+    of killed runs are swept; it replaces only an absent, empty or artifacts folder
+    (:func:`micrec_tf.publish.check_replaceable`). A remote one (``gs://bucket/folder``) is
+    cleared, then written in place.
     """
     options = pipeline_options(cfg, beam_argv)
-    adapter, data_dir = _resolve_data(cfg, adapter, data_dir)
     out_dir = out_dir or cfg.artifacts_dir
-    remote = is_remote(out_dir)
-    if remote:
-        out_dir = out_dir.rstrip("/")
-        if FileSystems.exists(out_dir):
-            FileSystems.delete([out_dir])
-        tmp_dir = out_dir
-    else:
-        out_dir = os.path.abspath(out_dir)
+    if is_remote(out_dir):
+        return _run_remote(cfg, options, adapter, data_dir, out_dir.rstrip("/"), verbose)
+    out_dir = os.path.abspath(out_dir)
+    publish.check_replaceable(out_dir, ARTIFACTS_MARKERS, "the artifacts folder")
+    with locks.folder_lock(out_dir, "preprocess",
+                           "wait for it or pick another name / --out_dir"):
+        publish.sweep_stale_siblings(out_dir, log=LOG.warning)
+        adapter, data_dir = _resolve_data(cfg, adapter, data_dir)
         tmp_dir = publish.tmp_sibling(out_dir)
-    start = time.time()
-    try:
-        p = beam.Pipeline(options=options)
-        build_pipeline(p, cfg, adapter, data_dir, tmp_dir)
-        result = p.run()
-        result.wait_until_finish()
-        wall_s = time.time() - start
-        stats = _finish(cfg, adapter, tmp_dir, wall_s, _dead_letter_counters(result))
-    except BaseException:
-        if not remote:
+        try:
+            stats = _run_into(cfg, options, adapter, data_dir, tmp_dir)
+        except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    if not remote:
-        publish.replace_dir(tmp_dir, out_dir)
+            raise
+        publish.replace_dir(tmp_dir, out_dir, ARTIFACTS_MARKERS)
     if verbose:
         print(summary_text(stats, out_dir))
     return stats
+
+
+def _run_remote(cfg: Config, options, adapter, data_dir: str, out_dir: str,
+                verbose: bool) -> dict:
+    """A remote output (``gs://bucket/path``): cleared, then written in place (no lock: a remote
+    folder is not kept from another machine's job). A whole bucket is refused."""
+    scheme, _, rest = out_dir.partition("://")
+    if "/" not in rest.strip("/"):
+        raise publish.UnsafePathError(
+            f"the artifacts folder {out_dir!r} is a whole bucket; preprocess clears its output "
+            f"folder first: name a folder inside it ({scheme}://<bucket>/<folder>)")
+    adapter, data_dir = _resolve_data(cfg, adapter, data_dir)
+    if FileSystems.exists(out_dir):
+        FileSystems.delete([out_dir])
+    stats = _run_into(cfg, options, adapter, data_dir, out_dir)
+    if verbose:
+        print(summary_text(stats, out_dir))
+    return stats
+
+
+def _run_into(cfg: Config, options, adapter, data_dir: str, out_dir: str) -> dict:
+    """Runs the pipeline writing into ``out_dir`` and finishes stats.json there."""
+    start = time.time()
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, cfg, adapter, data_dir, out_dir)
+    result = p.run()
+    result.wait_until_finish()
+    return _finish(cfg, adapter, out_dir, time.time() - start, _dead_letter_counters(result))
 
 
 def summary_text(stats: dict, out_dir: str) -> str:

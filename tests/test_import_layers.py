@@ -43,7 +43,7 @@ PACKAGES = ("micrec_tf", "export", "pipelines", "experiments", "benchmarks")
 STAGES = {
     "micrec_tf": 0, "micrec_tf.config": 0, "micrec_tf.cli": 0,
     "micrec_tf.data.schema": 0, "micrec_tf.data.contract": 0, "micrec_tf.data.artifacts": 0, "micrec_tf.provenance": 0,
-    "micrec_tf.publish": 1,
+    "micrec_tf.publish": 1, "micrec_tf.locks": 0, "micrec_tf.run_state": 0,
     "micrec_tf.data": 1, "micrec_tf.text": 1, "pipelines": 1, "micrec_tf.search": 1,
     "micrec_tf.layers": 2, "micrec_tf.towers": 2, "micrec_tf.losses": 2, "micrec_tf.cl": 2,
     "micrec_tf.model": 2, "micrec_tf.tfrs_peer": 2, "micrec_tf.precision": 2,
