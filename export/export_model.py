@@ -38,12 +38,12 @@ import time
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
-from micrec_tf import cli, locks, provenance, publish
+from micrec_tf import cli, locks, provenance, publish, run_state
 from micrec_tf.config import Config
 from micrec_tf.data.artifacts import ArtifactError
 from micrec_tf.data.contract import HIST_LEN, USER_ID, user_feature, user_tower_features
 
-from export import item_index, serving
+from export import item_index, serving, write_checks
 from export.requests import oov_string, raw_requests
 from export.serving import SERVING_DIR, TMP_PREFIX
 
@@ -207,7 +207,9 @@ def export_model(model, cfg: Config, art, export_root: str | None = None,
     export_root = export_root or cfg.export_dir
     index = index or cfg.export.index
     publish.check_owned_dir(export_root, "the export folder")
-    os.makedirs(os.path.join(export_root, SERVING_DIR), exist_ok=True)
+    # Both targets before anything is written: a version published without its serving view is
+    # what a read-only serving/ used to leave behind.
+    write_checks.check_writable([export_root, os.path.join(export_root, SERVING_DIR)])
     with locks.folder_lock(export_root, "export",
                            "wait for it or pick another export.exports_dir"):
         return _export_locked(model, cfg, art, export_root, index, run_dir, version, log, start)
@@ -266,8 +268,11 @@ def _export_locked(model, cfg: Config, art, export_root: str, index: str, run_di
         }
         _write_metadata(os.path.join(tmp, "metadata.json"), metadata)
         published = publish.publish_numbered(tmp, export_root, version)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        failure = write_checks.write_failure(err, tmp)  # a full disk, an unwritable folder
+        if failure is not None:
+            raise failure from err
         raise
     if published != version:  # another export took the number meanwhile: fix the record
         version = published
@@ -276,7 +281,16 @@ def _export_locked(model, cfg: Config, art, export_root: str, index: str, run_di
         _write_metadata(meta_path + ".new", metadata)
         os.replace(meta_path + ".new", meta_path)
     version_dir = os.path.join(export_root, str(version))
-    serving.publish_serving_view(export_root, version)
+    try:
+        serving.publish_serving_view(export_root, version)
+    except OSError as err:
+        failure = write_checks.write_failure(
+            err, os.path.join(export_root, SERVING_DIR),
+            what=f"{version_dir} is published without its TF Serving view, which the next export "
+                 "or retrieval start-up creates")
+        if failure is None:
+            raise
+        raise failure from err
     log(f"[export] published {version_dir} in {time.time() - start:.1f}s "
         f"(TF Serving base path: {os.path.join(export_root, SERVING_DIR)})")
     return version_dir
@@ -332,11 +346,18 @@ def export_run(cfg: Config, run_dir: str | None = None, export_root: str | None 
     from micrec_tf.precision import policy_scope
 
     run_dir = run_dir or cfg.run_dir
+    export_root = export_root or cfg.export_dir
+    # Cheap refusals before the restore: a run whose checkpoint is not its config's finished one
+    # (micrec_tf/run_state.py), and targets that cannot be written.
+    note = run_state.check_finished(run_dir) if os.path.isdir(run_dir) else None
+    if note:
+        log(note)
+    write_checks.check_writable([export_root, os.path.join(export_root, SERVING_DIR)])
     with policy_scope("float32"):  # the whole export in float32; the caller's policy comes back
         model, run_cfg, art = restore_for_export(run_dir)
         run_cfg = run_cfg.replace({f"export.{k}": v for k, v in cfg.to_dict()["export"].items()})
-        return export_model(model, run_cfg, art, export_root=export_root or cfg.export_dir,
-                            run_dir=run_dir, log=log)
+        return export_model(model, run_cfg, art, export_root=export_root, run_dir=run_dir,
+                            log=log)
 
 
 def main(argv=None) -> int:

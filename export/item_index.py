@@ -42,6 +42,7 @@ then multiplies by the whole matrix, which is exact and fast enough up to
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -51,6 +52,8 @@ import numpy as np
 
 from micrec_tf import search
 from micrec_tf.cli import UsageError
+
+from export import write_checks
 
 SCANN_MIN_ITEMS = 256
 TARGET_RECALL = 0.95
@@ -85,14 +88,23 @@ def dump_item_embeddings(model, item_vocab_file: str, out_dir: str,
     if not np.all(np.isfinite(vectors)):
         raise ValueError("the item tower produced non-finite vectors; refusing to export them")
     os.makedirs(out_dir, exist_ok=True)
-    np.save(os.path.join(out_dir, "embeddings.npy"), vectors)
-    with open(os.path.join(out_dir, "ids.txt"), "w", encoding="utf-8", newline="\n") as fh:
-        fh.write("".join(i + "\n" for i in ids))
-    shutil.copyfile(item_vocab_file, os.path.join(out_dir, "vocab.txt"))
-    info = {"num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1]), "dtype": "float32",
-            "first_index": 1}
-    with open(os.path.join(out_dir, "info.json"), "w") as fh:
-        json.dump(info, fh, indent=1)
+    path = os.path.join(out_dir, "embeddings.npy")
+    try:
+        np.save(path, vectors)
+        path = os.path.join(out_dir, "ids.txt")
+        with open(path, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write("".join(i + "\n" for i in ids))
+        path = os.path.join(out_dir, "vocab.txt")
+        shutil.copyfile(item_vocab_file, path)
+        info = {"num_items": int(vectors.shape[0]), "dim": int(vectors.shape[1]),
+                "dtype": "float32", "first_index": 1}
+        path = os.path.join(out_dir, "info.json")
+        with open(path, "w") as fh:
+            json.dump(info, fh, indent=1)
+    except OSError as err:
+        if err.filename is None:  # a failed write() names no file: name the one being written
+            raise OSError(err.errno, err.strerror, path) from err
+        raise
     return info
 
 
@@ -211,11 +223,43 @@ def tune_leaves_to_search(searcher, params: dict, vectors: np.ndarray, queries: 
 
 
 def save_scann(searcher, params: dict, out_dir: str) -> None:
-    """Serialises ``searcher`` with paths relative to ``out_dir`` (movable), plus params.json."""
+    """Serialises ``searcher`` with paths relative to ``out_dir`` (movable), plus params.json.
+
+    ScaNN's native writer reports a failed write as a ``RuntimeError`` ("Failed to extract
+    SingleMachineFactoryOptions: I/O error", or "...: Failed to write proto to <file>"); it is
+    raised again as an ``OSError`` with the cause found here (:func:`scann_write_error`).
+    """
     os.makedirs(out_dir, exist_ok=True)
-    searcher.serialize(out_dir, relative_path=True)
+    try:
+        searcher.serialize(out_dir, relative_path=True)
+    except RuntimeError as err:
+        raise scann_write_error(err, out_dir) from err
     with open(os.path.join(out_dir, "params.json"), "w") as fh:
         json.dump(params, fh, indent=1)
+
+
+def scann_write_error(err: RuntimeError, out_dir: str) -> OSError:
+    """An ``OSError`` for ScaNN's failure ``err`` to serialise into ``out_dir``: ENOSPC when the
+    disk is full, else the errno of a small test write to the file ScaNN names (or to a new file
+    in ``out_dir``), else EIO. Its message keeps ScaNN's."""
+    message = str(err)
+    named = message.rsplit("Failed to write proto to ", 1)
+    target = named[1].strip() if len(named) == 2 else os.path.join(out_dir, ".write-probe")
+    code = errno.EIO
+    if write_checks.disk_full(out_dir):
+        code = errno.ENOSPC
+    else:
+        try:
+            with open(target, "wb") as fh:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as probe:
+            code = probe.errno or errno.EIO
+        finally:
+            if len(named) != 2 and os.path.isfile(target):
+                os.remove(target)
+    return OSError(code, f"{os.strerror(code)} (ScaNN: {message})", out_dir)
 
 
 def load_scann(index_dir: str):

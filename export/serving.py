@@ -30,6 +30,7 @@ those of the ``tensorflow-serving-api`` package (``tensorflow_serving.apis``), p
 """
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import re
@@ -365,21 +366,46 @@ def publish_serving_view(export_root: str, version: int) -> str:
     return target
 
 
-def repair_serving_views(export_root: str, log=print) -> list:
+def served_versions(export_root: str) -> list:
+    """The :func:`published_versions` that TF Serving also sees (``serving/<version>`` exists);
+    all of them for a root without ``serving/`` (not made by the export)."""
+    versions = published_versions(export_root)
+    if not os.path.isdir(os.path.join(export_root, SERVING_DIR)):
+        return versions
+    return [v for v in versions if os.path.isdir(os.path.join(export_root, SERVING_DIR, str(v)))]
+
+
+# errno values of a serving/ folder that cannot be written (read-only mount, permissions, full).
+UNWRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def repair_serving_views(export_root: str, log=print, unwritable: list | None = None) -> list:
     """Publishes the missing ``serving/<version>`` of every published version; returns them.
 
     An export publishes the version directory first and its serving view second; one killed
     between the two leaves a version that retrieval would use while TF Serving still serves the
     previous user tower. Every export and every retrieval start-up call this, so the two views
     agree again. Only a root with a ``serving/`` directory (made by the export) is touched.
+
+    ``unwritable``: a list to collect ``(version, OSError)`` for the views that cannot be written
+    (``serving/`` read-only or full, see ``UNWRITABLE_ERRNOS``) instead of raising; the caller
+    then decides which version to use (retrieval: the newest of :func:`served_versions`).
     """
     if not os.path.isdir(os.path.join(export_root, SERVING_DIR)):
         return []
     missing = [v for v in published_versions(export_root)
                if not os.path.isdir(os.path.join(export_root, SERVING_DIR, str(v)))]
+    repaired = []
     for v in missing:
-        publish_serving_view(export_root, v)
+        try:
+            publish_serving_view(export_root, v)
+        except OSError as err:
+            if unwritable is None or err.errno not in UNWRITABLE_ERRNOS:
+                raise
+            unwritable.append((v, err))
+            continue
+        repaired.append(v)
         log(f"[export] repaired half-published version {v}: created "
             f"{os.path.join(export_root, SERVING_DIR, str(v))} from its user_tower/ "
             "(TF Serving now serves the same user tower that retrieval uses)")
-    return missing
+    return repaired

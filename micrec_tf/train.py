@@ -12,6 +12,9 @@ it with the custom ``train_step`` and writes to ``runs/<name>/`` (or ``--run-dir
     config.yaml      the exact config used
     history.json     per-epoch losses and validation metrics
     metrics.json     final validation (and test) HIT@N / coverage
+    run_state.json   "training" from the start, "finished" once checkpoint/ and metrics.json are
+                     written, with the hashes of config.yaml and checkpoint/ (micrec_tf/run_state.py;
+                     export refuses a run that is not finished under its own config.yaml)
 
 Device handling: a ``tf.distribute`` strategy chosen from the visible GPUs (mirrored for several,
 one-device for one, default on CPU) and mixed precision where it pays (compute capability >= 7.0
@@ -31,7 +34,7 @@ import tensorflow as tf
 import tf_keras
 import yaml
 
-from micrec_tf import cli, locks, publish
+from micrec_tf import cli, locks, publish, run_state
 from micrec_tf.config import Config
 from micrec_tf.data.arrays import load_split_arrays, train_item_counts
 from micrec_tf.data.artifacts import check_cl_tables, load_artifacts
@@ -346,11 +349,15 @@ def _train_locked(cfg: Config, run_dir: str, evaluate_test: bool, log, extra_cal
     """The body of :func:`train` while it holds the run folder's lock."""
     os.makedirs(run_dir, exist_ok=True)
     discard_stale_backup(cfg, run_dir, log)
-    # A previous run's results no longer describe this directory once its config is replaced.
+    # A previous run's results no longer describe this directory once its config is replaced;
+    # its checkpoint/ neither: run_state.json says "training" until this run writes its own
+    # (export refuses the folder meanwhile, micrec_tf/run_state.py).
+    config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    run_state.mark_training(run_dir, config_text)
     if os.path.exists(os.path.join(run_dir, "metrics.json")):
         os.remove(os.path.join(run_dir, "metrics.json"))
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+        fh.write(config_text)
     tf_keras.utils.set_random_seed(cfg.train.seed)
 
     strategy, gpus = select_strategy(cfg.train.require_gpu, log)
@@ -461,6 +468,7 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
                                         slices={"long_tail": tail[test["item"]]})
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump({k: v for k, v in result.items() if k != "history"}, fh, indent=1)
+    run_state.mark_finished(run_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for split in ("valid", "test"):
         if split in result:
             shown = " ".join(f"{k}={v:.4f}" for k, v in result[split].items()
