@@ -50,17 +50,48 @@ def resolve_version_dir(path: str, version: int | str | None = None) -> str:
 
     First repairs a half-published version of the root (an export killed between publishing the
     version and its TF Serving view, see ``export/export_model.py``), so that TF Serving serves
-    the user tower of the version retrieval uses.
+    the user tower of the version retrieval uses. Where the root's ``serving/`` cannot be written
+    (a read-only tree), the repair is left undone, one stderr line says so, and the default
+    version is the newest one that TF Serving serves (the newest published one if none is).
     """
     if version is None and os.path.exists(os.path.join(path, "metadata.json")):
-        _repair_serving_views(os.path.dirname(os.path.abspath(path)))
+        name = os.path.basename(os.path.normpath(path))
+        _repair_serving_views(os.path.dirname(os.path.abspath(path)),
+                              int(name) if name.isdigit() else None)
         return path
-    _repair_serving_views(path)
-    return serving.version_dir(path, version)
+    if version is not None:
+        _repair_serving_views(path, int(version) if str(version).isdigit() else None)
+        return serving.version_dir(path, version)
+    if not _repair_serving_views(path, None, default=True):
+        return serving.version_dir(path)
+    served = serving.served_versions(path)
+    return serving.version_dir(path, served[-1] if served else None)
 
 
-def _repair_serving_views(export_root: str) -> None:
-    serving.repair_serving_views(export_root, log=lambda msg: print(msg, file=sys.stderr))
+def _repair_serving_views(export_root: str, chosen: int | None, default: bool = False) -> list:
+    """Repairs what can be written (see :func:`resolve_version_dir`); returns the versions left
+    half-published, after one stderr line naming them and the version used (``chosen``, or for
+    ``default`` the newest that TF Serving serves)."""
+    failed = []
+    serving.repair_serving_views(export_root, log=lambda msg: print(msg, file=sys.stderr),
+                                 unwritable=failed)
+    if not failed:
+        return []
+    versions = [v for v, _ in failed]
+    err = failed[0][1]
+    where = os.path.join(export_root, serving.SERVING_DIR)
+    if default:
+        served = serving.served_versions(export_root)
+        use = (f"using version {served[-1]}, the newest that TF Serving serves" if served else
+               f"using version {serving.latest_version(export_root)}, which TF Serving does not "
+               "serve (it serves no version)")
+    else:
+        use = (f"using version {chosen} as asked"
+               + (", which TF Serving does not serve" if chosen in versions else ""))
+    print(f"[retrieval] {where} is not writable ({err.strerror or err}): the TF Serving view of "
+          f"half-published version(s) {', '.join(map(str, versions))} cannot be created; {use}",
+          file=sys.stderr)
+    return versions
 
 
 class Retriever:
