@@ -22,6 +22,12 @@ still serves the previous user tower): every export, and every retrieval start-u
 (``micrec_tf.retrieval.resolve_version_dir``), first creates the missing serving views
 (``serving.repair_serving_views``).
 
+Refusals, before any expensive work: a run folder whose checkpoint is not the finished training of
+its own config.yaml (``micrec_tf/run_state.py``), and an export folder or ``serving/`` that cannot
+be written (``export/write_checks.py``). A write that fails later (a full disk, an I/O error, also
+inside ScaNN's native writer) is one user-error line, and the temporary directory is removed:
+nothing is published.
+
 Index: ``export.index`` (``scann`` by default); where ScaNN does not pay (under 256 items, or no
 more items than ``export.top_k``) the export builds the exact brute-force index and logs why
 (``item_index.choose_index``).
