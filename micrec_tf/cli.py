@@ -12,7 +12,8 @@ Each ``python -m ...`` entry point builds its parser with :func:`parser`, and en
         sys.exit(cli.run(main))
 
 A user error (:class:`UsageError`, a :class:`~micrec_tf.config.ConfigError`, a missing input
-file) prints one line, ``error: <message>``, on stderr and exits 2. ``--debug`` (or
+file) prints one line, ``error: <message>``, on stderr and exits 2, also when a Beam job raised
+it in a worker (:func:`user_error_message`). ``--debug`` (or
 ``MICREC_DEBUG=1``) shows the traceback instead. TensorFlow's and Beam's own log lines are off
 by default; ``--verbose`` (or ``MICREC_VERBOSE=1``) brings them back. The C++ log level of
 TensorFlow is fixed when TensorFlow loads, so ``micrec_tf/__init__.py`` reads the same switch
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -108,6 +110,33 @@ def _user_errors() -> tuple:
     return (UsageError, ConfigError, FileNotFoundError, NotADirectoryError)
 
 
+# Beam appends the step to an exception it re-raises in-process; a runner with worker processes
+# raises a RuntimeError holding the worker's traceback, whose last line is ``<Class>: <message>``.
+_BEAM_STEP = re.compile(r"\s*\[while running '[^']*'\]\s*$")
+_USER_ERROR_NAMES = ("UsageError", "InputError", "ConfigError", "ArtifactError",
+                     "ArtifactContentError")
+_WORKER_USER_ERROR = re.compile(
+    rf"^(?:[\w.]+\.)?(?:{'|'.join(_USER_ERROR_NAMES)}): (.+)$", re.MULTILINE)
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line message of a user error, or None when ``err`` is not one (a bug).
+
+    A user error raised inside a Beam job reaches the driver either as itself with
+    `` [while running '<step>']`` appended (in-process runners: the suffix is dropped) or as a
+    ``RuntimeError`` holding the worker's traceback text (multi-process runners: its
+    ``<UserErrorClass>: <message>`` line is the message).
+    """
+    if isinstance(err, _user_errors()):
+        text = str(err)
+    else:
+        found = _WORKER_USER_ERROR.findall(str(err)) if isinstance(err, RuntimeError) else []
+        if not found:
+            return None
+        text = found[-1]
+    return _BEAM_STEP.sub("", " ".join(text.split()))
+
+
 def run(main, argv=None) -> int:
     """Calls ``main(argv)``; a user error becomes one ``error: ...`` line on stderr and exit 2.
 
@@ -117,10 +146,10 @@ def run(main, argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return main(argv)
-    except _user_errors() as err:
-        if debug_requested(argv):
+    except (*_user_errors(), RuntimeError) as err:
+        one_line = user_error_message(err)
+        if one_line is None or debug_requested(argv):
             raise
-        one_line = " ".join(str(err).split())
         print(f"error: {one_line} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

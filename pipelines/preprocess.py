@@ -64,7 +64,7 @@ from pipelines.common import DEAD, STATS, is_remote, write_bytes
 from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence, check_session_category
 from pipelines.examples import WriteExamples, feature_spec
 from pipelines.items import ItemTable
-from pipelines.rows import SOURCES, KnownClicks, OnePerId, ReadSource, WriteDeadLetters
+from pipelines.rows import SOURCES, FirstPerId, KnownClicks, ReadSource, WriteDeadLetters
 from pipelines.split import SPLITS, SplitBoundaries, UserTimelines
 from pipelines.options import pipeline_options
 from pipelines.vocab import Vocabularies
@@ -108,13 +108,17 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     # 1. Raw rows: parsed, one item / user row per id, clicks on known items.
     inter = p | "Interactions" >> ReadSource(adapter, "interactions",
                                              adapter.interaction_files, data_dir)
-    items = p | "Items" >> ReadSource(adapter, "items", adapter.item_files, data_dir)
+    items = p | "Items" >> ReadSource(adapter, "items", adapter.item_files, data_dir,
+                                      keep_origin=True)
     users = p | "Users" >> ReadSource(adapter, "users", adapter.user_files, data_dir,
-                                      required=False)
-    items_picked = items["rows"] | "PickItems" >> OnePerId()
+                                      required=False, keep_origin=True)
+    # The first row of an id is kept; later rows of the id go to the dead letters.
+    items_first = items["rows"] | "PickItems" >> FirstPerId("items", schema.DUPLICATE_ITEM_ID)
+    users_first = users["rows"] | "PickUsers" >> FirstPerId(
+        "users", schema.DUPLICATE_USER_ID, value=lambda r: r[1])
+    items_picked = items_first["rows"]
     items_kv = items_picked | "ItemKV" >> beam.Map(lambda r: (r[0], r[1]))
-    users_kv = (users["rows"] | "PickUsers" >> OnePerId(value=lambda r: r[1])
-                | "UserKV" >> beam.Map(lambda r: (r[0], r[1])))
+    users_kv = users_first["rows"] | "UserKV" >> beam.Map(lambda r: (r[0], r[1]))
     dup_stats = (
         (items_picked | "ItemDups" >> beam.Map(lambda r: ("duplicates.items", r[2])),
          users_kv | "UserOne" >> beam.Map(lambda r: ("users.catalogue", 1)))
@@ -152,7 +156,8 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
                                                    pc.num_shards))
 
     # 1. Dead letters.
-    dead_stats = ((inter[DEAD], items[DEAD], users[DEAD], valid[DEAD])
+    dead_stats = ((inter[DEAD], items[DEAD], users[DEAD], valid[DEAD], items_first[DEAD],
+                   users_first[DEAD])
                   | "DeadLetters" >> WriteDeadLetters(out_dir, {
                       src: files.encoding for src, files in zip(SOURCES, (
                           adapter.interaction_files, adapter.item_files, adapter.user_files))}))
@@ -160,7 +165,7 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     # 6. Summary (stats.json and feature_spec.json are finished by the driver).
     ((inter[STATS], items[STATS], users[STATS], valid[STATS], vocab[STATS], item_table[STATS],
       cooc[STATS], cooc_stats, example_stats, dead_stats, dup_stats, bounds[STATS],
-      user_rows[STATS])
+      user_rows[STATS], items_first[STATS], users_first[STATS])
      | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
      | "AllStats" >> beam.combiners.ToList()
      | "WriteSummary" >> beam.Map(_write_summary, out_dir))

@@ -8,6 +8,9 @@ Transforms (PCollections they take and give):
 - :class:`ReadSource`: pipeline -> ``{"rows": canonical tuples, DEAD: rejected lines, STATS}``
   of one source (interactions, items or users) of an adapter.
 - :class:`OnePerId`: canonical rows -> ``(id, value, n_duplicates)``, one per id.
+- :class:`FirstPerId`: canonical rows with their origin -> ``{"rows": (id, value,
+  n_duplicates), DEAD: the later rows of a repeated id, STATS}``: the first row (file order,
+  then line) of each id is kept.
 - :class:`KnownClicks`: interaction rows + the item table -> ``{"clicks": (user_id, (ts,
   order, item_id)), DEAD: clicks on unknown items, STATS}``.
 - :class:`WriteDeadLetters`: DEAD PCollections -> ``dead_letters/dead_letters.jsonl``.
@@ -19,6 +22,13 @@ Canonical tuples (plain tuples for Beam's fast coders):
 - item: ``(item_id, title, tags tuple, provider, extras tuple)`` (extras in the adapter's
   ``item_extra_fields`` order, "" when missing);
 - user: ``(user_id, profile tuple)`` (the adapter's ``user_fields`` order, "" when missing).
+
+Item and user tuples read with ``keep_origin`` carry ``order, (path, line_number, raw)`` last,
+as interactions do (for :class:`FirstPerId`).
+
+A timestamp that cannot be Unix seconds (:func:`micrec_tf.data.schema.check_seconds`) stops the
+job with a :class:`~micrec_tf.data.schema.InputError` naming ``file:line`` (one line in the
+command-line entry points, see :func:`micrec_tf.cli.run`).
 
 A DEAD element is ``(source, path, line_number, reason, detail, raw bytes)``.
 """
@@ -158,14 +168,19 @@ class ParseRows(beam.DoFn, BundleCounter):
 
     A DEAD element is ``(source, path, line_number, reason, detail, raw)``. Interaction tuples
     carry their :func:`click_order` key (``paths``: the source's files in the adapter's order)
-    and their origin ``(path, line_number, raw)`` last, for :class:`ValidateClicks`.
+    and their origin ``(path, line_number, raw)`` last, for :class:`ValidateClicks`; item and
+    user tuples too with ``keep_origin`` (for :class:`FirstPerId`).
+
+    Raises :class:`~micrec_tf.data.schema.InputError` (the job stops) at a click whose timestamp
+    cannot be Unix seconds: milliseconds read as seconds would make every click a session.
     """
 
-    def __init__(self, adapter, source: str, encoding: str, paths=()):
+    def __init__(self, adapter, source: str, encoding: str, paths=(), keep_origin: bool = False):
         self.adapter = adapter
         self.source = source
         self.encoding = encoding
         self.paths = list(paths)
+        self.keep_origin = keep_origin or source == "interactions"
 
     def setup(self):
         self._parse = getattr(self.adapter, {"interactions": "parse_interaction",
@@ -215,6 +230,8 @@ class ParseRows(beam.DoFn, BundleCounter):
                 continue
             self._stats[f"parsed.{self.source}"] += 1
             if self.source == "interactions":
+                schema.check_seconds(out[2], f"{origin[0]}:{origin[1]}")
+            if self.keep_origin:
                 path, line_no, _ = origin
                 file_index = self._file_index.get(path, len(self._file_index))
                 yield out + (click_order(file_index, line_no, position), origin)
@@ -264,13 +281,16 @@ class ReadSource(beam.PTransform):
     ``rows``: the canonical tuples of ``source`` (module docstring); ``DEAD``: its rejected
     lines; ``STATS``: ``rows.<source>``, ``parsed.<source>``, ``skipped.<source>`` (header or
     blank) and ``dead.<source>.<reason>`` counts. ``required``: no matching file is an error.
-    ``range_bytes``: see :class:`ReadNumberedLines`.
+    ``range_bytes``: see :class:`ReadNumberedLines`. ``keep_origin``: item and user rows carry
+    their order key and origin last (interaction rows always do), for :class:`FirstPerId`.
     """
 
     def __init__(self, adapter, source: str, files: schema.SourceFiles, data_dir: str,
-                 required: bool = True, range_bytes: int | None = None):
+                 required: bool = True, range_bytes: int | None = None,
+                 keep_origin: bool = False):
         super().__init__()
         self.range_bytes = range_bytes
+        self.keep_origin = keep_origin
         if source not in SOURCES:
             raise ValueError(f"source must be one of {list(SOURCES)}. Received: {source!r}")
         self.adapter, self.source, self.files = adapter, source, files
@@ -284,7 +304,8 @@ class ReadSource(beam.PTransform):
                 f"no {label} files match {list(self.files.patterns)} under {self.data_dir!r}")
         out = (p | f"Read{label}" >> ReadNumberedLines(paths, self.range_bytes)
                | f"Parse{label}" >> beam.ParDo(ParseRows(
-                   self.adapter, self.source, self.files.encoding, paths)).with_outputs(
+                   self.adapter, self.source, self.files.encoding, paths,
+                   self.keep_origin)).with_outputs(
                        DEAD, STATS, main="rows"))
         return {"rows": out.rows, DEAD: out[DEAD], STATS: out[STATS]}
 
@@ -313,6 +334,52 @@ class OnePerId(beam.PTransform):
         value = self.value or (lambda r: r)
         return (rows | "Key" >> beam.Map(lambda r: (r[0], value(r)))
                 | "Group" >> beam.GroupByKey() | "Pick" >> beam.Map(_pick_first))
+
+
+def _first_per_id(kv, source, reason, value):
+    """One id's rows (each ending ``order, origin``): the first kept, the later ones DEAD."""
+    key, rows = kv
+    rows = sorted(rows, key=lambda r: r[-2])
+    first_path, first_line, _ = rows[0][-1]
+    for row in rows[1:]:
+        path, line_no, raw = row[-1]
+        where = f"line {first_line}" + ("" if path == first_path else f" of {first_path}")
+        yield beam.pvalue.TaggedOutput(DEAD, (
+            source, path, line_no, reason,
+            f"{source[:-1]} id {key!r} was defined at {where}; the first row is kept", raw))
+    if len(rows) > 1:
+        yield beam.pvalue.TaggedOutput(STATS, (f"dead.{source}.{reason}", len(rows) - 1))
+    yield key, value(rows[0][:-2]), len(rows) - 1
+
+
+class FirstPerId(beam.PTransform):
+    """Item or user rows read with ``keep_origin`` -> ``{"rows", DEAD, STATS}``.
+
+    ``rows``: ``(id, value, n_duplicates)``, one per id (``row[0]``), from the id's first row in
+    input order (file, then line); ``value(row)`` is what is kept (default the whole canonical
+    row). ``DEAD``: every later row of a repeated id, with ``reason`` (``duplicate_item_id`` or
+    ``duplicate_user_id``) and the line of the row kept. ``STATS``: ``dead.<source>.<reason>``.
+    """
+
+    def __init__(self, source: str, reason: str, value=None):
+        super().__init__()
+        if reason not in schema.REASONS:
+            raise ValueError(f"reason must be one of {schema.REASONS}. Received: {reason!r}")
+        self.source, self.reason, self.value = source, reason, value
+
+    def expand(self, rows):
+        value = self.value or (lambda r: r)
+        out = (rows | "Key" >> beam.Map(lambda r: (r[0], r)) | "Group" >> beam.GroupByKey()
+               | "First" >> beam.FlatMap(_first_per_id, self.source, self.reason, value)
+               .with_outputs(DEAD, STATS, main="rows"))
+        counted = out[DEAD] | "Count" >> beam.Map(_count_dead, self.reason)
+        return {"rows": out.rows, DEAD: counted, STATS: out[STATS]}
+
+
+def _count_dead(dead, reason):
+    """Counts one dead letter on the Beam counter ``dead_letters:<reason>``; passes it on."""
+    Metrics.counter("dead_letters", reason).inc()
+    return dead
 
 
 # ----------------------------------------------------------------------- clicks on known items

@@ -21,14 +21,19 @@ import re
 from datetime import datetime
 
 from micrec_tf.data.schema import (BAD_JSON, BAD_TIMESTAMP, EMPTY_ID, WRONG_FIELD_COUNT,
-                                   Adapter, Interaction, Item, RowError, SourceFiles, User,
-                                   parse_timestamp, require_id, split_fields)
+                                   Adapter, InputError, Interaction, Item, RowError, SourceFiles,
+                                   User, parse_timestamp, require_id, split_fields)
 
 _YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 
 
+BOM = "\ufeff"
+
+
 def _strip_eol(line: str) -> str:
-    return line.rstrip("\r\n")
+    """The line without its line ending, nor a UTF-8 byte-order mark before its first field
+    (Excel and Notepad write one at the start of a file: it is not part of the header)."""
+    return line.rstrip("\r\n").removeprefix(BOM)
 
 
 def _fields(line: str, sep: str, expected):
@@ -93,14 +98,15 @@ class CanonicalAdapter(Adapter):
         item_header = _first_line(item_paths[0])
         fixed = ["item_id", "title", "tags", "provider"]
         if item_header[:4] != fixed:
-            raise ValueError(f"{item_paths[0]}: header must start with {fixed}, got {item_header}")
+            raise InputError(f"{item_paths[0]}:1: header must start with {fixed}, got "
+                             f"{item_header}")
         user_fields: list = []
         user_paths = cls.user_files.paths(data_dir)
         if user_paths:
             user_header = _first_line(user_paths[0])
             if user_header[:1] != ["user_id"]:
-                raise ValueError(
-                    f"{user_paths[0]}: header must start with 'user_id', got {user_header}")
+                raise InputError(
+                    f"{user_paths[0]}:1: header must start with 'user_id', got {user_header}")
             user_fields = user_header[1:]
         return cls(user_fields=user_fields, item_extra_fields=item_header[4:], name=name)
 
@@ -136,9 +142,15 @@ class CanonicalAdapter(Adapter):
 
 
 def _first_line(path: str) -> list:
+    """The header fields of a canonical TSV (a leading byte-order mark dropped)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as fh:
-        return fh.readline().decode("utf-8").rstrip("\r\n").split("\t")
+        first = fh.readline()
+    try:
+        return _strip_eol(first.decode("utf-8")).split("\t")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}:1: the header is not UTF-8 ({err.reason} at byte "
+                         f"{err.start})") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 An adapter names its raw files and parses one raw line at a time into canonical rows. A bad line
 raises :class:`RowError` with a fixed reason string; the Beam job sends it to the dead letters.
+An input that is unusable as a whole (a header that does not fit, timestamps in the wrong unit)
+raises :class:`InputError`: the job stops with one line naming the file (and line).
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import dataclasses
 import glob
 import os
 from typing import Iterable, Iterator
+
+from micrec_tf.cli import UsageError
 
 # Dead-letter reasons (fixed strings; Beam counters are named after them).
 WRONG_FIELD_COUNT = "wrong_field_count"
@@ -20,7 +24,34 @@ BAD_JSON = "bad_json"
 # ids could decode to the same string, so they are never guessed at). Titles and other text
 # fields keep the undecodable bytes as U+FFFD.
 BAD_ENCODING = "bad_encoding"
-REASONS = (WRONG_FIELD_COUNT, BAD_TIMESTAMP, EMPTY_ID, UNKNOWN_ITEM, BAD_JSON, BAD_ENCODING)
+# A later row of an item (user) id that an earlier row of the table already defined (file order,
+# then line): the first row is kept, the dead letter's detail names its line.
+DUPLICATE_ITEM_ID = "duplicate_item_id"
+DUPLICATE_USER_ID = "duplicate_user_id"
+REASONS = (WRONG_FIELD_COUNT, BAD_TIMESTAMP, EMPTY_ID, UNKNOWN_ITEM, BAD_JSON, BAD_ENCODING,
+           DUPLICATE_ITEM_ID, DUPLICATE_USER_ID)
+# Timestamps are Unix seconds; a larger value (the year 5138 in seconds) is a timestamp in
+# milliseconds (1.7e12 today) or microseconds, not a date: see :func:`check_seconds`.
+MAX_UNIX_SECONDS = 10 ** 11
+
+
+class InputError(UsageError):
+    """A raw input is unusable as a whole (not one bad line); the message names ``file:line``.
+
+    A :class:`micrec_tf.cli.UsageError`: the entry points print it as one line and exit 2.
+    """
+
+
+def check_seconds(timestamp: int, where: str) -> int:
+    """``timestamp`` if it can be Unix seconds, else :class:`InputError` naming ``where``
+    (``file:line``): a value above :data:`MAX_UNIX_SECONDS` is in milliseconds (or finer), and
+    read as seconds it would put every click in a session of its own."""
+    if timestamp > MAX_UNIX_SECONDS:
+        unit = "milliseconds" if timestamp < MAX_UNIX_SECONDS * 1000 else "microseconds or finer"
+        raise InputError(f"{where}: timestamp {timestamp} looks like {unit} (expected Unix "
+                         f"seconds; values above {MAX_UNIX_SECONDS:.0e} are past the year 5000): "
+                         f"convert the column to seconds")
+    return timestamp
 
 
 class RowError(ValueError):
