@@ -200,6 +200,8 @@ def test_duplicate_item_and_user_ids_go_to_the_dead_letters(tmp_path):
     assert "line 5" in [d for d in dead if d["source"] == "items"][0]["detail"]
     assert stats["dead_letters"]["by_reason"]["duplicate_item_id"] == 1
     assert stats["dead_letters"]["by_reason"]["duplicate_user_id"] == 1
+    assert stats["dead_letters"]["beam_counters"] == stats["dead_letters"]["by_reason"]
+    assert stats["items_in_table"] == 6 and stats["users_in_table"] == 4
     titles = {r["item_id"]: r["title"] for r in read_items(cfg.artifacts_dir)}
     assert titles["i3"] == "Title 3"  # the first row, not "A different title"
     assert "duplicate_item_id 1" in preprocess.summary_text(stats, cfg.artifacts_dir)
