@@ -627,6 +627,6 @@ def parse_overrides(items: list[str] | None) -> dict:
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item} is not valid YAML: {_yaml_problem(err)}; quote a "
-                              f"string value, close a list with ]") from err
+            raise ConfigError(f"--set {item} is not valid YAML: {_yaml_problem(err)} (a list is "
+                              f"written [a, b]; quote a string that holds YAML syntax)") from err
     return out
