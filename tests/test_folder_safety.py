@@ -317,9 +317,9 @@ def test_second_export_on_an_export_folder_is_refused(tmp_path, holder):
         pass
 
 
-def test_lock_file_names_the_holder_and_survives_the_folder(tmp_path):
-    """The lock file sits beside the folder (a job that replaces its folder never deletes it)
-    and holds the holder's pid while held."""
+def test_lock_file_beside_the_folder_names_the_holder(tmp_path):
+    """The lock file sits beside the folder (a job that replaces its folder never deletes it),
+    holds the holder's pid while held, and is gone once released."""
     from micrec_tf import locks
 
     folder = tmp_path / "artifacts" / "tiny"
@@ -330,6 +330,7 @@ def test_lock_file_names_the_holder_and_survives_the_folder(tmp_path):
         with pytest.raises(locks.FolderInUseError, match=f"pid {os.getpid()}"):
             with locks.folder_lock(str(tmp_path / "artifacts" / "tiny") + "/", "preprocess"):
                 pass
+    assert os.listdir(tmp_path / "artifacts") == []
     with locks.folder_lock(str(folder), "preprocess"):
         pass
 
