@@ -249,3 +249,16 @@ def test_input_error_from_a_beam_worker_is_one_line(capsys):
 
     with pytest.raises(RuntimeError):  # any other failure keeps its traceback
         cli.run(bug, [])
+
+
+def test_bad_canonical_header_is_one_error_line(tmp_path, capsys):
+    """A header without the fixed columns: one line naming ``file:1``, before any Beam work."""
+    from pipelines import preprocess
+
+    items = ["id\tname\ttags\tprovider"] + [f"i{k}\tTitle {k}\tt0\tp0" for k in range(6)]
+    root = _raw_dataset(str(tmp_path / "raw"), items=items)
+    assert cli.run(preprocess.main, ["--config", _raw_config(tmp_path, root)]) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "items.tsv:1: header must start with" in lines[0], err
+    assert "Traceback" not in out + err
