@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 GPU ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install preprocess train export test bench reproduce clean
+.PHONY: install preprocess train export test test-fast bench reproduce clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ export: install
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The edit-test loop (a few minutes on 2 cores): every test but those marked slow, i.e. no Beam
+# job, no training, no export (tests/conftest.py says which). CI runs `make test`, all of them.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 # The training benchmark is defined on the ml-1m config (it falls back to synthetic data, and
 # says so, when ml-1m's artifacts are absent); CONFIG=... on the command line overrides.

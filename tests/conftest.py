@@ -1,13 +1,107 @@
-"""Shared fixtures: a tiny synthetic dataset run through the real preprocessing jobs."""
+"""Shared fixtures: a tiny synthetic dataset run through the real preprocessing jobs; the
+``slow`` marker that ``make test-fast`` leaves out.
+
+``make test`` runs every test. ``make test-fast`` (``pytest -m "not slow"``) is the edit-test
+loop: no Beam job and no training run. A test is ``slow`` when it uses one of
+:data:`SLOW_FIXTURES` (directly or through another fixture), is in a :data:`SLOW_MODULES` module,
+is named in :data:`SLOW_TESTS`, or carries ``@pytest.mark.slow`` itself. Under ``-m "not slow"`` a Beam pipeline run or a training run
+(``Model.fit`` called from :mod:`micrec_tf.train`) in this process fails the test that starts it,
+naming this marker; jobs started in a subprocess are not seen, so such tests are listed by name.
+"""
 import glob
 import json
 import os
+import sys
 
 import pytest
 
 from micrec_tf.config import from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Fixtures that run a Beam job, a training or an export (module or session scoped): every test
+# that depends on one is slow.
+SLOW_FIXTURES = frozenset({
+    "tiny_pipeline",            # here: preprocess + title_neighbours (Beam)
+    "env",                      # test_export, test_retrieve_cli: train + export
+    "small",                    # test_export_publish: preprocess + train
+    "gt", "llo",                # test_preprocess: the Beam job
+    "full", "tie",              # test_cooccurrence: the Beam job
+    "run",                      # test_dead_letters: the Beam job
+    "quick_run",                # test_bench: the quick benchmark in a subprocess
+    "trained",                  # test_export_readonly: train
+    "finished",                 # test_run_state: train
+})
+
+# Test modules whose tests run Beam pipelines (TestPipeline) almost throughout.
+SLOW_MODULES = frozenset({"test_pipelines_transforms.py"})
+
+# Tests that run a Beam job or a training themselves, in this process or in a subprocess, as
+# "module.py::test_name" (every parametrized case).
+SLOW_TESTS = frozenset({
+    "test_cli.py::test_pipelines_print_only_their_own_lines",
+    "test_cooccurrence.py::test_capped_table_follows_the_reference_generator",
+    "test_cooccurrence.py::test_parse_rows_carries_the_click_order",
+    "test_cooccurrence.py::test_prepare_user_sorts_by_time_then_input_order_and_drops_the_key",
+    "test_cooccurrence.py::test_user_cooccurrence_partials_merge_to_the_brute_force",
+    "test_cooccurrence.py::test_cooccurrence_rows_rank_cut_and_flag",
+    "test_folder_safety.py::test_preprocess_sweeps_what_a_killed_preprocess_left",
+    "test_notebook.py::test_notebook_runs_headless_in_quick_mode",
+    "test_preprocess.py::test_cli_on_generated_synthetic_data",
+    "test_preprocess.py::test_identical_clicks_count_once_and_are_reported",
+    "test_strict_readers.py::test_byte_order_mark_at_the_start_of_canonical_files_is_accepted",
+    "test_strict_readers.py::test_duplicate_item_and_user_ids_go_to_the_dead_letters",
+    "test_strict_readers.py::test_millisecond_timestamps_are_refused_naming_the_first_one",
+    "test_title_neighbours.py::test_title_job",
+})
+
+
+def pytest_configure(config):
+    """Registers the ``slow`` marker (``pytest --markers`` lists it)."""
+    config.addinivalue_line(
+        "markers", "slow: runs a Beam job, a training or an export; left out by make test-fast")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks ``slow`` the tests that use a :data:`SLOW_FIXTURES` fixture, are in a
+    :data:`SLOW_MODULES` module or are named in :data:`SLOW_TESTS`."""
+    for item in items:
+        module = os.path.basename(str(item.fspath))
+        name = f"{module}::{getattr(item, 'originalname', None) or item.name}"
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES
+                or name in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_selection_guard(request):
+    """Under ``-m "not slow"``: a Beam pipeline run, or a training run (``Model.fit`` called from
+    :mod:`micrec_tf.train`), raises instead of running, so a test that needs one and is not
+    marked ``slow`` fails and says so rather than slowing the edit-test loop."""
+    if "not slow" not in (request.config.getoption("markexpr") or ""):
+        yield
+        return
+    import apache_beam as beam
+    import tf_keras
+
+    def refuse(what):
+        return RuntimeError(f"{what} under -m 'not slow' (make test-fast): mark the test slow "
+                            "(@pytest.mark.slow, or SLOW_FIXTURES / SLOW_TESTS in tests/conftest.py)")
+
+    def no_beam(self, *args, **kwargs):
+        raise refuse("a Beam job")
+
+    real_fit = tf_keras.Model.fit
+
+    def fit_unless_training_run(self, *args, **kwargs):
+        if sys._getframe(1).f_globals.get("__name__") == "micrec_tf.train":
+            raise refuse("a training run (micrec_tf.train)")
+        return real_fit(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(beam.Pipeline, "run", no_beam)
+        mp.setattr(tf_keras.Model, "fit", fit_unless_training_run)
+        yield
 
 
 def read_examples(art: str, split: str) -> list:
