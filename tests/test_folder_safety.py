@@ -378,3 +378,32 @@ def test_preprocess_sweeps_what_a_killed_preprocess_left(tmp_path):
     assert not os.path.exists(stale)
     assert sorted(d for d in os.listdir(art) if not d.startswith(".")) == ["tiny"]
     assert os.path.exists(os.path.join(cfg.artifacts_dir, "stats.json"))
+
+
+def test_sigkilled_preprocess_leaves_a_temporary_the_next_run_removes(tmp_path):
+    """A preprocess killed (SIGKILL) mid-run leaves ``tiny.tmp-<its pid>-*`` and its lock file;
+    the next run takes the lock over, removes the temporary and publishes."""
+    import glob
+    import time
+
+    from pipelines import preprocess
+
+    cfg = tiny_config(str(tmp_path))
+    art = os.path.dirname(cfg.artifacts_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.preprocess", "--config",
+                             _write_config(tmp_path, _raw(tmp_path))], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        left = []
+        while not left and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            left = glob.glob(os.path.join(art, f"tiny.tmp-{proc.pid}-*"))
+        assert left and proc.poll() is None, "the run finished before a temporary was seen"
+    finally:
+        _kill(proc)
+    assert os.path.isdir(left[0]) and not os.path.exists(cfg.artifacts_dir)
+    preprocess.run(cfg, verbose=False)
+    assert sorted(d for d in os.listdir(art) if not d.startswith(".")) == ["tiny"]
+    assert os.path.exists(os.path.join(cfg.artifacts_dir, "stats.json"))
