@@ -437,8 +437,25 @@ def _check_positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+# ``name`` is one folder name under artifacts/, runs/ and exports/ (jobs replace and delete
+# things there): letters, digits, "_", "-", "." and "+", not starting with a dot (the folders'
+# lock files are ``.<name>.lock``), without ".tmp-" / ".old-" (the names of temporary
+# siblings, swept by micrec_tf.publish), at most 128 characters.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+
+
+def _check_name(name) -> None:
+    if (not isinstance(name, str) or not NAME_PATTERN.fullmatch(name)
+            or ".tmp-" in name or ".old-" in name):
+        raise ConfigError(
+            "name must be one folder name (artifacts/<name>, runs/<name>, exports/<name>): "
+            "letters, digits, '_', '-', '.', '+', not starting with '.', without '.tmp-' or "
+            f"'.old-', at most 128 characters. Received: {name!r}")
+
+
 def validate(cfg: Config) -> Config:
     """Checks values that types alone cannot; returns ``cfg`` or raises :class:`ConfigError`."""
+    _check_name(cfg.name)
     _check_choice("data.dataset", cfg.data.dataset, DATASETS)
     if not cfg.data.data_dir:
         raise ConfigError(f"data.data_dir is missing: data.dataset is {cfg.data.dataset!r}; set "
