@@ -364,6 +364,7 @@ def test_tmp_sibling_carries_the_pid(tmp_path):
     assert prefix == "tiny.tmp" and pid == str(os.getpid()) and len(rand) == 8
 
 
+@pytest.mark.slow  # a real (tiny) Beam job
 def test_preprocess_sweeps_what_a_killed_preprocess_left(tmp_path):
     """A real tiny run: the stale temporary of a dead pid goes, the artifacts are published and
     no temporary of this run is left behind."""
@@ -380,6 +381,7 @@ def test_preprocess_sweeps_what_a_killed_preprocess_left(tmp_path):
     assert os.path.exists(os.path.join(cfg.artifacts_dir, "stats.json"))
 
 
+@pytest.mark.slow  # a real (tiny) Beam job
 def test_sigkilled_preprocess_leaves_a_temporary_the_next_run_removes(tmp_path):
     """A preprocess killed (SIGKILL) mid-run leaves ``tiny.tmp-<its pid>-*`` and its lock file;
     the next run takes the lock over, removes the temporary and publishes."""
