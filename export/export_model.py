@@ -355,9 +355,11 @@ def export_run(cfg: Config, run_dir: str | None = None, export_root: str | None 
     export_root = export_root or cfg.export_dir
     # Cheap refusals before the restore: a run whose checkpoint is not its config's finished one
     # (micrec_tf/run_state.py), and targets that cannot be written.
-    note = run_state.check_finished(run_dir) if os.path.isdir(run_dir) else None
+    trained = os.path.exists(os.path.join(run_dir, "config.yaml"))  # else restore says "no run"
+    note = run_state.check_finished(run_dir) if trained else None
     if note:
         log(note)
+    publish.check_owned_dir(export_root, "the export folder")
     write_checks.check_writable([export_root, os.path.join(export_root, SERVING_DIR)])
     with policy_scope("float32"):  # the whole export in float32; the caller's policy comes back
         model, run_cfg, art = restore_for_export(run_dir)

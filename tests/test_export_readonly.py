@@ -296,3 +296,22 @@ def test_retrieval_from_a_read_only_tree_with_no_consistent_version(tmp_path, ca
     assert resolve_version_dir(root) == os.path.join(root, "100")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "100" in err[0] and "not writable" in err[0], err
+
+
+@pytest.mark.parametrize("message, words", [
+    ("Failed to write /x/variables.data; No space left on device", "no space left on device"),
+    ("/x/saved_model.pb; Read-only file system", "read-only file system"),
+])
+def test_tensorflow_write_errors_are_one_line(tmp_path, message, words):
+    """TensorFlow's file errors carry the cause in their message only (no errno)."""
+    import tensorflow as tf
+
+    from export import write_checks
+
+    where = str(tmp_path / ".tmp-1-2-3")
+    err = write_checks.write_failure(tf.errors.UnknownError(None, None, message), where)
+    assert isinstance(err, cli.UsageError)
+    assert str(err) == f"{words} while writing {where}: nothing was published"
+    other = write_checks.write_failure(tf.errors.InvalidArgumentError(None, None, "bad shape"),
+                                       where)
+    assert other is None  # anything else stays a bug with its traceback
