@@ -85,4 +85,21 @@ def test_profile_fields_print_in_the_declared_order(env, capsys):
     assert code == 0
     blocks = dict(zip(users, re.split(r"^(?=user )", first, flags=re.M)[1:]))
     for user, block in zip(reversed(users), re.split(r"^(?=user )", again, flags=re.M)[1:]):
-        assert block == blocks[user]
+        _assert_same_block(block, blocks[user])
+
+
+# A printed top-k row: rank, item id, score (4 decimals), title.
+_ROW = re.compile(r"^ +(\d+)  (\S+) +(-?\d+\.\d{4})  (.*)$", re.M)
+
+
+def _assert_same_block(got: str, want: str) -> None:
+    """One user's printout, equal up to float32 rounding: the user's vector comes from a batch
+    of another order or size, and oneDNN picks its kernels by shape and instruction set (on AVX2
+    the bits differ), so a printed score may move by one unit of its last digit and near-tied
+    items may trade places; every other line is the same."""
+    assert _ROW.sub("", got) == _ROW.sub("", want), (got, want)
+    rows_got, rows_want = _ROW.findall(got), _ROW.findall(want)
+    assert [r[0] for r in rows_got] == [r[0] for r in rows_want], (got, want)
+    for g, w in zip(rows_got, rows_want):  # position by position: a swap only among near-ties
+        assert abs(float(g[2]) - float(w[2])) <= 1.5e-4, (got, want)
+    assert sorted((r[1], r[3]) for r in rows_got) == sorted((r[1], r[3]) for r in rows_want)
