@@ -4,9 +4,10 @@
 ``make test`` runs every test. ``make test-fast`` (``pytest -m "not slow"``) is the edit-test
 loop: no Beam job and no training run. A test is ``slow`` when it uses one of
 :data:`SLOW_FIXTURES` (directly or through another fixture), is in a :data:`SLOW_MODULES` module,
-is named in :data:`SLOW_TESTS`, or carries ``@pytest.mark.slow`` itself. Under ``-m "not slow"`` a Beam pipeline run or a training run
-(``Model.fit`` called from :mod:`micrec_tf.train`) in this process fails the test that starts it,
-naming this marker; jobs started in a subprocess are not seen, so such tests are listed by name.
+is named in :data:`SLOW_TESTS`, or carries ``@pytest.mark.slow`` itself. Under
+``-m "not slow"`` a Beam pipeline run or a training run (``Model.fit`` called from
+:mod:`micrec_tf.train`) in this process fails the test that starts it, naming this marker; jobs
+started in a subprocess are not seen, so such tests are listed by name.
 """
 import glob
 import json
@@ -86,7 +87,8 @@ def _fast_selection_guard(request):
 
     def refuse(what):
         return RuntimeError(f"{what} under -m 'not slow' (make test-fast): mark the test slow "
-                            "(@pytest.mark.slow, or SLOW_FIXTURES / SLOW_TESTS in tests/conftest.py)")
+                            "(@pytest.mark.slow, or SLOW_FIXTURES / SLOW_TESTS in "
+                            "tests/conftest.py)")
 
     def no_beam(self, *args, **kwargs):
         raise refuse("a Beam job")
