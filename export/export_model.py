@@ -57,16 +57,6 @@ NUM_WARMUP_USERS = 8
 
 
 # ----------------------------------------------------------------------------- temporary folders
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_tmp(parent: str, log=print) -> None:
     """Removes ``.tmp-*`` directories left by killed exports (their pid no longer runs)."""
     if not os.path.isdir(parent):
@@ -76,7 +66,7 @@ def sweep_stale_tmp(parent: str, log=print) -> None:
             continue
         parts = d[len(TMP_PREFIX):].split("-")
         pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
-        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+        if pid is not None and pid != os.getpid() and not locks.pid_alive(pid):
             log(f"[export] removing stale temporary directory {os.path.join(parent, d)}")
             shutil.rmtree(os.path.join(parent, d), ignore_errors=True)
 
