@@ -73,6 +73,10 @@ class SyntheticConfig:
     num_topics: int = 20
     # The same sizes and seed always give the same bytes.
     seed: int = 7
+    # Probability in [0, 1] that an item's title, tags (so its category), provider and format come
+    # from its click topic; otherwise from a uniformly drawn topic (clicks unchanged). 1.0 = the
+    # generator before this key, byte for byte; 0 = content carries no click signal (control).
+    content_topic_p: float = 1.0
 
 
 @dataclass
@@ -545,6 +549,9 @@ def validate(cfg: Config) -> Config:
     _check_positive("export.max_request_instances", cfg.export.max_request_instances)
     for key in ("num_users", "num_items", "num_events", "num_topics"):
         _check_positive(f"data.synthetic.{key}", getattr(cfg.data.synthetic, key))
+    p = cfg.data.synthetic.content_topic_p
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ConfigError(f"data.synthetic.content_topic_p must be a number in [0, 1], got {p!r}")
     return cfg
 
 

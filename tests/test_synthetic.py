@@ -297,3 +297,123 @@ def test_million_item_config_keeps_a_zipf_like_long_tail(tmp_path):
     assert 0.10 <= no_click <= 0.45, no_click
     assert at_most_5 >= 0.6, at_most_5
     assert top_1pct >= 0.3, top_1pct
+
+
+# ---- content_topic_p: how much an item's content says about its clicks (issue 28, item 6) ----
+
+CONTENT_SYN = SyntheticConfig(num_users=1500, num_items=1200, num_events=36000, num_topics=10,
+                              seed=5)
+
+
+@pytest.fixture(scope="module")
+def content_runs(tmp_path_factory):
+    """The same sizes and seed at content_topic_p 0, 0.5 and 1.0: {p: {file: bytes}}."""
+    import dataclasses
+
+    runs = {}
+    for p in (0.0, 0.5, 1.0):
+        out = str(tmp_path_factory.mktemp(f"content{p}"))
+        synthetic.generate(dataclasses.replace(CONTENT_SYN, content_topic_p=p), out)
+        runs[p] = {"dir": out}
+        for name in FILES + (synthetic.MARKER,):
+            with open(os.path.join(out, name), "rb") as fh:
+                runs[p][name] = fh.read()
+    return runs
+
+
+def _rows(raw: bytes):
+    lines = raw.decode("utf-8").split("\n")
+    assert lines[-1] == ""
+    return [line.split("\t") for line in lines[1:-1]]
+
+
+def _binomial_band(expected, n, sds=4.5):
+    sd = (expected * (1.0 - expected) / n) ** 0.5
+    return expected - sds * sd, expected + sds * sd
+
+
+def test_content_topic_p_validation():
+    from micrec_tf.config import ConfigError, validate
+
+    for good in (0, 0.0, 0.5, 1, 1.0):
+        validate(Config().replace({"data.synthetic.content_topic_p": good}))
+    for bad in (-0.1, 1.5, float("nan"), float("inf"), "0.5", True, None):
+        cfg = Config()
+        cfg.data.synthetic.content_topic_p = bad
+        with pytest.raises(ConfigError, match=r"data\.synthetic\.content_topic_p .*got"):
+            validate(cfg)
+        with pytest.raises(ValueError, match="content_topic_p"):
+            synthetic.generate(SyntheticConfig(num_users=5, num_items=5, num_events=10,
+                                               num_topics=2, content_topic_p=bad), os.devnull)
+    assert SyntheticConfig().content_topic_p == 1.0
+
+
+def test_content_topic_p_leaves_clicks_and_users_unchanged(content_runs):
+    """Only items.tsv depends on content_topic_p; the marker records it except at 1.0 (whose
+    marker is the one written before the key existed: the five size/seed keys)."""
+    for p in (0.0, 0.5):
+        for name in ("interactions.tsv", "users.tsv"):
+            assert content_runs[p][name] == content_runs[1.0][name], (p, name)
+        assert content_runs[p]["items.tsv"] != content_runs[1.0]["items.tsv"]
+        assert json.loads(content_runs[p][synthetic.MARKER])["params"]["content_topic_p"] == p
+    assert sorted(json.loads(content_runs[1.0][synthetic.MARKER])["params"]) == [
+        "num_events", "num_items", "num_topics", "num_users", "seed"]
+    import dataclasses
+
+    # a marker of another content_topic_p is not up to date
+    assert synthetic.is_generated(dataclasses.replace(CONTENT_SYN, content_topic_p=0.5),
+                                  content_runs[0.5]["dir"])
+    assert not synthetic.is_generated(CONTENT_SYN, content_runs[0.5]["dir"])
+    assert not synthetic.is_generated(dataclasses.replace(CONTENT_SYN, content_topic_p=0.0),
+                                      content_runs[0.5]["dir"])
+
+
+def test_content_topic_p_redraws_the_whole_content_of_a_share_of_items(content_runs):
+    """Against the run at 1.0 (first tag = click topic): an item keeps its click topic's content
+    with probability p + (1 - p) / K (the uniform draw may hit it), counted in pure Python; an item
+    whose first tag is kept has the very same row (title, tags, provider, format), and the first
+    tags stay uniform over the K topics."""
+    k = CONTENT_SYN.num_topics
+    ref = _rows(content_runs[1.0]["items.tsv"])
+    for p in (0.0, 0.5):
+        rows = _rows(content_runs[p]["items.tsv"])
+        assert [r[0] for r in rows] == [r[0] for r in ref]
+        same_tag = [a[2].split("|")[0] == b[2].split("|")[0] for a, b in zip(rows, ref)]
+        lo, hi = _binomial_band(p + (1.0 - p) / k, len(rows))
+        assert lo <= np.mean(same_tag) <= hi, (p, np.mean(same_tag), lo, hi)
+        assert all(a == b for a, b, s in zip(rows, ref, same_tag) if s)
+        topics = collections.Counter(r[2].split("|")[0] for r in rows)
+        assert len(topics) == k
+        lo, hi = _binomial_band(1.0 / k, len(rows))
+        assert all(lo <= c / len(rows) <= hi for c in topics.values()), topics
+
+
+def _co_click_agreement(run):
+    """Share of items (with >= 5 co-clicks) whose first tag is the most frequent first tag among
+    the other distinct items of the sessions they were clicked in (ties: smallest tag)."""
+    tag = {r[0]: r[2].split("|")[0] for r in _rows(run["items.tsv"])}
+    neighbours = collections.defaultdict(collections.Counter)
+    for session in _sessions(_rows(run["interactions.tsv"])):
+        distinct = set(session)
+        for i in distinct:
+            for j in distinct - {i}:
+                neighbours[i][tag[j]] += 1
+    agree = [tag[i] == min(c, key=lambda t: (-c[t], t))
+             for i, c in neighbours.items() if sum(c.values()) >= 5]
+    return float(np.mean(agree)), len(agree)
+
+
+def test_content_topic_p_sets_how_far_the_first_tag_agrees_with_clicks(content_runs):
+    """The pipeline's category (first tag) against the click topic read from the interactions:
+    at 0 the agreement is chance (1/K: an item's tag is drawn independently of all clicks), at
+    1.0 it is high (sessions stay on one topic), at 0.5 clearly in between."""
+    k = CONTENT_SYN.num_topics
+    agree = {}
+    for p in (0.0, 0.5, 1.0):
+        agree[p], n = _co_click_agreement(content_runs[p])
+        assert n > 0.8 * CONTENT_SYN.num_items
+    lo, hi = _binomial_band(1.0 / k, n)
+    assert lo <= agree[0.0] <= hi, (agree, lo, hi)
+    assert agree[1.0] > 0.9, agree
+    _, half_hi = _binomial_band(1.0 / k, n, sds=10)
+    assert half_hi < agree[0.5] < agree[1.0] - 0.2, agree

@@ -15,6 +15,15 @@ included) always gives the same bytes. What is planted in the data:
 * **Sessions.** Each user's clicks come in sessions (bursts of a few clicks, seconds to minutes
   apart, well within an hour); sessions are more than an hour apart (hours to days). Each session
   has a topic drawn from the user's preferences; some clicks stray to other topics.
+* **Content topic** (``content_topic_p``, default 1.0). With probability ``content_topic_p`` an
+  item's side information (title words, tags including the first one, provider, format) comes
+  from its click topic as above; otherwise from a content topic drawn uniformly over all topics
+  (it may happen to be the click topic), independently of everything else, while its clicks,
+  popularity and bundle still follow its click topic. At 0 the content says nothing about who
+  clicks an item (an honest control for content-based transfer, issue 28); at 1.0 (the default)
+  the output is byte for byte that of the generator before the knob existed: the content draws
+  come from a separate random stream (the fourth child of ``SeedSequence(seed)``), read only
+  when ``content_topic_p < 1``.
 * **Bundles.** About a third of the items form bundles of 2-3 items of one topic; after a click on
   a bundled item the next click of the session is its bundle partner with probability 0.5, so
   bundle pairs co-occur in sessions far more often than chance.
@@ -153,12 +162,27 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _content_topics(syn: SyntheticConfig, topic_of: np.ndarray, k_eff: int) -> np.ndarray:
+    """[I] the topic of each item's side information: its click topic with probability
+    ``syn.content_topic_p``, else uniform over the ``k_eff`` topics. Drawn from the fourth child
+    of ``SeedSequence(syn.seed)`` (the world, activity and event streams are the first three), so
+    the other draws do not move; at 1.0 nothing is drawn and the click topics are returned."""
+    p = float(syn.content_topic_p)
+    if p >= 1.0:
+        return topic_of
+    rng = np.random.default_rng(np.random.SeedSequence(syn.seed).spawn(4)[3])
+    keep = rng.random(len(topic_of)) < p
+    drawn = rng.integers(0, k_eff, size=len(topic_of))
+    return np.where(keep, topic_of, drawn).astype(np.int64)
+
+
 def _make_items(syn: SyntheticConfig, rng: np.random.Generator, items_path: str) -> _World:
     num_items = syn.num_items
     k_eff = min(syn.num_topics, num_items)  # every topic used has at least one item
     topics = _topics(k_eff, rng)
     num_words = len(topics[0][1])
     topic_of = (rng.permutation(num_items) % k_eff).astype(np.int64)
+    content_of = _content_topics(syn, topic_of, k_eff)  # == topic_of at content_topic_p 1.0
 
     # Zipf-like popularity from a random rank per item.
     rank = rng.permutation(num_items)
@@ -206,18 +230,20 @@ def _make_items(syn: SyntheticConfig, rng: np.random.Generator, items_path: str)
     other_topic = np.where(rng.random(num_items) < 0.1,
                            (topic_of + rng.integers(1, max(k_eff, 2), size=num_items)) % k_eff,
                            -1) if k_eff > 1 else np.full(num_items, -1)
+    # the stray title word is of a topic other than the content topic (same offset)
+    other_topic = np.where(other_topic >= 0, (other_topic - topic_of + content_of) % k_eff, -1)
     other_word = rng.integers(0, num_words, size=num_items)
     shuffle_key = rng.random((num_items, 7))
     own_provider = rng.random(num_items) < 0.8
     provider_pick = rng.integers(0, 1 << 30, size=num_items)
     any_provider = rng.integers(0, num_providers, size=num_items)
-    fmt = _sample_rows(format_p[topic_of], rng)
+    fmt = _sample_rows(format_p[content_of], rng)  # one uniform per item, whatever the rows
 
     with open(items_path, "w", encoding="utf-8", newline="\n") as fh:
         fh.write("\t".join(("item_id", "title", "tags", "provider") + ITEM_EXTRA_FIELDS) + "\n")
         lines = []
         for item in range(num_items):
-            k = int(topic_of[item])
+            k = int(content_of[item])  # side information follows the content topic
             name, words = topics[k]
             # tags: topic first, then 0-3 sub-topic tags (sometimes a global tag)
             tags = [name]
@@ -365,6 +391,9 @@ def generate(syn: SyntheticConfig, out_dir: str, verbose: bool | None = None) ->
     for key in ("num_users", "num_items", "num_events", "num_topics"):
         if getattr(syn, key) <= 0:
             raise ValueError(f"synthetic.{key} must be > 0, got {getattr(syn, key)!r}")
+    p = syn.content_topic_p
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"synthetic.content_topic_p must be a number in [0, 1], got {p!r}")
     if verbose is None:
         verbose = syn.num_events >= 1_000_000
     os.makedirs(out_dir, exist_ok=True)
@@ -403,13 +432,23 @@ def generate(syn: SyntheticConfig, out_dir: str, verbose: bool | None = None) ->
     result = {"users": syn.num_users, "items": syn.num_items, "events": syn.num_events,
               "sessions": sessions, "topics": world.num_topics, "bundles": world.num_bundles}
     with open(marker, "w", encoding="utf-8") as fh:
-        json.dump({"version": GENERATOR_VERSION, "params": dataclasses.asdict(syn),
+        json.dump({"version": GENERATOR_VERSION, "params": marker_params(syn),
                    "counts": result}, fh, indent=1, sort_keys=True)
         fh.write("\n")
     if verbose:
         print(f"synthetic: wrote {out_dir} in {time.time() - start:.1f}s: {result}",
               file=sys.stderr, flush=True)
     return result
+
+
+def marker_params(syn: SyntheticConfig) -> dict:
+    """The parameters recorded in ``_generated.json``: every key of ``syn``, except
+    ``content_topic_p`` at its default 1.0 (which writes the same bytes as before the key
+    existed), so markers written before it still match."""
+    params = dataclasses.asdict(syn)
+    if params.get("content_topic_p") == 1.0:
+        del params["content_topic_p"]
+    return params
 
 
 def is_generated(syn: SyntheticConfig, out_dir: str) -> bool:
@@ -423,7 +462,7 @@ def is_generated(syn: SyntheticConfig, out_dir: str) -> bool:
     except (OSError, ValueError):
         return False
     return (meta.get("version") == GENERATOR_VERSION
-            and meta.get("params") == dataclasses.asdict(syn))
+            and meta.get("params") == marker_params(syn))
 
 
 def ensure_generated(cfg: Config, verbose: bool | None = None) -> str:
