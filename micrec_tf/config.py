@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 DATASETS = ("synthetic", "canonical", "movielens_1m", "movielens_100k", "mind", "amazon")
-SPLITS = ("global_time", "leave_last_out")
+SPLITS = ("global_time", "leave_last_out", "item_cold_start")
 SEMANTIC_SOURCES = ("title", "taxonomy", "vectors")
 MODELS = ("ican", "youtubednn", "fm", "deepfm", "autoint", "tfrs_two_tower")
 CL_TASKS = ("feature", "semantic", "session")
@@ -102,7 +102,9 @@ class PreprocessConfig:
     """The Beam preprocessing job (pipelines/preprocess.py)."""
 
     # ``global_time``: train / valid / test by exact timestamp quantiles (ties at a boundary go to
-    # the later split); ``leave_last_out``: per user, last click = test, second-last = valid.
+    # the later split); ``leave_last_out``: per user, last click = test, second-last = valid;
+    # ``item_cold_start`` (issue 28): items with sha256(raw id) % 10 in {0, 1} are cold (valid,
+    # test), all their clicks evaluation clicks; warm clicks split as ``global_time``.
     split: str = "global_time"
     # [train, valid, test] shares of the clicks for ``global_time``: 3 numbers >= 0 summing to 1.
     split_fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])

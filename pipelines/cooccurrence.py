@@ -285,7 +285,7 @@ class UserCooccurrence(beam.DoFn, BundleCounter):
         self._pairs = PairCounter()
 
     def process(self, user, index):
-        _, _, clicks, n_train, _, _ = user
+        clicks, n_train = user[2], user[3]  # item_cold_start: cold clicks (user[6]) never count
         if n_train < 2:
             return
         item_index = index["item_id"]

@@ -83,9 +83,15 @@ class ExampleWriter:
         return feats
 
     def records(self, user, item_feats, index):
-        """Yields ``(split, serialized Example)`` for every click of ``user`` in click order."""
+        """Yields ``(split, serialized Example)`` for every click of ``user`` in click order.
+
+        An ``item_cold_start`` row (7 elements) yields its warm clicks first, then its cold
+        clicks in click order, each in its item's split with the ``H`` most recent of the user's
+        warm clicks strictly earlier as history; a cold target is out of vocabulary (index 0)
+        while the vocabulary is built from training clicks, so the evaluation counts it a miss.
+        """
         tf = self._tf
-        user_id, profile, clicks, n_train, n_valid, _ = user
+        user_id, profile, clicks, n_train, n_valid, _ = user[:6]
         H = self.history_length
         base = {C.USER_ID: tf.train.Feature(bytes_list=tf.train.BytesList(
             value=[user_id.encode("utf-8")]))}
@@ -94,14 +100,21 @@ class ExampleWriter:
         idx = [item_feats[item][0] for _, item in clicks]
         for k, (ts, item) in enumerate(clicks):
             split = TRAIN if k < n_train else (VALID if k < n_train + n_valid else TEST)
-            hist = idx[max(0, k - H):k]
-            feats = dict(base)
-            feats.update(self._item(item, item_feats))
-            feats[C.HIST_ITEMS] = self._int(hist + [0] * (H - len(hist)))
-            feats[C.HIST_LEN] = self._int([len(hist)])
-            feats[C.TIMESTAMP] = self._int([ts])
-            example = tf.train.Example(features=tf.train.Features(feature=feats))
-            yield split, example.SerializeToString(deterministic=True)
+            yield split, self._example(base, item, item_feats, idx[max(0, k - H):k], ts)
+        for ts, item, split, n_before in (user[6] if len(user) > 6 else ()):
+            yield split, self._example(base, item, item_feats,
+                                       idx[max(0, n_before - H):n_before], ts)
+
+    def _example(self, base, item, item_feats, hist, ts):
+        """One serialized Example: ``base`` user features, the target ``item``, ``hist``."""
+        tf, H = self._tf, self.history_length
+        feats = dict(base)
+        feats.update(self._item(item, item_feats))
+        feats[C.HIST_ITEMS] = self._int(hist + [0] * (H - len(hist)))
+        feats[C.HIST_LEN] = self._int([len(hist)])
+        feats[C.TIMESTAMP] = self._int([ts])
+        example = tf.train.Example(features=tf.train.Features(feature=feats))
+        return example.SerializeToString(deterministic=True)
 
 
 class WriteShard(beam.DoFn):

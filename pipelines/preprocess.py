@@ -22,7 +22,9 @@ concept per module, and :func:`run` runs them and finishes stats.json and featur
 2. :mod:`pipelines.split`: ``global_time`` (exact timestamp quantiles, two passes: day
    buckets, then the exact seconds inside the two boundary buckets; ties at a boundary all go
    to the later split) or ``leave_last_out`` (per user, last click = test, second-last =
-   valid); each user's clicks in order, labelled.
+   valid) or ``item_cold_start`` (cold items by a hash of their raw id: every click on them is
+   an evaluation click and is kept out of steps 3 and 5; warm clicks as ``global_time``); each
+   user's clicks in order, labelled.
 3. :mod:`pipelines.vocab`: vocabularies from training clicks only, by training-click frequency
    desc, then value; :mod:`pipelines.items`: the item table on those indices.
 4. :mod:`pipelines.examples`: one ``tf.train.Example`` per click with the H most recent
@@ -65,7 +67,7 @@ from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence, check_
 from pipelines.examples import WriteExamples, feature_spec
 from pipelines.items import ItemTable
 from pipelines.rows import SOURCES, FirstPerId, KnownClicks, ReadSource, WriteDeadLetters
-from pipelines.split import SPLITS, SplitBoundaries, UserTimelines
+from pipelines.split import ITEM_COLD_START, SPLITS, SplitBoundaries, UserTimelines, cold_bucket
 from pipelines.options import pipeline_options
 from pipelines.vocab import Vocabularies
 
@@ -127,8 +129,16 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
              | "KnownClicks" >> KnownClicks())
     clicks = valid["clicks"]
 
-    # 2. Split boundaries (exact, two passes); each user's clicks in order, labelled.
-    bounds = clicks | "Split" >> SplitBoundaries(pc.split, pc.split_fractions)
+    # 2. Split boundaries (exact, two passes; item_cold_start: over warm clicks only); each
+    # user's clicks in order, labelled.
+    cold_stats = []
+    split_clicks = clicks
+    if pc.split == ITEM_COLD_START:
+        split_clicks = clicks | "WarmClicks" >> beam.Filter(
+            lambda kv: cold_bucket(kv[1][2]) is None)
+        cold_stats = [items_kv | "ColdItems" >> beam.FlatMap(
+            lambda kv: [(f"cold.{b}_items", 1)] if (b := cold_bucket(kv[0])) else [])]
+    bounds = split_clicks | "Split" >> SplitBoundaries(pc.split, pc.split_fractions)
     user_rows = ((clicks, users_kv, bounds["boundaries"]) | "UserTimelines" >> UserTimelines(
         pc.split, len(user_fields), pc.deduplicate_clicks))
 
@@ -165,7 +175,7 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     # 6. Summary (stats.json and feature_spec.json are finished by the driver).
     ((inter[STATS], items[STATS], users[STATS], valid[STATS], vocab[STATS], item_table[STATS],
       cooc[STATS], cooc_stats, example_stats, dead_stats, dup_stats, bounds[STATS],
-      user_rows[STATS], items_first[STATS], users_first[STATS])
+      user_rows[STATS], items_first[STATS], users_first[STATS], *cold_stats)
      | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
      | "AllStats" >> beam.combiners.ToList()
      | "WriteSummary" >> beam.Map(_write_summary, out_dir))
@@ -188,6 +198,20 @@ def _dead_letter_counters(result):
     except Exception as err:  # noqa: BLE001 - metrics support varies by runner
         LOG.warning("could not query Beam counters: %s", err)
         return None
+
+
+def _cold_split_stats(cfg: Config, s: dict) -> dict:
+    """``{"cold_split": {...}}`` under ``item_cold_start`` (else nothing): catalogue items and
+    clicks of each cold bucket, and the warm valid / test clicks."""
+    if cfg.preprocess.split != ITEM_COLD_START:
+        return {}
+    return {"cold_split": {
+        "cold_valid_items": s.get("cold.valid_items", 0),
+        "cold_test_items": s.get("cold.test_items", 0),
+        "cold_valid_clicks": s.get("cold.valid_clicks", 0),
+        "cold_test_clicks": s.get("cold.test_clicks", 0),
+        "warm_valid_clicks": s.get("events.valid", 0),
+        "warm_test_clicks": s.get("events.test", 0)}}
 
 
 def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) -> dict:
@@ -230,6 +254,7 @@ def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) ->
         "dead_letters": {"total": sum(by_reason.values()), "by_reason": by_reason,
                          "by_source": by_source, "beam_counters": counters},
         "vocab_sizes": vocab_sizes, "num_examples": num_examples,
+        **_cold_split_stats(cfg, s),
         "timing": {"wall_s": round(wall_s, 3),
                    "events_per_s": round(events / wall_s, 1) if wall_s > 0 else None},
     }

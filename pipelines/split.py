@@ -1,24 +1,32 @@
 """The train / valid / test split: the boundaries and each user's clicks in order, labelled.
 
-Two strategies (``preprocess.split``):
+Three strategies (``preprocess.split``):
 
 - ``global_time``: exact timestamp quantiles of all clicks at ``split_fractions``, in two passes
   (day buckets, then the exact seconds inside the two boundary buckets); clicks at or after a
   boundary go to the later split, so ties at a boundary all go there.
 - ``leave_last_out``: per user, the last click is test, the second-last valid.
+- ``item_cold_start`` (issue 28): an item is cold when :func:`cold_bucket` of its raw id (the
+  dataset's own string) is ``valid`` (sha256 mod 10 = 0) or ``test`` (= 1). Warm clicks (on the
+  other items) are split as ``global_time``, boundaries over warm clicks only. Every click on a
+  cold item is an evaluation click of its item's bucket, whatever its time; cold clicks appear
+  in no training artifact (the user row's ``clicks`` hold warm clicks only). A cold click's
+  history is the user's warm clicks strictly earlier in click order (timestamp, input order).
 
-Either way a user's clicks in order are contiguous blocks: train, then valid, then test.
+In every mode a user's (warm) clicks in order are contiguous blocks: train, valid, test.
 
 Transforms (PCollections they take and give):
 
 - :class:`SplitBoundaries`: clicks ``(user_id, (ts, order, item_id))`` -> ``{"boundaries": one
   (valid_start, test_start) tuple (None: no boundary), STATS: boundary.* values}``.
 - :class:`UserTimelines`: ``(clicks, profiles (user_id, profile), boundaries)`` -> ``{"users":
-  (user_id, profile, clicks ((ts, item_id), ...), n_train, n_valid, has_profile), STATS}``.
+  (user_id, profile, clicks ((ts, item_id), ...), n_train, n_valid, has_profile[, cold]),
+  STATS}``; ``cold`` (``item_cold_start`` only) = ``((ts, item_id, split, n_warm_before), ...)``.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
 import math
 
 from pipelines.common import STATS, windowed
@@ -30,6 +38,20 @@ from micrec_tf.config import SPLITS as MODES  # noqa: E402  (the values of prepr
 TRAIN, VALID, TEST = "train", "valid", "test"
 SPLITS = (TRAIN, VALID, TEST)
 DAY = 86400
+ITEM_COLD_START = "item_cold_start"
+# sha256(raw item id) mod COLD_MODULUS: this value = cold-validation item, this one = cold-test.
+COLD_MODULUS, COLD_VALID_BUCKET, COLD_TEST_BUCKET = 10, 0, 1
+
+
+def cold_bucket(raw_item_id: str):
+    """The cold split of an item under ``item_cold_start``: ``"valid"``, ``"test"`` or None (warm).
+
+    ``int(hashlib.sha256(raw_item_id.encode()).hexdigest(), 16) % 10``: 0 = cold-validation,
+    1 = cold-test, else warm (the issue-28 rule; ``raw_item_id`` is the dataset's own string,
+    ``movies.dat``'s first field for ml-1m).
+    """
+    b = int(hashlib.sha256(raw_item_id.encode()).hexdigest(), 16) % COLD_MODULUS
+    return VALID if b == COLD_VALID_BUCKET else (TEST if b == COLD_TEST_BUCKET else None)
 
 
 def target_ranks(n: int, fractions) -> tuple:
@@ -65,7 +87,8 @@ def split_of(ts: int, boundaries) -> str:
 def split_counts(clicks, mode: str, boundaries) -> tuple:
     """(n_train, n_valid) for one user's clicks [(timestamp, item_id)] in click order.
 
-    Both strategies give contiguous blocks: train clicks, then valid, then test.
+    Every strategy gives contiguous blocks: train clicks, then valid, then test
+    (``item_cold_start``: the warm clicks, split as ``global_time``).
     """
     n = len(clicks)
     if mode == "leave_last_out":
@@ -160,7 +183,7 @@ class SplitBoundaries(beam.PTransform):
         self.mode, self.fractions = mode, [float(f) for f in fractions]
 
     def expand(self, clicks):
-        if self.mode == "global_time":
+        if self.mode in ("global_time", ITEM_COLD_START):  # item_cold_start: pass warm clicks
             bucket_counts = (clicks | "DayBuckets" >> beam.ParDo(DayBucketCounts())
                              | "SumBuckets" >> beam.CombinePerKey(sum)
                              | "AllBuckets" >> beam.combiners.ToList())
@@ -179,11 +202,16 @@ class SplitBoundaries(beam.PTransform):
 # ------------------------------------------------------------------------------ user timelines
 
 class PrepareUser(beam.DoFn):
-    """CoGroupByKey result -> (user_id, profile, clicks, n_train, n_valid, has_profile).
+    """CoGroupByKey result -> (user_id, profile, clicks, n_train, n_valid, has_profile[, cold]).
 
     ``clicks``: ((ts, item_id), ...) sorted by timestamp; clicks of the same second keep their
     input order (the :func:`pipelines.rows.click_order` key carried from
-    :class:`pipelines.rows.ParseRows`, dropped here).
+    :class:`pipelines.rows.ParseRows`, dropped here). Under ``item_cold_start`` ``clicks`` holds
+    the warm clicks only and a 7th element ``cold`` the cold ones, ``((ts, item_id, split,
+    n_warm_before), ...)`` in click order: ``split`` from :func:`cold_bucket`, ``n_warm_before``
+    the number of the user's warm clicks strictly earlier in click order (``clicks[:n]`` is the
+    cold click's history before truncation). A user with cold clicks only gets ``clicks = ()``.
+    Other modes give the 6-tuple unchanged.
     """
 
     def __init__(self, mode: str, num_profile_fields: int, deduplicate: bool = False):
@@ -211,11 +239,26 @@ class PrepareUser(beam.DoFn):
         else:
             clicks = [(ts, item) for ts, _, item in ordered]
         del ordered
-        if clicks:  # a user row without valid clicks produces nothing
+        cold = None
+        if self.mode == ITEM_COLD_START:
+            warm, cold = [], []
+            for ts, item in clicks:
+                bucket = cold_bucket(item)
+                if bucket is None:
+                    warm.append((ts, item))
+                else:
+                    cold.append((ts, item, bucket, len(warm)))
+            clicks = warm
+        if clicks or cold:  # a user row without valid clicks produces nothing
             profiles = sorted(groups["user"], key=repr)
             profile = profiles[0] if profiles else ("",) * self.num_profile_fields
             n_train, n_valid = split_counts(clicks, self.mode, boundaries)
-            yield user_id, profile, tuple(clicks), n_train, n_valid, bool(profiles)
+            row = (user_id, profile, tuple(clicks), n_train, n_valid, bool(profiles))
+            if cold is not None:
+                for _, _, bucket, _ in cold:
+                    yield beam.pvalue.TaggedOutput(STATS, (f"cold.{bucket}_clicks", 1))
+                row += (tuple(cold),)
+            yield row
 
 
 class UserTimelines(beam.PTransform):
@@ -224,9 +267,10 @@ class UserTimelines(beam.PTransform):
     Input: clicks ``(user_id, (ts, order, item_id))``, profiles ``(user_id, profile tuple)`` (one
     per user; a user without one gets empty values) and the one-element ``boundaries`` of
     :class:`SplitBoundaries`. ``users``: ``(user_id, profile, clicks, n_train, n_valid,
-    has_profile)``, ``clicks`` = ``((ts, item_id), ...)`` in click order (:class:`PrepareUser`),
-    its first ``n_train`` train, the next ``n_valid`` valid, the rest test. ``STATS``:
-    ``duplicate_clicks`` removed under ``deduplicate``.
+    has_profile[, cold])``, ``clicks`` = ``((ts, item_id), ...)`` in click order
+    (:class:`PrepareUser`), its first ``n_train`` train, the next ``n_valid`` valid, the rest
+    test; ``cold`` under ``item_cold_start`` only. ``STATS``: ``duplicate_clicks`` removed under
+    ``deduplicate``; ``cold.valid_clicks`` / ``cold.test_clicks`` under ``item_cold_start``.
     """
 
     def __init__(self, mode: str, num_profile_fields: int, deduplicate: bool = False):

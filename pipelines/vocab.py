@@ -43,7 +43,9 @@ class UserTrainStats(beam.DoFn, BundleCounter):
         self._items = collections.Counter()
 
     def process(self, user):
-        yield from self._user(*user)
+        # An item_cold_start row's 7th element (its cold clicks) counts for nothing here: cold
+        # items' clicks are in no vocabulary count.
+        yield from self._user(*user[:6])
 
     def _user(self, user_id, profile, clicks, n_train, n_valid, has_profile):
         n = len(clicks)
