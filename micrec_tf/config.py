@@ -184,6 +184,10 @@ class ModelConfig:
     # tf_keras's einsum MultiHeadAttention (the pre-0.2 code paths: slots + einsum).
     history_embeddings: str = "auto"
     attention: str = "matmul"
+    # Content in the item tower (issue 28): the item's frozen text vector (title_embeddings/ of
+    # pipelines.title_neighbours, sources title or vectors) projected to embedding_dim as one
+    # more item field (micrec_tf/layers_text.py). false = the tower of before, bit for bit.
+    item_text: bool = False
 
 
 @dataclass
@@ -480,6 +484,11 @@ def validate(cfg: Config) -> Config:
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     _check_choice("export.index", cfg.export.index, INDEX_KINDS)
     _check_choice("model.history_embeddings", cfg.model.history_embeddings, HISTORY_EMBEDDINGS)
+    if cfg.model.item_text and cfg.model.name == "tfrs_two_tower":
+        raise ConfigError("model.item_text is not supported by model.name='tfrs_two_tower' yet")
+    if cfg.model.item_text and cfg.loss.feature_dropout == "correlated":
+        raise ConfigError("model.item_text is not supported with loss.feature_dropout="
+                          "'correlated' yet (its field correlation has no text field)")
     _check_choice("model.attention", cfg.model.attention, ATTENTION_IMPLS)
     if cfg.model.preset:
         _check_choice("model.preset", cfg.model.preset, PRESETS)

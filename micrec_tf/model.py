@@ -29,7 +29,9 @@ from micrec_tf.cl import (CLAnchorSampler, FeatureCL, SemanticCL, SessionCL,
                           cl_inputs_from_batch, field_correlation)
 from micrec_tf.config import CL_TASKS
 from micrec_tf.data.contract import HIST_ITEMS, ITEM, user_feature
+from micrec_tf.data.artifacts import load_text_vectors
 from micrec_tf.layers import ItemFeatureLookup, ItemFieldEmbeddings, UserFieldEmbeddings
+from micrec_tf.layers_text import ItemTextFieldEmbeddings
 from micrec_tf.losses import SampledSoftmaxTask
 from micrec_tf.towers import (AutoIntItemTower, AutoIntUserTower, DeepFMItemTower,
                               DeepFMUserTower, FMItemTower, FMUserTower, ICANUserTower,
@@ -269,7 +271,7 @@ def _user_feature_names(user_fields, vocab_sizes) -> list:
 
 
 def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence=None,
-                title_neighbours=None) -> MicRecModel:
+                title_neighbours=None, text_vectors=None) -> MicRecModel:
     """Builds the model named by ``cfg.model.name`` with the CL tasks of ``cfg.model.cl``.
 
     Args:
@@ -281,6 +283,10 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
       cooccurrence: :class:`micrec_tf.data.artifacts.CooccurrenceTable` (every item's full
         list); needed for ``session``.
       title_neighbours: :class:`NeighbourTable`; needed for ``semantic``.
+      text_vectors: float [V, D_t] item text vectors for ``model.item_text`` (row i: item i,
+        zeros: none); None reads them from ``item_table.text_vectors_dir``
+        (:func:`micrec_tf.data.artifacts.load_text_vectors`, an ``ArtifactError`` naming the job
+        to run when they are missing). Unused when ``model.item_text`` is false (the default).
 
     Build it inside ``strategy.scope()`` when training under a ``tf.distribute`` strategy (the
     samplers' generators must be created there).
@@ -315,9 +321,21 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
         raise ValueError("model.cl has 'session' but no cooccurrence table was given")
 
     lookup = ItemFeatureLookup.from_item_table(item_table, name="item_lookup")
-    item_fields = ItemFieldEmbeddings(
-        int(vocab_sizes["item_id"]), int(vocab_sizes["tag"]), int(vocab_sizes["provider"]),
-        extra, m.embedding_dim, name="item_field_embeddings")
+    if m.item_text:  # one more item field, the projected frozen text vector (layers_text.py)
+        if text_vectors is None:
+            text_vectors = load_text_vectors(item_table.text_vectors_dir, num_items)
+        text_vectors = np.asarray(text_vectors, np.float32)
+        if text_vectors.ndim != 2 or text_vectors.shape[0] != num_items:
+            raise ValueError(f"text_vectors must be [{num_items}, D_t] (one row per item "
+                             f"index). Received: shape {text_vectors.shape}")
+        item_fields = ItemTextFieldEmbeddings(
+            int(vocab_sizes["item_id"]), int(vocab_sizes["tag"]), int(vocab_sizes["provider"]),
+            extra, m.embedding_dim, text_dim=int(text_vectors.shape[1]),
+            text_vectors=text_vectors, name="item_field_embeddings")
+    else:
+        item_fields = ItemFieldEmbeddings(
+            int(vocab_sizes["item_id"]), int(vocab_sizes["tag"]), int(vocab_sizes["provider"]),
+            extra, m.embedding_dim, name="item_field_embeddings")
     user_names = _user_feature_names(user_fields, vocab_sizes)
     user_fields_emb = UserFieldEmbeddings({n: int(vocab_sizes[n]) for n in user_names},
                                           m.embedding_dim, name="user_field_embeddings")

@@ -23,12 +23,16 @@ class ItemTable:
     provider: int64 [V]    provider index.
     extra:    {field: int64 [V]} extra categorical fields (names as in the vocab, e.g. "item_year").
     category: int64 [V]    first tag index (0 if none), used by session CL's same-category emphasis.
+    text_vectors_dir: where pipelines.title_neighbours writes the items' text vectors
+              (``title_embeddings/``, read by :func:`load_text_vectors` only for
+              ``model.item_text``); None when the table did not come from an artifacts folder.
     """
 
     tags: np.ndarray
     provider: np.ndarray
     extra: dict
     category: np.ndarray
+    text_vectors_dir: str | None = None
 
     @property
     def num_items(self) -> int:
@@ -234,6 +238,7 @@ FEATURE_SPEC = os.path.join(EXAMPLES, "feature_spec.json")
 ITEMS = os.path.join("items", "items.jsonl")
 COOCCURRENCE = os.path.join("cooccurrence", "cooccurrence.npz")
 TITLE_NEIGHBOURS = os.path.join("title_neighbours", "title_neighbours.jsonl")
+TITLE_EMBEDDINGS = "title_embeddings"  # pipelines.title_neighbours.EMBEDDINGS_DIR
 STATS = "stats.json"
 SPLITS = ("train", "valid", "test")
 RERUN = "rerun `python -m pipelines.preprocess --config <config>`"
@@ -465,7 +470,9 @@ def _load_item_table(path: str, num_items: int, max_tags: int, extra_names: list
         raise ArtifactContentError(f"{path} has {len(rows)} items, the item vocabulary "
                                    f"{num_items - 1}: the artifacts are stale or incomplete; "
                                    f"{RERUN}")
-    return ItemTable(tags=tags, provider=provider, extra=extra, category=tags[:, 0].copy())
+    return ItemTable(tags=tags, provider=provider, extra=extra, category=tags[:, 0].copy(),
+                     text_vectors_dir=os.path.join(os.path.dirname(os.path.dirname(path)),
+                                                   TITLE_EMBEDDINGS))
 
 
 def _load_neighbours(path: str, weight_key: str, num_items: int) -> NeighbourTable:
@@ -547,3 +554,39 @@ def check_cl_tables(art: Artifacts, cl_tasks) -> None:
             f"{os.path.join(art.path, TITLE_NEIGHBOURS)} is missing but model.cl has 'semantic': "
             f"run `python -m pipelines.title_neighbours --config <config>` after "
             f"pipelines.preprocess, or drop 'semantic' from model.cl")
+
+
+def load_text_vectors(text_vectors_dir: str | None, num_items: int) -> np.ndarray:
+    """The items' frozen text vectors as a float32 [V, D_t] table aligned with the item index
+    (row 0 and the rows of items without a vector are zeros), for ``model.item_text``.
+
+    Reads ``title_embeddings/{embeddings.npy, items.npy}`` (rows of ``items.npy``'s item
+    indices, written by ``pipelines.title_neighbours`` for ``semantic.source`` title or vectors).
+    Raises :class:`ArtifactError` when the folder is missing (source taxonomy writes none) and
+    :class:`ArtifactContentError` when the two files disagree or an index is out of range.
+    """
+    emb_path = os.path.join(text_vectors_dir or TITLE_EMBEDDINGS, "embeddings.npy")
+    items_path = os.path.join(text_vectors_dir or TITLE_EMBEDDINGS, "items.npy")
+    if not text_vectors_dir or not (os.path.exists(emb_path) and os.path.exists(items_path)):
+        raise ArtifactError(
+            f"{emb_path} is missing but model.item_text is true: run `python -m "
+            f"pipelines.title_neighbours --config <config>` with semantic.source 'title' or "
+            f"'vectors' after pipelines.preprocess, or set model.item_text false")
+    try:
+        emb = np.load(emb_path)
+        items = np.load(items_path)
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{emb_path} is unreadable ({err}): rerun pipelines.title_neighbours"
+                            ) from None
+    if emb.ndim != 2 or items.shape != (emb.shape[0],):
+        raise ArtifactContentError(f"{emb_path} is {emb.shape} but {items_path} is {items.shape}: "
+                                   f"rerun pipelines.title_neighbours")
+    if items.size and (items.min() < 1 or items.max() >= num_items):
+        raise ArtifactContentError(f"{items_path} has an item index outside [1, {num_items}): "
+                                   f"rerun pipelines.title_neighbours")
+    if not np.all(np.isfinite(emb)):
+        raise ArtifactContentError(f"{emb_path} contains NaN or infinity: "
+                                   f"rerun pipelines.title_neighbours")
+    table = np.zeros([num_items, emb.shape[1]], np.float32)
+    table[items.astype(np.int64)] = emb.astype(np.float32)
+    return table
