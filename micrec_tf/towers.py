@@ -11,6 +11,10 @@ Item towers share one interface, so every contrastive task plugs onto any of the
 User towers embed the click history with the SAME item field embeddings as the item tower and
 take ``user_<field>`` [B], ``hist_items`` [B, H] and ``hist_len`` [B] -> [B, output_dim].
 
+With ``model.item_text`` the field embeddings are :class:`micrec_tf.layers_text.
+ItemTextFieldEmbeddings` (one more field, the projected frozen text vector of the item index):
+every tower below takes them unchanged, with ``F`` counting the text field.
+
 Model families (config ``model.name``):
 
 =========== ===================================== =========================================
