@@ -188,6 +188,10 @@ class ModelConfig:
     # pipelines.title_neighbours, sources title or vectors) projected to embedding_dim as one
     # more item field (micrec_tf/layers_text.py). false = the tower of before, bit for bit.
     item_text: bool = False
+    # An item with fewer training clicks (vocab/item_id_counts.txt) never uses its ID row: its ID
+    # field is zero, as if dropped (issue 28). Int >= 0; 1 (default) masks only unclicked items,
+    # none with a vocabulary of clicked items (the model of before); 0 never masks.
+    min_id_clicks: int = 1
 
 
 @dataclass
@@ -233,6 +237,9 @@ class LossConfig:
     # Main loss (eq. 7): a sampled negative that is in the row's recent clicks (``hist_items``)
     # is not "an item not clicked by u" and is masked out of that row's softmax.
     mask_history_negatives: bool = True
+    # Main loss, training only (DropoutNet's trick, issue 28): probability in [0, 1) that the
+    # positive's and each sampled negative's ID field is zeroed. 0 = the loss of before.
+    id_dropout: float = 0.0
 
 
 @dataclass
@@ -539,6 +546,15 @@ def validate(cfg: Config) -> Config:
         _check_positive(f"loss.lambda_{task}", getattr(cfg.loss, f"lambda_{task}"),
                         allow_zero=True)
     _check_positive("loss.temperature", cfg.loss.temperature)
+    if (isinstance(cfg.model.min_id_clicks, bool) or not isinstance(cfg.model.min_id_clicks, int)
+            or cfg.model.min_id_clicks < 0):
+        raise ConfigError(f"model.min_id_clicks must be an int >= 0. Received: "
+                          f"{cfg.model.min_id_clicks!r}")
+    if (isinstance(cfg.loss.id_dropout, bool) or not isinstance(cfg.loss.id_dropout, (int, float))
+            or not 0.0 <= cfg.loss.id_dropout < 1.0):
+        raise ConfigError(f"loss.id_dropout must be in [0, 1). Received: {cfg.loss.id_dropout!r}")
+    if cfg.loss.id_dropout and cfg.model.name == "tfrs_two_tower":
+        raise ConfigError("loss.id_dropout is not supported by model.name='tfrs_two_tower' yet")
     if not 0.0 < cfg.loss.mask_ratio < 1.0:
         raise ConfigError(f"loss.mask_ratio must be in (0, 1), got {cfg.loss.mask_ratio!r}")
     _check_positive("loss.num_cl_negatives", cfg.loss.num_cl_negatives)

@@ -195,13 +195,23 @@ class ItemFieldEmbeddings(tf_keras.layers.Layer):
       num_items, num_tags, num_providers: vocabulary sizes including the OOV slot 0.
       extra_vocab_sizes: {``item_<extra>``: vocabulary size}, in field order.
       embedding_dim: D, 64 in the paper.
+      id_keep_mask: bool [num_items], False for an item whose ID row must never be used
+        (``model.min_id_clicks``: fewer training clicks than the threshold): its ID field
+        ``f^I`` is the zero vector, as if the field were dropped, wherever the item is embedded
+        (positives, negatives, history clicks, CL views, export). Held in a non-trainable weight
+        ``item_id_keep_mask`` (float32 [num_items], saved in checkpoints, not in the config).
+        None (default): no mask and no extra weight, the layer of before, bit for bit.
+      id_masked: whether the layer has that weight; ``from_config`` passes True and the
+        checkpoint restores the values (initialised to ones: every ID row used). Implied by a
+        non-None ``id_keep_mask``.
 
     Call: ``features`` dict (see module docstring) with leading shape ``S`` and optional
     ``tag_keep_mask`` bool [S..., T] (categorical feature dropout) -> ``[S..., F, D]``.
     """
 
     def __init__(self, num_items: int, num_tags: int, num_providers: int,
-                 extra_vocab_sizes: Mapping | None = None, embedding_dim: int = 64, **kwargs):
+                 extra_vocab_sizes: Mapping | None = None, embedding_dim: int = 64,
+                 id_keep_mask=None, id_masked: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.num_items = check_int("num_items", num_items)
         self.num_tags = check_int("num_tags", num_tags)
@@ -216,10 +226,42 @@ class ItemFieldEmbeddings(tf_keras.layers.Layer):
         self.provider_embedding = emb(self.num_providers, dim, name="provider_embedding")
         self.extra_embeddings = [emb(v, dim, name=f"{k}_embedding")
                                  for k, v in self.extra_vocab_sizes.items()]
+        if id_keep_mask is not None:
+            id_keep_mask = np.asarray(id_keep_mask)
+            if id_keep_mask.shape != (self.num_items,):
+                raise ValueError(f"id_keep_mask must be [num_items]=[{self.num_items}]. "
+                                 f"Received: shape {id_keep_mask.shape}")
+            id_keep_mask = id_keep_mask.astype(bool).astype(np.float32)
+        if not isinstance(id_masked, (bool, np.bool_)):
+            raise ValueError(f"id_masked must be a bool. Received: {id_masked!r}")
+        self.id_masked = bool(id_masked) or id_keep_mask is not None
+        self._id_keep_np = id_keep_mask
+        self.id_keep = None  # the float32 [num_items] weight, built when id_masked
+
+    def build(self, input_shape=None):
+        if self.id_masked and self.id_keep is None:
+            self.id_keep = self.add_weight(
+                name="item_id_keep_mask", shape=[self.num_items], dtype=tf.float32,
+                initializer="ones", trainable=False)
+            if self._id_keep_np is not None:
+                self.id_keep.assign(self._id_keep_np)
+                self._id_keep_np = None  # the weight holds it now
+        super().build(input_shape)
 
     @property
     def field_names(self) -> list:
         return [ITEM, ITEM_TAGS, ITEM_PROVIDER, *self.extra_vocab_sizes]
+
+    def id_field(self, ids) -> tf.Tensor:
+        """Item indices int64 [S...] -> ID field ``f^I`` [S..., D]: zero for the padding row 0
+        and, with ``id_keep_mask``, for every item whose ID row is masked."""
+        field = _zero_padding(self.item_embedding(ids), ids)
+        if not self.id_masked:
+            return field
+        if not self.built:
+            self.build(None)
+        keep = tf.gather(self.id_keep, ids)
+        return field * tf.cast(keep, field.dtype)[..., tf.newaxis]
 
     @property
     def num_fields(self) -> int:
@@ -233,7 +275,7 @@ class ItemFieldEmbeddings(tf_keras.layers.Layer):
                 tags.shape.rank != ids.shape.rank + 1):
             raise ValueError(f"{ITEM_TAGS} must have one more dimension than {ITEM}. Received: "
                              f"{ITEM} {ids.shape}, {ITEM_TAGS} {tags.shape}")
-        fields = [_zero_padding(self.item_embedding(ids), ids)]
+        fields = [self.id_field(ids)]
         tag_mask = tags > 0
         if tag_keep_mask is not None:
             tag_mask = tf.logical_and(tag_mask, tf.cast(tag_keep_mask, tf.bool))
@@ -251,6 +293,8 @@ class ItemFieldEmbeddings(tf_keras.layers.Layer):
                       num_providers=self.num_providers,
                       extra_vocab_sizes=dict(self.extra_vocab_sizes),
                       embedding_dim=self.embedding_dim)
+        if self.id_masked:  # only then: the config of an unmasked layer is as before
+            config.update(id_masked=True)
         return config
 
 

@@ -18,6 +18,10 @@ import tf_keras
 
 from micrec_tf.config import CL_SIMILARITIES
 from micrec_tf.layers import check_choice, check_int, check_positive, register
+from micrec_tf.layers_id_dropout import IDFieldDropout
+
+# IDFieldDropout's generator seed = the task's seed + this (a stream apart from the negatives').
+ID_DROPOUT_SEED_OFFSET = 1_000_003
 
 # Logit given to masked candidates (accidental hits, negatives in the positive set). Finite so a
 # row with every candidate masked still has a finite loss.
@@ -268,6 +272,11 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
     item not clicked by u" (eq. 7) and is masked out of that row's softmax (the negatives are
     sorted first, which leaves the loss unchanged and makes the mask a binary search).
 
+    ``id_dropout`` (``loss.id_dropout``, DropoutNet's trick): in training, each sampled
+    negative's ID field is zeroed with this probability (:class:`IDFieldDropout`, layer
+    ``id_field_dropout``, ``id_width`` = D the field width); the model drops the positives' ID
+    fields with :meth:`drop_ids` before encoding them. 0 (default): no layer, the task of before.
+
     Call: ``(query [B, d], positives [B, d], positive_ids [B])`` or, with
     ``mask_history_negatives``, ``(..., history_ids [B, H])``; ``item_tower=``, ``training=``
     -> scalar float32.
@@ -275,7 +284,8 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
 
     def __init__(self, num_items: int, num_negatives: int = 1000, in_batch_negatives: bool = False,
                  remove_accidental_hits: bool = True, batch_size: int = 4096, seed: int = 0,
-                 mask_history_negatives: bool = False, **kwargs):
+                 mask_history_negatives: bool = False, id_dropout: float = 0.0,
+                 id_width: int | None = None, **kwargs):
         kwargs.setdefault("dtype", "float32")  # logits and losses stay float32 in mixed precision
         super().__init__(**kwargs)
         self.num_items = check_int("num_items", num_items, minimum=2)  # padding + one item
@@ -291,6 +301,26 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
         self.frequency = (StreamingFrequencyEstimator(self.num_items, self.batch_size,
                                                       name="frequency")
                           if self.in_batch_negatives else None)
+        if isinstance(id_dropout, bool) or not isinstance(id_dropout, (int, float)) or not (
+                0.0 <= id_dropout < 1.0):
+            raise ValueError(f"id_dropout must be a number in [0, 1). Received: {id_dropout!r}")
+        self.id_dropout = float(id_dropout)
+        self.id_width = None if id_width is None else check_int("id_width", id_width)
+        self.id_field_dropout = None
+        if self.id_dropout:
+            if self.id_width is None:
+                raise ValueError(f"id_dropout={self.id_dropout} needs id_width (the ID field "
+                                 f"width D). Received: id_width=None")
+            self.id_field_dropout = IDFieldDropout(self.id_dropout, self.id_width,
+                                                   self.seed + ID_DROPOUT_SEED_OFFSET,
+                                                   name="id_field_dropout")
+
+    def drop_ids(self, raw, training=None):
+        """Raw item embeddings ``f^d`` [B, F * D] -> the same with ID fields dropped at rate
+        ``id_dropout`` in training (unchanged without ``id_dropout`` or outside training)."""
+        if self.id_field_dropout is None:
+            return raw
+        return self.id_field_dropout(raw, training=training)
 
     def sample_negatives(self) -> tf.Tensor:
         """-> int64 [N] item indices uniform in ``1 .. V - 1``."""
@@ -311,7 +341,12 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
             if self.mask_history_negatives:
                 negative_ids = tf.sort(negative_ids)
                 negative_mask = history_negative_mask(history_ids, negative_ids)
-            negatives = item_tower.embed_indices(negative_ids, training=training)
+            if self.id_field_dropout is not None and training:
+                raw = item_tower.raw_embedding(item_tower.features_for(negative_ids))
+                negatives = item_tower.encode(self.drop_ids(raw, training=training),
+                                              training=training)
+            else:
+                negatives = item_tower.embed_indices(negative_ids, training=training)
         if self.in_batch_negatives:
             positive_log_q = self.frequency(positive_ids, training=training)
             negative_log_q = math.log(self.num_negatives / (self.num_items - 1)) \
@@ -330,4 +365,6 @@ class SampledSoftmaxTask(tf_keras.layers.Layer):
                       remove_accidental_hits=self.remove_accidental_hits,
                       batch_size=self.batch_size, seed=self.seed,
                       mask_history_negatives=self.mask_history_negatives)
+        if self.id_dropout:  # only then: the config without ID dropout is as before
+            config.update(id_dropout=self.id_dropout, id_width=self.id_width)
         return config

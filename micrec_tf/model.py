@@ -209,7 +209,11 @@ class MicRecModel(TwoTowerSteps, tf_keras.Model):
         raw = self.item_tower.raw_embedding(features)
         positives = self.item_tower.encode(raw, training=training)
         item_ids = tf.reshape(tf.cast(features[ITEM], tf.int64), [-1])
-        retrieval_inputs = (user, tf.cast(positives, tf.float32), item_ids)
+        loss_positives = positives
+        if training and self.retrieval.id_field_dropout is not None:  # loss.id_dropout
+            loss_positives = self.item_tower.encode(self.retrieval.drop_ids(raw, training=True),
+                                                    training=training)
+        retrieval_inputs = (user, tf.cast(loss_positives, tf.float32), item_ids)
         if self.retrieval.mask_history_negatives:
             retrieval_inputs += (features[HIST_ITEMS],)
         losses = {"sampled_softmax_loss": self.retrieval(
@@ -245,7 +249,10 @@ class MicRecModel(TwoTowerSteps, tf_keras.Model):
         tasks = [self.retrieval, *self.cl_tasks.values()]
         if self.cl_anchor_sampler is not None:
             tasks.append(self.cl_anchor_sampler)
-        return [t.rng for t in tasks]
+        rngs = [t.rng for t in tasks]
+        if self.retrieval.id_field_dropout is not None:  # loss.id_dropout > 0 only
+            rngs.append(self.retrieval.id_field_dropout.rng)
+        return rngs
 
     # --- the towers, for TwoTowerSteps' inference paths -----------------------------------
     def user_vectors(self, features, training=False) -> tf.Tensor:
@@ -268,6 +275,23 @@ def _user_feature_names(user_fields, vocab_sizes) -> list:
                            f"{sorted(vocab_sizes)}")
         names.append(name)
     return names
+
+
+def item_id_keep_mask(item_table, min_id_clicks: int) -> np.ndarray | None:
+    """``model.min_id_clicks``: bool [V], False for the items (padding row 0 excluded) with fewer
+    than ``min_id_clicks`` training clicks (``item_table.id_clicks``), whose ID row is never
+    used; None when no item is masked (``id_clicks`` None, i.e. older artifacts where every
+    vocabulary item was clicked, or every item has enough clicks): the model of before."""
+    counts = getattr(item_table, "id_clicks", None)
+    if counts is None or min_id_clicks <= 0:
+        return None
+    counts = np.asarray(counts, np.int64)
+    if counts.shape != (item_table.num_items,):
+        raise ValueError(f"item_table.id_clicks must be [{item_table.num_items}]. Received: "
+                         f"shape {counts.shape}")
+    keep = counts >= int(min_id_clicks)
+    keep[0] = True  # the padding row is zero anyway
+    return None if keep.all() else keep
 
 
 def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence=None,
@@ -321,6 +345,7 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
         raise ValueError("model.cl has 'session' but no cooccurrence table was given")
 
     lookup = ItemFeatureLookup.from_item_table(item_table, name="item_lookup")
+    id_keep_mask = item_id_keep_mask(item_table, m.min_id_clicks)
     if m.item_text:  # one more item field, the projected frozen text vector (layers_text.py)
         if text_vectors is None:
             text_vectors = load_text_vectors(item_table.text_vectors_dir, num_items)
@@ -331,11 +356,11 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
         item_fields = ItemTextFieldEmbeddings(
             int(vocab_sizes["item_id"]), int(vocab_sizes["tag"]), int(vocab_sizes["provider"]),
             extra, m.embedding_dim, text_dim=int(text_vectors.shape[1]),
-            text_vectors=text_vectors, name="item_field_embeddings")
+            text_vectors=text_vectors, id_keep_mask=id_keep_mask, name="item_field_embeddings")
     else:
         item_fields = ItemFieldEmbeddings(
             int(vocab_sizes["item_id"]), int(vocab_sizes["tag"]), int(vocab_sizes["provider"]),
-            extra, m.embedding_dim, name="item_field_embeddings")
+            extra, m.embedding_dim, id_keep_mask=id_keep_mask, name="item_field_embeddings")
     user_names = _user_feature_names(user_fields, vocab_sizes)
     user_fields_emb = UserFieldEmbeddings({n: int(vocab_sizes[n]) for n in user_names},
                                           m.embedding_dim, name="user_field_embeddings")
@@ -376,7 +401,8 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
     retrieval = SampledSoftmaxTask(
         num_items, loss.num_negatives, loss.in_batch_negatives, loss.remove_accidental_hits,
         cfg.train.batch_size, seed + _SEED_OFFSETS["sampled_softmax"],
-        mask_history_negatives=loss.mask_history_negatives, name="sampled_softmax")
+        mask_history_negatives=loss.mask_history_negatives, id_dropout=loss.id_dropout,
+        id_width=m.embedding_dim, name="sampled_softmax")
     dim = item_tower.output_dim
     tasks = {}
     if "feature" in m.cl:

@@ -26,6 +26,9 @@ class ItemTable:
     text_vectors_dir: where pipelines.title_neighbours writes the items' text vectors
               (``title_embeddings/``, read by :func:`load_text_vectors` only for
               ``model.item_text``); None when the table did not come from an artifacts folder.
+    id_clicks: int64 [V] each item's number of training clicks (``vocab/item_id_counts.txt``;
+              row 0 = 0; 0 for a catalogue item nobody clicked), read by ``model.min_id_clicks``;
+              None (older artifacts without the file): every vocabulary item counts as clicked.
     """
 
     tags: np.ndarray
@@ -33,6 +36,7 @@ class ItemTable:
     extra: dict
     category: np.ndarray
     text_vectors_dir: str | None = None
+    id_clicks: np.ndarray | None = None
 
     @property
     def num_items(self) -> int:
@@ -240,6 +244,7 @@ COOCCURRENCE = os.path.join("cooccurrence", "cooccurrence.npz")
 TITLE_NEIGHBOURS = os.path.join("title_neighbours", "title_neighbours.jsonl")
 TITLE_EMBEDDINGS = "title_embeddings"  # pipelines.title_neighbours.EMBEDDINGS_DIR
 STATS = "stats.json"
+ITEM_ID_COUNTS = "item_id_counts.txt"  # in vocab/: training clicks per item index (issue 28)
 SPLITS = ("train", "valid", "test")
 RERUN = "rerun `python -m pipelines.preprocess --config <config>`"
 
@@ -444,6 +449,26 @@ def read_items(path: str) -> list:
     return rows
 
 
+def read_id_clicks(path: str, num_items: int) -> np.ndarray:
+    """``vocab/item_id_counts.txt`` (line k: the training clicks of item index k + 1) as int64
+    [num_items] with row 0 = 0; :class:`ArtifactContentError` naming ``file:line`` for a line
+    that is not an int >= 0, or a line count other than ``num_items - 1``."""
+    counts = np.zeros([num_items], np.int64)
+    n = 0
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            value = line.strip()
+            if not value.isdigit():
+                raise ArtifactContentError(f"{path}:{n}: a click count must be an int >= 0. "
+                                           f"Received: {value!r}; {RERUN}")
+            if n < num_items:
+                counts[n] = int(value)
+    if n != num_items - 1:
+        raise ArtifactContentError(f"{path} has {n} counts, the item vocabulary "
+                                   f"{num_items - 1}: the artifacts are inconsistent; {RERUN}")
+    return counts
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -536,6 +561,9 @@ def load_artifacts(path: str) -> Artifacts:
     extra_names = [contract.item_feature(f) for f in spec["item_extra_fields"]]
     item_table = _load_item_table(os.path.join(path, ITEMS), num_items,
                                   int(spec["max_tags"]), extra_names)
+    counts_path = os.path.join(path, "vocab", ITEM_ID_COUNTS)
+    if os.path.exists(counts_path):  # absent in older artifacts: every item counts as clicked
+        item_table.id_clicks = read_id_clicks(counts_path, num_items)
     cooccurrence = load_cooccurrence(path, num_items)
     title_path = os.path.join(path, TITLE_NEIGHBOURS)
     title_neighbours = (_load_neighbours(title_path, "scores", num_items)
