@@ -22,6 +22,7 @@ import yaml
 
 DATASETS = ("synthetic", "canonical", "movielens_1m", "movielens_100k", "mind", "amazon")
 SPLITS = ("global_time", "leave_last_out", "item_cold_start")
+ITEM_VOCABULARIES = ("clicked", "catalogue")
 SEMANTIC_SOURCES = ("title", "taxonomy", "vectors")
 MODELS = ("ican", "youtubednn", "fm", "deepfm", "autoint", "tfrs_two_tower")
 CL_TASKS = ("feature", "semantic", "session")
@@ -108,6 +109,9 @@ class PreprocessConfig:
     split: str = "global_time"
     # [train, valid, test] shares of the clicks for ``global_time``: 3 numbers >= 0 summing to 1.
     split_fractions: list = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    # Items of vocab/item_id.txt (issue 28): ``clicked`` (default, the vocabulary as before) = items
+    # with a training click; ``catalogue`` = every item of the item file, unclicked ones last by id.
+    item_vocabulary: str = "clicked"
     # H: each example's history holds the user's H most recent earlier clicks (``hist_items``).
     history_length: int = 20
     # Tags kept per item (its first distinct ones), the width of ``item_tags``.
@@ -478,6 +482,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.data_dir is missing: data.dataset is {cfg.data.dataset!r}; set "
                           f"data.data_dir to the folder that holds its raw files")
     _check_choice("preprocess.split", cfg.preprocess.split, SPLITS)
+    _check_choice("preprocess.item_vocabulary", cfg.preprocess.item_vocabulary, ITEM_VOCABULARIES)
     _check_choice("semantic.source", cfg.semantic.source, SEMANTIC_SOURCES)
     _check_choice("model.name", cfg.model.name, MODELS)
     _check_choice("loss.feature_dropout", cfg.loss.feature_dropout, FEATURE_DROPOUTS)

@@ -26,7 +26,9 @@ concept per module, and :func:`run` runs them and finishes stats.json and featur
    an evaluation click and is kept out of steps 3 and 5; warm clicks as ``global_time``); each
    user's clicks in order, labelled.
 3. :mod:`pipelines.vocab`: vocabularies from training clicks only, by training-click frequency
-   desc, then value; :mod:`pipelines.items`: the item table on those indices.
+   desc, then value (``item_vocabulary: catalogue``: every item of the item file, the unclicked
+   ones last by raw id; ``vocab/item_id_counts.txt``: training clicks per item line);
+   :mod:`pipelines.items`: the item table on those indices.
 4. :mod:`pipelines.examples`: one ``tf.train.Example`` per click with the H most recent
    earlier clicks; sharded GZIP TFRecords.
 5. :mod:`pipelines.cooccurrence`: sessions and the co-occurrence table (training clicks
@@ -145,7 +147,7 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     # 3. Vocabularies (training clicks only) and the item table on their indices.
     vocab = ((user_rows["users"], items_kv)
              | "Vocab" >> Vocabularies(out_dir, user_fields, extra_fields, pc.max_tags,
-                                       pc.session_window_s))
+                                       pc.session_window_s, pc.item_vocabulary))
     index = vocab["index"]
     item_table = (items_picked, index) | "ItemTable" >> ItemTable(out_dir, pc.max_tags,
                                                                    extra_fields)

@@ -2,6 +2,16 @@
 descending, then value; index 0 is out-of-vocabulary, so value k of ``vocab/<field>.txt`` has
 index k + 1.
 
+The item vocabulary (``preprocess.item_vocabulary``, issue 28): ``clicked`` (the default, the
+vocabulary as before, byte for byte) holds the items with a training click; ``catalogue`` holds
+every item of the item file: the clicked items first, in the same order (training-click
+frequency descending, then raw id), then every item without a training click, by raw id (under
+``item_cold_start`` that includes every cold item). ``tag``, ``provider``, ``user_*`` and
+``item_<field>`` stay built from training clicks in both modes (an unclicked item's tags may be
+out of vocabulary). Both modes write ``vocab/item_id_counts.txt``: line k is the number of
+training clicks of line k of ``vocab/item_id.txt`` (0 for an unclicked catalogue item), read by
+the trainer for ``model.min_id_clicks``.
+
 Fields (:func:`micrec_tf.data.contract.vocab_names`): ``item_id``, ``tag``,
 ``provider``, ``user_id``, ``user_<field>`` per user field and ``item_<field>`` per item extra
 field. A user's training clicks count for its id and each non-empty profile value; an item's
@@ -28,6 +38,7 @@ from pipelines.items import item_values
 
 import apache_beam as beam  # noqa: E402  (after pipelines.common: its import is quiet)
 
+from micrec_tf.config import ITEM_VOCABULARIES  # noqa: E402
 from micrec_tf.data.contract import item_feature, user_feature, vocab_names  # noqa: E402
 
 
@@ -77,11 +88,20 @@ class UserTrainStats(beam.DoFn, BundleCounter):
         yield from self._flush_stats()
 
 
-def _item_vocab_entries(kv, max_tags, extra_fields):
-    """Training click counts of one item spread onto its item_id, tags, provider and extras."""
+# The training-click count of each line of vocab/item_id.txt, one integer a line.
+ITEM_COUNTS_FILE = "item_id_counts.txt"
+
+
+def _item_vocab_entries(kv, max_tags, extra_fields, catalogue=False):
+    """Training click counts of one item spread onto its item_id, tags, provider and extras.
+
+    With ``catalogue`` an item without a training click still yields ``(("item_id", id), 0)``
+    (and nothing for its tags, provider or extras)."""
     item_id, groups = kv
     n = sum(groups["count"])
     if not n:
+        if catalogue and groups["item"]:
+            yield ("item_id", item_id), 0
         return
     item = groups["item"][0]
     tags, provider, extras = item_values(item, max_tags)
@@ -96,9 +116,11 @@ def _item_vocab_entries(kv, max_tags, extra_fields):
 
 
 def _sorted_vocab(kv):
+    """(field, groups) -> (field, [(value, count)]) by count descending, then value: a count 0
+    (unclicked catalogue items only) sorts after every clicked value, by value."""
     field, groups = kv
     entries = [e for lst in groups["entries"] for e in lst]
-    return field, [v for _, v in sorted((-n, v) for v, n in entries)]
+    return field, [(v, -m) for m, v in sorted((-n, v) for v, n in entries)]
 
 
 class WriteVocab(beam.DoFn):
@@ -106,17 +128,21 @@ class WriteVocab(beam.DoFn):
         self.out_dir = out_dir
 
     def process(self, kv):
-        field, values = kv
+        field, entries = kv
+        values = [v for v, _ in entries]
         for v in values:
             if "\n" in v or "\r" in v:
                 raise ValueError(f"vocab value {v!r} of field {field!r} holds a line break")
         write_lines(os.path.join(self.out_dir, "vocab", f"{field}.txt"), values)
+        if field == "item_id":
+            write_lines(os.path.join(self.out_dir, "vocab", ITEM_COUNTS_FILE),
+                        [str(n) for _, n in entries])
         yield beam.pvalue.TaggedOutput(STATS, (f"vocab.{field}", len(values) + 1))
 
 
 def _vocab_index(vocabs):
-    """[(field, values)] -> {field: {value: index}} with index 0 = OOV."""
-    return {field: {v: i + 1 for i, v in enumerate(values)} for field, values in vocabs}
+    """[(field, [(value, count)])] -> {field: {value: index}} with index 0 = OOV."""
+    return {field: {v: i + 1 for i, (v, _) in enumerate(entries)} for field, entries in vocabs}
 
 
 class Vocabularies(beam.PTransform):
@@ -125,10 +151,19 @@ class Vocabularies(beam.PTransform):
     ``index``: one ``{field: {value: index}}`` dict (index 0 = out of vocabulary; every field of
     :func:`~micrec_tf.data.contract.vocab_names` present, empty when nothing counted). ``STATS``: ``vocab.<field>``
     (the vocabulary size, OOV included) and the :class:`UserTrainStats` counts.
+
+    ``item_vocabulary``: ``"clicked"`` (default, the vocabulary as before) or ``"catalogue"``
+    (every item of ``items`` gets an index; the unclicked ones after the clicked ones, by raw
+    id). Also writes ``vocab/item_id_counts.txt`` (training clicks per ``item_id`` line).
     """
 
-    def __init__(self, out_dir: str, user_fields, extra_fields, max_tags: int, window_s: int):
+    def __init__(self, out_dir: str, user_fields, extra_fields, max_tags: int, window_s: int,
+                 item_vocabulary: str = "clicked"):
         super().__init__()
+        if item_vocabulary not in ITEM_VOCABULARIES:
+            raise ValueError(f"item_vocabulary must be one of {ITEM_VOCABULARIES}. Received: "
+                             f"{item_vocabulary!r}")
+        self.catalogue = item_vocabulary == "catalogue"
         self.out_dir, self.max_tags, self.window_s = out_dir, max_tags, window_s
         self.user_fields, self.extra_fields = tuple(user_fields), tuple(extra_fields)
 
@@ -140,7 +175,7 @@ class Vocabularies(beam.PTransform):
         item_entries = ({"count": item_counts, "item": items}
                         | "JoinItemCounts" >> beam.CoGroupByKey()
                         | "ItemVocabEntries" >> beam.FlatMap(_item_vocab_entries, self.max_tags,
-                                                             self.extra_fields))
+                                                             self.extra_fields, self.catalogue))
         per_field = (
             (item_entries, train.vocab) | "FlattenVocab" >> beam.Flatten()
             | "SumVocab" >> beam.CombinePerKey(sum)
