@@ -16,7 +16,7 @@ clicked items get CL as often as popular ones.
   through the item tower's ``encode`` and the projector; InfoNCE with in-batch negatives.
   Strategies: ``element`` (mask ratio 0.5), ``field`` (zero whole fields), ``categorical`` (drop
   tags before pooling), ``correlated`` (CFM: mask the fields most correlated with a random seed
-  field, Yao et al. 2021).
+  field, Yao et al. 2021), ``id_field`` (zero the ID field alone, with the mask ratio).
 * :class:`SemanticCL` (``semantic_cl``, eq. 4): positive drawn uniformly from the item's title
   neighbours (or all of them, ``positives="all"``), negatives random items outside that set,
   projector on the tower output.
@@ -201,8 +201,11 @@ class FeatureCL(tf_keras.layers.Layer):
 
     Args:
       projection_dim: output size of the 1-layer projector ``MLP_f``.
-      strategy: ``element`` | ``field`` | ``categorical`` | ``correlated``.
-      mask_ratio: fraction of elements / fields / tags masked.
+      strategy: ``element`` | ``field`` | ``categorical`` | ``correlated`` | ``id_field``
+        (the field-level dropout of the ID field alone: the view places the item by its
+        content fields, as an item without clicks is placed; issue 28).
+      mask_ratio: fraction of elements / fields / tags masked (``id_field``: the probability
+        that a row's ID field is zeroed).
       temperature: tau.
       seed: seed of the task's generator.
       correlation: [F, F] field correlation for ``correlated`` (see :func:`field_correlation`).
@@ -252,6 +255,9 @@ class FeatureCL(tf_keras.layers.Layer):
         f, d = item_tower.num_fields, item_tower.embedding_dim
         if self.strategy == "field":
             keep = field_keep_mask(self.rng, rows, f, self.mask_ratio)
+        elif self.strategy == "id_field":  # field 0, f^I, of each row with mask_ratio; no other
+            keep = tf.concat([self.rng.uniform(tf.stack([rows, 1])) >= self.mask_ratio,
+                              tf.ones(tf.stack([rows, f - 1]), tf.bool)], axis=1)
         else:
             if self.correlation.shape[0] != f:
                 raise ValueError(f"correlation is {self.correlation.shape} but the item tower has "

@@ -26,7 +26,7 @@ ITEM_VOCABULARIES = ("clicked", "catalogue")
 SEMANTIC_SOURCES = ("title", "taxonomy", "vectors")
 MODELS = ("ican", "youtubednn", "fm", "deepfm", "autoint", "tfrs_two_tower")
 CL_TASKS = ("feature", "semantic", "session")
-FEATURE_DROPOUTS = ("element", "field", "categorical", "correlated")
+FEATURE_DROPOUTS = ("element", "field", "categorical", "correlated", "id_field")
 # CL similarity g(a, b): the paper's dot product of projected vectors, or their cosine.
 CL_SIMILARITIES = ("dot", "cosine")
 # Which items the CL losses are computed on: the batch's target items (clicked, so popular
@@ -219,7 +219,8 @@ class LossConfig:
     # L2-normalised, so CL constrains directions and leaves the norms to the main loss).
     cl_similarity: str = "dot"
     # Feature CL's augmentation, one of FEATURE_DROPOUTS: ``element`` (mask single elements),
-    # ``field`` (zero whole fields), ``categorical`` (drop tags), ``correlated`` (CFM).
+    # ``field`` (zero whole fields), ``categorical`` (drop tags), ``correlated`` (CFM),
+    # ``id_field`` (zero the ID field alone, with probability mask_ratio; issue 28).
     feature_dropout: str = "element"
     # Share (in (0, 1)) of the elements, fields or tags feature CL masks (correlated: of fields).
     mask_ratio: float = 0.5

@@ -339,3 +339,37 @@ def test_tiny_training_with_min_id_clicks_and_id_dropout(tiny_pipeline, tmp_path
     new[cold] = 10.0
     table.assign(new)
     np.testing.assert_allclose(model.item_embeddings().numpy(), before, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------- feature CL: ID-field dropout
+@pytest.mark.parametrize("ratio", [0.2, 0.6])
+def test_feature_cl_id_field_dropout_drops_the_id_field_alone(ratio):
+    """``loss.feature_dropout: id_field`` (paper 3.3's field-level dropout, of f^I only): each
+    row's ID field is zero with probability mask_ratio (binomial band), every other field is
+    the row's own."""
+    import types
+
+    from micrec_tf.cl import FeatureCL
+
+    cfg = _cfg({"cl": ["feature"]}, {"feature_dropout": "id_field", "mask_ratio": ratio})
+    model = build_model(cfg, _table(None), VOCAB, ["gender"])
+    assert model.feature_cl.strategy == "id_field"
+    tower = model.item_tower
+    ids = np.tile(np.arange(1, V), 200)
+    feats = _features(ids)
+    raw = tower.raw_embedding(feats)
+    task = FeatureCL(D, "id_field", ratio, 0.2, seed=3)
+    clone = FeatureCL.from_config(task.get_config())
+    assert (clone.strategy, clone.mask_ratio) == ("id_field", ratio)
+    aug = task.augment(types.SimpleNamespace(raw=raw, features=feats), tower).numpy()
+    aug = aug.reshape(len(ids), tower.num_fields, D)
+    raw = raw.numpy().reshape(len(ids), tower.num_fields, D)
+    np.testing.assert_array_equal(aug[:, 1:], raw[:, 1:])
+    dropped = np.all(aug[:, 0] == 0, axis=-1)
+    assert np.all(dropped | np.all(aug[:, 0] == raw[:, 0], axis=-1))
+    n = len(ids)
+    assert abs(dropped.mean() - ratio) <= 4.5 * np.sqrt(ratio * (1 - ratio) / n)
+    losses = model.compute_losses({**_features(ids[:4]), "user_gender": tf.constant([1] * 4),
+                                   "hist_items": tf.zeros([4, H], tf.int64),
+                                   "hist_len": tf.zeros([4], tf.int64)}, training=True)
+    assert np.isfinite(float(losses["feature_cl_loss"]))
