@@ -373,3 +373,42 @@ def test_feature_cl_id_field_dropout_drops_the_id_field_alone(ratio):
                                    "hist_items": tf.zeros([4, H], tf.int64),
                                    "hist_len": tf.zeros([4], tf.int64)}, training=True)
     assert np.isfinite(float(losses["feature_cl_loss"]))
+
+
+@pytest.mark.slow
+def test_catalogue_vocabulary_training_and_export_of_unclicked_items(tmp_path):
+    """preprocess.item_vocabulary: catalogue on the tiny synthetic data, one epoch with the
+    default min_id_clicks (1) and id_dropout 0.3, then the export: every catalogue item of the
+    raw item file has an exported vector, the unclicked ones (count 0 in vocab/item_id_counts.txt,
+    checked against the raw files in tests/test_catalogue_vocab.py) have a zero ID keep mask,
+    and their exported vectors do not move when their ID rows are overwritten."""
+    from export import export_model, item_index
+    from micrec_tf.data.artifacts import load_artifacts, read_items
+    from micrec_tf.train import train
+    from pipelines import preprocess, title_neighbours
+    from tests.conftest import tiny_config
+
+    tmp = str(tmp_path)
+    cfg = tiny_config(tmp, preprocess={"item_vocabulary": "catalogue"},
+                      loss={"id_dropout": 0.3}, train={"epochs": 1})
+    preprocess.run(cfg, verbose=False)
+    title_neighbours.run(cfg, verbose=False)
+    art = load_artifacts(cfg.artifacts_dir)
+    rows = read_items(os.path.join(cfg.artifacts_dir, "items", "items.jsonl"))
+    counts = art.item_table.id_clicks
+    assert counts is not None and counts.shape == (len(rows) + 1,)
+    unclicked = [k for k in range(1, len(rows) + 1) if counts[k] == 0]
+    assert unclicked  # the tiny catalogue has items without a training click
+    result = train(cfg, evaluate_test=False, log=lambda *a: None)
+    model = result["model"]
+    keep = [w for w in model.item_tower.weights if "item_id_keep_mask" in w.name][0].numpy()
+    np.testing.assert_array_equal(np.flatnonzero(keep[1:] == 0) + 1, unclicked)
+    version_dir = export_model.export_run(cfg, log=lambda *a: None)
+    ids, vectors = item_index.load_item_embeddings(os.path.join(version_dir, "item_embeddings"))
+    assert ids == list(art.vocabs["item_id"]) and len(ids) == len(rows)
+    table = model.item_tower.field_embeddings.item_embedding.embeddings
+    new = table.numpy()
+    new[unclicked] = 7.0
+    table.assign(new)
+    after = np.asarray(model.item_embeddings(np.asarray(unclicked, np.int64)), np.float32)
+    np.testing.assert_allclose(vectors[np.asarray(unclicked) - 1], after, atol=1e-5, rtol=0)
