@@ -88,7 +88,8 @@ class ExampleWriter:
         An ``item_cold_start`` row (7 elements) yields its warm clicks first, then its cold
         clicks in click order, each in its item's split with the ``H`` most recent of the user's
         warm clicks strictly earlier as history; a cold target is out of vocabulary (index 0)
-        while the vocabulary is built from training clicks, so the evaluation counts it a miss.
+        with ``preprocess.item_vocabulary: clicked`` (the evaluation counts it a miss) and has
+        its own index with ``catalogue``.
         """
         tf = self._tf
         user_id, profile, clicks, n_train, n_valid, _ = user[:6]

@@ -59,8 +59,9 @@ class ItemTable(beam.PTransform):
     """``(items, index)`` -> ``{"features", STATS}``; writes ``<out_dir>/items/items.jsonl``.
 
     ``features``: ``(item_id, (idx, tag indices, provider index, extra indices, title))`` for
-    every catalogue item (``idx`` 0 for an item with no training click; tags deduplicated, the
-    first ``max_tags``, out-of-vocabulary ones dropped). ``STATS``: ``items.vocab`` (lines
+    every catalogue item (``idx`` 0 for an item outside the ``item_id`` vocabulary: an item
+    without a training click under ``preprocess.item_vocabulary: clicked``, none under
+    ``catalogue``; tags deduplicated, the first ``max_tags``, out-of-vocabulary ones dropped). ``STATS``: ``items.vocab`` (lines
     written) and ``items.catalogue`` (items in the table).
     """
 
