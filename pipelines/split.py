@@ -26,7 +26,6 @@ Transforms (PCollections they take and give):
 from __future__ import annotations
 
 import collections
-import hashlib
 import math
 
 from pipelines.common import STATS, windowed
@@ -39,19 +38,9 @@ TRAIN, VALID, TEST = "train", "valid", "test"
 SPLITS = (TRAIN, VALID, TEST)
 DAY = 86400
 ITEM_COLD_START = "item_cold_start"
-# sha256(raw item id) mod COLD_MODULUS: this value = cold-validation item, this one = cold-test.
-COLD_MODULUS, COLD_VALID_BUCKET, COLD_TEST_BUCKET = 10, 0, 1
-
-
-def cold_bucket(raw_item_id: str):
-    """The cold split of an item under ``item_cold_start``: ``"valid"``, ``"test"`` or None (warm).
-
-    ``int(hashlib.sha256(raw_item_id.encode()).hexdigest(), 16) % 10``: 0 = cold-validation,
-    1 = cold-test, else warm (the issue-28 rule; ``raw_item_id`` is the dataset's own string,
-    ``movies.dat``'s first field for ml-1m).
-    """
-    b = int(hashlib.sha256(raw_item_id.encode()).hexdigest(), 16) % COLD_MODULUS
-    return VALID if b == COLD_VALID_BUCKET else (TEST if b == COLD_TEST_BUCKET else None)
+# The rule lives in micrec_tf.data.cold_start (one definition, also read by the evaluation).
+from micrec_tf.data.cold_start import (COLD_MODULUS, COLD_TEST_BUCKET,  # noqa: E402,F401
+                                       COLD_VALID_BUCKET, cold_bucket)
 
 
 def target_ranks(n: int, fractions) -> tuple:
