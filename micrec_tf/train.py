@@ -37,10 +37,12 @@ import yaml
 from micrec_tf import cli, locks, publish, run_state
 from micrec_tf.config import Config
 from micrec_tf.data.arrays import load_split_arrays, train_item_counts
-from micrec_tf.data.artifacts import check_cl_tables, load_artifacts
+from micrec_tf.data.artifacts import check_cl_tables, load_artifacts, read_vocab
+from micrec_tf.data.cold_start import ITEM_COLD_START
 from micrec_tf.data.input import make_dataset
 from micrec_tf.evaluation.data import earlier_clicks_exclusion
-from micrec_tf.evaluation.evaluate import evaluate_model
+from micrec_tf.evaluation.cold_start import check_catalogue_vocabulary
+from micrec_tf.evaluation.evaluate import evaluate_cold_start, evaluate_model
 from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model
 from micrec_tf.precision import policy_scope
@@ -373,6 +375,8 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
     """The body of :func:`train` once the run directory, strategy and dtype policy are set."""
     art = load_artifacts(cfg.artifacts_dir)
     check_cl_tables(art, cfg.model.cl)
+    if cfg.preprocess.split == ITEM_COLD_START:  # its metrics need every catalogue item (issue 28)
+        check_catalogue_vocabulary(cfg.preprocess.item_vocabulary)
     num_items = art.item_table.num_items
     n_train = art.feature_spec.get("num_examples", {}).get("train")
     preset = f" preset={cfg.model.preset}" if cfg.model.preset else ""
@@ -466,6 +470,14 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
                                         cfg.eval.coverage_n, exclude=t_excl,
                                         batch_size=cfg.eval.batch_size,
                                         slices={"long_tail": tail[test["item"]]})
+    if cfg.preprocess.split == ITEM_COLD_START:
+        # Issue 28: cold / warm / all (micrec_tf/evaluation/cold_start.py) on the same clicks.
+        raw_ids = read_vocab(os.path.join(cfg.artifacts_dir, "vocab", "item_id.txt"))
+        evals = {"valid": valid, **({"test": test} if evaluate_test else {})}
+        result["cold_start"] = {
+            s: evaluate_cold_start(model, arrays, num_items, raw_ids, s,
+                                   cfg.preprocess.item_vocabulary, cfg.eval.batch_size)
+            for s, arrays in evals.items()}
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump({k: v for k, v in result.items() if k != "history"}, fh, indent=1)
     run_state.mark_finished(run_dir, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["COLD_MODULUS", "COLD_VALID_BUCKET", "COLD_TEST_BUCKET", "COLD_VALID", "COLD_TEST",
+__all__ = ["ITEM_COLD_START", "COLD_MODULUS", "COLD_VALID_BUCKET", "COLD_TEST_BUCKET", "COLD_VALID", "COLD_TEST",
            "cold_bucket"]
 
+# The value of ``preprocess.split`` that selects this protocol.
+ITEM_COLD_START = "item_cold_start"
 # sha256(raw item id) mod COLD_MODULUS: this value = cold-validation item, this one = cold-test.
 COLD_MODULUS, COLD_VALID_BUCKET, COLD_TEST_BUCKET = 10, 0, 1
 # The names of the two cold buckets (the split names of the evaluation clicks they go to).
