@@ -25,7 +25,7 @@ unless ``preprocess.item_vocabulary: catalogue``. The raw ids are the lines of
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -34,7 +34,8 @@ from micrec_tf.data.cold_start import COLD_TEST, COLD_VALID, cold_bucket
 from micrec_tf.evaluation import metrics
 
 __all__ = ["COLD_START_NS", "NDCG_N", "check_catalogue_vocabulary", "item_buckets",
-           "ndcg_at_n", "cold_start_metrics"]
+           "ndcg_at_n", "cold_start_metrics",
+           "cold_start_metrics_from_scores"]
 
 COLD_START_NS = (20, 50, 500)
 NDCG_N = 20
@@ -79,11 +80,8 @@ def ndcg_at_n(topk_indices: np.ndarray, targets: np.ndarray, n: int = NDCG_N) ->
     return float(np.mean(np.where(hit, 1.0 / np.log2(rank + 1.0), 0.0)))
 
 
-def _ranking(user_vectors, item_vectors, targets, candidates, ns, batch_size) -> tuple:
-    """Top-max(ns) of the queries over the candidate mask; returns (metrics dict, topk)."""
-    k = max(max(ns), NDCG_N)
-    idx, _ = metrics.top_k_items(user_vectors, item_vectors, k, valid_mask=candidates,
-                                 batch_size=batch_size)
+def _ranking(idx, targets, candidates, ns) -> dict:
+    """The metrics of one slice from its top-k rankings ``idx`` int [U, k >= max(ns, 20)]."""
     out = {"num_clicks": int(targets.size), "num_candidates": int(candidates[1:].sum())}
     for n, val in metrics.hit_at_n(idx, targets, ns).items():
         out[f"hit@{n}"] = val
@@ -93,7 +91,7 @@ def _ranking(user_vectors, item_vectors, targets, candidates, ns, batch_size) ->
         ids = idx[:, :n].ravel()
         ids = ids[ids > 0]
         out[f"coverage@{n}"] = float(np.unique(ids).size / n_cand) if n_cand else float("nan")
-    return out, idx
+    return out
 
 
 def cold_start_metrics(user_vectors: np.ndarray, item_vectors: np.ndarray, targets: np.ndarray,
@@ -131,6 +129,61 @@ def cold_start_metrics(user_vectors: np.ndarray, item_vectors: np.ndarray, targe
     if not (user_vectors.shape[0] == targets.size == hist_len.size):
         raise ValueError(f"{user_vectors.shape[0]} user vectors, {targets.size} targets and "
                          f"{hist_len.size} history lengths: one of each per click")
+
+    def topk(rows, candidates, k):
+        return metrics.top_k_items(user_vectors[rows], item_vectors, k, valid_mask=candidates,
+                                   batch_size=batch_size)[0]
+
+    return _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v)
+
+
+def cold_start_metrics_from_scores(score_fn: Callable[[np.ndarray], np.ndarray],
+                                   targets: np.ndarray, hist_len: np.ndarray,
+                                   raw_item_ids: Sequence[str], split: str,
+                                   item_vocabulary: str = "catalogue",
+                                   ns: Iterable[int] = COLD_START_NS,
+                                   batch_size: int = 1024) -> dict:
+    """:func:`cold_start_metrics` for a model that scores items directly (e.g. the non-neural
+    content baseline of :mod:`micrec_tf.evaluation.content_baseline`) instead of by vectors.
+
+    ``score_fn(rows)`` takes int64 [B] click rows (positions in ``targets``) and returns the
+    float [B, V] scores of every item index for those clicks (column 0 is padding and never
+    ranked); it is called with at most ``batch_size`` rows at a time, so a [U, V] score matrix
+    is never held. The rankings, ties (broken by the smaller item index), slices and keys are
+    those of :func:`cold_start_metrics`; with ``score_fn = lambda r: user_vectors[r] @
+    item_vectors.T`` both give the same metrics. The catalogue size V is that of
+    ``raw_item_ids`` (V - 1 lines).
+    """
+    check_catalogue_vocabulary(item_vocabulary)
+    if split not in (COLD_VALID, COLD_TEST):
+        raise ValueError(f"split must be 'valid' or 'test'. Received: split={split!r}")
+    targets = np.asarray(targets, np.int64).reshape(-1)
+    hist_len = np.asarray(hist_len).reshape(-1)
+    if targets.size != hist_len.size:
+        raise ValueError(f"{targets.size} targets and {hist_len.size} history lengths: one of "
+                         f"each per click")
+    v = len(raw_item_ids) + 1
+    batch_size = max(1, int(batch_size))
+
+    def topk(rows, candidates, k):
+        row_ids = np.nonzero(rows)[0]
+
+        def block(a, b):
+            sc = np.asarray(score_fn(row_ids[a:b]))
+            if sc.shape != (b - a, v):
+                raise ValueError(f"score_fn returned shape {sc.shape} for {b - a} clicks and "
+                                 f"{v} items. Received: shape {sc.shape}")
+            return sc
+
+        return metrics.top_k_by_score_fn(block, row_ids.size, k, valid_mask=candidates,
+                                         batch_size=batch_size)[0]
+
+    return _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v)
+
+
+def _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v) -> dict:
+    """The slices and metrics shared by both entry points; ``topk(rows, candidates, k)`` gives
+    the int [rows.sum(), k] top-k item indices of the clicks where ``rows`` over ``candidates``."""
     ns = sorted({int(n) for n in ns})
     buckets = item_buckets(raw_item_ids)
     own, other = (_VALID, _TEST) if split == COLD_VALID else (_TEST, _VALID)
@@ -144,8 +197,8 @@ def cold_start_metrics(user_vectors: np.ndarray, item_vectors: np.ndarray, targe
     slices = {"cold": (is_cold, buckets == own), "warm": (~is_cold, buckets == _WARM),
               "all": (np.ones_like(is_cold), buckets != _PAD)}
     for name, (rows, candidates) in slices.items():
-        res, idx = _ranking(user_vectors[rows], item_vectors, targets[rows], candidates, ns,
-                            batch_size)
+        idx = topk(rows, candidates, max(max(ns), NDCG_N))
+        res = _ranking(idx, targets[rows], candidates, ns)
         out.update({f"{name}/{key}": val for key, val in res.items()})
         if name == "cold":
             empty = hist_len[rows] == 0
