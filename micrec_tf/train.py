@@ -8,6 +8,7 @@ it with the custom ``train_step`` and writes to ``runs/<name>/`` (or ``--run-dir
     best_weights.npz the best epoch's weights so far (early stopping survives a kill)
     checkpoint/      final weights (tf.train.Checkpoint of the model): with early stopping
                      (train.early_stopping_patience > 0) the best epoch by val HIT@N[0]
+                     (item_cold_start: by cold-validation HIT@50, ColdValidation)
     tensorboard/     per-loss curves and validation HIT@N
     config.yaml      the exact config used
     history.json     per-epoch losses and validation metrics
@@ -39,9 +40,10 @@ from micrec_tf.config import Config
 from micrec_tf.data.arrays import load_split_arrays, train_item_counts
 from micrec_tf.data.artifacts import check_cl_tables, load_artifacts, read_vocab
 from micrec_tf.data.cold_start import ITEM_COLD_START
+from micrec_tf.data.contract import ITEM
 from micrec_tf.data.input import make_dataset
 from micrec_tf.evaluation.data import earlier_clicks_exclusion
-from micrec_tf.evaluation.cold_start import check_catalogue_vocabulary
+from micrec_tf.evaluation.cold_start import check_catalogue_vocabulary, cold_rows
 from micrec_tf.evaluation.evaluate import evaluate_cold_start, evaluate_model
 from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model
@@ -108,6 +110,45 @@ class ValidationHitRate(tf_keras.callbacks.Callback):
                 logs[f"val_coverage_at_{n}"] = res[f"coverage@{n}"]
         shown = " ".join(f"HIT@{n}={res[f'hit@{n}']:.4f}" for n in self.hit_n)
         print(f"[train] epoch {epoch + 1} validation: {shown}", flush=True)
+
+
+# Item-cold-start runs stop early on, and are chosen by, cold-validation HIT@50.
+COLD_MONITOR_N = 50
+
+
+class ColdValidation(tf_keras.callbacks.Callback):
+    """Item-cold-start runs (issue 28): at each epoch end, the **cold** slice of the validation
+    clicks (clicks on cold-validation items, each ranked among every catalogue item of that
+    bucket, :mod:`micrec_tf.evaluation.cold_start`) into ``logs`` as ``val_cold_hit_at_<N>``
+    and ``val_cold_ndcg_at_20``; early stopping and the reproduction's choices read it, since
+    the protocol chooses on the cold-validation items.
+
+    ``arrays``: the validation clicks on cold-validation items (all of them, not the warm
+    validation subsample); ``raw_item_ids``: the lines of ``vocab/item_id.txt``.
+    """
+
+    def __init__(self, arrays: dict, num_items: int, raw_item_ids, item_vocabulary: str,
+                 batch_size: int):
+        super().__init__()
+        if len(arrays[ITEM]) == 0:
+            raise ValueError("item_cold_start: the validation split has no click on a "
+                             "cold-validation item, so nothing can choose on it. Received: 0 "
+                             "cold-validation clicks")
+        self.arrays, self.num_items, self.raw_item_ids = arrays, num_items, raw_item_ids
+        self.item_vocabulary, self.batch_size = item_vocabulary, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        res = evaluate_cold_start(self.model, self.arrays, self.num_items, self.raw_item_ids,
+                                  "valid", self.item_vocabulary, self.batch_size,
+                                  slices=("cold",))
+        ns = [int(k.split("@")[1]) for k in res if k.startswith("cold/hit@")]
+        if logs is not None:
+            for n in ns:
+                logs[f"val_cold_hit_at_{n}"] = res[f"cold/hit@{n}"]
+            logs["val_cold_ndcg_at_20"] = res["cold/ndcg@20"]
+        shown = " ".join(f"HIT@{n}={res[f'cold/hit@{n}']:.4f}" for n in ns)
+        print(f"[train] epoch {epoch + 1} cold-validation ({res['cold/num_clicks']} clicks, "
+              f"{res['cold/num_candidates']} items): {shown}", flush=True)
 
 
 # Seconds between the ``[train]`` step-progress lines within an epoch.
@@ -425,11 +466,21 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
 
     history_cb = _JsonHistory(os.path.join(run_dir, "history.json"), completed_epochs,
                               resumed_batch + 1 if resumed_batch else 0)
-    best_cb = BestEpoch(f"val_hit_at_{cfg.eval.hit_n[0]}", cfg.train.early_stopping_patience,
+    cold_cbs, monitor, raw_ids = [], f"val_hit_at_{cfg.eval.hit_n[0]}", None
+    if cfg.preprocess.split == ITEM_COLD_START:
+        # The protocol chooses on the cold-validation items: early stopping reads their slice.
+        raw_ids = read_vocab(os.path.join(cfg.artifacts_dir, "vocab", "item_id.txt"))
+        rows = cold_rows(splits["valid"][ITEM], raw_ids, "valid")
+        cold_cbs = [ColdValidation({k: np.asarray(a)[rows] for k, a in splits["valid"].items()},
+                                   num_items, raw_ids, cfg.preprocess.item_vocabulary,
+                                   cfg.eval.batch_size)]
+        monitor = f"val_cold_hit_at_{COLD_MONITOR_N}"
+    best_cb = BestEpoch(monitor, cfg.train.early_stopping_patience,
                         os.path.join(run_dir, "best_weights.npz"), history_cb.rows, log)
     callbacks = [
         ValidationHitRate(valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n, v_excl,
                           cfg.eval.batch_size),
+        *cold_cbs,
         tf_keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq=50),
         StepProgress(cfg.train.batch_size, PROGRESS_EVERY_S, log),
         history_cb,
@@ -471,9 +522,9 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
                                         batch_size=cfg.eval.batch_size,
                                         slices={"long_tail": tail[test["item"]]})
     if cfg.preprocess.split == ITEM_COLD_START:
-        # Issue 28: cold / warm / all (micrec_tf/evaluation/cold_start.py) on the same clicks.
-        raw_ids = read_vocab(os.path.join(cfg.artifacts_dir, "vocab", "item_id.txt"))
-        evals = {"valid": valid, **({"test": test} if evaluate_test else {})}
+        # Issue 28: cold / warm / all (micrec_tf/evaluation/cold_start.py) over every click of
+        # the split (the validation subsample above is for the per-epoch warm metric only).
+        evals = {"valid": splits["valid"], **({"test": test} if evaluate_test else {})}
         result["cold_start"] = {
             s: evaluate_cold_start(model, arrays, num_items, raw_ids, s,
                                    cfg.preprocess.item_vocabulary, cfg.eval.batch_size)

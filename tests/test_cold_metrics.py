@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from micrec_tf.config import ConfigError
-from micrec_tf.evaluation.cold_start import cold_start_metrics
+from micrec_tf.evaluation.cold_start import cold_rows, cold_start_metrics
 
 
 def _bucket(raw: str):
@@ -103,6 +103,36 @@ def test_every_metric_matches_brute_force(split):
     assert got["all/hit@500"] == pytest.approx(70 / 72)  # every non-OOV target is in the top 400
 
 
+def test_one_slice_alone_equals_that_slice_of_all_three():
+    """``slices=("cold",)`` (training's per-epoch validation) gives exactly the cold keys of the
+    full call, and no warm / all key; an unknown slice is refused."""
+    rng = np.random.default_rng(3)
+    raw_ids = [f"item{k}" for k in range(300)]
+    items = rng.integers(-4, 5, size=(301, 5)).astype(np.float32)
+    own = [k + 1 for k, r in enumerate(raw_ids) if _bucket(r) == "valid"]
+    targets = np.array([rng.choice(own) for _ in range(25)] + [5, 6, 0], np.int64)
+    users = rng.integers(-4, 5, size=(targets.size, 5)).astype(np.float32)
+    hist_len = rng.integers(0, 2, size=targets.size)
+    full = cold_start_metrics(users, items, targets, hist_len, raw_ids, "valid")
+    cold = cold_start_metrics(users, items, targets, hist_len, raw_ids, "valid",
+                              slices=("cold",))
+    assert cold == {k: v for k, v in full.items() if k.startswith("cold")}
+    assert cold["cold/num_clicks"] == 25
+    with pytest.raises(ValueError, match="Received: slices"):
+        cold_start_metrics(users, items, targets, hist_len, raw_ids, "valid", slices=("hot",))
+
+
+def test_cold_rows_match_the_hash_rule():
+    raw_ids = [f"r{k}" for k in range(200)]
+    targets = np.array([0, *range(1, 201), 7, 7], np.int64)
+    for split in ("valid", "test"):
+        want = [t > 0 and _bucket(raw_ids[t - 1]) == split for t in targets]
+        assert cold_rows(targets, raw_ids, split).tolist() == want
+        assert 0 < sum(want) < len(want)
+    with pytest.raises(ValueError, match="Received: split='train'"):
+        cold_rows(targets, raw_ids, "train")
+
+
 def _three_items():
     # raw ids with hand-checked buckets (tests/test_cold_split.py): "1" warm, "18" cold-valid,
     # "2" cold-test, "17" cold-test
@@ -184,12 +214,18 @@ def test_training_writes_cold_start_metrics_that_match_brute_force(tmp_path):
 
     cfg = tiny_config(str(tmp_path), preprocess={"split": "item_cold_start",
                                                  "item_vocabulary": "catalogue"},
-                      train={"epochs": 1})
+                      train={"epochs": 1, "early_stopping_patience": 2})
     preprocess.run(cfg, verbose=False)
     title_neighbours.run(cfg, verbose=False)
-    result = train(cfg, evaluate_test=True, log=lambda *a: None)
+    lines = []
+    result = train(cfg, evaluate_test=True, log=lines.append)
     with open(os.path.join(result["run_dir"], "metrics.json"), encoding="utf-8") as fh:
         saved = json.load(fh)["cold_start"]
+    # Early stopping reads the cold-validation slice; after one epoch it is the final model's
+    # cold-validation HIT@50 (checked against brute force below).
+    assert any("restored the best epoch 1 (val_cold_hit_at_50=" in str(x) for x in lines), lines
+    epoch1 = result["history"]["val_cold_hit_at_50"][0]
+    assert epoch1 == pytest.approx(saved["valid"]["cold/hit@50"], abs=1e-9)
     with open(os.path.join(cfg.artifacts_dir, "vocab", "item_id.txt"), encoding="utf-8") as fh:
         raw_ids = [line.rstrip("\n") for line in fh]
     model = result["model"]

@@ -33,14 +33,34 @@ from micrec_tf.config import ConfigError
 from micrec_tf.data.cold_start import COLD_TEST, COLD_VALID, cold_bucket
 from micrec_tf.evaluation import metrics
 
-__all__ = ["COLD_START_NS", "NDCG_N", "check_catalogue_vocabulary", "item_buckets",
+__all__ = ["COLD_START_NS", "NDCG_N", "SLICES", "check_catalogue_vocabulary", "cold_rows",
+           "item_buckets",
            "ndcg_at_n", "cold_start_metrics",
            "cold_start_metrics_from_scores"]
 
 COLD_START_NS = (20, 50, 500)
+SLICES = ("cold", "warm", "all")
 NDCG_N = 20
 # Codes of :func:`item_buckets`.
 _WARM, _VALID, _TEST, _PAD = 0, 1, 2, -1
+
+
+def _check_slices(slices) -> set:
+    chosen = set(slices)
+    if not chosen or chosen - set(SLICES):
+        raise ValueError(f"slices must be a non-empty subset of {list(SLICES)}. "
+                         f"Received: slices={list(slices)!r}")
+    return chosen
+
+
+def cold_rows(targets: np.ndarray, raw_item_ids: Sequence[str], split: str) -> np.ndarray:
+    """bool [U]: the clicks of ``targets`` whose item is in ``split``'s cold bucket."""
+    if split not in (COLD_VALID, COLD_TEST):
+        raise ValueError(f"split must be 'valid' or 'test'. Received: split={split!r}")
+    buckets = item_buckets(raw_item_ids)
+    targets = np.asarray(targets, np.int64).reshape(-1)
+    own = _VALID if split == COLD_VALID else _TEST
+    return (targets > 0) & (buckets[np.clip(targets, 0, buckets.size - 1)] == own)
 
 
 def check_catalogue_vocabulary(item_vocabulary: str) -> None:
@@ -97,7 +117,7 @@ def _ranking(idx, targets, candidates, ns) -> dict:
 def cold_start_metrics(user_vectors: np.ndarray, item_vectors: np.ndarray, targets: np.ndarray,
                        hist_len: np.ndarray, raw_item_ids: Sequence[str], split: str,
                        item_vocabulary: str = "catalogue", ns: Iterable[int] = COLD_START_NS,
-                       batch_size: int = 1024) -> dict:
+                       batch_size: int = 1024, slices: Iterable[str] = SLICES) -> dict:
     """Cold / warm / all metrics of one evaluation split (see the module doc).
 
     Args:
@@ -109,6 +129,8 @@ def cold_start_metrics(user_vectors: np.ndarray, item_vectors: np.ndarray, targe
       split: ``"valid"`` or ``"test"``: which cold bucket the cold clicks belong to.
       item_vocabulary: ``preprocess.item_vocabulary``; anything but ``catalogue`` is refused.
       ns: the N of hit@N and coverage@N.
+      slices: which of ``cold``, ``warm``, ``all`` to rank (default: all three; training's
+        per-epoch validation ranks ``cold`` alone).
 
     Returns: a flat dict ``{"cold/hit@20": ..., "warm/ndcg@20": ..., "all/coverage@500": ...,
     "cold_empty_history/hit@20": ..., ...}``.
@@ -134,7 +156,7 @@ def cold_start_metrics(user_vectors: np.ndarray, item_vectors: np.ndarray, targe
         return metrics.top_k_items(user_vectors[rows], item_vectors, k, valid_mask=candidates,
                                    batch_size=batch_size)[0]
 
-    return _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v)
+    return _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v, slices)
 
 
 def cold_start_metrics_from_scores(score_fn: Callable[[np.ndarray], np.ndarray],
@@ -181,7 +203,8 @@ def cold_start_metrics_from_scores(score_fn: Callable[[np.ndarray], np.ndarray],
     return _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v)
 
 
-def _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v) -> dict:
+def _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v,
+                     slices: Iterable[str] = SLICES) -> dict:
     """The slices and metrics shared by both entry points; ``topk(rows, candidates, k)`` gives
     the int [rows.sum(), k] top-k item indices of the clicks where ``rows`` over ``candidates``."""
     ns = sorted({int(n) for n in ns})
@@ -194,9 +217,12 @@ def _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v) -> dic
                          f"cold bucket: the artifacts were not split with item_cold_start")
     is_cold = tb == own
     out = {}
+    chosen = _check_slices(slices)
     slices = {"cold": (is_cold, buckets == own), "warm": (~is_cold, buckets == _WARM),
               "all": (np.ones_like(is_cold), buckets != _PAD)}
     for name, (rows, candidates) in slices.items():
+        if name not in chosen:
+            continue
         idx = topk(rows, candidates, max(max(ns), NDCG_N))
         res = _ranking(idx, targets[rows], candidates, ns)
         out.update({f"{name}/{key}": val for key, val in res.items()})

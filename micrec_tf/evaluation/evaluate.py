@@ -13,7 +13,7 @@ import numpy as np
 from micrec_tf.data.contract import (HIST_LEN, ITEM, ITEM_PROVIDER, ITEM_TAGS, TIMESTAMP,
                                      USER_ID, item_feature)
 from micrec_tf.evaluation import metrics
-from micrec_tf.evaluation.cold_start import check_catalogue_vocabulary, cold_start_metrics
+from micrec_tf.evaluation.cold_start import SLICES, check_catalogue_vocabulary, cold_start_metrics
 
 # Example features the user tower does not read (the ids, the click time, the target item and its
 # fields); every other feature of the split arrays goes to the tower.
@@ -70,13 +70,16 @@ def evaluate_model(model, arrays: dict, num_items: int, hit_n=(50, 100, 200, 500
 
 
 def evaluate_cold_start(model, arrays: dict, num_items: int, raw_item_ids, split: str,
-                        item_vocabulary: str, batch_size: int = 1024) -> dict:
+                        item_vocabulary: str, batch_size: int = 1024,
+                        slices=SLICES) -> dict:
     """The item-cold-start metrics (cold / warm / all, issue 28) of ``model`` on one evaluation
     split: :func:`micrec_tf.evaluation.cold_start.cold_start_metrics` on the model's user vectors
     of ``arrays`` and item vectors of every index. ``raw_item_ids``: the lines of
-    ``vocab/item_id.txt``; ``split``: ``"valid"`` or ``"test"``."""
+    ``vocab/item_id.txt``; ``split``: ``"valid"`` or ``"test"``; ``slices``: which of cold /
+    warm / all to rank."""
     check_catalogue_vocabulary(item_vocabulary)
     users = user_vectors(model, arrays, batch_size)
     items = item_vectors(model, num_items)
     return cold_start_metrics(users, items, np.asarray(arrays[ITEM]), np.asarray(arrays[HIST_LEN]),
-                              raw_item_ids, split, item_vocabulary, batch_size=batch_size)
+                              raw_item_ids, split, item_vocabulary, batch_size=batch_size,
+                              slices=slices)
