@@ -85,6 +85,9 @@ def artifacts_fingerprint(artifacts_dir: str) -> dict:
             and not any(t in k for t in ("second", "wall", "time", "_s"))}
 
 
+_UNSET = object()
+
+
 def slug(text: str) -> str:
     """A cache-key part from free text: alphanumerics kept, everything else ``_``, lower case."""
     return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
@@ -101,8 +104,14 @@ class Runner:
     """
 
     def __init__(self, cfg: Config, root: str, grid: str = "full", log=print,
-                 cache_dir: str | None = None, cached_only: bool = False):
+                 cache_dir: str | None = None, cached_only: bool = False, select=None,
+                 select_name: str | None = None):
         self.cfg, self.root, self.grid, self.log = cfg, root, grid, log
+        # select(run) -> the validation score a tuning trial is chosen by (default: validation
+        # HIT@N[0]; the cold-start reproduction reads cold-validation HIT@50).
+        n = cfg.eval.hit_n[0]
+        self.select = select or (lambda res: res["valid"][f"hit@{n}"])
+        self.select_name = select_name or f"validation HIT@{n}"
         # cached_only: never train; a run not in the cache is recorded in ``missing`` and
         # returns None (a partial report of what is done).
         self.cached_only, self.missing = cached_only, []
@@ -149,7 +158,7 @@ class Runner:
         result = train(cfg, run_dir=os.path.join(self.root, key), evaluate_test=evaluate_test,
                        log=self.log)
         out = {"key": key, "seed": cfg.train.seed}
-        out.update({k: result[k] for k in ("valid", "test") if k in result})
+        out.update({k: result[k] for k in ("valid", "test", "cold_start") if k in result})
         out["history"] = result["history"]
         for k in ("best_epoch", "epochs_run", "stopped_early"):
             out[k] = result.get(k)
@@ -171,16 +180,18 @@ class Runner:
         tf_keras.backend.clear_session()
         return out
 
-    def tune(self, name: str, overrides: dict, inherited: dict | None = None) -> tuple:
-        """Best setting of ``name`` by validation HIT@N[0] (seed 0): ``(setting, run key)``.
+    def tune(self, name: str, overrides: dict, inherited: dict | None = None,
+             trials: list | None = None, option=_UNSET) -> tuple:
+        """Best setting of ``name`` by ``self.select`` (default validation HIT@N[0]; seed 0):
+        ``(setting, run key)``.
 
-        The grid's trials (:func:`grid_for`), then the model's method option
-        (:func:`option_for`) at the grid's choice, kept if it is better on validation.
+        The grid's trials (``trials``, default :func:`grid_for`), then the model's method
+        option (``option``: a (key, value) pair or None; default :func:`option_for`) at the
+        grid's choice, kept if it is better on validation.
         ``inherited``: the setting its base model chose (for models with CL), applied under every
         trial. Trial runs also measure test metrics (so the winner doubles as the seed-0 run), but
         the choice reads validation only. Every trial is listed in ``self.trials[name]``.
         """
-        n = self.cfg.eval.hit_n[0]
         rows = self.trials[name] = []
 
         def trial(setting):
@@ -192,21 +203,23 @@ class Runner:
             if res is None:  # cached_only and not run yet
                 rows.append({"setting": setting, "key": key, "valid": None, "missing": True})
                 return key, None
-            rows.append({"setting": setting, "key": key, "valid": res["valid"][f"hit@{n}"],
+            score = float(self.select(res))
+            rows.append({"setting": setting, "key": key, "valid": score,
                          "best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run"),
                          "epochs_cap": res.get("epochs_cap"),
                          "stopped_early": res.get("stopped_early")})
-            return key, res["valid"][f"hit@{n}"]
+            return key, score
 
         best, best_key, best_score, complete = None, None, -1.0, True
-        for t in grid_for(overrides, self.grid):
+        for t in (grid_for(overrides, self.grid) if trials is None else trials):
             setting = {**(inherited or {}), **t}
             key, score = trial(setting)
             if score is None:
                 complete = False
             elif score > best_score:
                 best, best_key, best_score = setting, key, score
-        option = option_for(overrides, self.grid)
+        if option is _UNSET:
+            option = option_for(overrides, self.grid)
         if complete and option is not None and best.get(option[0], _UNSET) != option[1]:
             setting = {**best, option[0]: option[1]}
             key, score = trial(setting)
@@ -219,5 +232,3 @@ class Runner:
             return None, None  # the choice is not made until every trial has run
         return best, best_key
 
-
-_UNSET = object()
