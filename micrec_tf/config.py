@@ -131,6 +131,12 @@ class PreprocessConfig:
     num_shards: int = 4
     # Keep one copy of identical (user, item, timestamp) clicks; copies are counted in stats.
     deduplicate_clicks: bool = False
+    # Sparsity sweep rebuilt from thinned clicks (issue 28): only the training clicks of users with
+    # int(sha256(raw user id).hexdigest(), 16) % 10**6 < round(f * 10**6) reach the training
+    # artifacts (vocabularies, item counts, co-occurrence, train examples); the kept users nest
+    # across fractions; valid / test examples unchanged (pipelines/thinning.py). In (0, 1], read to
+    # 6 decimals; 1.0 (default) = every user, the artifacts of before byte for byte.
+    train_user_fraction: float = 1.0
     # Extra Beam pipeline options, e.g. ["--runner=DataflowRunner", "--project=..."].
     beam_args: list = field(default_factory=list)
 
@@ -517,6 +523,11 @@ def validate(cfg: Config) -> Config:
             or abs(sum(fr) - 1.0) > 1e-6):
         raise ConfigError(
             f"preprocess.split_fractions must be 3 non-negative numbers summing to 1, got {fr!r}")
+    tuf = cfg.preprocess.train_user_fraction
+    if (isinstance(tuf, bool) or not isinstance(tuf, (int, float))
+            or not 1e-6 <= tuf <= 1.0):
+        raise ConfigError(f"preprocess.train_user_fraction must be a number in [1e-6, 1]. "
+                          f"Received: {tuf!r}")
     for key in ("history_length", "max_tags", "session_window_s", "num_shards"):
         _check_positive(f"preprocess.{key}", getattr(cfg.preprocess, key))
     for key in ("max_pairs_per_click", "cooccurrence_top_m"):  # 0 = no cap

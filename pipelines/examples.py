@@ -23,6 +23,7 @@ import os
 import zlib
 
 from pipelines.split import SPLITS, TEST, TRAIN, VALID
+from pipelines.thinning import kept_user
 
 import apache_beam as beam  # noqa: E402  (after pipelines.split: pipelines.common made it quiet)
 
@@ -54,11 +55,13 @@ class ExampleWriter:
     million feature protos alive per worker.
     """
 
-    def __init__(self, user_fields, extra_fields, history_length, max_tags):
+    def __init__(self, user_fields, extra_fields, history_length, max_tags,
+                 train_user_fraction: float = 1.0):
         import tensorflow as tf  # imported on the worker only
         self._tf = tf
         self.history_length = history_length
         self.max_tags = max_tags
+        self.train_user_fraction = train_user_fraction
         self._user_keys = [C.user_feature(f) for f in user_fields]
         self._extra_keys = [C.item_feature(f) for f in extra_fields]
         self._item_cache = {}
@@ -90,9 +93,18 @@ class ExampleWriter:
         warm clicks strictly earlier as history; a cold target is out of vocabulary (index 0)
         with ``preprocess.item_vocabulary: clicked`` (the evaluation counts it a miss) and has
         its own index with ``catalogue``.
+
+        With ``train_user_fraction`` < 1 a user that :func:`pipelines.thinning.kept_user` drops
+        yields no training example; its valid / test examples are unchanged (their histories
+        still hold its earlier training clicks). 1.0 (default) = every example, as before.
         """
         tf = self._tf
         user_id, profile, clicks, n_train, n_valid, _ = user[:6]
+        if n_train and self.train_user_fraction < 1.0 and not kept_user(
+                user_id, self.train_user_fraction):
+            n_skip = n_train  # the user's training examples are not written
+        else:
+            n_skip = 0
         H = self.history_length
         base = {C.USER_ID: tf.train.Feature(bytes_list=tf.train.BytesList(
             value=[user_id.encode("utf-8")]))}
@@ -100,6 +112,8 @@ class ExampleWriter:
             base[name] = self._int([index[name].get(value, 0)])
         idx = [item_feats[item][0] for _, item in clicks]
         for k, (ts, item) in enumerate(clicks):
+            if k < n_skip:
+                continue
             split = TRAIN if k < n_train else (VALID if k < n_train + n_valid else TEST)
             yield split, self._example(base, item, item_feats, idx[max(0, k - H):k], ts)
         for ts, item, split, n_before in (user[6] if len(user) > 6 else ()):
@@ -127,17 +141,18 @@ class WriteShard(beam.DoFn):
     """
 
     def __init__(self, out_dir, num_shards, user_fields, extra_fields, history_length,
-                 max_tags):
+                 max_tags, train_user_fraction: float = 1.0):
         self.out_dir = out_dir
         self.num_shards = num_shards
         self.user_fields = tuple(user_fields)
         self.extra_fields = tuple(extra_fields)
         self.history_length = history_length
         self.max_tags = max_tags
+        self.train_user_fraction = train_user_fraction
 
     def setup(self):
         self._writer = ExampleWriter(self.user_fields, self.extra_fields, self.history_length,
-                                     self.max_tags)
+                                     self.max_tags, self.train_user_fraction)
 
     def process(self, kv, item_feats, index):
         import tensorflow as tf
@@ -169,11 +184,14 @@ class WriteExamples(beam.PTransform):
 
     Every (split, shard) file is written, empty when no user falls in it. Returns the STATS
     PCollection ``(examples.<split>, records written)``, one element per (split, shard).
+    ``train_user_fraction`` < 1: no training example of the users
+    :func:`pipelines.thinning.kept_user` drops (1.0, the default, writes every example).
     """
 
     def __init__(self, out_dir: str, user_fields, extra_fields, history_length: int,
-                 max_tags: int, num_shards: int):
+                 max_tags: int, num_shards: int, train_user_fraction: float = 1.0):
         super().__init__()
+        self.train_user_fraction = float(train_user_fraction)
         self.out_dir, self.num_shards = out_dir, num_shards
         self.user_fields, self.extra_fields = tuple(user_fields), tuple(extra_fields)
         self.history_length, self.max_tags = history_length, max_tags
@@ -187,5 +205,5 @@ class WriteExamples(beam.PTransform):
         return ({"users": keyed, "keys": shard_keys} | "GroupShards" >> beam.CoGroupByKey()
                 | "WriteShards" >> beam.ParDo(
                     WriteShard(self.out_dir, num_shards, self.user_fields, self.extra_fields,
-                               self.history_length, self.max_tags),
+                               self.history_length, self.max_tags, self.train_user_fraction),
                     beam.pvalue.AsDict(item_feats), beam.pvalue.AsSingleton(index)))

@@ -33,6 +33,10 @@ concept per module, and :func:`run` runs them and finishes stats.json and featur
    earlier clicks; sharded GZIP TFRecords.
 5. :mod:`pipelines.cooccurrence`: sessions and the co-occurrence table (training clicks
    only), one CSR file ``cooccurrence/cooccurrence.npz``.
+
+With ``preprocess.train_user_fraction`` f < 1 (:mod:`pipelines.thinning`) steps 3 and 5 and the
+training examples of step 4 see the training clicks of a fixed hash-chosen share f of the users
+only; the split and the validation / test examples (histories included) are those of f = 1.
 6. stats.json.
 
 Click order (the tie rule): a user's clicks are sorted by timestamp; clicks in the same second
@@ -70,6 +74,7 @@ from pipelines.examples import WriteExamples, feature_spec
 from pipelines.items import ItemTable
 from pipelines.rows import SOURCES, FirstPerId, KnownClicks, ReadSource, WriteDeadLetters
 from pipelines.split import ITEM_COLD_START, SPLITS, SplitBoundaries, UserTimelines, cold_bucket
+from pipelines.thinning import ThinTrainingUsers
 from pipelines.options import pipeline_options
 from pipelines.vocab import Vocabularies
 
@@ -144,8 +149,16 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     user_rows = ((clicks, users_kv, bounds["boundaries"]) | "UserTimelines" >> UserTimelines(
         pc.split, len(user_fields), pc.deduplicate_clicks))
 
+    # 2b. preprocess.train_user_fraction < 1: the rows the training artifacts (3, 5) are built
+    # from keep the training clicks of the kept users only; examples (4) read the full rows.
+    train_rows, thin_stats = user_rows["users"], []
+    if pc.train_user_fraction < 1.0:
+        thinned = user_rows["users"] | "ThinTrainingUsers" >> ThinTrainingUsers(
+            pc.train_user_fraction)
+        train_rows, thin_stats = thinned["users"], [thinned[STATS]]
+
     # 3. Vocabularies (training clicks only) and the item table on their indices.
-    vocab = ((user_rows["users"], items_kv)
+    vocab = ((train_rows, items_kv)
              | "Vocab" >> Vocabularies(out_dir, user_fields, extra_fields, pc.max_tags,
                                        pc.session_window_s, pc.item_vocabulary))
     index = vocab["index"]
@@ -154,7 +167,7 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     item_feats = item_table["features"]
 
     # 5. Co-occurrence table: partial rows on item indices, summed per item, one CSR file.
-    cooc = ((user_rows["users"], index)
+    cooc = ((train_rows, index)
             | "Cooccurrence" >> CooccurrenceCounts(pc.session_window_s, pc.max_pairs_per_click))
     cooc_stats = ((cooc["rows"], item_feats, index)
                   | "WriteCooccurrence" >> WriteCooccurrence(
@@ -165,7 +178,7 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     example_stats = ((user_rows["users"], item_feats, index)
                      | "Examples" >> WriteExamples(out_dir, user_fields, extra_fields,
                                                    pc.history_length, pc.max_tags,
-                                                   pc.num_shards))
+                                                   pc.num_shards, pc.train_user_fraction))
 
     # 1. Dead letters.
     dead_stats = ((inter[DEAD], items[DEAD], users[DEAD], valid[DEAD], items_first[DEAD],
@@ -177,7 +190,7 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
     # 6. Summary (stats.json and feature_spec.json are finished by the driver).
     ((inter[STATS], items[STATS], users[STATS], valid[STATS], vocab[STATS], item_table[STATS],
       cooc[STATS], cooc_stats, example_stats, dead_stats, dup_stats, bounds[STATS],
-      user_rows[STATS], items_first[STATS], users_first[STATS], *cold_stats)
+      user_rows[STATS], items_first[STATS], users_first[STATS], *cold_stats, *thin_stats)
      | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
      | "AllStats" >> beam.combiners.ToList()
      | "WriteSummary" >> beam.Map(_write_summary, out_dir))
@@ -214,6 +227,19 @@ def _cold_split_stats(cfg: Config, s: dict) -> dict:
         "cold_test_clicks": s.get("cold.test_clicks", 0),
         "warm_valid_clicks": s.get("events.valid", 0),
         "warm_test_clicks": s.get("events.test", 0)}}
+
+
+def _thinning_stats(cfg: Config, s: dict) -> dict:
+    """``{"train_user_fraction": {...}}`` when ``preprocess.train_user_fraction`` < 1 (else
+    nothing, so the 100 % stats.json is the one of before): the fraction, the users with
+    training clicks kept and dropped, and the training clicks dropped."""
+    if cfg.preprocess.train_user_fraction >= 1.0:
+        return {}
+    return {"train_user_fraction": {
+        "fraction": cfg.preprocess.train_user_fraction,
+        "users_kept": s.get("thin.users_kept", 0),
+        "users_dropped": s.get("thin.users_dropped", 0),
+        "train_clicks_dropped": s.get("thin.train_clicks_dropped", 0)}}
 
 
 def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) -> dict:
@@ -257,6 +283,7 @@ def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) ->
                          "by_source": by_source, "beam_counters": counters},
         "vocab_sizes": vocab_sizes, "num_examples": num_examples,
         **_cold_split_stats(cfg, s),
+        **_thinning_stats(cfg, s),
         "timing": {"wall_s": round(wall_s, 3),
                    "events_per_s": round(events / wall_s, 1) if wall_s > 0 else None},
     }
