@@ -10,7 +10,11 @@ The items that get CL are, by default, the batch's target items, deduplicated:
 :func:`cl_inputs_from_batch` builds a :class:`CLInputs` with one row per distinct item (the
 OOV/padding index 0 is never an anchor nor a negative). :class:`CLAnchorSampler` can replace or
 extend them with items drawn uniformly from the catalogue (``loss.cl_anchors``), so that rarely
-clicked items get CL as often as popular ones.
+clicked items get CL as often as popular ones. The uniform draws cover the whole item vocabulary
+(1..V-1): with ``preprocess.item_vocabulary: catalogue`` that includes the items without a
+training click (issue 28), which then get feature CL from their content fields (their ID rows
+are masked by ``model.min_id_clicks``). :func:`describe_cl_anchors` says which items can be
+anchors (logged at training start and kept in ``metrics.json`` as ``cl_anchors``).
 
 * :class:`FeatureCL` (``feature_cl``, eqs. 2-3): the original ``f^d`` and a dropped-out copy go
   through the item tower's ``encode`` and the projector; InfoNCE with in-batch negatives.
@@ -26,6 +30,12 @@ clicked items get CL as often as popular ones.
   co-occurred with the item (rejected against its full list); items without co-occurrences are
   left out.
 
+An anchor without a positive (an unclicked catalogue item has no co-occurrences; an item
+without a usable title has no title neighbours) is left out of that task's loss: its term gets
+weight 0 in the mean over anchors (a batch with no such anchor at all gives a loss of 0), so it
+neither adds to the loss nor gets a gradient from it; it still gets feature CL, and it can
+still be drawn as another anchor's negative (negatives are uniform over 1..V-1).
+
 All sampling is done with TF ops inside the graph.
 """
 from __future__ import annotations
@@ -38,6 +48,7 @@ import tensorflow as tf
 import tf_keras
 
 from micrec_tf.config import CL_ANCHORS, FEATURE_DROPOUTS, SEMANTIC_POSITIVES, SESSION_POSITIVES
+from micrec_tf.data.cold_start import COLD_TEST, COLD_VALID, cold_bucket
 from micrec_tf.data.contract import ITEM_TAGS
 from micrec_tf.layers import check_choice, check_int, check_positive, register
 from micrec_tf.losses import check_similarity, in_batch_info_nce_loss, info_nce_loss
@@ -111,6 +122,91 @@ class CLAnchorSampler(tf_keras.layers.Layer):
         config = super().get_config()
         config.update(num_items=self.num_items, mode=self.mode, seed=self.seed)
         return config
+
+
+def cl_anchor_pool(mode: str, num_items: int, id_clicks=None) -> np.ndarray:
+    """bool [V]: the items that can be CL anchors under ``loss.cl_anchors`` = ``mode``.
+
+    ``batch`` (the default): the batch's target items, i.e. items with at least one training
+    click (``id_clicks`` [V] > 0; every item 1..V-1 when ``id_clicks`` is None, the older
+    artifacts whose vocabulary held clicked items only). ``uniform`` and ``both``: every item
+    1..V-1 of the vocabulary, clicked or not. Index 0 (padding) never.
+    """
+    check_choice("mode", mode, CL_ANCHORS)
+    num_items = check_int("num_items", num_items, minimum=2)
+    pool = np.ones([num_items], bool)
+    if mode == "batch" and id_clicks is not None:
+        id_clicks = np.asarray(id_clicks, np.int64)
+        if id_clicks.shape != (num_items,):
+            raise ValueError(f"id_clicks must be [{num_items}]. Received: shape "
+                             f"{id_clicks.shape}")
+        pool = id_clicks > 0
+    pool[0] = False
+    return pool
+
+
+def describe_cl_anchors(mode: str, num_items: int, id_clicks=None, tasks: Mapping | None = None,
+                        raw_item_ids=None) -> dict | None:
+    """Which items are CL anchors (issue 28): a small dict for ``metrics.json``.
+
+    Args:
+      mode: ``loss.cl_anchors``; num_items: V (vocabulary + padding).
+      id_clicks: int [V] training clicks per item (``ItemTable.id_clicks``), or None (unknown).
+      tasks: the model's CL tasks (``MicRecModel.cl_tasks``); None or empty: no CL, returns None.
+      raw_item_ids: the raw ids of items 1..V-1 (``vocab/item_id.txt``) under
+        ``preprocess.split: item_cold_start``, to count the cold items among the anchors.
+
+    Returns: ``{"policy", "num_items"`` (items that can be anchors, :func:`cl_anchor_pool`)``,
+      "num_without_clicks"`` (of those, with 0 training clicks; None when ``id_clicks`` is)``}``,
+      plus ``num_without_cooccurrence`` (session CL) and ``num_without_title_neighbours``
+      (semantic CL): the anchors that task leaves out, and ``num_cold_valid`` / ``num_cold_test``
+      with ``raw_item_ids``.
+    """
+    if not tasks:
+        return None
+    pool = cl_anchor_pool(mode, num_items, id_clicks)
+    out = {"policy": mode, "num_items": int(pool.sum()),
+           "num_without_clicks": None if id_clicks is None
+           else int(np.sum(pool & (np.asarray(id_clicks, np.int64) == 0)))}
+    for task, key in (("session", "num_without_cooccurrence"),
+                      ("semantic", "num_without_title_neighbours")):
+        if tasks.get(task) is not None:
+            out[key] = int(np.sum(pool & ~tasks[task].items_with_positive()))
+    if raw_item_ids is not None:
+        raw_item_ids = list(raw_item_ids)
+        if len(raw_item_ids) != num_items - 1:
+            raise ValueError(f"raw_item_ids must hold the {num_items - 1} items 1..V-1. "
+                             f"Received: {len(raw_item_ids)} ids")
+        buckets = [cold_bucket(str(r)) for r in raw_item_ids]
+        for split in (COLD_VALID, COLD_TEST):
+            out[f"num_cold_{split}"] = sum(1 for i, b in enumerate(buckets, 1)
+                                           if b == split and pool[i])
+    return out
+
+
+def cl_anchors_line(summary: Mapping) -> str:
+    """One log line from :func:`describe_cl_anchors`, e.g. ``CL anchors: uniform over 3,883
+    catalogue items (764 without training clicks; loss.cl_anchors=uniform); session CL leaves
+    out 764 of them (no co-occurrences)``."""
+    n, zero, policy = summary["num_items"], summary["num_without_clicks"], summary["policy"]
+    if policy == "batch":
+        text = (f"CL anchors: the batch's target items, among {n:,} items with training clicks "
+                f"(loss.cl_anchors=batch)")
+    else:
+        head = ("uniform" if policy == "uniform"
+                else "the batch's target items and as many drawn uniformly")
+        zero = "unknown" if zero is None else f"{zero:,}"
+        text = (f"CL anchors: {head} over {n:,} catalogue items ({zero} without training "
+                f"clicks; loss.cl_anchors={policy})")
+    if "num_cold_valid" in summary:
+        text += (f"; {summary['num_cold_valid']:,} cold-valid and {summary['num_cold_test']:,} "
+                 f"cold-test items among them")
+    left_out = [f"{name} CL leaves out {summary[key]:,} of them ({why})"
+                for name, key, why in (("session", "num_without_cooccurrence", "no co-occurrences"),
+                                       ("semantic", "num_without_title_neighbours",
+                                        "no title neighbours"))
+                if key in summary]
+    return "; ".join([text] + left_out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +447,10 @@ class SemanticCL(tf_keras.layers.Layer):
     def from_table(cls, table, projection_dim: int, **kwargs) -> "SemanticCL":
         return cls(table.neighbours, table.weights, projection_dim, **kwargs)
 
+    def items_with_positive(self) -> np.ndarray:
+        """bool [V]: items with at least one title neighbour (the others get no semantic CL)."""
+        return np.any(self._neighbours_np > 0, axis=1)
+
     def sample(self, ids):
         """Samples for anchors ``ids`` int [U]:
 
@@ -503,6 +603,10 @@ class SessionCL(tf_keras.layers.Layer):
         """From a :class:`micrec_tf.data.artifacts.CooccurrenceTable`."""
         return cls(table.indptr, table.neighbours, table.counts, projection_dim,
                    same_category=table.same_category, **kwargs)
+
+    def items_with_positive(self) -> np.ndarray:
+        """bool [V]: items with at least one co-occurrence (the others get no session CL)."""
+        return np.diff(self._indptr_np) > 0
 
     def positive_weights(self) -> np.ndarray:
         """float64 [E]: each entry's unnormalised probability of being drawn as the positive."""

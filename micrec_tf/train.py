@@ -36,6 +36,7 @@ import tf_keras
 import yaml
 
 from micrec_tf import cli, locks, publish, run_state
+from micrec_tf.cl import cl_anchors_line, describe_cl_anchors
 from micrec_tf.config import Config
 from micrec_tf.data.arrays import load_split_arrays, train_item_counts
 from micrec_tf.data.artifacts import check_cl_tables, load_artifacts, read_vocab
@@ -428,6 +429,13 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
                             art.cooccurrence, art.title_neighbours)
         model.compile(optimizer=tf_keras.optimizers.Adam(cfg.train.learning_rate))
     log("[train] " + describe_code_paths(cfg, num_items, art.feature_spec))
+    # Which items are CL anchors (issue 28); None without CL tasks. Kept in metrics.json.
+    cl_anchors = describe_cl_anchors(
+        cfg.loss.cl_anchors, num_items, art.item_table.id_clicks, getattr(model, "cl_tasks", {}),
+        read_vocab(os.path.join(cfg.artifacts_dir, "vocab", "item_id.txt"))
+        if cfg.preprocess.split == ITEM_COLD_START else None)
+    if cl_anchors:
+        log("[train] " + cl_anchors_line(cl_anchors))
 
     # One endless, seeded stream of batches (reshuffled per epoch, deterministically), cut into
     # epochs by steps_per_epoch. A resumed run skips the batches its backup already trained on,
@@ -509,6 +517,8 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
               "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
               "valid": evaluate_model(model, valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n,
                                       exclude=v_excl, batch_size=cfg.eval.batch_size)}
+    if cl_anchors:
+        result["cl_anchors"] = cl_anchors
     if evaluate_test:
         # Long tail (paper 5.6): test clicks on the 80 % least-clicked training items.
         tail = long_tail_items(train_item_counts(cfg.artifacts_dir, splits["train"]))
