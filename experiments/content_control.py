@@ -56,7 +56,7 @@ from experiments.variants import GRIDS
 P_VALUES = (0.0, 1.0)
 TEXT, DROP, FINAL = cold_start.TEXT, cold_start.DROP, cold_start.FINAL
 SEM = f"{cold_start.DROP} + sem"  # semantic CL alone, on the ID-dropout tower
-NAMES = [TEXT, DROP, FINAL, SEM]  # the rows run, in the report's order
+NAMES = (TEXT, DROP, FINAL, SEM)  # the rows run, in the report's order
 COMPARED = (FINAL, SEM)  # the rows whose gain over TEXT the summary reports
 # (row, reference, metric keys): every gain the control computes. FINAL and SEM over TEXT are the
 # issue's numbers; DROP over TEXT is what ID dropout alone does; FINAL and SEM over DROP are their
@@ -233,7 +233,8 @@ def report(cfg: Config, results: dict, seeds: int, grid: str, command: str,
         f"- gain: `100 * (mean(row) / mean({TEXT}) - 1)` over the seeds both rows ran; p: "
         f"two-sided paired t-test over those seeds",
         "", "## Summary: test cold HIT@50, gain over " + TEXT, "",
-        f"| content_topic_p | {TEXT} | {FINAL} | gain | {SEM} | gain |", "|---|---|---|---|---|---|",
+        f"| content_topic_p | {TEXT} | {FINAL} | gain | {SEM} | gain |",
+        "|---|---|---|---|---|---|",
     ]
     for p in sorted(results):
         r = results[p]
@@ -325,7 +326,7 @@ def content_control(cfg: Config, seeds: int | None = None, grid: str = "small",
                         cached_only=cached_only,
                         select=lambda res: res["cold_start"]["valid"][cold_start.SELECT],
                         select_name="cold-validation HIT@50")
-        settings, per_seed = cold_start.run_rows(cfg_p, NAMES, seeds, grid, runner)
+        settings, per_seed = cold_start.run_rows(cfg_p, list(NAMES), seeds, grid, runner)
         gains = {}
         for name, ref, keys in GAINS:
             if per_seed.get(name) and per_seed.get(ref):

@@ -239,3 +239,26 @@ def test_build_artifacts_for_both_values(tmp_path):
         stamp = os.path.getmtime(os.path.join(art, "stats.json"))
         assert not cc.build_artifacts(c, log=lambda *a: None)  # built: reused, not rebuilt
         assert os.path.getmtime(os.path.join(art, "stats.json")) == stamp
+
+
+def test_command_line(tmp_path, capsys):
+    """``--cached-only`` through the command line writes a partial report; a config without the
+    protocol is one error line and exit 2."""
+    import yaml
+
+    from micrec_tf import cli
+
+    cfg = tiny_config(str(tmp_path), preprocess={"split": "item_cold_start",
+                                                 "item_vocabulary": "catalogue"},
+                      semantic={"source": "title"}, train={"early_stopping_patience": 2})
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump(cfg.to_dict()))
+    bad.write_text(yaml.safe_dump(cfg.replace({"preprocess.split": "global_time"}).to_dict()))
+    out = tmp_path / "r"
+    assert cli.run(cc.main, ["--config", str(good), "--cached-only", "--out", str(out)]) == 0
+    md = (out / "tiny-control.md").read_text()
+    assert "**Partial**" in md and "--cached-only" in md
+    capsys.readouterr()
+    assert cli.run(cc.main, ["--config", str(bad), "--cached-only", "--out", str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "global_time" in err[0]
