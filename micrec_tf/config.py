@@ -503,8 +503,6 @@ def validate(cfg: Config) -> Config:
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     _check_choice("export.index", cfg.export.index, INDEX_KINDS)
     _check_choice("model.history_embeddings", cfg.model.history_embeddings, HISTORY_EMBEDDINGS)
-    if cfg.model.item_text and cfg.model.name == "tfrs_two_tower":
-        raise ConfigError("model.item_text is not supported by model.name='tfrs_two_tower' yet")
     if cfg.model.item_text and cfg.loss.feature_dropout == "correlated":
         raise ConfigError("model.item_text is not supported with loss.feature_dropout="
                           "'correlated' yet (its field correlation has no text field)")
@@ -570,8 +568,6 @@ def validate(cfg: Config) -> Config:
     if (isinstance(cfg.loss.id_dropout, bool) or not isinstance(cfg.loss.id_dropout, (int, float))
             or not 0.0 <= cfg.loss.id_dropout < 1.0):
         raise ConfigError(f"loss.id_dropout must be in [0, 1). Received: {cfg.loss.id_dropout!r}")
-    if cfg.loss.id_dropout and cfg.model.name == "tfrs_two_tower":
-        raise ConfigError("loss.id_dropout is not supported by model.name='tfrs_two_tower' yet")
     if not 0.0 < cfg.loss.mask_ratio < 1.0:
         raise ConfigError(f"loss.mask_ratio must be in (0, 1), got {cfg.loss.mask_ratio!r}")
     _check_positive("loss.num_cl_negatives", cfg.loss.num_cl_negatives)

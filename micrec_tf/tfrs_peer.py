@@ -34,6 +34,18 @@ What it is (the model a TFRS user would write):
   embeddings])``. The item-id embedding table is the one the user tower averages over the
   history (shared, as in YoutubeDNN and MicRec).
 
+Items without clicks (issue 28; every setting off by default, which builds the peer of before,
+bit for bit, checked against the code at 9027cc6 in tests/test_tfrs_peer_content.py):
+
+* ``model.item_text: true``: the item tower is :class:`TFRSContentItemModel`, the MLP over the
+  same content fields as ICAN + text (ID, tags, provider, extra fields such as year, and the
+  projected frozen text vector of :class:`micrec_tf.layers_text.ItemTextFieldEmbeddings`);
+* ``model.min_id_clicks``: an item with fewer training clicks never uses its ID row: zero ID field
+  in the item tower, left out of the user tower's history mean (:class:`_IDKeepMask`);
+* ``loss.id_dropout: p``: in training, each in-batch candidate (a row's positive, the other rows'
+  negative) loses its ID field with probability p (DropoutNet; :class:`~micrec_tf.
+  layers_id_dropout.IDFieldDropout`).
+
 Both MLPs are ``model.user_mlp_units`` / ``model.item_mlp_units`` (ReLU, linear last layer of
 ``model.output_dim`` units), embeddings ``model.embedding_dim`` wide, dropout ``model.dropout``.
 
@@ -62,10 +74,16 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
 
+from micrec_tf.data.artifacts import load_text_vectors
 from micrec_tf.data.contract import HIST_ITEMS, ITEM, USER_ID
-from micrec_tf.layers import (MLP, check_int, check_rate, check_units, deserialize, masked_mean,
-                              register, require_features, scalar_feature, serialize)
-from micrec_tf.model import TwoTowerSteps, _unpack, _user_feature_names
+from micrec_tf.layers import (MLP, ItemFeatureLookup, ItemFieldEmbeddings, check_int, check_rate,
+                              check_units, deserialize, masked_mean, register, require_features,
+                              scalar_feature, serialize)
+from micrec_tf.layers_id_dropout import IDFieldDropout
+from micrec_tf.layers_text import ItemTextFieldEmbeddings
+from micrec_tf.losses import ID_DROPOUT_SEED_OFFSET
+from micrec_tf.model import TwoTowerSteps, _unpack, _user_feature_names, item_id_keep_mask
+from micrec_tf.towers import MLPItemTower
 
 LOSS_NAMES = ("loss", "sampled_softmax_loss")
 
@@ -85,8 +103,52 @@ class MaskedMeanPooling(tf_keras.layers.Layer):
         return None
 
 
+class _IDKeepMask:
+    """``model.min_id_clicks`` for the peer's towers (mixed in before the Keras layer): the same
+    rule and weight as :class:`micrec_tf.layers.ItemFieldEmbeddings` (``id_keep_mask`` from
+    :func:`micrec_tf.model.item_id_keep_mask`, held in the non-trainable float32 [V] weight
+    ``item_id_keep_mask``, saved in checkpoints, not in the config; ``id_masked`` = whether the
+    weight exists, what ``from_config`` passes). No mask (the default): no weight, no op.
+    """
+
+    def _init_keep(self, id_keep_mask, id_masked, num_items: int) -> None:
+        if id_keep_mask is not None:
+            id_keep_mask = np.asarray(id_keep_mask)
+            if id_keep_mask.shape != (num_items,):
+                raise ValueError(f"id_keep_mask must be [num_items]=[{num_items}]. Received: "
+                                 f"shape {id_keep_mask.shape}")
+            id_keep_mask = id_keep_mask.astype(bool).astype(np.float32)
+        if not isinstance(id_masked, (bool, np.bool_)):
+            raise ValueError(f"id_masked must be a bool. Received: {id_masked!r}")
+        self.id_masked = bool(id_masked) or id_keep_mask is not None
+        self._id_keep_np = id_keep_mask
+        self._id_keep_size = int(num_items)
+        self.id_keep = None  # the float32 [V] weight, built when id_masked
+
+    def _build_keep(self) -> None:
+        if self.id_masked and self.id_keep is None:
+            self.id_keep = self.add_weight(
+                name="item_id_keep_mask", shape=[self._id_keep_size], dtype=tf.float32,
+                initializer="ones", trainable=False)
+            if self._id_keep_np is not None:
+                self.id_keep.assign(self._id_keep_np)
+                self._id_keep_np = None  # the weight holds it now
+
+    def id_kept(self, ids) -> tf.Tensor:
+        """Item indices int64 [S...] -> bool [S...]: True where the item may use its ID row."""
+        if not self.id_masked:
+            return tf.ones_like(ids, tf.bool)
+        self._build_keep()
+        return tf.gather(self.id_keep, ids) > 0.0
+
+    def _keep_config(self, config: dict) -> dict:
+        if self.id_masked:  # only then: the config of an unmasked layer is as before
+            config.update(id_masked=True)
+        return config
+
+
 @register
-class TFRSItemModel(tf_keras.layers.Layer):
+class TFRSItemModel(_IDKeepMask, tf_keras.layers.Layer):
     """Candidate tower: ``MLP([item-id embedding ; mean of the item's tag embeddings])``.
 
     Args:
@@ -95,13 +157,19 @@ class TFRSItemModel(tf_keras.layers.Layer):
       embedding_dim: E, width of the id and tag embeddings.
       units: MLP widths; the last is the output dim d.
       dropout: dropout between the MLP's hidden layers.
+      id_keep_mask: bool [V], False for an item whose ID row is never used
+        (``model.min_id_clicks``): its id embedding is replaced by zeros (see
+        :class:`_IDKeepMask`). None (default): no mask, the tower of before, bit for bit.
+      id_masked: whether the mask weight exists (``from_config``).
 
     Call: item indices int [N] -> [N, d]. The tags come from ``tags``, so any index (targets,
-    the whole catalogue) is embedded the same way.
+    the whole catalogue) is embedded the same way. :meth:`raw_embedding_of` [N, 2E] (ID first)
+    and :meth:`encode` split the call, for ``loss.id_dropout``.
     """
 
     def __init__(self, tags, num_tags: int, embedding_dim: int = 64,
-                 units: Sequence[int] = (128, 64, 64), dropout: float = 0.0, **kwargs):
+                 units: Sequence[int] = (128, 64, 64), dropout: float = 0.0,
+                 id_keep_mask=None, id_masked: bool = False, **kwargs):
         super().__init__(**kwargs)
         tags = np.asarray(tags, dtype=np.int64)
         if tags.ndim != 2 or tags.shape[0] < 2:
@@ -122,6 +190,7 @@ class TFRSItemModel(tf_keras.layers.Layer):
                                                        name="tag_embedding")
         self.tag_pooling = MaskedMeanPooling(name="tag_pooling")
         self.mlp = MLP(self.units, dropout=self.dropout, name="item_mlp")
+        self._init_keep(id_keep_mask, id_masked, self.num_items)
 
     @property
     def num_items(self) -> int:
@@ -132,23 +201,71 @@ class TFRSItemModel(tf_keras.layers.Layer):
     def output_dim(self) -> int:
         return self.units[-1]
 
-    def call(self, item_ids, training=None):
+    def build(self, input_shape=None):
+        self._build_keep()
+        super().build(input_shape)
+
+    def raw_embedding_of(self, item_ids) -> tf.Tensor:
+        """Item indices int [N] -> ``[id field ; mean tag embedding]`` [N, 2E] (ID field first,
+        zero for an ID-masked item)."""
         ids = tf.reshape(tf.cast(item_ids, tf.int64), [-1])  # [N]
         tags = tf.gather(self.item_tags, ids)  # [N, T]
         pooled_tags = self.tag_pooling(self.tag_embedding(tags), tags > 0)  # [N, E]
-        x = tf.concat([self.id_embedding(ids), pooled_tags], axis=-1)  # [N, 2E]
-        return self.mlp(x, training=training)  # [N, d]
+        id_field = self.id_embedding(ids)  # [N, E]
+        if self.id_masked:
+            id_field = id_field * tf.cast(self.id_kept(ids), id_field.dtype)[:, tf.newaxis]
+        return tf.concat([id_field, pooled_tags], axis=-1)  # [N, 2E]
+
+    def encode(self, raw, training=None) -> tf.Tensor:
+        """[N, 2E] -> [N, d]."""
+        return self.mlp(raw, training=training)
+
+    def call(self, item_ids, training=None):
+        return self.encode(self.raw_embedding_of(item_ids), training=training)  # [N, d]
 
     def get_config(self):
         config = super().get_config()
         config.update(tags=self._tags_np.tolist(), num_tags=self.num_tags,
                       embedding_dim=self.embedding_dim, units=list(self.units),
                       dropout=self.dropout)
-        return config
+        return self._keep_config(config)
 
 
 @register
-class TFRSUserModel(tf_keras.layers.Layer):
+class TFRSContentItemModel(MLPItemTower):
+    """Candidate tower with the item's content fields (``model.item_text: true``):
+    ``MLP(f^d)`` over the catalogue fields of :class:`micrec_tf.layers_text.
+    ItemTextFieldEmbeddings` (ID, tags, provider, the extra fields such as year, and the
+    projected frozen text vector), i.e. the item tower of ICAN + text, called with item indices.
+
+    Args: as :class:`micrec_tf.towers.MLPItemTower` (``item_lookup``, ``field_embeddings``,
+    ``units``, ``dropout``); the ``min_id_clicks`` mask is the field embeddings' own
+    (``id_keep_mask`` of :class:`~micrec_tf.layers.ItemFieldEmbeddings`).
+
+    Call: item indices int [N] -> [N, d]; :meth:`raw_embedding_of` ``f^d`` [N, F * E] (ID field
+    first) and :meth:`encode` split it, for ``loss.id_dropout``.
+    """
+
+    @property
+    def id_embedding(self) -> tf_keras.layers.Embedding:
+        """The item-id table [V, E] the user tower averages over the history."""
+        return self.field_embeddings.item_embedding
+
+    @property
+    def num_items(self) -> int:
+        return self.item_lookup.num_items
+
+    def raw_embedding_of(self, item_ids) -> tf.Tensor:
+        """Item indices int [N] -> ``f^d`` [N, F * E]."""
+        ids = tf.reshape(tf.cast(item_ids, tf.int64), [-1])
+        return self.raw_embedding(self.features_for(ids))
+
+    def call(self, item_ids, training=None):
+        return self.encode(self.raw_embedding_of(item_ids), training=training)  # [N, d]
+
+
+@register
+class TFRSUserModel(_IDKeepMask, tf_keras.layers.Layer):
     """Query tower: ``MLP([profile field embeddings ; mean of the history's item-id embeddings
     (; user-id embedding)])``.
 
@@ -160,6 +277,10 @@ class TFRSUserModel(tf_keras.layers.Layer):
       dropout: dropout between the MLP's hidden layers.
       user_id_vocabulary: raw user ids; when given, ``user_id`` (string [B]) is looked up
         (``StringLookup``, unknown ids -> OOV 0) and embedded too. None (default): no user id.
+      id_keep_mask: bool [V] (``model.min_id_clicks``, the item tower's mask): a history click
+        on an item whose ID row is never used leaves the mean, like padding. None (default):
+        every click counts, the tower of before, bit for bit.
+      id_masked: whether the mask weight exists (``from_config``).
 
     Call: features with ``user_<field>`` int [B] (or [B, 1]), ``hist_items`` int [B, H]
     (0 = padding, anywhere) and, with a vocabulary, ``user_id`` -> [B, d]. Other features are
@@ -171,7 +292,8 @@ class TFRSUserModel(tf_keras.layers.Layer):
 
     def __init__(self, profile_vocab_sizes: Mapping, item_id_embedding,
                  units: Sequence[int] = (128, 64, 64), dropout: float = 0.0,
-                 user_id_vocabulary: Sequence[str] | None = None, **kwargs):
+                 user_id_vocabulary: Sequence[str] | None = None, id_keep_mask=None,
+                 id_masked: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.profile_vocab_sizes = {k: check_int(f"profile_vocab_sizes[{k!r}]", v)
                                     for k, v in profile_vocab_sizes.items()}
@@ -195,6 +317,11 @@ class TFRSUserModel(tf_keras.layers.Layer):
             self.user_id_embedding = tf_keras.layers.Embedding(
                 len(self.user_id_vocabulary) + 1, self.embedding_dim, name="user_id_embedding")
         self.mlp = MLP(self.units, dropout=self.dropout, name="user_mlp")
+        self._init_keep(id_keep_mask, id_masked, int(self.item_id_embedding.input_dim))
+
+    def build(self, input_shape=None):
+        self._build_keep()
+        super().build(input_shape)
 
     @property
     def feature_names(self) -> list:
@@ -207,11 +334,15 @@ class TFRSUserModel(tf_keras.layers.Layer):
 
     def history_embedding(self, features) -> tf.Tensor:
         """``hist_items`` int [B, H] -> mean item-id embedding of the non-zero entries [B, E]
-        (zeros for an empty history)."""
+        (zeros for an empty history); with ``id_keep_mask`` only of the items that keep their
+        ID row."""
         hist = tf.cast(features[HIST_ITEMS], tf.int64)
         if hist.shape.rank != 2:
             raise ValueError(f"{HIST_ITEMS} must be [B, H]. Received: shape {hist.shape}")
-        return self.history_pooling(self.item_id_embedding(hist), hist > 0)
+        mask = hist > 0
+        if self.id_masked:
+            mask = tf.logical_and(mask, self.id_kept(hist))
+        return self.history_pooling(self.item_id_embedding(hist), mask)
 
     def call(self, features, training=None):
         require_features(features, self.feature_names, type(self).__name__)
@@ -232,7 +363,7 @@ class TFRSUserModel(tf_keras.layers.Layer):
                       item_id_embedding=embedding,
                       units=list(self.units), dropout=self.dropout,
                       user_id_vocabulary=self.user_id_vocabulary)
-        return config
+        return self._keep_config(config)
 
 
 @register
@@ -316,16 +447,23 @@ class TFRSTwoTowerModel(TwoTowerSteps, tfrs.models.Model):
 
     Args:
       user_model: features -> [B, d].
-      item_model: item indices [N] -> [N, d].
+      item_model: item indices [N] -> [N, d] (:class:`TFRSItemModel` or
+        :class:`TFRSContentItemModel`).
       task: :class:`InBatchSoftmax`.
       item_batch_size: chunk size of :meth:`item_embeddings`.
+      id_dropout: None (default: the loss of before, bit for bit) or an
+        :class:`~micrec_tf.layers_id_dropout.IDFieldDropout` (``loss.id_dropout``): in training
+        the loss's candidates (each row's positive, which are the other rows' in-batch
+        negatives) are encoded from ``item_model.raw_embedding_of`` with the ID field of each
+        row zeroed at that rate; the user tower's history, evaluation and export are undropped.
 
     Metrics: ``loss`` and ``sampled_softmax_loss`` (the same value: there is no other term),
     running means over the epoch.
     """
 
     def __init__(self, user_model: TFRSUserModel, item_model: TFRSItemModel,
-                 task: InBatchSoftmax, item_batch_size: int = 4096, **kwargs):
+                 task: InBatchSoftmax, item_batch_size: int = 4096,
+                 id_dropout: IDFieldDropout | None = None, **kwargs):
         super().__init__(**kwargs)
         if user_model.output_dim != item_model.output_dim:
             raise ValueError(f"user tower output dim {user_model.output_dim} != item tower "
@@ -333,8 +471,17 @@ class TFRSTwoTowerModel(TwoTowerSteps, tfrs.models.Model):
         if task.num_items != item_model.num_items:
             raise ValueError(f"the task has probabilities for {task.num_items} items, the item "
                              f"tower embeds {item_model.num_items}")
+        if id_dropout is not None and not isinstance(id_dropout, IDFieldDropout):
+            raise TypeError(f"id_dropout must be an IDFieldDropout or None. Received: "
+                            f"{type(id_dropout).__name__}")
         self.user_model, self.item_model, self.task = user_model, item_model, task
+        self.id_field_dropout = id_dropout
         self._init_steps(LOSS_NAMES, item_batch_size)
+
+    @property
+    def samplers(self) -> list:
+        """The ``tf.random.Generator`` of the ID-field dropout (none without it)."""
+        return [] if self.id_field_dropout is None else [self.id_field_dropout.rng]
 
     @property
     def loss_names(self) -> list:
@@ -360,7 +507,11 @@ class TFRSTwoTowerModel(TwoTowerSteps, tfrs.models.Model):
         """{"sampled_softmax_loss", "loss"}: scalars float32 for one batch (dict of features)."""
         item_ids = tf.reshape(tf.cast(features[ITEM], tf.int64), [-1])  # [B]
         # The item tower first: it owns the shared item-id embedding (and names its variable).
-        items = tf.cast(self.item_model(item_ids, training=training), tf.float32)  # [B, d]
+        if training and self.id_field_dropout is not None:  # loss.id_dropout
+            raw = self.id_field_dropout(self.item_model.raw_embedding_of(item_ids), training=True)
+            items = tf.cast(self.item_model.encode(raw, training=training), tf.float32)
+        else:
+            items = tf.cast(self.item_model(item_ids, training=training), tf.float32)  # [B, d]
         user = tf.cast(self.user_model(features, training=training), tf.float32)  # [B, d]
         main = self.task((user, items, item_ids), training=training)
         total = main + tf.add_n(self.losses) if self.losses else main
@@ -390,19 +541,36 @@ def candidate_probability_from_counts(counts) -> np.ndarray:
 
 
 def build_tfrs_two_tower(cfg, item_table, vocab_sizes: Mapping, user_fields,
-                         item_counts=None, user_id_vocabulary=None) -> TFRSTwoTowerModel:
+                         item_counts=None, user_id_vocabulary=None,
+                         text_vectors=None) -> TFRSTwoTowerModel:
     """Builds the TFRS peer from ``cfg.model`` (the dispatch target of ``build_model``).
 
     Args:
       cfg: :class:`micrec_tf.config.Config` (``model``, ``loss.remove_accidental_hits``,
-        ``artifacts_dir``).
-      item_table: :class:`micrec_tf.data.artifacts.ItemTable` (its ``tags``; row 0 padding).
-      vocab_sizes: {vocab name: size incl. OOV 0}: ``item_id``, ``tag``, ``user_<field>``.
+        ``loss.id_dropout``, ``train.seed``, ``artifacts_dir``).
+      item_table: :class:`micrec_tf.data.artifacts.ItemTable` (its ``tags``, ``id_clicks``
+        for ``model.min_id_clicks`` and, with ``model.item_text``, ``provider``, ``extra`` and
+        ``text_vectors_dir``; row 0 padding).
+      vocab_sizes: {vocab name: size incl. OOV 0}: ``item_id``, ``tag``, ``user_<field>``
+        (and, with ``model.item_text``, ``provider`` and ``item_<extra>``).
       user_fields: profile field names (``gender`` or ``user_gender``).
       item_counts: int [V] training clicks per item, for the logQ correction; None (default):
         counted from ``cfg.artifacts_dir``'s whole training split (the item table carries no
         counts; under ``train.train_fraction`` < 1 the sampled users' shares differ a little).
       user_id_vocabulary: see :class:`TFRSUserModel`; None (default): no user-id embedding.
+      text_vectors: float [V, D_t] for ``model.item_text``; None reads them from
+        ``item_table.text_vectors_dir`` (as :func:`micrec_tf.model.build_model`).
+
+    The issue-28 settings (all off by default, which builds the peer of before, bit for bit):
+
+    * ``model.item_text: true``: the item tower is :class:`TFRSContentItemModel`, ICAN + text's
+      item fields (ID, tags, provider, extra fields, the projected frozen text vector) through
+      the MLP; false: :class:`TFRSItemModel` (ID and tags).
+    * ``model.min_id_clicks``: items with fewer training clicks never use their ID row, in the
+      item tower and in the history mean (:func:`micrec_tf.model.item_id_keep_mask`; no item is
+      masked with the ``clicked`` vocabulary and the default 1).
+    * ``loss.id_dropout`` > 0: :class:`TFRSTwoTowerModel`'s ``id_dropout`` (seed
+      ``train.seed + ID_DROPOUT_SEED_OFFSET``, as MicRec's main loss).
     """
     m = cfg.model
     for key in ("item_id", "tag"):
@@ -425,11 +593,50 @@ def build_tfrs_two_tower(cfg, item_table, vocab_sizes: Mapping, user_fields,
     if item_counts.size != num_items:
         raise ValueError(f"item_counts must have one entry per item ({num_items}). Received: "
                          f"{item_counts.size} entries")
-    item_model = TFRSItemModel(item_table.tags, int(vocab_sizes["tag"]), m.embedding_dim,
-                               m.item_mlp_units, m.dropout, name="item_model")
+    id_keep_mask = item_id_keep_mask(item_table, m.min_id_clicks)  # None: nothing masked
+    if m.item_text:
+        item_model = _content_item_model(cfg, item_table, vocab_sizes, id_keep_mask,
+                                         text_vectors)
+    else:
+        item_model = TFRSItemModel(item_table.tags, int(vocab_sizes["tag"]), m.embedding_dim,
+                                   m.item_mlp_units, m.dropout, id_keep_mask=id_keep_mask,
+                                   name="item_model")
     profile = {n: int(vocab_sizes[n]) for n in _user_feature_names(user_fields, vocab_sizes)}
     user_model = TFRSUserModel(profile, item_model.id_embedding, m.user_mlp_units, m.dropout,
-                               user_id_vocabulary=user_id_vocabulary, name="user_model")
+                               user_id_vocabulary=user_id_vocabulary, id_keep_mask=id_keep_mask,
+                               name="user_model")
     task = InBatchSoftmax(candidate_probability_from_counts(item_counts),
                           remove_accidental_hits=cfg.loss.remove_accidental_hits, name="task")
-    return TFRSTwoTowerModel(user_model, item_model, task, name="tfrs_two_tower")
+    id_dropout = None
+    if cfg.loss.id_dropout:
+        id_dropout = IDFieldDropout(cfg.loss.id_dropout, m.embedding_dim,
+                                    int(cfg.train.seed) + ID_DROPOUT_SEED_OFFSET,
+                                    name="id_field_dropout")
+    return TFRSTwoTowerModel(user_model, item_model, task, id_dropout=id_dropout,
+                             name="tfrs_two_tower")
+
+
+def _content_item_model(cfg, item_table, vocab_sizes, id_keep_mask,
+                        text_vectors) -> TFRSContentItemModel:
+    """``model.item_text``: the peer's item tower over ICAN + text's item fields."""
+    m, num_items = cfg.model, item_table.num_items
+    if "provider" not in vocab_sizes:
+        raise KeyError(f"vocab_sizes lacks 'provider'. Received: {sorted(vocab_sizes)}")
+    extra = {}
+    for name in item_table.extra:
+        if name not in vocab_sizes:
+            raise KeyError(f"item extra field {name!r} has no vocabulary in vocab_sizes "
+                           f"{sorted(vocab_sizes)}")
+        extra[name] = int(vocab_sizes[name])
+    if text_vectors is None:
+        text_vectors = load_text_vectors(item_table.text_vectors_dir, num_items)
+    text_vectors = np.asarray(text_vectors, np.float32)
+    if text_vectors.ndim != 2 or text_vectors.shape[0] != num_items:
+        raise ValueError(f"text_vectors must be [{num_items}, D_t] (one row per item index). "
+                         f"Received: shape {text_vectors.shape}")
+    fields = ItemTextFieldEmbeddings(
+        num_items, int(vocab_sizes["tag"]), int(vocab_sizes["provider"]), extra,
+        m.embedding_dim, text_dim=int(text_vectors.shape[1]), text_vectors=text_vectors,
+        id_keep_mask=id_keep_mask, name="item_field_embeddings")
+    return TFRSContentItemModel(ItemFeatureLookup.from_item_table(item_table, name="item_lookup"),
+                                fields, m.item_mlp_units, m.dropout, name="item_model")
