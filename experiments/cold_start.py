@@ -9,8 +9,8 @@ catalogue`` (artifacts and title neighbours built), it runs the rows of the prot
 * **ICAN** (ID, genres / tags, year and the other item fields), **ICAN + text** (the frozen MiniLM
   title vector as one more item field, ``model.item_text``), **ICAN + text + ID dropout** (the
   DropoutNet-style peer, ``loss.id_dropout``), **MicRec (final)** on that tower (all three CL
-  terms), the **TFRS two-tower** peer (its own tower: ID and item fields, no text field; the
-  text field is not built for it, see docs/COLD_START.md);
+  terms), the **TFRS two-tower** peer with the same content features as ICAN + text (its item
+  tower an MLP over ID, item fields and the text field; in-batch softmax; ``model.item_text``);
 * each CL term alone on the ID-dropout tower (``+ fea``, ``+ sem``, ``+ sess``; fewer seeds).
 
 Every trial and seed is chosen and stopped on the **cold-validation** items: early stopping
@@ -61,7 +61,7 @@ ROWS = {
     TEXT: (_TEXT, None, "main"),
     DROP: (_TEXT, TEXT, "main"),
     FINAL: ({**_TEXT, "model.cl": list(CL_TASKS)}, DROP, "main"),
-    PEER: ({**_TOWER, "model.name": PEER_MODEL}, None, "main"),
+    PEER: ({**_TEXT, "model.name": PEER_MODEL}, None, "main"),  # ICAN + text's content fields
     **{f"{DROP} + {short}": ({**_TEXT, "model.cl": [task]}, DROP, "alone")
        for short, task in (("fea", "feature"), ("sem", "semantic"), ("sess", "session"))},
 }
