@@ -217,3 +217,102 @@ def test_fraction_one_gives_the_default_artifacts_byte_for_byte(full, one):
     assert "train_user_fraction" not in full[1]
     with open(os.path.join(one[0], "stats.json")) as fh:
         assert stats_without_timing(json.load(fh)) == stats_without_timing(full[1])
+
+
+# ------------------------------------------------------------- the reproduction's sweep (fast)
+
+class FakeRunner:
+    """Records the runs the sweep asks for; test HIT@N = the fraction it trained on."""
+
+    made = []
+
+    def __init__(self, cfg, root, grid="full", log=print, cache_dir=None, cached_only=False):
+        self.cfg, self.root, self.grid, self.cache_dir = cfg, root, grid, cache_dir
+        self.calls, self.run_seconds = [], {}
+        FakeRunner.made.append(self)
+
+    def run(self, key, overrides, evaluate_test):
+        self.calls.append((key, dict(overrides)))
+        self.run_seconds[key] = 1.0
+        frac = overrides.get("train.train_fraction", self.cfg.preprocess.train_user_fraction)
+        return {"test": {"hit@10": frac}}
+
+
+def _sweep(monkeypatch, tmp_path, mode):
+    import experiments.reproduce as R
+    from experiments.variants import BASE, FINAL
+
+    cfg = from_dict({"name": "x", "artifacts_root": str(tmp_path / "artifacts"),
+                     "data": {"dataset": "canonical", "data_dir": str(tmp_path)},
+                     "eval": {"hit_n": [10, 50]}})
+    real = R.thinned_artifacts
+    monkeypatch.setattr(R, "Runner", FakeRunner)
+    # The thinned config without running the Beam jobs.
+    monkeypatch.setattr(R, "thinned_artifacts", lambda c, f, log=print: real(c, f, build=False))
+    FakeRunner.made = []
+    main = FakeRunner(cfg, str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache" / "x"))
+    per_seed = {BASE: [{"test": {"hit@10": 0.3}}] * 2, FINAL: [{"test": {"hit@10": 0.4}}] * 2}
+    settings = {BASE: {"train.learning_rate": 0.003}, FINAL: {"train.learning_rate": 0.001}}
+    sweep = R.sparsity_sweep(cfg, main, settings, per_seed, 2, mode, log=lambda *a: None)
+    return sweep, main
+
+
+def test_rebuilt_sweep_trains_each_fraction_on_its_own_artifacts(monkeypatch, tmp_path):
+    sweep, main = _sweep(monkeypatch, tmp_path, "rebuilt")
+    assert sweep[1.0] == ([0.3, 0.3], [0.4, 0.4])  # the main runs
+    assert sweep[0.5] == ([0.5, 0.5], [0.5, 0.5]) and sweep[0.2] == ([0.2, 0.2], [0.2, 0.2])
+    assert main.calls == []  # nothing on the 100 % artifacts
+    by_name = {r.cfg.name: r for r in FakeRunner.made if r is not main}
+    assert sorted(by_name) == ["x-users20", "x-users50"]
+    for name, frac in (("x-users50", 0.5), ("x-users20", 0.2)):
+        r = by_name[name]
+        assert r.cfg.preprocess.train_user_fraction == frac
+        assert r.cfg.artifacts_dir == str(tmp_path / "artifacts" / name)
+        assert r.cache_dir == str(tmp_path / "cache" / name)  # beside the 100 % cache
+        assert [k for k, _ in r.calls] == ["ican/seed0", "ican/seed1", "micrec__final/seed0",
+                                           "micrec__final/seed1"]
+        assert all("train.train_fraction" not in ov for _, ov in r.calls)
+    # The chosen settings and seeds travel with every run.
+    ican = by_name["x-users50"].calls[1][1]
+    assert ican["train.learning_rate"] == 0.003 and ican["train.seed"] == 1
+
+
+def test_batch_sweep_is_the_sweep_of_before(monkeypatch, tmp_path):
+    sweep, main = _sweep(monkeypatch, tmp_path, "batch")
+    assert sweep[0.5] == ([0.5, 0.5], [0.5, 0.5])
+    assert FakeRunner.made == [main]  # the 100 % artifacts only
+    keys = [k for k, _ in main.calls]
+    assert keys[:2] == ["sparsity/ican/f50/seed0", "sparsity/ican/f50/seed1"]
+    assert all(ov["train.train_fraction"] in (0.5, 0.2) for _, ov in main.calls)
+    with pytest.raises(ValueError, match="sparsity mode.*Received"):
+        _sweep(monkeypatch, tmp_path, "thinned")
+
+
+def test_thinned_artifacts_are_reused_only_on_the_same_split(tmp_path):
+    from experiments.reproduce import _same_split
+
+    def write(d, **stats):
+        os.makedirs(os.path.join(d, "title_neighbours"), exist_ok=True)
+        base = {"split": "global_time", "split_fractions": [0.8, 0.1, 0.1],
+                "split_boundaries": {"valid_start": 5, "test_start": 9}, "items_in_table": 7,
+                "num_examples": {"train": 10, "valid": 3, "test": 2}}
+        with open(os.path.join(d, "stats.json"), "w") as fh:
+            json.dump({**base, **stats}, fh)
+        with open(os.path.join(d, "title_neighbours", "stats.json"), "w") as fh:
+            json.dump({}, fh)
+
+    full, thin = str(tmp_path / "full"), str(tmp_path / "thin")
+    assert not _same_split(full, thin, 0.5)  # nothing built
+    write(full)
+    write(thin, train_user_fraction={"fraction": 0.5},
+          num_examples={"train": 4, "valid": 3, "test": 2})
+    assert _same_split(full, thin, 0.5)
+    assert not _same_split(full, thin, 0.2)  # another fraction
+    write(thin, train_user_fraction={"fraction": 0.5}, split="item_cold_start")
+    assert not _same_split(full, thin, 0.5)  # another split
+    write(thin, train_user_fraction={"fraction": 0.5},
+          num_examples={"train": 4, "valid": 2, "test": 2})
+    assert not _same_split(full, thin, 0.5)  # other evaluation examples
+    os.remove(os.path.join(thin, "title_neighbours", "stats.json"))
+    write(full)
+    assert not _same_split(full, thin, 0.5)
