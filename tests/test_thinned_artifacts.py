@@ -22,7 +22,7 @@ from micrec_tf.config import ConfigError, from_dict
 from pipelines import preprocess
 from pipelines.thinning import kept_user, thin_row, thinned_name
 from test_catalogue_vocab import reference, reference_vocab
-from test_cold_split import make_raw
+from test_cold_split import digit_rule, make_raw
 from test_preprocess import TsvAdapter, brute_force_cooc, make_cfg, read_cooc, read_vocab
 
 H = 5
@@ -94,8 +94,8 @@ def raw(tmp_path_factory):
     return root
 
 
-def _run(raw, tmp_path_factory, item_vocabulary, **pre):
-    cfg = make_cfg(tmp_path_factory.mktemp("out"), raw, "global_time", history_length=H,
+def _run(raw, tmp_path_factory, item_vocabulary, split="global_time", **pre):
+    cfg = make_cfg(tmp_path_factory.mktemp("out"), raw, split, history_length=H,
                    item_vocabulary=item_vocabulary, **pre)
     stats = preprocess.run(cfg, ["--direct_num_workers=1"], adapter=TsvAdapter(), data_dir=raw,
                            verbose=False)
@@ -122,6 +122,12 @@ def fifth_clicked(raw, tmp_path_factory):
     return _run(raw, tmp_path_factory, "clicked", train_user_fraction=0.2)
 
 
+@pytest.fixture(scope="module")
+def cold_half(raw, tmp_path_factory):
+    return _run(raw, tmp_path_factory, "catalogue", split="item_cold_start",
+                train_user_fraction=0.5)
+
+
 def _eval_examples(art, decode=False):
     """Counter of (split, user, ts, target, history, history length) of valid + test; raw item
     ids when ``decode`` (index 0 -> None)."""
@@ -138,8 +144,8 @@ def _eval_examples(art, decode=False):
     return got
 
 
-def _check_thinned(raw, art, stats, fraction, catalogue):
-    item_ids, train, evals, _ = reference(raw, cold_start=False)
+def _check_thinned(raw, art, stats, fraction, catalogue, cold_start=False):
+    item_ids, train, evals, _ = reference(raw, cold_start=cold_start)
     users_with_train = {u for u, _, _ in train}
     kept = {u for u in users_with_train if horner_rule(u, fraction)}
     assert kept and kept < users_with_train  # the data exercise both sides
@@ -196,6 +202,14 @@ def test_thinned_clicked_vocabulary_shrinks_and_lost_items_are_misses(raw, fifth
     assert any(i not in want for _, _, _, i, _ in evals)
     # The users kept at 0.2 are kept at 0.5 too (the sweep's points nest).
     assert set(read_vocab(fifth_clicked[0], "user_id")) < set(read_vocab(half[0], "user_id"))
+
+
+@pytest.mark.slow
+def test_thinning_composes_with_item_cold_start(raw, cold_half):
+    _, _, evals = _check_thinned(raw, *cold_half, 0.5, catalogue=True, cold_start=True)
+    # Every cold click stays an evaluation click (cold-valid: sha256 mod 10 = 0).
+    cold_valid = [i for s, _, _, i, _ in evals if s == "valid" and digit_rule(i) == 0]
+    assert cold_valid and cold_half[1]["cold_split"]["cold_valid_clicks"] == len(cold_valid)
 
 
 def stats_without_timing(stats):
