@@ -342,6 +342,19 @@ def test_checkpoint_restores_the_masks_and_the_text_table(tmp_path):
     np.testing.assert_allclose(other.user_embeddings(BATCH).numpy(), users, atol=1e-6)
 
 
+def test_checkpoint_carries_the_id_dropout_generator(tmp_path):
+    """A resumed run draws the ID-dropout masks it would have drawn: the generator's state is
+    part of the model's checkpoint."""
+    model = _model(loss={"id_dropout": 0.5})
+    model.compute_losses(BATCH, training=True)
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    next_draw = model.id_field_dropout.keep_mask(64).numpy()
+    other = _model(loss={"id_dropout": 0.5})
+    other.compute_losses(BATCH)
+    tf.train.Checkpoint(model=other).read(path).assert_existing_objects_matched()
+    np.testing.assert_array_equal(other.id_field_dropout.keep_mask(64).numpy(), next_draw)
+
+
 def test_config_accepts_the_content_settings_for_the_peer():
     cfg = from_dict({"model": {"name": "tfrs_two_tower", "cl": [], "item_text": True,
                                "min_id_clicks": 3}, "loss": {"id_dropout": 0.5}})
