@@ -521,13 +521,13 @@ def validate(cfg: Config) -> Config:
             or abs(sum(fr) - 1.0) > 1e-6):
         raise ConfigError(
             f"preprocess.split_fractions must be 3 non-negative numbers summing to 1, got {fr!r}")
+    for key in ("history_length", "max_tags", "session_window_s", "num_shards"):
+        _check_positive(f"preprocess.{key}", getattr(cfg.preprocess, key))
     tuf = cfg.preprocess.train_user_fraction
     if (isinstance(tuf, bool) or not isinstance(tuf, (int, float))
             or not 1e-6 <= tuf <= 1.0):
         raise ConfigError(f"preprocess.train_user_fraction must be a number in [1e-6, 1]. "
                           f"Received: {tuf!r}")
-    for key in ("history_length", "max_tags", "session_window_s", "num_shards"):
-        _check_positive(f"preprocess.{key}", getattr(cfg.preprocess, key))
     for key in ("max_pairs_per_click", "cooccurrence_top_m"):  # 0 = no cap
         _check_positive(f"preprocess.{key}", getattr(cfg.preprocess, key), allow_zero=True)
     category = cfg.preprocess.session_category
