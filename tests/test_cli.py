@@ -15,7 +15,8 @@ from micrec_tf import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ("micrec_tf.train", "export.export_model", "pipelines.preprocess",
                 "pipelines.title_neighbours", "micrec_tf.retrieve", "micrec_tf.data.synthetic",
-                "experiments.reproduce", "experiments.investigate",
+                "experiments.reproduce", "experiments.investigate", "experiments.cold_start",
+                "experiments.content_control",
                 "experiments.reference_rows", "benchmarks")
 
 
