@@ -5,8 +5,8 @@ catalogue item and indexes all of them; retrieval can return an item nobody has 
 One tiny synthetic pipeline (tests/conftest.py ``tiny_config``: 300 items, 6 topics of 50) with
 ``preprocess.split: item_cold_start``, ``preprocess.item_vocabulary: catalogue``, MiniLM title
 vectors (``semantic.source: title``) in the item tower (``model.item_text``), DropoutNet-style
-``loss.id_dropout: 0.5``, 10 epochs (seeded), then ``export.export_run`` with ``export.top_k`` 50
-so that the export builds a ScaNN index (300 items: more than top-50 and at least 256).
+``loss.id_dropout: 0.5``, 10 epochs (seeded), then ``export.export_run`` with ``export.top_k``
+100 so that the export builds a ScaNN index (300 items: more than top-100 and at least 256).
 
 References, never the code's own output: the raw ``items.tsv`` / ``users.tsv`` /
 ``interactions.tsv`` read with plain Python (ids, first tag = topic, the sha256 hash rule, each
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-K = 50          # export.top_k of this test, and the top-K the content check reads
+K = 100         # export.top_k of this test, and the top-K the content check reads
 RECENT = 3      # a content-similar user: the last RECENT history clicks share the cold topic
 H = 20          # preprocess.history_length (the default)
 SCORE_TOL = 1e-5  # float32 dot products of ~unit vectors: ScaNN's exact re-scoring vs float64
@@ -165,6 +165,7 @@ def test_export_and_index_hold_every_catalogue_item_unclicked_ones_included(cold
     # The index holds them all: a ScaNN index over 300 items, and a query for the whole
     # catalogue through the Retriever returns every raw item id once.
     assert meta["index"]["kind"] == "scann" and meta["index"]["num_items"] == len(raw_ids)
+    assert meta["top_k"] == K
     assert out["index_kind"] == "scann"
     returned = out["all_ids"][0]
     assert len(returned) == len(raw_ids) and set(returned) == set(raw_ids)
@@ -204,15 +205,19 @@ def test_index_top_k_equals_numpy_brute_force_over_exported_vectors(cold_export)
 def test_content_similar_user_gets_the_cold_item_from_the_index(cold_export):
     """Users whose last RECENT warm clicks share the topic (first tag in items.tsv) of the
     cold-test item they click next, with the protocol's history: the exported index returns
-    that cold item (zero training clicks, ID row masked) in its top K = 50 for most of them,
-    while cold-test items of other topics rarely come back for the same requests.
+    that cold item (zero training clicks, ID row masked) in its top K = 100 for most of them,
+    while cold-test items of other topics come back far less often for the same requests.
 
-    K = 50 is one topic's share of the catalogue (6 topics x 50 items): a ranking by content
-    puts the cold item among its topic's items near the top; a ranking blind to content would
-    return it with probability about 50 / 280 (300 items minus the excluded history), about
-    0.18. Measured on this seed: 0.60 of these clicks hit (0.59 / 0.67 with 20 epochs,
-    lr 1e-3 / 5e-3) against 0.007 - 0.04 for other-topic cold items; the bounds below leave
-    room for CPU-dependent float noise in training."""
+    K = 100 is a third of the catalogue (two of the 6 topics' 50 items): a ranking by content
+    puts the cold item among its own topic's items, ahead of the other topics; a ranking blind
+    to content would return it with probability about 100 / 280 (300 items minus the excluded
+    history), 0.36. Top 50 would be one topic's share, but it is seed-dependent at this scale:
+    warm items of every topic (ID rows trained, larger vectors) fill it first. Measured with
+    this config on one machine (2026-12-07), train.seed 42 / 1 / 7: clicked cold item in the
+    top 100 for 0.92 / 0.69 / 0.93 of these clicks, other-topic cold items 0.10 / 0.16 / 0.21
+    (top 50: 0.60 / 0.19 / 0.53 against 0.007 / 0.03 / 0.05; 20 epochs at lr 1e-3 and 5e-3:
+    0.87 / 0.90 against 0.11 / 0.16 in the top 100). The bounds leave room for other seeds
+    and for CPU-dependent float noise in training."""
     _, _, (_, topic, _, _, pairs), out, _ = cold_export
     cold_test = sorted(i for i in topic if cold_rule(i) == "test")
     hits, other = [], []
@@ -220,8 +225,9 @@ def test_content_similar_user_gets_the_cold_item_from_the_index(cold_export):
         hits.append(item in got)
         others = [c for c in cold_test if topic[c] != topic[item]]
         other.append(np.mean([c in got for c in others]))
-    hit_rate = float(np.mean(hits))
-    assert hit_rate >= 0.35, hit_rate
-    assert float(np.mean(other)) <= 0.10, float(np.mean(other))
+    hit_rate, other_rate = float(np.mean(hits)), float(np.mean(other))
+    assert hit_rate >= 0.5, hit_rate
+    assert other_rate <= 0.3, other_rate
+    assert hit_rate >= 2 * other_rate, (hit_rate, other_rate)
     # Cold items do come back, several distinct ones.
     assert len({item for (_, item, _), h in zip(pairs, hits) if h}) >= 3
