@@ -18,9 +18,15 @@ Transforms (PCollections they take and give):
 
 ``users`` are the rows of :class:`pipelines.split.UserTimelines`; ``index`` is the one-element
 ``{field: {value: index}}`` of :class:`pipelines.vocab.Vocabularies`.
+
+Incremental update (issue 29, docs/GROWING_CATALOGUE.md): :func:`update_cooccurrence` adds the
+co-occurrences of a new window of training clicks to the previous table; the state it needs is
+each user's session tail (``cooccurrence/session_tails.jsonl``, :func:`session_tail`), written
+by preprocess with ``preprocess.session_tails`` (:class:`WriteSessionState`) and by every update.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -74,11 +80,14 @@ PAIR_CHUNK = 1 << 21
 
 
 def cooccurrence_pair_chunks(ts, codes, window_s: int, max_pairs_per_click: int = 0,
-                             chunk: int = PAIR_CHUNK):
+                             chunk: int = PAIR_CHUNK, first_later: int = 0):
     """Vectorised :func:`cooccurrence_pairs` on int arrays, in pieces of about ``chunk`` pairs.
 
     ts:    int64 [n] click times, ascending.
     codes: int64 [n] item codes.
+    first_later: only pairs whose later click is click ``first_later`` or after (issue 29: the
+        clicks before it are the previous window's session tail, already counted); 0 (default)
+        = every pair, the behaviour of before.
     Yields (earlier codes [k], later codes [k]) arrays; together the same pairs as the reference
     generator, in another order. Memory stays O(chunk + n) however long a burst of clicks is.
 
@@ -94,12 +103,13 @@ def cooccurrence_pair_chunks(ts, codes, window_s: int, max_pairs_per_click: int 
     if n < 2:
         return
     if max_pairs_per_click:
-        yield from _capped_pair_chunks(ts, codes, window_s, max_pairs_per_click, chunk)
+        yield from _capped_pair_chunks(ts, codes, window_s, max_pairs_per_click, chunk,
+                                       first_later)
         return
     lo = np.searchsorted(ts, ts - window_s, side="left")
     width = np.arange(n, dtype=np.int64) - lo  # earlier clicks inside click j's window
     ends = np.cumsum(width)  # pairs of clicks 0..j
-    start = 0
+    start = max(0, int(first_later))
     while start < n:
         before = int(ends[start - 1]) if start else 0
         stop = max(start + 1, int(np.searchsorted(ends, before + chunk, side="right")))
@@ -115,9 +125,9 @@ def cooccurrence_pair_chunks(ts, codes, window_s: int, max_pairs_per_click: int 
         start = stop
 
 
-def _capped_pair_chunks(ts, codes, window_s, cap, chunk):
+def _capped_pair_chunks(ts, codes, window_s, cap, chunk, first_later=0):
     taken = np.zeros(ts.size, np.int64)
-    active = np.arange(1, ts.size)
+    active = np.arange(max(1, int(first_later)), ts.size)
     out_a, out_b, size = [], [], 0
     d = 1
     while active.size:
@@ -201,16 +211,24 @@ class PairCounter:
         """Yields (item, neighbours int64 [n] ascending, counts int64 [n]) in item order, both
         directions of every pair."""
         self.compact()
-        if not len(self._keys):
-            return
-        lo, hi = self._keys >> 32, self._keys & 0xFFFFFFFF
-        a, b = np.concatenate([lo, hi]), np.concatenate([hi, lo])
-        counts = np.concatenate([self._counts, self._counts])
-        order = np.lexsort((b, a))
-        a, b, counts = a[order], b[order], counts[order]
-        bounds = np.flatnonzero(np.r_[True, a[1:] != a[:-1], True])
-        for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            yield int(a[s]), b[s:e], counts[s:e]
+        yield from pair_rows(self._keys, self._counts)
+
+
+def pair_rows(keys, counts):
+    """Pair keys ``lo << 32 | hi`` (unique) and their counts -> the rows of
+    :meth:`PairCounter.rows`: (item, neighbours int64 [n] ascending, counts int64 [n]) in item
+    order, both directions of every pair."""
+    keys, counts = np.asarray(keys, np.int64), np.asarray(counts, np.int64)
+    if not len(keys):
+        return
+    lo, hi = keys >> 32, keys & 0xFFFFFFFF
+    a, b = np.concatenate([lo, hi]), np.concatenate([hi, lo])
+    counts = np.concatenate([counts, counts])
+    order = np.lexsort((b, a))
+    a, b, counts = a[order], b[order], counts[order]
+    bounds = np.flatnonzero(np.r_[True, a[1:] != a[:-1], True])
+    for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        yield int(a[s]), b[s:e], counts[s:e]
 
 
 def merge_neighbour_counts(x, y):
@@ -256,6 +274,221 @@ def check_session_category(value: str, extra_fields) -> None:
         raise ConfigError(f"preprocess.session_category must be one of {list(choices)} (tags, "
                           f"provider or an item extra field of this dataset's adapter). "
                           f"Received: {value!r}")
+
+
+# ------------------------------------------------------------------------ incremental update
+# Issue 29 ("A growing catalogue"): a new window of training clicks is counted and ADDED to the
+# previous table, never recomputed from all history. The only state it needs besides the table
+# is each user's session tail: the user's training clicks at most ``session_window_s`` before
+# the user's last one. Every click of a later window comes at or after that last click, so the
+# clicks it can pair with (at most ``session_window_s`` earlier), and under a cap its N nearest
+# earlier ones, all lie in the tail: a session spanning the boundary is counted once, exactly as
+# on the union of the windows.
+
+SESSION_TAILS = os.path.join("cooccurrence", "session_tails.jsonl")
+SESSION_STATE = os.path.join("cooccurrence", "session_state.json")
+
+
+def session_tail(clicks, window_s: int) -> tuple:
+    """The clicks (sorted by time, ``(ts, item_id)``) at most ``window_s`` before the last one."""
+    clicks = tuple((int(t), item) for t, item in clicks)
+    if not clicks:
+        return ()
+    last = clicks[-1][0]
+    return tuple(c for c in clicks if c[0] >= last - window_s)
+
+
+def _train_clicks(row):
+    """A user row of :class:`pipelines.split.UserTimelines` -> (user_id, its training clicks)."""
+    return row[0], tuple(row[2][:row[3]])
+
+
+def session_tails(user_rows, window_s: int, previous=None) -> dict:
+    """``{user_id: tail}`` after the users' training clicks of ``user_rows`` (rows of
+    :class:`pipelines.split.UserTimelines`; only the first ``n_train`` clicks) follow the
+    ``previous`` tails; users without new clicks keep their previous tail."""
+    tails = dict(previous or {})
+    for row in user_rows:
+        user, train = _train_clicks(row)
+        if train:
+            tails[user] = session_tail(tails.get(user, ()) + train, window_s)
+    return tails
+
+
+def _state_meta(pc, grown_from=None, updates: int = 0, users: int = 0) -> dict:
+    return {"session_window_s": int(pc.session_window_s),
+            "max_pairs_per_click": int(pc.max_pairs_per_click),
+            "cooccurrence_top_m": int(pc.cooccurrence_top_m),
+            "grown_from": grown_from, "updates": int(updates), "users": int(users)}
+
+
+def session_state_files(tails: dict, meta: dict) -> dict:
+    """``{relative path: bytes}`` of the state files: ``cooccurrence/session_tails.jsonl`` (one
+    line per user, ascending user id: ``{"user": id, "clicks": [[ts, item_id], ...]}``) and
+    ``cooccurrence/session_state.json`` (the settings the table was counted with, ``grown_from``
+    (the previous artifacts folder, null for a full preprocess), ``updates``, ``users``)."""
+    lines = [json.dumps({"user": u, "clicks": [[int(t), i] for t, i in tails[u]]},
+                        separators=(",", ":")) for u in sorted(tails) if tails[u]]
+    return {SESSION_TAILS: "".join(line + "\n" for line in lines).encode("utf-8"),
+            SESSION_STATE: (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8")}
+
+
+def write_session_state(out_dir: str, tails: dict, meta: dict) -> None:
+    for rel, data in session_state_files(tails, meta).items():
+        write_bytes(os.path.join(out_dir, rel), data)
+
+
+def read_session_state(artifacts_dir: str):
+    """-> (meta dict, {user_id: tail}) of a folder written with ``preprocess.session_tails``
+    or by :func:`update_cooccurrence`; :class:`FileNotFoundError` naming the key otherwise."""
+    state = os.path.join(artifacts_dir, SESSION_STATE)
+    if not os.path.exists(state):
+        raise FileNotFoundError(
+            f"{state} is missing: the previous artifacts keep no session tails; preprocess them "
+            f"with --set preprocess.session_tails=true (or grow them with update_cooccurrence)")
+    with open(state, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    tails = {}
+    with open(os.path.join(artifacts_dir, SESSION_TAILS), encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                tails[rec["user"]] = tuple((int(t), i) for t, i in rec["clicks"])
+    return meta, tails
+
+
+def _table_pair_counts(table: CooccurrenceTable):
+    """A symmetric table -> (pair keys ``lo << 32 | hi`` ascending, counts), each pair once."""
+    rows = table.rows()
+    once = table.neighbours > rows
+    return merge_counts((rows[once] << 32) | table.neighbours[once], table.counts[once])
+
+
+def _item_categories(items_rows, num_items: int, session_category: str, max_tags: int):
+    """The ``categories`` of :func:`same_category` from ``items/items.jsonl`` rows (V rows)."""
+    from micrec_tf.data.contract import item_feature
+
+    if session_category == "tags":
+        codes = np.zeros([num_items, max_tags], np.int64)
+    else:
+        codes = np.zeros([num_items], np.int64)
+    for row in items_rows:
+        idx = row["item"]
+        if idx >= num_items:
+            continue
+        if session_category == "tags":
+            tags = row["tags"][:max_tags]
+            codes[idx, :len(tags)] = tags
+        elif session_category == "provider":
+            codes[idx] = row["provider"]
+        else:
+            codes[idx] = row["extra"].get(item_feature(session_category), 0)
+    return codes
+
+
+def _check_prefix(prev_vocab: list, vocab: list, path: str) -> None:
+    if vocab[:len(prev_vocab)] != prev_vocab:
+        padded = vocab + [None] * len(prev_vocab)
+        first = next(i for i, (a, b) in enumerate(zip(prev_vocab, padded)) if a != b)
+        raise ValueError(f"{path}: the item vocabulary does not extend the previous one (index "
+                         f"{first + 1}: {prev_vocab[first]!r} became "
+                         f"{vocab[first] if first < len(vocab) else None!r}); an update needs "
+                         f"append-only vocabularies (preprocess.previous_artifacts)")
+
+
+def update_cooccurrence(prev_dir: str, window_rows, out_dir: str, pc) -> dict:
+    """Adds a new window's co-occurrences to the previous table (issue 29).
+
+    prev_dir:    the previous artifacts: ``cooccurrence/cooccurrence.npz`` (full rows, counted
+                 with ``cooccurrence_top_m`` 0), the session state (:func:`read_session_state`)
+                 and ``vocab/item_id.txt``; None = no previous table (the first window).
+    window_rows: the new window's user rows ``(user_id, profile, clicks ((ts, item_id), ...),
+                 n_train, ...)`` of :class:`pipelines.split.UserTimelines` (one per user; only
+                 the first ``n_train`` clicks count), every click at or after the user's last
+                 click of the previous state (same second allowed: it comes later).
+    out_dir:     the new artifacts: ``vocab/item_id.txt`` (the previous one plus appended
+                 items) and ``items/items.jsonl`` (for ``same_category``) are read;
+                 ``cooccurrence/cooccurrence.npz`` and the session state are written.
+    pc:          the :class:`micrec_tf.config.PreprocessConfig` (``session_window_s``,
+                 ``max_pairs_per_click`` as the previous table was counted with;
+                 ``cooccurrence_top_m`` 0; ``session_category``, ``max_tags``).
+
+    The table written equals the one a full preprocess counts on the union of the windows
+    (the same CSR bytes). Returns stats: ``pairs_added`` (co-occurrences of the window),
+    ``pairs_distinct``, ``cooccurrence_items``, ``tail_users``, ``window_users``.
+    """
+    from micrec_tf.data.artifacts import read_items, read_vocab, load_cooccurrence
+
+    if prev_dir is None:  # the first window: an empty previous table
+        meta, tails = _state_meta(pc), {}
+    else:
+        meta, tails = read_session_state(prev_dir)
+    for key in ("session_window_s", "max_pairs_per_click"):
+        if int(meta[key]) != int(getattr(pc, key)):
+            raise ValueError(f"preprocess.{key} must be {meta[key]} as the previous table was "
+                             f"counted with ({prev_dir}). Received: {getattr(pc, key)!r}")
+    for where, top_m in (("the previous table", meta["cooccurrence_top_m"]),
+                         ("this update", pc.cooccurrence_top_m)):
+        if int(top_m):
+            raise ValueError(f"preprocess.cooccurrence_top_m must be 0 for {where}: an update "
+                             f"adds to full rows. Received: {top_m!r}")
+    window_s, cap = int(pc.session_window_s), int(pc.max_pairs_per_click)
+    vocab_path = os.path.join(out_dir, "vocab", "item_id.txt")
+    vocab = read_vocab(vocab_path)
+    index = {v: i + 1 for i, v in enumerate(vocab)}
+    num_items = len(vocab) + 1
+    if prev_dir is None:
+        prev_keys, prev_counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    else:
+        prev_vocab = read_vocab(os.path.join(prev_dir, "vocab", "item_id.txt"))
+        _check_prefix(prev_vocab, vocab, vocab_path)
+        prev_keys, prev_counts = _table_pair_counts(
+            load_cooccurrence(prev_dir, num_items=len(prev_vocab) + 1))
+
+    counter, added, seen = PairCounter(), 0, set()
+    new_tails = dict(tails)
+    for row in window_rows:
+        user, train = _train_clicks(row)
+        if user in seen:
+            raise ValueError(f"user {user!r} has two rows in the window: one row per user")
+        seen.add(user)
+        if not train:
+            continue
+        tail = tails.get(user, ())
+        if tail and int(train[0][0]) < tail[-1][0]:
+            raise ValueError(f"user {user!r}: a window click at {train[0][0]} is earlier than "
+                             f"the user's last click {tail[-1][0]} of the previous artifacts: "
+                             f"windows must follow each other in time")
+        clicks = tail + train
+        missing = [i for _, i in clicks if i not in index]
+        if missing:
+            raise ValueError(f"item {missing[0]!r} (user {user!r}) is not in {vocab_path}")
+        codes = np.fromiter((index[i] for _, i in clicks), np.int64, len(clicks))
+        ts = np.fromiter((int(t) for t, _ in clicks), np.int64, len(clicks))
+        for a, b in cooccurrence_pair_chunks(ts, codes, window_s, cap, first_later=len(tail)):
+            counter.add(a, b)
+            added += len(a)
+        new_tails[user] = session_tail(clicks, window_s)
+    counter.compact()
+    keys, counts = merge_counts(np.concatenate([prev_keys, counter._keys]),
+                                np.concatenate([prev_counts, counter._counts]))
+
+    items_rows = read_items(out_dir)
+    extra = sorted({k[len("item_"):] for r in items_rows for k in r["extra"]})
+    check_session_category(pc.session_category, extra)
+    categories = _item_categories(items_rows, num_items, pc.session_category, pc.max_tags)
+    rows = [(item, nb, c, same_category(item, nb, categories))
+            for item, nb, c in pair_rows(keys, counts)]
+    table = CooccurrenceTable.from_rows(num_items, rows)
+    write_bytes(os.path.join(out_dir, "cooccurrence", "cooccurrence.npz"),
+                cooccurrence_npz_bytes(table))
+    write_session_state(out_dir, new_tails, _state_meta(
+        pc, grown_from=prev_dir and os.path.abspath(prev_dir),
+        updates=int(meta.get("updates", 0)) + 1,
+        users=sum(1 for t in new_tails.values() if t)))
+    return {"pairs_added": int(added), "pairs_distinct": int(len(keys)),
+            "cooccurrence_items": len(rows),
+            "tail_users": sum(1 for t in new_tails.values() if t), "window_users": len(seen)}
 
 
 # ------------------------------------------------------------------------------ Beam stages
@@ -418,3 +651,33 @@ class WriteCooccurrence(beam.PTransform):
         return (rows | "CoocRows" >> beam.ParDo(CooccurrenceRows(self.top_m), categories)
                 | "AllCooc" >> beam.combiners.ToList()
                 | "WriteCooc" >> beam.FlatMap(_write_cooc, self.out_dir, index))
+
+
+def _write_session_state(tails, out_dir, meta):
+    tails = dict(tails)
+    write_session_state(out_dir, tails, {**meta, "users": sum(1 for t in tails.values() if t)})
+    return []
+
+
+class WriteSessionState(beam.PTransform):
+    """``users`` -> ``cooccurrence/session_tails.jsonl`` + ``session_state.json`` (issue 29).
+
+    Input: the user rows the co-occurrence table is counted from (only the first ``n_train``
+    clicks); each user's session tail (:func:`session_tail`) is what an incremental update
+    (:func:`update_cooccurrence`) needs to count a session that spans the window boundary once.
+    Written by preprocess only with ``preprocess.session_tails`` (default false: no such file,
+    the artifacts of before). Returns an empty PCollection.
+    """
+
+    def __init__(self, out_dir: str, pc):
+        super().__init__()
+        self.out_dir, self.window_s = out_dir, int(pc.session_window_s)
+        self.meta = _state_meta(pc)
+
+    def expand(self, users):
+        window_s = self.window_s
+        return (users
+                | "Tail" >> beam.FlatMap(lambda r: [(r[0], session_tail(r[2][:r[3]], window_s))]
+                                         if r[3] else [])
+                | "AllTails" >> beam.combiners.ToList()
+                | "WriteTails" >> beam.FlatMap(_write_session_state, self.out_dir, self.meta))
