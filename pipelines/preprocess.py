@@ -68,6 +68,7 @@ import sys
 import time
 
 from micrec_tf import cli, locks, publish
+from pipelines import lineage
 from pipelines.common import DEAD, STATS, is_remote, write_bytes
 from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence, check_session_category
 from pipelines.examples import WriteExamples, feature_spec
@@ -104,8 +105,12 @@ def _write_summary(items, out_dir):
                 json.dumps(summary, sort_keys=True).encode("utf-8"))
 
 
-def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None:
-    """Adds every step of the job to pipeline ``p``; artifacts go to ``out_dir``."""
+def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str,
+                   previous=None) -> None:
+    """Adds every step of the job to pipeline ``p``; artifacts go to ``out_dir``.
+
+    ``previous``: the :class:`pipelines.lineage.Previous` to grow the vocabularies from (read
+    from ``preprocess.previous_artifacts`` when None and the key is set)."""
     pc = cfg.preprocess
     user_fields = tuple(adapter.user_fields)
     extra_fields = tuple(adapter.item_extra_fields)
@@ -158,9 +163,13 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str) -> None
         train_rows, thin_stats = thinned["users"], [thinned[STATS]]
 
     # 3. Vocabularies (training clicks only) and the item table on their indices.
+    # preprocess.previous_artifacts (issue 29): every previous vocabulary line keeps its index.
+    if previous is None and pc.previous_artifacts:
+        previous = lineage.read_previous(pc.previous_artifacts, cfg, adapter)
     vocab = ((train_rows, items_kv)
              | "Vocab" >> Vocabularies(out_dir, user_fields, extra_fields, pc.max_tags,
-                                       pc.session_window_s, pc.item_vocabulary))
+                                       pc.session_window_s, pc.item_vocabulary,
+                                       previous.vocabs if previous is not None else None))
     index = vocab["index"]
     item_table = (items_picked, index) | "ItemTable" >> ItemTable(out_dir, pc.max_tags,
                                                                    extra_fields)
@@ -367,11 +376,18 @@ def _run_remote(cfg: Config, options, adapter, data_dir: str, out_dir: str,
 def _run_into(cfg: Config, options, adapter, data_dir: str, out_dir: str) -> dict:
     """Runs the pipeline writing into ``out_dir`` and finishes stats.json there."""
     start = time.time()
+    previous = None
+    if cfg.preprocess.previous_artifacts:  # issue 29: read and checked before any work
+        previous = lineage.read_previous(cfg.preprocess.previous_artifacts, cfg, adapter)
     p = beam.Pipeline(options=options)
-    build_pipeline(p, cfg, adapter, data_dir, out_dir)
+    build_pipeline(p, cfg, adapter, data_dir, out_dir, previous=previous)
     result = p.run()
     result.wait_until_finish()
-    return _finish(cfg, adapter, out_dir, time.time() - start, _dead_letter_counters(result))
+    stats = _finish(cfg, adapter, out_dir, time.time() - start, _dead_letter_counters(result))
+    if previous is not None:
+        lineage.check_item_rows(out_dir, previous)
+        lineage.write_lineage(out_dir, previous, cfg, adapter)
+    return stats
 
 
 def summary_text(stats: dict, out_dir: str) -> str:
@@ -401,8 +417,13 @@ def main(argv=None) -> int:
     """Flags this parser does not know go to Beam (checked by :func:`pipelines.options.beam_options`)."""
     parser = cli.parser(__doc__, allow_abbrev=False)
     parser.add_argument("--out_dir", default=None, help="output dir (default: artifacts/<name>)")
+    parser.add_argument("--previous_artifacts", default=None,
+                        help="grow the vocabularies of this earlier artifacts folder (append-only; "
+                             "= --set preprocess.previous_artifacts=FOLDER)")
     args, beam_argv = parser.parse_known_args(argv)
     cfg = cli.load(args)
+    if args.previous_artifacts is not None:
+        cfg.preprocess.previous_artifacts = args.previous_artifacts
     pipeline_options(cfg, beam_argv, command=parser)  # an unknown flag fails before any work
     run(cfg, beam_argv, out_dir=args.out_dir)
     return 0

@@ -115,12 +115,30 @@ def _item_vocab_entries(kv, max_tags, extra_fields, catalogue=False):
             yield (item_feature(f), v), n
 
 
+def append_order(previous, entries):
+    """``[(value, count)]`` of one field: the ``previous`` values (issue 29) at their lines, each
+    with its count in ``entries`` (0 when absent: no click in this run), then the values of
+    ``entries`` not in ``previous`` by count descending, then value (the order of a run without
+    previous artifacts, so a new unclicked catalogue item comes after every new clicked one).
+
+    ``previous``: the values of the previous ``vocab/<field>.txt`` in line order (empty: the
+    vocabulary of before, byte for byte); ``entries``: ``[(value, count)]``, values distinct."""
+    ordered = [(v, -m) for m, v in sorted((-n, v) for v, n in entries)]
+    if not previous:
+        return ordered
+    counts, known = dict(entries), set(previous)
+    return ([(v, counts.get(v, 0)) for v in previous]
+            + [(v, n) for v, n in ordered if v not in known])
+
+
 def _sorted_vocab(kv):
     """(field, groups) -> (field, [(value, count)]) by count descending, then value: a count 0
-    (unclicked catalogue items only) sorts after every clicked value, by value."""
+    (unclicked catalogue items only) sorts after every clicked value, by value. With previous
+    values (``groups["expected"]``, issue 29) they keep their lines: :func:`append_order`."""
     field, groups = kv
     entries = [e for lst in groups["entries"] for e in lst]
-    return field, [(v, -m) for m, v in sorted((-n, v) for v, n in entries)]
+    previous = [v for lst in groups["expected"] for v in lst]
+    return field, append_order(previous, entries)
 
 
 class WriteVocab(beam.DoFn):
@@ -155,14 +173,20 @@ class Vocabularies(beam.PTransform):
     ``item_vocabulary``: ``"clicked"`` (default, the vocabulary as before) or ``"catalogue"``
     (every item of ``items`` gets an index; the unclicked ones after the clicked ones, by raw
     id). Also writes ``vocab/item_id_counts.txt`` (training clicks per ``item_id`` line).
+
+    ``previous`` (issue 29): ``{field: [value, ...]}``, the previous artifacts' vocabularies in
+    line order (:func:`pipelines.lineage.read_previous`): every previous value keeps its index
+    (count 0 when this run has no click on it) and new values follow (:func:`append_order`).
+    None or empty (default): the vocabularies of before, byte for byte.
     """
 
     def __init__(self, out_dir: str, user_fields, extra_fields, max_tags: int, window_s: int,
-                 item_vocabulary: str = "clicked"):
+                 item_vocabulary: str = "clicked", previous=None):
         super().__init__()
         if item_vocabulary not in ITEM_VOCABULARIES:
             raise ValueError(f"item_vocabulary must be one of {ITEM_VOCABULARIES}. Received: "
                              f"{item_vocabulary!r}")
+        self.previous = {f: list(v) for f, v in (previous or {}).items()}
         self.catalogue = item_vocabulary == "catalogue"
         self.out_dir, self.max_tags, self.window_s = out_dir, max_tags, window_s
         self.user_fields, self.extra_fields = tuple(user_fields), tuple(extra_fields)
@@ -183,7 +207,11 @@ class Vocabularies(beam.PTransform):
             | "GroupField" >> beam.GroupByKey()
             | "FieldList" >> beam.MapTuple(lambda f, es: (f, list(es))))
         fields = vocab_names(self.user_fields, self.extra_fields)
-        expected = users.pipeline | "VocabFields" >> beam.Create([(f, []) for f in fields])
+        unknown = sorted(set(self.previous) - set(fields))
+        if unknown:
+            raise ValueError(f"previous vocabularies must be among {fields}. Received: {unknown}")
+        expected = users.pipeline | "VocabFields" >> beam.Create(
+            [(f, self.previous.get(f, [])) for f in fields])
         vocabs = ({"entries": per_field, "expected": expected}
                   | "JoinFields" >> beam.CoGroupByKey() | "SortVocab" >> beam.Map(_sorted_vocab))
         written = vocabs | "WriteVocab" >> beam.ParDo(WriteVocab(self.out_dir)).with_outputs(
