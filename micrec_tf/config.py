@@ -129,6 +129,11 @@ class PreprocessConfig:
     max_pairs_per_click: int = 0
     # 0 = keep each item's full co-occurrence list (the paper's); M > 0 keeps the top M by count.
     cooccurrence_top_m: int = 0
+    # Issue 29: also write cooccurrence/session_tails.jsonl + session_state.json (each user's
+    # training clicks within session_window_s of the user's last one), the state an incremental
+    # update (pipelines.cooccurrence.update_cooccurrence) needs; needs cooccurrence_top_m 0.
+    # false (default) = no such files, the artifacts of before.
+    session_tails: bool = False
     # "Same category" of session CL's emphasis: ``tags`` = the two items share at least one tag;
     # ``provider`` or an item extra field name (e.g. ``year``) = equal non-empty values.
     session_category: str = "tags"
@@ -286,6 +291,13 @@ class TrainConfig:
     require_gpu: bool = False
     # Sparsity sweep: train on this fraction of users' training clicks (sampled by user, seeded).
     train_fraction: float = 1.0
+    # Warm start (issue 29, micrec_tf/warm_start.py): a finished run folder (or an export version
+    # made from one) whose checkpoint the model starts from, its tables grown for the ids the
+    # append-only vocabularies added. "" (default) = train from scratch, as before the key.
+    warm_start_from: str = ""
+    # Epochs of a warm-started update (replaces train.epochs when warm_start_from is set): one
+    # pass over the window by default; > 1 with early_stopping_patience > 0 = early stopping.
+    warm_start_epochs: int = 1
 
 
 @dataclass
@@ -535,6 +547,10 @@ def validate(cfg: Config) -> Config:
                           f"Received: {tuf!r}")
     for key in ("max_pairs_per_click", "cooccurrence_top_m"):  # 0 = no cap
         _check_positive(f"preprocess.{key}", getattr(cfg.preprocess, key), allow_zero=True)
+    if cfg.preprocess.session_tails and cfg.preprocess.cooccurrence_top_m:
+        raise ConfigError(f"preprocess.session_tails needs preprocess.cooccurrence_top_m 0 (an "
+                          f"update adds to full rows). Received: "
+                          f"{cfg.preprocess.cooccurrence_top_m!r}")
     category = cfg.preprocess.session_category
     if not isinstance(category, str) or not category.strip():
         raise ConfigError(f"preprocess.session_category must be 'tags', 'provider' or an item "
@@ -578,7 +594,7 @@ def validate(cfg: Config) -> Config:
     _check_positive("loss.num_cl_negatives", cfg.loss.num_cl_negatives)
     _check_positive("loss.same_category_weight", cfg.loss.same_category_weight)
     for key in ("batch_size", "learning_rate", "epochs", "validation_max_examples",
-                "steps_per_checkpoint"):
+                "steps_per_checkpoint", "warm_start_epochs"):
         _check_positive(f"train.{key}", getattr(cfg.train, key))
     _check_positive("train.early_stopping_patience", cfg.train.early_stopping_patience, True)
     _check_positive("eval.test_max_examples", cfg.eval.test_max_examples, True)
