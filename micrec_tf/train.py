@@ -50,6 +50,7 @@ from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model
 from micrec_tf.precision import policy_scope
 from micrec_tf.towers import use_history_table
+from micrec_tf.warm_start import update_config, warm_start
 
 
 class GPURequestedError(RuntimeError):
@@ -384,6 +385,7 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
     once, naming this one's pid (:mod:`micrec_tf.locks`).
     """
     run_dir = run_dir or cfg.run_dir
+    cfg = update_config(cfg)  # issue 29: an update trains train.warm_start_epochs epochs
     publish.check_owned_dir(run_dir, "the run folder (--run-dir)")
     with locks.folder_lock(run_dir, "training", "wait for it or pick another --run-dir"):
         return _train_locked(cfg, run_dir, evaluate_test, log, extra_callbacks)
@@ -464,6 +466,8 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
         # BackupAndRestore restores all of them, not only those that exist at restore time.
         model.compute_losses(next(iter(make_dataset(cfg.artifacts_dir, "valid", 8))))
         model.optimizer.build(model.trainable_variables)
+        # Issue 29: train.warm_start_from restores a previous run, its tables grown (None: "").
+        warm = warm_start(model, cfg, run_dir, art.vocab_sizes.values(), log)
     # Under a GPU strategy, Keras distributes the dataset, which prefetches batches to the device.
 
     valid = _subsample(splits["valid"], cfg.train.validation_max_examples, cfg.train.seed)
@@ -519,6 +523,8 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
                                       exclude=v_excl, batch_size=cfg.eval.batch_size)}
     if cl_anchors:
         result["cl_anchors"] = cl_anchors
+    if warm:
+        result["warm_start"] = warm
     if evaluate_test:
         # Long tail (paper 5.6): test clicks on the 80 % least-clicked training items.
         tail = long_tail_items(train_item_counts(cfg.artifacts_dir, splits["train"]))

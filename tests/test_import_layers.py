@@ -49,7 +49,7 @@ STAGES = {
     "micrec_tf.towers": 2,
     "micrec_tf.losses": 2, "micrec_tf.cl": 2,
     "micrec_tf.model": 2, "micrec_tf.tfrs_peer": 2, "micrec_tf.precision": 2,
-    "micrec_tf.train": 3, "micrec_tf.evaluation": 3,
+    "micrec_tf.train": 3, "micrec_tf.evaluation": 3, "micrec_tf.warm_start": 3,
     "export": 4,
     "micrec_tf.retrieval": 5, "micrec_tf.retrieve": 5,
     "experiments": 6, "benchmarks": 6,

@@ -1,0 +1,378 @@
+"""Warm start with grown tables (issue 29, micrec_tf/warm_start.py).
+
+References: the previous checkpoint read back with ``tf.train.load_checkpoint`` (TensorFlow's own
+reader, not the code under test), Keras's own optimizer variable list (a checkpoint key
+``model/optimizer/_variables/<i>`` is ``optimizer.variables[i]``), values captured before the
+restore, hand-written shapes and messages.
+"""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+import yaml
+
+from micrec_tf import warm_start as ws
+from micrec_tf.config import ConfigError, from_dict
+
+EMB = "model/layer_with_weights-0/embeddings/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _toy(vocab: int, dim: int = 4, lr: float = 0.01, seed: int = 0):
+    """An ID table and a head, compiled with Adam, every slot built."""
+    tf_keras.utils.set_random_seed(seed)
+    ids = tf_keras.Input(shape=(), dtype="int64")
+    vectors = tf_keras.layers.Embedding(vocab, dim, name="item_embedding")(ids)
+    model = tf_keras.Model(ids, tf_keras.layers.Dense(1, name="head")(vectors))
+    model.compile(optimizer=tf_keras.optimizers.Adam(lr))
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def _step(model, ids):
+    """One Adam step on a squared output (no Model.fit)."""
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(model(tf.constant(ids, tf.int64))))
+    grads = tape.gradient(loss, model.trainable_variables)
+    model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+
+def _trained_toy(tmp_path, vocab=7, dim=4):
+    old = _toy(vocab, dim)
+    _step(old, [1, 2, 3])
+    _step(old, [2, 5])
+    prefix = tf.train.Checkpoint(model=old).write(str(tmp_path / "old" / "model"))
+    return prefix
+
+
+def test_grown_table_keeps_old_rows_and_adam_slots_bit_identical(tmp_path):
+    prefix = _trained_toy(tmp_path)
+    reader = tf.train.load_checkpoint(prefix)
+    assert reader.get_variable_to_shape_map()[EMB] == [7, 4]
+    new = _toy(10, lr=0.05, seed=1)
+    fresh_table = new.layers[1].embeddings.numpy().copy()
+    summary = ws.restore_grown(new, prefix, [10], str(tmp_path / "work"))
+    table = new.layers[1].embeddings.numpy()
+    assert table.shape == (10, 4)
+    assert np.array_equal(table[:7], reader.get_tensor(EMB))
+    assert np.array_equal(table[7:], fresh_table[7:])  # new ids: rows as initialised at build
+    assert summary["grown"][EMB] == [7, 10]
+    grown_slots = 0
+    for i, var in enumerate(new.optimizer.variables[1:], 1):  # [0] is iterations (below)
+        key = f"model/optimizer/_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE"
+        old = reader.get_tensor(key)
+        value = var.numpy()
+        if value.shape == (10, 4):  # the table's m and v
+            grown_slots += 1
+            assert np.abs(old[[1, 2, 3, 5]]).min() > 0  # trained rows have moments
+            assert np.array_equal(value[:7], old) and not value[7:].any()
+        else:
+            assert np.array_equal(value, old)
+    assert grown_slots == 2
+    assert int(new.optimizer.iterations.numpy()) == 2  # two apply_gradients above
+    assert float(new.optimizer.learning_rate.numpy()) == pytest.approx(0.05)  # the update's
+    head = "model/layer_with_weights-1/kernel/.ATTRIBUTES/VARIABLE_VALUE"
+    assert np.array_equal(new.layers[2].kernel.numpy(), reader.get_tensor(head))
+
+
+def test_restore_into_the_same_shapes_changes_nothing(tmp_path):
+    prefix = _trained_toy(tmp_path)
+    reader = tf.train.load_checkpoint(prefix)
+    new = _toy(7, seed=5)
+    summary = ws.restore_grown(new, prefix, [7], str(tmp_path / "work"))
+    assert summary["grown"] == {}
+    assert np.array_equal(new.layers[1].embeddings.numpy(), reader.get_tensor(EMB))
+    for i, var in enumerate(new.optimizer.variables[1:], 1):
+        key = f"model/optimizer/_variables/{i}/.ATTRIBUTES/VARIABLE_VALUE"
+        assert np.array_equal(var.numpy(), reader.get_tensor(key))
+    assert int(new.optimizer.iterations.numpy()) == int(reader.get_tensor(
+        "model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 2
+
+
+def test_another_embedding_dim_is_refused_naming_the_variable_and_both_shapes(tmp_path):
+    prefix = _trained_toy(tmp_path)
+    with pytest.raises(ws.WarmStartError) as err:
+        ws.restore_grown(_toy(10, dim=5), prefix, [10], str(tmp_path / "work"))
+    msg = str(err.value)
+    assert "\n" not in msg and "[7, 4]" in msg and "[10, 5]" in msg
+    assert "/.ATTRIBUTES/VARIABLE_VALUE" in msg and "model/" in msg
+
+
+def test_plan_copies_grows_and_refuses():
+    prev = {"model/t/embeddings/.A": [5, 2], "model/d/kernel/.A": [2, 3],
+            "model/f/item_id_keep_mask/.A": [5], "model/optimizer/_learning_rate/.A": [],
+            ws.OBJECT_GRAPH: []}
+    fresh = {"model/t/embeddings/.A": [8, 2], "model/d/kernel/.A": [2, 3],
+             "model/f/item_id_keep_mask/.A": [8], "model/optimizer/_learning_rate/.A": [],
+             ws.OBJECT_GRAPH: []}
+    assert ws.plan_restore(prev, fresh, [8, 3]) == {
+        "model/t/embeddings/.A": "grow", "model/d/kernel/.A": "copy",
+        "model/f/item_id_keep_mask/.A": "new", "model/optimizer/_learning_rate/.A": "new"}
+    cases = [
+        ({**fresh, "model/t/embeddings/.A": [4, 2]}, "model/t/embeddings/.A has shape [5, 2] "
+         "in the previous checkpoint and [4, 2]"),                       # shrunk
+        ({**fresh, "model/d/kernel/.A": [2, 4]}, "model/d/kernel/.A has shape [2, 3]"),
+        ({**fresh, "model/x/.A": [1]}, "model/x/.A (shape [1]) is not in the previous"),
+        ({k: v for k, v in fresh.items() if k != "model/d/kernel/.A"},
+         "model/d/kernel/.A (shape [2, 3]) of the previous checkpoint has no place"),
+    ]
+    for new, expected in cases:
+        with pytest.raises(ws.WarmStartError, match=re.escape(expected)):
+            ws.plan_restore(prev, new, [8, 3])
+    with pytest.raises(ws.WarmStartError, match=re.escape(  # 8 is no vocabulary size
+            "variable model/t/embeddings/.A has shape [5, 2] in the previous checkpoint "
+            "and [8, 2]")):
+        ws.plan_restore(prev, fresh, [9, 3])
+    # Data of the new artifacts (the ID keep mask) may appear or go: built from the new counts.
+    mask = "model/f/item_id_keep_mask/.A"
+    no_mask = {k: v for k, v in prev.items() if k != mask}
+    assert ws.plan_restore(no_mask, fresh, [8, 3])[mask] == "new"
+    assert mask not in ws.plan_restore(prev, {k: v for k, v in fresh.items() if k != mask}, [8])
+
+
+def _vocab(folder, name, lines):
+    os.makedirs(os.path.join(folder, "vocab"), exist_ok=True)
+    with open(os.path.join(folder, "vocab", name), "w", encoding="utf-8") as fh:
+        fh.write("".join(f"{x}\n" for x in lines))
+
+
+def test_append_only_check_names_the_field_and_the_moved_line(tmp_path):
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    _vocab(old, "item_id.txt", ["a", "b", "c"])
+    _vocab(old, "item_id_counts.txt", [5, 3, 1])
+    _vocab(old, "tag.txt", ["x"])
+    _vocab(new, "item_id.txt", ["a", "b", "c", "d"])
+    _vocab(new, "item_id_counts.txt", [9, 3, 1, 4])  # counts change: not checked
+    _vocab(new, "tag.txt", ["x", "y"])
+    assert ws.check_append_only(old, new) is None
+    _vocab(new, "item_id.txt", ["a", "c", "b", "d"])  # re-sorted by frequency
+    with pytest.raises(ws.WarmStartError, match=r"vocab/item_id.txt is not append-only: line 2 "
+                                                r"was 'b' .* now 'c'"):
+        ws.check_append_only(old, new)
+    _vocab(new, "item_id.txt", ["a", "b", "c"])
+    _vocab(new, "tag.txt", [])
+    with pytest.raises(ws.WarmStartError, match=r"tag.txt .* line 1 was 'x' .* now nothing"):
+        ws.check_append_only(old, new)
+    assert "not checked" in ws.check_append_only(str(tmp_path / "gone"), new)
+
+
+def test_update_config_defaults_and_validation():
+    cfg = from_dict({})
+    assert cfg.train.warm_start_from == "" and cfg.train.warm_start_epochs == 1
+    assert ws.update_config(cfg) is cfg and cfg.train.epochs == 10  # today's behaviour
+    update = ws.update_config(cfg.replace({"train.warm_start_from": "runs/x"}))
+    assert update.train.epochs == 1
+    three = cfg.replace({"train.warm_start_from": "runs/x", "train.warm_start_epochs": 3})
+    assert ws.update_config(three).train.epochs == 3
+    with pytest.raises(ConfigError, match="train.warm_start_epochs"):
+        cfg.replace({"train.warm_start_epochs": 0})
+
+
+def test_model_keys_must_match():
+    cfg = from_dict({"model": {"embedding_dim": 16}})
+    ws.check_same_model({"model": {"name": cfg.model.name, "embedding_dim": 16}}, cfg)
+    with pytest.raises(ws.WarmStartError, match="model.embedding_dim is 16 but the previous "
+                                                "run's is 32"):
+        ws.check_same_model({"model": {"name": cfg.model.name, "embedding_dim": 32}}, cfg)
+    with pytest.raises(ws.WarmStartError, match="model.name"):
+        ws.check_same_model({"model": {"name": "other", "embedding_dim": 16}}, cfg)
+
+
+def test_source_folders(tmp_path):
+    with pytest.raises(ws.WarmStartError, match="is not a folder"):
+        ws.resolve_run_dir(str(tmp_path / "nowhere"))
+    with pytest.raises(ws.WarmStartError, match="neither a run folder"):
+        ws.resolve_run_dir(str(tmp_path))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: x\n")
+    with pytest.raises(ws.WarmStartError, match="did not finish|no run_state.json"):
+        ws.resolve_run_dir(str(run))  # no finished training
+    (run / "metrics.json").write_text("{}")  # a run from before run_state.json
+    version = tmp_path / "exports" / "3"
+    version.mkdir(parents=True)
+    (version / "metadata.json").write_text(json.dumps({"run_dir": str(run)}))
+    assert ws.resolve_run_dir(str(version)) == str(run)
+    (version / "metadata.json").write_text(json.dumps({"run_dir": str(tmp_path / "gone")}))
+    with pytest.raises(ws.WarmStartError, match="is gone"):
+        ws.resolve_run_dir(str(version))
+
+
+# ---- end to end on the tiny pipeline (slow: a training) ----
+
+NEW_ITEMS = 3
+
+
+def _grow_artifacts(src: str, dst: str) -> None:
+    """A copy of ``src`` as the append-only preprocess would write it after NEW_ITEMS new
+    items (one with a new tag) and one new user arrived: every vocabulary extended at its end,
+    the item table and the co-occurrence table (empty rows) with them; the examples unchanged."""
+    shutil.copytree(src, dst)
+    voc = os.path.join(dst, "vocab")
+
+    def append(name, lines):
+        with open(os.path.join(voc, name), "a", encoding="utf-8") as fh:
+            fh.write("".join(f"{x}\n" for x in lines))
+
+    with open(os.path.join(voc, "item_id.txt"), encoding="utf-8") as fh:
+        old_items = sum(1 for _ in fh)
+    with open(os.path.join(voc, "tag.txt"), encoding="utf-8") as fh:
+        old_tags = sum(1 for _ in fh)
+    append("item_id.txt", [f"new{i}" for i in range(NEW_ITEMS)])
+    if os.path.exists(os.path.join(voc, "item_id_counts.txt")):
+        append("item_id_counts.txt", [0] * NEW_ITEMS)
+    append("tag.txt", ["brand-new-tag"])
+    append("user_id.txt", ["new-user"])
+    items_path = os.path.join(dst, "items", "items.jsonl")
+    with open(items_path, encoding="utf-8") as fh:
+        extra = {k: 1 for k in json.loads(fh.readline())["extra"]}
+    with open(items_path, "a", encoding="utf-8") as fh:
+        for i in range(NEW_ITEMS):
+            fh.write(json.dumps({"item": old_items + 1 + i, "item_id": f"new{i}",
+                                 "title": "A fresh arrival", "tags": [1, old_tags + 1],
+                                 "provider": 1, "extra": extra}) + "\n")
+    spec_path = os.path.join(dst, "examples", "feature_spec.json")
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    for field, n in (("item_id", NEW_ITEMS), ("tag", 1), ("user_id", 1)):
+        spec["vocab_sizes"][field] += n
+    with open(spec_path, "w", encoding="utf-8") as fh:
+        json.dump(spec, fh)
+    co_path = os.path.join(dst, "cooccurrence", "cooccurrence.npz")
+    with np.load(co_path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["indptr"] = np.concatenate(
+        [arrays["indptr"], np.full(NEW_ITEMS, arrays["indptr"][-1], arrays["indptr"].dtype)])
+    np.savez_compressed(co_path, **arrays)
+
+
+@pytest.fixture(scope="module")
+def previous(tiny_pipeline, tmp_path_factory):
+    """(cfg, tmp, the previous run folder, its checkpoint prefix): one epoch on the tiny data."""
+    from micrec_tf.train import train
+
+    cfg, _ = tiny_pipeline
+    tmp = str(tmp_path_factory.mktemp("warm"))
+    run_dir = os.path.join(tmp, "runs", "previous")
+    train(cfg.replace({"train.epochs": 1}), run_dir=run_dir, evaluate_test=False,
+          log=lambda *a: None)
+    return cfg, tmp, run_dir, os.path.join(run_dir, "checkpoint", "model")
+
+
+def _built_model(cfg):
+    """The model of ``cfg`` built as micrec_tf.train builds it (every variable and slot)."""
+    from micrec_tf.data.artifacts import load_artifacts
+    from micrec_tf.data.input import make_dataset
+    from micrec_tf.model import build_model
+
+    art = load_artifacts(cfg.artifacts_dir)
+    model = build_model(cfg, art.item_table, art.vocab_sizes, art.user_fields, art.cooccurrence,
+                        art.title_neighbours)
+    model.compile(optimizer=tf_keras.optimizers.Adam(cfg.train.learning_rate))
+    model.compute_losses(next(iter(make_dataset(cfg.artifacts_dir, "valid", 8))))
+    model.optimizer.build(model.trainable_variables)
+    return model, art
+
+
+def _checkpoint_of(model, path):
+    return tf.train.load_checkpoint(tf.train.Checkpoint(model=model).write(path))
+
+
+@pytest.mark.slow
+def test_zero_steps_on_grown_artifacts_keep_every_old_value(previous, tmp_path):
+    cfg, tmp, run_dir, prefix = previous
+    old = tf.train.load_checkpoint(prefix)
+    old_shapes = old.get_variable_to_shape_map()
+    item_key = ("model/user_tower/item_field_embeddings/item_embedding/embeddings/"
+                ".ATTRIBUTES/VARIABLE_VALUE")
+    grown_root = str(tmp_path / "artifacts")
+    _grow_artifacts(cfg.artifacts_dir, os.path.join(grown_root, cfg.name))
+    for root, added in ((cfg.artifacts_root, 0), (grown_root, NEW_ITEMS)):
+        new_cfg = cfg.replace({"artifacts_root": root, "train.warm_start_from": run_dir})
+        model, art = _built_model(new_cfg)
+        out = str(tmp_path / f"run{added}")
+        os.makedirs(out)
+        summary = ws.warm_start(model, new_cfg, out, art.vocab_sizes.values(), log=lambda *a: None)
+        assert not [p for p in os.listdir(out) if p.startswith(".warm_start")]  # scratch removed
+        new = _checkpoint_of(model, str(tmp_path / f"after{added}" / "model"))
+        new_shapes = new.get_variable_to_shape_map()
+        # Only data of the new artifacts may appear: the ID keep mask, once unclicked new items
+        # are masked (model.min_id_clicks), built from the new item counts.
+        appeared = set(new_shapes) - set(old_shapes)
+        assert set(old_shapes) <= set(new_shapes)
+        assert appeared == ({"model/user_tower/item_field_embeddings/item_id_keep_mask/"
+                             ".ATTRIBUTES/VARIABLE_VALUE"} if added and cfg.model.min_id_clicks
+                            else set())
+        for key in appeared:  # 1 = the ID row is used: every old item, no new (unclicked) one
+            assert new.get_tensor(key).tolist() == [1.0] * old_shapes[item_key][0] + [0.0] * added
+        grown = 0
+        for key, shape in old_shapes.items():
+            a, b = old.get_tensor(key), new.get_tensor(key)
+            if key == ws.OBJECT_GRAPH:
+                continue
+            assert np.array_equal(b[:shape[0]] if shape else b, a), key
+            if list(new_shapes[key]) != shape:
+                grown += 1
+                assert new_shapes[key][1:] == shape[1:], key
+                if "/optimizer/_variables/" in key:
+                    assert not b[shape[0]:].any(), key  # new Adam rows are zero
+        assert new_shapes[item_key][0] == old_shapes[item_key][0] + added
+        if added:
+            assert summary["rows_added"][item_key.split("/.ATTRIBUTES")[0]] == NEW_ITEMS
+            # The item ID and tag tables (MicRec embeds no user ID), each with Adam's m and v.
+            assert grown == 2 * 3
+            assert {k.split("/")[-2] for k in summary["rows_added"]} == {"item_embedding",
+                                                                        "tag_embedding"}
+            assert np.abs(new.get_tensor(item_key)[-NEW_ITEMS:]).max() > 0  # initialised rows
+        else:
+            assert grown == 0 and summary["grown"] == {}
+
+
+@pytest.mark.slow
+def test_refused_mismatch_names_the_variable(previous, tmp_path):
+    cfg, tmp, run_dir, _ = previous
+    other = cfg.replace({"model.cl": ["feature", "semantic"], "train.warm_start_from": run_dir})
+    model, art = _built_model(other)
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    with pytest.raises(ws.WarmStartError, match=r"variable model/\S*session_cl\S* \(shape \[") as e:
+        ws.warm_start(model, other, out, art.vocab_sizes.values(), log=lambda *a: None)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_one_pass_update_on_grown_artifacts_gives_new_items_vectors(previous, tmp_path):
+    from micrec_tf.train import train
+
+    cfg, tmp, run_dir, prefix = previous
+    grown_root = str(tmp_path / "artifacts")
+    _grow_artifacts(cfg.artifacts_dir, os.path.join(grown_root, cfg.name))
+    update = cfg.replace({"artifacts_root": grown_root, "train.warm_start_from": run_dir,
+                          "train.epochs": 5})
+    out = str(tmp_path / "runs" / "update")
+    lines = []
+    res = train(update, run_dir=out, evaluate_test=False, log=lines.append)
+    assert res["epochs_run"] == 1  # one pass (train.warm_start_epochs), not train.epochs 5
+    assert len(res["history"]["sampled_softmax_loss"]) == 1
+    assert any(str(line).startswith("[train] warm start from") for line in lines)
+    with open(os.path.join(out, "config.yaml"), encoding="utf-8") as fh:
+        assert yaml.safe_load(fh)["train"]["warm_start_from"] == run_dir
+    old_iterations = int(tf.train.load_checkpoint(prefix).get_tensor(
+        "model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+    with open(os.path.join(update.artifacts_dir, "examples", "feature_spec.json")) as fh:
+        n_train = json.load(fh)["num_examples"]["train"]
+    steps = -(-n_train // update.train.batch_size)  # ceil: one epoch's batches
+    assert old_iterations == steps  # the previous run's single epoch
+    assert int(res["model"].optimizer.iterations.numpy()) == old_iterations + steps
+    vectors = res["model"].item_embeddings().numpy()
+    old_items = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()[
+        "model/user_tower/item_field_embeddings/item_embedding/embeddings/.ATTRIBUTES/"
+        "VARIABLE_VALUE"][0]
+    assert vectors.shape[0] == old_items + NEW_ITEMS
+    new_vectors = vectors[-NEW_ITEMS:]
+    assert np.all(np.isfinite(new_vectors)) and np.linalg.norm(new_vectors, axis=1).min() > 0
+    assert res["warm_start"]["from"] == os.path.abspath(run_dir)
