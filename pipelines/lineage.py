@@ -29,9 +29,13 @@ a copied folder keeps it, and two runs that give the same vocabularies give the 
 Refusals (:class:`PreviousArtifactsError`, one line naming the value): a folder without
 ``stats.json`` or ``vocab/``, a file that cannot be read or parsed, another dataset or adapter
 than this run's, another ``item_vocabulary`` (read from ``lineage.json``; for a folder without
-one: ``catalogue`` when its stats say every item of the item table is in the vocabulary, else
-``clicked``; when both agree the two modes wrote the same files and either may grow it), another
-set of vocabulary fields (schema), and a vocabulary file with a repeated line.
+one: ``clicked`` when stats.json's ``items`` < ``items_in_table``, ``catalogue`` when
+``item_id_counts.txt`` holds a 0, else either: every item of the table was clicked and both
+modes wrote the same files), another set of vocabulary fields (schema), and a vocabulary file
+with a repeated line. After the job, :func:`check_item_rows` refuses a previous item that left
+the item file (it would keep its line without an ``items.jsonl`` row).
+
+Local folders and any Beam filesystem (``gs://...``) are read through ``FileSystems``.
 """
 from __future__ import annotations
 

@@ -12,6 +12,15 @@ out of vocabulary). Both modes write ``vocab/item_id_counts.txt``: line k is the
 training clicks of line k of ``vocab/item_id.txt`` (0 for an unclicked catalogue item), read by
 the trainer for ``model.min_id_clicks``.
 
+Append-only vocabularies (``preprocess.previous_artifacts``, issue 29; default ``""`` = the
+vocabularies above, byte for byte): every value of the previous folder's ``vocab/<field>.txt``
+keeps its line, in every field; the values this run meets for the first time follow in the
+order above (training count descending, then value; with ``catalogue`` the new unclicked items
+last, by raw id) (:func:`append_order`). A previous value without a training click in this run
+keeps its line with count 0 (``item_id_counts.txt`` holds this run's clicks, not a running
+total). :mod:`pipelines.lineage` reads and checks the previous folder and writes
+``lineage.json``.
+
 Fields (:func:`micrec_tf.data.contract.vocab_names`): ``item_id``, ``tag``,
 ``provider``, ``user_id``, ``user_<field>`` per user field and ``item_<field>`` per item extra
 field. A user's training clicks count for its id and each non-empty profile value; an item's

@@ -79,9 +79,11 @@ def ref_counts(root):
     from the raw TSVs (max_tags 3: every test item has at most 2 distinct tags)."""
     item_ids, train, _, _ = reference(root, False)
     with open(os.path.join(root, "items.tsv"), encoding="utf-8") as fh:
-        items = {r[0]: r for r in (line.rstrip("\n").split("\t") for line in fh) if r[0] != "item_id"}
+        items = {r[0]: r for r in (line.rstrip("\n").split("\t") for line in fh)
+                 if r[0] != "item_id"}
     with open(os.path.join(root, "users.tsv"), encoding="latin-1") as fh:
-        users = {r[0]: r for r in (line.rstrip("\n").split("\t") for line in fh) if r[0] != "user_id"}
+        users = {r[0]: r for r in (line.rstrip("\n").split("\t") for line in fh)
+                 if r[0] != "user_id"}
     c = {f: collections.Counter() for f in FIELDS}
     for u, i, _ in train:
         c["user_id"][u] += 1
@@ -245,7 +247,8 @@ def test_an_item_that_left_the_item_file_is_refused(tmp_path):
                                           r"\(first: \['m0'\]\)"):
         lineage.check_item_rows(str(out), prev)
     (out / "items" / "items.jsonl").write_text(
-        '{"item": 1, "item_id": "m1"}\n{"item": 2, "item_id": "m0"}\n{"item": 3, "item_id": "n5"}\n')
+        '{"item": 1, "item_id": "m1"}\n{"item": 2, "item_id": "m0"}\n'
+        '{"item": 3, "item_id": "n5"}\n')
     lineage.check_item_rows(str(out), prev)
 
 
