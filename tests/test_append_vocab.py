@@ -351,3 +351,28 @@ def test_growing_from_the_same_clicks_changes_no_vocabulary_byte(grown, tmp_path
     assert version_of(art) == version1
     with open(os.path.join(art, "lineage.json"), encoding="utf-8") as fh:
         assert set(json.load(fh)["appended"].values()) == {0}
+
+
+def test_the_command_line_refuses_in_one_line_and_keeps_the_output_folder(tmp_path, capsys):
+    from micrec_tf import cli
+
+    os.makedirs(tmp_path / "raw")
+    write_raw(str(tmp_path / "raw"), _old_items(), [("u00", "M", "18")],
+              [("u00", "m00", T0), ("u00", "m01", T0 + 1)])
+    out = tmp_path / "art" / "t"
+    os.makedirs(out)
+    (out / "stats.json").write_text('{"old": 1}')  # an earlier artifacts folder, kept as is
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"name": "t", "artifacts_root": str(tmp_path / "art"), "data": {
+        "dataset": "canonical", "data_dir": str(tmp_path / "raw")}}))
+    prev = _fake_artifacts(tmp_path / "prev", stats={"dataset": "synthetic"})
+    for argv, needle in (
+            (["--previous_artifacts", str(tmp_path / "nowhere")], "no such folder"),
+            (["--set", f"preprocess.previous_artifacts={prev}"],
+             "built with dataset 'synthetic', this run's is 'canonical'")):
+        assert cli.run(preprocess.main, ["--config", str(cfg), *argv]) == 2
+        _, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+        assert sorted(os.listdir(out)) == ["stats.json"]
+        assert (out / "stats.json").read_text() == '{"old": 1}'
