@@ -45,10 +45,11 @@ import json
 import os
 import posixpath
 
-from apache_beam.io.filesystems import FileSystems
-
+import pipelines.common  # noqa: F401  (first: it makes Beam's import quiet)
 from micrec_tf.config import ConfigError
 from micrec_tf.data.contract import vocab_names
+
+from apache_beam.io.filesystems import FileSystems  # noqa: E402  (after pipelines.common)
 
 __all__ = ["LINEAGE_FILE", "Previous", "PreviousArtifactsError", "check_item_rows",
            "lineage_record", "read_previous", "vocab_version", "write_lineage"]
