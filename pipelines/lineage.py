@@ -211,9 +211,13 @@ def check_item_rows(out_dir: str, previous: Previous) -> None:
     """Every line of ``vocab/item_id.txt`` has its ``items/items.jsonl`` row: an item of the
     previous vocabulary that left the item file keeps its line but has no row, which the
     trainer's strict reader refuses; refused here, naming the first such items."""
-    ids = set(_read(_join(out_dir, "vocab", "item_id.txt")).decode("utf-8").split("\n")) - {""}
+    vocab = _read(_join(out_dir, "vocab", "item_id.txt"))
+    table = _read(_join(out_dir, "items", "items.jsonl"))
+    if vocab.count(b"\n") == table.count(b"\n"):  # one row per line (ids are distinct)
+        return
+    ids = set(vocab.decode("utf-8").split("\n")) - {""}
     rows = set()
-    for line in _read(_join(out_dir, "items", "items.jsonl")).decode("utf-8").splitlines():
+    for line in table.decode("utf-8").splitlines():
         rows.add(json.loads(line)["item_id"])
     missing = sorted(ids - rows)
     if missing:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 
 import pytest
 
@@ -345,12 +346,16 @@ def test_lineage_points_at_the_previous_folder(grown):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("grown", ["clicked"], indirect=True)
-def test_growing_from_the_same_clicks_changes_no_vocabulary_byte(grown, tmp_path):
+def test_growing_in_place_from_the_same_clicks_changes_no_vocabulary_byte(grown, tmp_path):
     mode, root1, _, art1, _, before, version1 = grown
-    art = _run(root1, tmp_path, mode, previous=art1)
-    assert version_of(art) == version1
+    # A copy of the first folder is grown in place (previous_artifacts = the output folder).
+    shutil.copytree(art1, tmp_path / "t")
+    art = _run(root1, tmp_path, mode, previous=str(tmp_path / "t"))
+    assert art == str(tmp_path / "t") and version_of(art) == version1
     with open(os.path.join(art, "lineage.json"), encoding="utf-8") as fh:
-        assert set(json.load(fh)["appended"].values()) == {0}
+        rec = json.load(fh)
+    assert set(rec["appended"].values()) == {0} and rec["grew_from"] == version1
+    assert rec["previous_artifacts"] == art
 
 
 def test_the_command_line_refuses_in_one_line_and_keeps_the_output_folder(tmp_path, capsys):
