@@ -11,14 +11,18 @@ artifacts as usual, then restore every variable of the previous run's ``checkpoi
   and ``v`` of every grown table, which are variables of the same shape) is **grown**: rows
   ``[0, old)`` copied bit for bit, rows ``[old, new)`` as the new model built them (an
   embedding table's initializer; zeros for Adam slots; the estimator's prior);
-- a variable that is data of the new artifacts, not trained state, keeps the value the new
-  model was built with, all rows (:data:`FROM_NEW_ARTIFACTS`: the ID keep mask of
-  ``model.min_id_clicks``, from the new ``vocab/item_id_counts.txt``; the text table, from the
-  new title vectors; either may exist on one side only: the keep mask is built only while some
-  item is masked, e.g. once unclicked new items arrive), and so does the learning rate (:data:`FROM_NEW_CONFIG`:
-  ``train.learning_rate`` of the update, tuned for its one-pass budget). Tables built from the
-  artifacts as constants (sampled-softmax frequency weights, CL neighbour tables, the item
-  feature table) are not in a checkpoint at all: they come from the new artifacts anyway.
+- a variable that is data of the new artifacts, not trained state, is recomputed from them
+  (:data:`FROM_NEW_ARTIFACTS`; either may exist on one side only): the text table of
+  ``model.item_text`` keeps the new build's value, all rows (the new title vectors); the ID
+  keep mask of ``model.min_id_clicks`` is the new build's (from the new
+  ``vocab/item_id_counts.txt``: every new item) except that an old item whose ID row was in use
+  before stays in use (a window without a click on it gives it count 0; :func:`_kept_ids`).
+  For ``min_id_clicks`` 1 (default) that is the mask of the running click total; for > 1 an
+  old item whose clicks are split over windows stays masked (a running total is left to the
+  incremental preprocessing). The learning rate keeps the update's ``train.learning_rate``
+  (:data:`FROM_NEW_CONFIG`: tuned for the one-pass budget). Tables built from the artifacts as
+  constants (sampled-softmax frequency weights, CL neighbour tables, the item feature table)
+  are not in a checkpoint at all: they come from the new artifacts anyway.
 
 Anything else is refused before training with one line (:class:`WarmStartError`) naming the
 variable and both shapes: a variable missing on either side (another ``model.cl``, another
@@ -63,6 +67,7 @@ SAME_KEYS = ("model.name", "model.embedding_dim")
 OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 CHECKPOINT = os.path.join("checkpoint", "model")
 COPY, GROW, NEW = "copy", "grow", "new"
+KEEP_MASK = FROM_NEW_ARTIFACTS[0]
 
 
 class WarmStartError(cli.UsageError):
@@ -197,8 +202,8 @@ def restore_grown(model, previous_checkpoint: str, vocab_sizes, work_dir: str) -
     fresh = tf.train.load_checkpoint(fresh_prefix)
     prev = tf.train.load_checkpoint(previous_checkpoint)
     fresh_dtypes, prev_dtypes = fresh.get_variable_to_dtype_map(), prev.get_variable_to_dtype_map()
-    plan = plan_restore(prev.get_variable_to_shape_map(), fresh.get_variable_to_shape_map(),
-                        vocab_sizes)
+    fresh_shapes = fresh.get_variable_to_shape_map()
+    plan = plan_restore(prev.get_variable_to_shape_map(), fresh_shapes, vocab_sizes)
     names, tensors = [OBJECT_GRAPH], [tf.constant(fresh.get_tensor(OBJECT_GRAPH), tf.string)]
     summary = {"copied": 0, "grown": {}, "from_new": []}
     for key, action in plan.items():
@@ -208,6 +213,8 @@ def restore_grown(model, previous_checkpoint: str, vocab_sizes, work_dir: str) -
                                  "model")
         if action == NEW:
             value = fresh.get_tensor(key)
+            if f"/{KEEP_MASK}/" in key:
+                value = _kept_ids(value, key, prev, plan, fresh_shapes)
             summary["from_new"].append(key)
         elif action == COPY:
             value = prev.get_tensor(key)
@@ -224,6 +231,31 @@ def restore_grown(model, previous_checkpoint: str, vocab_sizes, work_dir: str) -
                       tensors=tensors)
     ckpt.read(merged).assert_consumed()
     return summary
+
+
+def _kept_ids(mask: np.ndarray, key: str, prev, plan: dict, fresh_shapes: dict) -> np.ndarray:
+    """The ID keep mask of the update (float32 [V], 1 = the item's ID row is used): the new
+    artifacts' mask (from their item counts), with every old item whose ID row was in use
+    before kept in use, since a window without a click on an old item gives it count 0 and its
+    trained row must not go dark. "Before" is the previous mask where there was one, else every
+    old item (the previous model masked none); the old item count is then the previous first
+    dimension of the tables grown to the mask's length V (the item ID table; V when the
+    catalogue did not grow)."""
+    mask = np.array(mask, copy=True)
+    if prev.has_tensor(key):
+        old = prev.get_tensor(key)
+        n = min(old.shape[0], mask.shape[0])
+        mask[:n] = np.maximum(mask[:n], old[:n])
+        return mask
+    shapes = prev.get_variable_to_shape_map()
+    olds = {int(shapes[k][0]) for k, a in plan.items()
+            if a == GROW and int(fresh_shapes[k][0]) == mask.shape[0]}
+    if len(olds) > 1:
+        raise WarmStartError(f"cannot warm-start: the tables of length {mask.shape[0]} grew from "
+                             f"several lengths {sorted(olds)}; {key} cannot tell the old items")
+    n = olds.pop() if olds else mask.shape[0]
+    mask[:n] = 1.0
+    return mask
 
 
 def warm_start(model, cfg: Config, run_dir: str, vocab_sizes, log=print) -> dict | None:

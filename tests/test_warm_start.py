@@ -134,6 +134,40 @@ def test_plan_copies_grows_and_refuses():
     assert mask not in ws.plan_restore(prev, {k: v for k, v in fresh.items() if k != mask}, [8])
 
 
+class _Masked(tf.Module):
+    """An item table and, when given, an ID keep mask, under the checkpoint names of the model
+    (``.../item_id_keep_mask/...``)."""
+
+    def __init__(self, table, mask=None):
+        super().__init__()
+        self.item_embedding = tf.Variable(np.asarray(table, np.float32))
+        if mask is not None:
+            self.item_id_keep_mask = tf.Variable(np.asarray(mask, np.float32))
+
+
+def test_keep_mask_keeps_old_ids_in_use_and_takes_new_ids_from_the_new_counts(tmp_path):
+    table = np.arange(10, dtype=np.float32).reshape(5, 2)
+    grown = np.full((7, 2), -1.0, np.float32)
+    cases = [  # (previous mask or None, the new build's mask, expected by hand)
+        ([1, 1, 0, 1, 0], [1, 0, 1, 0, 0, 1, 0], [1, 1, 1, 1, 0, 1, 0]),
+        (None, [1, 0, 0, 1, 0, 1, 0], [1, 1, 1, 1, 1, 1, 0]),  # no mask before: all in use
+    ]
+    for i, (before, built, expected) in enumerate(cases):
+        prefix = tf.train.Checkpoint(model=_Masked(table, before)).write(
+            str(tmp_path / f"prev{i}" / "model"))
+        new = _Masked(grown, built)
+        ws.restore_grown(new, prefix, [7], str(tmp_path / f"work{i}"))
+        assert new.item_id_keep_mask.numpy().tolist() == expected
+        assert np.array_equal(new.item_embedding.numpy()[:5], table)
+        assert (new.item_embedding.numpy()[5:] == -1).all()
+    # A mask that goes (every item now has enough clicks) is no mismatch.
+    prefix = tf.train.Checkpoint(model=_Masked(table, [1, 0, 1, 1, 1])).write(
+        str(tmp_path / "prev_mask" / "model"))
+    new = _Masked(grown)
+    ws.restore_grown(new, prefix, [7], str(tmp_path / "work_mask"))
+    assert np.array_equal(new.item_embedding.numpy()[:5], table)
+
+
 def _vocab(folder, name, lines):
     os.makedirs(os.path.join(folder, "vocab"), exist_ok=True)
     with open(os.path.join(folder, "vocab", name), "w", encoding="utf-8") as fh:
