@@ -70,7 +70,8 @@ import time
 from micrec_tf import cli, locks, publish
 from pipelines import lineage
 from pipelines.common import DEAD, STATS, is_remote, write_bytes
-from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence, check_session_category
+from pipelines.cooccurrence import (CooccurrenceCounts, WriteCooccurrence, WriteSessionState,
+                                    check_session_category)
 from pipelines.examples import WriteExamples, feature_spec
 from pipelines.items import ItemTable
 from pipelines.rows import SOURCES, FirstPerId, KnownClicks, ReadSource, WriteDeadLetters
@@ -182,6 +183,8 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str,
                   | "WriteCooccurrence" >> WriteCooccurrence(
                       out_dir, pc.cooccurrence_top_m, pc.session_category, extra_fields,
                       pc.max_tags))
+    if pc.session_tails:  # issue 29: the state an incremental co-occurrence update starts from
+        _ = train_rows | "SessionState" >> WriteSessionState(out_dir, pc)
 
     # 4. Examples.
     example_stats = ((user_rows["users"], item_feats, index)

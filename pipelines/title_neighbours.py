@@ -205,6 +205,66 @@ def taxonomy_top_k(tag_lists: list, k: int, keys: np.ndarray | None = None):
     return out
 
 
+def merge_top_k(emb: np.ndarray, num_old: int, old_lists: np.ndarray, k: int,
+                block_rows: int | None = None):
+    """Grows exact top-k lists when rows are appended (issue 29), without rescoring old pairs.
+
+    emb:       float32 [M, D], the old rows ``0 .. num_old - 1`` then the new ones.
+    old_lists: int64 [num_old, k_old] each old row's previous neighbour rows (all < num_old,
+               best first, the tie rule of :func:`exact_top_k`), -1 = padding.
+    Returns ``(changed bool [num_old], old_nbrs int64 [num_old, k'], old_scores float32
+    [num_old, k'], new_nbrs int64 [M - num_old, k'], new_scores float32 [M - num_old, k'])``
+    with k' = min(k, M - 1); rows of ``old_nbrs`` where ``changed`` is False hold -1 (the old
+    list stands). A new row gets its top k' over all rows. An old row changes only where a new
+    row enters its top k': one scoring strictly above its k'-th entry (a tie does not: a new
+    row's index is larger), or any new row when its list was shorter than k'. Equal to
+    :func:`exact_top_k` on ``emb`` (same tie rule), up to float32 rounding of the scores.
+    """
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    m = emb.shape[0]
+    num_new = m - num_old
+    kk = max(0, min(k, m - 1))
+    old_lists = np.asarray(old_lists, np.int64).reshape(num_old, -1)
+    changed = np.zeros(num_old, bool)
+    old_nbrs = np.full((num_old, kk), -1, np.int64)
+    old_scores = np.zeros((num_old, kk), np.float32)
+    if num_new and kk:
+        new_rows = emb[num_old:]
+        block = block_rows or max(1, min(max(num_old, 1), BLOCK_ENTRIES // max(num_new, 1)))
+        lengths = (old_lists >= 0).sum(axis=1)
+        for start in range(0, num_old, block):
+            stop = min(num_old, start + block)
+            s_new = emb[start:stop] @ new_rows.T  # [b, num_new]
+            lists = old_lists[start:stop]
+            full = lengths[start:stop] >= kk
+            last = (np.where(full, lists[:, kk - 1], 0) if lists.shape[1] >= kk
+                    else np.zeros(stop - start, np.int64))
+            kth = np.einsum("bd,bd->b", emb[start:stop], emb[np.maximum(last, 0)])
+            enter = ~full | (s_new > kth[:, None]).any(axis=1)
+            for r in np.nonzero(enter)[0]:
+                row = start + r
+                prev = lists[r][lists[r] >= 0]
+                cand = np.concatenate([prev, np.arange(num_old, m, dtype=np.int64)])
+                sc = np.concatenate([emb[prev] @ emb[row], s_new[r]])
+                order = np.lexsort((cand, -sc))[:kk]
+                changed[row] = True
+                old_nbrs[row], old_scores[row] = cand[order], sc[order]
+
+    def scores(start, stop):
+        s = emb[num_old + start:num_old + stop] @ emb.T
+        rows = np.arange(stop - start)
+        s[rows, rows + num_old + start] = -np.inf  # never the item itself
+        return s
+
+    if num_new and kk:
+        new_nbrs, new_scores = search.top_k_by_score_fn(
+            scores, num_new, kk, batch_size=max(1, min(num_new, BLOCK_ENTRIES // m)))
+    else:
+        new_nbrs, new_scores = (np.zeros((num_new, kk), np.int64),
+                                np.zeros((num_new, kk), np.float32))
+    return changed, old_nbrs, old_scores, new_nbrs, new_scores.astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # Beam: encoding titles
 # --------------------------------------------------------------------------------------------
@@ -443,6 +503,13 @@ def _write_embeddings(out_dir: str, items: np.ndarray, emb: np.ndarray, meta: di
     publish.replace_dir(tmp, final)
 
 
+def _neighbour_line(item, nb, sc) -> str:
+    """One line of ``title_neighbours.jsonl`` (newline included)."""
+    return json.dumps({"item": int(item), "neighbours": [int(x) for x in nb],
+                       "scores": [round(float(x), 6) for x in sc]},
+                      separators=(", ", ": ")) + "\n"
+
+
 def _write_neighbours(out_dir: str, all_items: list, table: dict, stats: dict) -> None:
     final = os.path.join(out_dir, NEIGHBOURS_DIR)
     tmp = publish.tmp_sibling(final)
@@ -450,9 +517,7 @@ def _write_neighbours(out_dir: str, all_items: list, table: dict, stats: dict) -
     with open(os.path.join(tmp, NEIGHBOURS_FILE), "w", encoding="utf-8") as fh:
         for item in all_items:
             nb, sc = table.get(item, ([], []))
-            fh.write(json.dumps({"item": int(item), "neighbours": [int(x) for x in nb],
-                                 "scores": [round(float(x), 6) for x in sc]},
-                                separators=(", ", ": ")) + "\n")
+            fh.write(_neighbour_line(item, nb, sc))
     with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as fh:
         json.dump(stats, fh, indent=1, sort_keys=True)
         fh.write("\n")
@@ -549,6 +614,166 @@ def run(cfg: Config, beam_argv=(), artifacts_dir: str | None = None,
     _write_neighbours(out_dir, all_items, table, stats)
     if verbose:
         print(summary_text(stats, out_dir))
+    return stats
+
+
+def _read_lines_by_item(path: str) -> dict:
+    """``title_neighbours.jsonl`` -> {item: (the line as stored, neighbour items)}."""
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                out[int(rec["item"])] = (line, [int(x) for x in rec["neighbours"]])
+    return out
+
+
+def merge_title_neighbours(prev_dir: str, new_items, out_dir: str, cfg: Config, beam_argv=(),
+                           verbose: bool = False) -> dict:
+    """Title neighbours of a grown catalogue from the previous ones (issue 29).
+
+    prev_dir:  artifacts of an earlier :func:`run` (or merge): ``items/items.jsonl``,
+               ``title_embeddings/`` and ``title_neighbours/``.
+    new_items: the ``items.jsonl`` rows to add (None: every row of ``out_dir``'s items.jsonl
+               whose item is not in ``prev_dir``'s); each item index above every previous one.
+    out_dir:   the new artifacts; its ``items/items.jsonl`` holds every previous row unchanged
+               (append-only vocabularies) plus the new ones. ``title_embeddings/`` and
+               ``title_neighbours/`` are written there.
+    cfg:       ``semantic.source`` ``title`` or ``vectors`` (as the previous run; ``top_k`` and
+               ``max_length`` too).
+
+    Only the new items' vectors are computed (titles: the MiniLM Beam job of :func:`run` on
+    their rows alone; vectors: read from ``semantic.vectors_path``). A new item gets its exact
+    top k over all items; an old item's list changes only where a new item enters its top k
+    (:func:`merge_top_k`), else its line is copied byte for byte. Exact search only (the
+    ScaNN mode of a full run above ``semantic.exact_max_items`` is not reproduced: old lists
+    are kept as they were found). Returns the stats (also in ``title_neighbours/stats.json``):
+    ``new_items``, ``new_embedded``, ``changed_old_lists``, ``mode`` ``merged_exact``.
+    """
+    t_start = time.time()
+    sem = cfg.semantic
+    k = int(sem.top_k)
+    prev_dir, out_dir = os.path.abspath(prev_dir), os.path.abspath(out_dir)
+    with open(os.path.join(prev_dir, NEIGHBOURS_DIR, "stats.json"), encoding="utf-8") as fh:
+        prev_stats = json.load(fh)
+    with open(os.path.join(prev_dir, EMBEDDINGS_DIR, "metadata.json"), encoding="utf-8") as fh:
+        prev_meta = json.load(fh)
+    if sem.source not in ("title", "vectors"):
+        raise ValueError(f"semantic.source must be 'title' or 'vectors' to merge title "
+                         f"neighbours (taxonomy lists are recomputed). Received: {sem.source!r}")
+    checks = [("source", prev_meta["source"], sem.source), ("top_k", prev_stats["top_k"], k)]
+    if sem.source == "title":
+        checks.append(("max_length", prev_meta["max_length"], sem.max_length))
+    for key, was, now in checks:
+        if was != now:
+            raise ValueError(f"semantic.{key} must be {was!r} as in {prev_dir}. "
+                             f"Received: {now!r}")
+    prev_rows = read_items(os.path.join(prev_dir, ITEMS))
+    rows = read_items(os.path.join(out_dir, ITEMS))
+    by_item = {r["item"]: r for r in rows}
+    for r in prev_rows:
+        if by_item.get(r["item"]) != r:
+            raise ValueError(f"{os.path.join(out_dir, ITEMS)}: item {r['item']} "
+                             f"({r['item_id']!r}) differs from {prev_dir}'s: a merge needs the "
+                             f"previous items unchanged (append-only vocabularies)")
+    prev_items = {r["item"] for r in prev_rows}
+    if new_items is None:
+        new_items = [r for r in rows if r["item"] not in prev_items]
+    new_items = sorted(new_items, key=lambda r: r["item"])
+    top_prev = max(prev_items, default=0)
+    for r in new_items:
+        if r["item"] in prev_items or by_item.get(r["item"]) != r or r["item"] <= top_prev:
+            raise ValueError(f"new item {r['item']} ({r.get('item_id')!r}) must be a row of "
+                             f"{os.path.join(out_dir, ITEMS)} after every previous item")
+
+    timing: dict = {}
+    if sem.source == "title":
+        work = os.path.join(out_dir, f".title_neighbours-beam-{uuid.uuid4().hex[:8]}")
+        os.makedirs(work)
+        try:
+            path = os.path.join(work, "new_items.jsonl")
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in new_items))
+            vectors, skipped, beam_timing = ({}, {}, {}) if not new_items else (
+                encode_titles_beam(path, work, cfg, beam_argv,
+                                   progress_every_s=PROGRESS_EVERY_S if verbose else 0.0,
+                                   total=len(new_items)))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        timing.update(beam_timing)
+    else:
+        ids, vecs = read_vectors_file(sem.vectors_path)
+        wanted = {r["item_id"]: r["item"] for r in new_items}
+        vectors = {wanted[i]: v for i, v in zip(ids, vecs) if i in wanted}
+        skipped = {r["item"]: "no_vector" for r in new_items if r["item"] not in vectors}
+    prev_emb = np.load(os.path.join(prev_dir, EMBEDDINGS_DIR, "embeddings.npy"))
+    prev_keys = np.load(os.path.join(prev_dir, EMBEDDINGS_DIR, "items.npy"))
+    keys = np.array(sorted(vectors), np.int64)
+    mat = (np.stack([vectors[i] for i in keys]) if len(keys)
+           else np.zeros((0, prev_emb.shape[1]), np.float32))
+    if len(keys) and mat.shape[1] != prev_emb.shape[1]:
+        raise ValueError(f"new vectors have dim {mat.shape[1]}, the previous ones "
+                         f"{prev_emb.shape[1]}")
+    mat, nonzero = _normalise(mat)
+    for it in keys[~nonzero]:
+        skipped[int(it)] = "zero_vector"
+    keys, mat = keys[nonzero], mat[nonzero]
+    all_keys = np.concatenate([prev_keys, keys]).astype(np.int64)
+    emb = np.concatenate([prev_emb.astype(np.float32), mat])
+    meta = {**prev_meta, "count": int(len(all_keys))}
+    _write_embeddings(out_dir, all_keys, emb, meta)
+
+    lines = _read_lines_by_item(os.path.join(prev_dir, NEIGHBOURS_DIR, NEIGHBOURS_FILE))
+    width = max([len(nb) for _, nb in lines.values()] + [0])
+    old_lists = np.full((len(prev_keys), width), -1, np.int64)
+    for r, item in enumerate(prev_keys.tolist()):
+        nb = lines[item][1]
+        old_lists[r, :len(nb)] = np.searchsorted(prev_keys, nb)
+    t0 = time.time()
+    changed, old_nbrs, old_sc, new_nbrs, new_sc = merge_top_k(emb, len(prev_keys), old_lists, k)
+    timing["neighbours_s"] = time.time() - t0
+    row_of = {int(it): r for r, it in enumerate(all_keys.tolist())}
+    num_old = len(prev_keys)
+
+    def line(item):
+        r = row_of.get(item)
+        if r is not None and r < num_old and not changed[r]:
+            return lines[item][0]
+        if r is None:
+            return lines[item][0] if item in prev_items else _neighbour_line(item, [], [])
+        nb, sc = (old_nbrs[r], old_sc[r]) if r < num_old else (new_nbrs[r - num_old],
+                                                                new_sc[r - num_old])
+        return _neighbour_line(item, all_keys[nb], sc)
+
+    final = os.path.join(out_dir, NEIGHBOURS_DIR)
+    tmp = publish.tmp_sibling(final)
+    os.makedirs(tmp)
+    with_neighbours = 0
+    with open(os.path.join(tmp, NEIGHBOURS_FILE), "w", encoding="utf-8") as fh:
+        for r in rows:
+            text = line(r["item"])
+            with_neighbours += '"neighbours": []' not in text
+            fh.write(text)
+    reasons = dict(prev_stats.get("skipped", {}))
+    for reason in skipped.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    timing["wall_s"] = time.time() - t_start
+    stats = {"name": cfg.name, "source": sem.source, "top_k": k, "items": len(rows),
+             "mode": "merged_exact", "grown_from": prev_dir,
+             "previous_mode": prev_stats.get("mode"), "new_items": len(new_items),
+             "new_embedded": int(len(keys)), "changed_old_lists": int(changed.sum()),
+             "embedded": int(len(all_keys)), "skipped": dict(sorted(reasons.items())),
+             "skipped_total": int(sum(reasons.values())), "with_neighbours": with_neighbours,
+             "timing": {key: (round(v, 3) if isinstance(v, float) else v)
+                        for key, v in timing.items()}}
+    with open(os.path.join(tmp, "stats.json"), "w", encoding="utf-8") as fh:
+        json.dump(stats, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    publish.replace_dir(tmp, final)
+    if verbose:
+        print(f"title_neighbours merge: {len(new_items)} new items ({len(keys)} embedded), "
+              f"{int(changed.sum())} of {num_old} old lists changed, "
+              f"{timing['wall_s']:.1f} s -> {out_dir}")
     return stats
 
 
