@@ -410,3 +410,60 @@ def test_one_pass_update_on_grown_artifacts_gives_new_items_vectors(previous, tm
     new_vectors = vectors[-NEW_ITEMS:]
     assert np.all(np.isfinite(new_vectors)) and np.linalg.norm(new_vectors, axis=1).min() > 0
     assert res["warm_start"]["from"] == os.path.abspath(run_dir)
+
+
+@pytest.mark.slow
+def test_update_on_append_only_artifacts_of_the_preprocess(tiny_pipeline, tmp_path):
+    """With the real append-only preprocess (preprocess.previous_artifacts): yesterday's
+    catalogue lacks 10 items; today's artifacts grow from yesterday's, and the update
+    warm-starts from yesterday's run, with a row per new vocabulary line (plain reads)."""
+    from pipelines import preprocess, title_neighbours
+    from micrec_tf.train import train
+
+    cfg, tmp = tiny_pipeline
+    full = os.path.join(tmp, "data")
+    day1 = str(tmp_path / "day1")
+    os.makedirs(day1)
+    held = {f"i{k}" for k in range(290, 300)}
+    for name in ("interactions.tsv", "items.tsv", "users.tsv"):
+        with open(os.path.join(full, name), encoding="utf-8") as fh:
+            lines = fh.readlines()
+        column = 1 if name == "interactions.tsv" else 0
+        keep = [ln for n, ln in enumerate(lines)
+                if n == 0 or name == "users.tsv" or ln.split("\t")[column] not in held]
+        with open(os.path.join(day1, name), "w", encoding="utf-8") as fh:
+            fh.writelines(keep)
+
+    def artifacts(name, data_dir, previous=""):
+        c = cfg.replace({"name": name, "data.dataset": "canonical", "data.data_dir": data_dir,
+                         "artifacts_root": str(tmp_path / "artifacts"),
+                         "preprocess.previous_artifacts": previous,
+                         "train.runs_dir": str(tmp_path / "runs")})
+        preprocess.run(c, verbose=False)
+        title_neighbours.run(c, verbose=False)
+        return c
+
+    c1 = artifacts("day1", day1)
+    run1 = os.path.join(str(tmp_path / "runs"), "day1")
+    train(c1.replace({"train.epochs": 1}), run_dir=run1, evaluate_test=False,
+          log=lambda *a: None)
+    c2 = artifacts("day2", full, previous=c1.artifacts_dir)
+
+    def lines(c, name):
+        with open(os.path.join(c.artifacts_dir, "vocab", name), encoding="utf-8") as fh:
+            return fh.read().split("\n")[:-1]
+
+    old_ids, new_ids = lines(c1, "item_id.txt"), lines(c2, "item_id.txt")
+    assert new_ids[:len(old_ids)] == old_ids and set(new_ids[len(old_ids):]) <= held
+    assert len(new_ids) > len(old_ids)
+    res = train(c2.replace({"train.warm_start_from": run1}), run_dir=str(tmp_path / "runs" / "d2"),
+                evaluate_test=False, log=lambda *a: None)
+    added = res["warm_start"]["rows_added"]
+    assert added["model/user_tower/item_field_embeddings/item_embedding/embeddings"] == \
+        len(new_ids) - len(old_ids)
+    tags_added = len(lines(c2, "tag.txt")) - len(lines(c1, "tag.txt"))
+    assert added.get("model/user_tower/item_field_embeddings/tag_embedding/embeddings",
+                     0) == tags_added
+    vectors = res["model"].item_embeddings().numpy()
+    assert vectors.shape[0] == len(new_ids) + 1 and np.all(np.isfinite(vectors))
+    assert np.linalg.norm(vectors[len(old_ids) + 1:], axis=1).min() > 0
