@@ -132,7 +132,8 @@ class PreprocessConfig:
     # Issue 29: also write cooccurrence/session_tails.jsonl + session_state.json (each user's
     # training clicks within session_window_s of the user's last one), the state an incremental
     # update (pipelines.cooccurrence.update_cooccurrence) needs; needs cooccurrence_top_m 0.
-    # false (default) = no such files, the artifacts of before.
+    # With previous_artifacts too, the table = the previous one + this run's clicks (sessions
+    # across the boundary once). false (default) = no such files, the artifacts of before.
     session_tails: bool = False
     # "Same category" of session CL's emphasis: ``tags`` = the two items share at least one tag;
     # ``provider`` or an item extra field name (e.g. ``year``) = equal non-empty values.

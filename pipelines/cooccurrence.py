@@ -417,10 +417,32 @@ def update_cooccurrence(prev_dir: str, window_rows, out_dir: str, pc) -> dict:
     (the same CSR bytes). Returns stats: ``pairs_added`` (co-occurrences of the window),
     ``pairs_distinct``, ``cooccurrence_items``, ``tail_users``, ``window_users``.
     """
-    from micrec_tf.data.artifacts import read_items, read_vocab, load_cooccurrence
+    from micrec_tf.data.artifacts import read_items, read_vocab
+
+    previous = read_previous_table(prev_dir, pc)
+    vocab_path = os.path.join(out_dir, "vocab", "item_id.txt")
+    vocab = read_vocab(vocab_path)
+    items_rows = read_items(out_dir)
+    extra = sorted({k[len("item_"):] for r in items_rows for k in r["extra"]})
+    check_session_category(pc.session_category, extra)
+    categories = _item_categories(items_rows, len(vocab) + 1, pc.session_category, pc.max_tags)
+    table, tails, meta, stats = grow_cooccurrence(previous, window_rows, vocab, categories, pc,
+                                                  where=vocab_path)
+    write_bytes(os.path.join(out_dir, "cooccurrence", "cooccurrence.npz"),
+                cooccurrence_npz_bytes(table))
+    write_session_state(out_dir, tails, meta)
+    return stats
+
+
+def read_previous_table(prev_dir, pc) -> dict:
+    """The previous artifacts an update grows from (None: an empty table, no tails): ``meta``,
+    ``tails``, ``vocab`` (item ids in index order), ``keys`` / ``counts`` (its pairs, each once),
+    ``dir``. Checks the session settings against ``pc`` (one-line ``ValueError``)."""
+    from micrec_tf.data.artifacts import read_vocab, load_cooccurrence
 
     if prev_dir is None:  # the first window: an empty previous table
-        meta, tails = _state_meta(pc), {}
+        meta, tails, vocab = _state_meta(pc), {}, []
+        keys, counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
     else:
         meta, tails = read_session_state(prev_dir)
     for key in ("session_window_s", "max_pairs_per_click"):
@@ -432,19 +454,26 @@ def update_cooccurrence(prev_dir: str, window_rows, out_dir: str, pc) -> dict:
         if int(top_m):
             raise ValueError(f"preprocess.cooccurrence_top_m must be 0 for {where}: an update "
                              f"adds to full rows. Received: {top_m!r}")
-    window_s, cap = int(pc.session_window_s), int(pc.max_pairs_per_click)
-    vocab_path = os.path.join(out_dir, "vocab", "item_id.txt")
-    vocab = read_vocab(vocab_path)
+    if prev_dir is not None:
+        vocab = read_vocab(os.path.join(prev_dir, "vocab", "item_id.txt"))
+        keys, counts = _table_pair_counts(load_cooccurrence(prev_dir, num_items=len(vocab) + 1))
+    return {"meta": meta, "tails": tails, "vocab": vocab, "keys": keys, "counts": counts,
+            "dir": prev_dir and os.path.abspath(prev_dir)}
+
+
+def grow_cooccurrence(previous: dict, window_rows, vocab: list, categories, pc,
+                      where: str = "the item vocabulary"):
+    """The core of :func:`update_cooccurrence` on objects: ``previous`` from
+    :func:`read_previous_table`, ``vocab`` the grown item ids in index order (the previous ones
+    first), ``categories`` as :func:`same_category` takes them (V rows).
+
+    -> (:class:`CooccurrenceTable` [V], the new tails, the new state meta, stats).
+    """
+    _check_prefix(list(previous["vocab"]), list(vocab), where)
     index = {v: i + 1 for i, v in enumerate(vocab)}
     num_items = len(vocab) + 1
-    if prev_dir is None:
-        prev_keys, prev_counts = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    else:
-        prev_vocab = read_vocab(os.path.join(prev_dir, "vocab", "item_id.txt"))
-        _check_prefix(prev_vocab, vocab, vocab_path)
-        prev_keys, prev_counts = _table_pair_counts(
-            load_cooccurrence(prev_dir, num_items=len(prev_vocab) + 1))
-
+    tails = previous["tails"]
+    window_s, cap = int(pc.session_window_s), int(pc.max_pairs_per_click)
     counter, added, seen = PairCounter(), 0, set()
     new_tails = dict(tails)
     for row in window_rows:
@@ -462,7 +491,7 @@ def update_cooccurrence(prev_dir: str, window_rows, out_dir: str, pc) -> dict:
         clicks = tail + train
         missing = [i for _, i in clicks if i not in index]
         if missing:
-            raise ValueError(f"item {missing[0]!r} (user {user!r}) is not in {vocab_path}")
+            raise ValueError(f"item {missing[0]!r} (user {user!r}) is not in {where}")
         codes = np.fromiter((index[i] for _, i in clicks), np.int64, len(clicks))
         ts = np.fromiter((int(t) for t, _ in clicks), np.int64, len(clicks))
         for a, b in cooccurrence_pair_chunks(ts, codes, window_s, cap, first_later=len(tail)):
@@ -470,25 +499,17 @@ def update_cooccurrence(prev_dir: str, window_rows, out_dir: str, pc) -> dict:
             added += len(a)
         new_tails[user] = session_tail(clicks, window_s)
     counter.compact()
-    keys, counts = merge_counts(np.concatenate([prev_keys, counter._keys]),
-                                np.concatenate([prev_counts, counter._counts]))
-
-    items_rows = read_items(out_dir)
-    extra = sorted({k[len("item_"):] for r in items_rows for k in r["extra"]})
-    check_session_category(pc.session_category, extra)
-    categories = _item_categories(items_rows, num_items, pc.session_category, pc.max_tags)
+    keys, counts = merge_counts(np.concatenate([previous["keys"], counter._keys]),
+                                np.concatenate([previous["counts"], counter._counts]))
     rows = [(item, nb, c, same_category(item, nb, categories))
             for item, nb, c in pair_rows(keys, counts)]
     table = CooccurrenceTable.from_rows(num_items, rows)
-    write_bytes(os.path.join(out_dir, "cooccurrence", "cooccurrence.npz"),
-                cooccurrence_npz_bytes(table))
-    write_session_state(out_dir, new_tails, _state_meta(
-        pc, grown_from=prev_dir and os.path.abspath(prev_dir),
-        updates=int(meta.get("updates", 0)) + 1,
-        users=sum(1 for t in new_tails.values() if t)))
-    return {"pairs_added": int(added), "pairs_distinct": int(len(keys)),
-            "cooccurrence_items": len(rows),
-            "tail_users": sum(1 for t in new_tails.values() if t), "window_users": len(seen)}
+    users = sum(1 for t in new_tails.values() if t)
+    meta = _state_meta(pc, grown_from=previous["dir"],
+                       updates=int(previous["meta"].get("updates", 0)) + 1, users=users)
+    stats = {"pairs_added": int(added), "pairs_distinct": int(len(keys)),
+             "cooccurrence_items": len(rows), "tail_users": users, "window_users": len(seen)}
+    return table, new_tails, meta, stats
 
 
 # ------------------------------------------------------------------------------ Beam stages
@@ -681,3 +702,54 @@ class WriteSessionState(beam.PTransform):
                                          if r[3] else [])
                 | "AllTails" >> beam.combiners.ToList()
                 | "WriteTails" >> beam.FlatMap(_write_session_state, self.out_dir, self.meta))
+
+
+def _update_and_write(rows, index, categories, prev_dir, out_dir, pc):
+    """:func:`grow_cooccurrence` inside the job: writes the table and the state, -> STATS."""
+    item_index = index["item_id"]
+    vocab = sorted(item_index, key=item_index.get)
+    previous = read_previous_table(prev_dir, pc)
+    table, tails, meta, stats = grow_cooccurrence(previous, rows, vocab, categories, pc,
+                                                  where="this run's item vocabulary")
+    write_bytes(os.path.join(out_dir, "cooccurrence", "cooccurrence.npz"),
+                cooccurrence_npz_bytes(table))
+    write_session_state(out_dir, tails, meta)
+    return [("pairs", stats["pairs_added"]), ("cooc.items", stats["cooccurrence_items"]),
+            ("pairs.distinct", stats["pairs_distinct"])]
+
+
+class UpdateCooccurrence(beam.PTransform):
+    """``(users, item features, index)`` -> the previous table plus this run's pairs (issue 29).
+
+    Step 5 of a preprocess with ``preprocess.previous_artifacts`` (a local folder written with
+    ``preprocess.session_tails``) and ``preprocess.session_tails``: instead of counting this
+    run's clicks alone, :func:`grow_cooccurrence` adds them to the previous
+    ``cooccurrence.npz`` through its session tails and writes the table and the new state.
+    Inputs as :class:`CooccurrenceCounts` and :class:`WriteCooccurrence`; returns the STATS
+    PCollection (``pairs``: co-occurrences of this run's clicks, ``cooc.items``,
+    ``pairs.distinct`` of the whole table). One worker holds the previous table and the run's
+    rows (a daily window, not the history).
+    """
+
+    def __init__(self, out_dir: str, prev_dir: str, pc, extra_fields):
+        super().__init__()
+        check_session_category(pc.session_category, extra_fields)
+        if not os.path.exists(os.path.join(prev_dir, SESSION_STATE)):
+            raise ConfigError(f"preprocess.session_tails: the previous artifacts {prev_dir!r} "
+                              f"keep no session tails (preprocess them with "
+                              f"preprocess.session_tails true, or set it false here to count "
+                              f"this run's clicks alone)")
+        self.out_dir, self.prev_dir, self.pc = out_dir, prev_dir, pc
+        self.extra_fields = tuple(extra_fields)
+
+    def expand(self, inputs):
+        rows, item_feats, index = inputs
+        index = beam.pvalue.AsSingleton(index)
+        pc = self.pc
+        categories = beam.pvalue.AsSingleton(
+            item_feats | "AllItemFeatures" >> beam.combiners.ToList()
+            | "CategoryCodes" >> beam.Map(_category_codes, index, pc.session_category,
+                                          self.extra_fields, pc.max_tags))
+        return (rows | "AllRows" >> beam.combiners.ToList()
+                | "Grow" >> beam.FlatMap(_update_and_write, index, categories, self.prev_dir,
+                                         self.out_dir, pc))

@@ -32,7 +32,9 @@ concept per module, and :func:`run` runs them and finishes stats.json and featur
 4. :mod:`pipelines.examples`: one ``tf.train.Example`` per click with the H most recent
    earlier clicks; sharded GZIP TFRecords.
 5. :mod:`pipelines.cooccurrence`: sessions and the co-occurrence table (training clicks
-   only), one CSR file ``cooccurrence/cooccurrence.npz``.
+   only), one CSR file ``cooccurrence/cooccurrence.npz``. With ``preprocess.session_tails``
+   (issue 29) the users' session tails are written too, and with ``previous_artifacts`` as well
+   the table is the previous one plus this run's clicks (:class:`UpdateCooccurrence`).
 
 With ``preprocess.train_user_fraction`` f < 1 (:mod:`pipelines.thinning`) steps 3 and 5 and the
 training examples of step 4 see the training clicks of a fixed hash-chosen share f of the users
@@ -70,8 +72,8 @@ import time
 from micrec_tf import cli, locks, publish
 from pipelines import lineage
 from pipelines.common import DEAD, STATS, is_remote, write_bytes
-from pipelines.cooccurrence import (CooccurrenceCounts, WriteCooccurrence, WriteSessionState,
-                                    check_session_category)
+from pipelines.cooccurrence import (CooccurrenceCounts, UpdateCooccurrence, WriteCooccurrence,
+                                    WriteSessionState, check_session_category)
 from pipelines.examples import WriteExamples, feature_spec
 from pipelines.items import ItemTable
 from pipelines.rows import SOURCES, FirstPerId, KnownClicks, ReadSource, WriteDeadLetters
@@ -177,14 +179,20 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str,
     item_feats = item_table["features"]
 
     # 5. Co-occurrence table: partial rows on item indices, summed per item, one CSR file.
-    cooc = ((train_rows, index)
-            | "Cooccurrence" >> CooccurrenceCounts(pc.session_window_s, pc.max_pairs_per_click))
-    cooc_stats = ((cooc["rows"], item_feats, index)
-                  | "WriteCooccurrence" >> WriteCooccurrence(
-                      out_dir, pc.cooccurrence_top_m, pc.session_category, extra_fields,
-                      pc.max_tags))
-    if pc.session_tails:  # issue 29: the state an incremental co-occurrence update starts from
-        _ = train_rows | "SessionState" >> WriteSessionState(out_dir, pc)
+    if pc.session_tails and previous is not None:  # issue 29: the previous table + this run's
+        cooc_stats = ((train_rows, item_feats, index)
+                      | "UpdateCooccurrence" >> UpdateCooccurrence(
+                          out_dir, previous.path, pc, extra_fields))
+        cooc = {STATS: p | "NoCoocCounts" >> beam.Create([])}
+    else:
+        cooc = ((train_rows, index) | "Cooccurrence" >> CooccurrenceCounts(
+            pc.session_window_s, pc.max_pairs_per_click))
+        cooc_stats = ((cooc["rows"], item_feats, index)
+                      | "WriteCooccurrence" >> WriteCooccurrence(
+                          out_dir, pc.cooccurrence_top_m, pc.session_category, extra_fields,
+                          pc.max_tags))
+        if pc.session_tails:  # issue 29: the state an incremental update starts from
+            _ = train_rows | "SessionState" >> WriteSessionState(out_dir, pc)
 
     # 4. Examples.
     example_stats = ((user_rows["users"], item_feats, index)

@@ -313,3 +313,58 @@ def test_preprocess_state_then_one_update_equals_the_count_on_all_clicks(tmp_pat
     _write_artifacts(new, vocab, tags)
     cooccurrence.update_cooccurrence(prev, _rows(window), new, cfg.preprocess)
     _check_table(new, vocab, _reference(union, W), tags)
+
+
+@pytest.mark.slow
+def test_preprocess_of_a_window_grows_the_previous_table(tmp_path):
+    """Two preprocess runs (Beam): generation 0 on the clicks before a time t with
+    ``session_tails``; then the clicks from t on only, with ``previous_artifacts``: the table
+    equals the count over both runs' training clicks (a session across t included), on the
+    grown vocabulary."""
+    from conftest import tiny_config
+    from micrec_tf.data.artifacts import read_items, read_vocab
+    from micrec_tf.data.synthetic import generate
+    from pipelines import preprocess
+
+    cfg = tiny_config(str(tmp_path), preprocess={"num_shards": 1, "session_tails": True,
+                                                 "split_fractions": [1.0, 0.0, 0.0]})
+    data = os.path.join(str(tmp_path), "data")
+    generate(cfg.data.synthetic, data)
+    inter = os.path.join(data, "interactions.tsv")
+    with open(inter, encoding="utf-8") as fh:
+        header, lines = fh.readline(), fh.readlines()
+    clicks = sorted((int(line.split("\t")[2]), n, line) for n, line in enumerate(lines))
+    last, t = {}, None  # t: the time of a click in the second half inside a session
+    for n, (ts, _, line) in enumerate(clicks):
+        u = line.split("\t")[0]
+        if n >= len(clicks) // 2 and u in last and 0 < ts - last[u] <= W:
+            t = ts
+            break
+        last[u] = ts
+    union = collections.defaultdict(list)
+    prev, new = os.path.join(str(tmp_path), "prev"), os.path.join(str(tmp_path), "new")
+    for folder, part, previous in ((prev, [c for c in clicks if c[0] < t], ""),
+                                   (new, [c for c in clicks if c[0] >= t], prev)):
+        with open(inter, "w", encoding="utf-8") as fh:  # file order kept within the part
+            fh.write(header + "".join(line for _, _, line in sorted(part, key=lambda c: c[1])))
+        cfg.preprocess.previous_artifacts = previous
+        stats = preprocess.run(cfg, out_dir=folder, verbose=False, data_dir=data)
+        assert stats["split_boundaries"]["valid_start"] is None  # every click trains
+        before = {u: c[-1][0] for u, c in union.items()}
+        for ts, _, line in part:
+            u, item, _ = line.rstrip("\n").split("\t")
+            union[u].append((ts, item))
+    assert any(u in before and any(ts >= t and ts - before[u] <= W for ts, _ in c)
+               for u, c in union.items())  # a session spans the two runs
+    vocab = read_vocab(os.path.join(new, "vocab", "item_id.txt"))
+    assert vocab[:len(read_vocab(os.path.join(prev, "vocab", "item_id.txt")))] == \
+        read_vocab(os.path.join(prev, "vocab", "item_id.txt"))
+    tags = {r["item_id"]: r["tags"] for r in read_items(new)}
+    _check_table(new, vocab, _reference(union, W), tags)
+    meta, _ = cooccurrence.read_session_state(new)
+    assert meta["updates"] == 1 and meta["grown_from"] == prev
+
+
+def test_preprocess_update_step_refuses_previous_artifacts_without_tails(tmp_path):
+    with pytest.raises(ConfigError, match="keep no session tails"):
+        cooccurrence.UpdateCooccurrence(str(tmp_path / "out"), str(tmp_path), _pc(), ())
