@@ -7,7 +7,8 @@ artifacts as usual, then restore every variable of the previous run's ``checkpoi
 - a variable of the same shape is copied, bit for bit (towers, attention, CL projectors, loss
   trackers, the random generators' states, the optimizer's iteration count);
 - a variable whose first dimension is a vocabulary size that grew (the item ID, tag, provider,
-  item / user field and user ID tables; the streaming frequency estimate; the Adam slots ``m``
+  item / user field tables, a user ID table where a model has one; the streaming frequency
+  estimate; the Adam slots ``m``
   and ``v`` of every grown table, which are variables of the same shape) is **grown**: rows
   ``[0, old)`` copied bit for bit, rows ``[old, new)`` as the new model built them (an
   embedding table's initializer; zeros for Adam slots; the estimator's prior);
@@ -88,11 +89,12 @@ def resolve_run_dir(source: str) -> str:
     if not os.path.isdir(source):
         raise WarmStartError(f"{key} is not a folder: give a finished run folder or an export "
                              "version")
-    run_dir = source
+    run_dir, meta = source, None
     meta_path = os.path.join(source, "metadata.json")
     if not os.path.exists(os.path.join(source, "config.yaml")) and os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as fh:
-            run_dir = (json.load(fh) or {}).get("run_dir") or ""
+            meta = json.load(fh) or {}
+        run_dir = meta.get("run_dir") or ""
         if not run_dir or not os.path.isdir(run_dir):
             raise WarmStartError(f"{key} is an export version whose run folder "
                                  f"{run_dir!r} (metadata.json run_dir) is gone: give the run folder")
@@ -103,7 +105,29 @@ def resolve_run_dir(source: str) -> str:
         run_state.check_finished(run_dir)
     except run_state.RunStateError as err:
         raise WarmStartError(f"{key}: {err}") from None
+    if meta is not None and not _same_training(meta, run_dir):
+        raise WarmStartError(f"{key} is an export version of {run_dir}, which was trained again "
+                             "since (its config.yaml or metrics.json differ from the export's "
+                             "metadata.json): give the run folder itself")
     return run_dir
+
+
+def _same_training(meta: dict, run_dir: str) -> bool:
+    """Whether ``run_dir`` still holds the training an export's ``metadata.json`` recorded:
+    the same config (``export.*`` aside: the export's own settings) and, where the export kept
+    them, the same final metrics."""
+    def trained(raw):
+        return {k: v for k, v in from_dict(raw).to_dict().items() if k != "export"}
+
+    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as fh:
+        config = yaml.safe_load(fh) or {}
+    if "config" in meta and trained(config) != trained(meta["config"]):
+        return False
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if meta.get("training_metrics") is not None and os.path.exists(metrics_path):
+        with open(metrics_path, encoding="utf-8") as fh:
+            return json.load(fh) == meta["training_metrics"]
+    return True
 
 
 def check_same_model(previous: dict, cfg: Config) -> None:

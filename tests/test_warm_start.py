@@ -231,6 +231,14 @@ def test_source_folders(tmp_path):
     version.mkdir(parents=True)
     (version / "metadata.json").write_text(json.dumps({"run_dir": str(run)}))
     assert ws.resolve_run_dir(str(version)) == str(run)
+    (version / "metadata.json").write_text(json.dumps(
+        {"run_dir": str(run), "config": {"name": "x", "export": {"top_k": 7}},
+         "training_metrics": {}}))  # the export's own settings do not count
+    assert ws.resolve_run_dir(str(version)) == str(run)
+    for meta in ({"config": {"name": "y"}}, {"training_metrics": {"valid": {"hit@50": 0.3}}}):
+        (version / "metadata.json").write_text(json.dumps({"run_dir": str(run), **meta}))
+        with pytest.raises(ws.WarmStartError, match="was trained again since"):
+            ws.resolve_run_dir(str(version))  # the run folder no longer holds that training
     (version / "metadata.json").write_text(json.dumps({"run_dir": str(tmp_path / "gone")}))
     with pytest.raises(ws.WarmStartError, match="is gone"):
         ws.resolve_run_dir(str(version))
@@ -385,7 +393,12 @@ def test_one_pass_update_on_grown_artifacts_gives_new_items_vectors(previous, tm
     cfg, tmp, run_dir, prefix = previous
     grown_root = str(tmp_path / "artifacts")
     _grow_artifacts(cfg.artifacts_dir, os.path.join(grown_root, cfg.name))
-    update = cfg.replace({"artifacts_root": grown_root, "train.warm_start_from": run_dir,
+    # From an export version of the previous run: its metadata.json names the run folder.
+    from export.export_model import export_run
+
+    version = export_run(cfg, run_dir=run_dir, export_root=str(tmp_path / "exports"),
+                         log=lambda *a: None)
+    update = cfg.replace({"artifacts_root": grown_root, "train.warm_start_from": version,
                           "train.epochs": 5})
     out = str(tmp_path / "runs" / "update")
     lines = []
@@ -394,7 +407,7 @@ def test_one_pass_update_on_grown_artifacts_gives_new_items_vectors(previous, tm
     assert len(res["history"]["sampled_softmax_loss"]) == 1
     assert any(str(line).startswith("[train] warm start from") for line in lines)
     with open(os.path.join(out, "config.yaml"), encoding="utf-8") as fh:
-        assert yaml.safe_load(fh)["train"]["warm_start_from"] == run_dir
+        assert yaml.safe_load(fh)["train"]["warm_start_from"] == version
     old_iterations = int(tf.train.load_checkpoint(prefix).get_tensor(
         "model/optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
     with open(os.path.join(update.artifacts_dir, "examples", "feature_spec.json")) as fh:
