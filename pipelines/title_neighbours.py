@@ -1,7 +1,8 @@
 """The Beam title-neighbour job: item semantics -> each item's top-k most similar items (paper 3.4).
 
     python -m pipelines.title_neighbours --config configs/ml-1m.yaml [--set key=value ...]
-                                         [--artifacts_dir DIR] [Beam flags]
+                                         [--artifacts_dir DIR] [--previous_artifacts DIR]
+                                         [Beam flags]
 
 Reads ``<artifacts_dir>/items/items.jsonl`` (written by pipelines/preprocess.py) and writes
 
@@ -50,6 +51,11 @@ machine (same items, same ``semantic.batch_size``): a re-run writes the same byt
 batches the titles changes only float32 rounding of the embeddings (oneDNN picks kernels by shape
 and instruction set; ~6e-8 on an AVX2-only CPU, see :mod:`micrec_tf.text.encoder`), so across
 batch plans or machines the scores agree to ~1e-7 and neighbours may swap only among near-ties.
+
+A grown catalogue (issue 29, ``--previous_artifacts DIR``, :func:`merge_title_neighbours`):
+only the items of items.jsonl that DIR does not hold are encoded; each gets its exact top k over
+all items, and an old item's list changes only where a new item enters its top k (else its line
+is copied byte for byte); the result equals a full exact run (:func:`merge_top_k`).
 
 Any flag this module does not know goes to Beam's ``PipelineOptions`` (after
 ``preprocess.beam_args``); DirectRunner is the default. A flag Beam does not know either is an
@@ -802,9 +808,17 @@ def main(argv=None) -> int:
     parser = cli.parser(__doc__, allow_abbrev=False)
     parser.add_argument("--artifacts_dir", default=None,
                         help="artifacts to read and write (default: artifacts/<name>)")
+    parser.add_argument("--previous_artifacts", default=None,
+                        help="merge (issue 29): encode only the items that are not in this "
+                             "earlier artifacts folder and merge its neighbour lists")
     args, beam_argv = parser.parse_known_args(argv)
     cfg = cli.load(args)
     pipeline_options(cfg, beam_argv, command=parser)  # an unknown flag fails before any work
+    if args.previous_artifacts:
+        merge_title_neighbours(args.previous_artifacts, None,
+                               args.artifacts_dir or cfg.artifacts_dir, cfg, beam_argv,
+                               verbose=True)
+        return 0
     run(cfg, beam_argv, artifacts_dir=args.artifacts_dir)
     return 0
 

@@ -212,3 +212,15 @@ def test_title_path_encodes_only_new_titles_and_matches_a_full_run(tmp_path):
             assert merged[item] == before[item]
     # apple crumble (13) is among the apple items' neighbours: an old list changed
     assert any(13 in json.loads(merged[i])["neighbours"] for i in (1, 2))
+
+
+def test_command_line_merges_with_previous_artifacts(grown, tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    _write_items(out, _items(grown["n_old"] + grown["n_new"]))
+    config = tmp_path / "grow.yaml"
+    config.write_text(json.dumps({"name": "grow", "semantic": {
+        "source": "vectors", "top_k": K, "vectors_path": grown["cfg"].semantic.vectors_path}}))
+    assert tn.main(["--config", str(config), "--artifacts_dir", out,
+                    "--previous_artifacts", grown["prev"]]) == 0
+    assert "12 new items" in capsys.readouterr().out
+    assert _lines(out) == _lines(grown["full"])
