@@ -503,8 +503,13 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
     ]
 
     start = time.time()
-    hist = model.fit(train_ds, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
-                     callbacks=callbacks, verbose=2)
+    if warm is not None and not n_train:  # issue 29: an empty window trains no step
+        log("[train] warm start on a window without training examples: no training step")
+        hist = tf_keras.callbacks.History()
+        hist.epoch, hist.history = [], {}
+    else:
+        hist = model.fit(train_ds, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
+                         callbacks=callbacks, verbose=2)
     seconds = time.time() - start
     log(f"[train] done in {seconds:.1f}s ({(n_train or 0) * len(hist.epoch) / max(seconds, 1e-9):.0f} "
         f"examples/s over {len(hist.epoch)} epoch(s))")

@@ -480,3 +480,36 @@ def test_update_on_append_only_artifacts_of_the_preprocess(tiny_pipeline, tmp_pa
     vectors = res["model"].item_embeddings().numpy()
     assert vectors.shape[0] == len(new_ids) + 1 and np.all(np.isfinite(vectors))
     assert np.linalg.norm(vectors[len(old_ids) + 1:], axis=1).min() > 0
+
+
+@pytest.mark.slow
+def test_update_on_an_empty_window_leaves_every_value_as_the_previous_run(previous, tmp_path):
+    import glob
+
+    from micrec_tf.train import train
+
+    cfg, tmp, run_dir, prefix = previous
+    root = str(tmp_path / "artifacts")
+    art = os.path.join(root, cfg.name)
+    shutil.copytree(cfg.artifacts_dir, art)
+    for path in glob.glob(os.path.join(art, "examples", "train-*")):
+        os.remove(path)
+    with tf.io.TFRecordWriter(os.path.join(art, "examples", "train-00000-of-00001.tfrecord.gz"),
+                              options="GZIP"):
+        pass  # a window without a training click
+    spec_path = os.path.join(art, "examples", "feature_spec.json")
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    spec["num_examples"]["train"] = 0
+    with open(spec_path, "w", encoding="utf-8") as fh:
+        json.dump(spec, fh)
+    out = str(tmp_path / "runs" / "empty")
+    res = train(cfg.replace({"artifacts_root": root, "train.warm_start_from": run_dir}),
+                run_dir=out, evaluate_test=False, log=lambda *a: None)
+    assert res["epochs_run"] == 0
+    old = tf.train.load_checkpoint(prefix)
+    new = tf.train.load_checkpoint(os.path.join(out, "checkpoint", "model"))
+    keys = set(old.get_variable_to_shape_map()) - {ws.OBJECT_GRAPH}
+    assert keys == set(new.get_variable_to_shape_map()) - {ws.OBJECT_GRAPH}
+    for key in sorted(keys):
+        assert np.array_equal(new.get_tensor(key), old.get_tensor(key)), key
