@@ -35,7 +35,9 @@ re-sorted vocabulary is refused naming the field and the first line that moved.
 
 How: the new model's fresh state is written once to a scratch checkpoint (its keys, shapes and
 fresh values), the merged values are written under the same keys with the same object graph
-(``tf.raw_ops.SaveV2``), and TensorFlow's own checkpoint reader restores them
+(``tf.raw_ops.SaveV2``, one variable at a time, then ``MergeV2Checkpoints``: the peak memory
+is the model plus about one variable's old and new values), and TensorFlow's own checkpoint
+reader restores them
 (``assert_consumed``), so every variable is matched by its checkpoint path, not by a name.
 
 An update trains ``train.warm_start_epochs`` epochs (default 1: one pass over the window) in
@@ -228,7 +230,18 @@ def restore_grown(model, previous_checkpoint: str, vocab_sizes, work_dir: str) -
     fresh_dtypes, prev_dtypes = fresh.get_variable_to_dtype_map(), prev.get_variable_to_dtype_map()
     fresh_shapes = fresh.get_variable_to_shape_map()
     plan = plan_restore(prev.get_variable_to_shape_map(), fresh_shapes, vocab_sizes)
-    names, tensors = [OBJECT_GRAPH], [tf.constant(fresh.get_tensor(OBJECT_GRAPH), tf.string)]
+    # One shard per variable (the object graph first), merged at the end: at most one
+    # variable's old, fresh and merged values are in memory at a time.
+    parts = os.path.join(work_dir, "parts")
+    os.makedirs(parts, exist_ok=True)
+    shards = []
+
+    def save(name, value, dtype):
+        shards.append(os.path.join(parts, f"part-{len(shards):06d}"))
+        tf.raw_ops.SaveV2(prefix=shards[-1], tensor_names=[name], shape_and_slices=[""],
+                          tensors=[tf.constant(value, dtype=dtype)])
+
+    save(OBJECT_GRAPH, fresh.get_tensor(OBJECT_GRAPH), tf.string)
     summary = {"copied": 0, "grown": {}, "from_new": []}
     for key, action in plan.items():
         if action != NEW and prev_dtypes[key] != fresh_dtypes[key]:
@@ -247,12 +260,11 @@ def restore_grown(model, previous_checkpoint: str, vocab_sizes, work_dir: str) -
             old = prev.get_tensor(key)
             value = np.concatenate([old, fresh.get_tensor(key)[old.shape[0]:]], axis=0)
             summary["grown"][key] = [int(old.shape[0]), int(value.shape[0])]
-        names.append(key)
-        tensors.append(tf.constant(value, dtype=fresh_dtypes[key]))
+        save(key, value, fresh_dtypes[key])
+        del value
     merged = os.path.join(work_dir, "merged", "model")
     os.makedirs(os.path.dirname(merged), exist_ok=True)
-    tf.raw_ops.SaveV2(prefix=merged, tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=tensors)
+    tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=shards, destination_prefix=merged)
     ckpt.read(merged).assert_consumed()
     return summary
 
