@@ -15,7 +15,8 @@ to high (:data:`STAGES`, longest module prefix wins):
    ``precision``.
 3. train and its evaluation: ``micrec_tf.train``, ``micrec_tf.evaluation`` (the package, which
    re-exports the next four), ``micrec_tf.evaluation.{metrics, evaluate, data, baselines}``.
-4. export: ``export.*`` (the SavedModel, the item index, the serving signature, REST checks).
+4. export: ``export.*`` (the SavedModel, the item index, the serving signature, REST checks),
+   and ``micrec_tf.update`` (the daily update: preprocess, warm-started training, export).
 5. serving client: ``micrec_tf.retrieval``, ``micrec_tf.retrieve``. Split from ``export`` (one
    stage "export/serving" in the issue) because the client reads what the exporter writes: the
    exporter must not import the client (the ``export`` <-> ``micrec_tf.retrieval`` cycle this test
@@ -50,7 +51,7 @@ STAGES = {
     "micrec_tf.losses": 2, "micrec_tf.cl": 2,
     "micrec_tf.model": 2, "micrec_tf.tfrs_peer": 2, "micrec_tf.precision": 2,
     "micrec_tf.train": 3, "micrec_tf.evaluation": 3, "micrec_tf.warm_start": 3,
-    "export": 4,
+    "export": 4, "micrec_tf.update": 4,
     "micrec_tf.retrieval": 5, "micrec_tf.retrieve": 5,
     "experiments": 6, "benchmarks": 6,
 }

@@ -1,0 +1,231 @@
+"""The daily update (micrec_tf/update.py, issue 29): preprocess a window growing the previous
+artifacts, warm-started training, export of a new numbered version.
+
+Set-up: the tiny synthetic clicks split by time at their median timestamp: the initial part
+(before it) without 10 held items (the items with the most clicks after it), and the window
+(from it on) with every item. The initial model is preprocessed, trained one epoch and exported
+(brute-force index, top 20); each test updates from that version.
+
+References are plain reads of the files (vocabulary lines, the item file, the export's ids),
+a numpy brute force over the exported item vectors, and the published version numbers.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELD = 10
+TOP_K = 20
+
+
+def _read_tsv(path):
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    return lines[0], lines[1:]
+
+
+def _write(path, header, lines):
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(header)
+        fh.writelines(lines)
+
+
+def _vocab(art, name="item_id"):
+    with open(os.path.join(art, "vocab", f"{name}.txt"), encoding="utf-8") as fh:
+        return fh.read().split("\n")[:-1]
+
+
+def _split(data_dir, initial, window):
+    """Writes the initial part and the window (module doc); returns the held raw item ids."""
+    head, clicks = _read_tsv(os.path.join(data_dir, "interactions.tsv"))
+    times = sorted(int(ln.rstrip("\n").split("\t")[2]) for ln in clicks)
+    cut = times[len(times) // 2]
+    after = collections.Counter(ln.split("\t")[1] for ln in clicks
+                                if int(ln.rstrip("\n").split("\t")[2]) >= cut)
+    held = {i for i, _ in sorted(after.items(), key=lambda kv: (-kv[1], kv[0]))[:HELD]}
+    os.makedirs(initial)
+    os.makedirs(window)
+    _write(os.path.join(initial, "interactions.tsv"), head,
+           [ln for ln in clicks if int(ln.rstrip("\n").split("\t")[2]) < cut
+            and ln.split("\t")[1] not in held])
+    _write(os.path.join(window, "interactions.tsv"), head,
+           [ln for ln in clicks if int(ln.rstrip("\n").split("\t")[2]) >= cut])
+    ihead, items = _read_tsv(os.path.join(data_dir, "items.tsv"))
+    _write(os.path.join(initial, "items.tsv"), ihead,
+           [ln for ln in items if ln.split("\t")[0] not in held])
+    shutil.copy(os.path.join(data_dir, "items.tsv"), os.path.join(window, "items.tsv"))
+    for d in (initial, window):
+        shutil.copy(os.path.join(data_dir, "users.tsv"), os.path.join(d, "users.tsv"))
+    return held
+
+
+@pytest.fixture(scope="module")
+def initial(tmp_path_factory):
+    """(cfg, window dir, held ids, initial version dir): the first model, trained and exported."""
+    from export.export_model import export_run
+    from micrec_tf.data.synthetic import ensure_generated
+    from micrec_tf.train import train
+    from pipelines import preprocess, title_neighbours
+
+    tmp = str(tmp_path_factory.mktemp("update"))
+    raw = ensure_generated(tiny_config(tmp))
+    held = _split(raw, os.path.join(tmp, "initial"), os.path.join(tmp, "window"))
+    cfg = tiny_config(tmp, data={"dataset": "canonical",
+                                 "data_dir": os.path.join(tmp, "initial")},
+                      train={"epochs": 1},
+                      export={"index": "brute_force", "top_k": TOP_K})
+    preprocess.run(cfg, verbose=False)
+    title_neighbours.run(cfg, verbose=False)
+    train(cfg, evaluate_test=False, log=lambda *a: None)
+    version_dir = export_run(cfg, log=lambda *a: None)
+    return cfg, os.path.join(tmp, "window"), held, version_dir
+
+
+def _best_query(vectors, n):
+    """``(q, t)``: the query q in [-1, 1]^D maximising item ``n``'s least score margin t over
+    every other row of ``vectors`` (scipy's linprog)."""
+    from scipy.optimize import linprog
+
+    v = vectors.astype(np.float64)
+    dim = v.shape[1]
+    a = np.delete(np.hstack([v - v[n], np.ones((len(v), 1))]), n, axis=0)
+    res = linprog(np.r_[np.zeros(dim), -1.0], A_ub=a, b_ub=np.zeros(len(a)),
+                  bounds=[(-1, 1)] * dim + [(None, None)])
+    assert res.success, res.message
+    return res.x[:dim].astype(np.float32), float(-res.fun)
+
+
+def _user(retriever, history):
+    vocabs = retriever.vocabularies()
+    req = {f: vocabs[f"user_{f}"][0] for f in retriever.user_fields}
+    req["history"] = list(history)
+    return req
+
+
+@pytest.mark.slow
+def test_a_new_item_is_retrievable_after_one_update(initial):
+    from export import serving
+    from micrec_tf.retrieval import Retriever
+    from micrec_tf.update import run_update, update_root
+
+    cfg, window, held, v0_dir = initial
+    v0 = int(os.path.basename(v0_dir))
+    old_ids = _vocab(cfg.artifacts_dir)
+    lines = []
+    record = run_update(cfg, window, log=lines.append)
+
+    # The newest version is the update's, with its TF Serving view.
+    assert serving.published_versions(cfg.export_dir)[-1] == record["version"] > v0
+    assert os.path.isdir(os.path.join(cfg.export_dir, "serving", str(record["version"])))
+    with open(os.path.join(update_root(cfg), "state.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["version"] == record["version"]
+    assert record["previous"]["version"] == v0 and record["generation"] == 1
+
+    # Old items keep their indices; new lines follow (items first clicked in the training part
+    # of the window, the held ones among them: they were not in the initial item file).
+    new_ids = _vocab(record["artifacts_dir"])
+    assert new_ids[:len(old_ids)] == old_ids
+    appended = new_ids[len(old_ids):]
+    assert len(set(new_ids)) == len(new_ids)
+    assert record["rows_added"]["item_id"] == len(appended)
+    new_items = [i for i in appended if i in held]
+    assert new_items
+    _, window_clicks = _read_tsv(os.path.join(window, "interactions.tsv"))
+    assert sum(record["window_clicks"].values()) == len(window_clicks)
+    assert any(line.startswith("[update] rows added: ") and f"item_id +{len(appended)}" in line
+               for line in lines)
+    assert any(line.startswith("[update] time: ") and "total" in line for line in lines)
+
+    r = Retriever.load(cfg.export_dir)
+    assert r.metadata["version"] == record["version"]
+    assert list(r.ids) == new_ids  # the exported index, in vocabulary order
+    # Retrievable: for each new item, a query on which it scores above every other exported
+    # vector, found by a linear program over the exported vectors (maximise t subject to
+    # (v_j - v_new) . q + t <= 0 for every other j, q in [-1, 1]^D); the retriever returns the
+    # item first for that query. A point inside the vectors' hull has no such query (t <= 0).
+    retrievable = []
+    for item in new_items:
+        n = new_ids.index(item)
+        q, margin = _best_query(r.vectors, n)
+        if margin > 1e-5:
+            ids, _ = r.search(q[None], k=1)
+            assert ids[0][0] == item
+            retrievable.append(item)
+    assert retrievable
+    # The served user tower knows the new ids: a history of a new item is not an unknown one.
+    known = r.user_vectors([_user(r, [new_items[0]])])
+    unknown = r.user_vectors([_user(r, ["<no such item>"])])
+    assert not np.allclose(known, unknown, atol=1e-6)
+
+
+def _wait_for(path, proc, timeout_s=600):
+    start = time.monotonic()
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the update ended (rc {proc.returncode}) before {path} "
+                                 f"appeared:\n{out[-3000:]}")
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"{path} did not appear in {timeout_s} s")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_leaves_the_previous_version_serving(initial, tmp_path):
+    from export import serving
+    from micrec_tf.retrieval import Retriever
+    from micrec_tf.update import generation_dir, run_update, update_root
+
+    base, window, _, v0_dir = initial
+    v0 = int(os.path.basename(v0_dir))
+    # Its own export root and update folder, serving a copy of the initial version.
+    cfg = base.replace({"artifacts_root": str(tmp_path / "artifacts"),
+                        "export.exports_dir": str(tmp_path / "exports")})
+    os.makedirs(cfg.export_dir)
+    shutil.copytree(v0_dir, os.path.join(cfg.export_dir, str(v0)))
+    assert Retriever.load(cfg.export_dir).metadata["version"] == v0
+    config_path = str(tmp_path / "config.yaml")
+    with open(config_path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh)
+
+    gen = generation_dir(cfg, 1)
+    proc = subprocess.Popen([sys.executable, "-m", "micrec_tf.update", "--config", config_path,
+                             "--window", window], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(os.path.join(gen, "run", "config.yaml"), proc)  # training has started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert os.path.isdir(gen)  # the killed update's leftovers
+
+    # Nothing was published: the previous version serves, as it was.
+    assert serving.published_versions(cfg.export_dir) == [v0]
+    assert serving.served_versions(cfg.export_dir) == [v0]
+    r = Retriever.load(cfg.export_dir)
+    assert r.metadata["version"] == v0 and r.version_dir == os.path.join(cfg.export_dir, str(v0))
+    assert not os.path.exists(os.path.join(update_root(cfg), "state.json"))
+
+    # The next update removes the leftovers and publishes the next version.
+    lines = []
+    record = run_update(cfg, window, log=lines.append)
+    assert any(line.startswith(f"[update] removing {gen}") for line in lines)
+    assert record["generation"] == 1 and record["previous"]["version"] == v0
+    assert serving.published_versions(cfg.export_dir) == [v0, record["version"]]
+    assert Retriever.load(cfg.export_dir).metadata["version"] == record["version"]
+    assert not [d for d in os.listdir(cfg.export_dir) if d.startswith(".tmp-")]
