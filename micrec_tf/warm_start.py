@@ -21,7 +21,9 @@ artifacts as usual, then restore every variable of the previous run's ``checkpoi
   For ``min_id_clicks`` 1 (default) that is the mask of the running click total; for > 1 an
   old item whose clicks are split over windows stays masked (a running total is left to the
   incremental preprocessing). The learning rate keeps the update's ``train.learning_rate``
-  (:data:`FROM_NEW_CONFIG`: tuned for the one-pass budget). Tables built from the artifacts as
+  (:data:`FROM_NEW_CONFIG`: tuned for the one-pass budget). Mixed precision's loss scale
+  (``model/optimizer/loss_scale/*``) is copied where both runs have one and may appear or go
+  (a float32 run has none). Tables built from the artifacts as
   constants (sampled-softmax frequency weights, CL neighbour tables, the item feature table)
   are not in a checkpoint at all: they come from the new artifacts anyway.
 
@@ -64,7 +66,7 @@ from micrec_tf.data.artifacts import ITEM_ID_COUNTS, read_vocab
 # Variables that are data of the new artifacts: the new build's values, all rows.
 FROM_NEW_ARTIFACTS = ("item_id_keep_mask", "item_text_table")
 # Variables that follow the update's config, not the previous run's.
-FROM_NEW_CONFIG = ("model/optimizer/_learning_rate/",)  # one key
+FROM_NEW_CONFIG = ("_learning_rate",)  # under model/optimizer/
 # Config keys that must be equal: another value builds another model.
 SAME_KEYS = ("model.name", "model.embedding_dim")
 OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -188,9 +190,12 @@ def plan_restore(previous: dict, fresh: dict, vocab_sizes) -> dict:
     order = sorted((k for k in fresh if k != OBJECT_GRAPH),
                    key=lambda k: (k.startswith("model/optimizer/"), k))
     plan = {k: NEW for k in order if _from_new_artifacts(k)}  # may appear or go: data
+    # Mixed precision's loss scale may appear or go too (a float32 run has none): kept where
+    # both runs have it, the new build's where only the update has one.
+    plan.update({k: NEW for k in order if _loss_scale(k) and k not in previous})
     missing = [k for k in order if k not in previous and k not in plan]
     left = sorted((k for k in previous if k != OBJECT_GRAPH and k not in fresh
-                   and not _from_new_artifacts(k)),
+                   and not _from_new_artifacts(k) and not _loss_scale(k)),
                   key=lambda k: (k.startswith("model/optimizer/"), k))
     if left and (not missing or missing[0].startswith("model/optimizer/")):
         raise WarmStartError(f"cannot warm-start: variable {left[0]} (shape "
@@ -209,8 +214,16 @@ def plan_restore(previous: dict, fresh: dict, vocab_sizes) -> dict:
                 f"cannot warm-start: variable {key} has shape {list(old)} in the previous "
                 f"checkpoint and {list(new)} in the new model (only a vocabulary-sized first "
                 "dimension may grow)")
-        plan[key] = NEW if FROM_NEW_CONFIG[0] in key else GROW if grows else COPY
+        plan[key] = NEW if _from_new_config(key) else GROW if grows else COPY
     return plan
+
+
+def _loss_scale(key: str) -> bool:
+    return key.startswith("model/optimizer/") and "/loss_scale/" in key
+
+
+def _from_new_config(key: str) -> bool:
+    return key.startswith("model/optimizer/") and any(f"/{n}/" in key for n in FROM_NEW_CONFIG)
 
 
 def _from_new_artifacts(key: str) -> bool:

@@ -79,6 +79,38 @@ def test_grown_table_keeps_old_rows_and_adam_slots_bit_identical(tmp_path):
     assert np.array_equal(new.layers[2].kernel.numpy(), reader.get_tensor(head))
 
 
+def test_loss_scale_of_mixed_precision_is_kept_or_may_come_and_go(tmp_path):
+    """Mixed precision wraps Adam in a LossScaleOptimizer: the same keys plus
+    model/optimizer/loss_scale/*; an update in float32 (or the other way round) is no mismatch."""
+    scale = "model/optimizer/loss_scale/current_loss_scale/.ATTRIBUTES/VARIABLE_VALUE"
+
+    def scaled(vocab, lr):
+        model = _toy(vocab, lr=lr)
+        model.compile(optimizer=tf_keras.mixed_precision.LossScaleOptimizer(
+            tf_keras.optimizers.Adam(lr)))
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    old = scaled(7, 0.01)
+    old.optimizer.iterations.assign(5)
+    old.optimizer._loss_scale.current_loss_scale.assign(1024.0)  # as training leaves it
+    prefix = tf.train.Checkpoint(model=old).write(str(tmp_path / "old" / "model"))
+    reader = tf.train.load_checkpoint(prefix)
+    assert reader.get_tensor(scale) == 1024.0
+    new = scaled(10, 0.05)
+    ws.restore_grown(new, prefix, [10], str(tmp_path / "work"))
+    assert float(new.optimizer.learning_rate.numpy()) == pytest.approx(0.05)
+    assert int(new.optimizer.iterations.numpy()) == 5
+    assert float(new.optimizer.loss_scale.numpy()) == 1024.0
+    assert np.array_equal(new.layers[1].embeddings.numpy()[:7], reader.get_tensor(EMB))
+    plain = _toy(10, lr=0.05)  # float32 update of a mixed-precision run
+    ws.restore_grown(plain, prefix, [10], str(tmp_path / "work2"))
+    assert np.array_equal(plain.layers[1].embeddings.numpy()[:7], reader.get_tensor(EMB))
+    back = scaled(10, 0.05)  # mixed-precision update of a float32 run
+    ws.restore_grown(back, _trained_toy(tmp_path), [10], str(tmp_path / "work3"))
+    assert int(back.optimizer.iterations.numpy()) == 2
+
+
 def test_restore_into_the_same_shapes_changes_nothing(tmp_path):
     prefix = _trained_toy(tmp_path)
     reader = tf.train.load_checkpoint(prefix)
