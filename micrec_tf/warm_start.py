@@ -96,8 +96,12 @@ def resolve_run_dir(source: str) -> str:
     run_dir, meta = source, None
     meta_path = os.path.join(source, "metadata.json")
     if not os.path.exists(os.path.join(source, "config.yaml")) and os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as fh:
-            meta = json.load(fh) or {}
+        try:
+            with open(meta_path, encoding="utf-8") as fh:
+                meta = json.load(fh) or {}
+        except (OSError, ValueError) as err:
+            raise WarmStartError(f"{key}: its metadata.json cannot be read "
+                                 f"({type(err).__name__}: {err})") from None
         run_dir = meta.get("run_dir") or ""
         if not run_dir or not os.path.isdir(run_dir):
             raise WarmStartError(f"{key} is an export version whose run folder "

@@ -271,6 +271,9 @@ def test_source_folders(tmp_path):
         (version / "metadata.json").write_text(json.dumps({"run_dir": str(run), **meta}))
         with pytest.raises(ws.WarmStartError, match="was trained again since"):
             ws.resolve_run_dir(str(version))  # the run folder no longer holds that training
+    (version / "metadata.json").write_text("{not json")
+    with pytest.raises(ws.WarmStartError, match="metadata.json cannot be read"):
+        ws.resolve_run_dir(str(version))
     (version / "metadata.json").write_text(json.dumps({"run_dir": str(tmp_path / "gone")}))
     with pytest.raises(ws.WarmStartError, match="is gone"):
         ws.resolve_run_dir(str(version))
