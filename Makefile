@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 GPU ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install preprocess train export test test-fast bench reproduce clean
+.PHONY: install preprocess train export update test test-fast bench reproduce clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ train: install
 
 export: install
 	$(PY) -m export.export_model --config $(CONFIG)
+
+# One daily update (issue 29, micrec_tf/update.py): WINDOW = the window's raw data folder; grows
+# the newest published version of exports/<name> (PREVIOUS=exports/<name>/<version> for another),
+# trains it one pass and publishes the next version.
+WINDOW ?=
+PREVIOUS ?=
+update: install
+	$(PY) -m micrec_tf.update --config $(CONFIG) --window $(WINDOW) $(if $(PREVIOUS),--previous $(PREVIOUS))
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

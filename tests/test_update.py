@@ -229,3 +229,50 @@ def test_sigkill_during_training_leaves_the_previous_version_serving(initial, tm
     assert serving.published_versions(cfg.export_dir) == [v0, record["version"]]
     assert Retriever.load(cfg.export_dir).metadata["version"] == record["version"]
     assert not [d for d in os.listdir(cfg.export_dir) if d.startswith(".tmp-")]
+
+
+def test_refusals_are_one_line(tmp_path, capsys):
+    """Fast: no window folder, then no published version: one ``error:`` line, exit 2, and
+    nothing written under the export root."""
+    from micrec_tf import cli
+    from micrec_tf.update import main
+
+    cfg = tiny_config(str(tmp_path))
+    path = str(tmp_path / "config.yaml")
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh)
+    missing = str(tmp_path / "no-window")
+    assert cli.run(main, ["--config", path, "--window", missing]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --window") and missing in err[0]
+    window = tmp_path / "window"
+    window.mkdir()
+    assert cli.run(main, ["--config", path, "--window", str(window)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no published version under" in err[0]
+    assert not os.path.exists(cfg.export_dir)
+
+
+def test_previous_state_reads_the_newest_version_and_its_generation(tmp_path):
+    """Fast, on hand-written export metadata and lineage.json: the newest all-digit version
+    with a metadata.json is the previous state; generation = lineage's (0 without one)."""
+    from micrec_tf.update import UpdateError, generation_dir, previous_state
+
+    cfg = tiny_config(str(tmp_path))
+    run, art = tmp_path / "run", tmp_path / "art"
+    run.mkdir()
+    art.mkdir()
+    for v in (5, 7):
+        os.makedirs(os.path.join(cfg.export_dir, str(v)))
+        with open(os.path.join(cfg.export_dir, str(v), "metadata.json"), "w") as fh:
+            json.dump({"version": v, "run_dir": str(run), "artifacts_dir_abs": str(art)}, fh)
+    os.makedirs(os.path.join(cfg.export_dir, ".tmp-9-1-ab"))  # a killed export: not a version
+    state = previous_state(cfg)
+    assert state["version"] == 7 and state["generation"] == 0
+    assert state["version_dir"] == os.path.abspath(os.path.join(cfg.export_dir, "7"))
+    (art / "lineage.json").write_text(json.dumps({"generation": 3}))
+    assert previous_state(cfg, os.path.join(cfg.export_dir, "5"))["generation"] == 3
+    assert generation_dir(cfg, 4).endswith(os.path.join("tiny-updates", "gen-0004"))
+    shutil.rmtree(run)
+    with pytest.raises(UpdateError, match="run_dir .* is gone"):
+        previous_state(cfg)
