@@ -157,3 +157,22 @@ def tiny_pipeline(tmp_path_factory):
     preprocess.run(cfg, verbose=False)
     title_neighbours.run(cfg, verbose=False)
     return cfg, tmp
+
+
+def tiny_item_fields(num_items: int, max_tags: int = 2, seed: int = 0):
+    """The hand-sized catalogue of the layer tests: ``(vocab_sizes, tags, provider, year, rs)``.
+
+    ``tags`` int64 [V, max_tags] (first tag of every item 1..V-1 drawn from 1..4, the rest 0),
+    ``provider`` / ``year`` int [V] drawn from 1..2 / 1..3 (row 0 padding); vocabulary sizes 5
+    tags, 3 providers, 4 years, 3 genders. ``rs`` is the ``RandomState(seed)`` they were drawn
+    from, returned so that a test's later draws continue the same stream.
+    """
+    import numpy as np
+
+    rs = np.random.RandomState(seed)
+    tags = np.zeros((num_items, max_tags), np.int64)
+    tags[1:, 0] = rs.randint(1, 5, num_items - 1)
+    provider = np.where(np.arange(num_items) > 0, rs.randint(1, 3, num_items), 0)
+    year = np.where(np.arange(num_items) > 0, rs.randint(1, 4, num_items), 0)
+    vocab = {"item_id": num_items, "tag": 5, "provider": 3, "item_year": 4, "user_gender": 3}
+    return vocab, tags, provider, year, rs

@@ -26,16 +26,11 @@ from micrec_tf.cl import (CLAnchorSampler, CLInputs, cl_anchor_pool, cl_anchors_
 from micrec_tf.config import from_dict
 from micrec_tf.data.artifacts import CooccurrenceTable, ItemTable, NeighbourTable, read_id_clicks
 from micrec_tf.model import build_model
+from tests.conftest import tiny_item_fields
 
 V, T, D, H = 21, 2, 4, 3
 NUM_TAGS, NUM_PROVIDERS, NUM_YEARS = 5, 3, 4
-VOCAB = {"item_id": V, "tag": NUM_TAGS, "provider": NUM_PROVIDERS, "item_year": NUM_YEARS,
-         "user_gender": 3}
-RS = np.random.RandomState(0)
-TAGS = np.zeros((V, T), np.int64)
-TAGS[1:, 0] = RS.randint(1, NUM_TAGS, V - 1)
-PROVIDER = np.where(np.arange(V) > 0, RS.randint(1, NUM_PROVIDERS, V), 0)
-YEAR = np.where(np.arange(V) > 0, RS.randint(1, NUM_YEARS, V), 0)
+VOCAB, TAGS, PROVIDER, YEAR, RS = tiny_item_fields(V, T)
 # Training clicks per item index (row 0: padding). Clicked items first (as the catalogue
 # vocabulary orders them), then 7 unclicked catalogue items 14..20.
 CLICKS = np.array([0, 9, 8, 7, 6, 5, 5, 4, 3, 3, 2, 2, 1, 1, 0, 0, 0, 0, 0, 0, 0], np.int64)

@@ -18,16 +18,11 @@ from micrec_tf.layers_id_dropout import IDFieldDropout
 from micrec_tf.layers_text import ItemTextFieldEmbeddings
 from micrec_tf.losses import SampledSoftmaxTask
 from micrec_tf.model import build_model, item_id_keep_mask
+from tests.conftest import tiny_item_fields
 
 V, T, D, H = 13, 2, 4, 3
 NUM_TAGS, NUM_PROVIDERS, NUM_YEARS = 5, 3, 4
-VOCAB = {"item_id": V, "tag": NUM_TAGS, "provider": NUM_PROVIDERS, "item_year": NUM_YEARS,
-         "user_gender": 3}
-RS = np.random.RandomState(0)
-TAGS = np.zeros((V, T), np.int64)
-TAGS[1:, 0] = RS.randint(1, NUM_TAGS, V - 1)
-PROVIDER = np.where(np.arange(V) > 0, RS.randint(1, NUM_PROVIDERS, V), 0)
-YEAR = np.where(np.arange(V) > 0, RS.randint(1, NUM_YEARS, V), 0)
+VOCAB, TAGS, PROVIDER, YEAR, RS = tiny_item_fields(V, T)
 # Training clicks per item index: items 3 and 8 were never clicked, items 5 and 10 once.
 CLICKS = np.array([0, 4, 2, 0, 7, 1, 3, 2, 0, 9, 1, 5, 2], np.int64)
 COLD_1 = [3, 8]  # below min_id_clicks = 1

@@ -16,16 +16,11 @@ from micrec_tf.config import ConfigError, from_dict
 from micrec_tf.data.artifacts import ArtifactError, ItemTable, load_text_vectors
 from micrec_tf.layers_text import ItemTextFieldEmbeddings
 from micrec_tf.model import build_model
+from tests.conftest import tiny_item_fields
 
 V, T, D, DT, H = 13, 2, 4, 6, 3
 NUM_TAGS, NUM_PROVIDERS, NUM_YEARS = 5, 3, 4
-VOCAB = {"item_id": V, "tag": NUM_TAGS, "provider": NUM_PROVIDERS, "item_year": NUM_YEARS,
-         "user_gender": 3}
-RS = np.random.RandomState(0)
-TAGS = np.zeros((V, T), np.int64)
-TAGS[1:, 0] = RS.randint(1, NUM_TAGS, V - 1)
-PROVIDER = np.where(np.arange(V) > 0, RS.randint(1, NUM_PROVIDERS, V), 0)
-YEAR = np.where(np.arange(V) > 0, RS.randint(1, NUM_YEARS, V), 0)
+VOCAB, TAGS, PROVIDER, YEAR, RS = tiny_item_fields(V, T)
 TABLE = ItemTable(tags=TAGS, provider=PROVIDER, extra={"item_year": YEAR}, category=TAGS[:, 0])
 TEXT = RS.normal(size=(V, DT)).astype(np.float32)
 TEXT[0] = 0.0

@@ -23,18 +23,13 @@ from micrec_tf.data.artifacts import ItemTable
 from micrec_tf.layers_id_dropout import IDFieldDropout
 from micrec_tf.tfrs_peer import (TFRSContentItemModel, TFRSItemModel, TFRSUserModel,
                                  build_tfrs_two_tower)
+from tests.conftest import tiny_item_fields
 
 V, T, E, DT, H = 13, 2, 4, 6, 3
 NUM_TAGS, NUM_PROVIDERS, NUM_YEARS = 5, 3, 4
-VOCAB = {"item_id": V, "tag": NUM_TAGS, "provider": NUM_PROVIDERS, "item_year": NUM_YEARS,
-         "user_gender": 3}
-RS = np.random.RandomState(0)
-TAGS = np.zeros((V, T), np.int64)
-TAGS[1:, 0] = RS.randint(1, NUM_TAGS, V - 1)
+VOCAB, TAGS, PROVIDER, YEAR, RS = tiny_item_fields(V, T)
 TAGS[2, 1] = 3  # an item with two tags
-PROVIDER = np.where(np.arange(V) > 0, RS.randint(1, NUM_PROVIDERS, V), 0)
 PROVIDER[4] = 0  # an item without a provider
-YEAR = np.where(np.arange(V) > 0, RS.randint(1, NUM_YEARS, V), 0)
 TEXT = RS.normal(size=(V, DT)).astype(np.float32)
 TEXT[0] = 0.0
 TEXT[7] = 0.0  # an item without a text vector
