@@ -81,9 +81,11 @@ class WarmStartError(cli.UsageError):
 
 def update_config(cfg: Config) -> Config:
     """The config an update trains with: ``train.epochs`` = ``train.warm_start_epochs`` when
-    ``train.warm_start_from`` is set; ``cfg`` itself otherwise (today's behaviour)."""
+    ``train.warm_start_from`` is set; ``cfg`` itself otherwise (today's behaviour). A source
+    that is no finished run is refused here, before the run folder is touched."""
     if not cfg.train.warm_start_from:
         return cfg
+    resolve_run_dir(cfg.train.warm_start_from)
     return cfg.replace({"train.epochs": cfg.train.warm_start_epochs})
 
 

@@ -226,16 +226,43 @@ def test_append_only_check_names_the_field_and_the_moved_line(tmp_path):
     assert "not checked" in ws.check_append_only(str(tmp_path / "gone"), new)
 
 
-def test_update_config_defaults_and_validation():
+def _finished_run(folder):
+    """A folder that passes as a finished run from before run_state.json."""
+    os.makedirs(folder, exist_ok=True)
+    for name, text in (("config.yaml", "name: x\n"), ("metrics.json", "{}")):
+        with open(os.path.join(folder, name), "w") as fh:
+            fh.write(text)
+    return str(folder)
+
+
+def test_update_config_defaults_and_validation(tmp_path):
     cfg = from_dict({})
     assert cfg.train.warm_start_from == "" and cfg.train.warm_start_epochs == 1
     assert ws.update_config(cfg) is cfg and cfg.train.epochs == 10  # today's behaviour
-    update = ws.update_config(cfg.replace({"train.warm_start_from": "runs/x"}))
+    run = _finished_run(tmp_path / "run")
+    update = ws.update_config(cfg.replace({"train.warm_start_from": run}))
     assert update.train.epochs == 1
-    three = cfg.replace({"train.warm_start_from": "runs/x", "train.warm_start_epochs": 3})
+    three = cfg.replace({"train.warm_start_from": run, "train.warm_start_epochs": 3})
     assert ws.update_config(three).train.epochs == 3
+    with pytest.raises(ws.WarmStartError, match="is not a folder"):
+        ws.update_config(cfg.replace({"train.warm_start_from": str(tmp_path / "nowhere")}))
     with pytest.raises(ConfigError, match="train.warm_start_epochs"):
         cfg.replace({"train.warm_start_epochs": 0})
+
+
+def test_train_command_refuses_a_bad_source_in_one_line_before_touching_the_run(tmp_path,
+                                                                               capsys):
+    from micrec_tf import cli
+    from micrec_tf.train import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"name": "t", "artifacts_root": str(tmp_path / "a")}))
+    run = tmp_path / "runs" / "update"
+    code = cli.run(main, ["--config", str(config), "--run-dir", str(run), "--set",
+                          f"train.warm_start_from={tmp_path / 'nowhere'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "train.warm_start_from" in err[0]
+    assert "is not a folder" in err[0] and not run.exists()
 
 
 def test_model_keys_must_match():
