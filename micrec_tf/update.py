@@ -6,7 +6,9 @@ An update = four stages, each writing into a fresh folder of its own generation:
 1. preprocess the window's raw data (``DIR``: a raw-data folder in the config's adapter format,
    holding the window's clicks and the item / user files of the catalogue so far), growing the
    previous artifacts (``preprocess.previous_artifacts``: append-only vocabularies,
-   ``pipelines/lineage.py``; with ``preprocess.session_tails`` the co-occurrence table grows too);
+   ``pipelines/lineage.py``); when the previous artifacts hold session tails
+   (``preprocess.session_tails``) the co-occurrence table grows by the window's pairs and the
+   update writes tails for the next one, else it counts the window alone (one line says so);
 2. title neighbours: merged for the new items (``semantic.source`` ``title`` / ``vectors``:
    ``pipelines.title_neighbours.merge_title_neighbours``), recomputed for ``taxonomy`` (cheap);
    skipped when the previous artifacts have none;
@@ -68,6 +70,7 @@ __all__ = ["UpdateError", "update_root", "generation_dir", "previous_state", "ru
 STATE_FILE = "state.json"
 RECORD_FILE = "update.json"
 GEN_PREFIX = "gen-"
+TAILS_FILE = "session_tails.jsonl"  # pipelines/cooccurrence.py, preprocess.session_tails
 
 
 class UpdateError(cli.UsageError):
@@ -170,12 +173,22 @@ def _write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def has_session_tails(art_dir: str) -> bool:
+    """Whether artifacts ``art_dir`` hold the session tails a grown co-occurrence table needs."""
+    return os.path.isfile(os.path.join(art_dir, "cooccurrence", TAILS_FILE))
+
+
 def stage_configs(cfg: Config, window: str, prev: dict, gen_dir: str) -> Config:
     """The config of the update's stages: ``cfg`` with the window as raw data, the generation's
-    artifacts root, the previous artifacts to grow and the previous version to warm-start from."""
+    artifacts root, the previous artifacts to grow and the previous version to warm-start from.
+    ``preprocess.session_tails`` is turned on when the previous artifacts have tails (the table
+    then grows by the window's pairs, and the new artifacts carry tails for the next update);
+    otherwise it stays as ``cfg`` says (false: the table counts the window alone)."""
     return cfg.replace({"data.data_dir": os.path.abspath(window),
                         "artifacts_root": os.path.join(gen_dir, "artifacts"),
                         "preprocess.previous_artifacts": prev["artifacts_dir"],
+                        "preprocess.session_tails": (has_session_tails(prev["artifacts_dir"])
+                                                     or cfg.preprocess.session_tails),
                         "train.warm_start_from": prev["version_dir"]})
 
 
@@ -211,6 +224,10 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log) -> dict:
     run_dir = os.path.join(gen_dir, "run")
     log(f"[update] generation {generation} from version {prev['version']} "
         f"({prev['version_dir']}), window {os.path.abspath(window)}")
+    cooccurrence = "grown" if ucfg.preprocess.session_tails else "window"
+    if cooccurrence == "window":
+        log("[update] co-occurrence: this window's clicks alone (the previous artifacts have no "
+            "session tails: preprocess with preprocess.session_tails: true to grow the table)")
 
     t = time.time()
     stats = preprocess.run(ucfg, data_dir=os.path.abspath(window), verbose=False)
@@ -252,6 +269,7 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log) -> dict:
         "rows_added": dict(sorted(lineage.get("appended", {}).items())),
         "window_clicks": dict(stats.get("events_by_split", {})),
         "examples": dict(stats.get("num_examples", {})),
+        "cooccurrence": cooccurrence,
         "title_neighbours": (None if neighbours is None else
                              {k: neighbours.get(k) for k in ("mode", "items", "new_items",
                                                              "changed_old_lists")}),
@@ -282,7 +300,8 @@ def format_cost(record: dict) -> list:
         "[update] rows added: " + (", ".join(f"{k} +{v}" for k, v in added.items()) or "none"),
         f"[update] window clicks {sum(clicks.values())} (" +
         ", ".join(f"{k} {v}" for k, v in clicks.items()) + "); examples " +
-        ", ".join(f"{k} {v}" for k, v in record["examples"].items()),
+        ", ".join(f"{k} {v}" for k, v in record["examples"].items())
+        + f"; co-occurrence table: {record.get('cooccurrence', 'window')}",
     ]
     if nb is not None:
         lines.append(f"[update] title neighbours: {nb.get('mode') or 'recomputed'}, "

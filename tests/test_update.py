@@ -3,8 +3,8 @@ artifacts, warm-started training, export of a new numbered version.
 
 Set-up: the tiny synthetic clicks split by time at their median timestamp: the initial part
 (before it) without 10 held items (the items with the most clicks after it), and the window
-(from it on) with every item. The initial model is preprocessed, trained one epoch and exported
-(brute-force index, top 20); each test updates from that version.
+(from it on) with every item. The initial model is preprocessed (with session tails), trained
+one epoch and exported (brute-force index, top 20); each test updates from that version.
 
 References are plain reads of the files (vocabulary lines, the item file, the export's ids),
 a numpy brute force over the exported item vectors, and the published version numbers.
@@ -85,7 +85,7 @@ def initial(tmp_path_factory):
     held = _split(raw, os.path.join(tmp, "initial"), os.path.join(tmp, "window"))
     cfg = tiny_config(tmp, data={"dataset": "canonical",
                                  "data_dir": os.path.join(tmp, "initial")},
-                      train={"epochs": 1},
+                      preprocess={"session_tails": True}, train={"epochs": 1},
                       export={"index": "brute_force", "top_k": TOP_K})
     preprocess.run(cfg, verbose=False)
     title_neighbours.run(cfg, verbose=False)
@@ -133,6 +133,10 @@ def test_a_new_item_is_retrievable_after_one_update(initial):
     with open(os.path.join(update_root(cfg), "state.json"), encoding="utf-8") as fh:
         assert json.load(fh)["version"] == record["version"]
     assert record["previous"]["version"] == v0 and record["generation"] == 1
+    # The initial artifacts hold session tails: the table grew (pipelines/cooccurrence.py).
+    assert record["cooccurrence"] == "grown"
+    with open(os.path.join(record["artifacts_dir"], "cooccurrence", "session_state.json")) as fh:
+        assert json.load(fh)["updates"] == 1
 
     # Old items keep their indices; new lines follow (items first clicked in the training part
     # of the window, the held ones among them: they were not in the initial item file).
