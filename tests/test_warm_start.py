@@ -575,3 +575,39 @@ def test_update_on_an_empty_window_leaves_every_value_as_the_previous_run(previo
     assert keys == set(new.get_variable_to_shape_map()) - {ws.OBJECT_GRAPH}
     for key in sorted(keys):
         assert np.array_equal(new.get_tensor(key), old.get_tensor(key)), key
+
+
+@pytest.mark.slow
+def test_streaming_frequency_state_grows_with_the_prior_for_new_items(tiny_pipeline, tmp_path):
+    """loss.in_batch_negatives: the logQ estimator's [V] state (last step seen, mean gap) keeps
+    the old items' values and starts the new items where a build does: gap = max(1, (V - 1) /
+    batch), last seen 0 (the formula of losses.StreamingFrequencyEstimator, by hand)."""
+    from micrec_tf.train import train
+
+    cfg, _ = tiny_pipeline
+    cfg = cfg.replace({"loss.in_batch_negatives": True})
+    run_dir = str(tmp_path / "runs" / "previous")
+    train(cfg.replace({"train.epochs": 1}), run_dir=run_dir, evaluate_test=False,
+          log=lambda *a: None)
+    grown_root = str(tmp_path / "artifacts")
+    _grow_artifacts(cfg.artifacts_dir, os.path.join(grown_root, cfg.name))
+    new_cfg = cfg.replace({"artifacts_root": grown_root, "train.warm_start_from": run_dir})
+    model, art = _built_model(new_cfg)
+    ws.warm_start(model, new_cfg, str(tmp_path), art.vocab_sizes.values(), log=lambda *a: None)
+    old = tf.train.load_checkpoint(os.path.join(run_dir, "checkpoint", "model"))
+    new = _checkpoint_of(model, str(tmp_path / "after" / "model"))
+    keys = {name: [k for k in old.get_variable_to_shape_map() if f"/frequency/{name}/" in k]
+            for name in ("delta", "last_seen", "step")}
+    assert all(len(k) == 1 for k in keys.values()), keys
+    delta_old, delta_new = (r.get_tensor(keys["delta"][0]) for r in (old, new))
+    seen_old, seen_new = (r.get_tensor(keys["last_seen"][0]) for r in (old, new))
+    v_old = delta_old.shape[0]
+    v_new = v_old + NEW_ITEMS
+    assert delta_new.shape == seen_new.shape == (v_new,)
+    prior = max(1.0, (v_new - 1) / cfg.train.batch_size)
+    assert (delta_old != max(1.0, (v_old - 1) / cfg.train.batch_size)).any()  # it was trained
+    assert np.array_equal(delta_new[:v_old], delta_old)
+    assert np.array_equal(seen_new[:v_old], seen_old) and seen_old.max() > 0
+    np.testing.assert_allclose(delta_new[v_old:], prior, rtol=1e-6)
+    assert not seen_new[v_old:].any()
+    assert new.get_tensor(keys["step"][0]) == old.get_tensor(keys["step"][0]) > 0
