@@ -192,6 +192,13 @@ def test_keep_mask_keeps_old_ids_in_use_and_takes_new_ids_from_the_new_counts(tm
         assert new.item_id_keep_mask.numpy().tolist() == expected
         assert np.array_equal(new.item_embedding.numpy()[:5], table)
         assert (new.item_embedding.numpy()[5:] == -1).all()
+    # The text table is data of the new artifacts: the new build's rows, old items' too.
+    prev_text, new_text = tf.Module(), tf.Module()
+    prev_text.item_text_table = tf.Variable(np.ones((5, 3), np.float32))
+    new_text.item_text_table = tf.Variable(np.full((7, 3), 2.0, np.float32))
+    prefix = tf.train.Checkpoint(model=prev_text).write(str(tmp_path / "prev_text" / "model"))
+    ws.restore_grown(new_text, prefix, [7], str(tmp_path / "work_text"))
+    assert (new_text.item_text_table.numpy() == 2.0).all()
     # A mask that goes (every item now has enough clicks) is no mismatch.
     prefix = tf.train.Checkpoint(model=_Masked(table, [1, 0, 1, 1, 1])).write(
         str(tmp_path / "prev_mask" / "model"))
