@@ -280,3 +280,48 @@ def test_previous_state_reads_the_newest_version_and_its_generation(tmp_path):
     shutil.rmtree(run)
     with pytest.raises(UpdateError, match="run_dir .* is gone"):
         previous_state(cfg)
+
+
+@pytest.mark.slow
+def test_killed_after_the_export_the_next_update_grows_from_the_new_version(initial, tmp_path,
+                                                                           monkeypatch):
+    """The export's rename is the publish point: an update that dies after it (here: the
+    record write fails) has published a complete version, and the next update grows from that
+    version (generation 2), keeping generation 1's folders, which it uses."""
+    from export import serving
+    from micrec_tf import update
+    from micrec_tf.retrieval import Retriever
+
+    base, window, _, v0_dir = initial
+    v0 = int(os.path.basename(v0_dir))
+    cfg = base.replace({"artifacts_root": str(tmp_path / "artifacts"),
+                        "export.exports_dir": str(tmp_path / "exports")})
+    os.makedirs(cfg.export_dir)
+    shutil.copytree(v0_dir, os.path.join(cfg.export_dir, str(v0)))
+
+    # Two consecutive windows (the tails refuse a window earlier than the previous one).
+    head, clicks = _read_tsv(os.path.join(window, "interactions.tsv"))
+    cut = sorted(int(ln.rstrip("\n").split("\t")[2]) for ln in clicks)[len(clicks) // 2]
+    windows = [str(tmp_path / "w1"), str(tmp_path / "w2")]
+    for w, keep in zip(windows, (lambda t: t < cut, lambda t: t >= cut)):
+        os.makedirs(w)
+        _write(os.path.join(w, "interactions.tsv"), head,
+               [ln for ln in clicks if keep(int(ln.rstrip("\n").split("\t")[2]))])
+        for name in ("items.tsv", "users.tsv"):
+            shutil.copy(os.path.join(window, name), os.path.join(w, name))
+
+    def die(path, obj):
+        raise OSError("killed before the record")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(update, "_write_json_atomic", die)
+        with pytest.raises(OSError, match="killed before the record"):
+            update.run_update(cfg, windows[0], log=lambda *a: None)
+    v1 = serving.published_versions(cfg.export_dir)[-1]
+    assert v1 > v0 and Retriever.load(cfg.export_dir).metadata["version"] == v1
+    assert not os.path.exists(os.path.join(update.update_root(cfg), "state.json"))
+
+    record = update.run_update(cfg, windows[1], log=lambda *a: None)
+    assert record["previous"]["version"] == v1 and record["generation"] == 2
+    assert os.path.isdir(update.generation_dir(cfg, 1))  # the run version v1 was made from
+    assert serving.published_versions(cfg.export_dir) == [v0, v1, record["version"]]
