@@ -45,7 +45,8 @@ import numpy as np
 from micrec_tf import cli
 from micrec_tf.config import CL_TASKS, Config, ConfigError
 
-from experiments.report import convergence_text, paired_p
+from experiments.report import (convergence_text, names_arg, paired_p, trial_table,
+                                write_report)
 from experiments.run_cache import Runner, artifacts_fingerprint, slug
 from experiments.variants import GRIDS, OPTIONS, PEER_MODEL
 
@@ -291,19 +292,8 @@ def report(cfg: Config, names: list, settings: dict, per_seed: dict, content: di
         lines += ["", f"{CONTENT}: cold-validation HIT@50 per variant "
                   + ", ".join(f"{k} {v:.4f}" for k, v in content["valid_scores"].items())
                   + f"; chosen {content['variant']} ({content['seconds']:.0f} s)"]
-    lines += ["", "### Every trial (seed 0): cold-validation HIT@50", "",
-              "| model | setting | cold-validation HIT@50 | best epoch | epochs run |",
-              "|---|---|---|---|---|"]
-    for name in names:
-        for t in runner.trials.get(name, []):
-            if t.get("missing"):
-                lines.append(f"| {name} | `{json.dumps(t['setting'])}` | not run yet | | |")
-                continue
-            chosen = " **chosen**" if settings.get(name) == t["setting"] else ""
-            opt = " (method option)" if t.get("option") else ""
-            lines.append(f"| {name} | `{json.dumps(t['setting'])}`{chosen}{opt} | "
-                         f"{t['valid']:.4f} | {t.get('best_epoch')} | {t.get('epochs_run')} of "
-                         f"<= {t.get('epochs_cap')} |")
+    lines += ["", "### Every trial (seed 0): cold-validation HIT@50", ""]
+    lines += trial_table(names, runner.trials, settings)
     if runner.missing:
         lines += ["", "## Not run yet", ""] + [f"- `{k}`" for k in runner.missing]
     return "\n".join(lines) + "\n", {"rows": rows_json, "settings": settings,
@@ -333,14 +323,7 @@ def reproduce_cold_start(cfg: Config, names=None, seeds: int | None = None, grid
     settings, per_seed = run_rows(cfg, names, seeds, grid, runner)
     md, js = report(cfg, names, settings, per_seed, content, runner, seeds, grid, command,
                     time.time() - start)
-    os.makedirs(out_dir, exist_ok=True)
-    md_path = os.path.join(out_dir, f"{cfg.name}.md")
-    with open(md_path, "w") as fh:
-        fh.write(md)
-    with open(os.path.join(out_dir, f"{cfg.name}.json"), "w") as fh:
-        json.dump(js, fh, indent=1)
-    log(f"[cold_start] wrote {md_path}")
-    return md_path
+    return write_report(out_dir, cfg.name, md, js, log, "cold_start")
 
 
 def main(argv=None) -> int:
@@ -354,12 +337,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
     cfg = cli.load(args)
-    names = None
-    if args.rows:
-        names = [v.strip() for v in args.rows.split(",")]
-        unknown = [v for v in names if v not in ROWS]
-        if unknown:
-            parser.error(f"unknown row(s) {unknown}; choose from {list(ROWS)}")
+    names = names_arg(parser, args.rows, ROWS, "row")
     reproduce_cold_start(cfg, names, args.seeds, args.grid, args.out, cached_only=args.cached_only,
                          command="python -m experiments.cold_start " +
                          " ".join(argv if argv is not None else sys.argv[1:]))

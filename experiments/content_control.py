@@ -49,7 +49,7 @@ from micrec_tf import cli
 from micrec_tf.config import Config, ConfigError
 
 from experiments import cold_start
-from experiments.report import convergence_text, paired_p
+from experiments.report import convergence_text, paired_p, trial_table, write_report
 from experiments.run_cache import Runner
 from experiments.variants import GRIDS
 
@@ -284,19 +284,8 @@ def report(cfg: Config, results: dict, seeds: int, grid: str, command: str,
                   "| model | setting |", "|---|---|"]
         lines += [f"| {n} | `{json.dumps(r['settings'][n])}` |" for n in NAMES
                   if n in r["settings"]]
-        lines += ["", "Every trial (seed 0):", "",
-                  "| model | setting | cold-validation HIT@50 | best epoch | epochs run |",
-                  "|---|---|---|---|---|"]
-        for name in NAMES:
-            for t in r["runner"].trials.get(name, []):
-                if t.get("missing"):
-                    lines.append(f"| {name} | `{json.dumps(t['setting'])}` | not run yet | | |")
-                    continue
-                chosen = " **chosen**" if r["settings"].get(name) == t["setting"] else ""
-                opt = " (method option)" if t.get("option") else ""
-                lines.append(f"| {name} | `{json.dumps(t['setting'])}`{chosen}{opt} | "
-                             f"{t['valid']:.4f} | {t.get('best_epoch')} | "
-                             f"{t.get('epochs_run')} of <= {t.get('epochs_cap')} |")
+        lines += ["", "Every trial (seed 0):", ""]
+        lines += trial_table(NAMES, r["runner"].trials, r["settings"])
         js["p_values"][f"{p:g}"] = {
             "name": r["cfg"].name, "artifacts_dir": r["cfg"].artifacts_dir,
             "rows": rows_js, "gains": r["gains"], "settings": r["settings"],
@@ -335,14 +324,7 @@ def content_control(cfg: Config, seeds: int | None = None, grid: str = "small",
         results[float(p)] = {"cfg": cfg_p, "settings": settings, "per_seed": per_seed,
                              "runner": runner, "gains": gains}
     md, js = report(cfg, results, seeds, grid, command, time.time() - start)
-    os.makedirs(out_dir, exist_ok=True)
-    md_path = os.path.join(out_dir, f"{cfg.name}-control.md")
-    with open(md_path, "w") as fh:
-        fh.write(md)
-    with open(os.path.join(out_dir, f"{cfg.name}-control.json"), "w") as fh:
-        json.dump(js, fh, indent=1)
-    log(f"[content_control] wrote {md_path}")
-    return md_path
+    return write_report(out_dir, f"{cfg.name}-control", md, js, log, "content_control")
 
 
 def main(argv=None) -> int:

@@ -49,6 +49,50 @@ def summarise(per_seed: dict, ns, coverage_ns) -> dict:
     return out
 
 
+def trial_table(names, trials: dict, settings: dict) -> list:
+    """Markdown lines of every tuning trial of ``names`` (``Runner.trials``): setting, the
+    validation score it was chosen by (the cold-start drivers: cold-validation HIT@50), best
+    epoch and epochs run; the chosen setting and the method option marked."""
+    lines = ["| model | setting | cold-validation HIT@50 | best epoch | epochs run |",
+             "|---|---|---|---|---|"]
+    for name in names:
+        for t in trials.get(name, []):
+            if t.get("missing"):
+                lines.append(f"| {name} | `{json.dumps(t['setting'])}` | not run yet | | |")
+                continue
+            chosen = " **chosen**" if settings.get(name) == t["setting"] else ""
+            opt = " (method option)" if t.get("option") else ""
+            lines.append(f"| {name} | `{json.dumps(t['setting'])}`{chosen}{opt} | "
+                         f"{t['valid']:.4f} | {t.get('best_epoch')} | {t.get('epochs_run')} of "
+                         f"<= {t.get('epochs_cap')} |")
+    return lines
+
+
+def write_report(out_dir: str, stem: str, md: str, js: dict, log=print,
+                 tag: str = "reproduce") -> str:
+    """Writes ``<out_dir>/<stem>.md`` and ``.json``; returns the markdown path."""
+    os.makedirs(out_dir, exist_ok=True)
+    md_path = os.path.join(out_dir, f"{stem}.md")
+    with open(md_path, "w") as fh:
+        fh.write(md)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as fh:
+        json.dump(js, fh, indent=1)
+    log(f"[{tag}] wrote {md_path}")
+    return md_path
+
+
+def names_arg(parser, text: str | None, allowed, what: str):
+    """A comma-separated command-line list checked against ``allowed`` (None when not given);
+    an unknown name is a usage error listing the choices."""
+    if not text:
+        return None
+    names = [v.strip() for v in text.split(",")]
+    unknown = [v for v in names if v not in allowed]
+    if unknown:
+        parser.error(f"unknown {what}(s) {unknown}; choose from {list(allowed)}")
+    return names
+
+
 def convergence_text(runs: list) -> str:
     """"13, 12, 15 of <= 30" from runs' best epochs; a run whose best epoch is the last allowed
     (or that ran without early stopping) is marked "(cap!)": it is not known to be converged."""

@@ -34,7 +34,7 @@ import time
 from micrec_tf import cli
 from micrec_tf.config import Config, ConfigError
 
-from experiments.report import plots, summarise, to_markdown
+from experiments.report import names_arg, plots, summarise, to_markdown
 from experiments.run_cache import Runner, slug
 from experiments.variants import (BASE, FINAL, GRIDS, SPARSITY, VARIANTS, base_of,
                                   canonical_name)
@@ -257,12 +257,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
     cfg = cli.load(args)
-    variants = None
-    if args.variants:
-        variants = [v.strip() for v in args.variants.split(",")]
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown:
-            parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    variants = names_arg(parser, args.variants, VARIANTS, "variant")
     if args.tables:
         tables = [t.strip() for t in args.tables.split(",")]
         bad = [t for t in tables if t not in ("main", "ablation", "universality")]
