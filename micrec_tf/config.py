@@ -78,6 +78,21 @@ class SyntheticConfig:
     # from its click topic; otherwise from a uniformly drawn topic (clicks unchanged). 1.0 = the
     # generator before this key, byte for byte; 0 = content carries no click signal (control).
     content_topic_p: float = 1.0
+    # Items that arrive over time (issue 29): ``none`` (default) = every item exists from the
+    # start, the generator before these keys byte for byte (the three keys below are then not
+    # read); ``news`` = each item gets a publication time (written to ``item_published.tsv``), is
+    # never clicked before it and its click weight decays with age: popularity x
+    # 2^(-age / interest_half_life_s) within the click's topic.
+    arrival: str = "none"
+    # news: share in [0, 1] of the items published at the start of the click span (T0); the
+    # rest are spread uniformly over [T0, T0 + publish_span_s). The earliest item of every topic
+    # is at T0 whatever the share (so every topic can be clicked from the start).
+    initial_item_share: float = 0.2
+    # news: seconds over which the other items are published; in (0, 10368000] (120 days, the
+    # click span), at most 900 half-lives.
+    publish_span_s: int = 10368000
+    # news: seconds after which an item's click weight halves; > 0.
+    interest_half_life_s: int = 172800
 
 
 @dataclass
@@ -614,7 +629,43 @@ def validate(cfg: Config) -> Config:
     p = cfg.data.synthetic.content_topic_p
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ConfigError(f"data.synthetic.content_topic_p must be a number in [0, 1], got {p!r}")
+    arrival_error = synthetic_arrival_error(cfg.data.synthetic)
+    if arrival_error:
+        raise ConfigError(arrival_error)
     return cfg
+
+
+SYNTHETIC_ARRIVALS = ("none", "news")
+SYNTHETIC_WINDOW_S = 120 * 86400  # the generator's click span (micrec_tf/data/synthetic.py)
+MAX_PUBLISH_HALF_LIVES = 900  # 2^900 still fits a float64 with room for the sums
+
+
+def synthetic_arrival_error(syn: "SyntheticConfig") -> str:
+    """The one-line error of the first invalid ``data.synthetic`` arrival key, or "".
+
+    The three news keys are checked only when ``arrival`` is ``news`` (at ``none`` they are not
+    read)."""
+    arrival = syn.arrival
+    if arrival not in SYNTHETIC_ARRIVALS:
+        return (f"data.synthetic.arrival must be one of {list(SYNTHETIC_ARRIVALS)}, "
+                f"got {arrival!r}")
+    if arrival == "none":
+        return ""
+    share = syn.initial_item_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        return f"data.synthetic.initial_item_share must be a number in [0, 1], got {share!r}"
+    span = syn.publish_span_s
+    if (isinstance(span, bool) or not isinstance(span, int)
+            or not 0 < span <= SYNTHETIC_WINDOW_S):
+        return (f"data.synthetic.publish_span_s must be an int in (0, {SYNTHETIC_WINDOW_S}], "
+                f"got {span!r}")
+    half = syn.interest_half_life_s
+    if isinstance(half, bool) or not isinstance(half, int) or half <= 0:
+        return f"data.synthetic.interest_half_life_s must be an int > 0, got {half!r}"
+    if span > MAX_PUBLISH_HALF_LIVES * half:
+        return (f"data.synthetic.interest_half_life_s must be at least publish_span_s / "
+                f"{MAX_PUBLISH_HALF_LIVES} = {span / MAX_PUBLISH_HALF_LIVES:g}, got {half!r}")
+    return ""
 
 
 def _preset_keys(preset: Any) -> dict:

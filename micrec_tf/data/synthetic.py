@@ -27,6 +27,20 @@ included) always gives the same bytes. What is planted in the data:
 * **Bundles.** About a third of the items form bundles of 2-3 items of one topic; after a click on
   a bundled item the next click of the session is its bundle partner with probability 0.5, so
   bundle pairs co-occur in sessions far more often than chance.
+* **Arrival** (``arrival``, default ``none``; issue 29). At ``none`` every item exists from the
+  start: the output is byte for byte that of the generator before the key (``initial_item_share``,
+  ``publish_span_s`` and ``interest_half_life_s`` are then not read). At ``news`` each item gets a
+  publication time: a share ``initial_item_share`` of the items (and the earliest item of every
+  topic) at ``T0``, the others uniform over ``[T0, T0 + publish_span_s)`` (whole seconds), drawn
+  from a separate random stream (the fifth child of ``SeedSequence(seed)``), so the items,
+  titles, tags, bundles and users are those of ``none``, byte for byte, and the click times and
+  session topics too. Only which item a click lands on changes: a click at time ``t`` in topic
+  ``k`` picks an item of topic ``k`` published at or before ``t`` with probability proportional
+  to ``popularity * 2^(-(t - published) / interest_half_life_s)`` (interest decays with age, as in
+  news), and a bundle follow goes to the partner only when it is published by then. The
+  publication times are written to ``item_published.tsv`` (``item_id  published``, Unix seconds,
+  catalogue order; not an item extra field, which every reader would turn into a categorical
+  feature), so the rolling protocol can tell when an item appeared.
 
 Events are generated in chunks of users and streamed to the files (memory stays bounded up to
 10 M events and beyond); each user's clicks are written in time order, users one after another.
@@ -45,16 +59,21 @@ import time
 
 import numpy as np
 
-from micrec_tf.config import Config, SyntheticConfig
+from micrec_tf.config import (SYNTHETIC_WINDOW_S, Config, SyntheticConfig,
+                              synthetic_arrival_error)
 
 GENERATOR_VERSION = 1
 MARKER = "_generated.json"
 FILES = ("interactions.tsv", "items.tsv", "users.tsv")
+PUBLISHED_FILE = "item_published.tsv"  # arrival news only: item_id, published (Unix seconds)
 USER_FIELDS = ("gender", "age", "region")
 ITEM_EXTRA_FIELDS = ("format",)
+ARRIVAL_KEYS = ("arrival", "initial_item_share", "publish_span_s", "interest_half_life_s")
 
 T0 = 1672531200  # 2023-01-01 00:00:00 UTC
-WINDOW_S = 120 * 86400  # every user's clicks lie in [T0, T0 + WINDOW_S) (unless very heavy)
+# 120 days: every user's clicks lie in [T0, T0 + WINDOW_S) (unless very heavy); config.validate
+# bounds data.synthetic.publish_span_s by it
+WINDOW_S = SYNTHETIC_WINDOW_S
 SESSION_GAP_MIN_S = 3700  # sessions are always more than an hour apart
 MEAN_SESSION_LEN = 5.0
 BUNDLE_FOLLOW_P = 0.5
@@ -155,6 +174,7 @@ class _World:
     prior_age: np.ndarray  # [6, K]
     prior_region: np.ndarray  # [R, K]
     num_bundles: int
+    pop: np.ndarray | None = None  # [I] Zipf-like popularity (read by arrival news)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -275,7 +295,70 @@ def _make_items(syn: SyntheticConfig, rng: np.random.Generator, items_path: str)
         prior_gender=rng.normal(0.0, 1.0, size=(len(GENDERS), k_eff)),
         prior_age=rng.normal(0.0, 1.0, size=(len(AGES), k_eff)),
         prior_region=rng.normal(0.0, 0.7, size=(len(REGIONS), k_eff)),
-        num_bundles=num_bundles)
+        num_bundles=num_bundles, pop=pop)
+
+
+def publication_times(syn: SyntheticConfig, topic_of: np.ndarray) -> np.ndarray:
+    """[I] int64 Unix publication second of each item (arrival ``news``).
+
+    A share ``syn.initial_item_share`` of the items (a Bernoulli draw per item) is published at
+    ``T0``, the others uniformly over ``[T0, T0 + publish_span_s)``; then the earliest item of
+    each topic (``topic_of`` [I], the click topics) is moved to ``T0``. Drawn from the fifth child
+    of ``SeedSequence(syn.seed)``, so no other draw moves."""
+    rng = np.random.default_rng(np.random.SeedSequence(syn.seed).spawn(5)[4])
+    n = len(topic_of)
+    initial = rng.random(n) < float(syn.initial_item_share)
+    offset = np.floor(rng.random(n) * int(syn.publish_span_s)).astype(np.int64)
+    offset[initial] = 0
+    by_topic = np.lexsort((offset, topic_of))  # topic, then publication, then item
+    firsts = by_topic[np.concatenate(([True], np.diff(topic_of[by_topic]) != 0))]
+    offset[firsts] = 0
+    return T0 + offset
+
+
+@dataclasses.dataclass
+class _Arrival:
+    """Items of each topic in publication order, with the prefix sums of their decay weights."""
+
+    published: np.ndarray  # [I] int64 Unix seconds
+    order: np.ndarray  # [I] items by (topic, publication, item)
+    first: np.ndarray  # [K] start of each topic in ``order``
+    sizes: np.ndarray  # [K]
+    # within each topic's segment: cumulative popularity * 2^((published - T0) / half-life)
+    cum: np.ndarray  # [I] float64
+    pub_sorted: np.ndarray  # [I] int64 published of ``order``
+
+
+def _make_arrival(syn: SyntheticConfig, world: "_World", pop: np.ndarray) -> _Arrival:
+    published = publication_times(syn, world.topic_of)
+    order = np.lexsort((published, world.topic_of))
+    k_eff = world.num_topics
+    sizes = np.bincount(world.topic_of, minlength=k_eff)
+    first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    # popularity * 2^(-age/h) = 2^(-(t - T0)/h) * popularity * 2^((published - T0)/h): the first
+    # factor is common to every item at time t, so prefix sums of the second sample exactly
+    weight = pop[order] * np.exp2((published[order] - T0) / float(syn.interest_half_life_s))
+    cum = np.empty(len(order), dtype=np.float64)
+    for k in range(k_eff):
+        cum[first[k]:first[k] + sizes[k]] = np.cumsum(weight[first[k]:first[k] + sizes[k]])
+    return _Arrival(published=published, order=order, first=first, sizes=sizes, cum=cum,
+                    pub_sorted=published[order])
+
+
+def _pick_published(arr: _Arrival, topic: np.ndarray, ts: np.ndarray,
+                    u: np.ndarray) -> np.ndarray:
+    """[n] items: for each click, an item of ``topic`` published at or before ``ts``, with
+    probability proportional to its decay weight at ``ts``; ``u`` [n] uniforms in [0, 1)."""
+    out = np.empty(len(topic), dtype=np.int64)
+    for k in np.unique(topic).tolist():
+        sel = np.flatnonzero(topic == k)
+        a, size = int(arr.first[k]), int(arr.sizes[k])
+        pub, cum = arr.pub_sorted[a:a + size], arr.cum[a:a + size]
+        end = np.searchsorted(pub, ts[sel], side="right")  # >= 1: the first is at T0 <= ts
+        end = np.maximum(end, 1)
+        j = np.searchsorted(cum, u[sel] * cum[end - 1], side="right")
+        out[sel] = arr.order[a + np.minimum(j, end - 1)]
+    return out
 
 
 def planted_bundles(syn: SyntheticConfig) -> list:
@@ -314,8 +397,11 @@ def _sample_rows(cdf_rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _chunk(world: _World, counts: np.ndarray, first_user: int, rng: np.random.Generator,
-           users_fh, inter_fh) -> int:
-    """Users ``first_user ..`` with ``counts`` clicks each: writes their rows, returns sessions."""
+           users_fh, inter_fh, arrival: _Arrival | None = None) -> int:
+    """Users ``first_user ..`` with ``counts`` clicks each: writes their rows, returns sessions.
+
+    ``arrival`` (news) defers the choice of items until the click times are known; the random
+    draws are the same, in the same order, either way."""
     b = len(counts)
     k = world.num_topics
     gender = rng.choice(len(GENDERS), size=b, p=GENDER_P)
@@ -347,14 +433,18 @@ def _chunk(world: _World, counts: np.ndarray, first_user: int, rng: np.random.Ge
         topic[stray] = _sample_rows(pref[local[stray]], rng)
     rand = (r >= OFF_TOPIC_P) & (r < OFF_TOPIC_P + RANDOM_TOPIC_P)
     topic[rand] = rng.integers(0, k, size=int(rand.sum()))
-    idx = np.searchsorted(world.cum, topic + rng.random(n), side="right")
-    items = world.sorted_items[np.minimum(idx, len(world.sorted_items) - 1)]
+    if arrival is None:
+        idx = np.searchsorted(world.cum, topic + rng.random(n), side="right")
+        items = world.sorted_items[np.minimum(idx, len(world.sorted_items) - 1)]
 
-    # planted bundles: the next click of the session is often the partner
-    if n > 1:
-        nxt = world.partner[items[:-1]]
-        follow = (nxt >= 0) & ~new[1:] & (rng.random(n - 1) < BUNDLE_FOLLOW_P)
-        items[1:][follow] = nxt[follow]
+        # planted bundles: the next click of the session is often the partner
+        if n > 1:
+            nxt = world.partner[items[:-1]]
+            follow = (nxt >= 0) & ~new[1:] & (rng.random(n - 1) < BUNDLE_FOLLOW_P)
+            items[1:][follow] = nxt[follow]
+    else:  # the same draws; the items are picked once the click times are known (below)
+        u_item = rng.random(n)
+        u_follow = rng.random(n - 1) if n > 1 else None
 
     # time gaps: seconds to minutes inside a session, hours to days between sessions
     within = np.minimum(5.0 + rng.exponential(90.0, size=n), 900.0)
@@ -376,6 +466,14 @@ def _chunk(world: _World, counts: np.ndarray, first_user: int, rng: np.random.Ge
     offset = np.floor(rng.random(b) * np.maximum(WINDOW_S - span, 0.0))
     ts = (T0 + offset[local] + t).astype(np.int64)
 
+    if arrival is not None:
+        items = _pick_published(arrival, topic, ts, u_item)
+        if n > 1:  # as above, and only to a partner already published at the click's time
+            nxt = world.partner[items[:-1]]
+            follow = (nxt >= 0) & ~new[1:] & (u_follow < BUNDLE_FOLLOW_P)
+            follow &= arrival.published[np.maximum(nxt, 0)] <= ts[1:]
+            items[1:][follow] = nxt[follow]
+
     users = (first_user + local).tolist()
     inter_fh.write("".join(
         f"u{u}\ti{i}\t{s}\n" for u, i, s in zip(users, items.tolist(), ts.tolist())))
@@ -394,6 +492,9 @@ def generate(syn: SyntheticConfig, out_dir: str, verbose: bool | None = None) ->
     p = syn.content_topic_p
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"synthetic.content_topic_p must be a number in [0, 1], got {p!r}")
+    arrival_error = synthetic_arrival_error(syn)
+    if arrival_error:
+        raise ValueError(arrival_error)
     if verbose is None:
         verbose = syn.num_events >= 1_000_000
     os.makedirs(out_dir, exist_ok=True)
@@ -406,6 +507,15 @@ def generate(syn: SyntheticConfig, out_dir: str, verbose: bool | None = None) ->
     world = _make_items(syn, np.random.default_rng(world_seq),
                         os.path.join(out_dir, "items.tsv"))
     counts = _events_per_user(syn, np.random.default_rng(activity_seq))
+    published_path = os.path.join(out_dir, PUBLISHED_FILE)
+    arrival = None
+    if syn.arrival == "news":
+        arrival = _make_arrival(syn, world, world.pop)
+        with open(published_path, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write("item_id\tpublished\n")
+            fh.write("".join(f"i{i}\t{s}\n" for i, s in enumerate(arrival.published.tolist())))
+    elif os.path.exists(published_path):
+        os.remove(published_path)  # a stale file of an earlier news run
 
     sessions = 0
     done = 0
@@ -423,7 +533,7 @@ def generate(syn: SyntheticConfig, out_dir: str, verbose: bool | None = None) ->
         chunk_seqs = events_seq.spawn(len(bounds) - 1)
         for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             sessions += _chunk(world, counts[a:b], int(a), np.random.default_rng(chunk_seqs[c]),
-                               ufh, ifh)
+                               ufh, ifh, arrival)
             done += int(counts[a:b].sum())
             if verbose:
                 el = time.time() - start
@@ -443,18 +553,22 @@ def generate(syn: SyntheticConfig, out_dir: str, verbose: bool | None = None) ->
 
 def marker_params(syn: SyntheticConfig) -> dict:
     """The parameters recorded in ``_generated.json``: every key of ``syn``, except
-    ``content_topic_p`` at its default 1.0 (which writes the same bytes as before the key
-    existed), so markers written before it still match."""
+    ``content_topic_p`` at its default 1.0 and the arrival keys at ``arrival`` none (which write
+    the same bytes as before those keys existed), so markers written before them still match."""
     params = dataclasses.asdict(syn)
     if params.get("content_topic_p") == 1.0:
         del params["content_topic_p"]
+    if params.get("arrival") == "none":
+        for key in ARRIVAL_KEYS:
+            params.pop(key, None)
     return params
 
 
 def is_generated(syn: SyntheticConfig, out_dir: str) -> bool:
     """True when ``out_dir`` holds a complete dataset generated with exactly ``syn``."""
     marker = os.path.join(out_dir, MARKER)
-    if not all(os.path.isfile(os.path.join(out_dir, f)) for f in FILES + (MARKER,)):
+    files = FILES + ((PUBLISHED_FILE,) if syn.arrival == "news" else ()) + (MARKER,)
+    if not all(os.path.isfile(os.path.join(out_dir, f)) for f in files):
         return False
     try:
         with open(marker, encoding="utf-8") as fh:
