@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ("micrec_tf.train", "export.export_model", "pipelines.preprocess",
                 "pipelines.title_neighbours", "micrec_tf.retrieve", "micrec_tf.data.synthetic",
                 "experiments.reproduce", "experiments.investigate", "experiments.cold_start",
-                "experiments.content_control",
+                "experiments.content_control", "experiments.rolling",
                 "experiments.reference_rows", "benchmarks")
 
 
