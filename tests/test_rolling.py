@@ -257,3 +257,43 @@ def test_cached_only_and_a_second_seed(fake):
     seed1 = [(k, s, lr) for k, s, lr, c in steps.calls if c.train.seed == 1]
     assert [x for x in seed1 if x[0] == "inc"] == [("inc", s, 0.001) for s in (1, 2, 3)]
     assert len([x for x in seed1 if x[0] != "inc"]) == 4
+
+
+@pytest.mark.slow
+def test_smoke_two_windows_on_tiny_synthetic_data(tmp_path):
+    """The real runs on the tiny synthetic clicks, ICAN, 2 windows, one learning rate: the
+    initial model, one full retrain, one update (the daily update command), both evaluated on
+    the same clicks of window 2; a second call trains nothing."""
+    from micrec_tf.data.synthetic import ensure_generated
+
+    raw = ensure_generated(tiny_config(str(tmp_path)))
+    cfg = tiny_config(str(tmp_path), data={"dataset": "canonical", "data_dir": raw},
+                      train={"epochs": 2, "early_stopping_patience": 1},
+                      export={"index": "brute_force", "top_k": 20})
+    steps = rolling.Steps(log=lambda *a: None)
+    kw = dict(windows=2, models=["ICAN"], lr_grid=(0.003,), out_dir=str(tmp_path / "res"),
+              scratch=str(tmp_path / "scratch"), log=lambda *a: None)
+    rolling.run_rolling(cfg, steps=steps, **kw)
+    with open(tmp_path / "res" / "tiny-rolling.json") as fh:
+        js = json.load(fh)
+    rows = {r["step"]: r for r in js["models"]["ICAN"]["seeds"]["0"]}
+    assert js["models"]["ICAN"]["lr"] == 0.003 and not js["missing"]
+    with open(os.path.join(raw, "interactions.tsv")) as fh:
+        times = sorted(int(ln.split("\t")[2]) for ln in fh.read().splitlines()[1:])
+    # the test split of step s is every click of window s + 1 (pure-Python count by time)
+    b = js["cut"]["boundaries"]
+    window = [sum(1 for t in times if b[0] <= t < b[1]), sum(1 for t in times if t >= b[1])]
+    assert rows[0]["all/examples"] == window[0] and rows[1]["all/examples"] == window[1]
+    for r in rows.values():
+        for key in ("all/hit@10", "all/hit@50"):
+            assert 0.0 <= r[key]["inc"] <= 1.0 and 0.0 <= r[key]["full"] <= 1.0
+        assert r["seconds"]["inc"] > 0 and r["seconds"]["full"] > 0
+    assert rows[1]["all/hit@10"]["inc"] != rows[1]["all/hit@10"]["full"]  # two models
+    cached = sorted(os.listdir(tmp_path / "res" / "runs" / "tiny-rolling" / "ican" / "seed0"))
+    assert cached == ["full", "inc", "initial.json"]
+
+    class NoRuns:
+        def __getattr__(self, name):
+            raise AssertionError(f"a cached unit ran again: {name}")
+
+    rolling.run_rolling(cfg, steps=NoRuns(), **kw)
