@@ -648,9 +648,8 @@ def report(cfg: Config, cut: Cut, new: dict, results: dict, lr_grid, cache: _Cac
         f"min; units trained by it: {len(cache.trained)}",
         f"- cut (experiments/rolling.py): segment 0 = the first {INITIAL_FRACTION:.0%} of the "
         f"clicks in time order, then {cut.windows} windows of equal click counts (ties at a "
-        f"boundary go to the later segment); clicks per segment {list(cut.counts)}; new-item "
-        f"clicks per window (items first clicked in it): "
-        f"{[len(new[s]) for s in range(cut.windows)]} items",
+        f"boundary go to the later segment); clicks per segment {list(cut.counts)}; items first "
+        f"clicked in windows 1..{cut.windows}: {[len(new[s]) for s in range(cut.windows)]}",
         "- step s: incremental = one warm-started pass on window s (the daily update) from step "
         "s-1's version; full = the same model from scratch on segments 0..s to convergence "
         f"(<= {cfg.train.epochs} epochs, patience {cfg.train.early_stopping_patience}); both "
