@@ -29,7 +29,7 @@ from micrec_tf.cl import (CLAnchorSampler, FeatureCL, SemanticCL, SessionCL,
                           cl_inputs_from_batch, field_correlation)
 from micrec_tf.config import CL_TASKS
 from micrec_tf.data.contract import HIST_ITEMS, ITEM, user_feature
-from micrec_tf.data.artifacts import load_text_vectors
+from micrec_tf.data.artifacts import text_vectors_for
 from micrec_tf.layers import ItemFeatureLookup, ItemFieldEmbeddings, UserFieldEmbeddings
 from micrec_tf.layers_text import ItemTextFieldEmbeddings
 from micrec_tf.losses import SampledSoftmaxTask
@@ -347,12 +347,7 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
     lookup = ItemFeatureLookup.from_item_table(item_table, name="item_lookup")
     id_keep_mask = item_id_keep_mask(item_table, m.min_id_clicks)
     if m.item_text:  # one more item field, the projected frozen text vector (layers_text.py)
-        if text_vectors is None:
-            text_vectors = load_text_vectors(item_table.text_vectors_dir, num_items)
-        text_vectors = np.asarray(text_vectors, np.float32)
-        if text_vectors.ndim != 2 or text_vectors.shape[0] != num_items:
-            raise ValueError(f"text_vectors must be [{num_items}, D_t] (one row per item "
-                             f"index). Received: shape {text_vectors.shape}")
+        text_vectors = text_vectors_for(item_table, num_items, text_vectors)
         item_fields = ItemTextFieldEmbeddings(
             int(vocab_sizes["item_id"]), int(vocab_sizes["tag"]), int(vocab_sizes["provider"]),
             extra, m.embedding_dim, text_dim=int(text_vectors.shape[1]),

@@ -74,7 +74,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import tf_keras
 
-from micrec_tf.data.artifacts import load_text_vectors
+from micrec_tf.data.artifacts import text_vectors_for
 from micrec_tf.data.contract import HIST_ITEMS, ITEM, USER_ID
 from micrec_tf.layers import (MLP, ItemFeatureLookup, ItemFieldEmbeddings, check_int, check_rate,
                               check_units, deserialize, masked_mean, register, require_features,
@@ -628,12 +628,7 @@ def _content_item_model(cfg, item_table, vocab_sizes, id_keep_mask,
             raise KeyError(f"item extra field {name!r} has no vocabulary in vocab_sizes "
                            f"{sorted(vocab_sizes)}")
         extra[name] = int(vocab_sizes[name])
-    if text_vectors is None:
-        text_vectors = load_text_vectors(item_table.text_vectors_dir, num_items)
-    text_vectors = np.asarray(text_vectors, np.float32)
-    if text_vectors.ndim != 2 or text_vectors.shape[0] != num_items:
-        raise ValueError(f"text_vectors must be [{num_items}, D_t] (one row per item index). "
-                         f"Received: shape {text_vectors.shape}")
+    text_vectors = text_vectors_for(item_table, num_items, text_vectors)
     fields = ItemTextFieldEmbeddings(
         num_items, int(vocab_sizes["tag"]), int(vocab_sizes["provider"]), extra,
         m.embedding_dim, text_dim=int(text_vectors.shape[1]), text_vectors=text_vectors,

@@ -584,6 +584,19 @@ def check_cl_tables(art: Artifacts, cl_tasks) -> None:
             f"pipelines.preprocess, or drop 'semantic' from model.cl")
 
 
+def text_vectors_for(item_table, num_items: int, text_vectors=None) -> np.ndarray:
+    """The float32 [V, D_t] text table a model with ``model.item_text`` is built with:
+    ``text_vectors`` when given, else :func:`load_text_vectors` of ``item_table``'s
+    ``text_vectors_dir``; ValueError unless it has one row per item index."""
+    if text_vectors is None:
+        text_vectors = load_text_vectors(item_table.text_vectors_dir, num_items)
+    text_vectors = np.asarray(text_vectors, np.float32)
+    if text_vectors.ndim != 2 or text_vectors.shape[0] != num_items:
+        raise ValueError(f"text_vectors must be [{num_items}, D_t] (one row per item index). "
+                         f"Received: shape {text_vectors.shape}")
+    return text_vectors
+
+
 def load_text_vectors(text_vectors_dir: str | None, num_items: int) -> np.ndarray:
     """The items' frozen text vectors as a float32 [V, D_t] table aligned with the item index
     (row 0 and the rows of items without a vector are zeros), for ``model.item_text``.
