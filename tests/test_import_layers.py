@@ -17,7 +17,8 @@ to high (:data:`STAGES`, longest module prefix wins):
    re-exports the next four), ``micrec_tf.evaluation.{metrics, evaluate, data, baselines}``.
 4. export: ``export.*`` (the SavedModel, the item index, the serving signature, REST checks),
    and ``micrec_tf.update`` (the daily update: preprocess, warm-started training, export).
-5. serving client: ``micrec_tf.retrieval``, ``micrec_tf.retrieve``. Split from ``export`` (one
+5. serving client: ``micrec_tf.retrieval``, ``micrec_tf.retrieve``, and the online service's
+   modules that use them (``export.versions``). Split from ``export`` (one
    stage "export/serving" in the issue) because the client reads what the exporter writes: the
    exporter must not import the client (the ``export`` <-> ``micrec_tf.retrieval`` cycle this test
    was written for; the request helpers both use now live in ``export.requests``).
@@ -53,6 +54,7 @@ STAGES = {
     "micrec_tf.train": 3, "micrec_tf.evaluation": 3, "micrec_tf.warm_start": 3,
     "export": 4, "micrec_tf.update": 4,
     "micrec_tf.retrieval": 5, "micrec_tf.retrieve": 5,
+    "export.versions": 5,  # the online service's version manager: loads Retrievers
     "experiments": 6, "benchmarks": 6,
 }
 # Stages named by the root prefix alone would swallow new modules silently; these modules are the
