@@ -25,6 +25,11 @@ setup(
         # while 2.20.* requires tensorflow>=2.20,<3 and adds only itself to the pinned stack.
         "tensorflow-serving-api==2.20.*",
         "apache-beam[tfrecord]>=2.60",
+        # The online retrieval service (export/server.py, docs/SERVING.md): ASGI server, thin
+        # framework, Prometheus text format.
+        "uvicorn>=0.30,<1",
+        "starlette>=0.40,<2",
+        "prometheus-client>=0.20,<1",
         "numpy",
         "pyyaml",
         "safetensors",

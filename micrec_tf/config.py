@@ -358,6 +358,24 @@ class ExportConfig:
     # (a 45k-user request took 2.8 GB, 18 s), so 1024, the Python API's own batch, bounds one
     # call to ~64 MB. The Python API batches instead of capping.
     max_request_instances: int = 1024
+    # The HTTP service (python -m export.server, docs/SERVING.md "The retrieval service"); none of
+    # these keys changes an export. Model name of the URLs /v1/models/<name>:predict etc.: TF
+    # Serving's name in docs/SERVING.md, so a TF Serving client works unchanged.
+    serve_model_name: str = "user_tower"
+    # Address and port the service listens on (--host / --port override them); 8501 is left to a
+    # real TF Serving beside it.
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8080
+    # Largest request body in bytes (413 above it, refused before its JSON is parsed): 8 MiB,
+    # export/rest.py's DEFAULT_MAX_BYTES.
+    serve_max_request_bytes: int = 8 * 1024 * 1024
+    # Largest k of one :retrieve request (400 above it); the default k is top_k.
+    serve_max_k: int = 2000
+    # Seconds SIGTERM waits for in-flight requests before closing their connections.
+    serve_shutdown_timeout_s: int = 30
+    # Seconds between two looks for a newer published version to load, warm and swap in
+    # (export/versions.py).
+    serve_poll_s: float = 10.0
 
 
 @dataclass
@@ -624,6 +642,14 @@ def validate(cfg: Config) -> Config:
     _check_positive("eval.seeds", cfg.eval.seeds)
     _check_positive("export.top_k", cfg.export.top_k)
     _check_positive("export.max_request_instances", cfg.export.max_request_instances)
+    for key in ("serve_port", "serve_max_request_bytes", "serve_max_k", "serve_shutdown_timeout_s"):
+        _check_positive(f"export.{key}", getattr(cfg.export, key), allow_zero=key == "serve_port")
+    _check_positive("export.serve_poll_s", cfg.export.serve_poll_s)
+    if cfg.export.serve_port > 65535:
+        raise ConfigError(f"export.serve_port must be <= 65535, got {cfg.export.serve_port!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.export.serve_model_name):
+        raise ConfigError("export.serve_model_name must be letters, digits, '_', '.', '-', got "
+                          f"{cfg.export.serve_model_name!r}")
     for key in ("num_users", "num_items", "num_events", "num_topics"):
         _check_positive(f"data.synthetic.{key}", getattr(cfg.data.synthetic, key))
     p = cfg.data.synthetic.content_topic_p

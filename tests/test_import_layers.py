@@ -54,6 +54,7 @@ STAGES = {
     "micrec_tf.train": 3, "micrec_tf.evaluation": 3, "micrec_tf.warm_start": 3,
     "export": 4, "micrec_tf.update": 4,
     "micrec_tf.retrieval": 5, "micrec_tf.retrieve": 5,
+    "export.server": 5,  # the online service: HTTP app around export.versions
     "export.versions": 5,  # the online service's version manager: loads Retrievers
     "experiments": 6, "benchmarks": 6,
 }

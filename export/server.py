@@ -1,0 +1,588 @@
+"""The online retrieval service: user tower + item index of an export version behind HTTP.
+
+``python -m export.server --config configs/<x>.yaml [--host 127.0.0.1] [--port N]
+[--export-dir exports/<name>]`` (``make serve``) loads the newest complete version of the export
+root (default ``exports/<name>``) and serves, for the model name ``export.serve_model_name``
+(default ``user_tower``, TF Serving's name in docs/SERVING.md):
+
+* ``POST /v1/models/<name>:predict`` (also ``/v1/models/<name>/versions/<v>:predict``): TF Serving's
+  REST predict contract for the user tower. The body is parsed by :func:`export.rest.parse_request`
+  and the answer built by :func:`export.rest.format_response`, the functions that
+  :func:`export.rest.predict` runs, so the JSON is the one TF Serving returns (``instances`` ->
+  ``{"predictions": ...}``, ``inputs`` -> ``{"outputs": ...}``; ``signature_name`` checked).
+* ``POST /v1/models/<name>:retrieve``: ``{"instances" | "inputs": <the same user features>,
+  "k": K, "exclude": "history" | null | [[item id, ...] per user]}`` or ``{"user_vectors":
+  [[float] * D, ...]}`` / ``{"user_vector": [float] * D}`` with ``k`` and ``exclude`` (no
+  ``"history"`` there). ``k`` defaults to the export's ``top_k``; ``exclude`` to ``"history"``
+  (each user's history items) for features, to nothing for vectors. Answer: ``{"model_version":
+  "<v>", "ids": [[str] per user], "scores": [[float] per user]}``, best first, excluded items
+  removed before the top K is cut (:meth:`micrec_tf.retrieval.Retriever.search`); a row is
+  shorter than K only when the catalogue is.
+* ``GET /v1/models/<name>`` (and ``/versions/<v>``): TF Serving's model status JSON
+  (``model_version_status``: version, state, status error_code / error_message); a version the
+  loader refused is listed with state ``END`` and its reason.
+* ``GET /healthz`` (the process answers), ``GET /readyz`` (200 only once a version is loaded and
+  warmed up, 503 before), ``GET /metrics`` (Prometheus text format, :class:`Metrics`).
+
+Requests: bodies over ``export.serve_max_request_bytes`` get 413 before their JSON is parsed; a
+body that does not fit (any :class:`export.rest.RequestError`, more than
+``export.max_request_instances`` users, ``k`` outside 1..``export.serve_max_k``) gets 400 with
+``{"error": "<one line>"}``; an unknown model name or version, or an unknown path, 404; a request
+before the first version is ready 503 with ``Retry-After``. A 5xx other than these 503s is a bug.
+
+Versions: an :class:`export.versions.VersionManager` loads and warms the newest complete version
+in the background (``/readyz`` turns 200 after), then polls every ``export.serve_poll_s`` seconds
+and hot-swaps newer ones; no loadable version at start-up is one ``error:`` line and exit 2. One
+request is one call on the version serving when it arrived (``VersionManager.acquire`` keeps that
+version for the whole request, and its answer names it); the user tower and the search run in
+worker threads, off the event loop. SIGTERM (uvicorn's handler): stop accepting, let in-flight requests finish (at most
+``export.serve_shutdown_timeout_s``), exit 0. The service never writes into the export tree.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator, Mapping
+
+import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
+import numpy as np
+
+from micrec_tf import cli
+
+from export import rest, serving
+from export.versions import LoadedVersion, VersionManager
+
+# Top-level keys of a :retrieve body besides TF Serving's own.
+RETRIEVE_KEYS = ("k", "exclude", "user_vector", "user_vectors")
+# Latency histogram buckets in seconds (Prometheus ``le`` upper bounds).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Instances per tower call (rows); the micro-batcher's own histogram replaces it when present.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class TooLarge(Exception):
+    """A request body over the byte limit (HTTP 413)."""
+
+
+class NotFound(Exception):
+    """An unknown model name, version or verb (HTTP 404)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may hold; :meth:`from_config` takes them from ``cfg.export``.
+
+    Attributes:
+        max_bytes: int, body bytes (``export.serve_max_request_bytes``; 413 above).
+        max_instances: int, users per request (``export.max_request_instances``, the cap of
+            :func:`export.rest.parse_request`).
+        max_k: int, the largest ``k`` of a ``:retrieve`` (``export.serve_max_k``).
+    """
+
+    max_bytes: int = rest.DEFAULT_MAX_BYTES
+    max_instances: int = rest.DEFAULT_MAX_INSTANCES
+    max_k: int = 2000
+
+    def __post_init__(self):
+        for name in ("max_bytes", "max_instances", "max_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int. Received: {name}={value!r}")
+
+    @classmethod
+    def from_config(cls, export_cfg) -> "Limits":
+        return cls(max_bytes=export_cfg.serve_max_request_bytes,
+                   max_instances=export_cfg.max_request_instances, max_k=export_cfg.serve_max_k)
+
+
+# ----------------------------------------------------------------------------- request parsing
+@dataclasses.dataclass
+class RetrieveRequest:
+    """A parsed ``:retrieve`` body: ``columns`` (``{input: object array}``, signature shapes) or
+    ``vectors`` (float32 [B, D]); ``k``; ``exclude`` (None, ``"history"`` or one list of item ids
+    per user), as :meth:`micrec_tf.retrieval.Retriever.search` takes it."""
+
+    columns: dict | None
+    vectors: np.ndarray | None
+    k: int
+    exclude: Any
+
+    @property
+    def size(self) -> int:
+        if self.vectors is not None:
+            return int(self.vectors.shape[0])
+        return int(len(self.columns[serving.HISTORY_INPUT]))
+
+
+def check_k(k: Any, max_k: int) -> int:
+    """``k`` of a request: an int in 1..``max_k``; :class:`export.rest.RequestError` otherwise."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise rest.RequestError(f"\"k\" must be an integer, got {rest._kind(k)} {rest._preview(k)}")
+    if not 1 <= k <= max_k:
+        raise rest.RequestError(f"\"k\" must be between 1 and {max_k} (export.serve_max_k), "
+                                f"got {k}")
+    return k
+
+
+def _load_json(body: str | bytes | Mapping, specs: Mapping, max_bytes: int) -> Any:
+    """A text body -> its JSON value, with :func:`export.rest.parse_request`'s own size check and
+    parser (UTF-8, nesting depth, huge integers all give :class:`export.rest.RequestError`)."""
+    if isinstance(body, (str, bytes, bytearray)):
+        size = rest._text_size(body, max_bytes)
+        if size > max_bytes:
+            raise TooLarge(f"request body is {size} bytes, over the limit of {max_bytes} bytes "
+                           "per request; send fewer instances per request")
+        return rest._load_body(body, specs)
+    return body
+
+
+def _vectors(value: Any, key: str, dim: int, max_instances: int) -> np.ndarray:
+    rows = [value] if key == "user_vector" else value
+    what = f"\"{key}\""
+    if not isinstance(rows, list) or not rows:
+        raise rest.RequestError(f"{what} must be a non-empty list, got {rest._preview(value)}")
+    if len(rows) > max_instances:
+        raise rest.RequestError(f"request has {len(rows)} instances, over the limit of "
+                                f"{max_instances} per request (export.max_request_instances)")
+    for i, row in enumerate(rows):
+        where = what if key == "user_vector" else f"{what}[{i}]"
+        if not isinstance(row, list) or len(row) != dim:
+            raise rest.RequestError(f"{where} must be a list of {dim} numbers (the export's "
+                                    f"vector size), got {rest._preview(row)}")
+        for j, x in enumerate(row):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise rest.RequestError(f"{where}[{j}]: expected a finite number, got "
+                                        f"{rest._preview(x)}")
+    try:
+        arr = np.asarray(rows, np.float32)
+    except OverflowError:  # an int too large for float32 conversion
+        raise rest.RequestError(f"{what}: a number is too large") from None
+    if not np.isfinite(arr).all():
+        raise rest.RequestError(f"{what}: numbers must fit float32 (a value overflows)")
+    return arr
+
+
+def _exclusions(value: Any, n: int, features: bool) -> Any:
+    if value is None or value == "history":
+        if value == "history" and not features:
+            raise rest.RequestError("\"exclude\": \"history\" needs user features (\"instances\" "
+                                    "or \"inputs\"); with user vectors give the item ids")
+        return value
+    if not isinstance(value, list) or len(value) != n:
+        raise rest.RequestError(f"\"exclude\" must be \"history\", null or a list of {n} lists "
+                                f"of item ids (one per user), got {rest._preview(value)}")
+    for i, row in enumerate(value):
+        if row is None:
+            continue
+        if not isinstance(row, list) or not all(isinstance(x, str) for x in row):
+            raise rest.RequestError(f"\"exclude\"[{i}] must be a list of item id strings, got "
+                                    f"{rest._preview(row)}")
+    return value
+
+
+def parse_retrieve_request(body: str | bytes | Mapping, specs: Mapping, dim: int, default_k: int,
+                           limits: Limits = Limits()) -> RetrieveRequest:
+    """A ``:retrieve`` body -> :class:`RetrieveRequest` (module docstring for the form).
+
+    The user features go through :func:`export.rest.parse_request` with ``limits.max_instances``
+    (the ``:predict`` checks exactly); anything malformed raises
+    :class:`export.rest.RequestError` (HTTP 400), a text body over ``limits.max_bytes``
+    :class:`TooLarge` (HTTP 413).
+    """
+    body = _load_json(body, specs, limits.max_bytes)
+    if not isinstance(body, Mapping):
+        raise rest.RequestError("request body must be a JSON object, got "
+                                f"{rest._kind(body)} {rest._preview(body)}")
+    unknown = set(body) - {"signature_name", "instances", "inputs", *RETRIEVE_KEYS}
+    if unknown:
+        raise rest.RequestError(f"unknown top-level key(s) {rest._key_list(unknown)}; a retrieve "
+                                "request has \"instances\" or \"inputs\" (user features) or "
+                                "\"user_vectors\" / \"user_vector\", and optional \"k\", "
+                                "\"exclude\", \"signature_name\"")
+    given = [key for key in ("instances", "inputs", "user_vectors", "user_vector") if key in body]
+    if len(given) != 1:
+        raise rest.RequestError("a retrieve request needs exactly one of \"instances\", "
+                                "\"inputs\", \"user_vectors\", \"user_vector\"; got "
+                                + (", ".join(given) if given else "none"))
+    k = check_k(default_k if body.get("k") is None else body["k"], limits.max_k)
+    features = given[0] in ("instances", "inputs")
+    columns = vectors = None
+    if features:
+        tower_body = {key: body[key] for key in ("signature_name", given[0]) if key in body}
+        columns, _ = rest.parse_request(tower_body, specs, max_instances=limits.max_instances,
+                                        max_bytes=None)
+        n = len(columns[serving.HISTORY_INPUT])
+    else:
+        if "signature_name" in body:
+            raise rest.RequestError("\"signature_name\" names the user tower's signature; a "
+                                    "request with user vectors does not run it")
+        vectors = _vectors(body[given[0]], given[0], dim, limits.max_instances)
+        n = vectors.shape[0]
+    exclude = _exclusions(body.get("exclude", "history" if features else None), n, features)
+    return RetrieveRequest(columns, vectors, k, exclude)
+
+
+def parse_predict_request(body: str | bytes | Mapping, specs: Mapping,
+                          limits: Limits = Limits()) -> tuple[dict, str]:
+    """A ``:predict`` body -> ``(tensors, "row" | "columnar")``: :func:`export.rest.parse_request`
+    with the limits (a body over ``limits.max_bytes`` raises :class:`TooLarge`)."""
+    body = _load_json(body, specs, limits.max_bytes)
+    return rest.parse_request(body, specs, max_instances=limits.max_instances, max_bytes=None)
+
+
+# ----------------------------------------------------------------------------- metrics
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (no process-global state).
+
+    ``micrec_requests_total{endpoint, code}`` (counter), ``micrec_request_latency_seconds
+    {endpoint}`` (histogram, :data:`LATENCY_BUCKETS`), ``micrec_batch_size`` (instances per user
+    tower call, :data:`BATCH_BUCKETS`), ``micrec_in_flight_requests``, ``micrec_ready`` (1 once
+    warmed up), ``micrec_serving_version`` (the version answering, 0 before), and
+    ``micrec_model_info{model, version}`` = 1.
+    """
+
+    def __init__(self, model_name: str):
+        import prometheus_client as prom
+
+        self.registry = prom.CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        self.requests = prom.Counter("micrec_requests", "HTTP requests answered, by endpoint "
+                                     "and status code", ["endpoint", "code"],
+                                     registry=self.registry)
+        self.latency = prom.Histogram("micrec_request_latency_seconds", "Time from request to "
+                                      "response, by endpoint", ["endpoint"],
+                                      buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = prom.Histogram("micrec_batch_size", "Users per user-tower call",
+                                         buckets=BATCH_BUCKETS, registry=self.registry)
+        self.in_flight = prom.Gauge("micrec_in_flight_requests", "Requests being answered",
+                                    registry=self.registry)
+        self.ready = prom.Gauge("micrec_ready", "1 once a version is loaded and warmed up",
+                                registry=self.registry)
+        self.version = prom.Gauge("micrec_serving_version", "The export version answering",
+                                  registry=self.registry)
+
+    def render(self, versions) -> tuple[bytes, str]:
+        import prometheus_client as prom
+
+        status = versions.status()
+        self.ready.set(1 if versions.ready else 0)
+        self.version.set(status.get("version") or 0)
+        return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST
+
+
+# ----------------------------------------------------------------------------- the app
+_MODEL_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+))?(?::([A-Za-z_]+))?")
+
+
+def endpoint_of(path: str) -> str:
+    """The ``endpoint`` label of a request path (a bounded set, whatever the path)."""
+    if path in ("/healthz", "/readyz", "/metrics"):
+        return path[1:]
+    m = _MODEL_PATH.fullmatch(path)
+    if m:
+        return m.group(3) if m.group(3) in ("predict", "retrieve") else (
+            "status" if m.group(3) is None else "other")
+    return "other"
+
+
+class Service:
+    """The ASGI app (:attr:`app`) around an :class:`export.versions.VersionManager`.
+
+    Args:
+        versions: the :class:`~export.versions.VersionManager` (or an object with its ``start``,
+            ``ready``, ``acquire``, ``status``, ``stop``); the app's start-up starts it in a
+            background thread (so ``/healthz`` answers while it loads), its shutdown stops it.
+        model_name: str, the ``<name>`` of the URLs.
+        limits: :class:`Limits`.
+        log: ``(str) -> None`` for one-line messages.
+        on_fatal: called with the message when no version can be loaded at start-up (the CLI
+            stops the server and exits 2).
+    """
+
+    def __init__(self, versions, model_name: str = "user_tower", limits: Limits = Limits(),
+                 log: Callable[[str], None] = print,
+                 on_fatal: Callable[[str], None] | None = None):
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        if not isinstance(model_name, str) or not model_name or "/" in model_name \
+                or ":" in model_name:
+            raise ValueError(f"model_name must be a non-empty name without '/' or ':'. "
+                             f"Received: model_name={model_name!r}")
+        self.versions, self.model_name, self.limits = versions, model_name, limits
+        self._log, self._on_fatal = log, on_fatal
+        self.metrics = Metrics(model_name)
+        self.load_error: str | None = None
+        routes = [Route("/healthz", self._healthz), Route("/readyz", self._readyz),
+                  Route("/metrics", self._metrics),
+                  Route("/v1/models/{rest:path}", self._model, methods=["GET", "POST"])]
+        self._starlette = Starlette(routes=routes, lifespan=self._lifespan)
+
+    # ------------------------------------------------------------------ ASGI + lifespan
+    async def app(self, scope, receive, send):
+        """The ASGI entry: the Starlette app, with every HTTP request counted and timed."""
+        if scope["type"] != "http":
+            return await self._starlette(scope, receive, send)
+        endpoint = endpoint_of(scope.get("path", ""))
+        code = [500]
+        start = time.perf_counter()
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                code[0] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self._starlette(scope, receive, send_counted)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(endpoint, str(code[0])).inc()
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app):
+        thread = threading.Thread(target=self._start_versions, name="version-start", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(self.versions.stop)
+
+    def _start_versions(self) -> None:
+        try:
+            self.versions.start()
+        except Exception as err:  # noqa: BLE001 - reported, and the server stops
+            self.load_error = " ".join(f"{type(err).__name__}: {err}".split())
+            self._log(f"error: no version could be loaded: {self.load_error}")
+            if self._on_fatal is not None:
+                self._on_fatal(self.load_error)
+
+    # ------------------------------------------------------------------ plain endpoints
+    async def _healthz(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok"})
+
+    async def _readyz(self, request):
+        from starlette.responses import JSONResponse
+
+        if self.versions.ready:
+            return JSONResponse({"status": "ready", "version": self.versions.status()["version"]})
+        return _error(503, "not ready: " + (self.load_error or "loading and warming up the "
+                                            "export version"), retry=True)
+
+    async def _metrics(self, request):
+        from starlette.responses import Response
+
+        body, content_type = self.metrics.render(self.versions)
+        return Response(body, media_type=content_type)
+
+    # ------------------------------------------------------------------ /v1/models/...
+    async def _model(self, request):
+        path = request.url.path
+        m = _MODEL_PATH.fullmatch(path)
+        try:
+            if m is None:
+                raise NotFound(f"unknown path {path[:200]!r}")
+            name, version, verb = m.groups()
+            if name != self.model_name:
+                raise NotFound(f"Servable not found for request: Latest({name[:100]}); this "
+                               f"service serves model {self.model_name!r}")
+            if version is not None and not version.isdigit():
+                raise NotFound(f"invalid version {version[:40]!r} in the URL")
+            if request.method == "GET":
+                if verb is not None:
+                    raise NotFound(f"GET takes no verb (got :{verb})")
+                return self._status(version)
+            if verb not in ("predict", "retrieve"):
+                raise NotFound(f"unknown verb :{verb} (this service has :predict and :retrieve)"
+                               if verb else "POST needs a verb, e.g. /v1/models/"
+                               f"{self.model_name}:predict")
+            if not self.versions.ready:
+                return _error(503, "not ready: " + (self.load_error or "loading and warming up "
+                                                    "the export version"), retry=True)
+            body = await _read_body(request, self.limits.max_bytes)
+            with contextlib.ExitStack() as stack:
+                try:
+                    v = stack.enter_context(self.versions.acquire())
+                except RuntimeError as err:  # stopped meanwhile (shutting down)
+                    return _error(503, f"not serving: {err}", retry=True)
+                if version is not None and int(version) != v.version:
+                    raise NotFound(f"Servable not found for request: Specific({name}, {version}); "
+                                   f"this service serves version {v.version}")
+                if verb == "predict":
+                    return await self._predict(v, body)
+                return await self._retrieve(v, body)
+        except NotFound as err:
+            return _error(404, str(err))
+        except TooLarge as err:
+            return _error(413, str(err))
+        except rest.RequestError as err:
+            return _error(400, " ".join(str(err).split()))
+        except Exception as err:  # noqa: BLE001 - a bug: logged with its traceback, 500
+            retry = getattr(err, "retry_after_header", None)
+            if retry is not None:  # export.batcher.Overloaded
+                return _error(503, str(err), retry=retry())
+            if type(err).__name__ == "Closed":  # export.batcher.Closed: shutting down
+                return _error(503, str(err), retry=True)
+            self._log(f"[server] internal error on {path[:200]}: "
+                      + "".join(traceback.format_exception(err)))
+            return _error(500, f"internal error: {type(err).__name__}")
+
+    def _status(self, version: str | None):
+        from starlette.responses import JSONResponse
+
+        status = self.versions.status()
+        entries = []
+        current = status.get("version")
+        if current is not None and (version is None or int(version) == current):
+            entries.append({"version": str(current), "state": status.get("state", "AVAILABLE"),
+                            "status": {"error_code": "OK", "error_message": ""}})
+        for v, reason in sorted((status.get("refused") or {}).items(), reverse=True):
+            if version is None or int(version) == int(v):
+                entries.append({"version": str(v), "state": "END",
+                                "status": {"error_code": "UNKNOWN",
+                                           "error_message": str(reason)}})
+        if current is None and version is None and not entries:
+            entries.append({"version": "0", "state": status.get("state", "START"),
+                            "status": {"error_code": "UNAVAILABLE" if self.load_error else "OK",
+                                       "error_message": self.load_error or ""}})
+        if not entries:
+            raise NotFound(f"Could not find version {version} of model {self.model_name}")
+        return JSONResponse({"model_version_status": entries})
+
+    async def _predict(self, v: LoadedVersion, body: bytes):
+        from starlette.responses import JSONResponse
+
+        tensors, fmt = await asyncio.to_thread(parse_predict_request, body, v.specs, self.limits)
+        outputs = await asyncio.to_thread(self._tower_outputs, v, tensors)
+        return JSONResponse(rest.format_response(outputs, fmt))
+
+    async def _retrieve(self, v: LoadedVersion, body: bytes):
+        from starlette.responses import JSONResponse
+
+        dim = int(v.retriever.vectors.shape[1])
+        req = await asyncio.to_thread(parse_retrieve_request, body, v.specs, dim,
+                                      v.retriever.top_k, self.limits)
+        ids, scores = await asyncio.to_thread(self._search, v, req)
+        out_ids, out_scores = [], []
+        for row_ids, row_scores in zip(ids, scores):
+            keep = [i for i, item in enumerate(row_ids) if item != ""]
+            out_ids.append([row_ids[i] for i in keep])
+            out_scores.append([float(row_scores[i]) for i in keep])
+        return JSONResponse({"model_version": str(v.version), "ids": out_ids,
+                             "scores": out_scores})
+
+    # ------------------------------------------------------------------ blocking work (threads)
+    def _tower_outputs(self, v: LoadedVersion, tensors: dict) -> dict:
+        """The signature's outputs ``{name: ndarray}`` for one request's tensors."""
+        import tensorflow as tf
+
+        self.metrics.batch_size.observe(len(tensors[serving.HISTORY_INPUT]))
+        feed = {k: tf.constant(a, tf.string) if a.size else tf.zeros(a.shape, tf.string)
+                for k, a in tensors.items()}
+        return {k: t.numpy() for k, t in v.user_tower(**feed).items()}
+
+    def _search(self, v: LoadedVersion, req: RetrieveRequest):
+        vectors = req.vectors
+        if vectors is None:
+            vectors = self._tower_outputs(v, req.columns)[serving.OUTPUT_NAME]
+        return v.retriever.search(vectors, req.k, req.exclude, _cols=req.columns)
+
+
+def _error(code: int, message: str, retry: bool | str = False):
+    from starlette.responses import JSONResponse
+
+    headers = {"Retry-After": retry if isinstance(retry, str) else "1"} if retry else None
+    return JSONResponse({"error": message}, status_code=code, headers=headers)
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused (:class:`TooLarge`) as soon as it passes ``limit`` bytes, whether the
+    ``Content-Length`` says so or the stream does."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise TooLarge(f"request body is {int(length)} bytes, over the limit of {limit} bytes "
+                       "per request; send fewer instances per request")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body is over the limit of {limit} bytes per request; send "
+                           "fewer instances per request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parser():
+    parser = cli.parser(__doc__)
+    parser.add_argument("--host", default=None,
+                        help="address to listen on (default export.serve_host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port (default export.serve_port, 8080; 0: any free port)")
+    parser.add_argument("--export-dir", default=None,
+                        help="export root to serve (default exports/<name> of the config)")
+    return parser
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    args = _parser().parse_args(argv)
+    cfg = cli.load(args)
+    port = cfg.export.serve_port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise cli.UsageError(f"--port must be in 0..65535. Received: {port}")
+    export_dir = args.export_dir or cfg.export_dir
+    if not os.path.isdir(export_dir):
+        raise FileNotFoundError(f"export root {export_dir!r} not found: run `make export` first")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    failed: list = []
+    server_box: list = []
+
+    def fatal(message: str) -> None:
+        failed.append(message)
+        if server_box:
+            server_box[0].should_exit = True
+
+    versions = VersionManager(export_dir, poll_s=cfg.export.serve_poll_s, log=log)
+    service = Service(versions, cfg.export.serve_model_name,
+                      Limits.from_config(cfg.export), log=log, on_fatal=fatal)
+    config = uvicorn.Config(service.app, host=args.host or cfg.export.serve_host, port=port,
+                            interface="asgi3", lifespan="on", access_log=False,
+                            log_level="warning",
+                            timeout_graceful_shutdown=cfg.export.serve_shutdown_timeout_s)
+    server = uvicorn.Server(config)
+    server_box.append(server)
+    if failed:
+        server.should_exit = True
+    log(f"[server] {export_dir}: model {cfg.export.serve_model_name!r} on "
+        f"http://{config.host}:{port} (ready once the version is loaded and warmed up)")
+    # uvicorn re-raises a SIGTERM it handled once it has shut down gracefully (with the handler
+    # that was there before it): make that one a no-op, so a graceful stop exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    if failed:
+        print(f"error: {failed[0]}", file=sys.stderr)
+        return cli.EXIT_USAGE
+    log("[server] stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
