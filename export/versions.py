@@ -132,7 +132,8 @@ class LoadedVersion:
         self.released = True
 
     def __repr__(self):
-        return f"LoadedVersion({self.version}, {self.path!r}{', released' if self.released else ''})"
+        gone = ", released" if self.released else ""
+        return f"LoadedVersion({self.version}, {self.path!r}{gone})"
 
 
 def warm_up(version: LoadedVersion) -> int:
