@@ -48,6 +48,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from typing import Callable, Iterator
 
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -85,6 +86,8 @@ class LoadedVersion:
         specs: ``{input name: export.rest.InputSpec}`` of the signature, for
             ``export.rest.parse_request``.
         released: bool, True once :meth:`release` dropped the objects above (then ``None``).
+        load_s, warmup_s: float seconds the manager spent loading and warming this version
+            (None until it did; for logs and the service's metrics, e.g. the switch time).
     """
 
     def __init__(self, version: int, path: str, retriever: Retriever):
@@ -93,6 +96,8 @@ class LoadedVersion:
         self.user_tower = retriever.signature_fn
         self.specs = retriever.specs
         self.released = False
+        self.load_s: float | None = None
+        self.warmup_s: float | None = None
         self._refs = 0  # guarded by the owning VersionManager's lock
 
     @classmethod
@@ -263,7 +268,8 @@ class VersionManager:
                 f"{', '.join(map(str, tried))}; version {tried[0]}: {self._refused[tried[0]]}")
         with self._lock:
             self._current, self._state = loaded, AVAILABLE
-        self._log(f"[versions] serving version {loaded.version} from {loaded.path}")
+        self._log(f"[versions] serving version {loaded.version} from {loaded.path} (loaded in "
+                  f"{loaded.load_s:.1f} s, warmed up in {loaded.warmup_s:.1f} s)")
         self._thread = threading.Thread(target=self._poll_loop, name="version-poller",
                                         daemon=True)
         self._thread.start()
@@ -307,7 +313,8 @@ class VersionManager:
             if stopped:  # stop() ran while loading: never serve it
                 self._release(loaded)
                 return None
-            self._log(f"[versions] swapped version {old.version} -> {loaded.version}"
+            self._log(f"[versions] swapped version {old.version} -> {loaded.version} (loaded "
+                      f"in {loaded.load_s:.1f} s, warmed up in {loaded.warmup_s:.1f} s)"
                       + ("" if drop else f" (requests still on {old.version} finish there)"))
             if drop:
                 self._release(old)
@@ -342,8 +349,11 @@ class VersionManager:
             path = os.path.join(self.export_dir, str(v))
             loaded = None
             try:
+                t0 = time.monotonic()
                 loaded = self._load(path)
+                t1 = time.monotonic()
                 self._warm(loaded)
+                loaded.load_s, loaded.warmup_s = t1 - t0, time.monotonic() - t1
             except Exception as err:  # noqa: BLE001  (any failure refuses the version)
                 reason = _reason(err)
                 with self._lock:

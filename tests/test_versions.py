@@ -485,6 +485,7 @@ def test_real_export_swap_keeps_held_requests_on_the_old_version(exported, tmp_p
     first = m.start()
     try:
         assert first.version == 100 and m.ready
+        assert first.load_s >= 0 and first.warmup_s >= 0
         assert set(first.specs) == set(exported.user_fields) | {"history"}
         with m.acquire() as old:
             alive = weakref.ref(old.retriever)
