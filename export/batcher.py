@@ -1,0 +1,331 @@
+"""Micro-batching with a bounded queue, for the retrieval service (issue 30).
+
+Concurrent requests of an asyncio server are gathered into batches for one blocking function (the
+user tower, the index search: TF calls are not async), run in ONE worker thread:
+
+* :class:`MicroBatcher` ``(fn, max_batch_size, max_wait_ms, max_queue, name="", rows=None)``.
+  ``fn(items: list) -> list`` gets up to ``max_batch_size`` rows of queued items, oldest first,
+  and returns one result per item, same length, same order.
+* ``await batcher.submit(item)`` returns ``fn``'s result for that item; raises the exception ``fn``
+  raised for the whole batch (every item of that batch gets the same exception object); raises
+  :class:`Overloaded` at once when ``max_queue`` items are already waiting (nothing is queued, so
+  the backlog never grows past ``max_queue``: the server answers 503 with
+  ``Retry-After: exc.retry_after_header()``); raises :class:`Closed` once :meth:`close` began
+  (the server answers 503 too: the replica is shutting down).
+* Batch formation: the worker takes the oldest waiting item and waits until the queued items hold
+  ``max_batch_size`` rows or ``max_wait_ms`` have passed since that item was queued (an item that
+  waited while the previous batch ran may already be due: its batch leaves at once), then takes
+  items in arrival order while they fit. ``max_wait_ms=0`` runs whatever is queued at once.
+* Rows: an item may itself be a batch of rows (a request with several instances). ``rows(item)``
+  (default: every item is 1 row) gives its row count; a batch holds at most ``max_batch_size``
+  rows, except that an item of more than ``max_batch_size`` rows is run alone (in its turn: items
+  behind it wait, none overtakes). ``fn`` still sees a list of items and concatenates their rows
+  itself (e.g. ``np.concatenate`` of the instances, then splits the output by ``rows``).
+  ``max_queue`` counts waiting items (requests), not rows; the request cap
+  (``export.max_request_instances``) bounds the rows of each.
+* A caller cancelled while its item waits (a client that went away) is dropped when the batch is
+  formed, never given to ``fn``; one cancelled after its batch left gets nothing.
+* ``fn`` returning a list of the wrong length fails every item of that batch with a
+  ``RuntimeError`` naming the batcher. Either way the worker keeps serving the next batch.
+* :meth:`stats` returns plain numbers for Prometheus (``/metrics``): batches run, items, rows,
+  failed batches and items, rejected and cancelled items, the current queue depth (items and
+  rows) and its high-water mark, and the batch-size histogram (rows per batch) as cumulative
+  counts of the fixed buckets :data:`BATCH_SIZE_BUCKETS` (Prometheus ``le`` semantics).
+
+Nothing here imports TensorFlow; the batcher is generic. Without a batcher (today's
+``export/rest.py`` and :class:`micrec_tf.retrieval.Retriever`) every request runs alone, as before.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+import threading
+import time
+from typing import Any, Callable, Optional
+
+# Upper bounds (rows per batch) of the batch-size histogram; a last "+Inf" bucket is implied.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Smallest Retry-After advice in seconds (HTTP rounds it up to a whole second anyway).
+MIN_RETRY_AFTER_S = 0.05
+# Weight of the newest batch in the moving average of batch run time (for Retry-After).
+_EWMA_WEIGHT = 0.2
+
+
+class Overloaded(Exception):
+    """``max_queue`` items already wait: the item was not queued. Answer 503 + Retry-After.
+
+    ``retry_after_s`` (float > 0): an estimate of when the queue has room, from the moving average
+    of batch run time, the batches queued ahead and ``max_wait_ms``.
+    """
+
+    def __init__(self, retry_after_s: float, message: str = ""):
+        self.retry_after_s = float(retry_after_s)
+        super().__init__(message or f"overloaded: retry after {self.retry_after_s:.3f} s")
+
+    def retry_after_header(self) -> str:
+        """The ``Retry-After`` header value: whole seconds, at least 1 (RFC 9110 10.2.3)."""
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class Closed(Exception):
+    """The batcher is closing or closed: no new items. Answer 503 (this replica is going away)."""
+
+
+class _Entry:
+    """One waiting item: its rows, when it was queued, and the future of the caller's loop."""
+
+    __slots__ = ("item", "rows", "queued_at", "loop", "future")
+
+    def __init__(self, item, rows: int, queued_at: float, loop, future):
+        self.item = item
+        self.rows = rows
+        self.queued_at = queued_at
+        self.loop = loop
+        self.future = future
+
+
+def _set_result(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class MicroBatcher:
+    """Batches concurrent ``submit`` calls for ``fn``, run in one worker thread.
+
+    Args:
+        fn: ``fn(items: list) -> list``, one result per item, same order. Called only from the
+            worker thread, one batch at a time; its exception fails that batch's items only.
+        max_batch_size: int >= 1, rows per batch at most (an item larger than this runs alone).
+        max_wait_ms: float >= 0 (finite), how long the oldest queued item may wait for the batch
+            to fill before the batch leaves anyway.
+        max_queue: int >= 1, waiting items at most; a ``submit`` beyond it raises
+            :class:`Overloaded` without queueing.
+        name: str, for the worker thread's name and messages (e.g. ``"user_tower"``).
+        rows: optional ``rows(item) -> int >= 1``, the row count of an item (default: 1 each).
+
+    Use: ``batcher.start()`` once (in or outside the loop), ``await batcher.submit(x)`` from any
+    number of tasks (of one or several event loops), ``await batcher.close()`` at shutdown.
+    """
+
+    def __init__(self, fn: Callable[[list], list], max_batch_size: int, max_wait_ms: float,
+                 max_queue: int, name: str = "", rows: Optional[Callable[[Any], int]] = None):
+        if not callable(fn):
+            raise ValueError(f"`fn` must be callable. Received: fn={fn!r}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) \
+                or max_batch_size < 1:
+            raise ValueError("`max_batch_size` must be an int >= 1. "
+                             f"Received: max_batch_size={max_batch_size!r}")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) \
+                or not math.isfinite(max_wait_ms) or max_wait_ms < 0:
+            raise ValueError("`max_wait_ms` must be a finite number >= 0. "
+                             f"Received: max_wait_ms={max_wait_ms!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"`max_queue` must be an int >= 1. Received: max_queue={max_queue!r}")
+        if not isinstance(name, str):
+            raise ValueError(f"`name` must be a str. Received: name={name!r}")
+        if rows is not None and not callable(rows):
+            raise ValueError(f"`rows` must be callable or None. Received: rows={rows!r}")
+        self.fn = fn
+        self.max_batch_size = max_batch_size
+        self.max_wait_ms = float(max_wait_ms)
+        self.max_queue = max_queue
+        self.name = name
+        self._rows = rows
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._queued_rows = 0
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+        self._batch_seconds: Optional[float] = None     # moving average of fn's run time
+        self._batches = 0
+        self._items = 0
+        self._rows_run = 0
+        self._failed_batches = 0
+        self._failed_items = 0
+        self._rejected = 0
+        self._cancelled = 0
+        self._max_depth = 0
+        self._hist = [0] * (len(BATCH_SIZE_BUCKETS) + 1)   # non-cumulative, last = over the top
+
+    def __repr__(self) -> str:
+        return (f"MicroBatcher(name={self.name!r}, max_batch_size={self.max_batch_size}, "
+                f"max_wait_ms={self.max_wait_ms}, max_queue={self.max_queue})")
+
+    def _label(self) -> str:
+        return f"batcher {self.name!r}" if self.name else "batcher"
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        """Starts the worker thread. Raises ``RuntimeError`` if started before or closed."""
+        with self._cond:
+            if self._closing:
+                raise RuntimeError(f"{self._label()} is closed")
+            if self._thread is not None:
+                raise RuntimeError(f"{self._label()} is already started")
+            self._thread = threading.Thread(
+                target=self._work, name=f"micro-batcher-{self.name or id(self)}", daemon=True)
+            self._thread.start()
+
+    async def close(self) -> None:
+        """Refuses new items (:class:`Closed`), runs every queued item (batches leave at once,
+        without waiting ``max_wait_ms``), then stops the worker. Safe to call twice."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:     # never started: nothing can be queued (submit refuses)
+            await asyncio.to_thread(thread.join)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` began."""
+        return self._closing
+
+    # ------------------------------------------------------------------ requests
+    def _retry_after_locked(self) -> float:
+        per_batch = self._batch_seconds if self._batch_seconds is not None else 0.0
+        batches_ahead = math.ceil(self._queued_rows / self.max_batch_size) or 1
+        return max(MIN_RETRY_AFTER_S, batches_ahead * per_batch + self.max_wait_ms / 1000.0)
+
+    async def submit(self, item: Any) -> Any:
+        """``fn``'s result for ``item``; see the module docstring for what it raises."""
+        n = 1
+        if self._rows is not None:
+            n = self._rows(item)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"`rows(item)` must be an int >= 1. Received: {n!r}")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self._closing:
+                raise Closed(f"{self._label()} is closed")
+            if self._thread is None:
+                raise RuntimeError(f"{self._label()} is not started: call start() first")
+            if len(self._queue) >= self.max_queue:
+                self._rejected += 1
+                raise Overloaded(self._retry_after_locked(),
+                                 f"{self._label()}: {len(self._queue)} requests waiting "
+                                 f"(max_queue={self.max_queue})")
+            self._queue.append(_Entry(item, n, time.monotonic(), loop, future))
+            self._queued_rows += n
+            self._max_depth = max(self._max_depth, len(self._queue))
+            self._cond.notify_all()
+        return await future
+
+    # ------------------------------------------------------------------ worker
+    def _full_locked(self) -> bool:
+        return self._queued_rows >= self.max_batch_size
+
+    def _take_locked(self) -> list:
+        """Pops the next batch: items in arrival order while their rows fit (the first always)."""
+        batch, total = [], 0
+        while self._queue:
+            head = self._queue[0]
+            if head.future.cancelled():          # the caller went away while waiting
+                self._queue.popleft()
+                self._queued_rows -= head.rows
+                self._cancelled += 1
+                continue
+            if batch and total + head.rows > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_rows -= head.rows
+            batch.append(head)
+            total += head.rows
+            if total >= self.max_batch_size:
+                break
+        return batch
+
+    def _next_batch(self) -> Optional[list]:
+        """Blocks until a batch is due; None when closing and the queue is empty."""
+        with self._cond:
+            while True:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return None
+                deadline = self._queue[0].queued_at + self.max_wait_ms / 1000.0
+                while self._queue and not self._full_locked() and not self._closing:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                batch = self._take_locked()
+                if batch:
+                    return batch
+                # every waiting item was cancelled: wait again
+
+    def _work(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            started = time.monotonic()
+            try:
+                results = self.fn([e.item for e in batch])
+                if not isinstance(results, (list, tuple)) or len(results) != len(batch):
+                    got = len(results) if hasattr(results, "__len__") else type(results).__name__
+                    raise RuntimeError(f"{self._label()}: fn returned {got} results for a batch "
+                                       f"of {len(batch)} items")
+                error = None
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+                error, results = exc, None
+            elapsed = time.monotonic() - started
+            rows = sum(e.rows for e in batch)
+            with self._cond:
+                self._batches += 1
+                self._items += len(batch)
+                self._rows_run += rows
+                i = next((j for j, b in enumerate(BATCH_SIZE_BUCKETS) if rows <= b),
+                         len(BATCH_SIZE_BUCKETS))
+                self._hist[i] += 1
+                if error is not None:
+                    self._failed_batches += 1
+                    self._failed_items += len(batch)
+                self._batch_seconds = elapsed if self._batch_seconds is None else (
+                    _EWMA_WEIGHT * elapsed + (1 - _EWMA_WEIGHT) * self._batch_seconds)
+            for k, entry in enumerate(batch):
+                try:
+                    if error is not None:
+                        entry.loop.call_soon_threadsafe(_set_exception, entry.future, error)
+                    else:
+                        entry.loop.call_soon_threadsafe(_set_result, entry.future, results[k])
+                except RuntimeError:     # the caller's event loop is closed: nobody to answer
+                    pass
+
+    # ------------------------------------------------------------------ metrics
+    def stats(self) -> dict:
+        """A snapshot for ``/metrics`` (plain ints and floats, consistent under one lock):
+
+        ``name``, ``max_batch_size``, ``max_wait_ms``, ``max_queue``; ``batches`` (fn calls),
+        ``items`` and ``rows`` (run in them), ``failed_batches``/``failed_items`` (fn raised or
+        returned the wrong length), ``rejected`` (:class:`Overloaded`), ``cancelled`` (dropped
+        before running), ``queue_depth``/``queue_rows`` (waiting now), ``max_queue_depth`` (the
+        most ever waiting, <= max_queue), ``batch_seconds_avg`` (moving average, 0.0 before the
+        first batch), ``closed``; ``batch_size_buckets``: ``[(le, cumulative batches)]`` for
+        ``le`` in :data:`BATCH_SIZE_BUCKETS` then ``"+Inf"`` (= ``batches``), and
+        ``batch_size_sum`` (= ``rows``), as Prometheus histograms are written.
+        """
+        with self._cond:
+            cumulative, acc = [], 0
+            for le, count in zip(list(BATCH_SIZE_BUCKETS) + ["+Inf"], self._hist):
+                acc += count
+                cumulative.append((le, acc))
+            return {
+                "name": self.name, "max_batch_size": self.max_batch_size,
+                "max_wait_ms": self.max_wait_ms, "max_queue": self.max_queue,
+                "batches": self._batches, "items": self._items, "rows": self._rows_run,
+                "failed_batches": self._failed_batches, "failed_items": self._failed_items,
+                "rejected": self._rejected, "cancelled": self._cancelled,
+                "queue_depth": len(self._queue), "queue_rows": self._queued_rows,
+                "max_queue_depth": self._max_depth,
+                "batch_seconds_avg": self._batch_seconds or 0.0,
+                "closed": self._closing,
+                "batch_size_buckets": cumulative, "batch_size_sum": self._rows_run,
+            }
