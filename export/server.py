@@ -60,7 +60,7 @@ import numpy as np
 from micrec_tf import cli
 
 from export import rest, serving
-from export.versions import LoadedVersion, VersionManager
+from export.versions import LoadedVersion, NoLoadableVersionError, VersionManager
 
 # Top-level keys of a :retrieve body besides TF Serving's own.
 RETRIEVE_KEYS = ("k", "exclude", "user_vector", "user_vectors")
@@ -160,16 +160,17 @@ def _vectors(value: Any, key: str, dim: int, max_instances: int) -> np.ndarray:
             raise rest.RequestError(f"{where} must be a list of {dim} numbers (the export's "
                                     f"vector size), got {rest._preview(row)}")
         for j, x in enumerate(row):
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or (
+                    isinstance(x, float) and not math.isfinite(x)):
                 raise rest.RequestError(f"{where}[{j}]: expected a finite number, got "
                                         f"{rest._preview(x)}")
     try:
-        arr = np.asarray(rows, np.float32)
-    except OverflowError:  # an int too large for float32 conversion
-        raise rest.RequestError(f"{what}: a number is too large") from None
-    if not np.isfinite(arr).all():
+        arr = np.asarray(rows, np.float64)
+    except OverflowError:  # an int too large for a float
+        arr = np.full((1,), np.inf)
+    if not (np.abs(arr) <= np.finfo(np.float32).max).all():
         raise rest.RequestError(f"{what}: numbers must fit float32 (a value overflows)")
-    return arr
+    return arr.astype(np.float32)
 
 
 def _exclusions(value: Any, n: int, features: bool) -> Any:
@@ -326,7 +327,8 @@ class Service:
         routes = [Route("/healthz", self._healthz), Route("/readyz", self._readyz),
                   Route("/metrics", self._metrics),
                   Route("/v1/models/{rest:path}", self._model, methods=["GET", "POST"])]
-        self._starlette = Starlette(routes=routes, lifespan=self._lifespan)
+        self._starlette = Starlette(routes=routes, lifespan=self._lifespan,
+                                    exception_handlers={404: _http_error, 405: _http_error})
 
     # ------------------------------------------------------------------ ASGI + lifespan
     async def app(self, scope, receive, send):
@@ -363,10 +365,13 @@ class Service:
         try:
             self.versions.start()
         except Exception as err:  # noqa: BLE001 - reported, and the server stops
-            self.load_error = " ".join(f"{type(err).__name__}: {err}".split())
-            self._log(f"error: no version could be loaded: {self.load_error}")
+            what = str(err) if isinstance(err, NoLoadableVersionError) else \
+                f"{type(err).__name__}: {err}"
+            self.load_error = " ".join(what.split())
             if self._on_fatal is not None:
                 self._on_fatal(self.load_error)
+            else:
+                self._log(f"[server] no version could be loaded: {self.load_error}")
 
     # ------------------------------------------------------------------ plain endpoints
     async def _healthz(self, request):
@@ -506,6 +511,14 @@ def _error(code: int, message: str, retry: bool | str = False):
 
     headers = {"Retry-After": retry if isinstance(retry, str) else "1"} if retry else None
     return JSONResponse({"error": message}, status_code=code, headers=headers)
+
+
+async def _http_error(request, exc):
+    """Starlette's own 404 (no route) and 405 (wrong method) as ``{"error": ...}`` too."""
+    response = _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path[:200]}")
+    for name, value in (getattr(exc, "headers", None) or {}).items():
+        response.headers[name] = value
+    return response
 
 
 async def _read_body(request, limit: int) -> bytes:
