@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 GPU ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install preprocess train export update test test-fast bench reproduce clean
+.PHONY: install preprocess train export update serve test test-fast bench reproduce clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ WINDOW ?=
 PREVIOUS ?=
 update: install
 	$(PY) -m micrec_tf.update --config $(CONFIG) --window $(WINDOW) $(if $(PREVIOUS),--previous $(PREVIOUS))
+
+# The online retrieval service (export/server.py, docs/SERVING.md): serves the newest complete
+# version of exports/<name> over HTTP and swaps in newer ones; HOST / PORT override
+# export.serve_host / export.serve_port (127.0.0.1:8080). Stop it with SIGTERM or Ctrl-C.
+HOST ?=
+PORT ?=
+serve: install
+	$(PY) -m export.server --config $(CONFIG) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
