@@ -60,6 +60,7 @@ import numpy as np
 from micrec_tf import cli
 
 from export import rest, serving
+from export.batcher import Closed, MicroBatcher, Overloaded
 from export.versions import LoadedVersion, NoLoadableVersionError, VersionManager
 
 # Top-level keys of a :retrieve body besides TF Serving's own.
@@ -103,6 +104,24 @@ class Limits:
     def from_config(cls, export_cfg) -> "Limits":
         return cls(max_bytes=export_cfg.serve_max_request_bytes,
                    max_instances=export_cfg.max_request_instances, max_k=export_cfg.serve_max_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """Micro-batching of the user tower and the index search (:class:`export.batcher.MicroBatcher`,
+    one per stage); :meth:`from_config` takes ``export.serve_max_batch_size`` (0: ``None``, no
+    batching), ``serve_max_wait_ms`` and ``serve_max_queue``."""
+
+    max_batch_size: int = 256
+    max_wait_ms: float = 2.0
+    max_queue: int = 512
+
+    @classmethod
+    def from_config(cls, export_cfg) -> "Batching | None":
+        if export_cfg.serve_max_batch_size == 0:
+            return None
+        return cls(export_cfg.serve_max_batch_size, float(export_cfg.serve_max_wait_ms),
+                   export_cfg.serve_max_queue)
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -272,6 +291,14 @@ class Metrics:
         self.version = prom.Gauge("micrec_serving_version", "The export version answering",
                                   registry=self.registry)
 
+    def watch(self, batchers: Mapping) -> None:
+        """Also exposes each micro-batcher's ``stats()`` by ``stage`` (its name):
+        ``micrec_queue_depth`` (requests waiting now), ``micrec_queue_depth_max``,
+        ``micrec_rejected_total`` (503s for a full queue) and ``micrec_stage_batch_size`` (users
+        per batch, the batcher's own histogram)."""
+        if batchers:
+            self.registry.register(_BatcherCollector(dict(batchers)))
+
     def render(self, versions) -> tuple[bytes, str]:
         import prometheus_client as prom
 
@@ -279,6 +306,38 @@ class Metrics:
         self.ready.set(1 if versions.ready else 0)
         self.version.set(status.get("version") or 0)
         return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST
+
+
+class _BatcherCollector:
+    """A Prometheus collector reading :meth:`export.batcher.MicroBatcher.stats` at scrape time."""
+
+    def __init__(self, batchers: dict):
+        self.batchers = batchers
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+
+        depth = GaugeMetricFamily("micrec_queue_depth", "Requests waiting in a micro-batcher",
+                                  labels=["stage"])
+        high = GaugeMetricFamily("micrec_queue_depth_max", "Most requests ever waiting",
+                                 labels=["stage"])
+        rejected = CounterMetricFamily("micrec_rejected", "Requests refused with 503 because "
+                                       "the queue was full", labels=["stage"])
+        sizes = HistogramMetricFamily("micrec_stage_batch_size", "Users per micro-batch",
+                                      labels=["stage"])
+        for stage, batcher in self.batchers.items():
+            st = batcher.stats()
+            depth.add_metric([stage], st["queue_depth"])
+            high.add_metric([stage], st["max_queue_depth"])
+            rejected.add_metric([stage], st["rejected"])
+            sizes.add_metric([stage], [(le if le == "+Inf" else str(float(le)), count)
+                                       for le, count in st["batch_size_buckets"]],
+                             st["batch_size_sum"])
+        yield from (depth, high, rejected, sizes)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -308,11 +367,20 @@ class Service:
         log: ``(str) -> None`` for one-line messages.
         on_fatal: called with the message when no version can be loaded at start-up (the CLI
             stops the server and exits 2).
+        batching: :class:`Batching`, or ``None``: every request runs its own tower call and
+            search in a worker thread.
+
+    With batching, requests of the same version are concatenated into one tower call (histories
+    padded with ``""``, which the tower ignores) and one search per ``k`` (each user keeps its own
+    exclusions; ScaNN is asked for ``k`` + the batch's largest exclusion count, so an approximate
+    answer may differ slightly from the same request searched alone; brute force is exact either
+    way). A full queue is 503 with ``Retry-After`` (:class:`export.batcher.Overloaded`).
     """
 
     def __init__(self, versions, model_name: str = "user_tower", limits: Limits = Limits(),
                  log: Callable[[str], None] = print,
-                 on_fatal: Callable[[str], None] | None = None):
+                 on_fatal: Callable[[str], None] | None = None,
+                 batching: Batching | None = None):
         from starlette.applications import Starlette
         from starlette.routing import Route
 
@@ -324,6 +392,16 @@ class Service:
         self._log, self._on_fatal = log, on_fatal
         self.metrics = Metrics(model_name)
         self.load_error: str | None = None
+        self.batchers: dict = {}
+        if batching is not None:
+            self.batchers = {
+                "user_tower": MicroBatcher(self._tower_batch, batching.max_batch_size,
+                                           batching.max_wait_ms, batching.max_queue,
+                                           name="user_tower", rows=lambda item: item[1]),
+                "search": MicroBatcher(self._search_batch, batching.max_batch_size,
+                                       batching.max_wait_ms, batching.max_queue, name="search",
+                                       rows=lambda item: item[1])}
+        self.metrics.watch(self.batchers)
         routes = [Route("/healthz", self._healthz), Route("/readyz", self._readyz),
                   Route("/metrics", self._metrics),
                   Route("/v1/models/{rest:path}", self._model, methods=["GET", "POST"])]
@@ -356,9 +434,13 @@ class Service:
     async def _lifespan(self, _app):
         thread = threading.Thread(target=self._start_versions, name="version-start", daemon=True)
         thread.start()
+        for batcher in self.batchers.values():
+            batcher.start()
         try:
             yield
         finally:
+            for batcher in self.batchers.values():
+                await batcher.close()
             await asyncio.to_thread(self.versions.stop)
 
     def _start_versions(self) -> None:
@@ -435,12 +517,11 @@ class Service:
             return _error(413, str(err))
         except rest.RequestError as err:
             return _error(400, " ".join(str(err).split()))
+        except Overloaded as err:
+            return _error(503, str(err), retry=err.retry_after_header())
+        except Closed as err:  # shutting down
+            return _error(503, str(err), retry=True)
         except Exception as err:  # noqa: BLE001 - a bug: logged with its traceback, 500
-            retry = getattr(err, "retry_after_header", None)
-            if retry is not None:  # export.batcher.Overloaded
-                return _error(503, str(err), retry=retry())
-            if type(err).__name__ == "Closed":  # export.batcher.Closed: shutting down
-                return _error(503, str(err), retry=True)
             self._log(f"[server] internal error on {path[:200]}: "
                       + "".join(traceback.format_exception(err)))
             return _error(500, f"internal error: {type(err).__name__}")
@@ -471,7 +552,7 @@ class Service:
         from starlette.responses import JSONResponse
 
         tensors, fmt = await asyncio.to_thread(parse_predict_request, body, v.specs, self.limits)
-        outputs = await asyncio.to_thread(self._tower_outputs, v, tensors)
+        outputs = await self._tower(v, tensors)
         return JSONResponse(rest.format_response(outputs, fmt))
 
     async def _retrieve(self, v: LoadedVersion, body: bytes):
@@ -480,7 +561,10 @@ class Service:
         dim = int(v.retriever.vectors.shape[1])
         req = await asyncio.to_thread(parse_retrieve_request, body, v.specs, dim,
                                       v.retriever.top_k, self.limits)
-        ids, scores = await asyncio.to_thread(self._search, v, req)
+        vectors = req.vectors
+        if vectors is None:
+            vectors = (await self._tower(v, req.columns))[serving.OUTPUT_NAME]
+        ids, scores = await self._search(v, vectors, req)
         out_ids, out_scores = [], []
         for row_ids, row_scores in zip(ids, scores):
             keep = [i for i, item in enumerate(row_ids) if item != ""]
@@ -489,9 +573,26 @@ class Service:
         return JSONResponse({"model_version": str(v.version), "ids": out_ids,
                              "scores": out_scores})
 
-    # ------------------------------------------------------------------ blocking work (threads)
+    # ------------------------------------------------------------------ tower and search
+    async def _tower(self, v: LoadedVersion, tensors: dict) -> dict:
+        """The signature's outputs ``{name: ndarray [B, ...]}`` for one request's tensors: through
+        the tower batcher, or alone in a worker thread."""
+        n = len(tensors[serving.HISTORY_INPUT])
+        if "user_tower" in self.batchers:
+            return await self.batchers["user_tower"].submit((v, n, tensors))
+        return await asyncio.to_thread(self._tower_outputs, v, tensors)
+
+    async def _search(self, v: LoadedVersion, vectors: np.ndarray, req: RetrieveRequest):
+        """``(ids [B, k], scores [B, k])`` of :meth:`micrec_tf.retrieval.Retriever.search`."""
+        exclude = req.exclude
+        if exclude == "history":
+            exclude = [[h for h in row if h] for row in req.columns[serving.HISTORY_INPUT]]
+        if "search" in self.batchers:
+            return await self.batchers["search"].submit((v, len(vectors), vectors, req.k, exclude))
+        return await asyncio.to_thread(v.retriever.search, vectors, req.k, exclude)
+
     def _tower_outputs(self, v: LoadedVersion, tensors: dict) -> dict:
-        """The signature's outputs ``{name: ndarray}`` for one request's tensors."""
+        """One tower call (blocking) on ``tensors``; counted in ``micrec_batch_size``."""
         import tensorflow as tf
 
         self.metrics.batch_size.observe(len(tensors[serving.HISTORY_INPUT]))
@@ -499,11 +600,70 @@ class Service:
                 for k, a in tensors.items()}
         return {k: t.numpy() for k, t in v.user_tower(**feed).items()}
 
-    def _search(self, v: LoadedVersion, req: RetrieveRequest):
-        vectors = req.vectors
-        if vectors is None:
-            vectors = self._tower_outputs(v, req.columns)[serving.OUTPUT_NAME]
-        return v.retriever.search(vectors, req.k, req.exclude, _cols=req.columns)
+    def _tower_batch(self, items: list) -> list:
+        """The tower batcher's ``fn``: items ``(version, users, tensors)``; one tower call per run
+        of items of the same version, rank-2 inputs padded with ``""`` to the widest."""
+        out = []
+        for v, group in _runs(items, key=lambda item: item[0]):
+            sizes = [item[1] for item in group]
+            outputs = self._tower_outputs(v, _concat([item[2] for item in group]))
+            starts = np.cumsum([0] + sizes)
+            out.extend({k: a[s:e] for k, a in outputs.items()}
+                       for s, e in zip(starts[:-1], starts[1:]))
+        return out
+
+    def _search_batch(self, items: list) -> list:
+        """The search batcher's ``fn``: items ``(version, users, vectors, k, exclude)``; one
+        search per run of items with the same version and ``k``."""
+        out = []
+        for (v, k), group in _runs(items, key=lambda item: (item[0], item[3])):
+            vectors = np.concatenate([item[2] for item in group])
+            exclude = None
+            if any(item[4] is not None for item in group):
+                exclude = [row for item in group
+                           for row in (item[4] if item[4] is not None else [[]] * item[1])]
+            ids, scores = v.retriever.search(vectors, k, exclude)
+            start = 0
+            for item in group:
+                out.append((ids[start:start + item[1]], scores[start:start + item[1]]))
+                start += item[1]
+        return out
+
+
+def _runs(items: list, key) -> list:
+    """``[(key, [items])]``: consecutive items with the same key (``is`` for versions) grouped."""
+    groups: list = []
+    for item in items:
+        k = key(item)
+        if groups and _same(groups[-1][0], k):
+            groups[-1][1].append(item)
+        else:
+            groups.append((k, [item]))
+    return groups
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a is b if isinstance(a, LoadedVersion) else a == b
+
+
+def _concat(parts: list) -> dict:
+    """Requests' tensors ``{input: object array}`` -> one batch; rank-2 inputs padded with ``b""``
+    at the end of each row to the widest request."""
+    out = {}
+    for name in parts[0]:
+        arrays = [p[name] for p in parts]
+        if arrays[0].ndim == 2:
+            width = max(a.shape[1] for a in arrays)
+            padded = []
+            for a in arrays:
+                b = np.full((a.shape[0], width), b"", dtype=object)
+                b[:, :a.shape[1]] = a
+                padded.append(b)
+            arrays = padded
+        out[name] = np.concatenate(arrays)
+    return out
 
 
 def _error(code: int, message: str, retry: bool | str = False):
@@ -575,7 +735,8 @@ def main(argv=None) -> int:
 
     versions = VersionManager(export_dir, poll_s=cfg.export.serve_poll_s, log=log)
     service = Service(versions, cfg.export.serve_model_name,
-                      Limits.from_config(cfg.export), log=log, on_fatal=fatal)
+                      Limits.from_config(cfg.export), log=log, on_fatal=fatal,
+                      batching=Batching.from_config(cfg.export))
     config = uvicorn.Config(service.app, host=args.host or cfg.export.serve_host, port=port,
                             interface="asgi3", lifespan="on", access_log=False,
                             log_level="warning",

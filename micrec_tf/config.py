@@ -376,6 +376,13 @@ class ExportConfig:
     # Seconds between two looks for a newer published version to load, warm and swap in
     # (export/versions.py).
     serve_poll_s: float = 10.0
+    # Micro-batching (export/batcher.py): concurrent requests share one user-tower call and one
+    # index search of at most serve_max_batch_size users (0: no batching, each request runs
+    # alone), the first waiting at most serve_max_wait_ms for company; more than serve_max_queue
+    # waiting requests per stage get 503 with Retry-After.
+    serve_max_batch_size: int = 256
+    serve_max_wait_ms: float = 2.0
+    serve_max_queue: int = 512
 
 
 @dataclass
@@ -645,6 +652,9 @@ def validate(cfg: Config) -> Config:
     for key in ("serve_port", "serve_max_request_bytes", "serve_max_k", "serve_shutdown_timeout_s"):
         _check_positive(f"export.{key}", getattr(cfg.export, key), allow_zero=key == "serve_port")
     _check_positive("export.serve_poll_s", cfg.export.serve_poll_s)
+    _check_positive("export.serve_max_batch_size", cfg.export.serve_max_batch_size, allow_zero=True)
+    _check_positive("export.serve_max_wait_ms", cfg.export.serve_max_wait_ms, allow_zero=True)
+    _check_positive("export.serve_max_queue", cfg.export.serve_max_queue)
     if cfg.export.serve_port > 65535:
         raise ConfigError(f"export.serve_port must be <= 65535, got {cfg.export.serve_port!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.export.serve_model_name):

@@ -651,3 +651,96 @@ def test_a_bad_serve_key_is_one_error_line_and_exit_2(tmp_path, override, messag
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") \
         and message in lines[0], text
+
+
+# ----------------------------------------------------------------------------- micro-batching
+def test_concat_pads_histories_and_runs_group_consecutive_equal_keys():
+    a = {"gender": np.array([b"F"], object), "history": np.array([[b"i1", b"i2"]], object)}
+    b = {"gender": np.array([b"M", b"U"], object),
+         "history": np.empty((2, 0), object)}
+    got = server._concat([a, b])
+    assert got["gender"].tolist() == [b"F", b"M", b"U"]
+    assert got["history"].tolist() == [[b"i1", b"i2"], [b"", b""], [b"", b""]]
+    assert server._runs([1, 1, 2, 1, 1], key=lambda x: x) == [(1, [1, 1]), (2, [2]),
+                                                              (1, [1, 1])]
+
+
+def test_batching_settings_come_from_the_config():
+    from micrec_tf.config import from_dict
+
+    assert server.Batching.from_config(from_dict({}).export) == server.Batching(256, 2.0, 512)
+    assert server.Batching.from_config(
+        from_dict({"export": {"serve_max_batch_size": 0}}).export) is None
+
+
+@pytest.mark.slow
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(exported, reference,
+                                                                      tmp_path):
+    """24 clients at once, each with its own user (and k): a 300 ms batching window gathers them;
+    every answer is the brute-force answer of its own request, and the tower saw every user
+    exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, root, _ = exported
+    fn, items = reference
+    srv = Server(str(tmp_path), root, "export.serve_max_wait_ms=300")
+    try:
+        srv.wait_ready()
+        rows = [_row(gender=f"g{i}", history=[f"i{i % 7}"] * (i % 4)) for i in range(24)]
+        vectors = _tower(fn, rows)
+
+        def one(i):
+            if i % 2:
+                return srv.json("POST", "/v1/models/user_tower:predict", {"instances": [rows[i]]})
+            return srv.json("POST", "/v1/models/user_tower:retrieve",
+                            {"instances": [rows[i]], "k": 3 + i % 3})
+
+        before = _samples(srv.request("GET", "/metrics")[2].decode())
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(one, range(24)))
+        after = _samples(srv.request("GET", "/metrics")[2].decode())
+        for i, (status, got) in enumerate(answers):
+            assert status == 200, got
+            if i % 2:
+                np.testing.assert_allclose(got["predictions"], vectors[i:i + 1], rtol=0,
+                                           atol=1e-5)
+            else:
+                want, _ = _brute_force(vectors[i:i + 1], items, 3 + i % 3,
+                                       [[h for h in rows[i]["history"] if h]])
+                assert got["ids"] == want, (i, got, want)
+        key = ("micrec_stage_batch_size_sum", (("stage", "user_tower"),))
+        assert after[key] - before[key] == 24
+        calls = ("micrec_stage_batch_size_count", (("stage", "user_tower"),))
+        assert after[calls] - before[calls] <= 24
+    finally:
+        assert srv.stop() == 0, srv.stderr()
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_503_with_retry_after(exported, tmp_path):
+    """max_queue 2 and a 5 s batching window: with two requests waiting (seen on /metrics), a
+    third is refused at once with 503 + Retry-After, and the two waiting ones still get 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, root, _ = exported
+    srv = Server(str(tmp_path), root, "export.serve_max_wait_ms=5000", "export.serve_max_queue=2")
+    depth = ("micrec_queue_depth", (("stage", "user_tower"),))
+    try:
+        srv.wait_ready()
+        body = {"instances": [_row()]}
+        with ThreadPoolExecutor(2) as pool:
+            waiting = [pool.submit(srv.request, "POST", "/v1/models/user_tower:predict", body)
+                       for _ in range(2)]
+            deadline = time.monotonic() + 60
+            while _samples(srv.request("GET", "/metrics")[2].decode()).get(depth) != 2:
+                assert time.monotonic() < deadline and not any(w.done() for w in waiting)
+                time.sleep(0.05)
+            status, headers, data = srv.request("POST", "/v1/models/user_tower:predict", body)
+            assert status == 503 and int(headers["retry-after"]) >= 1, (status, headers, data)
+            assert "max_queue=2" in json.loads(data)["error"]
+            assert [w.result()[0] for w in waiting] == [200, 200]
+        metrics = _samples(srv.request("GET", "/metrics")[2].decode())
+        assert metrics[("micrec_rejected_total", (("stage", "user_tower"),))] == 1
+        assert metrics[("micrec_requests_total", (("code", "503"), ("endpoint", "predict")))] == 1
+    finally:
+        assert srv.stop() == 0, srv.stderr()
