@@ -744,3 +744,61 @@ def test_a_full_queue_answers_503_with_retry_after(exported, tmp_path):
         assert metrics[("micrec_requests_total", (("code", "503"), ("endpoint", "predict")))] == 1
     finally:
         assert srv.stop() == 0, srv.stderr()
+
+
+# ----------------------------------------------------------------------------- a trained export
+@pytest.fixture(scope="module")
+def trained_export(tiny_pipeline, tmp_path_factory):
+    """The tiny synthetic model trained one epoch and exported with a ScaNN index (300 items,
+    top_k 10): the real signature (vocabulary lookups, history truncation), warm-up file and
+    serving/ view."""
+    from conftest import tiny_config
+    from export import export_model
+    from micrec_tf.train import train
+
+    _, tmp = tiny_pipeline
+    root = tmp_path_factory.mktemp("server_trained")
+    cfg = tiny_config(tmp, train={"epochs": 1, "runs_dir": str(root / "runs")},
+                      export={"exports_dir": str(root / "exports"), "index": "scann",
+                              "top_k": 10})
+    train(cfg, evaluate_test=False, log=lambda *a: None)
+    vdir = export_model.export_run(cfg, log=lambda *a: None)
+    return cfg, str(root), vdir
+
+
+@pytest.mark.slow
+def test_a_trained_scann_export_answers_as_rest_predict_and_the_retriever(trained_export):
+    import tensorflow as tf
+
+    from micrec_tf.retrieval import Retriever
+
+    cfg, tmp, vdir = trained_export
+    retriever = Retriever.load(vdir)
+    assert retriever.index_kind == "scann"
+    users = retriever.test_users(cfg.artifacts_dir, num_users=5)
+    requests = [u["request"] for u in users]
+    fn = tf.saved_model.load(os.path.join(vdir, "user_tower")).signatures["serving_default"]
+    width = max(len(r["history"]) for r in requests)
+    padded = [dict(r, history=r["history"] + [""] * (width - len(r["history"])))
+              for r in requests]
+    srv = Server(tmp, cfg.export_dir)
+    try:
+        srv.wait_ready()
+        version = os.path.basename(vdir)
+        status, got = srv.json("POST", "/v1/models/user_tower:predict", {"instances": padded})
+        want = rest.predict(json.dumps({"instances": padded}), fn)
+        assert status == 200 and list(got) == ["predictions"]
+        np.testing.assert_allclose(got["predictions"], want["predictions"], rtol=0, atol=1e-5)
+        for request, user in zip(requests, users):  # one at a time: each search alone
+            status, got = srv.json("POST", "/v1/models/user_tower:retrieve",
+                                   {"instances": [request], "k": 10,
+                                    "exclude": [user["clicked"]]})
+            ids, scores = retriever.retrieve([request], k=10, exclude=[user["clicked"]])
+            assert status == 200 and got["model_version"] == version
+            assert got["ids"] == [[i for i in ids[0] if i]], (got["ids"], ids)
+            np.testing.assert_allclose(got["scores"][0], scores[0][:len(got["scores"][0])],
+                                       rtol=0, atol=1e-5)
+        status, body = srv.json("GET", "/v1/models/user_tower")
+        assert body["model_version_status"][0]["version"] == version
+    finally:
+        assert srv.stop() == 0, srv.stderr()
