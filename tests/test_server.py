@@ -802,3 +802,25 @@ def test_a_trained_scann_export_answers_as_rest_predict_and_the_retriever(traine
         assert body["model_version_status"][0]["version"] == version
     finally:
         assert srv.stop() == 0, srv.stderr()
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_serve_the_same_version(exported, tmp_path):
+    _, root, _ = exported
+    kill_root = str(tmp_path / "kill" / "tiny")
+    shutil.copytree(root, kill_root)
+    make_export(kill_root, 50, seed=3)  # an older version beside 100
+    body = {"user_vector": [0.5, -1.0, 2.0, 0.25], "k": 6}
+    answers = []
+    for _ in range(2):
+        srv = Server(str(tmp_path), kill_root)
+        try:
+            srv.wait_ready()
+            status, got = srv.json("POST", "/v1/models/user_tower:retrieve", body)
+            assert status == 200, got
+            answers.append(got)
+            srv.proc.send_signal(signal.SIGKILL)
+            assert srv.proc.wait(60) == -signal.SIGKILL
+        finally:
+            srv.stop()
+    assert answers[0]["model_version"] == "100" and answers[1] == answers[0]
