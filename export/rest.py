@@ -59,6 +59,21 @@ class RequestError(ValueError):
     """A REST request body does not fit the signature; the message says what and where."""
 
 
+# Largest ``k`` of one retrieval, shared by the service (``export.serve_max_k``, whose default this
+# is) and the Python API (``Retriever.search`` / ``retrieve`` and ``micrec_tf.retrieve``).
+DEFAULT_MAX_K = ExportConfig.serve_max_k
+
+
+def check_k(k: Any, max_k: int = DEFAULT_MAX_K) -> int:
+    """``k`` of a retrieval: an integer in 1..``max_k`` (as ``int``); :class:`RequestError` (one
+    line, the same for the service's ``:retrieve`` and the Python API) otherwise."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise RequestError(f"\"k\" must be an integer, got {_kind(k)} {_preview(k)}")
+    if not 1 <= k <= max_k:
+        raise RequestError(f"\"k\" must be between 1 and {max_k} (export.serve_max_k), got {k}")
+    return int(k)
+
+
 class InputSpec:
     """What the converter needs of one signature input: dtype (``string`` only here) and shape."""
 

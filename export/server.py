@@ -143,14 +143,8 @@ class RetrieveRequest:
         return int(len(self.columns[serving.HISTORY_INPUT]))
 
 
-def check_k(k: Any, max_k: int) -> int:
-    """``k`` of a request: an int in 1..``max_k``; :class:`export.rest.RequestError` otherwise."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise rest.RequestError(f"\"k\" must be an integer, got {rest._kind(k)} {rest._preview(k)}")
-    if not 1 <= k <= max_k:
-        raise rest.RequestError(f"\"k\" must be between 1 and {max_k} (export.serve_max_k), "
-                                f"got {k}")
-    return k
+# ``k`` of a request: one validation with the Python API (``Retriever.search`` / ``retrieve``).
+check_k = rest.check_k
 
 
 def _load_json(body: str | bytes | Mapping, specs: Mapping, max_bytes: int) -> Any:

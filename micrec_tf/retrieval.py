@@ -186,9 +186,18 @@ class Retriever:
         return out
 
     def search(self, user_vectors: np.ndarray, k: int | None = None,
-               exclude=None, _cols: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` items per user vector: ``(ids [B, k] object (str), scores float32 [B, k])``."""
-        k = int(k or self.top_k)
+               exclude=None, _cols: dict | None = None,
+               max_k: int = rest.DEFAULT_MAX_K) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items per user vector: ``(ids [B, k] object (str), scores float32 [B, k])``.
+
+        ``k`` None: the export's ``top_k``. An explicit ``k`` must be an integer in 1..``max_k``
+        (default :data:`export.rest.DEFAULT_MAX_K`, the service's ``export.serve_max_k`` default,
+        2000), checked by :func:`export.rest.check_k` like the service's ``:retrieve``: a
+        :class:`export.rest.RequestError` (a ValueError) with the server's message otherwise.
+        Before this check ``k=0`` meant ``top_k`` and any ``k`` was accepted; pass ``k=None`` for
+        ``top_k`` and a larger ``max_k`` for larger lists.
+        """
+        k = self.top_k if k is None else rest.check_k(k, max_k)
         q = np.asarray(user_vectors, np.float32)
         excl = self._exclusions(exclude, _cols, q.shape[0])
         extra = max([len(e) for e in excl] + [0])
@@ -213,8 +222,13 @@ class Retriever:
         return ids, out_scores
 
     def retrieve(self, requests, k: int | None = None, exclude=None,
-                 batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (default: the export's ``top_k``, 500) item ids and scores per request."""
+                 batch_size: int = 1024,
+                 max_k: int = rest.DEFAULT_MAX_K) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (default: the export's ``top_k``, 500) item ids and scores per request.
+
+        ``k`` and ``max_k`` as in :meth:`search` (checked before any request is converted)."""
+        if k is not None:
+            k = rest.check_k(k, max_k)
         cols = self.to_columns(requests)
         n = len(cols[serving.HISTORY_INPUT])
         all_ids, all_scores = [], []
@@ -224,7 +238,7 @@ class Retriever:
             if exclude is not None and not isinstance(exclude, str):
                 ex = list(exclude)[start:start + batch_size]
             vecs = self._vectors(part, batch_size)
-            ids, scores = self.search(vecs, k, ex, _cols=part)
+            ids, scores = self.search(vecs, k, ex, _cols=part, max_k=max_k)
             all_ids.append(ids)
             all_scores.append(scores)
         return np.concatenate(all_ids), np.concatenate(all_scores)

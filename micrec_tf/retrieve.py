@@ -23,6 +23,7 @@ import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow load
 from micrec_tf import cli
 from micrec_tf.data.artifacts import ITEMS, read_items
 from micrec_tf.retrieval import Retriever, resolve_version_dir
+from export import rest
 
 
 def _titles(artifacts_dir: str) -> dict:
@@ -85,13 +86,19 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     _check_counts(args)
     cfg = cli.load(args)
+    k = args.k or cfg.export.top_k
+    try:  # the service's cap and message (export.serve_max_k)
+        max_k = max(cfg.export.serve_max_k, cfg.export.top_k)
+        k = rest.check_k(k, max_k)
+    except rest.RequestError as err:
+        raise cli.UsageError(f"--k: {err}") from None
     vdir = resolve_version_dir(args.export_dir or cfg.export_dir, args.version)
     start = time.time()
     retriever = Retriever.load(vdir, index=args.index)
-    k = args.k or cfg.export.top_k
     users = split_users(retriever, cfg.artifacts_dir, args.user, args.num_users, args.split)
     excl = [u["clicked"] for u in users] if args.exclude_clicked else None
-    ids, scores = retriever.retrieve([u["request"] for u in users], k=k, exclude=excl)
+    ids, scores = retriever.retrieve([u["request"] for u in users], k=k, exclude=excl,
+                                      max_k=max_k)
     seconds = time.time() - start
     print(f"[retrieve] {vdir} ({retriever.index_kind}, {len(retriever.ids)} items): "
           f"{len(users)} user(s), top-{k} in {seconds:.2f}s", file=sys.stderr)
