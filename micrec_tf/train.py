@@ -57,13 +57,32 @@ class GPURequestedError(RuntimeError):
     """``train.require_gpu`` is set but TensorFlow sees no GPU."""
 
 
-def select_strategy(require_gpu: bool = False, log=print):
-    """Returns ``(strategy, gpus)`` for the visible devices."""
+def select_strategy(require_gpu: bool = False, log=print, collective_timeout_s=None):
+    """Returns ``(strategy, gpus)`` for the visible devices.
+
+    With the environment variable ``TF_CONFIG`` set (TensorFlow's standard cluster description,
+    ``{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}``) the
+    strategy is ``tf.distribute.MultiWorkerMirroredStrategy`` (issue 31): data-parallel over the
+    workers, gradients all-reduced with collective ops (ring on CPU). It must be created before
+    any other TensorFlow op runs in the process. ``collective_timeout_s`` bounds each collective
+    (None: TensorFlow's default, no timeout), so a lost worker fails the others loudly instead
+    of hanging them. Without ``TF_CONFIG`` (or with an empty one): exactly the behaviour before
+    issue 31 (mirrored over several GPUs, one-device for one, the default strategy on CPU).
+    """
     gpus = tf.config.list_physical_devices("GPU")
     if require_gpu and not gpus:
         raise GPURequestedError(
             "train.require_gpu is true but TensorFlow sees no GPU. Check `nvidia-smi`, install the "
             "CUDA build with `make install GPU=1`, or set train.require_gpu: false to train on CPU.")
+    if os.environ.get("TF_CONFIG", "").strip():
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=collective_timeout_s)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        resolver = strategy.cluster_resolver
+        log(f"[train] devices: {len(gpus)} GPU(s) {[g.name for g in gpus]}; strategy "
+            f"MultiWorkerMirroredStrategy: {strategy.num_replicas_in_sync} replica(s), task "
+            f"{resolver.task_type}:{resolver.task_id}")
+        return strategy, gpus
     if len(gpus) > 1:
         strategy = tf.distribute.MirroredStrategy()
     elif len(gpus) == 1:
