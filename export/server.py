@@ -335,7 +335,27 @@ class _BatcherCollector:
 
 
 # ----------------------------------------------------------------------------- the app
-_MODEL_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+))?(?::([A-Za-z_]+))?")
+_MODEL_PATH = re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+))?(?::([A-Za-z_]+))?"
+                         r"(/metadata)?")
+
+
+def signature_metadata(version_dir: str) -> dict:
+    """TF Serving's ``metadata.signature_def`` of a version's user tower: ``{"signature_def":
+    {<signature name>: SignatureDef as proto JSON (``inputs`` / ``outputs``: ``{name: {"dtype":
+    "DT_STRING", "tensor_shape": {"dim": [{"size": "-1", "name": ""}, ...], "unknown_rank":
+    false}, "name": "serving_default_gender:0"}}``, ``method_name``)}}``, read from
+    ``user_tower/saved_model.pb`` (the meta graph tagged ``serve``), as TF Serving reads it."""
+    from google.protobuf import json_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "user_tower", "saved_model.pb"), "rb") as fh:
+        sm.ParseFromString(fh.read())
+    graphs = [g for g in sm.meta_graphs if "serve" in g.meta_info_def.tags] or list(sm.meta_graphs)
+    return {"signature_def": {
+        name: json_format.MessageToDict(sig, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=True)
+        for name, sig in sorted(graphs[0].signature_def.items())}}
 
 
 def endpoint_of(path: str) -> str:
@@ -344,6 +364,8 @@ def endpoint_of(path: str) -> str:
         return path[1:]
     m = _MODEL_PATH.fullmatch(path)
     if m:
+        if m.group(4):
+            return "metadata" if m.group(3) is None else "other"
         return m.group(3) if m.group(3) in ("predict", "retrieve") else (
             "status" if m.group(3) is None else "other")
     return "other"
@@ -476,15 +498,19 @@ class Service:
         try:
             if m is None:
                 raise NotFound(f"unknown path {path[:200]!r}")
-            name, version, verb = m.groups()
+            name, version, verb, metadata = m.groups()
             if name != self.model_name:
                 raise NotFound(f"Servable not found for request: Latest({name[:100]}); this "
                                f"service serves model {self.model_name!r}")
             if version is not None and not version.isdigit():
                 raise NotFound(f"invalid version {version[:40]!r} in the URL")
+            if metadata and (verb is not None or request.method != "GET"):
+                raise NotFound("/metadata takes GET and no verb")
             if request.method == "GET":
                 if verb is not None:
                     raise NotFound(f"GET takes no verb (got :{verb})")
+                if metadata:
+                    return await self._metadata(version)
                 return self._status(version)
             if verb not in ("predict", "retrieve"):
                 raise NotFound(f"unknown verb :{verb} (this service has :predict and :retrieve)"
@@ -541,6 +567,28 @@ class Service:
         if not entries:
             raise NotFound(f"Could not find version {version} of model {self.model_name}")
         return JSONResponse({"model_version_status": entries})
+
+    async def _metadata(self, version: str | None):
+        """TF Serving's GetModelMetadata answer: ``{"model_spec": {"name", "signature_name": "",
+        "version"}, "metadata": {"signature_def": ...}}`` (:func:`signature_metadata`) of the
+        version serving (404 for another version, 503 before the first one is ready)."""
+        from starlette.responses import JSONResponse
+
+        if not self.versions.ready:
+            return _error(503, "not ready: " + (self.load_error or "loading and warming up the "
+                                                "export version"), retry=True)
+        with contextlib.ExitStack() as stack:
+            try:
+                v = stack.enter_context(self.versions.acquire())
+            except RuntimeError as err:  # stopped meanwhile (shutting down)
+                return _error(503, f"not serving: {err}", retry=True)
+            if version is not None and int(version) != v.version:
+                raise NotFound(f"Servable not found for request: Specific({self.model_name}, "
+                               f"{version}); this service serves version {v.version}")
+            sigs = await asyncio.to_thread(signature_metadata, v.path)
+            return JSONResponse({"model_spec": {"name": self.model_name, "signature_name": "",
+                                                "version": str(v.version)},
+                                 "metadata": {"signature_def": sigs}})
 
     async def _predict(self, v: LoadedVersion, body: bytes):
         from starlette.responses import JSONResponse
