@@ -6,10 +6,14 @@ set. These tests start real worker processes on free loopback ports (CPU collect
 * two workers training a small linear softmax model for a few steps, global batch 8 split 4 + 4
   by explicit input sharding, give the same per-step loss trajectory and final weights as one
   process training on the same global batches (independent reference: the single-process run of
-  the same script without ``TF_CONFIG``). Tolerance 1e-5 absolute: the all-reduce sums the two
-  workers' partial gradients in a different order than one process's batch reduction, so the
-  results differ in the last float32 bits, which compound a little over the steps;
-* SIGKILL of one worker makes the other exit non-zero, loudly, within the collective timeout.
+  the same script without ``TF_CONFIG``; step 1's loss also by hand in numpy). Tolerance 1e-6
+  absolute (measured: 1.2e-7 on the losses, 6e-8 on the weights): the all-reduce sums the two
+  workers' partial gradients in another order than one process's batch reduction, so results
+  differ in the last float32 bits (eps 1.2e-7 at 1.0) and compound a little over the steps;
+* SIGKILL of one worker makes the other exit non-zero, loudly, naming the lost task
+  (``UnavailableError: Collective ops is aborted by: Error reported from /job:worker/task:1: The
+  following tasks are unhealthy (stopped sending heartbeats)``, about 10 s after the kill) or, if
+  the collective timeout fires first, a deadline error.
 
 What is not tested here (left, see docs/DISTRIBUTED.md): ``micrec_tf.train.train`` itself under
 the strategy (chief-only writes, backup across workers, resume).
@@ -140,8 +144,8 @@ def test_two_workers_match_one_process(tmp_path):
         got = json.loads(out.read_text())
         assert got["replicas"] == 2
         assert len(got["losses"]) == steps
-        np.testing.assert_allclose(got["losses"], ref["losses"], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(got["w"], ref["w"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got["losses"], ref["losses"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got["w"], ref["w"], rtol=0, atol=1e-6)
     # Step 1's loss by hand (numpy, float64): mean cross-entropy of the initial weights on the
     # first global batch; the trajectory then falls (a broken all-reduce could freeze it).
     rng = np.random.default_rng(0)
@@ -168,6 +172,6 @@ def test_killed_worker_fails_the_other_loudly(tmp_path):
     log = procs[0].communicate(timeout=120)[0]
     assert procs[0].returncode != 0, log
     assert not outs[0].exists()  # it did not finish its 400 steps silently
-    lowered = log.lower()
-    assert any(s in lowered for s in ("deadline", "timeout", "timed out", "unavailable",
-                                      "socket closed", "connection", "abort")), log[-3000:]
+    lost = "/job:worker/task:1" in log and "unhealthy" in log
+    timed_out = "DeadlineExceeded" in log or "timed out" in log.lower()
+    assert lost or timed_out, log[-3000:]
