@@ -175,3 +175,23 @@ def test_killed_worker_fails_the_other_loudly(tmp_path):
     lost = "/job:worker/task:1" in log and "unhealthy" in log
     timed_out = "DeadlineExceeded" in log or "timed out" in log.lower()
     assert lost or timed_out, log[-3000:]
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_without_tf_config_the_strategy_is_unchanged(monkeypatch, value):
+    """No (or an empty) TF_CONFIG: on this CPU-only test machine the default strategy, as before
+    issue 31, and the log line of before."""
+    import tensorflow as tf
+
+    from micrec_tf.train import select_strategy
+
+    if value is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", value)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    lines = []
+    strategy, gpus = select_strategy(log=lines.append)
+    assert gpus == []
+    assert strategy is tf.distribute.get_strategy()
+    assert lines == ["[train] devices: 0 GPU(s) []; strategy _DefaultDistributionStrategy"]
