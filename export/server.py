@@ -75,6 +75,10 @@ class TooLarge(Exception):
     """A request body over the byte limit (HTTP 413)."""
 
 
+class Unavailable(Exception):
+    """503 with ``Retry-After``: no version ready yet, or the service is shutting down."""
+
+
 class NotFound(Exception):
     """An unknown model name, version or verb (HTTP 404)."""
 
@@ -482,8 +486,28 @@ class Service:
 
         if self.versions.ready:
             return JSONResponse({"status": "ready", "version": self.versions.status()["version"]})
-        return _error(503, "not ready: " + (self.load_error or "loading and warming up the "
-                                            "export version"), retry=True)
+        return _error(503, self._not_ready(), retry=True)
+
+    def _not_ready(self) -> str:
+        return "not ready: " + (self.load_error or "loading and warming up the export version")
+
+    def _check_ready(self) -> None:
+        if not self.versions.ready:
+            raise Unavailable(self._not_ready())
+
+    @contextlib.contextmanager
+    def _serving(self, version: str | None):
+        """The version serving, held until the block ends (a swap meanwhile does not release
+        it); NotFound when ``version`` names another, Unavailable when shutting down."""
+        with contextlib.ExitStack() as stack:
+            try:
+                v = stack.enter_context(self.versions.acquire())
+            except RuntimeError as err:  # stopped meanwhile (shutting down)
+                raise Unavailable(f"not serving: {err}") from None
+            if version is not None and int(version) != v.version:
+                raise NotFound(f"Servable not found for request: Specific({self.model_name}, "
+                               f"{version}); this service serves version {v.version}")
+            yield v
 
     async def _metrics(self, request):
         from starlette.responses import Response
@@ -516,21 +540,14 @@ class Service:
                 raise NotFound(f"unknown verb :{verb} (this service has :predict and :retrieve)"
                                if verb else "POST needs a verb, e.g. /v1/models/"
                                f"{self.model_name}:predict")
-            if not self.versions.ready:
-                return _error(503, "not ready: " + (self.load_error or "loading and warming up "
-                                                    "the export version"), retry=True)
+            self._check_ready()
             body = await _read_body(request, self.limits.max_bytes)
-            with contextlib.ExitStack() as stack:
-                try:
-                    v = stack.enter_context(self.versions.acquire())
-                except RuntimeError as err:  # stopped meanwhile (shutting down)
-                    return _error(503, f"not serving: {err}", retry=True)
-                if version is not None and int(version) != v.version:
-                    raise NotFound(f"Servable not found for request: Specific({name}, {version}); "
-                                   f"this service serves version {v.version}")
+            with self._serving(version) as v:
                 if verb == "predict":
                     return await self._predict(v, body)
                 return await self._retrieve(v, body)
+        except Unavailable as err:
+            return _error(503, str(err), retry=True)
         except NotFound as err:
             return _error(404, str(err))
         except TooLarge as err:
@@ -574,17 +591,8 @@ class Service:
         version serving (404 for another version, 503 before the first one is ready)."""
         from starlette.responses import JSONResponse
 
-        if not self.versions.ready:
-            return _error(503, "not ready: " + (self.load_error or "loading and warming up the "
-                                                "export version"), retry=True)
-        with contextlib.ExitStack() as stack:
-            try:
-                v = stack.enter_context(self.versions.acquire())
-            except RuntimeError as err:  # stopped meanwhile (shutting down)
-                return _error(503, f"not serving: {err}", retry=True)
-            if version is not None and int(version) != v.version:
-                raise NotFound(f"Servable not found for request: Specific({self.model_name}, "
-                               f"{version}); this service serves version {v.version}")
+        self._check_ready()
+        with self._serving(version) as v:
             sigs = await asyncio.to_thread(signature_metadata, v.path)
             return JSONResponse({"model_spec": {"name": self.model_name, "signature_name": "",
                                                 "version": str(v.version)},

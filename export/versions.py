@@ -45,7 +45,6 @@ none is open.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -54,7 +53,7 @@ from typing import Callable, Iterator
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 
-from export import item_index, serving
+from export import serving
 from micrec_tf.retrieval import Retriever
 
 # Users in the synthetic warm-up request of a version without a warm-up file.
@@ -107,27 +106,14 @@ class LoadedVersion:
         Raises on a missing or corrupt part (metadata.json, the SavedModel, the item vectors,
         the ScaNN index) and when the item ids and vectors disagree in count.
         """
-        import tensorflow as tf
-
         name = os.path.basename(os.path.normpath(path))
         if not name.isdigit():
             raise ValueError(f"{path!r} is not a version folder (its name must be all digits)")
-        with open(os.path.join(path, "metadata.json"), encoding="utf-8") as fh:
-            metadata = json.load(fh)
-        loaded = tf.saved_model.load(os.path.join(path, "user_tower"))
-        fn = loaded.signatures[serving.SIGNATURE_NAME]
-        ids, vectors = item_index.load_item_embeddings(os.path.join(path, "item_embeddings"))
+        retriever = Retriever.load_version_dir(path)
+        ids, vectors = retriever.ids, retriever.vectors
         if vectors.ndim != 2 or vectors.shape[0] != len(ids):
             raise ValueError(f"item_embeddings: {len(ids)} ids for vectors of shape "
                              f"{tuple(vectors.shape)}")
-        searcher = params = None
-        kind = metadata.get("index", {}).get("kind", "brute_force")
-        if kind == "scann":
-            searcher, params = item_index.load_scann(os.path.join(path, "scann"))
-        elif kind != "brute_force":
-            raise ValueError(f"unknown index kind {kind!r} in metadata.json")
-        retriever = Retriever(path, metadata, fn, ids, vectors, searcher, params)
-        retriever._loaded = loaded  # keeps the SavedModel's resources alive with the signature
         return cls(int(name), path, retriever)
 
     def release(self) -> None:

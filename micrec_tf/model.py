@@ -294,6 +294,18 @@ def item_id_keep_mask(item_table, min_id_clicks: int) -> np.ndarray | None:
     return None if keep.all() else keep
 
 
+def item_extra_vocab_sizes(item_table, vocab_sizes: Mapping[str, int]) -> dict:
+    """``{field: vocabulary size}`` of the item table's extra fields (``item_year``, ...);
+    KeyError naming the field when ``vocab_sizes`` has none for it."""
+    extra = {}
+    for name in item_table.extra:
+        if name not in vocab_sizes:
+            raise KeyError(f"item extra field {name!r} has no vocabulary in vocab_sizes "
+                           f"{sorted(vocab_sizes)}")
+        extra[name] = int(vocab_sizes[name])
+    return extra
+
+
 def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence=None,
                 title_neighbours=None, text_vectors=None) -> MicRecModel:
     """Builds the model named by ``cfg.model.name`` with the CL tasks of ``cfg.model.cl``.
@@ -327,12 +339,7 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
     if vocab_sizes["item_id"] != num_items:
         raise ValueError(f"vocab_sizes['item_id']={vocab_sizes['item_id']} but the item table has "
                          f"{num_items} rows")
-    extra = {}
-    for name in item_table.extra:
-        if name not in vocab_sizes:
-            raise KeyError(f"item extra field {name!r} has no vocabulary in vocab_sizes "
-                           f"{sorted(vocab_sizes)}")
-        extra[name] = int(vocab_sizes[name])
+    extra = item_extra_vocab_sizes(item_table, vocab_sizes)
     if m.name in ("ican", "youtubednn", "deepfm") and m.item_mlp_units[-1] != m.user_mlp_units[-1]:
         raise ValueError(f"model.item_mlp_units[-1]={m.item_mlp_units[-1]} must equal "
                          f"model.user_mlp_units[-1]={m.user_mlp_units[-1]} (both tower outputs)")

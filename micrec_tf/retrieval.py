@@ -116,9 +116,14 @@ class Retriever:
 
         ``index``: ``None`` (as exported), or ``"brute_force"`` to score every item exactly.
         """
+        return cls.load_version_dir(resolve_version_dir(path, version), index)
+
+    @classmethod
+    def load_version_dir(cls, vdir: str, index: str | None = None) -> "Retriever":
+        """Loads the version folder ``vdir`` as it is: nothing resolved, repaired or written
+        (the online service loads versions of a possibly read-only tree this way)."""
         import tensorflow as tf
 
-        vdir = resolve_version_dir(path, version)
         with open(os.path.join(vdir, "metadata.json"), encoding="utf-8") as fh:
             metadata = json.load(fh)
         loaded = tf.saved_model.load(os.path.join(vdir, "user_tower"))
@@ -129,7 +134,7 @@ class Retriever:
         if kind == "scann":
             searcher, params = item_index.load_scann(os.path.join(vdir, "scann"))
         elif kind != "brute_force":
-            raise ValueError(f"unknown index kind {kind!r}")
+            raise ValueError(f"unknown index kind {kind!r} in {vdir}/metadata.json")
         r = cls(vdir, metadata, fn, ids, vectors, searcher, params)
         r._loaded = loaded  # keeps the SavedModel's resources alive with the signature
         return r

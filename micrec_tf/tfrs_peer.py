@@ -82,7 +82,8 @@ from micrec_tf.layers import (MLP, ItemFeatureLookup, ItemFieldEmbeddings, check
 from micrec_tf.layers_id_dropout import IDFieldDropout
 from micrec_tf.layers_text import ItemTextFieldEmbeddings
 from micrec_tf.losses import ID_DROPOUT_SEED_OFFSET
-from micrec_tf.model import TwoTowerSteps, _unpack, _user_feature_names, item_id_keep_mask
+from micrec_tf.model import (TwoTowerSteps, _unpack, _user_feature_names,
+                             item_extra_vocab_sizes, item_id_keep_mask)
 from micrec_tf.towers import MLPItemTower
 
 LOSS_NAMES = ("loss", "sampled_softmax_loss")
@@ -622,12 +623,7 @@ def _content_item_model(cfg, item_table, vocab_sizes, id_keep_mask,
     m, num_items = cfg.model, item_table.num_items
     if "provider" not in vocab_sizes:
         raise KeyError(f"vocab_sizes lacks 'provider'. Received: {sorted(vocab_sizes)}")
-    extra = {}
-    for name in item_table.extra:
-        if name not in vocab_sizes:
-            raise KeyError(f"item extra field {name!r} has no vocabulary in vocab_sizes "
-                           f"{sorted(vocab_sizes)}")
-        extra[name] = int(vocab_sizes[name])
+    extra = item_extra_vocab_sizes(item_table, vocab_sizes)
     text_vectors = text_vectors_for(item_table, num_items, text_vectors)
     fields = ItemTextFieldEmbeddings(
         num_items, int(vocab_sizes["tag"]), int(vocab_sizes["provider"]), extra,

@@ -438,8 +438,10 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
     """The body of :func:`train` once the run directory, strategy and dtype policy are set."""
     art = load_artifacts(cfg.artifacts_dir)
     check_cl_tables(art, cfg.model.cl)
+    raw_ids = None  # the lines of vocab/item_id.txt, read once for the cold-start pieces
     if cfg.preprocess.split == ITEM_COLD_START:  # its metrics need every catalogue item (issue 28)
         check_catalogue_vocabulary(cfg.preprocess.item_vocabulary)
+        raw_ids = read_vocab(os.path.join(cfg.artifacts_dir, "vocab", "item_id.txt"))
     num_items = art.item_table.num_items
     n_train = art.feature_spec.get("num_examples", {}).get("train")
     preset = f" preset={cfg.model.preset}" if cfg.model.preset else ""
@@ -453,8 +455,7 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
     # Which items are CL anchors (issue 28); None without CL tasks. Kept in metrics.json.
     cl_anchors = describe_cl_anchors(
         cfg.loss.cl_anchors, num_items, art.item_table.id_clicks, getattr(model, "cl_tasks", {}),
-        read_vocab(os.path.join(cfg.artifacts_dir, "vocab", "item_id.txt"))
-        if cfg.preprocess.split == ITEM_COLD_START else None)
+        raw_ids)
     if cl_anchors:
         log("[train] " + cl_anchors_line(cl_anchors))
 
@@ -497,10 +498,9 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
 
     history_cb = _JsonHistory(os.path.join(run_dir, "history.json"), completed_epochs,
                               resumed_batch + 1 if resumed_batch else 0)
-    cold_cbs, monitor, raw_ids = [], f"val_hit_at_{cfg.eval.hit_n[0]}", None
+    cold_cbs, monitor = [], f"val_hit_at_{cfg.eval.hit_n[0]}"
     if cfg.preprocess.split == ITEM_COLD_START:
         # The protocol chooses on the cold-validation items: early stopping reads their slice.
-        raw_ids = read_vocab(os.path.join(cfg.artifacts_dir, "vocab", "item_id.txt"))
         rows = cold_rows(splits["valid"][ITEM], raw_ids, "valid")
         cold_cbs = [ColdValidation({k: np.asarray(a)[rows] for k, a in splits["valid"].items()},
                                    num_items, raw_ids, cfg.preprocess.item_vocabulary,

@@ -40,6 +40,19 @@ KNN_VARIANTS = ("count", "sqrt_pop", "cosine", "count_top50")
 _TOP50 = 50
 
 
+def history_clicks(hist: np.ndarray, num_items: int):
+    """scipy CSR float64 [B, V]: how often each item occurs among each row's history entries of
+    ``hist`` int [B, H] (entries <= 0 are padding and not counted)."""
+    import scipy.sparse as sp  # deferred: importing the package needs no scipy
+
+    b = hist.shape[0]
+    rows = np.repeat(np.arange(b, dtype=np.int64), hist.shape[1])
+    flat = hist.ravel()
+    keep = flat > 0
+    return sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], flat[keep])),
+                         shape=(b, num_items))
+
+
 class MostPopular:
     """Scores every item by its training click count (ties: smaller item index first)."""
 
@@ -125,14 +138,7 @@ class CooccurrenceItemKNN:
 
     def scores(self, hist_items: np.ndarray, hist_len: np.ndarray | None = None) -> np.ndarray:
         """float64 [B, V]: each item's summed weight with each query's history clicks."""
-        import scipy.sparse as sp
-
-        hist = self._history(hist_items, hist_len)
-        b, v = hist.shape[0], self.num_items
-        rows = np.repeat(np.arange(b, dtype=np.int64), hist.shape[1])
-        flat = hist.ravel()
-        keep = flat > 0
-        x = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], flat[keep])), shape=(b, v))
+        x = history_clicks(self._history(hist_items, hist_len), self.num_items)
         return np.asarray((x @ self.weights).toarray(), dtype=np.float64)
 
     def rank(self, examples: dict, k: int, exclude=None, batch_size: int = 1024):

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from micrec_tf.evaluation import cold_start
+from micrec_tf.evaluation.baselines import history_clicks
 
 __all__ = ["VARIANTS", "SELECTION_METRIC", "ContentProfileBaseline", "evaluate_variant",
            "choose_and_evaluate"]
@@ -109,12 +110,7 @@ class ContentProfileBaseline:
         """float64 [B, V] cosine of the history's tag counts with each item's tag indicator."""
         import scipy.sparse as sp
 
-        hist = self._history(hist_items, hist_len)
-        b, v = hist.shape[0], self.num_items
-        rows = np.repeat(np.arange(b, dtype=np.int64), hist.shape[1])
-        flat = hist.ravel()
-        keep = flat > 0
-        clicks = sp.csr_matrix((np.ones(int(keep.sum())), (rows[keep], flat[keep])), shape=(b, v))
+        clicks = history_clicks(self._history(hist_items, hist_len), self.num_items)
         profile = np.asarray((clicks @ self._indicator).toarray())  # [B, T'] tag counts
         return np.asarray((sp.csr_matrix(_l2_rows(profile)) @ self._indicator_normed_t)
                           .toarray(), np.float64)
