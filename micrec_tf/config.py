@@ -23,6 +23,8 @@ import yaml
 DATASETS = ("synthetic", "canonical", "movielens_1m", "movielens_100k", "mind", "amazon")
 SPLITS = ("global_time", "leave_last_out", "item_cold_start")
 ITEM_VOCABULARIES = ("clicked", "catalogue")
+# eval.search (issue 31): rank exactly, or through the export's ANN index.
+EVAL_SEARCHES = ("exact", "index")
 SEMANTIC_SOURCES = ("title", "taxonomy", "vectors")
 MODELS = ("ican", "youtubednn", "fm", "deepfm", "autoint", "tfrs_two_tower")
 CL_TASKS = ("feature", "semantic", "session")
@@ -314,6 +316,10 @@ class TrainConfig:
     # Epochs of a warm-started update (replaces train.epochs when warm_start_from is set): one
     # pass over the window by default; > 1 with early_stopping_patience > 0 = early stopping.
     warm_start_epochs: int = 1
+    # Multi-worker training (issue 31, TF_CONFIG set): seconds a collective (all-reduce) may wait
+    # before failing, so a lost worker stops the others; 0 (default) = no timeout, as before the
+    # key. Not read without TF_CONFIG.
+    collective_timeout_s: float = 0
 
 
 @dataclass
@@ -331,6 +337,11 @@ class EvalConfig:
     # Rank with ScaNN instead of exact brute force (evaluate_retrieval's ``use_scann``); no
     # evaluation entry point reads this key today: they all rank exactly.
     use_scann: bool = False
+    # How ``python -m micrec_tf.evaluation.index_eval`` ranks (issue 31): ``exact`` (default: every
+    # item scored, as train's final evaluation does, bit for bit) or ``index`` = through the
+    # export's item index (its ScaNN searcher), reporting index_recall@N against exact search.
+    # Train's own evaluation does not read this key: it always ranks exactly.
+    search: str = "exact"
     # Query clicks per user-tower batch when computing user vectors (speed and memory).
     batch_size: int = 1024
     # Test clicks scored by train's final evaluation: 0 = all of them, else a fixed seeded random
@@ -383,6 +394,10 @@ class ExportConfig:
     serve_max_batch_size: int = 256
     serve_max_wait_ms: float = 2.0
     serve_max_queue: int = 512
+    # Per-request deadline in seconds from its arrival: a request still waiting in a
+    # micro-batcher queue then is dropped before it runs and answered 504 (counted as
+    # micrec_expired_total). 0 (default): no deadline, the old behaviour. Needs batching.
+    serve_request_timeout_s: float = 0.0
 
 
 @dataclass
@@ -559,6 +574,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"loss.session_negative_pool must be an int >= 1. Received: "
                           f"{cfg.loss.session_negative_pool!r}")
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
+    timeout = cfg.train.collective_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ConfigError(f"train.collective_timeout_s must be a number >= 0 (0 = no timeout). "
+                          f"Received: {timeout!r}")
     _check_choice("export.index", cfg.export.index, INDEX_KINDS)
     _check_choice("model.history_embeddings", cfg.model.history_embeddings, HISTORY_EMBEDDINGS)
     if cfg.model.item_text and cfg.loss.feature_dropout == "correlated":
@@ -639,6 +658,7 @@ def validate(cfg: Config) -> Config:
         _check_positive(f"train.{key}", getattr(cfg.train, key))
     _check_positive("train.early_stopping_patience", cfg.train.early_stopping_patience, True)
     _check_positive("eval.test_max_examples", cfg.eval.test_max_examples, True)
+    _check_choice("eval.search", cfg.eval.search, EVAL_SEARCHES)
     if not 0.0 < cfg.train.train_fraction <= 1.0:
         raise ConfigError(f"train.train_fraction must be in (0, 1], "
                           f"got {cfg.train.train_fraction!r}")
@@ -655,6 +675,8 @@ def validate(cfg: Config) -> Config:
     _check_positive("export.serve_max_batch_size", cfg.export.serve_max_batch_size, allow_zero=True)
     _check_positive("export.serve_max_wait_ms", cfg.export.serve_max_wait_ms, allow_zero=True)
     _check_positive("export.serve_max_queue", cfg.export.serve_max_queue)
+    _check_positive("export.serve_request_timeout_s", cfg.export.serve_request_timeout_s,
+                    allow_zero=True)
     if cfg.export.serve_port > 65535:
         raise ConfigError(f"export.serve_port must be <= 65535, got {cfg.export.serve_port!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.export.serve_model_name):

@@ -16,7 +16,8 @@ to high (:data:`STAGES`, longest module prefix wins):
 3. train and its evaluation: ``micrec_tf.train``, ``micrec_tf.evaluation`` (the package, which
    re-exports the next four), ``micrec_tf.evaluation.{metrics, evaluate, data, baselines}``.
 4. export: ``export.*`` (the SavedModel, the item index, the serving signature, REST checks),
-   and ``micrec_tf.update`` (the daily update: preprocess, warm-started training, export).
+   and ``micrec_tf.update`` (the daily update: preprocess, warm-started training, export), and
+   ``micrec_tf.evaluation.index_eval`` (evaluation through an export version's item index).
 5. serving client: ``micrec_tf.retrieval``, ``micrec_tf.retrieve``, and the online service's
    modules that use them (``export.versions``). Split from ``export`` (one
    stage "export/serving" in the issue) because the client reads what the exporter writes: the
@@ -53,6 +54,7 @@ STAGES = {
     "micrec_tf.model": 2, "micrec_tf.tfrs_peer": 2, "micrec_tf.precision": 2,
     "micrec_tf.train": 3, "micrec_tf.evaluation": 3, "micrec_tf.warm_start": 3,
     "export": 4, "micrec_tf.update": 4,
+    "micrec_tf.evaluation.index_eval": 4,  # evaluation through the export's item index (issue 31)
     "micrec_tf.retrieval": 5, "micrec_tf.retrieve": 5,
     "export.server": 5,  # the online service: HTTP app around export.versions
     "export.versions": 5,  # the online service's version manager: loads Retrievers
