@@ -23,6 +23,21 @@ Prints one line per concurrency and writes JSON (``--output``, default ``serve_l
 
 ``latency`` is the wall time of one request (send to last byte read) in milliseconds, over all
 requests of the level, successful or not; ``p50`` / ``p99`` are nearest-rank percentiles.
+
+**Open loop** (``--rate R[,R2,...]`` with ``--duration S`` or ``--requests N``, instead of
+``--concurrency``): per rate, requests are sent on a FIXED-INTERVAL schedule, request ``i`` at
+``i / R`` seconds after the level's start, whatever the answers: ``N`` requests, or with
+``--duration`` every ``i`` with ``i / R < S``, i.e. ``ceil(R x S)`` (exactly ``R x S`` when that
+is a whole number). They are sent by a pool of ``--workers`` threads (default 256, each with its
+own keep-alive connection); a request whose time comes while every worker is busy is NOT sent
+and counted as ``"dropped_client"`` (the schedule is never delayed). Its latency runs from its
+SCHEDULED time to the last byte of the answer, so a late send (the client's own queueing)
+counts. Per rate: ``scheduled``, ``sent``, ``dropped_client``, ``offered_rps`` (= R),
+``achieved_rps`` (HTTP answers of any status per second) and ``ok_rps`` (200s per second) over
+``seconds`` = max(N / R, the last answer's time), latency ``p50_ms`` / ``p99_ms`` / ``mean_ms`` /
+``max_ms`` over the sent requests and ``ok_p50_ms`` / ``ok_p99_ms`` / ``ok_max_ms`` over the 200s,
+``codes`` (``"dropped_client"`` included), ``share_503`` (503s / scheduled), ``retry_after`` (503s
+that carried a ``Retry-After`` header) and ``versions``. ``--inprocess`` is for the closed loop.
 ``versions`` counts the ``model_version`` of the ``:retrieve`` answers (a swap under load shows
 as two keys). ``--inprocess <version dir>`` also runs the same bodies through the in-process
 :class:`micrec_tf.retrieval.Retriever` (parsed by the server's own parser, then the tower and the
@@ -36,6 +51,7 @@ import http.client
 import itertools
 import json
 import math
+import queue
 import sys
 import threading
 import time
@@ -43,6 +59,8 @@ import urllib.parse
 from collections import Counter
 
 VERBS = ("retrieve", "predict")
+# Open loop: sending threads by default (each one request at a time on its own connection).
+DEFAULT_WORKERS = 256
 
 
 def read_bodies(path: str) -> list:
@@ -79,13 +97,17 @@ def summarize(latencies_s: list, codes: Counter, versions: Counter, seconds: flo
             "codes": dict(sorted(codes.items())), "versions": dict(sorted(versions.items()))}
 
 
-def run_level(url: str, path: str, bodies: list, requests: int, concurrency: int,
-              timeout: float = 60.0) -> dict:
-    """``requests`` POSTs of ``bodies`` (cycled) to ``url`` + ``path`` by ``concurrency`` threads."""
+def _host_port(url: str) -> tuple:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"--url must be http://host:port, got {url!r}")
-    host, port = parts.hostname, parts.port or 80
+    return parts.hostname, parts.port or 80
+
+
+def run_level(url: str, path: str, bodies: list, requests: int, concurrency: int,
+              timeout: float = 60.0) -> dict:
+    """``requests`` POSTs of ``bodies`` (cycled) to ``url`` + ``path`` by ``concurrency`` threads."""
+    host, port = _host_port(url)
     counter, lock = itertools.count(), threading.Lock()
     results: list = []  # (latency s, code key, version or None), appended under lock
 
@@ -138,6 +160,137 @@ def run_level(url: str, path: str, bodies: list, requests: int, concurrency: int
                      concurrency)
 
 
+def schedule(rate: float, duration: float | None = None, requests: int | None = None) -> list:
+    """Offsets in seconds of the open loop's fixed-interval schedule: ``i / rate`` for ``i`` in
+    ``0..requests-1``, or (``duration``) for every ``i`` with ``i / rate < duration``. Exactly one
+    of ``duration`` / ``requests``."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) \
+            or rate <= 0:
+        raise ValueError(f"rate must be a finite number > 0. Received: rate={rate!r}")
+    if (duration is None) == (requests is None):
+        raise ValueError("give exactly one of duration and requests. Received: "
+                         f"duration={duration!r}, requests={requests!r}")
+    if requests is None:
+        if not math.isfinite(duration) or duration <= 0:
+            raise ValueError(f"duration must be a finite number > 0. Received: "
+                             f"duration={duration!r}")
+        n = math.ceil(rate * duration)
+        while n > 0 and (n - 1) / rate >= duration:   # float rounding of rate x duration
+            n -= 1
+        while n / rate < duration:
+            n += 1
+    else:
+        n = requests
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"requests must be an int >= 1. Received: requests={requests!r}")
+    return [i / rate for i in range(n)]
+
+
+def summarize_open(records: list, rate: float, scheduled: int) -> dict:
+    """One open-loop level's figures from ``records``: one ``(scheduled offset s, answered offset
+    s or None, code key, version or None, retry_after bool)`` per scheduled request
+    (``"dropped_client"`` ones have no answer). Offsets from the level's start."""
+    sent = [r for r in records if r[2] != "dropped_client"]
+    ms = [(r[1] - r[0]) * 1000.0 for r in sent]
+    ok = [(r[1] - r[0]) * 1000.0 for r in sent if r[2] == "200"]
+    codes = Counter(r[2] for r in records)
+    answered = sum(n for code, n in codes.items() if code.isdigit())
+    seconds = max([scheduled / rate] + [r[1] for r in sent])
+    return {"rate": rate, "arrivals": "fixed", "scheduled": scheduled, "sent": len(sent),
+            "dropped_client": codes.get("dropped_client", 0), "seconds": seconds,
+            "offered_rps": float(rate),
+            "achieved_rps": answered / seconds, "ok_rps": codes.get("200", 0) / seconds,
+            "p50_ms": percentile(ms, 50) if ms else None,
+            "p99_ms": percentile(ms, 99) if ms else None,
+            "mean_ms": sum(ms) / len(ms) if ms else None, "max_ms": max(ms) if ms else None,
+            "ok_p50_ms": percentile(ok, 50) if ok else None,
+            "ok_p99_ms": percentile(ok, 99) if ok else None,
+            "ok_max_ms": max(ok) if ok else None,
+            "codes": dict(sorted(codes.items())),
+            "share_503": codes.get("503", 0) / scheduled if scheduled else None,
+            "retry_after": sum(1 for r in sent if r[2] == "503" and r[4]),
+            "versions": dict(sorted(Counter(str(r[3]) for r in sent
+                                            if r[3] is not None).items()))}
+
+
+def run_open_level(url: str, path: str, bodies: list, rate: float, duration: float | None = None,
+                   requests: int | None = None, workers: int = DEFAULT_WORKERS,
+                   timeout: float = 60.0,
+                   after_schedule=None) -> dict:
+    """The open loop at ``rate`` (module docstring): POSTs of ``bodies`` (request ``i`` sends
+    body ``i mod len``) on :func:`schedule`'s times by a pool of ``workers`` threads; a request
+    due while all are busy is ``"dropped_client"``. ``after_schedule()`` (tests) is called once
+    every request was sent or dropped, before waiting for the answers."""
+    host, port = _host_port(url)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1. Received: workers={workers!r}")
+    offsets = schedule(rate, duration, requests)
+    jobs: queue.Queue = queue.Queue()
+    lock = threading.Lock()
+    idle = [workers]
+    records: list = []   # appended under lock
+    start = 0.0          # set when the schedule starts, before any job is queued
+
+    def worker():
+        conn = None
+        while True:
+            job = jobs.get()
+            if job is None:
+                break
+            i, due = job
+            version, retry = None, False
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+                conn.request("POST", path, body=bodies[i % len(bodies)],
+                             headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                code = str(resp.status)
+                retry = resp.getheader("retry-after") is not None
+                if resp.status == 200:
+                    try:
+                        version = json.loads(data).get("model_version")
+                    except (ValueError, AttributeError):
+                        version = None
+                if resp.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as err:
+                code = f"error:{type(err).__name__}"
+                if conn is not None:
+                    conn.close()
+                conn = None
+            done = time.perf_counter() - start
+            with lock:
+                records.append((due, done, code, version, retry))
+                idle[0] += 1
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    start = time.perf_counter()
+    for i, due in enumerate(offsets):
+        delay = start + due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        with lock:
+            if idle[0] > 0:
+                idle[0] -= 1
+                jobs.put((i, due))
+            else:
+                records.append((due, None, "dropped_client", None, False))
+    if after_schedule is not None:
+        after_schedule()
+    for _ in threads:
+        jobs.put(None)
+    for t in threads:
+        t.join()
+    return summarize_open(records, float(rate), len(offsets))
+
+
 def run_inprocess(version_dir: str, bodies: list, requests: int, verb: str) -> dict:
     """The same bodies through the in-process Retriever, one at a time: the server's parser,
     then its tower call (``predict`` stops there) and its search."""
@@ -185,6 +338,27 @@ def _concurrency(text: str) -> list:
     return levels
 
 
+def _rates(text: str) -> list:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        rates = []
+    if not rates or any(not math.isfinite(r) or r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"--rate takes numbers > 0 (requests per second) "
+                                         f"separated by commas. Received: {text!r}")
+    return rates
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0. Received: {text!r}")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -201,10 +375,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", required=True, help="http://host:port of the service")
     p.add_argument("--model", default="user_tower", help="<name> of /v1/models/<name>")
     p.add_argument("--verb", default="retrieve", choices=VERBS)
-    p.add_argument("--concurrency", type=_concurrency, default=[1, 8, 32],
-                   help="comma-separated client counts (default 1,8,32)")
-    p.add_argument("--requests", type=_positive, default=1000,
-                   help="requests per concurrency level (default 1000)")
+    p.add_argument("--concurrency", type=_concurrency, default=None,
+                   help="closed loop: comma-separated client counts (default 1,8,32)")
+    p.add_argument("--rate", type=_rates, default=None,
+                   help="open loop: comma-separated requests per second (fixed interval)")
+    p.add_argument("--duration", type=_seconds, default=None,
+                   help="open loop: seconds of schedule per rate (or --requests)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="open loop: sending threads (default 256); none idle = dropped_client")
+    p.add_argument("--requests", type=_positive, default=None,
+                   help="requests per level (closed loop default 1000)")
     p.add_argument("--body-file", required=True, help="request body JSON (module docstring)")
     p.add_argument("--timeout", type=float, default=60.0, help="socket timeout per request (s)")
     p.add_argument("--inprocess", default=None,
@@ -214,10 +394,56 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Open and closed loop options do not mix; each error one line (exit 2)."""
+    if args.rate is None:
+        for name in ("duration", "workers"):
+            if getattr(args, name) is not None:
+                parser.error(f"--{name} needs --rate (the open loop). Received: "
+                             f"--{name} {getattr(args, name)}")
+        return
+    if args.concurrency is not None:
+        parser.error("--rate (open loop) and --concurrency (closed loop) exclude each other. "
+                     f"Received: --rate {args.rate} --concurrency {args.concurrency}")
+    if (args.duration is None) == (args.requests is None):
+        parser.error("--rate needs exactly one of --duration and --requests. Received: "
+                     f"--duration {args.duration} --requests {args.requests}")
+    if args.inprocess:
+        parser.error("--inprocess compares closed-loop levels; run it without --rate. "
+                     f"Received: --inprocess {args.inprocess}")
+
+
+def main_open(args, bodies: list, path: str) -> int:
+    levels = []
+    args.workers = args.workers or DEFAULT_WORKERS
+    for rate in args.rate:
+        level = run_open_level(args.url, path, bodies, rate, args.duration, args.requests,
+                               args.workers, args.timeout)
+        levels.append(level)
+        p50 = "-" if level["p50_ms"] is None else f"{level['p50_ms']:.2f}"
+        p99 = "-" if level["p99_ms"] is None else f"{level['p99_ms']:.2f}"
+        print(f"rate={rate:g} n={level['scheduled']} offered {level['offered_rps']:.1f} req/s "
+              f"achieved {level['achieved_rps']:.1f} (200s {level['ok_rps']:.1f}) p50 {p50} ms "
+              f"p99 {p99} ms 503 share {level['share_503']:.3f} codes {level['codes']}",
+              flush=True)
+    result = {"url": args.url, "model": args.model, "verb": args.verb, "mode": "open",
+              "arrivals": "fixed", "duration": args.duration, "requests": args.requests,
+              "workers": args.workers, "bodies": len(bodies), "levels": levels}
+    with open(args.output, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     bodies = read_bodies(args.body_file)
     path = f"/v1/models/{args.model}:{args.verb}"
+    if args.rate is not None:
+        return main_open(args, bodies, path)
+    args.concurrency = args.concurrency or [1, 8, 32]
+    args.requests = args.requests or 1000
     levels = []
     for c in args.concurrency:
         level = run_level(args.url, path, bodies, args.requests, c, args.timeout)
@@ -233,7 +459,7 @@ def main(argv=None) -> int:
         print(f"in-process: {inprocess['throughput_rps']:.1f} req/s p50 "
               f"{inprocess['p50_ms']:.2f} ms p99 {inprocess['p99_ms']:.2f} ms; service p50 / "
               f"in-process p50: {overhead}", flush=True)
-    result = {"url": args.url, "model": args.model, "verb": args.verb,
+    result = {"url": args.url, "model": args.model, "verb": args.verb, "mode": "closed",
               "requests": args.requests, "bodies": len(bodies), "levels": levels,
               "inprocess": inprocess, "overhead_p50": overhead}
     with open(args.output, "w", encoding="utf-8") as fh:

@@ -4,6 +4,14 @@ References: hand-computed nearest-rank percentiles; a stdlib HTTP server in this
 counts what it received and answers 200 or 503 by body (fast); a real ``python -m export.server``
 process over tests/test_server.py's tiny export (slow): every response 200 and carrying version
 100, exactly ``--requests`` per level. No wall-clock assertion.
+
+Open loop (``--rate``): the fixed-interval schedule written out by hand (``i / R``, ``ceil(R x
+S)`` requests, float rounding of ``R x S`` included); the level's figures from hand-made records
+(percentiles, rates and shares computed by hand); the counting server's tallies for ``R x S``
+requests; ``dropped_client`` made deterministic by a server that holds its answers until the
+whole schedule has been dispatched; one-line argument errors. Slow: overload of a real server
+(queue of 2, a 300 ms batching window) at 40 requests/s: 503s with ``Retry-After``, every 200
+run in a batch of at most ``max_queue`` requests (counts from /metrics), ``/healthz`` 200 after.
 """
 import http.server
 import json
@@ -63,6 +71,8 @@ def counting_server():
             busy = b"busy" in body
             data = b'{"error": "busy"}' if busy else b'{"model_version": "7", "ids": [[]]}'
             self.send_response(503 if busy else 200)
+            if busy:
+                self.send_header("Retry-After", "1")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -147,3 +157,163 @@ def test_against_the_real_server_every_answer_is_200_from_version_100(tmp_path):
     assert result["inprocess"]["requests"] == 6
     assert set(result["overhead_p50"]) == {"1", "3"}
     assert all(r > 0 for r in result["overhead_p50"].values())
+
+
+# ----------------------------------------------------------------------------- open loop
+def test_schedule_is_a_fixed_interval_written_out_by_hand():
+    assert serve_load.schedule(4, duration=1) == [0.0, 0.25, 0.5, 0.75]
+    assert serve_load.schedule(2.5, duration=1) == [0.0, 0.4, 0.8]      # ceil(2.5) = 3
+    # 10 x 0.3 is 3.0000000000000004 in floats: still the 3 times 0, 0.1, 0.2 (< 0.3)
+    assert serve_load.schedule(10, duration=0.3) == [0.0, 0.1, 0.2]
+    assert len(serve_load.schedule(50, duration=0.4)) == 20
+    assert serve_load.schedule(5, requests=3) == [0.0, 0.2, 0.4]
+    for kwargs, message in [({"rate": 0, "duration": 1}, "rate must be"),
+                            ({"rate": 5}, "exactly one of duration and requests"),
+                            ({"rate": 5, "duration": 1, "requests": 2}, "exactly one"),
+                            ({"rate": 5, "duration": 0}, "duration must be"),
+                            ({"rate": 5, "requests": 0}, "requests must be")]:
+        with pytest.raises(ValueError, match=message):
+            serve_load.schedule(**kwargs)
+
+
+def test_open_level_figures_are_the_hand_computed_ones():
+    # (scheduled s, answered s, code, version, Retry-After): rate 10/s, 5 scheduled
+    records = [(0.0, 0.010, "200", "7", False), (0.1, 0.130, "200", "7", False),
+               (0.2, 0.205, "503", None, True), (0.3, None, "dropped_client", None, False),
+               (0.4, 0.440, "error:ConnectionRefusedError", None, False)]
+    got = serve_load.summarize_open(records, 10.0, 5)
+    # latencies of the 4 sent, from their scheduled times: 10, 30, 5, 40 ms -> sorted 5 10 30 40
+    assert got["p50_ms"] == pytest.approx(10.0)       # rank ceil(0.5 x 4) = 2
+    assert got["p99_ms"] == pytest.approx(40.0)       # rank ceil(0.99 x 4) = 4
+    assert got["max_ms"] == pytest.approx(40.0) and got["mean_ms"] == pytest.approx(21.25)
+    assert got["ok_p50_ms"] == pytest.approx(10.0) and got["ok_p99_ms"] == pytest.approx(30.0)
+    assert (got["scheduled"], got["sent"], got["dropped_client"]) == (5, 4, 1)
+    assert got["seconds"] == pytest.approx(0.5)       # max(5 / 10, last answer 0.44)
+    assert got["offered_rps"] == 10.0
+    assert got["achieved_rps"] == pytest.approx(6.0)  # 3 HTTP answers / 0.5 s
+    assert got["ok_rps"] == pytest.approx(4.0)
+    assert got["share_503"] == pytest.approx(0.2) and got["retry_after"] == 1
+    assert got["codes"] == {"200": 2, "503": 1, "dropped_client": 1,
+                            "error:ConnectionRefusedError": 1}
+    assert got["versions"] == {"7": 2} and got["arrivals"] == "fixed"
+
+
+def test_open_loop_sends_rate_times_duration_requests(counting_server, tmp_path):
+    url, received = counting_server
+    bodies = tmp_path / "bodies.json"
+    bodies.write_text(json.dumps([{"k": 1}, {"k": 2}, {"busy": 1}]))
+    out = tmp_path / "out.json"
+    assert serve_load.main(["--url", url, "--model", "m", "--verb", "predict",
+                            "--rate", "50,25", "--duration", "0.4", "--workers", "32",
+                            "--body-file", str(bodies), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mode"] == "open" and result["arrivals"] == "fixed"
+    # 50/s x 0.4 s = 20 requests: bodies i mod 3 -> 7, 7, 6; 25/s x 0.4 s = 10 -> 4, 3, 3
+    (fast, slow) = result["levels"]
+    assert (fast["rate"], fast["scheduled"], fast["sent"]) == (50.0, 20, 20)
+    assert fast["codes"] == {"200": 14, "503": 6} and fast["retry_after"] == 6
+    assert fast["share_503"] == pytest.approx(6 / 20) and fast["versions"] == {"7": 14}
+    assert (slow["rate"], slow["scheduled"], slow["sent"]) == (25.0, 10, 10)
+    assert slow["codes"] == {"200": 7, "503": 3}
+    for level in (fast, slow):
+        assert level["p50_ms"] <= level["p99_ms"] <= level["max_ms"]
+        assert level["offered_rps"] == level["rate"]
+    path = "/v1/models/m:predict"
+    assert received == Counter({(path, b'{"k": 1}'): 11, (path, b'{"k": 2}'): 10,
+                                (path, b'{"busy": 1}'): 9})
+
+
+def test_an_exhausted_pool_drops_instead_of_delaying():
+    """2 workers, 5 requests; the server holds every answer until all 5 were dispatched: the
+    first 2 are sent, the other 3 find no idle worker and are dropped_client, never sent late."""
+    received, gate = [], threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            assert gate.wait(60)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        level = serve_load.run_open_level(
+            f"http://127.0.0.1:{srv.server_address[1]}", "/v1/models/m:retrieve",
+            [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}', b'{"n": 3}', b'{"n": 4}'], rate=100,
+            requests=5, workers=2, timeout=60, after_schedule=gate.set)
+    finally:
+        gate.set()
+        srv.shutdown()
+        srv.server_close()
+    assert level["codes"] == {"200": 2, "dropped_client": 3}
+    assert (level["scheduled"], level["sent"], level["dropped_client"]) == (5, 2, 3)
+    assert sorted(received) == [b'{"n": 0}', b'{"n": 1}']
+    assert level["share_503"] == 0.0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--rate", "0", "--duration", "1"], ["--rate", "a", "--duration", "1"],
+    ["--rate", "5"], ["--rate", "5", "--duration", "1", "--requests", "3"],
+    ["--duration", "1"], ["--workers", "4"], ["--rate", "5", "--duration", "-1"],
+    ["--rate", "5", "--duration", "1", "--concurrency", "2"],
+    ["--rate", "5", "--duration", "1", "--inprocess", "exports/x/1"]])
+def test_open_loop_argument_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as err:
+        serve_load.main(["--url", "http://127.0.0.1:1", "--body-file", "x", *argv])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and errors[0] == lines[-1] and "Received" in errors[0], lines
+
+
+@pytest.mark.slow
+def test_overload_open_loop_gets_503s_and_the_server_survives(tmp_path):
+    """A tiny server whose user tower takes at most 2 waiting requests (serve_max_queue=2) and
+    waits 300 ms for company before each batch (it never fills 256 rows): it runs at most 2
+    requests per batch, about 7 per second, so 40 per second for 2 s is far above it. Expected:
+    503s with Retry-After, one per rejection the server counted; every 200 went through a batch
+    of at most max_queue requests (200s = rows run <= 2 x batches: the 200s' latency is bounded by
+    the queue, never a backlog); the queue never held more than 2; /healthz 200 afterwards."""
+    from test_server import Server, _samples, make_export
+
+    root = tmp_path / "exports" / "tiny"
+    root.mkdir(parents=True)
+    make_export(str(root), 100)
+    bodies = tmp_path / "bodies.json"
+    bodies.write_text(json.dumps({"instances": [{"gender": "F", "age": "25", "region": "r1",
+                                                 "history": ["i1", "i2"]}]}))
+    srv = Server(str(tmp_path), str(root), "export.serve_max_queue=2",
+                 "export.serve_max_wait_ms=300")
+    try:
+        srv.wait_ready()
+        out = tmp_path / "out.json"
+        assert serve_load.main(["--url", f"http://127.0.0.1:{srv.port}", "--verb", "predict",
+                                "--rate", "40", "--duration", "2", "--workers", "64",
+                                "--body-file", str(bodies), "--output", str(out)]) == 0
+        metrics = _samples(srv.request("GET", "/metrics")[2].decode())
+        health = srv.request("GET", "/healthz")[0]
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.stderr()
+    level = json.loads(out.read_text())["levels"][0]
+    codes = level["codes"]
+    assert level["scheduled"] == 80 and set(codes) <= {"200", "503"}, codes
+    assert codes.get("200", 0) + codes.get("503", 0) == 80
+    assert codes.get("503", 0) >= 1 and codes.get("200", 0) >= 1, codes
+    assert level["retry_after"] == codes["503"]
+    tower = (("stage", "user_tower"),)
+    assert metrics[("micrec_rejected_total", tower)] == codes["503"]
+    assert metrics[("micrec_requests_total", (("code", "503"), ("endpoint", "predict")))] == \
+        codes["503"]
+    assert metrics[("micrec_stage_batch_size_sum", tower)] == codes["200"]   # 1 user each
+    assert codes["200"] <= 2 * metrics[("micrec_stage_batch_size_count", tower)]
+    assert metrics[("micrec_queue_depth_max", tower)] <= 2
+    assert health == 200
