@@ -204,3 +204,69 @@ def test_eval_search_key():
     assert cfg.replace({"eval.search": "index"}).eval.search == "index"
     with pytest.raises(ConfigError, match="eval.search.*'approx'"):
         cfg.replace({"eval.search": "approx"})
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory):
+    """A tiny synthetic run (preprocess, one epoch with the final test evaluation, ScaNN export)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from export import export_model
+    from micrec_tf.train import train
+
+    root = tmp_path_factory.mktemp("index_eval")
+    raw = {
+        "name": "tiny",
+        "artifacts_root": str(root / "artifacts"),
+        "data": {"dataset": "synthetic", "data_dir": str(root / "data"),
+                 "synthetic": {"num_users": 150, "num_items": 1200, "num_events": 4000,
+                               "num_topics": 8, "seed": 3}},
+        "preprocess": {"num_shards": 1},
+        "model": {"cl": ["feature", "session"], "embedding_dim": 16,
+                  "item_mlp_units": [32, 64], "user_mlp_units": [32, 64]},
+        "loss": {"num_negatives": 64},
+        "train": {"batch_size": 512, "epochs": 1, "runs_dir": str(root / "runs"),
+                  "early_stopping_patience": 0},
+        "eval": {"hit_n": [10, 50], "coverage_n": [50], "exclude_clicked": True,
+                 "test_max_examples": 300},
+        "export": {"exports_dir": str(root / "exports")},
+    }
+    cfg_path = root / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--config",
+                           str(cfg_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = load_config(str(cfg_path))
+    result = train(cfg, log=lambda *a: None)
+    version_dir = export_model.export_run(cfg, log=lambda *a: None)
+    return cfg, str(cfg_path), result, version_dir
+
+
+@pytest.mark.slow
+def test_exact_search_is_trains_final_evaluation(exported_run):
+    cfg, _, result, _ = exported_run
+    got = index_eval.evaluate_export(cfg, log=lambda *a: None)
+    for key, val in result["test"].items():
+        assert got[key] == val, key  # bit for bit: the same queries, exclusions and ranking
+
+
+@pytest.mark.slow
+def test_index_search_through_the_export(exported_run, tmp_path):
+    cfg, cfg_path, result, version_dir = exported_run
+    meta = json.load(open(os.path.join(version_dir, "metadata.json")))
+    assert meta["index"]["kind"] == "scann"  # 1000+ items > top_k: a real ScaNN index
+    out = tmp_path / "m.json"
+    assert index_eval.main(["--config", cfg_path, "--set", "eval.search=index",
+                            "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["search"] == "index" and got["index_kind"] == "scann"
+    assert got["num_examples"] == result["test"]["num_examples"] == 300
+    assert got["index_recall_queries"] == 300
+    for n in (10, 50):
+        # The dump holds the model's own item vectors: exact search on it is train's ranking.
+        assert got[f"exact_hit@{n}"] == pytest.approx(result["test"][f"hit@{n}"], abs=1e-6)
+        assert 0.0 < got[f"index_recall@{n}"] <= 1.0
