@@ -18,9 +18,13 @@ artifacts as usual, then restore every variable of the previous run's ``checkpoi
   keep mask of ``model.min_id_clicks`` is the new build's (from the new
   ``vocab/item_id_counts.txt``: every new item) except that an old item whose ID row was in use
   before stays in use (a window without a click on it gives it count 0; :func:`_kept_ids`).
-  For ``min_id_clicks`` 1 (default) that is the mask of the running click total; for > 1 an
-  old item whose clicks are split over windows stays masked (a running total is left to the
-  incremental preprocessing). The learning rate keeps the update's ``train.learning_rate``
+  For ``min_id_clicks`` 1 (default) that is the mask of the running click total. For > 1,
+  when the new artifacts hold the running totals (``item_id_counts_total.txt``, written by a
+  preprocess grown from previous artifacts, :mod:`pipelines.lineage`), every item whose total
+  reaches ``min_id_clicks`` is in use too (:func:`total_keep_mask`), so an old item whose clicks
+  are split over windows is unmasked once they add up; without the file (generation-0 or older
+  artifacts) and at ``min_id_clicks`` <= 1 the mask is the rule above, bit for bit. The
+  learning rate keeps the update's ``train.learning_rate``
   (:data:`FROM_NEW_CONFIG`: tuned for the one-pass budget). Mixed precision's loss scale
   (``model/optimizer/loss_scale/*``) is copied where both runs have one and may appear or go
   (a float32 run has none). Tables built from the artifacts as
@@ -73,6 +77,9 @@ OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 CHECKPOINT = os.path.join("checkpoint", "model")
 COPY, GROW, NEW = "copy", "grow", "new"
 KEEP_MASK = FROM_NEW_ARTIFACTS[0]
+# Running training-click totals per vocab/item_id.txt line, at the artifacts root of a grown
+# folder (pipelines.lineage.TOTALS_FILE; micrec_tf does not import pipelines).
+TOTALS_FILE = "item_id_counts_total.txt"
 
 
 class WarmStartError(cli.UsageError):
@@ -236,11 +243,35 @@ def _from_new_artifacts(key: str) -> bool:
     return any(f"/{name}/" in key for name in FROM_NEW_ARTIFACTS)
 
 
-def restore_grown(model, previous_checkpoint: str, vocab_sizes, work_dir: str) -> dict:
+def total_keep_mask(artifacts_dir: str, min_id_clicks: int) -> np.ndarray | None:
+    """float32 [V] (1 = the ID row is used; row 0 = 1, padding): the items whose running click
+    total (``<artifacts_dir>/item_id_counts_total.txt``, line k = item index k + 1) reaches
+    ``min_id_clicks``. None (the keep mask of before) when ``min_id_clicks`` <= 1 or the file
+    is absent. A line that is not an int >= 0 is a :class:`WarmStartError`."""
+    path = os.path.join(artifacts_dir, TOTALS_FILE)
+    if int(min_id_clicks) <= 1 or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    bad = next((k for k, v in enumerate(lines, 1) if not v.isdigit()), None)
+    if bad is not None:
+        raise WarmStartError(f"cannot warm-start: {path}:{bad} is not a click count (an int "
+                             f">= 0). Received: {lines[bad - 1]!r}")
+    keep = np.array([0] + [int(v) for v in lines], np.int64) >= int(min_id_clicks)
+    keep[0] = True
+    return keep.astype(np.float32)
+
+
+def restore_grown(model, previous_checkpoint: str, vocab_sizes, work_dir: str,
+                  total_keep=None) -> dict:
     """Restores ``previous_checkpoint`` (a ``tf.train.Checkpoint(model=...)`` prefix) into the
     built ``model`` (optimizer slots included), growing vocabulary-sized variables.
 
-    ``work_dir`` holds the scratch checkpoints (deleted by the caller). Returns
+    ``work_dir`` holds the scratch checkpoints (deleted by the caller). ``total_keep``: float32
+    [V] of :func:`total_keep_mask` (None, default: the keep mask of before), OR-ed into the ID
+    keep mask (:func:`_kept_ids`). Returns
     ``{"copied": n, "grown": {key: [old rows, new rows]}, "from_new": [keys]}``."""
     ckpt = tf.train.Checkpoint(model=model)
     fresh_prefix = ckpt.write(os.path.join(work_dir, "fresh", "model"))
@@ -270,7 +301,7 @@ def restore_grown(model, previous_checkpoint: str, vocab_sizes, work_dir: str) -
         if action == NEW:
             value = fresh.get_tensor(key)
             if f"/{KEEP_MASK}/" in key:
-                value = _kept_ids(value, key, prev, plan, fresh_shapes)
+                value = _kept_ids(value, key, prev, plan, fresh_shapes, total_keep)
             summary["from_new"].append(key)
         elif action == COPY:
             value = prev.get_tensor(key)
@@ -288,15 +319,24 @@ def restore_grown(model, previous_checkpoint: str, vocab_sizes, work_dir: str) -
     return summary
 
 
-def _kept_ids(mask: np.ndarray, key: str, prev, plan: dict, fresh_shapes: dict) -> np.ndarray:
+def _kept_ids(mask: np.ndarray, key: str, prev, plan: dict, fresh_shapes: dict,
+              total_keep=None) -> np.ndarray:
     """The ID keep mask of the update (float32 [V], 1 = the item's ID row is used): the new
     artifacts' mask (from their item counts), with every old item whose ID row was in use
     before kept in use, since a window without a click on an old item gives it count 0 and its
     trained row must not go dark. "Before" is the previous mask where there was one, else every
     old item (the previous model masked none); the old item count is then the previous first
     dimension of the tables grown to the mask's length V (the item ID table; V when the
-    catalogue did not grow)."""
+    catalogue did not grow). ``total_keep`` (float32 [V], :func:`total_keep_mask`; None: not
+    used) is OR-ed in: an item whose running total reaches ``model.min_id_clicks`` is used."""
     mask = np.array(mask, copy=True)
+    if total_keep is not None:
+        total_keep = np.asarray(total_keep, mask.dtype)
+        if total_keep.shape != mask.shape:
+            raise WarmStartError(f"cannot warm-start: the running click totals ({TOTALS_FILE}) "
+                                 f"cover {total_keep.shape[0] - 1} items, {key} "
+                                 f"{mask.shape[0] - 1}: the artifacts are inconsistent")
+        mask = np.maximum(mask, total_keep)
     if prev.has_tensor(key):
         old = prev.get_tensor(key)
         n = min(old.shape[0], mask.shape[0])
@@ -334,7 +374,8 @@ def warm_start(model, cfg: Config, run_dir: str, vocab_sizes, log=print) -> dict
     work_dir = tempfile.mkdtemp(prefix=".warm_start-", dir=run_dir)
     try:
         summary = restore_grown(model, os.path.join(previous_run, CHECKPOINT), vocab_sizes,
-                                work_dir)
+                                work_dir, total_keep_mask(cfg.artifacts_dir,
+                                                          cfg.model.min_id_clicks))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     summary["from"] = os.path.abspath(previous_run)

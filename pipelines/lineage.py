@@ -35,6 +35,21 @@ modes wrote the same files), another set of vocabulary fields (schema), and a vo
 with a repeated line. After the job, :func:`check_item_rows` refuses a previous item that left
 the item file (it would keep its line without an ``items.jsonl`` row).
 
+**Running click totals** (``item_id_counts_total.txt`` at the folder's root, grown folders only;
+:func:`write_running_totals`): line k = the training clicks of line k of ``vocab/item_id.txt``
+over every run of the lineage: the previous folder's total (its ``item_id_counts_total.txt``; for
+a generation-0 folder its ``vocab/item_id_counts.txt``, whose per-run counts are its total) plus
+this run's ``vocab/item_id_counts.txt``; a line appended by this run has this run's count. The
+warm start (:mod:`micrec_tf.warm_start`) masks ID rows by it at ``model.min_id_clicks`` > 1. A
+previous folder of generation >= 1 without the file (grown before it existed) or without item
+counts gives no total (the file is not written; the warm start then keeps today's rule). Outside
+``vocab/``, so the version id, the schema check and the append-only check do not see it (growing
+in place from the same clicks doubles the totals but changes no vocabulary byte).
+
+**stats.json ``item_vocabulary``** (written by every run since issue 29; :func:`read_previous`):
+the mode of a folder is ``lineage.json``'s, else stats.json's, else inferred as above (a folder
+written before the key).
+
 Local folders and any Beam filesystem (``gs://...``) are read through ``FileSystems``.
 """
 from __future__ import annotations
@@ -46,16 +61,20 @@ import os
 import posixpath
 
 import pipelines.common  # noqa: F401  (first: it makes Beam's import quiet)
-from micrec_tf.config import ConfigError
+from micrec_tf.config import ITEM_VOCABULARIES, ConfigError
 from micrec_tf.data.contract import vocab_names
 
 from apache_beam.io.filesystems import FileSystems  # noqa: E402  (after pipelines.common)
 
-__all__ = ["LINEAGE_FILE", "Previous", "PreviousArtifactsError", "check_item_rows",
-           "lineage_record", "read_previous", "vocab_version", "write_lineage"]
+__all__ = ["LINEAGE_FILE", "TOTALS_FILE", "Previous", "PreviousArtifactsError", "check_item_rows",
+           "lineage_record", "read_previous", "running_totals", "vocab_version", "write_lineage",
+           "write_running_totals"]
 
 LINEAGE_FILE = "lineage.json"
 _COUNTS_FILE = "item_id_counts.txt"  # pipelines.vocab.ITEM_COUNTS_FILE (vocab imports us)
+# Running training-click totals per vocab/item_id.txt line, at the root of a grown folder
+# (module doc); micrec_tf.warm_start.TOTALS_FILE reads it.
+TOTALS_FILE = "item_id_counts_total.txt"
 _KEY = "preprocess.previous_artifacts"
 
 
@@ -75,6 +94,8 @@ class Previous:
     vocabs: dict
     generation: int
     item_vocabulary: str | None  # None: a first-generation folder both modes would have written
+    # Running training clicks per item_id line (module doc), None when unknown.
+    item_totals: tuple | None = None
 
     def sizes(self) -> dict:
         return {f: len(v) + 1 for f, v in sorted(self.vocabs.items())}
@@ -169,6 +190,11 @@ def read_previous(path: str, cfg, adapter) -> Previous:
             raise _refuse(path, f"{LINEAGE_FILE} is not an object")
         generation = int(lineage.get("generation", 0))
         item_vocabulary = lineage.get("item_vocabulary")
+    elif "item_vocabulary" in stats:  # recorded since issue 29
+        item_vocabulary = stats["item_vocabulary"]
+        if item_vocabulary not in ITEM_VOCABULARIES:
+            raise _refuse(path, f"stats.json item_vocabulary must be one of "
+                                f"{list(ITEM_VOCABULARIES)}. Received: {item_vocabulary!r}")
     elif (stats.get("items") or 0) < (stats.get("items_in_table") or 0):
         # A first-generation folder: catalogue mode puts every item of the table in the
         # vocabulary, clicked mode only those with a training click (a count > 0 each).
@@ -180,7 +206,65 @@ def read_previous(path: str, cfg, adapter) -> Previous:
         raise _refuse(path, f"built with preprocess.item_vocabulary {item_vocabulary!r}, this "
                             f"run's is {want!r}")
     return Previous(path=path, version=vocab_version(path), vocabs=vocabs,
-                    generation=generation, item_vocabulary=item_vocabulary)
+                    generation=generation, item_vocabulary=item_vocabulary,
+                    item_totals=_previous_totals(path, files, generation,
+                                                 len(vocabs["item_id"])))
+
+
+def _read_counts(path: str, where: str, name: str, n: int) -> tuple:
+    """The ints >= 0 of a counts file, one a line; refused unless exactly ``n`` lines."""
+    try:
+        lines = _read(path).decode("utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise _refuse(where, f"cannot read {name}: {type(err).__name__}: "
+                             f"{err}".replace("\n", " ")) from None
+    if lines and lines[-1] == "":
+        lines.pop()
+    for k, v in enumerate(lines, 1):
+        if not v.isdigit():
+            raise _refuse(where, f"{name} line {k} is not a click count (an int >= 0). "
+                                 f"Received: {v!r}")
+    if len(lines) != n:
+        raise _refuse(where, f"{name} has {len(lines)} lines, vocab/item_id.txt {n}")
+    return tuple(int(v) for v in lines)
+
+
+def _previous_totals(path: str, files: dict, generation: int, n: int) -> tuple | None:
+    """The previous folder's running totals (module doc): its ``item_id_counts_total.txt``;
+    for generation 0 its ``vocab/item_id_counts.txt``; None when neither applies."""
+    totals_path = _join(path, TOTALS_FILE)
+    if FileSystems.exists(totals_path):
+        return _read_counts(totals_path, path, TOTALS_FILE, n)
+    if generation == 0 and _COUNTS_FILE in files:
+        return _read_counts(files[_COUNTS_FILE], path, "vocab/" + _COUNTS_FILE, n)
+    return None
+
+
+def running_totals(previous_totals, counts) -> list:
+    """``previous_totals[k] + counts[k]`` for the previous lines, then ``counts[k]`` for the
+    appended ones (ints; ``counts``: this run's clicks per line, at least as many lines)."""
+    previous_totals, counts = list(previous_totals), list(counts)
+    if len(counts) < len(previous_totals):
+        raise ValueError(f"counts must cover every previous line ({len(previous_totals)}). "
+                         f"Received: {len(counts)} lines")
+    return ([int(a) + int(b) for a, b in zip(previous_totals, counts)]
+            + [int(c) for c in counts[len(previous_totals):]])
+
+
+def write_running_totals(out_dir: str, previous: Previous) -> list | None:
+    """Writes ``<out_dir>/item_id_counts_total.txt`` (module doc) from this run's
+    ``vocab/item_id_counts.txt`` and ``previous.item_totals``; returns the totals, or None
+    (nothing written) when the previous totals are unknown."""
+    from pipelines.common import write_bytes
+
+    if previous.item_totals is None:
+        return None
+    n = _read(_join(out_dir, "vocab", "item_id.txt")).count(b"\n")
+    counts = _read_counts(_join(out_dir, "vocab", _COUNTS_FILE), out_dir,
+                          "vocab/" + _COUNTS_FILE, n)
+    totals = running_totals(previous.item_totals, counts)
+    write_bytes(_join(out_dir, TOTALS_FILE), "".join(f"{t}\n" for t in totals).encode("ascii"))
+    return totals
 
 
 def lineage_record(out_dir: str, previous: Previous, cfg, adapter) -> dict:

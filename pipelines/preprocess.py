@@ -281,6 +281,7 @@ def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) ->
     stats = {
         "name": cfg.name, "dataset": cfg.data.dataset, "adapter": getattr(adapter, "name", ""),
         "split": cfg.preprocess.split, "split_fractions": list(cfg.preprocess.split_fractions),
+        "item_vocabulary": cfg.preprocess.item_vocabulary,  # issue 29: read by pipelines.lineage
         "split_boundaries": {"valid_start": s.get("boundary.valid_start"),
                              "test_start": s.get("boundary.test_start")},
         "users": s.get("users", 0), "users_train": s.get("users.train", 0),
@@ -397,6 +398,7 @@ def _run_into(cfg: Config, options, adapter, data_dir: str, out_dir: str) -> dic
     stats = _finish(cfg, adapter, out_dir, time.time() - start, _dead_letter_counters(result))
     if previous is not None:
         lineage.check_item_rows(out_dir, previous)
+        lineage.write_running_totals(out_dir, previous)  # item_id_counts_total.txt (issue 29)
         lineage.write_lineage(out_dir, previous, cfg, adapter)
     return stats
 
