@@ -25,6 +25,12 @@ user tower, the index search: TF calls are not async), run in ONE worker thread:
   (``export.max_request_instances``) bounds the rows of each.
 * A caller cancelled while its item waits (a client that went away) is dropped when the batch is
   formed, never given to ``fn``; one cancelled after its batch left gets nothing.
+* Deadlines: ``await batcher.submit(item, deadline=t)`` (``t`` a :func:`time.monotonic` time)
+  raises :class:`DeadlineExceeded` at ``t`` if the item is still waiting then (it is taken out of
+  the queue, never given to ``fn``, and counted in ``stats()["expired"]``); the worker also drops
+  an item whose deadline passed when its batch is formed. An item whose batch left before ``t``
+  is answered normally (its work is under way). ``deadline=None`` (the default) is the old
+  behaviour: wait as long as it takes.
 * ``fn`` returning a list of the wrong length fails every item of that batch with a
   ``RuntimeError`` naming the batcher. Either way the worker keeps serving the next batch.
 * :meth:`stats` returns plain numbers for Prometheus (``/metrics``): batches run, items, rows,
@@ -72,17 +78,35 @@ class Closed(Exception):
     """The batcher is closing or closed: no new items. Answer 503 (this replica is going away)."""
 
 
+class DeadlineExceeded(Exception):
+    """The item's deadline passed while it waited in the queue: it was dropped, never run.
+
+    ``waited_s`` (float >= 0): how long it waited. The server answers 504 (docs/SERVING.md).
+    """
+
+    def __init__(self, waited_s: float, message: str = ""):
+        self.waited_s = float(waited_s)
+        super().__init__(message or f"deadline exceeded after {self.waited_s:.3f} s in the queue")
+
+
+# States of an entry (``_Entry.state``): waiting in the queue, taken into a batch, dropped at its
+# deadline.
+_QUEUED, _TAKEN, _EXPIRED = 0, 1, 2
+
+
 class _Entry:
     """One waiting item: its rows, when it was queued, and the future of the caller's loop."""
 
-    __slots__ = ("item", "rows", "queued_at", "loop", "future")
+    __slots__ = ("item", "rows", "queued_at", "loop", "future", "deadline", "state")
 
-    def __init__(self, item, rows: int, queued_at: float, loop, future):
+    def __init__(self, item, rows: int, queued_at: float, loop, future, deadline=None):
         self.item = item
         self.rows = rows
         self.queued_at = queued_at
         self.loop = loop
         self.future = future
+        self.deadline = deadline
+        self.state = _QUEUED
 
 
 def _set_result(future: asyncio.Future, value) -> None:
@@ -150,6 +174,7 @@ class MicroBatcher:
         self._failed_items = 0
         self._rejected = 0
         self._cancelled = 0
+        self._expired = 0
         self._max_depth = 0
         self._hist = [0] * (len(BATCH_SIZE_BUCKETS) + 1)   # non-cumulative, last = over the top
 
@@ -193,8 +218,18 @@ class MicroBatcher:
         batches_ahead = math.ceil(self._queued_rows / self.max_batch_size) or 1
         return max(MIN_RETRY_AFTER_S, batches_ahead * per_batch + self.max_wait_ms / 1000.0)
 
-    async def submit(self, item: Any) -> Any:
-        """``fn``'s result for ``item``; see the module docstring for what it raises."""
+    async def submit(self, item: Any, deadline: Optional[float] = None) -> Any:
+        """``fn``'s result for ``item``; see the module docstring for what it raises.
+
+        ``deadline``: a :func:`time.monotonic` time, or None (default, the old behaviour: no
+        deadline). Still queued at ``deadline``: :class:`DeadlineExceeded`, and ``fn`` never sees
+        the item.
+        """
+        if deadline is not None and (isinstance(deadline, bool)
+                                     or not isinstance(deadline, (int, float))
+                                     or not math.isfinite(deadline)):
+            raise ValueError(f"`deadline` must be a finite time.monotonic() value or None. "
+                             f"Received: deadline={deadline!r}")
         n = 1
         if self._rows is not None:
             n = self._rows(item)
@@ -212,11 +247,42 @@ class MicroBatcher:
                 raise Overloaded(self._retry_after_locked(),
                                  f"{self._label()}: {len(self._queue)} requests waiting "
                                  f"(max_queue={self.max_queue})")
-            self._queue.append(_Entry(item, n, time.monotonic(), loop, future))
+            entry = _Entry(item, n, time.monotonic(), loop, future, deadline)
+            self._queue.append(entry)
             self._queued_rows += n
             self._max_depth = max(self._max_depth, len(self._queue))
             self._cond.notify_all()
-        return await future
+        if deadline is None:
+            return await future
+        try:
+            await asyncio.wait((future,), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.CancelledError:
+            future.cancel()              # dropped when its batch is formed, as without deadline
+            raise
+        if not future.done():
+            with self._cond:
+                if entry.state == _QUEUED:           # still waiting: take it out, never run it
+                    self._queue.remove(entry)
+                    self._queued_rows -= entry.rows
+                    self._expire_locked(entry, set_future=False)
+                    raise DeadlineExceeded(time.monotonic() - entry.queued_at,
+                                           self._expired_message(entry))
+        return await future              # running (answered normally) or expired by the worker
+
+    def _expired_message(self, entry: _Entry) -> str:
+        return (f"{self._label()}: deadline exceeded after "
+                f"{time.monotonic() - entry.queued_at:.3f} s waiting in the queue")
+
+    def _expire_locked(self, entry: _Entry, set_future: bool) -> None:
+        entry.state = _EXPIRED
+        self._expired += 1
+        if set_future:
+            exc = DeadlineExceeded(time.monotonic() - entry.queued_at,
+                                   self._expired_message(entry))
+            try:
+                entry.loop.call_soon_threadsafe(_set_exception, entry.future, exc)
+            except RuntimeError:     # the caller's event loop is closed: nobody to answer
+                pass
 
     # ------------------------------------------------------------------ worker
     def _full_locked(self) -> bool:
@@ -225,6 +291,7 @@ class MicroBatcher:
     def _take_locked(self) -> list:
         """Pops the next batch: items in arrival order while their rows fit (the first always)."""
         batch, total = [], 0
+        now = None
         while self._queue:
             head = self._queue[0]
             if head.future.cancelled():          # the caller went away while waiting
@@ -232,10 +299,18 @@ class MicroBatcher:
                 self._queued_rows -= head.rows
                 self._cancelled += 1
                 continue
+            if head.deadline is not None:
+                now = time.monotonic() if now is None else now
+                if head.deadline <= now:         # its caller's timer has not fired yet
+                    self._queue.popleft()
+                    self._queued_rows -= head.rows
+                    self._expire_locked(head, set_future=True)
+                    continue
             if batch and total + head.rows > self.max_batch_size:
                 break
             self._queue.popleft()
             self._queued_rows -= head.rows
+            head.state = _TAKEN
             batch.append(head)
             total += head.rows
             if total >= self.max_batch_size:
@@ -259,7 +334,7 @@ class MicroBatcher:
                 batch = self._take_locked()
                 if batch:
                     return batch
-                # every waiting item was cancelled: wait again
+                # every waiting item was cancelled or expired: wait again
 
     def _work(self) -> None:
         while True:
@@ -306,7 +381,8 @@ class MicroBatcher:
         ``name``, ``max_batch_size``, ``max_wait_ms``, ``max_queue``; ``batches`` (fn calls),
         ``items`` and ``rows`` (run in them), ``failed_batches``/``failed_items`` (fn raised or
         returned the wrong length), ``rejected`` (:class:`Overloaded`), ``cancelled`` (dropped
-        before running), ``queue_depth``/``queue_rows`` (waiting now), ``max_queue_depth`` (the
+        before running), ``expired`` (:class:`DeadlineExceeded`: dropped at their deadline,
+        never run), ``queue_depth``/``queue_rows`` (waiting now), ``max_queue_depth`` (the
         most ever waiting, <= max_queue), ``batch_seconds_avg`` (moving average, 0.0 before the
         first batch), ``closed``; ``batch_size_buckets``: ``[(le, cumulative batches)]`` for
         ``le`` in :data:`BATCH_SIZE_BUCKETS` then ``"+Inf"`` (= ``batches``), and
@@ -323,6 +399,7 @@ class MicroBatcher:
                 "batches": self._batches, "items": self._items, "rows": self._rows_run,
                 "failed_batches": self._failed_batches, "failed_items": self._failed_items,
                 "rejected": self._rejected, "cancelled": self._cancelled,
+                "expired": self._expired,
                 "queue_depth": len(self._queue), "queue_rows": self._queued_rows,
                 "max_queue_depth": self._max_depth,
                 "batch_seconds_avg": self._batch_seconds or 0.0,

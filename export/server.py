@@ -28,7 +28,10 @@ Requests: bodies over ``export.serve_max_request_bytes`` get 413 before their JS
 body that does not fit (any :class:`export.rest.RequestError`, more than
 ``export.max_request_instances`` users, ``k`` outside 1..``export.serve_max_k``) gets 400 with
 ``{"error": "<one line>"}``; an unknown model name or version, or an unknown path, 404; a request
-before the first version is ready 503 with ``Retry-After``. A 5xx other than these 503s is a bug.
+before the first version is ready 503 with ``Retry-After``; with ``export.serve_request_timeout_s``
+> 0, a request still waiting in a micro-batcher queue that long after it arrived is dropped
+before it runs and answered 504 (:class:`export.batcher.DeadlineExceeded`). A 5xx other than
+these 503s and 504s is a bug.
 
 Versions: an :class:`export.versions.VersionManager` loads and warms the newest complete version
 in the background (``/readyz`` turns 200 after), then polls every ``export.serve_poll_s`` seconds
@@ -60,7 +63,7 @@ import numpy as np
 from micrec_tf import cli
 
 from export import rest, serving
-from export.batcher import Closed, MicroBatcher, Overloaded
+from export.batcher import Closed, DeadlineExceeded, MicroBatcher, Overloaded
 from export.versions import LoadedVersion, NoLoadableVersionError, VersionManager
 
 # Top-level keys of a :retrieve body besides TF Serving's own.
@@ -119,13 +122,17 @@ class Batching:
     max_batch_size: int = 256
     max_wait_ms: float = 2.0
     max_queue: int = 512
+    # Seconds from a request's arrival after which it is dropped if still queued (504); 0: no
+    # deadline (the old behaviour). export.serve_request_timeout_s.
+    request_timeout_s: float = 0.0
 
     @classmethod
     def from_config(cls, export_cfg) -> "Batching | None":
         if export_cfg.serve_max_batch_size == 0:
             return None
         return cls(export_cfg.serve_max_batch_size, float(export_cfg.serve_max_wait_ms),
-                   export_cfg.serve_max_queue)
+                   export_cfg.serve_max_queue,
+                   float(getattr(export_cfg, "serve_request_timeout_s", 0.0)))
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -325,6 +332,8 @@ class _BatcherCollector:
                                  labels=["stage"])
         rejected = CounterMetricFamily("micrec_rejected", "Requests refused with 503 because "
                                        "the queue was full", labels=["stage"])
+        expired = CounterMetricFamily("micrec_expired", "Requests dropped from the queue at "
+                                      "their deadline (504), never run", labels=["stage"])
         sizes = HistogramMetricFamily("micrec_stage_batch_size", "Users per micro-batch",
                                       labels=["stage"])
         for stage, batcher in self.batchers.items():
@@ -332,10 +341,11 @@ class _BatcherCollector:
             depth.add_metric([stage], st["queue_depth"])
             high.add_metric([stage], st["max_queue_depth"])
             rejected.add_metric([stage], st["rejected"])
+            expired.add_metric([stage], st.get("expired", 0))
             sizes.add_metric([stage], [(le if le == "+Inf" else str(float(le)), count)
                                        for le, count in st["batch_size_buckets"]],
                              st["batch_size_sum"])
-        yield from (depth, high, rejected, sizes)
+        yield from (depth, high, rejected, expired, sizes)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -413,6 +423,7 @@ class Service:
         self.metrics = Metrics(model_name)
         self.load_error: str | None = None
         self.batchers: dict = {}
+        self.request_timeout_s = batching.request_timeout_s if batching is not None else 0.0
         if batching is not None:
             self.batchers = {
                 "user_tower": MicroBatcher(self._tower_batch, batching.max_batch_size,
@@ -540,12 +551,14 @@ class Service:
                 raise NotFound(f"unknown verb :{verb} (this service has :predict and :retrieve)"
                                if verb else "POST needs a verb, e.g. /v1/models/"
                                f"{self.model_name}:predict")
+            deadline = (time.monotonic() + self.request_timeout_s
+                        if self.request_timeout_s > 0 else None)
             self._check_ready()
             body = await _read_body(request, self.limits.max_bytes)
             with self._serving(version) as v:
                 if verb == "predict":
-                    return await self._predict(v, body)
-                return await self._retrieve(v, body)
+                    return await self._predict(v, body, deadline)
+                return await self._retrieve(v, body, deadline)
         except Unavailable as err:
             return _error(503, str(err), retry=True)
         except NotFound as err:
@@ -558,6 +571,9 @@ class Service:
             return _error(503, str(err), retry=err.retry_after_header())
         except Closed as err:  # shutting down
             return _error(503, str(err), retry=True)
+        except DeadlineExceeded as err:  # queued past export.serve_request_timeout_s, not run
+            return _error(504, f"{err} (export.serve_request_timeout_s="
+                          f"{self.request_timeout_s:g})")
         except Exception as err:  # noqa: BLE001 - a bug: logged with its traceback, 500
             self._log(f"[server] internal error on {path[:200]}: "
                       + "".join(traceback.format_exception(err)))
@@ -598,14 +614,14 @@ class Service:
                                                 "version": str(v.version)},
                                  "metadata": {"signature_def": sigs}})
 
-    async def _predict(self, v: LoadedVersion, body: bytes):
+    async def _predict(self, v: LoadedVersion, body: bytes, deadline: float | None = None):
         from starlette.responses import JSONResponse
 
         tensors, fmt = await asyncio.to_thread(parse_predict_request, body, v.specs, self.limits)
-        outputs = await self._tower(v, tensors)
+        outputs = await self._tower(v, tensors, deadline)
         return JSONResponse(rest.format_response(outputs, fmt))
 
-    async def _retrieve(self, v: LoadedVersion, body: bytes):
+    async def _retrieve(self, v: LoadedVersion, body: bytes, deadline: float | None = None):
         from starlette.responses import JSONResponse
 
         dim = int(v.retriever.vectors.shape[1])
@@ -613,8 +629,8 @@ class Service:
                                       v.retriever.top_k, self.limits)
         vectors = req.vectors
         if vectors is None:
-            vectors = (await self._tower(v, req.columns))[serving.OUTPUT_NAME]
-        ids, scores = await self._search(v, vectors, req)
+            vectors = (await self._tower(v, req.columns, deadline))[serving.OUTPUT_NAME]
+        ids, scores = await self._search(v, vectors, req, deadline)
         out_ids, out_scores = [], []
         for row_ids, row_scores in zip(ids, scores):
             keep = [i for i, item in enumerate(row_ids) if item != ""]
@@ -624,21 +640,24 @@ class Service:
                              "scores": out_scores})
 
     # ------------------------------------------------------------------ tower and search
-    async def _tower(self, v: LoadedVersion, tensors: dict) -> dict:
+    async def _tower(self, v: LoadedVersion, tensors: dict, deadline: float | None = None) -> dict:
         """The signature's outputs ``{name: ndarray [B, ...]}`` for one request's tensors: through
-        the tower batcher, or alone in a worker thread."""
+        the tower batcher (dropped if still queued at ``deadline``), or alone in a worker
+        thread."""
         n = len(tensors[serving.HISTORY_INPUT])
         if "user_tower" in self.batchers:
-            return await self.batchers["user_tower"].submit((v, n, tensors))
+            return await self.batchers["user_tower"].submit((v, n, tensors), deadline=deadline)
         return await asyncio.to_thread(self._tower_outputs, v, tensors)
 
-    async def _search(self, v: LoadedVersion, vectors: np.ndarray, req: RetrieveRequest):
+    async def _search(self, v: LoadedVersion, vectors: np.ndarray, req: RetrieveRequest,
+                      deadline: float | None = None):
         """``(ids [B, k], scores [B, k])`` of :meth:`micrec_tf.retrieval.Retriever.search`."""
         exclude = req.exclude
         if exclude == "history":
             exclude = [[h for h in row if h] for row in req.columns[serving.HISTORY_INPUT]]
         if "search" in self.batchers:
-            return await self.batchers["search"].submit((v, len(vectors), vectors, req.k, exclude))
+            return await self.batchers["search"].submit((v, len(vectors), vectors, req.k, exclude),
+                                                        deadline=deadline)
         return await asyncio.to_thread(v.retriever.search, vectors, req.k, exclude)
 
     def _tower_outputs(self, v: LoadedVersion, tensors: dict) -> dict:

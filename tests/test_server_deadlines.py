@@ -1,0 +1,245 @@
+"""Per-request deadlines: ``MicroBatcher.submit(item, deadline=t)`` and the server's
+``export.serve_request_timeout_s`` (504 for a request still queued at its deadline).
+
+Fast (no TensorFlow): the batcher with a recording ``fn`` held on a gate, so which items are
+queued when a deadline passes is fixed by the test, never by timing: an item queued past its
+deadline raises ``DeadlineExceeded``, is never given to ``fn`` (the recorded calls are the
+reference) and frees its queue slot; an item already running is answered; the worker drops an
+item whose deadline passed when it forms the batch (its caller's loop held busy); config
+default and validation. The only clock reads wait until a deadline has passed (``until``), no
+assertion is about elapsed time.
+
+Slow: a real ``python -m export.server`` over tests/test_server.py's tiny export with
+``serve_request_timeout_s=2``, ``serve_max_batch_size=2`` and a 10-minute batching window: a
+lone request never gets company, so it is still queued at its deadline: 504 with a one-line JSON
+error naming the key, on ``:predict`` and ``:retrieve``; two concurrent requests fill a batch and
+run at once: 200, equal to the brute-force answer; ``micrec_expired_total`` counts the two 504s.
+"""
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from export.batcher import DeadlineExceeded, MicroBatcher, Overloaded
+
+LONG_WAIT_MS = 600_000.0
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+class Recorder:
+    """``fn``: records each batch, item -> item * 10; the first call waits on ``gate``."""
+
+    def __init__(self):
+        self.calls = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def __call__(self, items):
+        self.calls.append(list(items))
+        self.started.set()
+        assert self.gate.wait(30), "gate never opened"
+        return [x * 10 for x in items]
+
+
+async def until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.002)
+
+
+def test_an_item_queued_past_its_deadline_is_dropped_and_frees_its_slot():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0, max_queue=3, name="tower")
+        b.start()
+        running = asyncio.ensure_future(b.submit(0))               # held inside fn
+        await asyncio.to_thread(rec.started.wait, 30)
+        soon = time.monotonic() + 0.05
+        late = asyncio.ensure_future(b.submit(1, deadline=soon))
+        plain = asyncio.ensure_future(b.submit(2))                 # no deadline
+        far = asyncio.ensure_future(b.submit(3, deadline=time.monotonic() + 600))
+        await until(lambda: b.stats()["queue_depth"] == 3)
+        with pytest.raises(Overloaded):                            # the queue is full
+            await b.submit(4)
+        with pytest.raises(DeadlineExceeded, match="'tower': deadline exceeded") as err:
+            await late
+        assert err.value.waited_s > 0
+        depth_after = b.stats()["queue_depth"]
+        again = asyncio.ensure_future(b.submit(5))                 # the freed slot
+        await until(lambda: b.stats()["queue_depth"] == 3)
+        rec.gate.set()
+        got = await asyncio.gather(running, plain, far, again)
+        await b.close()
+        return got, depth_after, b.stats()
+
+    got, depth_after, stats = run(main())
+    assert got == [0, 20, 30, 50]
+    assert depth_after == 2
+    assert rec.calls == [[0], [2, 3, 5]]                           # 1 never ran
+    assert stats["expired"] == 1 and stats["rejected"] == 1 and stats["items"] == 4
+    assert stats["queue_depth"] == 0 and stats["queue_rows"] == 0
+
+
+def test_an_item_already_running_at_its_deadline_is_answered():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0, max_queue=3)
+        b.start()
+        deadline = time.monotonic() + 0.05
+        task = asyncio.ensure_future(b.submit(7, deadline=deadline))
+        await asyncio.to_thread(rec.started.wait, 30)              # taken into a batch
+        await until(lambda: time.monotonic() > deadline + 0.05)
+        rec.gate.set()
+        got = await task
+        await b.close()
+        return got, b.stats()
+
+    got, stats = run(main())
+    assert got == 70 and rec.calls == [[7]] and stats["expired"] == 0
+
+
+def test_the_worker_drops_an_item_whose_deadline_passed_while_its_loop_was_busy():
+    """The caller's event loop (another thread) is blocked, so its own timer cannot fire: the
+    worker sees the passed deadline when it forms the next batch and fails the item itself."""
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0, max_queue=3)
+    b.start()
+    queued, release, outcome = threading.Event(), threading.Event(), {}
+    deadline = [None]
+
+    def caller():
+        async def main():
+            deadline[0] = time.monotonic() + 0.05
+            task = asyncio.ensure_future(b.submit(1, deadline=deadline[0]))
+            await asyncio.sleep(0)                                  # queued, waiting
+            queued.set()
+            assert release.wait(30)                                 # the loop is blocked
+            try:
+                outcome["result"] = await task
+            except DeadlineExceeded as err:
+                outcome["error"] = err
+        asyncio.run(asyncio.wait_for(main(), 60))
+
+    async def main():
+        running = asyncio.ensure_future(b.submit(0))
+        await asyncio.to_thread(rec.started.wait, 30)
+        thread = threading.Thread(target=caller, daemon=True)
+        thread.start()
+        await asyncio.to_thread(queued.wait, 30)
+        await until(lambda: time.monotonic() > deadline[0] + 0.05)
+        rec.gate.set()                                              # next batch: item 1 expired
+        await until(lambda: b.stats()["expired"] == 1)
+        release.set()
+        await asyncio.to_thread(thread.join, 30)
+        got = await running
+        await b.close()
+        return got, b.stats()
+
+    got, stats = run(main())
+    assert got == 0 and rec.calls == [[0]]
+    assert isinstance(outcome.get("error"), DeadlineExceeded), outcome
+    assert stats["expired"] == 1 and stats["items"] == 1 and stats["queue_depth"] == 0
+
+
+def test_a_cancelled_caller_with_a_deadline_is_dropped_as_cancelled():
+    rec = Recorder()
+
+    async def main():
+        b = MicroBatcher(rec, max_batch_size=4, max_wait_ms=0, max_queue=3)
+        b.start()
+        running = asyncio.ensure_future(b.submit(0))
+        await asyncio.to_thread(rec.started.wait, 30)
+        gone = asyncio.ensure_future(b.submit(1, deadline=time.monotonic() + 600))
+        kept = asyncio.ensure_future(b.submit(2, deadline=time.monotonic() + 600))
+        await until(lambda: b.stats()["queue_depth"] == 2)
+        gone.cancel()
+        await asyncio.sleep(0)
+        rec.gate.set()
+        got = await asyncio.gather(running, kept)
+        await b.close()
+        return got, b.stats()
+
+    got, stats = run(main())
+    assert got == [0, 20] and rec.calls == [[0], [2]]
+    assert stats["cancelled"] == 1 and stats["expired"] == 0
+
+
+def test_deadline_argument_is_checked():
+    async def main():
+        b = MicroBatcher(lambda xs: xs, 1, 0, 1)
+        b.start()
+        for bad in ("soon", float("nan"), True):
+            with pytest.raises(ValueError, match="`deadline` must be .* Received: deadline="):
+                await b.submit(1, deadline=bad)
+        assert await b.submit(1, deadline=None) == 1
+        await b.close()
+        return b.stats()
+
+    assert run(main())["items"] == 1
+
+
+def test_serve_request_timeout_default_and_validation():
+    from export import server
+    from micrec_tf.config import ConfigError, from_dict
+
+    cfg = from_dict({})
+    assert cfg.export.serve_request_timeout_s == 0.0
+    assert server.Batching.from_config(cfg.export).request_timeout_s == 0.0
+    assert server.Batching().request_timeout_s == 0.0
+    cfg = from_dict({"export": {"serve_request_timeout_s": 2.5}})
+    assert server.Batching.from_config(cfg.export).request_timeout_s == 2.5
+    with pytest.raises(ConfigError, match=r"^export.serve_request_timeout_s must be >= 0, got -1"):
+        from_dict({"export": {"serve_request_timeout_s": -1}})
+
+
+# ----------------------------------------------------------------------------- slow: a real server
+@pytest.mark.slow
+def test_requests_queued_past_the_deadline_get_504_and_full_batches_200(tmp_path):
+    from test_server import Server, _brute_force, _samples, make_export
+
+    root = tmp_path / "exports" / "tiny"
+    root.mkdir(parents=True)
+    vdir = make_export(str(root), 100)
+    items = np.load(f"{vdir}/item_embeddings/embeddings.npy")
+    srv = Server(str(tmp_path), str(root), "export.serve_request_timeout_s=2",
+                 "export.serve_max_batch_size=2", f"export.serve_max_wait_ms={LONG_WAIT_MS}")
+    row = {"gender": "F", "age": "25", "region": "r1", "history": ["i1", ""]}
+    try:
+        srv.wait_ready()
+        answers = {}
+        for verb in ("predict", "retrieve"):                       # alone: never gets company
+            status, headers, data = srv.request("POST", f"/v1/models/user_tower:{verb}",
+                                                {"instances": [row], "k": 3}
+                                                if verb == "retrieve" else {"instances": [row]})
+            answers[verb] = (status, headers, data)
+        with ThreadPoolExecutor(2) as pool:                        # together: a full batch
+            pair = list(pool.map(lambda v: srv.json(
+                "POST", "/v1/models/user_tower:retrieve",
+                {"user_vector": v, "k": 3}), [[1.0, 0, 0, 0], [0, -1.0, 0, 0]]))
+        metrics = _samples(srv.request("GET", "/metrics")[2].decode())
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.stderr()
+    for verb, (status, headers, data) in answers.items():
+        assert status == 504, (verb, status, data)
+        text = data.decode()
+        assert "\n" not in text.strip() and list(json.loads(text)) == ["error"]
+        message = json.loads(text)["error"]
+        assert "deadline exceeded" in message and "serve_request_timeout_s=2" in message
+    for vector, (status, got) in zip([[1.0, 0, 0, 0], [0, -1.0, 0, 0]], pair):
+        assert status == 200, got
+        want, _ = _brute_force([vector], items, 3, [[]])
+        assert got["ids"] == want
+    tower, search = (("stage", "user_tower"),), (("stage", "search"),)
+    assert metrics[("micrec_expired_total", tower)] == 2
+    assert metrics[("micrec_expired_total", search)] == 0
+    assert metrics[("micrec_requests_total", (("code", "504"), ("endpoint", "predict")))] == 1
+    assert metrics[("micrec_requests_total", (("code", "504"), ("endpoint", "retrieve")))] == 1
