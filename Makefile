@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 GPU ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install preprocess train export update serve test test-fast bench reproduce clean
+.PHONY: install preprocess train export update serve serve-bench test test-fast bench reproduce clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ HOST ?=
 PORT ?=
 serve: install
 	$(PY) -m export.server --config $(CONFIG) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+
+# The serving benchmark (issue 30, benchmarks/serve_bench.py, docs/BENCHMARKS.md "Serving"):
+# serve_load at concurrency 1, 8, 32 (+ the in-process Retriever) then a swap under load
+# (benchmarks/serve_swap.py), over a scratch copy of EXPORT (default exports/<name>; never
+# written). Writes serve_bench.json and serve_bench.md.
+EXPORT ?=
+serve-bench: install
+	$(PY) -m benchmarks.serve_bench --config $(CONFIG) $(if $(EXPORT),--export-dir $(EXPORT))
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
