@@ -53,6 +53,20 @@ artifacts, window folders and exports live under ``--scratch`` (default
 ``<runs_dir>/<name>-rolling``, not committed). Writes ``docs/results/<name>-rolling.md`` and
 ``.json``; ``--cached-only`` writes what is cached, marked partial.
 
+**Items that arrive over time** (``item_published.tsv`` in the data folder, written by the
+synthetic generator at ``data.synthetic.arrival: news``; :func:`read_published`). When the file
+is there (automatic; ``--all-items`` or ``published_filter=False`` turns it off) every window
+folder's item file holds only the items published before the folder's **catalogue cut**: the
+first click of the segment after the folder's last one (``upto-k`` and ``pair-(k-1)``, whose
+last segment k is step k-1's evaluation window: boundary k; for k = W one second after the last
+click). So an item not yet published is no catalogue row at that step, every item clicked in the
+folder is (no click precedes its item's publication), and each later step's catalogue is a
+superset: the update's append-only vocabularies append the newly published items
+(:func:`prepare_folders`). Units run this way carry ``"items": "published"`` in their cache
+signature. Without the file (ml-1m, every other dataset) the item files are links, as before.
+A ``synthetic`` config is generated first (``ensure_generated``) and its runs read the window
+folders as ``canonical`` data (else the preprocess would generate into them).
+
 Nothing else imports this module; no default behaviour changes.
 """
 from __future__ import annotations
@@ -75,7 +89,7 @@ from experiments.report import names_arg, write_report
 from experiments.run_cache import run_signature, slug
 
 __all__ = ["Cut", "cut_windows", "new_items", "step_fractions", "remap_arrays", "Steps",
-           "run_rolling", "choose_lr", "ratio", "MODELS"]
+           "run_rolling", "choose_lr", "ratio", "MODELS", "read_published", "catalogue_cuts"]
 
 ICAN, FINAL = "ICAN", "MicRec (final)"
 MODELS = {ICAN: {"model.name": "ican", "model.cl": []},
@@ -85,6 +99,8 @@ INITIAL_FRACTION = 0.5
 VALID_FRACTION = 0.1
 # Set by the driver for every run: the protocol's split and whole-catalogue item vocabularies.
 PROTOCOL = {"preprocess.split": "global_time", "preprocess.item_vocabulary": "catalogue"}
+# Publication times of the items (micrec_tf.data.synthetic.PUBLISHED_FILE): item_id, published.
+PUBLISHED_FILE = "item_published.tsv"
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,9 +238,63 @@ def read_raw_clicks(adapter, data_dir: str) -> tuple:
     return header, rows
 
 
-def write_data_folder(dst: str, header, lines, adapter, data_dir: str) -> None:
+def read_published(data_dir: str) -> dict | None:
+    """``{raw item id: publication Unix second}`` of ``<data_dir>/item_published.tsv`` (a header
+    line ``item_id<TAB>published``, then one item a line); None when the file is absent. A bad
+    line is a one-line ``UsageError`` naming ``file:line``."""
+    path = os.path.join(data_dir, PUBLISHED_FILE)
+    if not os.path.exists(path):
+        return None
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            fields = line.rstrip("\n").split("\t")
+            if n == 1 and fields == ["item_id", "published"]:
+                continue
+            if len(fields) != 2 or not fields[0] or not fields[1].lstrip("-").isdigit() \
+                    or fields[0] in out:
+                raise cli.UsageError(f"{path}:{n}: expected a new item id and its publication "
+                                     f"time (Unix seconds). Received: {line.rstrip()!r}")
+            out[fields[0]] = int(fields[1])
+    return out
+
+
+def catalogue_cuts(cut: Cut, last_timestamp: int) -> dict:
+    """``{k: t}``, k = 1..W: a folder whose last segment is k (``upto-k``, ``pair-(k-1)``) holds
+    the items published before t: boundary k (the first click of segment k + 1) for k < W,
+    ``last_timestamp + 1`` for k = W."""
+    return {k: (cut.boundaries[k] if k < cut.windows else int(last_timestamp) + 1)
+            for k in range(1, cut.windows + 1)}
+
+
+def _published_item_lines(path: str, adapter, published: dict, before: int) -> list:
+    """The lines of one item file whose item was published before ``before``; lines that hold
+    no item (header, blank, unparseable: the preprocess's dead letters) are kept as they are.
+    An item without a publication time is refused (one line)."""
+    from micrec_tf.data.schema import RowError
+
+    keep = []
+    with _open_text(path, adapter.item_files.encoding) as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                parsed = adapter.parse_item(line)
+            except RowError:
+                parsed = []
+            missing = [it.item_id for it in parsed if it.item_id not in published]
+            if missing:
+                raise cli.UsageError(f"{path}:{n}: item {missing[0]!r} has no publication time "
+                                     f"in {PUBLISHED_FILE}")
+            if all(published[it.item_id] < before for it in parsed):
+                keep.append(line if line.endswith("\n") else line + "\n")
+    return keep
+
+
+def write_data_folder(dst: str, header, lines, adapter, data_dir: str, published=None,
+                      before=None) -> None:
     """A raw-data folder: ``lines`` (with ``header`` first) as one interaction file named after
-    the first source file (``.gz`` dropped), and links to the item and user files."""
+    the first source file (``.gz`` dropped), and links to the item and user files. With
+    ``published`` (:func:`read_published`) the item files are copies (``.gz`` dropped) holding
+    the items published before ``before`` only (:func:`_published_item_lines`)."""
     src = adapter.interaction_files.paths(data_dir)[0]
     name = os.path.basename(src)[:-3] if src.endswith(".gz") else os.path.basename(src)
     tmp = dst + ".tmp"
@@ -236,7 +306,14 @@ def write_data_folder(dst: str, header, lines, adapter, data_dir: str) -> None:
         fh.writelines(lines)
     for files in (adapter.item_files, adapter.user_files):
         for path in files.paths(data_dir):
-            os.symlink(os.path.abspath(path), os.path.join(tmp, os.path.basename(path)))
+            base = os.path.basename(path)
+            if published is not None and files is adapter.item_files:
+                base = base[:-3] if base.endswith(".gz") else base
+                with open(os.path.join(tmp, base), "w", encoding=files.encoding,
+                          newline="") as fh:
+                    fh.writelines(_published_item_lines(path, adapter, published, before))
+                continue
+            os.symlink(os.path.abspath(path), os.path.join(tmp, base))
     if adapter.interaction_files.paths(tmp) != [os.path.join(tmp, name)]:
         raise cli.UsageError(f"the window file {name!r} does not match the adapter's patterns "
                              f"{list(adapter.interaction_files.patterns)}")
@@ -244,30 +321,42 @@ def write_data_folder(dst: str, header, lines, adapter, data_dir: str) -> None:
     os.replace(tmp, dst)
 
 
-def prepare_folders(header, rows, cut: Cut, adapter, data_dir: str, scratch: str) -> dict:
+def prepare_folders(header, rows, cut: Cut, adapter, data_dir: str, scratch: str,
+                    published=None) -> dict:
     """Writes (once per cut) ``upto-<k>`` (segments 0..k, k = 1..W: step k - 1's full retrain
     and evaluation data) and ``pair-<k>`` (segments k and k + 1, k = 1..W-1: update k's window
-    folder) under ``<scratch>/data``; returns ``{"upto": {k: dir}, "pair": {k: dir}}``."""
+    folder) under ``<scratch>/data``; returns ``{"upto": {k: dir}, "pair": {k: dir}}``.
+    ``published`` (:func:`read_published`; None: item files linked, as before): each folder's
+    item files hold the items published before its :func:`catalogue_cuts` time."""
     root = os.path.join(scratch, "data")
     stamp = os.path.join(root, "cut.json")
     folders = {"upto": {k: os.path.join(root, f"upto-{k:02d}") for k in
                         range(1, cut.windows + 1)},
                "pair": {k: os.path.join(root, f"pair-{k:02d}") for k in range(1, cut.windows)}}
+    cuts = (catalogue_cuts(cut, max(c.timestamp for _, c in rows))
+            if published is not None else None)
+    summary = cut.summary()
+    if cuts is not None:  # (the stamp of a run without the filter is the cut alone, as before)
+        summary["items_published_before"] = [cuts[k] for k in sorted(cuts)]
     if os.path.exists(stamp):
         with open(stamp) as fh:
-            if json.load(fh) == cut.summary():
+            if json.load(fh) == summary:
                 return folders
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(root)
     seg = [cut.segment(c.timestamp) for _, c in rows]
+
+    def before(k):
+        return None if cuts is None else cuts[k]
+
     for k, d in folders["upto"].items():
         write_data_folder(d, header, [ln for (ln, _), s in zip(rows, seg) if s <= k], adapter,
-                          data_dir)
+                          data_dir, published, before(k))
     for k, d in folders["pair"].items():
         write_data_folder(d, header, [ln for (ln, _), s in zip(rows, seg) if s in (k, k + 1)],
-                          adapter, data_dir)
+                          adapter, data_dir, published, before(k + 1))
     with open(stamp, "w") as fh:
-        json.dump(cut.summary(), fh)
+        json.dump(summary, fh)
     return folders
 
 
@@ -470,9 +559,12 @@ def _lr_tag(lr) -> str:
 
 def run_rolling(cfg: Config, windows: int = 10, seeds: int = 1, models=None, lr_grid=LR_GRID,
                 out_dir: str = "docs/results", scratch: str | None = None, cached_only=False,
-                steps: Steps | None = None, command: str = "", log=print) -> str:
+                steps: Steps | None = None, command: str = "", log=print,
+                published_filter: bool | None = None) -> str:
     """Runs (cached) the protocol for each model and seed and writes the report; returns the
-    markdown path. ``steps``: the runs (default :class:`Steps`)."""
+    markdown path. ``steps``: the runs (default :class:`Steps`). ``published_filter``: None
+    (default) filters the item files by ``item_published.tsv`` when the data folder has one
+    (module doc), False never (the run of before), True requires the file."""
     from micrec_tf.data.adapters import get_adapter
 
     start = time.time()
@@ -483,21 +575,33 @@ def run_rolling(cfg: Config, windows: int = 10, seeds: int = 1, models=None, lr_
     base = cfg.replace({**PROTOCOL, "artifacts_root": os.path.join(scratch, "artifacts"),
                         "train.runs_dir": os.path.join(scratch, "runs"),
                         "export.exports_dir": os.path.join(scratch, "exports")})
+    if cfg.data.dataset == "synthetic":  # generated once here; the steps read window folders
+        from micrec_tf.data.synthetic import ensure_generated
+
+        ensure_generated(cfg)
+        base = base.replace({"data.dataset": "canonical"})
     adapter = get_adapter(cfg.data)
+    published = None if published_filter is False else read_published(cfg.data.data_dir)
+    if published_filter and published is None:
+        raise cli.UsageError(f"no {PUBLISHED_FILE} under {cfg.data.data_dir!r} to filter the "
+                             f"item files by (generate with data.synthetic.arrival: news)")
     header, rows = read_raw_clicks(adapter, cfg.data.data_dir)
     cut = cut_windows([c.timestamp for _, c in rows], windows)
     clicks = [(c.timestamp, c.item_id) for _, c in rows]
     new = {s: new_items(clicks, cut, s + 1) for s in range(windows)}
     folders = (None if cached_only else
-               prepare_folders(header, rows, cut, adapter, cfg.data.data_dir, scratch))
+               prepare_folders(header, rows, cut, adapter, cfg.data.data_dir, scratch,
+                               published))
     cache = _Cache(os.path.join(out_dir, "runs", name), cached_only, log)
+    extra_sig = {} if published is None else {"items": "published"}
     results = {}
     for model in models:
         for seed in range(seeds):  # seed 0 first: the other seeds update at its choice
             chosen = results.get(model, {}).get(0, {}).get("lr")
             results.setdefault(model, {})[seed] = _run_model(
                 base, model, seed, cut, new, folders, cache, steps,
-                lr_grid if seed == 0 else ((chosen,) if chosen is not None else ()))
+                lr_grid if seed == 0 else ((chosen,) if chosen is not None else ()),
+                extra_sig)
     md, js = report(cfg, cut, new, results, lr_grid, cache, command, time.time() - start,
                     seeds)
     return write_report(out_dir, name, md, js, log, "rolling")
@@ -513,10 +617,11 @@ def _step_cfg(base: Config, model: str, seed: int, tag: str, data_dir: str, frac
     return base.replace(ov)
 
 
-def _run_model(base, model, seed, cut, new, folders, cache, steps, lr_grid) -> dict:
+def _run_model(base, model, seed, cut, new, folders, cache, steps, lr_grid,
+               extra_sig=None) -> dict:
     """One model and seed: {"initial", "full": {s}, "trials": {lr}, "lr", "inc": {s}}.
     ``lr_grid``: the update learning rates step 1 tries (seeds > 0: seed 0's choice alone, or
-    none while it is not chosen)."""
+    none while it is not chosen). ``extra_sig``: added to every unit's cache signature."""
     W = cut.windows
     key = f"{slug(model)}/seed{seed}"
     folder = (lambda kind, k: folders[kind][k]) if folders else (lambda kind, k: None)
@@ -526,7 +631,7 @@ def _run_model(base, model, seed, cut, new, folders, cache, steps, lr_grid) -> d
         config = run_signature(cfg)
         config.pop("artifacts_root", None)
         config.get("data", {}).pop("data_dir", None)
-        return {"config": config, "cut": cut.summary(), **extra}
+        return {"config": config, "cut": cut.summary(), **(extra_sig or {}), **extra}
 
     def evaluated(unit: dict, eval_artifacts: str, s: int) -> dict:
         unit = dict(unit)
@@ -719,6 +824,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: write a partial report of the cached units")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--all-items", action="store_true",
+                        help=f"link the whole item file into every window folder even when the "
+                             f"data has {PUBLISHED_FILE} (default: filter by publication)")
     args = parser.parse_args(argv)
     cfg = cli.load(args)
     models = names_arg(parser, args.models, MODELS, "model")
@@ -728,7 +836,8 @@ def main(argv=None) -> int:
         parser.error(f"--lr-grid must be comma-separated numbers, got {args.lr_grid!r}")
     run_rolling(cfg, args.windows, args.seeds, models, grid, args.out, args.scratch,
                 args.cached_only, command="python -m experiments.rolling " +
-                " ".join(argv if argv is not None else sys.argv[1:]))
+                " ".join(argv if argv is not None else sys.argv[1:]),
+                published_filter=False if args.all_items else None)
     return 0
 
 
