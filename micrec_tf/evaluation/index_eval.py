@@ -20,8 +20,9 @@
   search over the same user vectors, item vectors and exclusions; queries whose exact list is
   empty are left out) and ``exact_hit@N`` (the exact HIT@N on the recall queries).
 
-The queries are those of train's final evaluation: the split's clicks (``test``: a seeded subset
-of ``eval.test_max_examples`` with ``train.seed + 1``, and the ``long_tail`` slice; ``valid``: of
+The queries are those of the run's final evaluation, under the run's own config
+(``runs/<name>/config.yaml``): the split's clicks (``test``: a seeded subset of
+``eval.test_max_examples`` with ``train.seed + 1``, and the ``long_tail`` slice; ``valid``: of
 ``train.validation_max_examples`` with ``train.seed``), each user vector from the run's model
 restored from its checkpoint, ``eval.exclude_clicked`` as in training. Exact search at 1 M items
 costs minutes per 10 k queries: ``--recall-queries N`` measures the recall on a seeded subset of
@@ -212,6 +213,10 @@ def evaluate_export(cfg, run_dir: str | None = None, export_path: str | None = N
                     log=print) -> dict:
     """The metrics of ``split`` ranked as ``cfg.eval.search`` says (module docstring).
 
+    The queries and metrics follow the run's own config (``runs/<name>/config.yaml``: its
+    ``eval.*`` keys, ``train.seed``, ``train.validation_max_examples``), so that ``exact`` is its
+    final evaluation; ``cfg`` gives only ``eval.search`` and the default folders.
+
     ``run_dir`` (default ``cfg.run_dir``): the finished run whose model gives the user vectors;
     ``export_path`` (default ``cfg.export_dir``): an export root (``version``: default the newest)
     or a version folder, read only for ``eval.search: index``.
@@ -229,21 +234,22 @@ def evaluate_export(cfg, run_dir: str | None = None, export_path: str | None = N
     run_dir = run_dir or cfg.run_dir
     model, run_cfg, art = restore_model(run_dir)
     art_dir = run_cfg.artifacts_dir
+    ev, seed = run_cfg.eval, run_cfg.train.seed
     splits = {s: load_split_arrays(art_dir, s) for s in ("train", "valid", "test")}
     num_items = int(art.item_table.num_items)  # as train's evaluation
     if split == "test":
-        arrays = _subsample(splits["test"], cfg.eval.test_max_examples, cfg.train.seed + 1)
+        arrays = _subsample(splits["test"], ev.test_max_examples, seed + 1)
         tail = metrics.long_tail_items(train_item_counts(art_dir, splits["train"]))
         slices = {"long_tail": tail[arrays[ITEM]]}
     else:
-        arrays = _subsample(splits["valid"], cfg.train.validation_max_examples, cfg.train.seed)
+        arrays = _subsample(splits["valid"], run_cfg.train.validation_max_examples, seed)
         slices = None
     excl = (earlier_clicks_exclusion(arrays, list(splits.values()))
-            if cfg.eval.exclude_clicked else None)
+            if ev.exclude_clicked else None)
     start = time.time()
     if cfg.eval.search == "exact":
-        result = evaluate_model(model, arrays, num_items, cfg.eval.hit_n, cfg.eval.coverage_n,
-                                exclude=excl, batch_size=cfg.eval.batch_size, slices=slices)
+        result = evaluate_model(model, arrays, num_items, ev.hit_n, ev.coverage_n,
+                                exclude=excl, batch_size=ev.batch_size, slices=slices)
         result["search"] = "exact"
     else:
         export_path = export_path or cfg.export_dir
@@ -254,14 +260,14 @@ def evaluate_export(cfg, run_dir: str | None = None, export_path: str | None = N
         if items.shape[0] != num_items:
             raise ValueError(f"{vdir}: {items.shape[0] - 1} exported items, the run's catalogue "
                              f"has {num_items - 1}")
-        users = user_vectors(model, arrays, cfg.eval.batch_size)
+        users = user_vectors(model, arrays, ev.batch_size)
         rows = None
         if recall_queries and recall_queries < users.shape[0]:
-            rows = np.sort(np.random.default_rng(cfg.train.seed).choice(
+            rows = np.sort(np.random.default_rng(seed).choice(
                 users.shape[0], int(recall_queries), replace=False))
         result = evaluate_with_index(users, items, np.asarray(arrays[ITEM]), searcher, params,
-                                     cfg.eval.hit_n, cfg.eval.coverage_n, excl,
-                                     cfg.eval.batch_size, slices, rows)
+                                     ev.hit_n, ev.coverage_n, excl, ev.batch_size, slices,
+                                     rows)
         result.update(search="index", export_version_dir=vdir,
                       index_leaves_to_search=(params or {}).get("num_leaves_to_search"),
                       index_num_leaves=(params or {}).get("num_leaves"))
