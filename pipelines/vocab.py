@@ -17,9 +17,9 @@ vocabularies above, byte for byte): every value of the previous folder's ``vocab
 keeps its line, in every field; the values this run meets for the first time follow in the
 order above (training count descending, then value; with ``catalogue`` the new unclicked items
 last, by raw id) (:func:`append_order`). A previous value without a training click in this run
-keeps its line with count 0 (``item_id_counts.txt`` holds this run's clicks, not a running
-total). :mod:`pipelines.lineage` reads and checks the previous folder and writes
-``lineage.json``.
+keeps its line with count 0 (``item_id_counts.txt`` holds this run's clicks; the running total
+over the lineage is ``item_id_counts_total.txt`` at the folder's root). :mod:`pipelines.lineage`
+reads and checks the previous folder and writes ``lineage.json`` and the running total.
 
 Fields (:func:`micrec_tf.data.contract.vocab_names`): ``item_id``, ``tag``,
 ``provider``, ``user_id``, ``user_<field>`` per user field and ``item_<field>`` per item extra
