@@ -23,8 +23,10 @@ user tower, the index search: TF calls are not async), run in ONE worker thread:
   itself (e.g. ``np.concatenate`` of the instances, then splits the output by ``rows``).
   ``max_queue`` counts waiting items (requests), not rows; the request cap
   (``export.max_request_instances``) bounds the rows of each.
-* A caller cancelled while its item waits (a client that went away) is dropped when the batch is
-  formed, never given to ``fn``; one cancelled after its batch left gets nothing.
+* A caller cancelled while its item waits (a client that went away) is taken out of the queue at
+  once (its slot and rows freed) and never given to ``fn``; one cancelled after its batch left
+  gets nothing. (A future cancelled from outside the caller's task is dropped when the batch is
+  formed.)
 * Deadlines: ``await batcher.submit(item, deadline=t)`` (``t`` a :func:`time.monotonic` time)
   raises :class:`DeadlineExceeded` at ``t`` if the item is still waiting then (it is taken out of
   the queue, never given to ``fn``, and counted in ``stats()["expired"]``); the worker also drops
@@ -90,8 +92,8 @@ class DeadlineExceeded(Exception):
 
 
 # States of an entry (``_Entry.state``): waiting in the queue, taken into a batch, dropped at its
-# deadline.
-_QUEUED, _TAKEN, _EXPIRED = 0, 1, 2
+# deadline, dropped because its caller was cancelled.
+_QUEUED, _TAKEN, _EXPIRED, _CANCELLED = 0, 1, 2, 3
 
 
 class _Entry:
@@ -252,12 +254,18 @@ class MicroBatcher:
             self._queued_rows += n
             self._max_depth = max(self._max_depth, len(self._queue))
             self._cond.notify_all()
-        if deadline is None:
-            return await future
         try:
+            if deadline is None:
+                return await future
             await asyncio.wait((future,), timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.CancelledError:
-            future.cancel()              # dropped when its batch is formed, as without deadline
+            future.cancel()
+            with self._cond:
+                if entry.state == _QUEUED:           # the caller went away: free its slot now
+                    self._queue.remove(entry)
+                    self._queued_rows -= entry.rows
+                    entry.state = _CANCELLED
+                    self._cancelled += 1
             raise
         if not future.done():
             with self._cond:

@@ -30,8 +30,10 @@ body that does not fit (any :class:`export.rest.RequestError`, more than
 ``{"error": "<one line>"}``; an unknown model name or version, or an unknown path, 404; a request
 before the first version is ready 503 with ``Retry-After``; with ``export.serve_request_timeout_s``
 > 0, a request still waiting in a micro-batcher queue that long after it arrived is dropped
-before it runs and answered 504 (:class:`export.batcher.DeadlineExceeded`). A 5xx other than
-these 503s and 504s is a bug.
+before it runs and answered 504 (:class:`export.batcher.DeadlineExceeded`); with
+``export.serve_drop_disconnected``, one whose client disconnected while it waited is taken out of
+the queue and "answered" 499 (nobody reads it; the metrics count it). A 5xx other than these
+503s and 504s is a bug.
 
 Versions: an :class:`export.versions.VersionManager` loads and warms the newest complete version
 in the background (``/readyz`` turns 200 after), then polls every ``export.serve_poll_s`` seconds
@@ -86,6 +88,10 @@ class NotFound(Exception):
     """An unknown model name, version or verb (HTTP 404)."""
 
 
+class ClientGone(Exception):
+    """The client disconnected before its answer (``export.serve_drop_disconnected``): 499."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What one request may hold; :meth:`from_config` takes them from ``cfg.export``.
@@ -125,6 +131,9 @@ class Batching:
     # Seconds from a request's arrival after which it is dropped if still queued (504); 0: no
     # deadline (the old behaviour). export.serve_request_timeout_s.
     request_timeout_s: float = 0.0
+    # Drop a queued request whose client disconnected (499); False: run it anyway (the old
+    # behaviour). export.serve_drop_disconnected.
+    drop_disconnected: bool = False
 
     @classmethod
     def from_config(cls, export_cfg) -> "Batching | None":
@@ -132,7 +141,8 @@ class Batching:
             return None
         return cls(export_cfg.serve_max_batch_size, float(export_cfg.serve_max_wait_ms),
                    export_cfg.serve_max_queue,
-                   float(getattr(export_cfg, "serve_request_timeout_s", 0.0)))
+                   float(getattr(export_cfg, "serve_request_timeout_s", 0.0)),
+                   bool(getattr(export_cfg, "serve_drop_disconnected", False)))
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -334,6 +344,9 @@ class _BatcherCollector:
                                        "the queue was full", labels=["stage"])
         expired = CounterMetricFamily("micrec_expired", "Requests dropped from the queue at "
                                       "their deadline (504), never run", labels=["stage"])
+        cancelled = CounterMetricFamily("micrec_cancelled", "Requests dropped from the queue "
+                                        "because their caller went away, never run",
+                                        labels=["stage"])
         sizes = HistogramMetricFamily("micrec_stage_batch_size", "Users per micro-batch",
                                       labels=["stage"])
         for stage, batcher in self.batchers.items():
@@ -342,10 +355,11 @@ class _BatcherCollector:
             high.add_metric([stage], st["max_queue_depth"])
             rejected.add_metric([stage], st["rejected"])
             expired.add_metric([stage], st.get("expired", 0))
+            cancelled.add_metric([stage], st["cancelled"])
             sizes.add_metric([stage], [(le if le == "+Inf" else str(float(le)), count)
                                        for le, count in st["batch_size_buckets"]],
                              st["batch_size_sum"])
-        yield from (depth, high, rejected, expired, sizes)
+        yield from (depth, high, rejected, expired, cancelled, sizes)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -424,6 +438,7 @@ class Service:
         self.load_error: str | None = None
         self.batchers: dict = {}
         self.request_timeout_s = batching.request_timeout_s if batching is not None else 0.0
+        self.drop_disconnected = batching is not None and batching.drop_disconnected
         if batching is not None:
             self.batchers = {
                 "user_tower": MicroBatcher(self._tower_batch, batching.max_batch_size,
@@ -556,9 +571,11 @@ class Service:
             self._check_ready()
             body = await _read_body(request, self.limits.max_bytes)
             with self._serving(version) as v:
-                if verb == "predict":
-                    return await self._predict(v, body, deadline)
-                return await self._retrieve(v, body, deadline)
+                work = (self._predict(v, body, deadline) if verb == "predict"
+                        else self._retrieve(v, body, deadline))
+                if self.drop_disconnected:
+                    return await _unless_disconnected(work, request.receive)
+                return await work
         except Unavailable as err:
             return _error(503, str(err), retry=True)
         except NotFound as err:
@@ -571,6 +588,8 @@ class Service:
             return _error(503, str(err), retry=err.retry_after_header())
         except Closed as err:  # shutting down
             return _error(503, str(err), retry=True)
+        except ClientGone as err:  # nobody reads this answer; 499 is what the metrics count
+            return _error(499, str(err))
         except DeadlineExceeded as err:  # queued past export.serve_request_timeout_s, not run
             return _error(504, f"{err} (export.serve_request_timeout_s="
                           f"{self.request_timeout_s:g})")
@@ -733,6 +752,35 @@ def _concat(parts: list) -> dict:
             arrays = padded
         out[name] = np.concatenate(arrays)
     return out
+
+
+async def _unless_disconnected(work, receive):
+    """Awaits the coroutine ``work`` unless the client disconnects first (the ASGI ``receive``
+    gives ``http.disconnect``: after the body, uvicorn answers ``receive()`` only when the
+    connection is lost or the response is complete); then ``work`` is cancelled (a request still
+    queued in a micro-batcher is taken out, never run) and :class:`ClientGone` raised."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    if not watch.cancelled() and watch.exception() is not None:   # receive() failed: keep going
+        return await task
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):  # nobody to tell
+        await task
+    raise ClientGone("client closed the connection before the answer")
 
 
 def _error(code: int, message: str, retry: bool | str = False):

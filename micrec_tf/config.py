@@ -319,7 +319,7 @@ class TrainConfig:
     # Multi-worker training (issue 31, TF_CONFIG set): seconds a collective (all-reduce) may wait
     # before failing, so a lost worker stops the others; 0 (default) = no timeout, as before the
     # key. Not read without TF_CONFIG.
-    collective_timeout_s: float = 0
+    collective_timeout_s: float = 0.0
 
 
 @dataclass
@@ -398,6 +398,10 @@ class ExportConfig:
     # micro-batcher queue then is dropped before it runs and answered 504 (counted as
     # micrec_expired_total). 0 (default): no deadline, the old behaviour. Needs batching.
     serve_request_timeout_s: float = 0.0
+    # Drop a request from its micro-batcher queue when its client disconnects before its batch
+    # runs (answered 499, counted as micrec_cancelled_total). false (default): the old
+    # behaviour, it runs anyway. Needs batching.
+    serve_drop_disconnected: bool = False
 
 
 @dataclass
@@ -574,10 +578,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"loss.session_negative_pool must be an int >= 1. Received: "
                           f"{cfg.loss.session_negative_pool!r}")
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
-    timeout = cfg.train.collective_timeout_s
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise ConfigError(f"train.collective_timeout_s must be a number >= 0 (0 = no timeout). "
-                          f"Received: {timeout!r}")
+    if not cfg.train.collective_timeout_s >= 0:
+        raise ConfigError(f"train.collective_timeout_s must be >= 0 (0 = no timeout). Received: "
+                          f"{cfg.train.collective_timeout_s!r}")
     _check_choice("export.index", cfg.export.index, INDEX_KINDS)
     _check_choice("model.history_embeddings", cfg.model.history_embeddings, HISTORY_EMBEDDINGS)
     if cfg.model.item_text and cfg.loss.feature_dropout == "correlated":

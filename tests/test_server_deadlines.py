@@ -14,6 +14,15 @@ Slow: a real ``python -m export.server`` over tests/test_server.py's tiny export
 lone request never gets company, so it is still queued at its deadline: 504 with a one-line JSON
 error naming the key, on ``:predict`` and ``:retrieve``; two concurrent requests fill a batch and
 run at once: 200, equal to the brute-force answer; ``micrec_expired_total`` counts the two 504s.
+
+Disconnects (``export.serve_drop_disconnected``): fast, ``server._unless_disconnected`` with a
+scripted ASGI ``receive`` (the work is cancelled when ``http.disconnect`` comes first, returned
+when it finishes first) and a cancelled batcher caller leaving the queue at once; slow, a real
+server (batches of 2, a 10-minute window): a raw socket sends a whole ``:predict`` and closes
+while it waits; the server answers it 499 (counted), takes it out of the queue
+(``micrec_cancelled_total`` 1, depth 0), and the next two requests form the batch alone (the
+tower ran 2 users in 1 batch; without the drop the closed one would have filled it with the
+first and left the second waiting).
 """
 import asyncio
 import json
@@ -161,15 +170,77 @@ def test_a_cancelled_caller_with_a_deadline_is_dropped_as_cancelled():
         kept = asyncio.ensure_future(b.submit(2, deadline=time.monotonic() + 600))
         await until(lambda: b.stats()["queue_depth"] == 2)
         gone.cancel()
-        await asyncio.sleep(0)
+        await until(lambda: b.stats()["cancelled"] == 1)          # left at once, worker held
+        assert b.stats()["queue_depth"] == 1
+        plain_gone = asyncio.ensure_future(b.submit(3))            # no deadline: the same
+        await until(lambda: b.stats()["queue_depth"] == 2)
+        plain_gone.cancel()
+        await until(lambda: b.stats()["queue_depth"] == 1)        # left at once, worker held
+        before = b.stats()
         rec.gate.set()
         got = await asyncio.gather(running, kept)
         await b.close()
-        return got, b.stats()
+        return got, before, b.stats()
 
-    got, stats = run(main())
+    got, before, stats = run(main())
     assert got == [0, 20] and rec.calls == [[0], [2]]
-    assert stats["cancelled"] == 1 and stats["expired"] == 0
+    assert before["cancelled"] == 2 and before["queue_rows"] == 1
+    assert stats["cancelled"] == 2 and stats["expired"] == 0
+
+
+def test_unless_disconnected_cancels_the_work_when_the_client_goes_first():
+    from export import server
+
+    async def main():
+        started, cancelled, release = asyncio.Event(), [], asyncio.Event()
+
+        async def work():
+            started.set()
+            try:
+                await asyncio.Event().wait()                       # a request still queued
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+        messages = [{"type": "http.request", "body": b"", "more_body": False},
+                    {"type": "http.disconnect"}]
+
+        async def receive():
+            await started.wait()
+            await release.wait()
+            return messages.pop(0)
+
+        task = asyncio.ensure_future(server._unless_disconnected(work(), receive))
+        await started.wait()
+        assert not task.done()
+        release.set()
+        with pytest.raises(server.ClientGone, match="client closed the connection"):
+            await task
+        return cancelled, messages
+
+    cancelled, left = run(main())
+    assert cancelled == [True] and left == []
+
+
+def test_unless_disconnected_returns_the_answer_when_the_work_ends_first():
+    from export import server
+
+    async def main():
+        waiting = []
+
+        async def receive():
+            try:
+                await asyncio.Event().wait()                       # the client stays
+            except asyncio.CancelledError:
+                waiting.append("cancelled")
+                raise
+
+        got = await server._unless_disconnected(asyncio.sleep(0, result=42), receive)
+        await asyncio.sleep(0)
+        return got, waiting
+
+    got, waiting = run(main())
+    assert got == 42 and waiting == ["cancelled"]
 
 
 def test_deadline_argument_is_checked():
@@ -192,6 +263,10 @@ def test_serve_request_timeout_default_and_validation():
 
     cfg = from_dict({})
     assert cfg.export.serve_request_timeout_s == 0.0
+    assert cfg.export.serve_drop_disconnected is False
+    assert server.Batching.from_config(cfg.export).drop_disconnected is False
+    assert server.Batching.from_config(
+        from_dict({"export": {"serve_drop_disconnected": True}}).export).drop_disconnected
     assert server.Batching.from_config(cfg.export).request_timeout_s == 0.0
     assert server.Batching().request_timeout_s == 0.0
     cfg = from_dict({"export": {"serve_request_timeout_s": 2.5}})
@@ -243,3 +318,49 @@ def test_requests_queued_past_the_deadline_get_504_and_full_batches_200(tmp_path
     assert metrics[("micrec_expired_total", search)] == 0
     assert metrics[("micrec_requests_total", (("code", "504"), ("endpoint", "predict")))] == 1
     assert metrics[("micrec_requests_total", (("code", "504"), ("endpoint", "retrieve")))] == 1
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_while_queued_is_dropped(tmp_path):
+    import socket
+
+    from test_server import Server, _samples, make_export
+
+    root = tmp_path / "exports" / "tiny"
+    root.mkdir(parents=True)
+    make_export(str(root), 100)
+    srv = Server(str(tmp_path), str(root), "export.serve_drop_disconnected=true",
+                 "export.serve_max_batch_size=2", f"export.serve_max_wait_ms={LONG_WAIT_MS}")
+    tower = (("stage", "user_tower"),)
+    gone = ("micrec_requests_total", (("code", "499"), ("endpoint", "predict")))
+    rows = [{"gender": g, "age": "25", "region": "r1", "history": ["i1", ""]} for g in "FMU"]
+    try:
+        srv.wait_ready()
+        body = json.dumps({"instances": [rows[0]]}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as sock:
+            sock.sendall(b"POST /v1/models/user_tower:predict HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            deadline = time.monotonic() + 60
+            while _samples(srv.request("GET", "/metrics")[2].decode()).get(
+                    ("micrec_queue_depth", tower)) != 1:
+                assert time.monotonic() < deadline, srv.stderr()
+                time.sleep(0.05)
+        deadline = time.monotonic() + 60                           # closed: wait for the drop
+        while _samples(srv.request("GET", "/metrics")[2].decode()).get(gone) != 1:
+            assert time.monotonic() < deadline, srv.stderr()
+            time.sleep(0.05)
+        dropped = _samples(srv.request("GET", "/metrics")[2].decode())
+        with ThreadPoolExecutor(2) as pool:
+            pair = list(pool.map(lambda row: srv.json(
+                "POST", "/v1/models/user_tower:predict", {"instances": [row]}), rows[1:]))
+        after = _samples(srv.request("GET", "/metrics")[2].decode())
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.stderr()
+    assert dropped[("micrec_cancelled_total", tower)] == 1
+    assert dropped[("micrec_queue_depth", tower)] == 0
+    assert dropped.get(("micrec_stage_batch_size_count", tower), 0) == 0   # nothing ran yet
+    assert [status for status, _ in pair] == [200, 200], pair
+    assert after[("micrec_stage_batch_size_count", tower)] == 1
+    assert after[("micrec_stage_batch_size_sum", tower)] == 2
