@@ -305,6 +305,7 @@ class MicroBatcher:
             if head.future.cancelled():          # the caller went away while waiting
                 self._queue.popleft()
                 self._queued_rows -= head.rows
+                head.state = _CANCELLED          # its caller's handler must not remove it again
                 self._cancelled += 1
                 continue
             if head.deadline is not None:

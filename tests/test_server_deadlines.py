@@ -188,6 +188,43 @@ def test_a_cancelled_caller_with_a_deadline_is_dropped_as_cancelled():
     assert stats["cancelled"] == 2 and stats["expired"] == 0
 
 
+def test_a_caller_cancelled_just_before_the_worker_takes_its_batch():
+    """``task.cancel()`` cancels the awaited future at once, but the caller's own handler runs one
+    loop step later, so the worker may drop the entry first; the handler must then leave the
+    queue alone (it raised ValueError once). Deterministic: the loop is blocked until the worker
+    has formed the next batch."""
+    calls, hold, took = [], threading.Event(), threading.Event()
+
+    def fn(items):
+        calls.append(list(items))
+        if items == [0]:
+            assert hold.wait(30), "hold never released"
+        else:
+            took.set()
+        return [x * 10 for x in items]
+
+    async def main():
+        b = MicroBatcher(fn, max_batch_size=4, max_wait_ms=0, max_queue=3)
+        b.start()
+        running = asyncio.ensure_future(b.submit(0))
+        await until(lambda: calls)                                 # the worker is inside fn
+        gone = asyncio.ensure_future(b.submit(1))
+        kept = asyncio.ensure_future(b.submit(2))
+        await until(lambda: b.stats()["queue_depth"] == 2)
+        gone.cancel()                      # cancels its future now; its handler runs later
+        hold.set()
+        assert took.wait(30)               # loop blocked: the worker dropped 1 and took [2]
+        assert await kept == 20 and await running == 0
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await b.close()
+        return b.stats()
+
+    stats = run(main())
+    assert calls == [[0], [2]]
+    assert stats["cancelled"] == 1 and stats["queue_depth"] == 0 and stats["queue_rows"] == 0
+
+
 def test_unless_disconnected_cancels_the_work_when_the_client_goes_first():
     from export import server
 
