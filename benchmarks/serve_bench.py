@@ -51,6 +51,7 @@ import tempfile
 from micrec_tf import cli
 
 from benchmarks import serve_swap
+from benchmarks.serve_load import concurrency_levels
 
 # /proc/cpuinfo flags worth a line in the report (vector and matrix units).
 SIMD_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "vnni")
@@ -219,22 +220,11 @@ def run_bench(args, export_dir: str, log=print) -> dict:
     }
 
 
-def _levels(text: str) -> list:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        levels = []
-    if not levels or any(c < 1 for c in levels):
-        raise argparse.ArgumentTypeError(f"--concurrency takes positive integers separated by "
-                                         f"commas. Received: {text!r}")
-    return levels
-
-
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.prog = "python -m benchmarks.serve_bench"
     serve_swap.add_common_arguments(p)
-    p.add_argument("--concurrency", type=_levels, default=[1, 8, 32],
+    p.add_argument("--concurrency", type=concurrency_levels, default=[1, 8, 32],
                    help="serve_load's client counts (default 1,8,32)")
     p.add_argument("--requests", type=serve_swap._positive_int, default=2000,
                    help="serve_load's requests per level (default 2000)")

@@ -104,6 +104,39 @@ def _host_port(url: str) -> tuple:
     return parts.hostname, parts.port or 80
 
 
+def post_json(conn, host: str, port: int, path: str, body, timeout: float) -> tuple:
+    """POST one JSON body on a keep-alive connection (``None``: open one).
+
+    Returns ``(conn, code, version, retry_after)``: the connection to reuse (``None`` after a
+    failure or a ``Connection: close`` answer), the status as a string (``"error:<exception>"``
+    for a connection failure), the answer's ``model_version`` for a 200 (else ``None``) and
+    whether the answer carried ``Retry-After``. Shared by every load loop here and in
+    ``benchmarks.serve_swap``."""
+    version, retry = None, False
+    try:
+        if conn is None:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        data = resp.read()
+        code = str(resp.status)
+        retry = resp.getheader("retry-after") is not None
+        if resp.status == 200:
+            try:
+                version = json.loads(data).get("model_version")
+            except (ValueError, AttributeError):
+                version = None
+        if resp.getheader("connection", "").lower() == "close":
+            conn.close()
+            conn = None
+    except (OSError, http.client.HTTPException) as err:
+        code = f"error:{type(err).__name__}"
+        if conn is not None:
+            conn.close()
+        conn = None
+    return conn, code, version, retry
+
+
 def run_level(url: str, path: str, bodies: list, requests: int, concurrency: int,
               timeout: float = 60.0) -> dict:
     """``requests`` POSTs of ``bodies`` (cycled) to ``url`` + ``path`` by ``concurrency`` threads."""
@@ -118,30 +151,9 @@ def run_level(url: str, path: str, bodies: list, requests: int, concurrency: int
                 i = next(counter)
             if i >= requests:
                 break
-            body = bodies[i % len(bodies)]
             start = time.perf_counter()
-            version = None
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-                conn.request("POST", path, body=body,
-                             headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                data = resp.read()
-                code = str(resp.status)
-                if resp.status == 200:
-                    try:
-                        version = json.loads(data).get("model_version")
-                    except (ValueError, AttributeError):
-                        version = None
-                if resp.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as err:
-                code = f"error:{type(err).__name__}"
-                if conn is not None:
-                    conn.close()
-                conn = None
+            conn, code, version, _ = post_json(conn, host, port, path, bodies[i % len(bodies)],
+                                               timeout)
             local.append((time.perf_counter() - start, code, version))
         if conn is not None:
             conn.close()
@@ -238,29 +250,8 @@ def run_open_level(url: str, path: str, bodies: list, rate: float, duration: flo
             if job is None:
                 break
             i, due = job
-            version, retry = None, False
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-                conn.request("POST", path, body=bodies[i % len(bodies)],
-                             headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                data = resp.read()
-                code = str(resp.status)
-                retry = resp.getheader("retry-after") is not None
-                if resp.status == 200:
-                    try:
-                        version = json.loads(data).get("model_version")
-                    except (ValueError, AttributeError):
-                        version = None
-                if resp.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as err:
-                code = f"error:{type(err).__name__}"
-                if conn is not None:
-                    conn.close()
-                conn = None
+            conn, code, version, retry = post_json(conn, host, port, path,
+                                                   bodies[i % len(bodies)], timeout)
             done = time.perf_counter() - start
             with lock:
                 records.append((due, done, code, version, retry))
@@ -327,7 +318,7 @@ def run_inprocess(version_dir: str, bodies: list, requests: int, verb: str) -> d
     return out
 
 
-def _concurrency(text: str) -> list:
+def concurrency_levels(text: str) -> list:
     try:
         levels = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -375,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", required=True, help="http://host:port of the service")
     p.add_argument("--model", default="user_tower", help="<name> of /v1/models/<name>")
     p.add_argument("--verb", default="retrieve", choices=VERBS)
-    p.add_argument("--concurrency", type=_concurrency, default=None,
+    p.add_argument("--concurrency", type=concurrency_levels, default=None,
                    help="closed loop: comma-separated client counts (default 1,8,32)")
     p.add_argument("--rate", type=_rates, default=None,
                    help="open loop: comma-separated requests per second (fixed interval)")

@@ -82,7 +82,7 @@ from collections import Counter
 
 from micrec_tf import cli
 
-from benchmarks.serve_load import percentile, read_bodies
+from benchmarks.serve_load import percentile, post_json, read_bodies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_RE = re.compile(r"\[versions\] serving version (\d+) from .* \(loaded in ([\d.]+) s, "
@@ -305,30 +305,9 @@ def run_load(port: int, path: str, bodies: list, requests: int, concurrency: int
                     break
                 i = state["next"]
                 state["next"] += 1
-            body = bodies[i % len(bodies)]
-            version = None
             sent = time.perf_counter()
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-                conn.request("POST", path, body=body,
-                             headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                data = resp.read()
-                code = str(resp.status)
-                if resp.status == 200:
-                    try:
-                        version = json.loads(data).get("model_version")
-                    except (ValueError, AttributeError):
-                        version = None
-                if resp.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as err:
-                code = f"error:{type(err).__name__}"
-                if conn is not None:
-                    conn.close()
-                conn = None
+            conn, code, version, _ = post_json(conn, "127.0.0.1", port, path,
+                                               bodies[i % len(bodies)], timeout)
             received = time.perf_counter()
             local.append((client, seq, sent, received, code,
                           None if version is None else str(version)))
