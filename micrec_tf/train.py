@@ -20,6 +20,11 @@ it with the custom ``train_step`` and writes to ``runs/<name>/`` (or ``--run-dir
 Device handling: a ``tf.distribute`` strategy chosen from the visible GPUs (mirrored for several,
 one-device for one, default on CPU) and mixed precision where it pays (compute capability >= 7.0
 under ``mixed_precision: auto``; Pascal cards such as the P40 train in float32).
+
+Several machines (issue 31): with ``TF_CONFIG`` set, every worker runs this same command;
+training is data-parallel (``MultiWorkerMirroredStrategy``, ``train.batch_size`` the global
+batch), only worker 0 (the chief) writes the run folder, which must be on storage every worker
+sees; ``train.collective_timeout_s`` bounds a collective's wait. See docs/DISTRIBUTED.md.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
@@ -57,6 +63,29 @@ class GPURequestedError(RuntimeError):
     """``train.require_gpu`` is set but TensorFlow sees no GPU."""
 
 
+class WorkerLostError(RuntimeError):
+    """Multi-worker training (issue 31): a collective failed, a worker is lost or stalled."""
+
+
+def multiworker_requested() -> bool:
+    """Whether ``TF_CONFIG`` describes a cluster (:func:`select_strategy` then builds
+    ``MultiWorkerMirroredStrategy``)."""
+    return bool(os.environ.get("TF_CONFIG", "").strip())
+
+
+def is_multiworker(strategy) -> bool:
+    """Whether ``strategy`` is a ``MultiWorkerMirroredStrategy``."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def chief_task_id(strategy) -> int:
+    """This worker's index in the cluster (0 = the chief, which writes the run folder); 0
+    outside multi-worker training."""
+    if not is_multiworker(strategy):
+        return 0
+    return int(strategy.cluster_resolver.task_id or 0)
+
+
 def select_strategy(require_gpu: bool = False, log=print, collective_timeout_s=None):
     """Returns ``(strategy, gpus)`` for the visible devices.
 
@@ -74,7 +103,7 @@ def select_strategy(require_gpu: bool = False, log=print, collective_timeout_s=N
         raise GPURequestedError(
             "train.require_gpu is true but TensorFlow sees no GPU. Check `nvidia-smi`, install the "
             "CUDA build with `make install GPU=1`, or set train.require_gpu: false to train on CPU.")
-    if os.environ.get("TF_CONFIG", "").strip():
+    if multiworker_requested():
         options = tf.distribute.experimental.CommunicationOptions(
             timeout_seconds=collective_timeout_s)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
@@ -406,12 +435,65 @@ def train(cfg: Config, run_dir: str | None = None, evaluate_test: bool = True,
     run_dir = run_dir or cfg.run_dir
     cfg = update_config(cfg)  # issue 29: an update trains train.warm_start_epochs epochs
     publish.check_owned_dir(run_dir, "the run folder (--run-dir)")
+    if multiworker_requested():
+        return _train_multiworker(cfg, run_dir, evaluate_test, log, extra_callbacks)
     with locks.folder_lock(run_dir, "training", "wait for it or pick another --run-dir"):
         return _train_locked(cfg, run_dir, evaluate_test, log, extra_callbacks)
 
 
-def _train_locked(cfg: Config, run_dir: str, evaluate_test: bool, log, extra_callbacks) -> dict:
-    """The body of :func:`train` while it holds the run folder's lock."""
+def _train_multiworker(cfg: Config, run_dir: str, evaluate_test: bool, log,
+                       extra_callbacks) -> dict:
+    """:func:`train` under ``TF_CONFIG`` (issue 31): every worker runs the whole training.
+
+    The strategy comes first (collectives must be configured before any other TensorFlow op).
+    The chief (task 0) trains in ``run_dir`` as a single process would; every other worker
+    writes its copies of the run's files (config, history, best weights, TensorBoard,
+    checkpoint, metrics, run state, lock) to a temporary folder it removes at the end, and
+    shares the chief's ``run_dir/backup`` (read on resume; BackupAndRestore writes the
+    worker's own state to ``backup/workertemp_<i>`` and removes it), so ``run_dir`` must be on a
+    filesystem every worker sees. A failed collective (a worker killed or stalled past
+    ``train.collective_timeout_s``) raises :class:`WorkerLostError`.
+    """
+    strategy, gpus = select_strategy(cfg.train.require_gpu, log,
+                                     cfg.train.collective_timeout_s or None)
+    task = chief_task_id(strategy)
+    lost = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError, tf.errors.AbortedError)
+    backup_dir = os.path.join(run_dir, "backup")
+    tmp = None
+    try:
+        if task == 0:
+            with locks.folder_lock(run_dir, "training", "wait for it or pick another --run-dir"):
+                return _train_locked(cfg, run_dir, evaluate_test, log, extra_callbacks,
+                                     (strategy, gpus), backup_dir)
+        tmp = tempfile.mkdtemp(prefix=f"micrec-worker{task}-")
+        work_dir = os.path.join(tmp, os.path.basename(os.path.normpath(run_dir)) or "run")
+        log(f"[train] worker {task}: the chief (worker 0) writes {run_dir}; this worker writes "
+            f"its copies to {work_dir} (removed at the end) and shares {backup_dir}")
+        with locks.folder_lock(work_dir, "training", "wait for it or pick another --run-dir"):
+            result = _train_locked(cfg, work_dir, evaluate_test, log, extra_callbacks,
+                                   (strategy, gpus), backup_dir)
+        result["run_dir"] = run_dir
+        return result
+    except lost as err:
+        first = " ".join(str(err.message).split())[:400]
+        raise WorkerLostError(
+            f"multi-worker training (worker {task}) stopped: a collective failed, a worker is "
+            f"lost or stalled ({type(err).__name__}: {first}). Restart every worker with the "
+            f"same command: the run resumes from {backup_dir}") from err
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _train_locked(cfg: Config, run_dir: str, evaluate_test: bool, log, extra_callbacks,
+                  strategy_gpus=None, backup_dir: str | None = None) -> dict:
+    """The body of :func:`train` while it holds the run folder's lock.
+
+    ``strategy_gpus``: ``(strategy, gpus)`` already made (multi-worker training); None (the
+    single-process default) selects them here, as before issue 31. ``backup_dir``: the
+    BackupAndRestore folder, None = ``run_dir/backup``.
+    """
     os.makedirs(run_dir, exist_ok=True)
     discard_stale_backup(cfg, run_dir, log)
     # A previous run's results no longer describe this directory once its config is replaced;
@@ -425,16 +507,29 @@ def _train_locked(cfg: Config, run_dir: str, evaluate_test: bool, log, extra_cal
         fh.write(config_text)
     tf_keras.utils.set_random_seed(cfg.train.seed)
 
-    strategy, gpus = select_strategy(cfg.train.require_gpu, log)
+    strategy, gpus = strategy_gpus or select_strategy(cfg.train.require_gpu, log)
     mixed = choose_mixed_precision(cfg.train.mixed_precision, gpus, log)
     # The model is built and trained under this policy; the caller's global policy is restored on
     # return (the returned model keeps the policy its layers were built with).
     with policy_scope("mixed_float16" if mixed else "float32"):
-        return _train_under_policy(cfg, run_dir, strategy, evaluate_test, log, extra_callbacks)
+        return _train_under_policy(cfg, run_dir, strategy, evaluate_test, log, extra_callbacks,
+                                   backup_dir or os.path.join(run_dir, "backup"))
+
+
+def _chief_value(strategy, value_fn) -> int:
+    """``value_fn()`` computed by the chief alone and given to every worker of a
+    ``MultiWorkerMirroredStrategy`` (a SUM all-reduce of the chief's value and the others' 0s;
+    also a barrier: no worker reads the run folder before the chief has prepared it);
+    ``value_fn()`` itself under any other strategy."""
+    if not is_multiworker(strategy):
+        return value_fn()
+    mine = float(value_fn()) if chief_task_id(strategy) == 0 else 0.0
+    per_replica = strategy.run(lambda: tf.constant(mine, tf.float64))
+    return int(round(float(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))))
 
 
 def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool, log,
-                        extra_callbacks) -> dict:
+                        extra_callbacks, backup_dir: str) -> dict:
     """The body of :func:`train` once the run directory, strategy and dtype policy are set."""
     art = load_artifacts(cfg.artifacts_dir)
     check_cl_tables(art, cfg.model.cl)
@@ -464,8 +559,16 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
     # so it sees exactly the data an uninterrupted run would.
     steps_per_epoch = max(1, int(np.ceil((n_train or 0) * cfg.train.train_fraction
                                          / cfg.train.batch_size)))
-    backup_dir = os.path.join(run_dir, "backup")
-    done = consumed_batches(backup_dir, steps_per_epoch)
+    # Multi-worker: every worker skips the batches the chief's backup holds (the same number).
+    done = _chief_value(strategy, lambda: consumed_batches(backup_dir, steps_per_epoch))
+    if done and chief_task_id(strategy) != 0:
+        # A resumed non-chief worker rebuilds the finished epochs' state (history rows, best
+        # weights) from the chief's run folder, as the chief does, so that both take the same
+        # early-stopping decisions.
+        shared = os.path.dirname(backup_dir)
+        for name in ("history.json", "best_weights.npz"):
+            if os.path.exists(os.path.join(shared, name)):
+                shutil.copy2(os.path.join(shared, name), os.path.join(run_dir, name))
     completed_epochs, resumed_batch = divmod(done, steps_per_epoch)
     if done:
         where = (f"at batch {resumed_batch + 1}/{steps_per_epoch} of epoch {completed_epochs + 1}"
@@ -481,6 +584,16 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
     if cfg.train.train_fraction < 1.0:
         train_ds = train_ds.map(user_sampler(cfg.train.train_fraction, cfg.train.seed))
     train_ds = train_ds.skip(done)
+    if is_multiworker(strategy):
+        # Issue 31: every worker reads the same stream of global batches (train.batch_size) and
+        # keeps its share of each (worker k the k-th of its num_workers slices): the same global
+        # batches as one process, whatever the number of shards (FILE sharding would give each
+        # worker other files, hence other batches, and fails with more workers than shards).
+        # skip(done) above counts global batches.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA)
+        train_ds = train_ds.with_options(options)
     with strategy.scope():
         # Create every variable (towers, CL projectors, optimizer slots) before fit, so that
         # BackupAndRestore restores all of them, not only those that exist at restore time.
@@ -601,7 +714,11 @@ def main(argv=None) -> int:
     parser = cli.parser(__doc__)
     parser.add_argument("--run-dir", default=None, help="default: runs/<name>")
     args = parser.parse_args(argv)
-    train(cli.load(args), run_dir=args.run_dir)
+    try:
+        train(cli.load(args), run_dir=args.run_dir)
+    except WorkerLostError as err:  # issue 31: one line, not a collective's traceback
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
