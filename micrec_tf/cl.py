@@ -47,7 +47,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from micrec_tf.config import CL_ANCHORS, FEATURE_DROPOUTS, SEMANTIC_POSITIVES, SESSION_POSITIVES
+from micrec_tf.config import (CL_ANCHORS, FEATURE_DROPOUTS, SEMANTIC_POSITIVES,
+                              SESSION_MEMBERSHIPS, SESSION_POSITIVES)
 from micrec_tf.data.cold_start import COLD_TEST, COLD_VALID, cold_bucket
 from micrec_tf.data.contract import ITEM_TAGS
 from micrec_tf.layers import check_choice, check_int, check_positive, register
@@ -539,6 +540,13 @@ class SessionCL(tf_keras.layers.Layer):
       same_category: int [E] 1 where the pair is same-category; same_category_weight: its
         sampling emphasis (``count`` only).
       negative_pool_factor: pool size over ``num_negatives``.
+      membership: how :meth:`co_occurred` answers (issue 31; speed only: every setting gives the
+        same answers, hence the same draws and loss): ``bitmap``, one bit per (anchor, item) pair
+        (int32 words ``[V * ceil(V / 32)]``, a gather and a shift per pool entry); ``sorted``,
+        binary search of ``anchor * V + item`` in the sorted pair keys ``[E]`` (the code of
+        before issue 31); ``auto`` (default), ``bitmap`` when its ``V * ceil(V / 32) * 4`` bytes
+        are at most ``bitmap_max_bytes``, else ``sorted``. The chosen one: ``membership_path``.
+      bitmap_max_bytes: the ``auto`` limit (default 64 MiB: V <= ~23,000 items).
 
     Call: :class:`CLInputs`, ``item_tower=`` -> scalar float32.
     """
@@ -546,7 +554,8 @@ class SessionCL(tf_keras.layers.Layer):
     def __init__(self, indptr, neighbours, counts, projection_dim: int, num_negatives: int = 50,
                  temperature: float = 1.0, seed: int = 3, same_category=None,
                  same_category_weight: float = 1.0, positives: str = "count",
-                 similarity: str = "dot", negative_pool_factor: int = 4, **kwargs):
+                 similarity: str = "dot", negative_pool_factor: int = 4,
+                 membership: str = "auto", bitmap_max_bytes: int = 64 * 2 ** 20, **kwargs):
         kwargs.setdefault("name", "session_cl")
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
@@ -557,6 +566,8 @@ class SessionCL(tf_keras.layers.Layer):
         self.same_category_weight = check_positive("same_category_weight", same_category_weight)
         self.positives = check_choice("positives", positives, SESSION_POSITIVES)
         self.similarity, self.seed = check_similarity(similarity), seed
+        self.membership = check_choice("membership", membership, SESSION_MEMBERSHIPS)
+        self.bitmap_max_bytes = check_int("bitmap_max_bytes", bitmap_max_bytes, minimum=0)
         indptr = np.asarray(indptr, np.int64)
         neighbours = np.asarray(neighbours, np.int64)
         counts = np.asarray(counts, np.float64)
@@ -594,7 +605,16 @@ class SessionCL(tf_keras.layers.Layer):
         self.row_first = tf.constant(indptr[:-1])
         self.row_last = tf.constant(np.maximum(indptr[1:] - 1, indptr[:-1]))
         self.has_positive_table = tf.constant(np.diff(indptr) > 0)
-        self.pair_keys = tf.constant(np.sort(rows * num_items + neighbours))  # [E] sorted
+        self.bitmap_words = (num_items + 31) // 32
+        if self.membership == "auto":
+            fits = num_items * self.bitmap_words * 4 <= self.bitmap_max_bytes
+            self.membership_path = "bitmap" if fits else "sorted"
+        else:
+            self.membership_path = self.membership
+        if self.membership_path == "bitmap":
+            self.pair_bits = tf.constant(self.pair_bitmap())     # int32 [V * W]
+        else:
+            self.pair_keys = tf.constant(np.sort(rows * num_items + neighbours))  # [E] sorted
         self.rng = tf.random.Generator.from_seed(seed)
         self.projector = _projector(self.projection_dim, f"{self.name}_projector")
 
@@ -615,10 +635,26 @@ class SessionCL(tf_keras.layers.Layer):
         return self._counts_np * np.where(self._same_category_np > 0, self.same_category_weight,
                                           1.0)
 
+    def pair_bitmap(self) -> np.ndarray:
+        """int32 [V * W] (W = ceil(V / 32)): bit ``j % 32`` of word ``i * W + j // 32`` is set
+        when item j is in item i's co-occurrence list (little-endian bit order)."""
+        v, w = self.num_items, self.bitmap_words
+        rows = np.repeat(np.arange(v, dtype=np.int64), np.diff(self._indptr_np))
+        nb = self._neighbours_np
+        bits = np.zeros(v * w, np.uint32)
+        np.bitwise_or.at(bits, rows * w + nb // 32, np.left_shift(
+            np.uint32(1), (nb % 32).astype(np.uint32)))
+        return bits.view(np.int32)
+
     def co_occurred(self, anchors, items) -> tf.Tensor:
         """bool [U, K]: ``items`` [K] (or [U, K]) is in anchor u's full co-occurrence list."""
         anchors = tf.cast(anchors, tf.int64)[:, tf.newaxis]
         items = tf.cast(items, tf.int64)
+        if self.membership_path == "bitmap":
+            items = items if items.shape.rank == 2 else items[tf.newaxis, :]
+            words = tf.gather(self.pair_bits, anchors * self.bitmap_words + items // 32)
+            shifted = tf.bitwise.right_shift(words, tf.cast(items % 32, tf.int32))
+            return tf.not_equal(tf.bitwise.bitwise_and(shifted, 1), 0)
         keys = anchors * self.num_items + (items if items.shape.rank == 2
                                           else items[tf.newaxis, :])
         flat = tf.reshape(keys, [-1])
@@ -669,5 +705,6 @@ class SessionCL(tf_keras.layers.Layer):
                       num_negatives=self.num_negatives, temperature=self.temperature,
                       seed=self.seed, same_category=self._same_category_np.tolist(),
                       same_category_weight=self.same_category_weight, positives=self.positives,
-                      similarity=self.similarity, negative_pool_factor=self.negative_pool_factor)
+                      similarity=self.similarity, negative_pool_factor=self.negative_pool_factor,
+                      membership=self.membership, bitmap_max_bytes=self.bitmap_max_bytes)
         return config

@@ -37,6 +37,11 @@ CL_ANCHORS = ("batch", "uniform", "both")
 # How session CL draws a positive from an item's co-occurrence list: in proportion to the count
 # (paper eq. 5) or uniformly.
 SESSION_POSITIVES = ("count", "uniform")
+# How session CL tests whether a pooled negative ever co-occurred with its anchor (issue 31; the
+# same answers, so the same draws and losses either way): ``bitmap`` (one bit per item pair,
+# V * ceil(V / 32) * 4 bytes), ``sorted`` (binary search over the sorted pair keys, the code of
+# before), ``auto`` (bitmap when it fits in 64 MiB, i.e. V <= ~23,000 items, else sorted).
+SESSION_MEMBERSHIPS = ("auto", "bitmap", "sorted")
 # How semantic CL uses an item's title neighbours P_i^t (eq. 4): one drawn uniformly per anchor
 # and step, or all of them (the InfoNCE averaged over the item's neighbours).
 SEMANTIC_POSITIVES = ("sample", "all")
@@ -271,6 +276,9 @@ class LossConfig:
     # co-occurs with 67 % of the catalogue: with x8, 96 % of items keep >= 45 of their 50 negatives
     # in expectation (x4: 71 %).
     session_negative_pool: int = 8
+    # Session CL's membership test, one of SESSION_MEMBERSHIPS (see above): speed only, every
+    # setting gives the same negatives ("sorted" is the code of before issue 31).
+    session_membership: str = "auto"
     # Semantic CL's use of the title neighbours, one of SEMANTIC_POSITIVES (see above).
     semantic_positives: str = "sample"
     # Main loss (eq. 7): a sampled negative that is in the row's recent clicks (``hist_items``)
@@ -573,6 +581,7 @@ def validate(cfg: Config) -> Config:
     _check_choice("loss.cl_similarity", cfg.loss.cl_similarity, CL_SIMILARITIES)
     _check_choice("loss.cl_anchors", cfg.loss.cl_anchors, CL_ANCHORS)
     _check_choice("loss.session_positives", cfg.loss.session_positives, SESSION_POSITIVES)
+    _check_choice("loss.session_membership", cfg.loss.session_membership, SESSION_MEMBERSHIPS)
     _check_choice("loss.semantic_positives", cfg.loss.semantic_positives, SEMANTIC_POSITIVES)
     if not isinstance(cfg.loss.session_negative_pool, int) or cfg.loss.session_negative_pool < 1:
         raise ConfigError(f"loss.session_negative_pool must be an int >= 1. Received: "

@@ -425,7 +425,8 @@ def build_model(cfg, item_table, vocab_sizes: Mapping, user_fields, cooccurrence
             temperature=loss.temperature, seed=seed + _SEED_OFFSETS["session"],
             same_category_weight=loss.same_category_weight,
             similarity=loss.cl_similarity, positives=loss.session_positives,
-            negative_pool_factor=loss.session_negative_pool)
+            negative_pool_factor=loss.session_negative_pool,
+            membership=loss.session_membership)
     anchors = (CLAnchorSampler(num_items, loss.cl_anchors, seed + _SEED_OFFSETS["anchors"])
                if tasks and loss.cl_anchors != "batch" else None)
     return MicRecModel(
