@@ -50,7 +50,7 @@ INDEX_KINDS = ("scann", "brute_force")
 # How the user towers embed the history clicks and how the transformer computes attention
 # (speed only, the same function either way): see micrec_tf/towers.py and micrec_tf/layers.py,
 # which take these tuples from here.
-HISTORY_EMBEDDINGS = ("auto", "table", "slots")
+HISTORY_EMBEDDINGS = ("auto", "table", "slots", "unique")
 ATTENTION_IMPLS = ("matmul", "einsum")
 SYNTHETIC_DATA_DIR = "data/generated/synthetic"
 # Named presets (paper 5.2): each sets the dotted config keys it names. A preset and an explicit
@@ -224,7 +224,9 @@ class ModelConfig:
     # Speed only (the same function either way; see micrec_tf/towers.py and layers.py):
     # history embeddings through a per-call catalogue table (auto: when the catalogue has fewer
     # items than batch x history slots) or per slot; attention as batched matmuls or through
-    # tf_keras's einsum MultiHeadAttention (the pre-0.2 code paths: slots + einsum).
+    # tf_keras's einsum MultiHeadAttention (the pre-0.2 code paths: slots + einsum); ``unique``
+    # (issue 31, opt-in) embeds only the batch's distinct history items, for large catalogues;
+    # ``auto`` (default) never picks it, so it is the code of before.
     history_embeddings: str = "auto"
     attention: str = "matmul"
     # Content in the item tower (issue 28): the item's frozen text vector (title_embeddings/ of

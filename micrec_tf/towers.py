@@ -48,14 +48,18 @@ from micrec_tf.layers import (
 # ``table`` embeds (and for ICAN projects) every catalogue item once per call and gathers the
 # history rows from that table, which is the same computation per row, so the same result
 # (exact: ICAN's projection has no bias), far cheaper when V < B x H, and it hands sparse Adam V
-# gradient rows instead of B x H x T; ``auto`` takes the table when the catalogue has fewer
-# items than the call has history slots.
+# gradient rows instead of B x H x T; ``unique`` (issue 31) embeds (and projects) only the
+# distinct items of the call's history (``tf.unique`` over the B x H ids) and gathers the slots
+# from those U rows, the same rows again, for catalogues far larger than B x H where a few
+# popular items fill most slots; ``auto`` takes the table when the catalogue has fewer items than
+# the call has history slots, else the slots (never ``unique``: ``auto`` is the path of before).
 
 
 def use_history_table(mode: str, num_items: int, batch_size: int | None, history_length: int
                       ) -> bool:
     """Whether ``mode`` embeds the history through the catalogue table for one call of
-    ``batch_size`` x ``history_length`` slots (``batch_size`` None: unknown, taken as small)."""
+    ``batch_size`` x ``history_length`` slots (``batch_size`` None: unknown, taken as small).
+    ``unique`` is not the table (False): it embeds the call's distinct history items."""
     if mode not in HISTORY_EMBEDDINGS:
         raise ValueError(f"history_embeddings must be one of {HISTORY_EMBEDDINGS}. "
                          f"Received: {mode!r}")
@@ -300,7 +304,18 @@ class UserTower(tf_keras.layers.Layer):
             catalogue = tf.range(num_items, dtype=tf.int64)
             table = transform(self.item_field_embeddings(self.item_lookup(catalogue)))
             return tf.gather(table, hist), mask
+        if self.history_embeddings == "unique":
+            return self._unique_history(hist, transform), mask
         return transform(self.item_field_embeddings(self.item_lookup(hist))), mask
+
+    def _unique_history(self, hist, transform):
+        """``model.history_embeddings: unique``: int64 [B, H] -> ``transform`` of the field
+        embeddings [B, H, ...], computed once per distinct item of ``hist`` (U <= B x H rows,
+        padding 0 included) and gathered back to the slots; the gradient of the U rows is the
+        sum over their slots, so the embedding tables get U sparse rows instead of B x H."""
+        unique, slot_row = tf.unique(tf.reshape(hist, [-1]))  # [U], int32 [B * H]
+        rows = transform(self.item_field_embeddings(self.item_lookup(unique)))  # [U, ...]
+        return tf.gather(rows, tf.reshape(slot_row, tf.shape(hist)))
 
     def profile(self, features, batch_size_from):
         """-> user profile field embeddings [B, F_u, D]."""
