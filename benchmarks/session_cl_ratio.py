@@ -10,7 +10,8 @@ memory (the artifacts' normal dataset reader), the compiled Keras train step of
 for each session-CL membership test ``<path>`` in ``--paths`` (``sorted``: the code of before
 issue 31; ``bitmap``: the new default for catalogues up to ~23,000 items; both draw the same
 negatives), then times them in alternating rounds (A B C ... then ... C B A) so that a CPU shared
-with other jobs slows them alike. Each figure is the median over rounds of the per-round median
+with other jobs slows them alike (by default 30 rounds of one step per model, the order rotated
+and reversed from round to round). Each figure is the median over rounds of the per-round median
 step; each ratio the median of the per-round ratios to ``base``.
 
 Session CL's own cost is split on the same table and the batches' real anchors (the distinct
@@ -47,9 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated session CL membership tests, of {', '.join(PATHS)}")
     p.add_argument("--batches", type=int, default=8, help="fixed training batches in memory")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per model and round")
-    p.add_argument("--sampler-repeats", type=int, default=15,
+    p.add_argument("--rounds", type=int, default=30,
+                   help="rounds; each times every model, in an order rotated and reversed from "
+                        "round to round")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per model and round")
+    p.add_argument("--sampler-repeats", type=int, default=10,
                    help="timed calls per sampler part and round")
     p.add_argument("--no-micrec", action="store_true", help="leave out the micrec_* models")
     p.add_argument("--out", default=None, help="JSON output file")
@@ -87,20 +90,22 @@ def _variants(paths, micrec: bool) -> dict:
     return v
 
 
-def _time_steps(fn, it, steps: int) -> float:
-    times = []
+def _time_steps(fn, it, steps: int) -> tuple:
+    """-> (median wall seconds, median process CPU seconds) per step."""
+    wall, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         float(fn(it)["loss"])
-        times.append(time.perf_counter() - t0)
-    return median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return median(wall), median(cpu)
 
 
 def _sampler_parts(task):
     """Compiled functions of one session CL task: ``{part: fn(ids)}``."""
     import tensorflow as tf
 
-    compiled = tf.function(input_signature=[tf.TensorSpec([None], tf.int64)])
+    compiled = tf.function(input_signature=[tf.TensorSpec([None], tf.int64)], autograph=False)
 
     @compiled
     def positives(ids):
@@ -164,9 +169,13 @@ def main(argv=None) -> int:
     for name in names:  # one more untimed step each, round-robin
         float(fns[name](iters[name])["loss"])
     per_round = {n: [] for n in names}
+    cpu_round = {n: [] for n in names}
     for r in range(args.rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            per_round[name].append(_time_steps(fns[name], iters[name], args.steps))
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in (order if r % 2 == 0 else order[::-1]):
+            wall, cpu = _time_steps(fns[name], iters[name], args.steps)
+            per_round[name].append(wall)
+            cpu_round[name].append(cpu)
         log(f"session_cl_ratio: round {r + 1}: " + ", ".join(
             f"{n} {per_round[n][-1] * 1000:.0f} ms" for n in names))
 
@@ -178,7 +187,7 @@ def main(argv=None) -> int:
         for fn in parts[p].values():
             tf.nest.map_structure(lambda x: x.numpy(), fn(anchors[0]))
     part_rounds = {(p, k): [] for p in args.paths for k in parts[p]}
-    for r in range(args.rounds):
+    for r in range(min(args.rounds, 7)):
         for p in (args.paths if r % 2 == 0 else args.paths[::-1]):
             for k, fn in parts[p].items():
                 times = []
@@ -191,6 +200,8 @@ def main(argv=None) -> int:
 
     step = {n: median(per_round[n]) for n in names}
     ratio_rounds = {n: [a / b for a, b in zip(per_round[n], per_round["base"])] for n in names}
+    cpu_ratio_rounds = {n: [a / b for a, b in zip(cpu_round[n], cpu_round["base"])]
+                        for n in names}
     sampler = {p: {k: rounded(median(part_rounds[(p, k)]) * 1000) for k in parts[p]}
                for p in args.paths}
     for p in args.paths:
@@ -211,14 +222,19 @@ def main(argv=None) -> int:
         "anchors_per_batch": [int(a.shape[0]) for a in anchors],
         "method": (f"{args.batches} fixed batches in memory, compiled Keras train function, "
                    f"{args.warmup} warm-up steps per model (+1 round-robin), {args.rounds} "
-                   f"alternating rounds x {args.steps} steps; step = median over rounds of the "
-                   f"per-round median; ratio = median of per-round ratios to base; sampler parts: "
-                   f"{args.sampler_repeats} calls per part and round, paths alternated"),
+                   f"rounds x {args.steps} step(s) per model, the model order rotated and "
+                   f"reversed from round to round; step = median over rounds of the per-round "
+                   f"median, wall and process CPU time; ratio = median of the per-round ratios to base; sampler parts: "
+                   f"{min(args.rounds, 7)} rounds x {args.sampler_repeats} calls per part, paths "
+                   f"alternated"),
         "step_ms": {n: rounded(step[n] * 1000) for n in names},
         "step_ms_per_round": {n: [rounded(x * 1000) for x in per_round[n]] for n in names},
         "ratio_vs_base": {n: rounded(median(ratio_rounds[n])) for n in names if n != "base"},
         "ratio_vs_base_per_round": {n: [rounded(x) for x in ratio_rounds[n]]
                                     for n in names if n != "base"},
+        "cpu_ms": {n: rounded(median(cpu_round[n]) * 1000) for n in names},
+        "cpu_ratio_vs_base": {n: rounded(median(cpu_ratio_rounds[n])) for n in names
+                              if n != "base"},
         "sampler_ms": sampler,
         "wall_s": rounded(time.perf_counter() - t_start),
     }
@@ -237,10 +253,11 @@ def markdown(r: dict) -> str:
              f"{' '.join(m['cpu_flags'])}. TensorFlow {m['versions'].get('tensorflow')}, commit "
              f"`{m['git_commit'][:10]}`{' (dirty)' if m['git_dirty'] else ''}, {m['date_utc']} "
              f"UTC. {r['method']}.", "",
-             "| model | step (ms) | per round (ms) | / base |", "|---|---|---|---|"]
+             "| model | step wall (ms) | / base (wall) | step CPU time (ms) | / base (CPU) |",
+             "|---|---|---|---|---|"]
     for n, ms in r["step_ms"].items():
-        lines.append(f"| {n} | {ms} | {', '.join(str(x) for x in r['step_ms_per_round'][n])} | "
-                     f"{r['ratio_vs_base'].get(n, 1)} |")
+        lines.append(f"| {n} | {ms} | {r['ratio_vs_base'].get(n, 1)} | {r['cpu_ms'][n]} | "
+                     f"{r['cpu_ratio_vs_base'].get(n, 1)} |")
     lines += ["", "| session CL part (ms) | " + " | ".join(r["sampler_ms"]) + " |",
               "|---|" + "---|" * len(r["sampler_ms"])]
     keys = list(next(iter(r["sampler_ms"].values())))
