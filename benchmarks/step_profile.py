@@ -280,7 +280,7 @@ def trace_ops(fn, steps: int, logdir: str) -> dict:
             fn()
     finally:
         tf.profiler.experimental.stop()
-    planes = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+    planes = glob.glob(os.path.join(glob.escape(logdir), "**", "*.xplane.pb"), recursive=True)
     data, ok = plugin.xspace_to_tools_data(planes, "framework_op_stats", {})
     if not ok:
         raise RuntimeError(f"the profiler could not read {planes}")
@@ -369,7 +369,8 @@ def run(num_items: int = 1_000_000, batch_size: int = 4096, history_length: int 
     if trace:
         for name, fn in fns.items():
             if name == "step" or name.startswith("micrec["):
-                traces[name] = trace_ops(fn, max(2, steps), os.path.join(trace, name))
+                folder = os.path.join(trace, name.replace("[", "_").replace("]", ""))
+                traces[name] = trace_ops(fn, max(2, steps), folder)
                 log(f"step_profile: traced {name}")
     ms = {n: round(statistics.median(r) * 1000, 2) for n, r in per_round.items()}
     out = {

@@ -84,3 +84,13 @@ def test_batches_and_tiny_run_report():
     assert 1 <= out["unique_history_items_per_batch"] <= 16 * 5
     assert set(out["examples_per_s"]) == {"step"}
     assert {"model", "simd_flags", "avx512", "cores"} <= set(out["cpu"])
+
+
+def test_trace_scopes_by_hand():
+    assert sp._scope("Adam/UnsortedSegmentSum_1") == "Adam"
+    assert sp._scope("gradient_tape/user_tower/transformer_0/MatMul") == (
+        "backward:user_tower/transformer_0")
+    assert sp._scope("user_tower/history_projection/Tensordot/MatMul") == (
+        "user_tower/history_projection")
+    assert sp._scope("user_tower") == "user_tower"
+    assert sp._scope("session_cl/LowerBound") == "session_cl"
