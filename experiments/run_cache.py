@@ -22,7 +22,8 @@ from experiments.variants import expand, grid_for, option_for
 def run_signature(cfg: Config) -> dict:
     """What a cached run must match to be reused: the whole config except the keys that do not
     change a run's result (where runs are kept, how many seeds the report uses, export, the
-    speed-only code paths of the user tower)."""
+    speed-only code paths of the user tower and of session CL's membership test, the
+    multi-worker failure timeout)."""
     return _normalise(cfg.to_dict())
 
 
@@ -55,6 +56,8 @@ def _normalise(sig: dict) -> dict:
     sig.get("eval", {}).pop("seeds", None)
     for key in ("history_embeddings", "attention"):  # speed only: the same function
         sig.get("model", {}).pop(key, None)
+    sig.get("loss", {}).pop("session_membership", None)  # speed only: the same draws
+    sig.get("train", {}).pop("collective_timeout_s", None)  # failure detection only
     tasks = set(sig.get("model", {}).get("cl") or [])
     for readers, keys in _CL_LOSS_KEYS:
         if not tasks & readers:

@@ -179,6 +179,11 @@ def test_signature_ignores_cl_knobs_only_for_models_without_cl():
     assert sig(fea) == sig(fea.replace({"loss.lambda_session": 0.7}))
     assert sig(fea) != sig(fea.replace({"loss.lambda_feature": 0.7}))
     assert sig(micrec) == sig(micrec.replace({"eval.seeds": 2}))
+    # speed-only paths compute the same run: session CL's membership test (same draws), the
+    # multi-worker failure timeout, the user tower's history path
+    for key, value in (("loss.session_membership", "sorted"), ("train.collective_timeout_s", 30),
+                       ("model.history_embeddings", "unique")):
+        assert sig(micrec) == sig(micrec.replace({key: value})), key
     # float noise in a setting is not a different setting
     assert sig(micrec.replace({"loss.lambda_session": 0.1 * 0.3})) == sig(
         micrec.replace({"loss.lambda_session": 0.03}))
