@@ -20,10 +20,10 @@ micrec_tf.train`` with ``TF_CONFIG``), CPU only.
   training ...`` line (no traceback) once the collective fails (the lost gRPC socket, the
   coordination service's heartbeat or ``train.collective_timeout_s``). Restarting both workers
   resumes from the chief's ``backup/`` (both skip the 13 global batches of epoch 1) and
-  finishes: run_state "finished", every epoch in history.json, epoch 1 equal to the
-  uninterrupted run's. The resumed epochs are close to the uninterrupted run but not
-  bit-identical (unlike single-process resume, tests/test_train.py): left, see
-  docs/DISTRIBUTED.md.
+  finishes with the history and final checkpoint of an uninterrupted two-worker run (within
+  1e-6; measured bit-identical). This part trains without CL (``model.cl: []``): with the CL
+  tasks, the resumed epochs differ slightly from the uninterrupted run (measured up to 1.9e-2
+  on a CL loss), unlike single-process resume: left, see docs/DISTRIBUTED.md.
 """
 from __future__ import annotations
 
@@ -138,24 +138,26 @@ def _assert_same_checkpoint(got: dict, ref: dict):
 
 @pytest.fixture(scope="module")
 def setup(tiny_pipeline, tmp_path_factory):
-    """(tmp, config path): the tiny config, 4 epochs, backups every 2 batches, a 60 s collective
-    timeout (10 s failed a healthy run on the loaded 2-core CI machine: one worker reached the
-    final checkpoint's collective 17 s after the other)."""
+    """(tmp, config path, config path without CL): the tiny config, 4 epochs, backups every 2
+    batches, a 60 s collective timeout (10 s failed a healthy run on the loaded 2-core CI
+    machine: one worker reached the final checkpoint's collective 17 s after the other)."""
     import yaml
 
     cfg, _ = tiny_pipeline
     tmp = str(tmp_path_factory.mktemp("multiworker_train"))
     cfg = cfg.replace({"train.epochs": EPOCHS, "train.collective_timeout_s": 60})
-    config = os.path.join(tmp, "config.yaml")
-    with open(config, "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-    return tmp, config
+    paths = []
+    for name, c in (("config.yaml", cfg), ("config_no_cl.yaml", cfg.replace({"model.cl": []}))):
+        paths.append(os.path.join(tmp, name))
+        with open(paths[-1], "w") as fh:
+            yaml.safe_dump(c.to_dict(), fh, sort_keys=False)
+    return tmp, paths[0], paths[1]
 
 
 @pytest.fixture(scope="module")
 def two_worker_run(setup):
     """An uninterrupted two-worker run: (run_dir, worker logs, worker TMPDIRs)."""
-    tmp, config = setup
+    tmp, config, _ = setup
     run_dir = os.path.join(tmp, "runs", "two_workers")
     procs, logs, tmpdirs = _two_workers(tmp, config, run_dir, "full")
     return run_dir, _wait_all(procs, logs), tmpdirs
@@ -163,7 +165,7 @@ def two_worker_run(setup):
 
 @pytest.mark.slow
 def test_two_workers_match_one_process_and_only_the_chief_writes(setup, two_worker_run):
-    tmp, config = setup
+    tmp, config, _ = setup
     run_dir, texts, tmpdirs = two_worker_run
     assert "MultiWorkerMirroredStrategy: 2 replica(s), task worker:0" in texts[0]
     assert "MultiWorkerMirroredStrategy: 2 replica(s), task worker:1" in texts[1]
@@ -198,13 +200,15 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(setup, two_work
     assert not os.path.exists(os.path.dirname(temp))
     assert os.listdir(tmpdirs[1]) == []
     assert "this worker writes" not in texts[0]
-    assert not [n for n in os.listdir(os.path.join(run_dir, "backup")) if "workertemp" in n] \
-        if os.path.isdir(os.path.join(run_dir, "backup")) else True
+    backup = os.path.join(run_dir, "backup")
+    assert not os.path.isdir(backup) or not [n for n in os.listdir(backup) if "workertemp" in n]
 
 
 @pytest.mark.slow
-def test_killed_worker_fails_the_other_and_a_restart_resumes(setup, two_worker_run):
-    tmp, config = setup
+def test_killed_worker_fails_the_other_and_a_restart_resumes(setup):
+    tmp, _, config = setup  # without CL: resume is exact there (with CL it is not, yet)
+    uninterrupted_dir = os.path.join(tmp, "runs", "uninterrupted_no_cl")
+    _wait_all(*_two_workers(tmp, config, uninterrupted_dir, "no-cl")[:2])
     run_dir = os.path.join(tmp, "runs", "killed")
     procs, logs, _ = _two_workers(tmp, config, run_dir, "killed")
     deadline = time.time() + 400
@@ -229,23 +233,28 @@ def test_killed_worker_fails_the_other_and_a_restart_resumes(setup, two_worker_r
     # Restart both: they resume from the chief's backup (epoch 1) and finish.
     procs, logs, tmpdirs = _two_workers(tmp, config, run_dir, "restart")
     texts = _wait_all(procs, logs)
-    for text in texts:
-        assert ("resuming from " + os.path.join(run_dir, "backup") + " at epoch 2: skipping 13 "
-                "batches") in text, text[-3000:]
+    backup = re.escape(os.path.join(run_dir, "backup"))
+    skipped = [re.findall(rf"resuming from {backup} at [^:]*epoch 2[^:]*: skipping (\d+) batches",
+                          text) for text in texts]
+    # Both workers skip the same global batches: epoch 1's 13, or a few more when the kill
+    # came after a batch backup of epoch 2 (every 2 batches).
+    assert skipped[0] == skipped[1] and len(skipped[0]) == 1, texts[0][-3000:]
+    assert 13 <= int(skipped[0][0]) < 26
     with open(os.path.join(run_dir, "run_state.json")) as fh:
         assert json.load(fh)["state"] == "finished"
     assert os.path.exists(os.path.join(run_dir, "metrics.json"))
     with open(os.path.join(run_dir, "history.json")) as fh:
         resumed = json.load(fh)
-    with open(os.path.join(two_worker_run[0], "history.json")) as fh:
+    with open(os.path.join(uninterrupted_dir, "history.json")) as fh:
         uninterrupted = json.load(fh)
-    assert [r["epoch"] for r in resumed] == list(range(1, EPOCHS + 1))
-    # Epoch 1 (trained before the kill) is the uninterrupted run's, exactly. The resumed epochs
-    # are close to it but not bit-identical (measured: up to 4e-3 on the losses, 0.0075 on
-    # val HIT@50; exact resume under the strategy is left, docs/DISTRIBUTED.md).
-    assert resumed[0] == uninterrupted[0]
-    for r, u in zip(resumed[1:], uninterrupted[1:]):
-        assert r["loss"] == pytest.approx(u["loss"], abs=0.05), r["epoch"]
+    # The resumed run ends where the uninterrupted one did: every epoch's losses and validation
+    # HIT@N, and every weight of the final checkpoint (measured: bit-identical).
+    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in uninterrupted] \
+        == list(range(1, EPOCHS + 1))
+    for r, u in zip(resumed, uninterrupted):
+        for key in ("loss", "sampled_softmax_loss", "val_hit_at_10", "val_hit_at_50"):
+            assert r[key] == pytest.approx(u[key], abs=TOL), (r["epoch"], key)
+    _assert_same_checkpoint(_checkpoint(run_dir), _checkpoint(uninterrupted_dir))
     assert resumed[-1]["loss"] < resumed[0]["loss"]
     assert os.listdir(tmpdirs[1]) == []
 
