@@ -332,16 +332,61 @@ class EpochBackup(tf_keras.callbacks.BackupAndRestore):
     With ``save_freq`` in batches alone, an epoch shorter than it is never backed up and a
     killed run restarts from epoch 1. Put it last among the callbacks, so that the epoch-end
     backup follows validation, history and early-stopping state.
+
+    ``sampler_states_path`` (multi-worker training, non-chief workers only; None = the
+    behaviour of before issue 31): this worker's samplers' generator states are saved there
+    with every backup and restored from it on resume. The backup checkpoint holds the chief's
+    states only, and a CL task's draws depend on its replica's batch, so each worker's own
+    streams must come back for a resumed run to continue as the uninterrupted one.
     """
 
-    def __init__(self, backup_dir: str, save_freq: int, log=print):
+    def __init__(self, backup_dir: str, save_freq: int, log=print,
+                 sampler_states_path: str | None = None):
         super().__init__(backup_dir, save_freq=save_freq)
         self.log = log
+        self.sampler_states_path = sampler_states_path
 
     def on_epoch_end(self, epoch, logs=None):
         self._batches_count = 0
         self._backup(epoch=epoch)  # the saved batch is the epoch's last: resume at epoch + 1
         self.log(f"[train] epoch {epoch + 1} backed up to {self.backup_dir}")
+
+    def _saved_at(self) -> list:
+        state = self._training_state
+        return [int(state._ckpt_saved_epoch.numpy()), int(state._ckpt_saved_batch.numpy())]
+
+    def _backup(self, epoch, batch=0):
+        if self.sampler_states_path:
+            # Written before the checkpoint, whose save is a collective: once the chief's
+            # backup exists, this worker's states for it do too. The previous entry is kept
+            # for a kill between the two (the chief's newest backup is then the previous one).
+            path, backups = self.sampler_states_path, []
+            if os.path.exists(path):
+                with open(path) as fh:
+                    backups = json.load(fh)["backups"][-1:]
+            backups.append({"saved_at": self._saved_at(), "states": [
+                [int(x) for x in g.state.numpy()] for g in self.model.samplers]})
+            write_json_atomic(path, {"backups": backups})
+        super()._backup(epoch, batch)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        path = self.sampler_states_path
+        if not path or not os.path.exists(path):
+            return
+        with open(path) as fh:
+            saved = [b for b in json.load(fh)["backups"] if b["saved_at"] == self._saved_at()]
+        if not saved:
+            self.log(f"[train] {path} holds no state for the backup: this worker's samplers "
+                     f"continue from the chief's")
+            return
+        for g, values in zip(self.model.samplers, saved[-1]["states"]):
+            g.state.assign(tf.constant(values, g.state.dtype))
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        if self.sampler_states_path and os.path.exists(self.sampler_states_path):
+            os.remove(self.sampler_states_path)
 
 
 def user_sampler(fraction: float, seed: int, buckets: int = 10000):
@@ -631,7 +676,9 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
         best_cb,
         *extra_callbacks,
         # Last: its epoch-end backup must follow the state the callbacks above just updated.
-        EpochBackup(backup_dir, cfg.train.steps_per_checkpoint, log),
+        EpochBackup(backup_dir, cfg.train.steps_per_checkpoint, log,
+                    os.path.join(backup_dir, f"sampler_states_worker{chief_task_id(strategy)}.json")
+                    if chief_task_id(strategy) else None),
     ]
 
     start = time.time()
