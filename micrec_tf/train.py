@@ -461,7 +461,8 @@ def describe_code_paths(cfg: Config, num_items: int, feature_spec: dict) -> str:
     table = use_history_table(mode, num_items, b, h)
     why = (f"{num_items - 1:,} items {'<' if table else '>='} batch {b} x {h} history slots"
            if mode == "auto" else "forced")
-    return (f"history embeddings: {'catalogue table' if table else 'per slot'} "
+    path = "distinct items" if mode == "unique" else "catalogue table" if table else "per slot"
+    return (f"history embeddings: {path} "
             f"(model.history_embeddings={mode}: {why}); attention: {cfg.model.attention}")
 
 

@@ -141,3 +141,15 @@ def test_unique_is_opt_in_and_round_trips():
         _cfg(history_embeddings="uniq")
     with pytest.raises(ValueError, match="Received: 'uniq'"):
         TW.use_history_table("uniq", V, 1, H)
+
+
+def test_the_training_log_names_the_distinct_items_path():
+    from micrec_tf.config import Config
+    from micrec_tf.train import describe_code_paths
+
+    cfg = Config().replace({"model.history_embeddings": "unique"})
+    line = describe_code_paths(cfg, 1_000_001, {"history_length": 20})
+    assert line.startswith("history embeddings: distinct items (model.history_embeddings=unique")
+    # auto above batch x history keeps reporting the slots, as before
+    line = describe_code_paths(Config(), 1_000_001, {"history_length": 20})
+    assert line.startswith("history embeddings: per slot (model.history_embeddings=auto: 1,000,000")
