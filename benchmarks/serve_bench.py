@@ -226,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_swap.add_common_arguments(p)
     p.add_argument("--concurrency", type=concurrency_levels, default=[1, 8, 32],
                    help="serve_load's client counts (default 1,8,32)")
-    p.add_argument("--requests", type=serve_swap._positive_int, default=2000,
+    p.add_argument("--requests", type=cli.positive_int, default=2000,
                    help="serve_load's requests per level (default 2000)")
     serve_swap.add_swap_arguments(p, prefix="swap-")
     p.add_argument("--output", default="serve_bench.json", help="JSON (default serve_bench.json)")

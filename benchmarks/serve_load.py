@@ -58,6 +58,8 @@ import time
 import urllib.parse
 from collections import Counter
 
+from micrec_tf import cli
+
 VERBS = ("retrieve", "predict")
 # Open loop: sending threads by default (each one request at a time on its own connection).
 DEFAULT_WORKERS = 256
@@ -340,26 +342,6 @@ def _rates(text: str) -> list:
     return rates
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0. Received: {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer. Received: {text!r}")
-    return n
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__
                                 .split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -370,11 +352,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="closed loop: comma-separated client counts (default 1,8,32)")
     p.add_argument("--rate", type=_rates, default=None,
                    help="open loop: comma-separated requests per second (fixed interval)")
-    p.add_argument("--duration", type=_seconds, default=None,
+    p.add_argument("--duration", type=cli.positive_seconds, default=None,
                    help="open loop: seconds of schedule per rate (or --requests)")
-    p.add_argument("--workers", type=_positive, default=None,
+    p.add_argument("--workers", type=cli.positive_int, default=None,
                    help="open loop: sending threads (default 256); none idle = dropped_client")
-    p.add_argument("--requests", type=_positive, default=None,
+    p.add_argument("--requests", type=cli.positive_int, default=None,
                    help="requests per level (closed loop default 1000)")
     p.add_argument("--body-file", required=True, help="request body JSON (module docstring)")
     p.add_argument("--timeout", type=float, default=60.0, help="socket timeout per request (s)")

@@ -488,27 +488,6 @@ def _fmt(x) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer. Received: {text!r}")
-    return n
-
-
-def _positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = 0.0
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds. Received: "
-                                         f"{text!r}")
-    return x
-
-
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The export, bodies and scratch arguments shared with ``benchmarks.serve_bench``."""
     p.add_argument("--export-dir", default=None,
@@ -519,24 +498,24 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scratch-dir", default=None,
                    help="parent of the scratch copy (default the system temp folder)")
     p.add_argument("--keep-scratch", action="store_true", help="keep the scratch copy")
-    p.add_argument("--ready-timeout", type=_positive_float, default=600.0,
+    p.add_argument("--ready-timeout", type=cli.positive_seconds, default=600.0,
                    help="seconds to wait for /readyz (default 600)")
-    p.add_argument("--timeout", type=_positive_float, default=60.0,
+    p.add_argument("--timeout", type=cli.positive_seconds, default=60.0,
                    help="socket timeout per request in seconds (default 60)")
 
 
 def add_swap_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}concurrency", type=_positive_int, default=32,
+    p.add_argument(f"--{prefix}concurrency", type=cli.positive_int, default=32,
                    help="client threads (default 32)")
-    p.add_argument(f"--{prefix}requests", type=_positive_int, default=4000,
+    p.add_argument(f"--{prefix}requests", type=cli.positive_int, default=4000,
                    help="requests (at least; more while no new-version answer came; default 4000)")
-    p.add_argument(f"--{prefix}publish-after", type=_positive_int, default=None,
+    p.add_argument(f"--{prefix}publish-after", type=cli.positive_int, default=None,
                    help="answered requests before the publish (default requests // 4; "
                         "< requests)")
-    p.add_argument(f"--{prefix}after-switch", type=_positive_int, default=None,
+    p.add_argument(f"--{prefix}after-switch", type=cli.positive_int, default=None,
                    help="requests sent after the first new-version answer, at least (default "
                         "--publish-after, 1 at least)")
-    p.add_argument("--swap-timeout", type=_positive_float, default=120.0,
+    p.add_argument("--swap-timeout", type=cli.positive_seconds, default=120.0,
                    help="seconds after the publish to wait for the new version (default 120)")
 
 

@@ -38,6 +38,7 @@ import sys
 import time
 
 import micrec_tf  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+from micrec_tf import cli
 import numpy as np
 
 # configs/synthetic-1m.yaml's world (micrec_tf/data/synthetic.py): 20 topics, each 6 sub-topic
@@ -453,11 +454,7 @@ def main(argv=None) -> int:
                      args.trace, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except ValueError as err:
         ap.error(str(err))
-    text = json.dumps(result, indent=1)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+    cli.print_json(result, args.out)
     return 0
 
 

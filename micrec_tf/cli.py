@@ -74,6 +74,39 @@ def parser(doc: str | None, config_default: str | None = None,
     return p
 
 
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1 (one-line error naming the value)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer. Received: {text!r}")
+    return n
+
+
+def positive_seconds(text: str) -> float:
+    """``argparse`` type: a finite number of seconds > 0 (one-line error naming the value)."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = 0.0
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0. Received: {text!r}")
+    return x
+
+
+def print_json(result, out: str | None = None) -> None:
+    """Prints ``result`` as indented JSON on stdout and, with ``out``, writes it there too."""
+    import json
+
+    text = json.dumps(result, indent=1)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+    print(text)
+
+
 def load(args):
     """The validated :class:`~micrec_tf.config.Config` of parsed ``--config`` / ``--set`` args."""
     from micrec_tf.config import load_config, parse_overrides

@@ -298,11 +298,7 @@ def main(argv=None) -> int:
     cfg = cli.load(args)
     result = evaluate_export(cfg, args.run_dir, args.export, args.version, args.split,
                              args.recall_queries)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    print(text)
+    cli.print_json(result, args.out)
     return 0
 
 
