@@ -32,13 +32,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from test_multiworker import _free_ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 4
@@ -62,16 +62,6 @@ if os.environ.get("MIRRORED_REFERENCE"):
 from micrec_tf import cli, train
 sys.exit(cli.run(train.main))
 '''
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _launch(tmp, config, run_dir, log_path, tf_config=None, reference=False, tmpdir=None):
