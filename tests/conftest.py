@@ -147,6 +147,26 @@ def tiny_config(tmp: str, **sections) -> "object":
     return from_dict(raw)
 
 
+
+def tiny_export_raw(root) -> dict:
+    """The raw config (a dict, for a YAML file) of the tiny exported run the export and index
+    tests train: 1,200 items, feature + session CL, one epoch, everything under ``root``."""
+    root = str(root)
+    return {
+        "name": "tiny",
+        "artifacts_root": os.path.join(root, "artifacts"),
+        "data": {"dataset": "synthetic", "data_dir": os.path.join(root, "data"),
+                 "synthetic": {"num_users": 150, "num_items": 1200, "num_events": 4000,
+                               "num_topics": 8, "seed": 3}},
+        "preprocess": {"num_shards": 1},
+        "model": {"cl": ["feature", "session"], "embedding_dim": 16,
+                  "item_mlp_units": [32, 64], "user_mlp_units": [32, 64]},
+        "loss": {"num_negatives": 64},
+        "train": {"batch_size": 512, "epochs": 1, "runs_dir": os.path.join(root, "runs"),
+                  "early_stopping_patience": 0},
+        "export": {"exports_dir": os.path.join(root, "exports")},
+    }
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     """(cfg, tmp dir) after the preprocessing and title-neighbour (taxonomy) jobs have run."""

@@ -25,6 +25,8 @@ from micrec_tf import search
 from micrec_tf.config import load_config
 from micrec_tf.retrieval import Retriever
 
+from conftest import tiny_export_raw
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H = 20
 DOCS = os.path.join(ROOT, "docs", "SERVING.md")
@@ -42,20 +44,7 @@ def env(tmp_path_factory):
     from micrec_tf.train import train
 
     root = tmp_path_factory.mktemp("export_env")
-    raw = {
-        "name": "tiny",
-        "artifacts_root": str(root / "artifacts"),
-        "data": {"dataset": "synthetic", "data_dir": str(root / "data"),
-                 "synthetic": {"num_users": 150, "num_items": 1200, "num_events": 4000,
-                               "num_topics": 8, "seed": 3}},
-        "preprocess": {"num_shards": 1},
-        "model": {"cl": ["feature", "session"], "embedding_dim": 16,
-                  "item_mlp_units": [32, 64], "user_mlp_units": [32, 64]},
-        "loss": {"num_negatives": 64},
-        "train": {"batch_size": 512, "epochs": 1, "runs_dir": str(root / "runs"),
-                  "early_stopping_patience": 0},
-        "export": {"exports_dir": str(root / "exports")},
-    }
+    raw = tiny_export_raw(root)
     cfg_path = root / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     _run([sys.executable, "-m", "pipelines.preprocess", "--config", str(cfg_path)], 300)

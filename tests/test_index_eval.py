@@ -15,6 +15,8 @@ from micrec_tf import search
 from micrec_tf.config import ConfigError, load_config
 from micrec_tf.evaluation import index_eval
 
+from conftest import tiny_export_raw
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -219,22 +221,9 @@ def exported_run(tmp_path_factory):
     from micrec_tf.train import train
 
     root = tmp_path_factory.mktemp("index_eval")
-    raw = {
-        "name": "tiny",
-        "artifacts_root": str(root / "artifacts"),
-        "data": {"dataset": "synthetic", "data_dir": str(root / "data"),
-                 "synthetic": {"num_users": 150, "num_items": 1200, "num_events": 4000,
-                               "num_topics": 8, "seed": 3}},
-        "preprocess": {"num_shards": 1},
-        "model": {"cl": ["feature", "session"], "embedding_dim": 16,
-                  "item_mlp_units": [32, 64], "user_mlp_units": [32, 64]},
-        "loss": {"num_negatives": 64},
-        "train": {"batch_size": 512, "epochs": 1, "runs_dir": str(root / "runs"),
-                  "early_stopping_patience": 0},
-        "eval": {"hit_n": [10, 50], "coverage_n": [50], "exclude_clicked": True,
-                 "test_max_examples": 300},
-        "export": {"exports_dir": str(root / "exports")},
-    }
+    raw = tiny_export_raw(root)
+    raw["eval"] = {"hit_n": [10, 50], "coverage_n": [50], "exclude_clicked": True,
+                   "test_max_examples": 300}
     cfg_path = root / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--config",
