@@ -88,14 +88,14 @@ def test_history_gradient_rows_shrink_with_the_table():
     assert rows[1] < rows[0]
 
 
-def _embedded_shapes(tower, run):
-    """The index shapes ``tower``'s item field embeddings are called on while ``run()`` runs."""
+def embedded_ids(tower, run):
+    """The item index tensors ``tower``'s item field embeddings are called on in ``run()``."""
     seen = []
     layer = tower.item_field_embeddings
     original = layer.call
 
     def spy(features, *args, **kwargs):
-        seen.append(tuple(features["item"].shape))
+        seen.append(features["item"])
         return original(features, *args, **kwargs)
 
     layer.call = spy
@@ -104,6 +104,11 @@ def _embedded_shapes(tower, run):
     finally:
         layer.call = original
     return seen
+
+
+def _embedded_shapes(tower, run):
+    """The index shapes ``tower``'s item field embeddings are called on while ``run()`` runs."""
+    return [tuple(ids.shape) for ids in embedded_ids(tower, run)]
 
 
 @pytest.mark.parametrize("batch_size,path", [(V // H + 1, "table"), (V // H, "slots")])

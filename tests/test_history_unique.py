@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from micrec_tf import towers as TW
 from micrec_tf.config import ConfigError
-from test_fast_paths import assert_same_function
+from test_fast_paths import assert_same_function, embedded_ids
 from test_model import H, V, _batches, _build, _cfg, _tensors
 
 TOL = 1e-5
@@ -46,30 +46,12 @@ def test_unique_history_matches_the_slots(name, cl):
     assert_same_function(old, new, batch, TOL)
 
 
-def _embedded_ids(tower, run):
-    """The item index tensors ``tower``'s item field embeddings are called on in ``run()``."""
-    seen = []
-    layer = tower.item_field_embeddings
-    original = layer.call
-
-    def spy(features, *args, **kwargs):
-        seen.append(features["item"])
-        return original(features, *args, **kwargs)
-
-    layer.call = spy
-    try:
-        run()
-    finally:
-        layer.call = original
-    return seen
-
-
 def test_unique_embeds_each_distinct_history_item_once():
     model = _build(_cfg(name="ican", cl=[], history_embeddings="unique"))
     raw = _batches(1, 32, seed=3)[0]
     want = sorted({int(x) for x in np.asarray(raw["hist_items"]).reshape(-1)})  # incl. padding 0
     assert len(want) < raw["hist_items"].size  # the batch repeats items: fewer rows than slots
-    seen = _embedded_ids(model.user_tower,
+    seen = embedded_ids(model.user_tower,
                          lambda: model.user_tower(_tensors(raw), training=True))
     assert len(seen) == 1
     assert sorted(seen[0].numpy().tolist()) == want
