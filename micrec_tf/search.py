@@ -290,25 +290,69 @@ def top_k_by_score_fn(score_fn: ScoreFn, num_rows: int, k: int, exclude=None,
     ``exclude``: per-query exclusion sets (module doc); ``valid_mask``: bool [V], False columns are
     never retrieved; ``skip_columns``: columns never retrieved (as in :func:`top_k`).
     Returns ``indices int64 [num_rows, k]`` and ``scores [num_rows, k]``.
+
+    With a ``valid_mask``, each block is cut to its retrievable columns before the top-k (same
+    result: the columns keep their order, so the tie rule holds): ranking 400 cold items of a
+    4,000-item catalogue then costs what 400 columns cost, not a sort of every row.
     """
     k = _check_k(k)
+    if valid_mask is None:
+        return _top_k_blocks(score_fn, num_rows, k, exclude, batch_size, secondary,
+                             skip_columns, None)
+    columns = _retrievable_columns(valid_mask, skip_columns)
+    return _top_k_blocks(lambda a, b: np.asarray(score_fn(a, b))[:, columns], num_rows, k,
+                         exclude, batch_size, secondary, None, columns)
+
+
+def _retrievable_columns(valid_mask, skip_columns) -> np.ndarray:
+    """int64 [C] ascending: the columns of ``valid_mask`` that are True and not skipped."""
+    valid = np.array(valid_mask, dtype=bool, copy=True).reshape(-1)
+    if skip_columns is not None:
+        valid[skip_columns] = False
+    return np.nonzero(valid)[0]
+
+
+def _top_k_blocks(score_fn: ScoreFn, num_rows: int, k: int, exclude, batch_size: int,
+                  secondary, skip_columns, columns):
+    """The loop of :func:`top_k_by_score_fn`. ``columns``: None, or int64 [C] ascending when
+    ``score_fn`` returns only those columns of the [B, V] scores (the indices, exclusion sets
+    and ``secondary`` stay in the full V space and are mapped here)."""
     excl = as_exclusion(exclude, num_rows)
-    if valid_mask is not None:
-        valid_mask = np.asarray(valid_mask, dtype=bool)
+    to_narrow = None
+    if columns is not None:
+        if secondary is not None:
+            secondary = np.asarray(secondary)[columns]
+        if excl is not None:  # full column -> narrow position, -1 where not retrievable
+            width = int(columns[-1]) + 1 if columns.size else 0
+            to_narrow = np.full(width, -1, np.int64)
+            to_narrow[columns] = np.arange(columns.size)
+    kk = k if columns is None else min(k, int(columns.size))
     all_idx, all_scores = [], []
     for start in range(0, num_rows, batch_size):
         stop = min(num_rows, start + batch_size)
         scores = _working_copy(score_fn(start, stop))
         if skip_columns is not None:
             scores[:, skip_columns] = -np.inf
-        if valid_mask is not None:
-            scores[:, ~valid_mask] = -np.inf
         if excl is not None:
             rows, cols = excl.rows_cols(start, stop)
-            keep = (cols >= 0) & (cols < scores.shape[1])
-            scores[rows[keep], cols[keep]] = -np.inf
-        idx, sc = _top_k_prepared(scores, k, secondary)
-        all_idx.append(idx)
+            width = scores.shape[1] if to_narrow is None else to_narrow.size
+            keep = (cols >= 0) & (cols < width)
+            rows, cols = rows[keep], cols[keep]
+            if to_narrow is not None:  # excluded columns that are not retrievable drop out
+                cols = to_narrow[cols]
+                rows, cols = rows[cols >= 0], cols[cols >= 0]
+            scores[rows, cols] = -np.inf
+        if kk == 0:
+            idx = np.full((stop - start, 0), -1, np.int64)
+            sc = np.zeros((stop - start, 0), scores.dtype)
+        else:
+            idx, sc = _top_k_prepared(scores, kk, secondary)
+        if columns is not None:
+            idx = np.where(idx >= 0, columns[np.clip(idx, 0, None)] if columns.size else -1, -1)
+            if kk < k:
+                idx = np.pad(idx, ((0, 0), (0, k - kk)), constant_values=-1)
+                sc = np.pad(sc, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+        all_idx.append(idx.astype(np.int64, copy=False))
         all_scores.append(sc)
     if not all_idx:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
@@ -339,11 +383,15 @@ def top_k_dot(queries, vectors, k: int, exclude=None, valid_mask: np.ndarray | N
     # A block of scores is at most SCORE_BLOCK_ENTRIES (1 GB of float32 at 1 M items).
     batch_size = max(1, min(int(batch_size), SCORE_BLOCK_ENTRIES // max(1, vectors.shape[0])))
     q = queries.astype(dt, copy=False)
+    columns = None
+    if valid_mask is not None:  # score the retrievable items only (see top_k_by_score_fn)
+        columns = _retrievable_columns(valid_mask, skip_columns)
+        vectors, skip_columns = vectors[columns], None
     items_t = vectors.astype(dt, copy=False).T
     if q.shape[0] > batch_size:  # several products: one contiguous copy pays
         items_t = np.ascontiguousarray(items_t)
-    return top_k_by_score_fn(lambda a, b: q[a:b] @ items_t, q.shape[0], k, exclude,
-                             valid_mask, batch_size, skip_columns=skip_columns)
+    return _top_k_blocks(lambda a, b: q[a:b] @ items_t, q.shape[0], _check_k(k), exclude,
+                         batch_size, None, skip_columns, columns)
 
 
 # Gathered candidate-vector entries per block of :func:`rescore_candidates` (64 M floats, 256 MB).

@@ -62,14 +62,34 @@ def test_topk_integer_vectors_ties_exclusion_valid_mask(seed):
     items[0] = 5.0  # the padding row would win every query if it were not masked
     exclude = [rng.choice(np.arange(0, 30), size=rng.integers(0, 12), replace=False)
                for _ in range(41)]
-    valid = rng.random(30) > 0.15
-    for k in (1, 5, 29, 40):  # 40 > catalogue: padded with -1
-        idx, sc = M.top_k_items(users, items, k, exclude=exclude, valid_mask=valid, batch_size=6)
-        ref = ref_topk(ref_scores(users, items), k, exclude, valid)
-        np.testing.assert_array_equal(idx, ref)
-        assert np.all(np.isneginf(sc[idx == -1]))
-        for i in range(41):
-            assert not set(idx[i][idx[i] > 0]) & set(exclude[i].tolist())
+    # Dense and sparse masks: a sparse one (fewer retrievable items than k) is the cold slice's
+    # case, where the search cuts each block to the retrievable columns.
+    for valid in (rng.random(30) > 0.15, rng.random(30) > 0.8, np.zeros(30, bool)):
+        for k in (1, 5, 29, 40):  # 40 > catalogue: padded with -1
+            idx, sc = M.top_k_items(users, items, k, exclude=exclude, valid_mask=valid,
+                                    batch_size=6)
+            ref = ref_topk(ref_scores(users, items), k, exclude, valid)
+            np.testing.assert_array_equal(idx, ref)
+            assert np.all(np.isneginf(sc[idx == -1]))
+            for i in range(41):
+                assert not set(idx[i][idx[i] > 0]) & set(exclude[i].tolist())
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_top_k_by_score_fn_valid_mask_secondary_exclusion(seed):
+    """The narrowed path of top_k_by_score_fn: a sparse valid mask with a secondary key and
+    exclusion sets (some on non-retrievable items), k below and above the retrievable count."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, size=(23, 40)).astype(np.float64)
+    sec = rng.integers(0, 4, size=40)
+    valid = rng.random(40) < 0.3
+    exclude = [rng.choice(40, size=rng.integers(0, 6), replace=False) for _ in range(23)]
+    for k in (1, 4, int(valid.sum()) + 3):
+        idx, sc = M.top_k_by_score_fn(lambda a, b: scores[a:b], 23, k, exclude=exclude,
+                                      valid_mask=valid, batch_size=5, secondary=sec)
+        np.testing.assert_array_equal(idx, ref_topk(scores, k, exclude, valid, sec))
+        got = np.where(idx >= 0, np.take_along_axis(scores, np.maximum(idx, 0), 1), -np.inf)
+        np.testing.assert_array_equal(sc, got)
 
 
 def test_tie_breaking_rule_by_hand():

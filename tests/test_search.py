@@ -163,13 +163,13 @@ def test_wide_rows_prefilter_is_exact(monkeypatch):
 
 def test_top_k_dot_caps_the_score_block(monkeypatch):
     seen = []
-    real = search.top_k_by_score_fn
+    real = search._top_k_blocks
 
-    def spy(score_fn, num_rows, k, exclude, valid_mask, batch_size, **kw):
+    def spy(score_fn, num_rows, k, exclude, batch_size, *args):
         seen.append(batch_size)
-        return real(score_fn, num_rows, k, exclude, valid_mask, batch_size, **kw)
+        return real(score_fn, num_rows, k, exclude, batch_size, *args)
 
-    monkeypatch.setattr(search, "top_k_by_score_fn", spy)
+    monkeypatch.setattr(search, "_top_k_blocks", spy)
     monkeypatch.setattr(search, "SCORE_BLOCK_ENTRIES", 300)
     rs = np.random.RandomState(0)
     q, items = rs.randn(25, 4), rs.randn(100, 4)
