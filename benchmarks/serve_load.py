@@ -25,16 +25,22 @@ Prints one line per concurrency and writes JSON (``--output``, default ``serve_l
 requests of the level, successful or not; ``p50`` / ``p99`` are nearest-rank percentiles.
 
 **Open loop** (``--rate R[,R2,...]`` with ``--duration S`` or ``--requests N``, instead of
-``--concurrency``): per rate, requests are sent on a FIXED-INTERVAL schedule, request ``i`` at
-``i / R`` seconds after the level's start, whatever the answers: ``N`` requests, or with
-``--duration`` every ``i`` with ``i / R < S``, i.e. ``ceil(R x S)`` (exactly ``R x S`` when that
-is a whole number). They are sent by a pool of ``--workers`` threads (default 256, each with its
+``--concurrency``): per rate, requests are sent on a schedule, whatever the answers.
+``--arrivals fixed`` (the default, the only schedule before ``--arrivals`` existed): a
+FIXED-INTERVAL schedule, request ``i`` at ``i / R`` seconds after the level's start: ``N``
+requests, or with ``--duration`` every ``i`` with ``i / R < S``, i.e. ``ceil(R x S)`` (exactly
+``R x S`` when that is a whole number). ``--arrivals poisson [--seed K]`` (default seed 0): a
+Poisson process, exponential gaps of mean ``1 / R`` drawn from ``numpy.random.default_rng(K)``
+(the first request after one gap): ``N`` requests, or every arrival before ``S`` (a random count
+of mean ``R x S``); the same seed gives the same schedule (:func:`schedule`). The summary's
+``arrivals`` says which (and the file's ``seed`` for Poisson). They are sent by a pool of ``--workers`` threads (default 256, each with its
 own keep-alive connection); a request whose time comes while every worker is busy is NOT sent
 and counted as ``"dropped_client"`` (the schedule is never delayed). Its latency runs from its
 SCHEDULED time to the last byte of the answer, so a late send (the client's own queueing)
-counts. Per rate: ``scheduled``, ``sent``, ``dropped_client``, ``offered_rps`` (= R),
+counts. Per rate: ``arrivals``, ``scheduled``, ``sent``, ``dropped_client``, ``offered_rps`` (= R),
 ``achieved_rps`` (HTTP answers of any status per second) and ``ok_rps`` (200s per second) over
-``seconds`` = max(N / R, the last answer's time), latency ``p50_ms`` / ``p99_ms`` / ``mean_ms`` /
+``seconds`` = max(N / R, the last answer's time) (Poisson with ``--duration``: max(S, the last
+answer's time)), latency ``p50_ms`` / ``p99_ms`` / ``mean_ms`` /
 ``max_ms`` over the sent requests and ``ok_p50_ms`` / ``ok_p99_ms`` / ``ok_max_ms`` over the 200s,
 ``codes`` (``"dropped_client"`` included), ``share_503`` (503s / scheduled), ``retry_after`` (503s
 that carried a ``Retry-After`` header) and ``versions``. ``--inprocess`` is for the closed loop.
@@ -174,20 +180,44 @@ def run_level(url: str, path: str, bodies: list, requests: int, concurrency: int
                      concurrency)
 
 
-def schedule(rate: float, duration: float | None = None, requests: int | None = None) -> list:
-    """Offsets in seconds of the open loop's fixed-interval schedule: ``i / rate`` for ``i`` in
-    ``0..requests-1``, or (``duration``) for every ``i`` with ``i / rate < duration``. Exactly one
-    of ``duration`` / ``requests``."""
+ARRIVALS = ("fixed", "poisson")
+
+
+def schedule(rate: float, duration: float | None = None, requests: int | None = None,
+             arrivals: str = "fixed", seed: int = 0) -> list:
+    """Offsets in seconds of the open loop's schedule. Exactly one of ``duration`` /
+    ``requests``.
+
+    ``arrivals="fixed"`` (the default, and the only schedule before ``arrivals`` existed):
+    ``i / rate`` for ``i`` in ``0..requests-1``, or (``duration``) for every ``i`` with
+    ``i / rate < duration``. ``arrivals="poisson"``: a Poisson process of intensity ``rate``:
+    arrival ``i`` at ``g_0 + ... + g_i``, the gaps ``g`` independent exponential draws of mean
+    ``1 / rate`` from ``numpy.random.default_rng(seed)`` (drawn in order, so the ``requests=N``
+    schedule is the first ``N`` offsets of any longer one of the same seed); ``requests``
+    offsets, or every arrival before ``duration`` (a Poisson count of mean ``rate x
+    duration``; possibly none). Offsets are strictly increasing (a gap too small to move a
+    float is widened to the next float). A pure function: the same arguments give the same
+    list."""
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) \
             or rate <= 0:
         raise ValueError(f"rate must be a finite number > 0. Received: rate={rate!r}")
     if (duration is None) == (requests is None):
         raise ValueError("give exactly one of duration and requests. Received: "
                          f"duration={duration!r}, requests={requests!r}")
+    if arrivals not in ARRIVALS:
+        raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}. Received: "
+                         f"arrivals={arrivals!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0. Received: seed={seed!r}")
     if requests is None:
         if not math.isfinite(duration) or duration <= 0:
             raise ValueError(f"duration must be a finite number > 0. Received: "
                              f"duration={duration!r}")
+    elif isinstance(requests, bool) or not isinstance(requests, int) or requests < 1:
+        raise ValueError(f"requests must be an int >= 1. Received: requests={requests!r}")
+    if arrivals == "poisson":
+        return _poisson_schedule(float(rate), duration, requests, seed)
+    if requests is None:
         n = math.ceil(rate * duration)
         while n > 0 and (n - 1) / rate >= duration:   # float rounding of rate x duration
             n -= 1
@@ -195,22 +225,46 @@ def schedule(rate: float, duration: float | None = None, requests: int | None = 
             n += 1
     else:
         n = requests
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"requests must be an int >= 1. Received: requests={requests!r}")
     return [i / rate for i in range(n)]
 
 
-def summarize_open(records: list, rate: float, scheduled: int) -> dict:
+def _poisson_schedule(rate: float, duration: float | None, requests: int | None,
+                      seed: int) -> list:
+    """:func:`schedule`'s Poisson arrivals (arguments already checked)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    chunk = requests if requests is not None else max(64, math.ceil(rate * duration * 1.1) + 64)
+    offsets: list = []
+    t = 0.0
+    while True:
+        for gap in rng.exponential(1.0 / rate, size=chunk).tolist():
+            nxt = t + gap
+            if nxt <= t:                               # a gap below the float spacing at t
+                nxt = math.nextafter(t, math.inf)
+            t = nxt
+            if duration is not None and t >= duration:
+                return offsets
+            offsets.append(t)
+            if requests is not None and len(offsets) == requests:
+                return offsets
+
+
+def summarize_open(records: list, rate: float, scheduled: int, arrivals: str = "fixed",
+                   span: float | None = None) -> dict:
     """One open-loop level's figures from ``records``: one ``(scheduled offset s, answered offset
     s or None, code key, version or None, retry_after bool)`` per scheduled request
-    (``"dropped_client"`` ones have no answer). Offsets from the level's start."""
+    (``"dropped_client"`` ones have no answer). Offsets from the level's start. ``span``: the
+    schedule's length in seconds (``seconds`` = max(span, the last answer)); None (the fixed
+    schedule's, and the only one before Poisson arrivals): ``scheduled / rate``. ``arrivals``
+    is reported as given."""
     sent = [r for r in records if r[2] != "dropped_client"]
     ms = [(r[1] - r[0]) * 1000.0 for r in sent]
     ok = [(r[1] - r[0]) * 1000.0 for r in sent if r[2] == "200"]
     codes = Counter(r[2] for r in records)
     answered = sum(n for code, n in codes.items() if code.isdigit())
-    seconds = max([scheduled / rate] + [r[1] for r in sent])
-    return {"rate": rate, "arrivals": "fixed", "scheduled": scheduled, "sent": len(sent),
+    seconds = max([scheduled / rate if span is None else span] + [r[1] for r in sent])
+    return {"rate": rate, "arrivals": arrivals, "scheduled": scheduled, "sent": len(sent),
             "dropped_client": codes.get("dropped_client", 0), "seconds": seconds,
             "offered_rps": float(rate),
             "achieved_rps": answered / seconds, "ok_rps": codes.get("200", 0) / seconds,
@@ -230,15 +284,17 @@ def summarize_open(records: list, rate: float, scheduled: int) -> dict:
 def run_open_level(url: str, path: str, bodies: list, rate: float, duration: float | None = None,
                    requests: int | None = None, workers: int = DEFAULT_WORKERS,
                    timeout: float = 60.0,
-                   after_schedule=None) -> dict:
+                   after_schedule=None, arrivals: str = "fixed", seed: int = 0) -> dict:
     """The open loop at ``rate`` (module docstring): POSTs of ``bodies`` (request ``i`` sends
-    body ``i mod len``) on :func:`schedule`'s times by a pool of ``workers`` threads; a request
-    due while all are busy is ``"dropped_client"``. ``after_schedule()`` (tests) is called once
-    every request was sent or dropped, before waiting for the answers."""
+    body ``i mod len``) on :func:`schedule`'s times (``arrivals``, ``seed``: see there) by a
+    pool of ``workers`` threads; a request due while all are busy is ``"dropped_client"``.
+    ``after_schedule()`` (tests) is called once every request was sent or dropped, before
+    waiting for the answers. Poisson levels span ``duration`` (or, with ``requests``,
+    ``requests / rate``)."""
     host, port = _host_port(url)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1. Received: workers={workers!r}")
-    offsets = schedule(rate, duration, requests)
+    offsets = schedule(rate, duration, requests, arrivals, seed)
     jobs: queue.Queue = queue.Queue()
     lock = threading.Lock()
     idle = [workers]
@@ -281,7 +337,10 @@ def run_open_level(url: str, path: str, bodies: list, rate: float, duration: flo
         jobs.put(None)
     for t in threads:
         t.join()
-    return summarize_open(records, float(rate), len(offsets))
+    if arrivals == "fixed":
+        return summarize_open(records, float(rate), len(offsets))
+    span = duration if duration is not None else len(offsets) / rate
+    return summarize_open(records, float(rate), len(offsets), arrivals, span)
 
 
 def run_inprocess(version_dir: str, bodies: list, requests: int, verb: str) -> dict:
@@ -342,6 +401,23 @@ def _rates(text: str) -> list:
     return rates
 
 
+def _arrivals(text: str) -> str:
+    if text not in ARRIVALS:
+        raise argparse.ArgumentTypeError(f"--arrivals takes {' or '.join(ARRIVALS)}. "
+                                         f"Received: {text!r}")
+    return text
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"--seed takes an integer >= 0. Received: {text!r}")
+    return seed
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__
                                 .split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -356,6 +432,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="open loop: seconds of schedule per rate (or --requests)")
     p.add_argument("--workers", type=cli.positive_int, default=None,
                    help="open loop: sending threads (default 256); none idle = dropped_client")
+    p.add_argument("--arrivals", type=_arrivals, default=None,
+                   help="open loop: fixed (default; request i at i / rate) or poisson "
+                        "(exponential gaps of mean 1 / rate)")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="open loop, --arrivals poisson: seed of the gaps (default 0)")
     p.add_argument("--requests", type=cli.positive_int, default=None,
                    help="requests per level (closed loop default 1000)")
     p.add_argument("--body-file", required=True, help="request body JSON (module docstring)")
@@ -370,7 +451,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """Open and closed loop options do not mix; each error one line (exit 2)."""
     if args.rate is None:
-        for name in ("duration", "workers"):
+        for name in ("duration", "workers", "arrivals", "seed"):
             if getattr(args, name) is not None:
                 parser.error(f"--{name} needs --rate (the open loop). Received: "
                              f"--{name} {getattr(args, name)}")
@@ -381,6 +462,9 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     if (args.duration is None) == (args.requests is None):
         parser.error("--rate needs exactly one of --duration and --requests. Received: "
                      f"--duration {args.duration} --requests {args.requests}")
+    if args.seed is not None and args.arrivals != "poisson":
+        parser.error("--seed draws Poisson arrivals; it needs --arrivals poisson. Received: "
+                     f"--seed {args.seed} --arrivals {args.arrivals or 'fixed'}")
     if args.inprocess:
         parser.error("--inprocess compares closed-loop levels; run it without --rate. "
                      f"Received: --inprocess {args.inprocess}")
@@ -389,19 +473,24 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
 def main_open(args, bodies: list, path: str) -> int:
     levels = []
     args.workers = args.workers or DEFAULT_WORKERS
+    arrivals = args.arrivals or "fixed"
+    seed = 0 if args.seed is None else args.seed
     for rate in args.rate:
         level = run_open_level(args.url, path, bodies, rate, args.duration, args.requests,
-                               args.workers, args.timeout)
+                               args.workers, args.timeout, arrivals=arrivals, seed=seed)
         levels.append(level)
         p50 = "-" if level["p50_ms"] is None else f"{level['p50_ms']:.2f}"
         p99 = "-" if level["p99_ms"] is None else f"{level['p99_ms']:.2f}"
+        share = "-" if level["share_503"] is None else f"{level['share_503']:.3f}"
         print(f"rate={rate:g} n={level['scheduled']} offered {level['offered_rps']:.1f} req/s "
               f"achieved {level['achieved_rps']:.1f} (200s {level['ok_rps']:.1f}) p50 {p50} ms "
-              f"p99 {p99} ms 503 share {level['share_503']:.3f} codes {level['codes']}",
+              f"p99 {p99} ms 503 share {share} codes {level['codes']}",
               flush=True)
     result = {"url": args.url, "model": args.model, "verb": args.verb, "mode": "open",
-              "arrivals": "fixed", "duration": args.duration, "requests": args.requests,
+              "arrivals": arrivals, "duration": args.duration, "requests": args.requests,
               "workers": args.workers, "bodies": len(bodies), "levels": levels}
+    if arrivals == "poisson":   # (fixed-arrival files keep the keys they had before)
+        result["seed"] = seed
     with open(args.output, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
     return 0

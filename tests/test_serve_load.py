@@ -9,7 +9,10 @@ Open loop (``--rate``): the fixed-interval schedule written out by hand (``i / R
 S)`` requests, float rounding of ``R x S`` included); the level's figures from hand-made records
 (percentiles, rates and shares computed by hand); the counting server's tallies for ``R x S``
 requests; ``dropped_client`` made deterministic by a server that holds its answers until the
-whole schedule has been dispatched; one-line argument errors. Slow: overload of a real server
+whole schedule has been dispatched; one-line argument errors. Poisson arrivals: determinism
+for a seed, strictly increasing offsets below the duration, the mean gap of 20,000 draws within
+3 % of 1 / rate and their coefficient of variation within 5 % of 1 (the exponential law's, by
+pure-Python sums over a fixed seed), the counting server's tallies of the drawn schedule. Slow: overload of a real server
 (queue of 2, a 300 ms batching window) at 40 requests/s: 503s with ``Retry-After``, every 200
 run in a batch of at most ``max_queue`` requests (counts from /metrics), ``/healthz`` 200 after.
 """
@@ -259,8 +262,79 @@ def test_an_exhausted_pool_drops_instead_of_delaying():
     assert level["share_503"] == 0.0
 
 
+def _gaps(offsets: list) -> list:
+    """Inter-arrival gaps, the first from 0 (pure Python)."""
+    return [b - a for a, b in zip([0.0] + offsets[:-1], offsets)]
+
+
+def test_poisson_schedule_is_deterministic_increasing_and_bounded():
+    one = serve_load.schedule(40, duration=3, arrivals="poisson", seed=7)
+    assert one == serve_load.schedule(40, duration=3, arrivals="poisson", seed=7)
+    assert one != serve_load.schedule(40, duration=3, arrivals="poisson", seed=8)
+    assert all(b > a for a, b in zip(one, one[1:])) and one[0] > 0
+    assert max(one) < 3
+    # the requests=N schedule is the first N arrivals of the same draws; the next one is >= 3 s
+    longer = serve_load.schedule(40, requests=len(one) + 1, arrivals="poisson", seed=7)
+    assert longer[:-1] == one and longer[-1] >= 3
+    assert len(serve_load.schedule(5, requests=37, arrivals="poisson", seed=1)) == 37
+    # not a fixed interval: the gaps differ
+    assert len({round(g, 9) for g in _gaps(one)}) == len(one)
+    # a long duration beyond the first block of draws: still every arrival < duration, and the
+    # same draws as a requests=N schedule
+    long_one = serve_load.schedule(10, duration=60, arrivals="poisson", seed=3)
+    assert max(long_one) < 60 and all(b > a for a, b in zip(long_one, long_one[1:]))
+    assert serve_load.schedule(10, requests=len(long_one), arrivals="poisson",
+                               seed=3) == long_one
+    for kwargs, message in [({"arrivals": "burst"}, "arrivals must be one of"),
+                            ({"arrivals": "poisson", "seed": -1}, "seed must be"),
+                            ({"arrivals": "poisson", "seed": 1.5}, "seed must be")]:
+        with pytest.raises(ValueError, match=message):
+            serve_load.schedule(5, duration=1, **kwargs)
+
+
+def test_poisson_gaps_have_mean_one_over_rate_and_unit_variation():
+    """20,000 draws at 50 /s, a fixed seed (deterministic): an exponential law has mean 1 / rate
+    and standard deviation = mean (coefficient of variation 1); the fixed schedule's CV is 0."""
+    gaps = _gaps(serve_load.schedule(50, requests=20000, arrivals="poisson", seed=0))
+    n = len(gaps)
+    mean = sum(gaps) / n
+    std = (sum((g - mean) ** 2 for g in gaps) / (n - 1)) ** 0.5
+    assert n == 20000
+    assert abs(mean - 1 / 50) <= 0.03 * (1 / 50)
+    assert abs(std / mean - 1.0) <= 0.05
+    # a Poisson count: the arrivals in [0, 400 s) at 50 /s number 20,000 on average (sd 141)
+    count = len(serve_load.schedule(50, duration=400, arrivals="poisson", seed=0))
+    assert abs(count - 20000) <= 5 * 141
+
+
+def test_poisson_open_loop_sends_the_schedule_and_reports_it(counting_server, tmp_path):
+    url, received = counting_server
+    bodies = tmp_path / "bodies.json"
+    bodies.write_text(json.dumps([{"k": 1}, {"busy": 1}]))
+    out = tmp_path / "out.json"
+    want = serve_load.schedule(60, duration=0.5, arrivals="poisson", seed=4)
+    assert serve_load.main(["--url", url, "--model", "m", "--rate", "60", "--duration", "0.5",
+                            "--arrivals", "poisson", "--seed", "4", "--workers", "32",
+                            "--body-file", str(bodies), "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["arrivals"] == "poisson" and result["seed"] == 4
+    (level,) = result["levels"]
+    n = len(want)
+    busy = n // 2          # request i sends body i mod 2: odd i are the busy ones
+    assert level["arrivals"] == "poisson"
+    assert (level["scheduled"], level["sent"]) == (n, n)
+    assert n > 2 and level["codes"] == {"200": n - busy, "503": busy}
+    assert level["seconds"] >= 0.5 and level["offered_rps"] == 60.0
+    path = "/v1/models/m:retrieve"
+    assert received == Counter({(path, b'{"k": 1}'): n - busy, (path, b'{"busy": 1}'): busy})
+
+
 @pytest.mark.parametrize("argv", [
     ["--rate", "0", "--duration", "1"], ["--rate", "a", "--duration", "1"],
+    ["--rate", "5", "--duration", "1", "--arrivals", "burst"],
+    ["--rate", "5", "--duration", "1", "--arrivals", "poisson", "--seed", "-3"],
+    ["--rate", "5", "--duration", "1", "--arrivals", "poisson", "--seed", "x"],
+    ["--rate", "5", "--duration", "1", "--seed", "2"], ["--arrivals", "poisson"],
     ["--rate", "5"], ["--rate", "5", "--duration", "1", "--requests", "3"],
     ["--duration", "1"], ["--workers", "4"], ["--rate", "5", "--duration", "-1"],
     ["--rate", "5", "--duration", "1", "--concurrency", "2"],
@@ -272,6 +346,9 @@ def test_open_loop_argument_errors_are_one_line(argv, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in lines if ": error: " in line]
     assert len(errors) == 1 and errors[0] == lines[-1] and "Received" in errors[0], lines
+    for value in ("burst", "-3", "'x'"):   # a bad value is named in the message
+        if value.strip("'") in argv:
+            assert value in errors[0], errors
 
 
 @pytest.mark.slow
