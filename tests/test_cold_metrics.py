@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from micrec_tf.config import ConfigError
-from micrec_tf.evaluation.cold_start import cold_rows, cold_start_metrics
+from micrec_tf.evaluation.cold_start import (cold_rows, cold_start_metrics,
+                                             empty_history_composition)
 
 
 def _bucket(raw: str):
@@ -131,6 +132,39 @@ def test_cold_rows_match_the_hash_rule():
         assert 0 < sum(want) < len(want)
     with pytest.raises(ValueError, match="Received: split='train'"):
         cold_rows(targets, raw_ids, "train")
+
+
+def test_empty_history_composition_matches_a_pure_python_count():
+    rng = np.random.default_rng(3)
+    raw_ids = [f"r{k}" for k in range(300)]
+    targets = rng.integers(0, 301, size=2000)
+    hist_len = np.where(rng.random(2000) < 0.2, 0, rng.integers(1, 20, size=2000))
+    for split in ("valid", "test"):
+        cold = [(int(t), int(h)) for t, h in zip(targets, hist_len)
+                if t > 0 and _bucket(raw_ids[t - 1]) == split]
+        empty = [t for t, h in cold if h == 0]
+
+        def count(ids):
+            c = {}
+            for i in ids:
+                c[i] = c.get(i, 0) + 1
+            return sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))
+
+        got = empty_history_composition(targets, hist_len, raw_ids, split, top=3)
+        assert got["empty_clicks"] == len(empty) > 0
+        assert got["cold_clicks"] == len(cold)
+        assert got["empty_distinct_items"] == len(count(empty))
+        assert got["cold_distinct_items"] == len(count([t for t, _ in cold]))
+        assert got["empty_top"] == [list(kv) for kv in count(empty)[:3]]
+        assert got["empty_top_share"] == pytest.approx(
+            sum(n for _, n in count(empty)[:3]) / len(empty))
+        assert got["cold_top_share"] == pytest.approx(
+            sum(n for _, n in count([t for t, _ in cold])[:3]) / len(cold))
+    none = empty_history_composition(np.array([1, 2]), np.array([3, 4]), raw_ids, "test")
+    assert none["empty_clicks"] == 0 and none["empty_top"] == []
+    assert math.isnan(none["empty_top_share"])
+    with pytest.raises(ValueError, match="Received: top=0"):
+        empty_history_composition(targets, hist_len, raw_ids, "test", top=0)
 
 
 def _three_items():

@@ -36,7 +36,7 @@ from micrec_tf.evaluation import metrics
 __all__ = ["COLD_START_NS", "NDCG_N", "SLICES", "check_catalogue_vocabulary", "cold_rows",
            "item_buckets",
            "ndcg_at_n", "cold_start_metrics",
-           "cold_start_metrics_from_scores"]
+           "cold_start_metrics_from_scores", "empty_history_composition"]
 
 COLD_START_NS = (20, 50, 500)
 SLICES = ("cold", "warm", "all")
@@ -233,4 +233,44 @@ def _cold_start_core(topk, targets, hist_len, raw_item_ids, split, ns, v,
                 for n, val in metrics.hit_at_n(idx[mask], targets[rows][mask], ns).items():
                     out[f"{sub}/hit@{n}"] = val
                 out[f"{sub}/ndcg@{NDCG_N}"] = ndcg_at_n(idx[mask], targets[rows][mask])
+    return out
+
+
+def empty_history_composition(targets: np.ndarray, hist_len: np.ndarray,
+                              raw_item_ids: Sequence[str], split: str, top: int = 3) -> dict:
+    """What the cold slice's empty-history clicks are made of (no model involved): how many
+    clicks, on how many distinct cold items, and the ``top`` most clicked of those items, beside
+    the same counts for every cold click of the split. A slice whose clicks fall on a handful of
+    items is won by any ranking that puts those items first, whatever the user.
+
+    ``targets`` / ``hist_len``: int [U] clicked item index and history length per click of the
+    split; ``raw_item_ids``: the lines of ``vocab/item_id.txt``.
+
+    Returns ``{"empty_clicks", "empty_distinct_items", "empty_top": [[item index, clicks], ...]
+    (most clicks first, ties by smaller index), "empty_top_share", "cold_clicks",
+    "cold_distinct_items", "cold_top_share"}`` (a share is the ``top`` most clicked items'
+    clicks over the slice's clicks; NaN for an empty slice).
+    """
+    targets = np.asarray(targets, np.int64).reshape(-1)
+    hist_len = np.asarray(hist_len).reshape(-1)
+    if targets.size != hist_len.size:
+        raise ValueError(f"{targets.size} targets and {hist_len.size} history lengths: one of "
+                         f"each per click")
+    if int(top) != top or top <= 0:
+        raise ValueError(f"top must be a positive integer. Received: top={top!r}")
+    rows = cold_rows(targets, raw_item_ids, split)
+
+    def counts(ids):
+        items, n = np.unique(ids, return_counts=True)
+        order = np.lexsort((items, -n))
+        return items[order], n[order]
+
+    out = {}
+    for name, ids in (("empty", targets[rows & (hist_len == 0)]), ("cold", targets[rows])):
+        items, n = counts(ids)
+        out[f"{name}_clicks"] = int(ids.size)
+        out[f"{name}_distinct_items"] = int(items.size)
+        out[f"{name}_top_share"] = float(n[:top].sum() / ids.size) if ids.size else float("nan")
+        if name == "empty":
+            out["empty_top"] = [[int(i), int(c)] for i, c in zip(items[:top], n[:top])]
     return out
