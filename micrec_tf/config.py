@@ -25,6 +25,8 @@ SPLITS = ("global_time", "leave_last_out", "item_cold_start")
 ITEM_VOCABULARIES = ("clicked", "catalogue")
 # eval.search (issue 31): rank exactly, or through the export's ANN index.
 EVAL_SEARCHES = ("exact", "index")
+# eval.exact_engine (issue 31): the exact top-K in numpy (micrec_tf/search.py) or TensorFlow.
+EVAL_EXACT_ENGINES = ("numpy", "tensorflow")
 SEMANTIC_SOURCES = ("title", "taxonomy", "vectors")
 MODELS = ("ican", "youtubednn", "fm", "deepfm", "autoint", "tfrs_two_tower")
 CL_TASKS = ("feature", "semantic", "session")
@@ -352,6 +354,12 @@ class EvalConfig:
     # export's item index (its ScaNN searcher), reporting index_recall@N against exact search.
     # Train's own evaluation does not read this key: it always ranks exactly.
     search: str = "exact"
+    # Engine of the exact ranking (issue 31) in train's per-epoch and final evaluation and
+    # index_eval's exact search: ``numpy`` (default: micrec_tf.search.top_k_dot, as before the
+    # key, bit for bit) or ``tensorflow`` (micrec_tf/evaluation/tf_top_k.py: tf.matmul +
+    # tf.math.top_k, the same lists and tie rule, faster on large catalogues; near-equal scores
+    # may swap where BLAS and Eigen round differently). The cold-start slices stay numpy.
+    exact_engine: str = "numpy"
     # Query clicks per user-tower batch when computing user vectors (speed and memory).
     batch_size: int = 1024
     # Test clicks scored by train's final evaluation: 0 = all of them, else a fixed seeded random
@@ -673,6 +681,7 @@ def validate(cfg: Config) -> Config:
     _check_positive("train.early_stopping_patience", cfg.train.early_stopping_patience, True)
     _check_positive("eval.test_max_examples", cfg.eval.test_max_examples, True)
     _check_choice("eval.search", cfg.eval.search, EVAL_SEARCHES)
+    _check_choice("eval.exact_engine", cfg.eval.exact_engine, EVAL_EXACT_ENGINES)
     if not 0.0 < cfg.train.train_fraction <= 1.0:
         raise ConfigError(f"train.train_fraction must be in (0, 1], "
                           f"got {cfg.train.train_fraction!r}")

@@ -144,15 +144,18 @@ def choose_mixed_precision(setting: str, gpus, log=print) -> bool:
 class ValidationHitRate(tf_keras.callbacks.Callback):
     """At each epoch end: validation HIT@N and coverage into ``logs`` as ``val_hit_at_<N>``."""
 
-    def __init__(self, arrays: dict, num_items: int, hit_n, coverage_n, exclude, batch_size):
+    def __init__(self, arrays: dict, num_items: int, hit_n, coverage_n, exclude, batch_size,
+                 exact_engine: str = "numpy"):
         super().__init__()
         self.arrays, self.num_items = arrays, num_items
         self.hit_n, self.coverage_n = list(hit_n), list(coverage_n)
         self.exclude, self.batch_size = exclude, batch_size
+        self.exact_engine = exact_engine  # eval.exact_engine (default numpy, as before the key)
 
     def on_epoch_end(self, epoch, logs=None):
         res = evaluate_model(self.model, self.arrays, self.num_items, self.hit_n, self.coverage_n,
-                             exclude=self.exclude, batch_size=self.batch_size)
+                             exclude=self.exclude, batch_size=self.batch_size,
+                             exact_engine=self.exact_engine)
         if logs is not None:
             for n in self.hit_n:
                 logs[f"val_hit_at_{n}"] = res[f"hit@{n}"]
@@ -669,7 +672,7 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
                         os.path.join(run_dir, "best_weights.npz"), history_cb.rows, log)
     callbacks = [
         ValidationHitRate(valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n, v_excl,
-                          cfg.eval.batch_size),
+                          cfg.eval.batch_size, cfg.eval.exact_engine),
         *cold_cbs,
         tf_keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), update_freq=50),
         StepProgress(cfg.train.batch_size, PROGRESS_EVERY_S, log),
@@ -705,7 +708,8 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
               "stopped_early": best_cb.stopped_early,
               "history": {k: [float(x) for x in v] for k, v in hist.history.items()},
               "valid": evaluate_model(model, valid, num_items, cfg.eval.hit_n, cfg.eval.coverage_n,
-                                      exclude=v_excl, batch_size=cfg.eval.batch_size)}
+                                      exclude=v_excl, batch_size=cfg.eval.batch_size,
+                                      exact_engine=cfg.eval.exact_engine)}
     if cl_anchors:
         result["cl_anchors"] = cl_anchors
     if warm:
@@ -721,7 +725,8 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
         result["test"] = evaluate_model(model, test, num_items, cfg.eval.hit_n,
                                         cfg.eval.coverage_n, exclude=t_excl,
                                         batch_size=cfg.eval.batch_size,
-                                        slices={"long_tail": tail[test["item"]]})
+                                        slices={"long_tail": tail[test["item"]]},
+                                        exact_engine=cfg.eval.exact_engine)
     if cfg.preprocess.split == ITEM_COLD_START:
         # Issue 28: cold / warm / all (micrec_tf/evaluation/cold_start.py) over every click of
         # the split (the validation subsample above is for the per-epoch warm metric only).

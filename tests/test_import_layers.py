@@ -53,6 +53,7 @@ STAGES = {
     "micrec_tf.losses": 2, "micrec_tf.cl": 2,
     "micrec_tf.model": 2, "micrec_tf.tfrs_peer": 2, "micrec_tf.precision": 2,
     "micrec_tf.train": 3, "micrec_tf.evaluation": 3, "micrec_tf.warm_start": 3,
+    "micrec_tf.evaluation.tf_top_k": 3,  # eval.exact_engine: tensorflow (issue 31, item 3)
     "export": 4, "micrec_tf.update": 4,
     "micrec_tf.evaluation.index_eval": 4,  # evaluation through the export's item index (issue 31)
     "micrec_tf.retrieval": 5, "micrec_tf.retrieve": 5,

@@ -52,19 +52,22 @@ def item_vectors(model, num_items: int, batch_size: int = 4096) -> np.ndarray:
 
 def evaluate_model(model, arrays: dict, num_items: int, hit_n=(50, 100, 200, 500),
                    coverage_n=(50, 500), exclude=None, use_scann: bool = False,
-                   batch_size: int = 1024, slices: dict | None = None) -> dict:
+                   batch_size: int = 1024, slices: dict | None = None,
+                   exact_engine: str = "numpy") -> dict:
     """HIT@N and coverage@N of ``model`` on the examples in ``arrays``.
 
     ``exclude``: items to drop from the ranking per example, in any form
     :func:`micrec_tf.search.as_exclusion` takes (or None).
     ``slices``: name -> bool mask over examples; each adds ``<name>/hit@N`` entries.
+    ``exact_engine``: ``eval.exact_engine`` (default ``numpy``, the behaviour before the
+    argument; ``tensorflow``: :mod:`micrec_tf.evaluation.tf_top_k`).
     Returns ``{"hit@50": ..., "coverage@50": ..., "num_examples": N}``.
     """
     users = user_vectors(model, arrays, batch_size)
     items = item_vectors(model, num_items)
     result = metrics.evaluate_retrieval(
         users, items, np.asarray(arrays[ITEM]), ns=list(hit_n), coverage_ns=list(coverage_n),
-        exclude=exclude, use_scann=use_scann, slices=slices)
+        exclude=exclude, use_scann=use_scann, slices=slices, exact_engine=exact_engine)
     result["num_examples"] = int(len(arrays[ITEM]))
     return result
 

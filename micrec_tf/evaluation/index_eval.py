@@ -130,14 +130,16 @@ def recall_at_n(approx: np.ndarray, exact: np.ndarray, ns) -> dict:
 def evaluate_with_index(user_vectors: np.ndarray, item_vectors: np.ndarray, targets: np.ndarray,
                         searcher=None, params: dict | None = None, ns=(50, 100, 200, 500),
                         coverage_ns=(50, 500), exclude=None, batch_size: int = 1024,
-                        slices=None, recall_rows: np.ndarray | None = None) -> dict:
+                        slices=None, recall_rows: np.ndarray | None = None,
+                        exact_engine: str = "numpy") -> dict:
     """HIT@N / coverage@N of the index's rankings (:func:`index_top_k`) and its recall.
 
     Returns :func:`micrec_tf.evaluation.metrics.summarize_topk`'s dict for the index's top lists,
     plus ``index_recall@N`` and ``exact_hit@N`` for every N of ``ns`` over the queries
     ``recall_rows`` (int indices; None = all), ``index_recall_queries`` (their number) and
     ``index_kind`` (``scann`` / ``brute_force``). Exact lists come from
-    :func:`micrec_tf.evaluation.metrics.top_k_items` on the same vectors and exclusions.
+    :func:`micrec_tf.evaluation.metrics.top_k_items` on the same vectors and exclusions, with
+    ``exact_engine`` (``eval.exact_engine``; default ``numpy``, the behaviour before the argument).
     """
     ns, coverage_ns = [int(n) for n in ns], [int(n) for n in coverage_ns]
     q, items = _check_vectors(user_vectors, item_vectors)
@@ -156,7 +158,8 @@ def evaluate_with_index(user_vectors: np.ndarray, item_vectors: np.ndarray, targ
             lists.append(cols)
         sub_excl = search.CSRExclusion.from_lists(lists)
     kr = max(ns)
-    exact, _ = metrics.top_k_items(q[rows], items, kr, exclude=sub_excl, batch_size=batch_size)
+    exact, _ = metrics.top_k_items(q[rows], items, kr, exclude=sub_excl, batch_size=batch_size,
+                                   engine=exact_engine)
     for n, val in recall_at_n(idx[rows][:, :kr], exact, ns).items():
         out[f"index_recall@{n}"] = val
     if rows.size:
@@ -215,7 +218,8 @@ def evaluate_export(cfg, run_dir: str | None = None, export_path: str | None = N
 
     The queries and metrics follow the run's own config (``runs/<name>/config.yaml``: its
     ``eval.*`` keys, ``train.seed``, ``train.validation_max_examples``), so that ``exact`` is its
-    final evaluation; ``cfg`` gives only ``eval.search`` and the default folders.
+    final evaluation; ``cfg`` gives only ``eval.search``, ``eval.exact_engine`` (the engine of
+    the exact rankings, default ``numpy``) and the default folders.
 
     ``run_dir`` (default ``cfg.run_dir``): the finished run whose model gives the user vectors;
     ``export_path`` (default ``cfg.export_dir``): an export root (``version``: default the newest)
@@ -249,7 +253,8 @@ def evaluate_export(cfg, run_dir: str | None = None, export_path: str | None = N
     start = time.time()
     if cfg.eval.search == "exact":
         result = evaluate_model(model, arrays, num_items, ev.hit_n, ev.coverage_n,
-                                exclude=excl, batch_size=ev.batch_size, slices=slices)
+                                exclude=excl, batch_size=ev.batch_size, slices=slices,
+                                exact_engine=cfg.eval.exact_engine)
         result["search"] = "exact"
     else:
         export_path = export_path or cfg.export_dir
@@ -267,7 +272,7 @@ def evaluate_export(cfg, run_dir: str | None = None, export_path: str | None = N
                 users.shape[0], int(recall_queries), replace=False))
         result = evaluate_with_index(users, items, np.asarray(arrays[ITEM]), searcher, params,
                                      ev.hit_n, ev.coverage_n, excl, ev.batch_size, slices,
-                                     rows)
+                                     rows, cfg.eval.exact_engine)
         result.update(search="index", export_version_dir=vdir,
                       index_leaves_to_search=(params or {}).get("num_leaves_to_search"),
                       index_num_leaves=(params or {}).get("num_leaves"))

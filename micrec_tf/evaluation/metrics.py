@@ -61,7 +61,8 @@ def top_k_by_score_fn(score_fn, num_rows: int, k: int, exclude=None,
 
 
 def top_k_items(user_vectors: np.ndarray, item_vectors: np.ndarray, k: int, exclude=None,
-                valid_mask: np.ndarray | None = None, batch_size: int = 1024):
+                valid_mask: np.ndarray | None = None, batch_size: int = 1024,
+                engine: str = "numpy"):
     """Exact maximum-inner-product top-k by batched matrix products.
 
     Args:
@@ -71,10 +72,20 @@ def top_k_items(user_vectors: np.ndarray, item_vectors: np.ndarray, k: int, excl
       exclude: optional per-query item sets removed from the ranking (see module doc).
       valid_mask: optional bool [V]; items with False are never retrieved.
       batch_size: queries scored per matrix product.
+      engine: ``numpy`` (default, :func:`micrec_tf.search.top_k_dot`, the behaviour before the
+        argument) or ``tensorflow`` (:func:`micrec_tf.evaluation.tf_top_k.top_k_dot_tf`, the same
+        lists; ``eval.exact_engine``).
 
     Returns: ``indices int64 [U, k]`` and ``scores [U, k]``, higher score first, ties broken by the
     smaller item index, padded with -1 / -inf when fewer than k items are retrievable.
     """
+    if engine == "tensorflow":  # imported here: this module stays TensorFlow-free
+        from micrec_tf.evaluation.tf_top_k import top_k_dot_tf
+
+        return top_k_dot_tf(user_vectors, item_vectors, k, exclude, valid_mask, batch_size,
+                            skip_columns=0)
+    if engine != "numpy":
+        raise ValueError(f"engine must be 'numpy' or 'tensorflow'. Received: {engine!r}")
     return search.top_k_dot(user_vectors, item_vectors, k, exclude, valid_mask, batch_size,
                             skip_columns=0)
 
@@ -235,17 +246,22 @@ def evaluate_retrieval(user_vectors: np.ndarray, item_vectors: np.ndarray, targe
                        coverage_ns: Iterable[int] = (50, 500), exclude=None,
                        use_scann: bool = False, valid_mask: np.ndarray | None = None,
                        batch_size: int = 1024, slices: Mapping[str, np.ndarray] | None = None,
-                       return_topk: bool = False) -> dict:
+                       return_topk: bool = False, exact_engine: str = "numpy") -> dict:
     """HIT@N and coverage@N of a two-tower model on the test clicks (see :func:`summarize_topk`).
 
     ``use_scann`` retrieves with ScaNN (for large catalogues) instead of exact brute force. With
     ``return_topk`` the dict also holds ``"topk"``: the int64 [U, max N] retrieved indices.
+    ``exact_engine`` (``eval.exact_engine``): :func:`top_k_items`'s ``engine`` for the exact
+    path (default ``numpy``, the behaviour before the argument); ScaNN ignores it.
     """
     ns, coverage_ns = list(ns), list(coverage_ns)
     k = max(ns + coverage_ns)
-    fn = top_k_items_scann if use_scann else top_k_items
-    idx, _ = fn(user_vectors, item_vectors, k, exclude=exclude, valid_mask=valid_mask,
-                batch_size=batch_size)
+    if use_scann:
+        idx, _ = top_k_items_scann(user_vectors, item_vectors, k, exclude=exclude,
+                                   valid_mask=valid_mask, batch_size=batch_size)
+    else:
+        idx, _ = top_k_items(user_vectors, item_vectors, k, exclude=exclude,
+                             valid_mask=valid_mask, batch_size=batch_size, engine=exact_engine)
     out = summarize_topk(idx, targets, np.asarray(item_vectors).shape[0], ns, coverage_ns, slices)
     if return_topk:
         out["topk"] = idx
