@@ -162,12 +162,13 @@ def profile_config(num_items: int, batch_size: int, history_length: int, negativ
 def _build(cfg, world, cl):
     import tf_keras
     from micrec_tf.model import build_model
+    from micrec_tf.optimizers import make_optimizer
 
     table, vocab, user_fields, cooc, title, _ = world
     tf_keras.utils.set_random_seed(int(cfg.train.seed))
     c = cfg.replace({"model.cl": list(cl)})
     m = build_model(c, table, vocab, user_fields, cooc, title)
-    m.compile(optimizer=tf_keras.optimizers.Adam(c.train.learning_rate))
+    m.compile(optimizer=make_optimizer(c.train))  # train.optimizer (default: Adam, as train's)
     return m
 
 

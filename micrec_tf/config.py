@@ -48,6 +48,9 @@ SESSION_MEMBERSHIPS = ("auto", "bitmap", "sorted")
 # and step, or all of them (the InfoNCE averaged over the item's neighbours).
 SEMANTIC_POSITIVES = ("sample", "all")
 MIXED_PRECISION = ("auto", "on", "off")
+# train.optimizer (micrec_tf/optimizers.py, issue 31): tf_keras's Adam, or the same Adam applied
+# by one fused ResourceApplyAdam kernel per variable.
+OPTIMIZERS = ("adam", "fused_adam")
 INDEX_KINDS = ("scann", "brute_force")
 # How the user towers embed the history clicks and how the transformer computes attention
 # (speed only, the same function either way): see micrec_tf/towers.py and micrec_tf/layers.py,
@@ -332,6 +335,11 @@ class TrainConfig:
     # before failing, so a lost worker stops the others; 0 (default) = no timeout, as before the
     # key. Not read without TF_CONFIG.
     collective_timeout_s: float = 0.0
+    # The optimizer (micrec_tf/optimizers.py, issue 31): "adam" (default: tf_keras's Adam, as
+    # before the key, bit for bit) or "fused_adam" (the same Adam, one fused ResourceApplyAdam
+    # kernel per variable, sparse gradients summed densely first: equal up to float rounding,
+    # faster on large embedding tables; checkpoints restore across the two).
+    optimizer: str = "adam"
 
 
 @dataclass
@@ -597,6 +605,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"loss.session_negative_pool must be an int >= 1. Received: "
                           f"{cfg.loss.session_negative_pool!r}")
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
+    _check_choice("train.optimizer", cfg.train.optimizer, OPTIMIZERS)
     if not cfg.train.collective_timeout_s >= 0:
         raise ConfigError(f"train.collective_timeout_s must be >= 0 (0 = no timeout). Received: "
                           f"{cfg.train.collective_timeout_s!r}")

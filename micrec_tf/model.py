@@ -3,7 +3,7 @@
 
     model = build_model(cfg, artifacts.item_table, artifacts.vocab_sizes, artifacts.user_fields,
                         artifacts.cooccurrence, artifacts.title_neighbours)
-    model.compile(optimizer=tf_keras.optimizers.Adam(cfg.train.learning_rate))
+    model.compile(optimizer=make_optimizer(cfg.train))  # micrec_tf.optimizers; default Adam(lr)
     model.fit(train_ds, validation_data=valid_ds, ...)   # batches: dicts of features
     users = model.user_embeddings(features)               # [B, d] float32
     items = model.item_embeddings()                       # [V, d] float32, row i = item i

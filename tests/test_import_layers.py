@@ -12,7 +12,7 @@ to high (:data:`STAGES`, longest module prefix wins):
    ``micrec_tf.data.artifacts``.
 1. data: ``micrec_tf.data.*``, ``micrec_tf.text.*``, ``pipelines.*``.
 2. model: ``micrec_tf.layers``, ``towers``, ``losses``, ``cl``, ``model``, ``tfrs_peer``,
-   ``precision``.
+   ``precision``, ``optimizers``.
 3. train and its evaluation: ``micrec_tf.train``, ``micrec_tf.evaluation`` (the package, which
    re-exports the next four), ``micrec_tf.evaluation.{metrics, evaluate, data, baselines}``.
 4. export: ``export.*`` (the SavedModel, the item index, the serving signature, REST checks),
@@ -52,6 +52,7 @@ STAGES = {
     "micrec_tf.towers": 2,
     "micrec_tf.losses": 2, "micrec_tf.cl": 2,
     "micrec_tf.model": 2, "micrec_tf.tfrs_peer": 2, "micrec_tf.precision": 2,
+    "micrec_tf.optimizers": 2,  # train.optimizer: Adam or the fused Adam (issue 31)
     "micrec_tf.train": 3, "micrec_tf.evaluation": 3, "micrec_tf.warm_start": 3,
     "micrec_tf.evaluation.tf_top_k": 3,  # eval.exact_engine: tensorflow (issue 31, item 3)
     "export": 4, "micrec_tf.update": 4,
