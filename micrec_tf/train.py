@@ -54,6 +54,7 @@ from micrec_tf.evaluation.cold_start import check_catalogue_vocabulary, cold_row
 from micrec_tf.evaluation.evaluate import evaluate_cold_start, evaluate_model
 from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model
+from micrec_tf.optimizers import make_optimizer
 from micrec_tf.precision import policy_scope
 from micrec_tf.towers import use_history_table
 from micrec_tf.warm_start import update_config, warm_start
@@ -594,7 +595,7 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
     with strategy.scope():
         model = build_model(cfg, art.item_table, art.vocab_sizes, art.user_fields,
                             art.cooccurrence, art.title_neighbours)
-        model.compile(optimizer=tf_keras.optimizers.Adam(cfg.train.learning_rate))
+        model.compile(optimizer=make_optimizer(cfg.train))  # train.optimizer (default Adam)
     log("[train] " + describe_code_paths(cfg, num_items, art.feature_spec))
     # Which items are CL anchors (issue 28); None without CL tasks. Kept in metrics.json.
     cl_anchors = describe_cl_anchors(
