@@ -1,8 +1,10 @@
-"""One-command serving benchmark of one export: the load levels, then a swap under load.
+"""One-command serving benchmark of one export: the load levels, a swap under load, overload.
 
 ``python -m benchmarks.serve_bench --config configs/<x>.yaml [--export-dir exports/<name>]
 [--set export.serve_...=...] [--concurrency 1,8,32] [--requests 2000] [--swap-concurrency 32]
-[--swap-requests 4000] [--body-file F] [--output serve_bench.json] [--markdown serve_bench.md]``
+[--swap-requests 4000] [--no-overload | --overload-rate R] [--overload-duration 20]
+[--overload-arrivals poisson|fixed] [--overload-seed 0] [--overload-latency-bound SECONDS]
+[--body-file F] [--output serve_bench.json] [--markdown serve_bench.md]``
 (``make serve-bench CONFIG=... [EXPORT=exports/<name>]``).
 
 1. A scratch copy of the export's newest version (``benchmarks.serve_swap.scratch_copy``: hard
@@ -14,6 +16,20 @@
 2. ``benchmarks.serve_swap.run_swap`` (a fresh scratch copy and server): ``--swap-concurrency``
    clients, ``--swap-requests`` requests, the next version published after
    ``--swap-publish-after`` answered requests.
+3. **Overload** (skipped with ``--no-overload``): a fresh scratch copy and server (the config's
+   ``export.serve_max_queue`` / ``serve_max_batch_size`` / ``serve_max_wait_ms`` /
+   ``serve_request_timeout_s``, ``--set`` included), then ``python -m benchmarks.serve_load
+   --verb retrieve --rate 2S --duration D --arrivals A [--seed K]`` (a subprocess; bounded: it
+   stops after ``D`` = ``--overload-duration``, default 20 s, and the last answers), ``S`` the
+   sustainable rate = the highest closed-loop throughput of step 1 (``--overload-rate R``
+   offers ``R`` instead), ``A`` = ``--overload-arrivals`` (default poisson, seed
+   ``--overload-seed`` 0); then ``GET /healthz`` and SIGTERM. Checks (:func:`overload_summary`):
+   ``no_5xx_but_503_504`` (no 500 / 502: the excess is refused, not failed),
+   ``server_alive`` (``/healthz`` 200 after the load), ``latency_bounded`` (the 200s' p99
+   below :func:`latency_bound`: ``--overload-latency-bound``, else the config's request
+   timeout when one is set, else ``2 x (serve_max_queue / S + serve_max_wait_ms) + 1 s``),
+   ``server_exit_0``. 503s are counted, not required: a server whose larger batches absorb 2S
+   passes too.
 
 Bodies: ``--body-file``, else the export's warm-up requests (``serve_swap.warmup_bodies``: the
 export's own sample test users), written to one file that both steps read.
@@ -30,17 +46,28 @@ Writes ``--output`` (JSON, default ``serve_bench.json``)::
      "swap": <serve_swap's result>,
      "swap_table": {"requests", "failed", "versions", "switch_s", "server_load_s",
                     "server_warmup_s", "stale_after_switch", "client_regressions",
-                    "server_exit_code", "ok"}, "ok"}
+                    "server_exit_code", "ok"},
+     "overload": {"rate", "rate_source", "sustainable_rps", "factor", "duration_s", "arrivals",
+                  "seed", "max_queue", "max_batch_size", "max_wait_ms", "request_timeout_s",
+                  "latency_bound_s", "latency_bound_source", "ready_s", "healthz_code",
+                  "scheduled", "sent", "offered_rps", "achieved_rps", "ok_rps", "ok",
+                  "ok_p50_ms", "ok_p99_ms", "ok_max_ms", "rejected_503", "retry_after",
+                  "share_503", "expired_504", "other_codes", "dropped_client",
+                  "connection_errors", "server_alive", "server_exit_code", "checks", "passed",
+                  "load": <serve_load's JSON>} | null,
+     "overload_table": {...: the overload row as the markdown rounds it} | null, "ok"}
 
 and ``--markdown`` (default ``serve_bench.md``): a fragment for docs/BENCHMARKS.md whose numbers
-are the ``table`` / ``inprocess`` / ``swap_table`` values (2 decimals for ms and s, 1 for req/s,
-2 for ratios). Exit 0 when every load request was answered 200, both servers exited 0 and the
-swap's checks passed; 1 otherwise (the files are written either way).
+are the ``table`` / ``inprocess`` / ``swap_table`` / ``overload_table`` values (2 decimals for ms
+and s, 1 for req/s, 2 for ratios). Exit 0 when every load request was answered 200, the servers
+exited 0, the swap's checks passed and (unless skipped) the overload's checks passed; 1
+otherwise (the files are written either way).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import os
 import platform
@@ -51,10 +78,14 @@ import tempfile
 from micrec_tf import cli
 
 from benchmarks import serve_swap
-from benchmarks.serve_load import concurrency_levels
+from benchmarks.serve_load import ARRIVALS, concurrency_levels
 
 # /proc/cpuinfo flags worth a line in the report (vector and matrix units).
 SIMD_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "vnni")
+# The overload step offers OVERLOAD_FACTOR x the sustainable rate (the issue: "twice").
+OVERLOAD_FACTOR = 2.0
+# Slack of the derived latency bound (seconds; latency_bound).
+BOUND_SLACK_S = 1.0
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> dict:
@@ -154,6 +185,31 @@ def markdown(result: dict) -> str:
         f"{s['stale_after_switch']} | {s['client_regressions']} | {s['server_exit_code']} |",
         "",
     ]
+    o, ot = result.get("overload"), result.get("overload_table")
+    if ot:
+        rate = (f"{o['factor']:g} x the sustainable rate S = {_cell(ot['sustainable_rps'], 1)} "
+                "req/s (the best closed-loop throughput above)" if o["factor"] is not None else
+                f"--overload-rate; S = {_cell(ot['sustainable_rps'], 1)} req/s")
+        seed = f", seed {o['seed']}" if o["seed"] is not None else ""
+        other = ", ".join(f"{k}: {n}" for k, n in ot["other_codes"].items()) or "0"
+        lines += [
+            f"Overload ({rate}; {o['arrivals']} arrivals{seed}, {o['duration_s']:g} s; server "
+            f"queue {o['max_queue']} per stage, batches of {o['max_batch_size']}, request "
+            f"timeout {o['request_timeout_s']:g} s; latency bound: "
+            f"{o['latency_bound_source']}):",
+            "",
+            "| offered (req/s) | scheduled | 200 | 200 p50 (ms) | 200 p99 (ms) | bound (ms) | "
+            "503 (Retry-After) | 504 | other | client drops | connection errors | "
+            "server alive | server exit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| {_cell(ot['offered_rps'], 1)} | {ot['scheduled']} | {ot['ok']} | "
+            f"{_cell(ot['ok_p50_ms'], 2)} | {_cell(ot['ok_p99_ms'], 2)} | "
+            f"{_cell(ot['latency_bound_ms'], 2)} | {ot['rejected_503']} ({ot['retry_after']}) | "
+            f"{ot['expired_504']} | {other} | {ot['dropped_client']} | "
+            f"{ot['connection_errors']} | {'yes' if ot['server_alive'] else 'no'} | "
+            f"{ot['server_exit_code']} |",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -188,6 +244,159 @@ def run_load_levels(config: str, sets: list, root: str, version: int, body_path:
     return load, code
 
 
+def sustainable_rate(load: dict) -> float | None:
+    """S: the highest closed-loop throughput (req/s) of serve_load's ``levels`` (None: none)."""
+    rates = [lv["throughput_rps"] for lv in load.get("levels", [])
+             if lv.get("throughput_rps") is not None]
+    return max(rates) if rates else None
+
+
+def latency_bound(request_timeout_s: float, max_queue: int, max_wait_ms: float,
+                  sustainable: float | None, explicit: float | None = None) -> tuple:
+    """``(bound_s, source)``: what the overload step's p99 of 200 answers must stay below.
+
+    ``explicit`` (``--overload-latency-bound``) when given; else the config's
+    ``export.serve_request_timeout_s`` when > 0 (a request still queued then is answered 504,
+    not run); else derived from the queue limits: ``2 x (serve_max_queue / S +
+    serve_max_wait_ms / 1000) + 1 s``: a :retrieve request passes two micro-batcher stages (the
+    tower's, the search's), each a queue of at most ``serve_max_queue`` requests, assumed to
+    drain at least at the sustainable rate ``S`` (under overload the batches are larger, so the
+    drain is no slower), plus each stage's batching window, plus one second of slack for the
+    client and the work itself. ``(None, reason)`` when there is no S to derive it from."""
+    if explicit is not None:
+        return float(explicit), "--overload-latency-bound"
+    if request_timeout_s > 0:
+        return float(request_timeout_s), "export.serve_request_timeout_s"
+    if not sustainable:
+        return None, "no sustainable rate measured"
+    return (2.0 * (max_queue / sustainable + max_wait_ms / 1000.0) + BOUND_SLACK_S,
+            "2 x (export.serve_max_queue / S + export.serve_max_wait_ms) + 1 s")
+
+
+def overload_summary(level: dict, bound_s: float | None, alive: bool,
+                     exit_code: int) -> dict:
+    """The overload step's counts and ``checks`` from serve_load's one open-loop ``level``.
+
+    ``no_5xx_but_503_504``: every HTTP status >= 500 is 503 or 504 (no 500, no 502);
+    ``server_alive``: ``/healthz`` answered 200 after the load; ``latency_bounded``: the 200
+    answers' p99 below ``bound_s`` (false when there is no 200 or no bound); ``server_exit_0``:
+    SIGTERM then exit code 0."""
+    codes = level["codes"]
+    http_codes = {k: v for k, v in codes.items() if k.isdigit()}
+    other = {k: v for k, v in http_codes.items() if k not in ("200", "503", "504")}
+    p99 = level.get("ok_p99_ms")
+    checks = {
+        "no_5xx_but_503_504": all(int(k) < 500 or k in ("503", "504") for k in http_codes),
+        "server_alive": bool(alive),
+        "latency_bounded": p99 is not None and bound_s is not None and p99 < bound_s * 1000.0,
+        "server_exit_0": exit_code == 0,
+    }
+    return {"scheduled": level["scheduled"], "sent": level["sent"],
+            "offered_rps": level["offered_rps"], "achieved_rps": level["achieved_rps"],
+            "ok_rps": level["ok_rps"], "ok": codes.get("200", 0),
+            "ok_p50_ms": level.get("ok_p50_ms"), "ok_p99_ms": p99,
+            "ok_max_ms": level.get("ok_max_ms"),
+            "rejected_503": codes.get("503", 0), "retry_after": level["retry_after"],
+            "share_503": level["share_503"], "expired_504": codes.get("504", 0),
+            "other_codes": other, "dropped_client": codes.get("dropped_client", 0),
+            "connection_errors": sum(v for k, v in codes.items() if k.startswith("error:")),
+            "server_alive": bool(alive), "server_exit_code": exit_code,
+            "latency_bound_s": bound_s, "checks": checks, "passed": all(checks.values())}
+
+
+def healthz(port: int, timeout: float = 10.0) -> int | None:
+    """``GET /healthz`` status on the loopback port (None: no answer)."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        try:
+            conn.request("GET", "/healthz")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def run_overload(config: str, sets: list, export_dir: str, body_path: str, sustainable,
+                 rate, duration: float, arrivals: str, seed: int, explicit_bound,
+                 scratch_dir, ready_timeout: float, timeout: float, log=print) -> dict:
+    """Step 3 (module docstring): a fresh scratch copy and server, serve_load's open loop at
+    ``rate`` (None: ``OVERLOAD_FACTOR x sustainable``) for ``duration`` seconds, ``/healthz``,
+    SIGTERM. Returns the ``"overload"`` dict."""
+    from micrec_tf.config import load_config, parse_overrides
+
+    ecfg = load_config(config, parse_overrides(sets)).export
+    if rate is None:
+        if not sustainable:
+            raise RuntimeError("the overload step needs a sustainable rate: step 1 measured no "
+                               "throughput; pass --overload-rate or --no-overload")
+        rate, source = OVERLOAD_FACTOR * sustainable, f"{OVERLOAD_FACTOR:g} x S"
+    else:
+        source = "--overload-rate"
+    bound_s, bound_source = latency_bound(ecfg.serve_request_timeout_s, ecfg.serve_max_queue,
+                                          ecfg.serve_max_wait_ms, sustainable, explicit_bound)
+    scratch = tempfile.mkdtemp(prefix="serve_overload-", dir=scratch_dir)
+    server = None
+    try:
+        root, _ = serve_swap.scratch_copy(export_dir, scratch)
+        server = serve_swap.ServerProcess(config, root, sets, os.path.join(scratch,
+                                                                           "server.log"))
+        ready_s = server.wait_ready(ready_timeout)
+        log(f"[serve_bench] overload: server ready on port {server.port} in {ready_s:.1f} s; "
+            f"{arrivals} arrivals at {rate:.1f} req/s ({source}) for {duration:g} s")
+        out = os.path.join(scratch, "serve_load.json")
+        cmd = [sys.executable, "-m", "benchmarks.serve_load",
+               "--url", f"http://127.0.0.1:{server.port}", "--model", ecfg.serve_model_name,
+               "--verb", "retrieve", "--rate", repr(float(rate)), "--duration", repr(duration),
+               "--arrivals", arrivals, "--body-file", body_path, "--timeout", str(timeout),
+               "--output", out]
+        if arrivals == "poisson":
+            cmd += ["--seed", str(seed)]
+        proc = subprocess.run(cmd, cwd=serve_swap.ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"serve_load (overload) exited with {proc.returncode}:\n"
+                               f"{(proc.stdout + proc.stderr)[-4000:]}")
+        with open(out, encoding="utf-8") as fh:
+            load = json.load(fh)
+        health = healthz(server.port)
+        code = server.stop()
+        server_log = server.log_text()
+        server = None
+    finally:
+        if server is not None:
+            server.stop()
+        serve_swap.remove_scratch(scratch)
+    (level,) = load["levels"]
+    summary = overload_summary(level, bound_s, health == 200, code)
+    result = {"rate": float(rate), "rate_source": source, "sustainable_rps": sustainable,
+              "factor": OVERLOAD_FACTOR if source != "--overload-rate" else None,
+              "duration_s": duration, "arrivals": arrivals,
+              "seed": seed if arrivals == "poisson" else None,
+              "max_queue": ecfg.serve_max_queue, "max_batch_size": ecfg.serve_max_batch_size,
+              "max_wait_ms": ecfg.serve_max_wait_ms,
+              "request_timeout_s": ecfg.serve_request_timeout_s,
+              "latency_bound_source": bound_source, "ready_s": ready_s,
+              "healthz_code": health, **summary, "load": load}
+    if not summary["passed"]:
+        result["server_log_tail"] = server_log[-4000:]
+    return result
+
+
+def overload_table(o: dict) -> dict:
+    """The overload figures the markdown shows, rounded as shown."""
+    return {"offered_rps": _r(o["offered_rps"], 1), "sustainable_rps": _r(o["sustainable_rps"], 1),
+            "scheduled": o["scheduled"], "ok": o["ok"], "ok_p50_ms": _r(o["ok_p50_ms"], 2),
+            "ok_p99_ms": _r(o["ok_p99_ms"], 2), "latency_bound_ms":
+                None if o["latency_bound_s"] is None else _r(o["latency_bound_s"] * 1000.0, 2),
+            "rejected_503": o["rejected_503"], "retry_after": o["retry_after"],
+            "expired_504": o["expired_504"], "other_codes": o["other_codes"],
+            "dropped_client": o["dropped_client"], "connection_errors": o["connection_errors"],
+            "server_alive": o["server_alive"], "server_exit_code": o["server_exit_code"],
+            "passed": o["passed"]}
+
+
 def run_bench(args, export_dir: str, log=print) -> dict:
     scratch = tempfile.mkdtemp(prefix="serve_bench-", dir=args.scratch_dir)
     try:
@@ -205,6 +414,13 @@ def run_bench(args, export_dir: str, log=print) -> dict:
                                    args.swap_requests, args.swap_publish_after,
                                    args.swap_timeout, args.swap_after_switch, body_path,
                                    args.scratch_dir, False, args.ready_timeout, args.timeout, log)
+        overload = None
+        if not args.no_overload:
+            overload = run_overload(args.config, args.set, export_dir, body_path,
+                                    sustainable_rate(load), args.overload_rate,
+                                    args.overload_duration, args.overload_arrivals,
+                                    args.overload_seed, args.overload_latency_bound,
+                                    args.scratch_dir, args.ready_timeout, args.timeout, log)
     finally:
         serve_swap.remove_scratch(scratch)
     table, inprocess, swap_table = tables(load, swap)
@@ -216,8 +432,38 @@ def run_bench(args, export_dir: str, log=print) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "load": load, "load_server_exit_code": load_code, "table": table,
         "inprocess": inprocess, "swap": swap, "swap_table": swap_table,
-        "ok": all_200 and load_code == 0 and swap["ok"],
+        "overload": overload,
+        "overload_table": None if overload is None else overload_table(overload),
+        "ok": all_200 and load_code == 0 and swap["ok"] and (overload is None
+                                                             or overload["passed"]),
     }
+
+
+def _rate(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = 0.0
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of requests per second > 0. "
+                                         f"Received: {text!r}")
+    return x
+
+
+def _overload_arrivals(text: str) -> str:
+    if text not in ARRIVALS:
+        raise argparse.ArgumentTypeError(f"takes {' or '.join(ARRIVALS)}. Received: {text!r}")
+    return text
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0. Received: {text!r}")
+    return seed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -229,6 +475,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=cli.positive_int, default=2000,
                    help="serve_load's requests per level (default 2000)")
     serve_swap.add_swap_arguments(p, prefix="swap-")
+    p.add_argument("--no-overload", action="store_true", help="skip step 3, the overload run")
+    p.add_argument("--overload-rate", type=_rate, default=None,
+                   help="step 3's offered req/s (default 2 x S, S the best closed-loop "
+                        "throughput of step 1)")
+    p.add_argument("--overload-duration", type=cli.positive_seconds, default=20.0,
+                   help="step 3's seconds of schedule (default 20)")
+    p.add_argument("--overload-arrivals", type=_overload_arrivals, default="poisson",
+                   help="step 3's arrivals: poisson (default) or fixed")
+    p.add_argument("--overload-seed", type=_seed, default=0,
+                   help="step 3's seed of the Poisson gaps (default 0)")
+    p.add_argument("--overload-latency-bound", type=cli.positive_seconds, default=None,
+                   help="seconds the 200s' p99 must stay below (default: "
+                        "export.serve_request_timeout_s when > 0, else derived from the queue "
+                        "limits and S)")
     p.add_argument("--output", default="serve_bench.json", help="JSON (default serve_bench.json)")
     p.add_argument("--markdown", default="serve_bench.md",
                    help="markdown fragment for docs/BENCHMARKS.md (default serve_bench.md)")
@@ -240,6 +500,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.swap_publish_after = serve_swap.check_publish_after(
         p, args.swap_requests, args.swap_publish_after, prefix="swap-")
+    if args.no_overload and args.overload_rate is not None:
+        p.error("--no-overload skips the step that --overload-rate sets. Received: "
+                f"--no-overload --overload-rate {args.overload_rate:g}")
     cfg = cli.load(args)
     export_dir = args.export_dir or cfg.export_dir
     if not os.path.isdir(export_dir):
@@ -254,6 +517,14 @@ def main(argv=None) -> int:
               f"{row['p50_ms']} ms, p99 {row['p99_ms']} ms, x{row['overhead_p50']} in-process p50",
               flush=True)
     print(serve_swap.summary_line(result["swap"]), flush=True)
+    o = result["overload"]
+    if o is not None:
+        print(f"[serve_bench] overload at {o['offered_rps']:.1f} req/s ({o['rate_source']}, "
+              f"{o['arrivals']}): {o['scheduled']} scheduled, 200: {o['ok']} (p99 "
+              f"{o['ok_p99_ms'] if o['ok_p99_ms'] is None else round(o['ok_p99_ms'], 2)} ms), "
+              f"503: {o['rejected_503']}, 504: {o['expired_504']}, other: {o['other_codes']}, "
+              f"connection errors: {o['connection_errors']}, server exit "
+              f"{o['server_exit_code']}; checks {o['checks']}", flush=True)
     print(f"[serve_bench] {args.output}, {args.markdown}: " + ("ok" if result["ok"] else "FAILED"),
           flush=True)
     return 0 if result["ok"] else 1

@@ -9,6 +9,14 @@ over tests/test_server.py's tiny export: serve_swap at concurrency 4, 60 request
 both versions, counts adding up to the requests sent, SIGTERM exit 0, the user's tree unchanged,
 the scratch folder removed); serve_bench with bodies from a warm-up file written here (every JSON
 key, the markdown numbers equal to the JSON's). No wall-clock assertion.
+
+Overload (serve_bench step 3): the sustainable rate, the latency bound (each source, the derived
+one worked out by hand), the counts and checks from hand-made serve_load levels (a 500 and a
+502 fail ``no_5xx_but_503_504``; a 429 is an "other" status; connection errors and client drops
+counted apart), the markdown row of a hand-made result. Slow: the serve_bench run above against
+a server whose queue holds 2 requests and waits 200 ms per batch (about 5 requests/s), offered
+40 requests/s of Poisson arrivals for 2 s: 503s > 0 each with Retry-After, every answer 200 /
+503 / 504, the server alive and exiting 0, the markdown row equal to the JSON's.
 """
 from __future__ import annotations
 
@@ -188,6 +196,98 @@ def test_markdown_cells_are_the_rounded_figures():
     assert "1,234 items" in text and "avx2" in text
 
 
+# ----------------------------------------------------------------------------- fast: overload
+def test_sustainable_rate_is_the_best_closed_loop_throughput():
+    load = {"levels": [{"throughput_rps": 50.0}, {"throughput_rps": 180.5},
+                       {"throughput_rps": 170.0}, {"throughput_rps": None}]}
+    assert serve_bench.sustainable_rate(load) == 180.5
+    assert serve_bench.sustainable_rate({"levels": []}) is None
+
+
+def test_latency_bound_sources_and_the_derived_bound_by_hand():
+    # explicit first, then the request timeout, then the queues: 2 x (512 / 256 + 2 / 1000) + 1
+    assert serve_bench.latency_bound(3.0, 512, 2.0, 256.0, explicit=0.5) == \
+        (0.5, "--overload-latency-bound")
+    assert serve_bench.latency_bound(3.0, 512, 2.0, 256.0) == \
+        (3.0, "export.serve_request_timeout_s")
+    bound, source = serve_bench.latency_bound(0.0, 512, 2.0, 256.0)
+    assert bound == pytest.approx(5.004) and source.startswith("2 x (export.serve_max_queue")
+    bound, _ = serve_bench.latency_bound(0.0, 2, 300.0, 5.0)    # 2 x (0.4 + 0.3) + 1
+    assert bound == pytest.approx(2.4)
+    assert serve_bench.latency_bound(0.0, 512, 2.0, None)[0] is None
+
+
+def _level(codes: dict, ok_p99_ms=120.0, retry_after=None) -> dict:
+    """A serve_load open-loop level with ``codes`` (other figures filler, except ok_p99)."""
+    sent = sum(v for k, v in codes.items() if k != "dropped_client")
+    return {"scheduled": sum(codes.values()), "sent": sent, "offered_rps": 40.0,
+            "achieved_rps": 30.0, "ok_rps": 10.0, "ok_p50_ms": 50.0, "ok_p99_ms": ok_p99_ms,
+            "ok_max_ms": 130.0, "share_503": 0.5, "codes": codes,
+            "retry_after": codes.get("503", 0) if retry_after is None else retry_after}
+
+
+def test_overload_counts_and_checks_from_a_hand_made_level():
+    level = _level({"200": 5, "503": 9, "504": 2, "429": 1, "dropped_client": 3,
+                    "error:ConnectionResetError": 2, "error:TimeoutError": 1}, retry_after=8)
+    got = serve_bench.overload_summary(level, 0.5, True, 0)
+    assert (got["ok"], got["rejected_503"], got["retry_after"], got["expired_504"]) == \
+        (5, 9, 8, 2)
+    assert got["other_codes"] == {"429": 1}
+    assert (got["dropped_client"], got["connection_errors"]) == (3, 3)
+    assert (got["scheduled"], got["sent"]) == (23, 20)
+    assert got["checks"] == {"no_5xx_but_503_504": True, "server_alive": True,
+                             "latency_bounded": True, "server_exit_0": True}
+    assert got["passed"] is True
+    # 120 ms is not below a 0.1 s bound; no bound or no 200 at all is not "bounded" either
+    assert not serve_bench.overload_summary(level, 0.1, True, 0)["checks"]["latency_bounded"]
+    assert not serve_bench.overload_summary(level, None, True, 0)["checks"]["latency_bounded"]
+    no_ok = _level({"503": 4}, ok_p99_ms=None)
+    assert not serve_bench.overload_summary(no_ok, 5.0, True, 0)["checks"]["latency_bounded"]
+    for bad in ("500", "502"):
+        got = serve_bench.overload_summary(_level({"200": 3, "503": 1, bad: 1}), 5.0, True, 0)
+        assert got["checks"]["no_5xx_but_503_504"] is False and got["passed"] is False
+        assert got["other_codes"] == {bad: 1}
+    dead = serve_bench.overload_summary(_level({"200": 3}), 5.0, False, -9)
+    assert dead["checks"]["server_alive"] is False and dead["checks"]["server_exit_0"] is False
+
+
+def test_overload_markdown_row_is_the_rounded_figures():
+    level = _level({"200": 30, "503": 48, "504": 1, "error:ConnectionResetError": 1},
+                   ok_p99_ms=412.3456)
+    summary = serve_bench.overload_summary(level, 2.4, True, 0)
+    overload = {"rate": 41.234, "rate_source": "2 x S", "sustainable_rps": 20.617,
+                "factor": 2.0, "duration_s": 2.0, "arrivals": "poisson", "seed": 0,
+                "max_queue": 2, "max_batch_size": 256, "max_wait_ms": 200.0,
+                "request_timeout_s": 0.0, "latency_bound_source": "derived", **summary}
+    overload["offered_rps"] = 41.234
+    table = serve_bench.overload_table(overload)
+    assert (table["offered_rps"], table["sustainable_rps"], table["ok_p99_ms"],
+            table["latency_bound_ms"]) == (41.2, 20.6, 412.35, 2400.0)
+    swap = {"requests": 60, "failed": 0, "versions": {"100": 60}, "switch_s": 0.5,
+            "server_swap": None, "stale_after_switch": 0, "client_regressions": 0,
+            "server_exit_code": 0, "ok": True, "concurrency": 4, "publish_after": 15,
+            "poll_s": 0.2}
+    load = {"levels": [], "inprocess": None, "overhead_p50": None}
+    tbl, inprocess, swap_table = serve_bench.tables(load, swap)
+    text = serve_bench.markdown({
+        "export_dir": "/e/x", "version": 100, "items": 40, "dim": 4, "bodies": 3,
+        "date_utc": "2026-12-07 12:00", "machine": {"cpu_model": "CPU", "cores": 2,
+                                                    "simd_flags": []},
+        "table": tbl, "inprocess": inprocess, "swap": swap, "swap_table": swap_table,
+        "overload": overload, "overload_table": table})
+    assert "| 41.2 | 80 | 30 | 50.00 | 412.35 | 2400.00 | 48 (48) | 1 | 0 | 0 | 1 | yes | 0 |" \
+        in text
+    assert "2 x the sustainable rate S = 20.6 req/s" in text and "poisson arrivals, seed 0" \
+        in text
+    # without the step there is no overload paragraph
+    assert "Overload" not in serve_bench.markdown({
+        "export_dir": "/e/x", "version": 100, "items": 40, "dim": 4, "bodies": 3,
+        "date_utc": "2026-12-07 12:00", "machine": {"cpu_model": "CPU", "cores": 2,
+                                                    "simd_flags": []},
+        "table": tbl, "inprocess": inprocess, "swap": swap, "swap_table": swap_table,
+        "overload": None, "overload_table": None})
+
+
 def test_cpu_info_reads_the_first_processor(tmp_path):
     path = tmp_path / "cpuinfo"
     path.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 sse4_2 "
@@ -212,7 +312,10 @@ def test_serve_swap_bad_arguments_exit_2(argv, capsys):
 
 @pytest.mark.parametrize("argv", [
     ["--concurrency", "1,0"], ["--requests", "0"], ["--swap-concurrency", "a"],
-    ["--swap-requests", "4", "--swap-publish-after", "5"]])
+    ["--swap-requests", "4", "--swap-publish-after", "5"], ["--overload-rate", "0"],
+    ["--overload-rate", "inf"], ["--overload-duration", "-2"], ["--overload-arrivals", "burst"],
+    ["--overload-seed", "-1"], ["--overload-latency-bound", "0"],
+    ["--no-overload", "--overload-rate", "5"]])
 def test_serve_bench_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as err:
         serve_bench.main(["--config", "c.yaml", *argv])
@@ -295,17 +398,39 @@ def test_swap_under_load_on_the_tiny_export(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_serve_bench_writes_every_key_and_the_markdown_of_its_json(tiny, tmp_path):
+    """Every step on servers whose user tower and search each hold at most 2 waiting requests
+    and wait 200 ms for company per batch (about 5 requests/s): steps 1 and 2 have at most 2
+    clients (never refused); step 3 offers 40 requests/s (Poisson, seed 0) for 2 s."""
     _, root, cfg, _ = tiny
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     code = serve_bench.main(["--config", cfg, "--export-dir", root, "--concurrency", "1,2",
                              "--requests", "6", "--swap-concurrency", "2", "--swap-requests",
-                             "20", "--scratch-dir", str(tmp_path), "--output", str(out),
-                             "--markdown", str(md)])
+                             "20", "--set", "export.serve_max_queue=2",
+                             "--set", "export.serve_max_wait_ms=200", "--overload-rate", "40",
+                             "--overload-duration", "2", "--scratch-dir", str(tmp_path),
+                             "--output", str(out), "--markdown", str(md)])
     r = json.loads(out.read_text())
-    assert code == 0, r["swap"].get("server_log_tail")
+    assert code == 0, (r["swap"].get("server_log_tail"), r["overload"].get("server_log_tail"),
+                       r["overload"]["checks"])
     assert set(r) == {"export_dir", "version", "items", "dim", "config", "sets", "bodies",
                       "machine", "date_utc", "load", "load_server_exit_code", "table",
-                      "inprocess", "swap", "swap_table", "ok"}
+                      "inprocess", "swap", "swap_table", "overload", "overload_table", "ok"}
+    # step 3: the excess refused with 503 + Retry-After, nothing else failed, the server alive
+    o = r["overload"]
+    codes = o["load"]["levels"][0]["codes"]
+    assert o["load"]["arrivals"] == "poisson" and o["load"]["seed"] == 0
+    # the schedule is the Poisson draw of seed 0 at 40 /s over 2 s, sent whole
+    from benchmarks.serve_load import schedule
+
+    n = len(schedule(40.0, duration=2.0, arrivals="poisson", seed=0))
+    assert o["scheduled"] == n and sum(codes.values()) == n
+    assert set(codes) <= {"200", "503", "504"}, codes
+    assert o["rejected_503"] > 0 and o["retry_after"] == o["rejected_503"]
+    assert o["ok"] == codes.get("200", 0) > 0
+    assert o["rate"] == 40.0 and o["rate_source"] == "--overload-rate"
+    assert o["sustainable_rps"] == max(lv["throughput_rps"] for lv in r["load"]["levels"])
+    assert o["max_queue"] == 2 and o["healthz_code"] == 200 and o["server_exit_code"] == 0
+    assert all(o["checks"].values()) and o["passed"]
     assert (r["version"], r["items"], r["dim"], r["bodies"]) == (100, 40, 4, 3)  # 3 warm-ups
     assert set(r["machine"]) == {"cpu_model", "cpu_flags", "simd_flags", "cores", "python"}
     assert [row["concurrency"] for row in r["table"]] == [1, 2]
@@ -316,7 +441,8 @@ def test_serve_bench_writes_every_key_and_the_markdown_of_its_json(tiny, tmp_pat
     assert r["swap_table"]["failed"] == 0 and set(r["swap_table"]["versions"]) == {"100", "101"}
     assert sorted(os.listdir(tmp_path)) == ["bench.json", "bench.md"]  # scratch copies gone
     # the markdown's numbers are the JSON's: parse its two tables back
-    rows = [line.strip("|").split("|") for line in md.read_text().splitlines()
+    before_overload = md.read_text().split("\nOverload (")[0]
+    rows = [line.strip("|").split("|") for line in before_overload.splitlines()
             if line.startswith("| ") and not line.startswith("| concurrency")
             and not line.startswith("| requests")]
     cells = [[c.strip() for c in row] for row in rows]
@@ -335,3 +461,13 @@ def test_serve_bench_writes_every_key_and_the_markdown_of_its_json(tiny, tmp_pat
     assert [int(x) for x in s[6:9]] == [sw["stale_after_switch"], sw["client_regressions"],
                                         sw["server_exit_code"]]
     assert f"{r['items']:,} items" in md.read_text()
+    ot = r["overload_table"]
+    lines = md.read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| offered (req/s)"))
+    row = [c.strip() for c in lines[header + 2].strip("|").split("|")]
+    assert row[0] == f"{ot['offered_rps']:.1f}" and [int(x) for x in row[1:3]] == \
+        [ot["scheduled"], ot["ok"]]
+    assert [float(x) for x in row[3:6]] == [ot["ok_p50_ms"], ot["ok_p99_ms"],
+                                             ot["latency_bound_ms"]]
+    assert row[6] == f"{ot['rejected_503']} ({ot['retry_after']})"
+    assert row[7:] == [str(ot["expired_504"]), "0", "0", "0", "yes", "0"]
