@@ -23,7 +23,9 @@ Shares of ``step``: optimizer apply = step - grads, backward = grads - forward, 
 base_step (each term: only_<task> - base_step), history = the history function's time.
 
 ``--compare history_embeddings=slots,unique`` times two settings of one config key A, B, A, B,
-... in the same process (the before/after of a fix). CLI::
+... in the same process (the before/after of a fix); ``--compare train.optimizer=adam,fused_adam``
+the optimizer. ``--optimizer-apply GRAD_ROWS`` times one optimizer apply alone
+(:func:`optimizer_apply`). CLI::
 
     python -m benchmarks.step_profile --items 1000000 --rounds 3 --out /tmp/profile.json
 """
@@ -422,6 +424,50 @@ def run(num_items: int = 1_000_000, batch_size: int = 4096, history_length: int 
     return out
 
 
+def optimizer_apply(num_rows: int = 1_000_000, dim: int = 64, grad_rows: int = 30_000,
+                    rounds: int = 5, steps: int = 1, warmup: int = 1, seed: int = 0,
+                    log=print) -> dict:
+    """One ``apply_gradients`` of each ``train.optimizer`` (micrec_tf/optimizers.py) on its own
+    ``[num_rows, dim]`` float32 table with a ``grad_rows``-row ``IndexedSlices`` gradient
+    (distinct random rows), compiled, timed interleaved (ABBA) as :func:`_time_rounds` does:
+    ``ms`` (median of per-round medians) and ``ratio_adam_over_fused`` (median of per-round
+    ratios). The table, moments and gradient are the same for every optimizer."""
+    for name, value in (("num_rows", num_rows), ("dim", dim), ("grad_rows", grad_rows),
+                        ("rounds", rounds), ("steps", steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1. Received: {value!r}")
+    if grad_rows > num_rows:
+        raise ValueError(f"grad_rows must be <= num_rows ({num_rows}). Received: {grad_rows}")
+    import tensorflow as tf
+
+    from micrec_tf.config import OPTIMIZERS, TrainConfig
+    from micrec_tf.optimizers import make_optimizer
+
+    rng = np.random.default_rng(seed)
+    indices = tf.constant(np.sort(rng.choice(num_rows, grad_rows, replace=False)), tf.int64)
+    values = tf.constant(rng.standard_normal((grad_rows, dim), dtype=np.float32) * 1e-3)
+    start = rng.standard_normal((num_rows, dim), dtype=np.float32) * 0.05
+    fns = {}
+    for name in OPTIMIZERS:
+        var = tf.Variable(start)
+        opt = make_optimizer(TrainConfig(optimizer=name))
+        opt.build([var])
+
+        @tf.function(autograph=False)
+        def apply(opt=opt, var=var):
+            opt.apply_gradients([(tf.IndexedSlices(values, indices, tf.shape(var)), var)])
+
+        fns[name] = apply
+    per_round = _time_rounds(fns, rounds, steps, warmup, log)
+    ms = {n: round(statistics.median(r) * 1000, 2) for n, r in per_round.items()}
+    return {"table": [num_rows, dim], "grad_rows": grad_rows, "cpu": cpu_info(), "ms": ms,
+            "ms_per_round": {n: [round(x * 1000, 2) for x in r] for n, r in per_round.items()},
+            "ratio_adam_over_fused": round(statistics.median(
+                [a / b for a, b in zip(per_round["adam"], per_round["fused_adam"])]), 3),
+            "method": (f"{warmup} warm-up calls each, then {rounds} rounds x {steps} calls, "
+                       "optimizers alternated (ABBA); median over rounds of per-round medians")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.step_profile",
                                  description=__doc__.split("\n")[0])
@@ -441,7 +487,19 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", default=None, metavar="DIR",
                     help="also profile the full step(s) with tf.profiler into DIR")
     ap.add_argument("--out", default=None, help="write the JSON report here")
+    ap.add_argument("--optimizer-apply", type=int, default=None, metavar="GRAD_ROWS",
+                    help="instead: time one apply of each train.optimizer on an [items, 64] "
+                         "table with a GRAD_ROWS-row sparse gradient (--rounds/--steps/--warmup)")
     args = ap.parse_args(argv)
+    if args.optimizer_apply is not None:
+        try:
+            result = optimizer_apply(args.items, 64, args.optimizer_apply, args.rounds,
+                                     args.steps, args.warmup,
+                                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        except ValueError as err:
+            ap.error(str(err))
+        cli.print_json(result, args.out)
+        return 0
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")

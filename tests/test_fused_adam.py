@@ -343,3 +343,25 @@ def test_train_with_fused_adam_learns_and_resumes(tiny_pipeline):
     assert any("resuming from" in line for line in lines), lines
     for a, b in zip(_weights(full["model"]), _weights(resumed["model"])):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+# --- the micro-benchmark of one apply (benchmarks/step_profile.py) ----------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    ({"grad_rows": 0}, "grad_rows must be an int >= 1. Received: 0"),
+    ({"num_rows": 10, "grad_rows": 11}, "grad_rows must be <= num_rows \\(10\\). Received: 11"),
+    ({"rounds": 1.5}, "rounds must be an int >= 1. Received: 1.5"),
+])
+def test_optimizer_apply_argument_errors(kwargs, match):
+    from benchmarks import step_profile as sp
+
+    with pytest.raises(ValueError, match=match):
+        sp.optimizer_apply(**kwargs)
+
+
+def test_optimizer_apply_times_each_optimizer():
+    from benchmarks import step_profile as sp
+
+    out = sp.optimizer_apply(num_rows=300, dim=4, grad_rows=20, rounds=2, log=lambda *a: None)
+    assert set(out["ms"]) == {"adam", "fused_adam"} and all(t > 0 for t in out["ms"].values())
+    assert all(len(r) == 2 for r in out["ms_per_round"].values())
+    assert out["table"] == [300, 4] and out["grad_rows"] == 20 and out["ratio_adam_over_fused"] > 0
