@@ -195,3 +195,34 @@ def test_metrics_module_does_not_import_tensorflow():
     code = ("import sys, micrec_tf.evaluation.metrics; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_exact_eval_benchmark_inputs_and_report(tmp_path):
+    """benchmarks/exact_eval.py on a tiny catalogue: its exclusion lists hold --history ids of
+    1..V-1 per query, the ratio is the quotient of the reported medians, and both engines'
+    lists (compared row by row here) give the reported identical-row share."""
+    import json
+
+    from benchmarks import exact_eval
+
+    users, vectors, (indptr, indices) = exact_eval.make_inputs(50, 7, 4, 3, seed=1)
+    assert users.shape == (7, 4) and vectors.shape == (50, 4) and users.dtype == np.float32
+    np.testing.assert_array_equal(indptr, [0, 3, 6, 9, 12, 15, 18, 21])
+    assert indices.min() >= 1 and indices.max() <= 49
+    a = np.array([[1, 2], [3, 4], [5, 6]])
+    assert exact_eval.identical_rows(a, np.array([[1, 2], [4, 3], [5, 6]])) == pytest.approx(2 / 3)
+    out = tmp_path / "r.json"
+    assert exact_eval.main(["--items", "300", "--queries", "20", "--dim", "4", "--k", "10",
+                            "--history", "3", "--rounds", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    med = r["median_s"]
+    assert r["ratio"] == pytest.approx(med["numpy"] / med["tensorflow"], rel=1e-3)
+    u, v, excl = exact_eval.make_inputs(300, 20, 4, 3, seed=0)
+    ref = ref_topk(ref_scores(u, v), 10, [excl[1][excl[0][i]:excl[0][i + 1]] for i in range(20)])
+    got = metrics.top_k_items(u, v, 10, exclude=excl, engine="tensorflow")[0]
+    assert r["identical_row_share"] == pytest.approx(
+        exact_eval.identical_rows(metrics.top_k_items(u, v, 10, exclude=excl)[0], got))
+    assert exact_eval.identical_rows(got, ref) == 1.0
+    assert r["machine"]["cpu_flags"] is not None
+    with pytest.raises(SystemExit):
+        exact_eval.parse_args(["--queries", "0"])
