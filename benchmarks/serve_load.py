@@ -33,7 +33,8 @@ requests, or with ``--duration`` every ``i`` with ``i / R < S``, i.e. ``ceil(R x
 Poisson process, exponential gaps of mean ``1 / R`` drawn from ``numpy.random.default_rng(K)``
 (the first request after one gap): ``N`` requests, or every arrival before ``S`` (a random count
 of mean ``R x S``); the same seed gives the same schedule (:func:`schedule`). The summary's
-``arrivals`` says which (and the file's ``seed`` for Poisson). They are sent by a pool of ``--workers`` threads (default 256, each with its
+``arrivals`` says which (and the file's ``seed`` for Poisson). They are sent by a pool of
+``--workers`` threads (default 256, each with its
 own keep-alive connection); a request whose time comes while every worker is busy is NOT sent
 and counted as ``"dropped_client"`` (the schedule is never delayed). Its latency runs from its
 SCHEDULED time to the last byte of the answer, so a late send (the client's own queueing)

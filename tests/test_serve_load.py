@@ -12,7 +12,8 @@ requests; ``dropped_client`` made deterministic by a server that holds its answe
 whole schedule has been dispatched; one-line argument errors. Poisson arrivals: determinism
 for a seed, strictly increasing offsets below the duration, the mean gap of 20,000 draws within
 3 % of 1 / rate and their coefficient of variation within 5 % of 1 (the exponential law's, by
-pure-Python sums over a fixed seed), the counting server's tallies of the drawn schedule. Slow: overload of a real server
+pure-Python sums over a fixed seed), the counting server's tallies of the drawn schedule.
+Slow: overload of a real server
 (queue of 2, a 300 ms batching window) at 40 requests/s: 503s with ``Retry-After``, every 200
 run in a batch of at most ``max_queue`` requests (counts from /metrics), ``/healthz`` 200 after.
 """
