@@ -127,6 +127,7 @@ def test_score_dtype_follows_the_inputs(dtype, expected):
     np.testing.assert_array_equal(sc, np.take_along_axis(scores, idx, axis=1))  # exact integers
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_scores_beyond_float32_follow_the_numpy_engine():
     """Overflowing dot products (+inf) rank as the largest finite value in the numpy engine;
     such inputs are handed to it, so both engines agree."""
