@@ -431,7 +431,8 @@ def optimizer_apply(num_rows: int = 1_000_000, dim: int = 64, grad_rows: int = 3
     ``[num_rows, dim]`` float32 table with a ``grad_rows``-row ``IndexedSlices`` gradient
     (distinct random rows), compiled, timed interleaved (ABBA) as :func:`_time_rounds` does:
     ``ms`` (median of per-round medians) and ``ratio_adam_over_fused`` (median of per-round
-    ratios). The table, moments and gradient are the same for every optimizer."""
+    ratios; ``ratio_adam_over_lazy`` likewise). The table, moments and gradient are the same for
+    every optimizer."""
     for name, value in (("num_rows", num_rows), ("dim", dim), ("grad_rows", grad_rows),
                         ("rounds", rounds), ("steps", steps)):
         if not isinstance(value, int) or value < 1:
@@ -462,8 +463,9 @@ def optimizer_apply(num_rows: int = 1_000_000, dim: int = 64, grad_rows: int = 3
     ms = {n: round(statistics.median(r) * 1000, 2) for n, r in per_round.items()}
     return {"table": [num_rows, dim], "grad_rows": grad_rows, "cpu": cpu_info(), "ms": ms,
             "ms_per_round": {n: [round(x * 1000, 2) for x in r] for n, r in per_round.items()},
-            "ratio_adam_over_fused": round(statistics.median(
-                [a / b for a, b in zip(per_round["adam"], per_round["fused_adam"])]), 3),
+            **{f"ratio_adam_over_{n.split('_')[0]}": round(statistics.median(
+                [a / b for a, b in zip(per_round["adam"], per_round[n])]), 3)
+               for n in per_round if n != "adam"},
             "method": (f"{warmup} warm-up calls each, then {rounds} rounds x {steps} calls, "
                        "optimizers alternated (ABBA); median over rounds of per-round medians")}
 

@@ -48,9 +48,9 @@ SESSION_MEMBERSHIPS = ("auto", "bitmap", "sorted")
 # and step, or all of them (the InfoNCE averaged over the item's neighbours).
 SEMANTIC_POSITIVES = ("sample", "all")
 MIXED_PRECISION = ("auto", "on", "off")
-# train.optimizer (micrec_tf/optimizers.py, issue 31): tf_keras's Adam, or the same Adam applied
-# by one fused ResourceApplyAdam kernel per variable.
-OPTIMIZERS = ("adam", "fused_adam")
+# train.optimizer (micrec_tf/optimizers.py, issue 31): tf_keras's Adam, the same Adam applied
+# by one fused ResourceApplyAdam kernel per variable, or row-sparse ("lazy") Adam.
+OPTIMIZERS = ("adam", "fused_adam", "lazy_adam")
 INDEX_KINDS = ("scann", "brute_force")
 # How the user towers embed the history clicks and how the transformer computes attention
 # (speed only, the same function either way): see micrec_tf/towers.py and micrec_tf/layers.py,
@@ -338,7 +338,9 @@ class TrainConfig:
     # The optimizer (micrec_tf/optimizers.py, issue 31): "adam" (default: tf_keras's Adam, as
     # before the key, bit for bit) or "fused_adam" (the same Adam, one fused ResourceApplyAdam
     # kernel per variable, sparse gradients summed densely first: equal up to float rounding,
-    # faster on large embedding tables; checkpoints restore across the two).
+    # faster on large embedding tables; checkpoints restore across the two) or "lazy_adam" (a
+    # DIFFERENT optimizer: a sparse gradient updates only its rows' moments and values; needs its
+    # own quality run).
     optimizer: str = "adam"
 
 

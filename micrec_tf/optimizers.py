@@ -8,6 +8,9 @@ fused kernel per variable (issue 31, item 1).
 
 * ``adam`` (default): ``tf_keras.optimizers.Adam(train.learning_rate)``, exactly the optimizer
   of before the key, bit for bit.
+* ``lazy_adam``: :class:`LazyAdam`, row-sparse Adam: only the rows a sparse gradient names
+  update their moments and values. A different optimizer (results differ from ``adam``): it
+  needs its own quality run before anyone relies on it.
 * ``fused_adam``: :class:`FusedAdam`, the same algorithm (tf_keras's formula, hyper-parameters,
   slot variables ``m`` / ``v`` with the same names and shapes, so a checkpoint or backup written
   with one restores into the other) whose update of every variable is one
@@ -46,8 +49,9 @@ class FusedAdam(tf_keras.optimizers.Adam):
     Same arguments, defaults and slot variables as ``tf_keras.optimizers.Adam`` (learning_rate
     0.001, beta_1 0.9, beta_2 0.999, epsilon 1e-7, adaptive_epsilon False) and the same default
     name ``Adam``, so its slot variables are named as Adam's (``Adam/m/<var>``, ``Adam/v/<var>``);
-    ``amsgrad=True`` is refused. Works under tf.distribute strategies (the kernel runs in the strategy's per-variable
-    update, on each replica's copy) and inside ``LossScaleOptimizer`` (mixed precision).
+    ``amsgrad=True`` is refused. Works under tf.distribute strategies (the kernel runs in the
+    strategy's per-variable update, on each replica's copy) and inside ``LossScaleOptimizer``
+    (mixed precision).
 
     ``update_step(gradient, variable)``: ``gradient`` a dense tensor of ``variable``'s shape, or
     an ``IndexedSlices`` with ``values [n, ...]`` and ``indices [n]`` (repeats allowed, summed)
@@ -56,22 +60,21 @@ class FusedAdam(tf_keras.optimizers.Adam):
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                  adaptive_epsilon=False, amsgrad=False, name="Adam", **kwargs):
+        cls = type(self).__name__
         if amsgrad:
-            raise ValueError(f"FusedAdam does not implement amsgrad (ResourceApplyAdam has no "
+            raise ValueError(f"{cls} does not implement amsgrad (ResourceApplyAdam has no "
                              f"v_hat); use tf_keras.optimizers.Adam. Received: amsgrad={amsgrad!r}")
         for key, value in (("beta_1", beta_1), ("beta_2", beta_2)):
             if not callable(value) and not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"FusedAdam's {key} must be in [0, 1). Received: "
-                                 f"{key}={value!r}")
+                raise ValueError(f"{cls}'s {key} must be in [0, 1). Received: {key}={value!r}")
         if not callable(epsilon) and not float(epsilon) >= 0.0:
-            raise ValueError(f"FusedAdam's epsilon must be >= 0. Received: epsilon={epsilon!r}")
+            raise ValueError(f"{cls}'s epsilon must be >= 0. Received: epsilon={epsilon!r}")
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                          epsilon=epsilon, adaptive_epsilon=adaptive_epsilon, amsgrad=False,
                          name=name, **kwargs)
 
-    def update_step(self, gradient, variable):
-        """Applies one Adam step to ``variable`` with one fused kernel (see the class)."""
-        dtype = variable.dtype
+    def _hyper(self, dtype):
+        """(lr, beta_1, beta_2, epsilon hat, beta_1^t, beta_2^t) as ``dtype`` scalars, t = step."""
         lr = tf.cast(self.learning_rate, dtype)
         local_step = tf.cast(self.iterations + 1, dtype)
         beta_1 = tf.cast(self.beta_1, dtype)
@@ -81,8 +84,17 @@ class FusedAdam(tf_keras.optimizers.Adam):
         epsilon = tf.cast(self.epsilon, dtype)
         if self.adaptive_epsilon:
             epsilon = epsilon * tf.sqrt(1 - beta_2_power)
+        return lr, beta_1, beta_2, epsilon, beta_1_power, beta_2_power
+
+    def _slots(self, variable):
         index = self._index_dict[self._var_key(variable)]
-        m, v = self._momentums[index], self._velocities[index]
+        return self._momentums[index], self._velocities[index]
+
+    def update_step(self, gradient, variable):
+        """Applies one Adam step to ``variable`` with one fused kernel (see the class)."""
+        dtype = variable.dtype
+        lr, beta_1, beta_2, epsilon, beta_1_power, beta_2_power = self._hyper(dtype)
+        m, v = self._slots(variable)
         if isinstance(gradient, tf.IndexedSlices):
             # [n, ...] rows at [n] indices -> [rows, ...]; repeated indices add up.
             gradient = tf.math.unsorted_segment_sum(gradient.values, gradient.indices,
@@ -98,6 +110,50 @@ class FusedAdam(tf_keras.optimizers.Adam):
         return config
 
 
+@tf_keras.utils.register_keras_serializable(package="micrec_tf")
+class LazyAdam(FusedAdam):
+    """Row-sparse ("lazy") Adam: a DIFFERENT optimizer from Adam, not a faster path to it.
+
+    On an ``IndexedSlices`` gradient only the rows it names (repeats summed) update their
+    moments and values; every other row keeps ``m``, ``v`` and its value (Adam decays every
+    row's moments and keeps moving rows with momentum left). For the rows it names, with the
+    global step t::
+
+        m_r <- m_r + (g_r - m_r)(1 - b1);   v_r <- v_r + (g_r^2 - v_r)(1 - b2)
+        var_r <- var_r - lr sqrt(1 - b2^t) / (1 - b1^t) m_r / (sqrt(v_r) + eps)
+
+    (TensorFlow Addons' LazyAdam). Dense gradients get :class:`FusedAdam`'s step, so a model
+    without sparse gradients trains as with Adam. Same arguments and slot variables as
+    FusedAdam (checkpoints restore across adam / fused_adam / lazy_adam), but results differ:
+    a run with it needs its own quality comparison.
+    """
+
+    def __init__(self, *args, name="Adam", **kwargs):
+        # tf.unique (repeats) has no XLA kernel: apply outside XLA even on a GPU.
+        kwargs.setdefault("jit_compile", False)
+        super().__init__(*args, name=name, **kwargs)
+
+    def update_step(self, gradient, variable):
+        """Row-sparse step for ``IndexedSlices`` (values ``[n, ...]``, indices ``[n]``, repeats
+        summed) into ``variable [rows, ...]``; dense gradients: FusedAdam's fused step."""
+        if not isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable)
+        dtype = variable.dtype
+        lr, beta_1, beta_2, epsilon, beta_1_power, beta_2_power = self._hyper(dtype)
+        m, v = self._slots(variable)
+        rows, position = tf.unique(gradient.indices)  # [u], [n]
+        g = tf.cast(tf.math.unsorted_segment_sum(gradient.values, position, tf.shape(rows)[0]),
+                    dtype)  # [u, ...]
+        m_rows = tf.gather(m, rows)
+        m_rows = m_rows + (g - m_rows) * (1 - beta_1)
+        v_rows = tf.gather(v, rows)
+        v_rows = v_rows + (tf.square(g) - v_rows) * (1 - beta_2)
+        m.scatter_update(tf.IndexedSlices(m_rows, rows))
+        v.scatter_update(tf.IndexedSlices(v_rows, rows))
+        alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        variable.scatter_sub(tf.IndexedSlices(alpha * m_rows / (tf.sqrt(v_rows) + epsilon), rows))
+
+
 def make_optimizer(train_cfg) -> tf_keras.optimizers.Optimizer:
     """The optimizer ``train.optimizer`` names, at ``train.learning_rate`` (see the module).
 
@@ -109,4 +165,6 @@ def make_optimizer(train_cfg) -> tf_keras.optimizers.Optimizer:
         return tf_keras.optimizers.Adam(train_cfg.learning_rate)
     if name == "fused_adam":
         return FusedAdam(train_cfg.learning_rate)
+    if name == "lazy_adam":
+        return LazyAdam(train_cfg.learning_rate)
     raise ValueError(f"train.optimizer must be one of {list(OPTIMIZERS)}. Received: {name!r}")

@@ -14,7 +14,7 @@ import tensorflow as tf
 import tf_keras
 
 from micrec_tf.config import ConfigError, Config, validate
-from micrec_tf.optimizers import FusedAdam, make_optimizer
+from micrec_tf.optimizers import FusedAdam, LazyAdam, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LR, B1, B2, EPS = 0.01, 0.9, 0.999, 1e-7
@@ -140,21 +140,23 @@ def test_under_loss_scale_optimizer():
         np.testing.assert_allclose(e.numpy(), want, rtol=1e-4, atol=1e-5)
 
 
-def test_mirrored_strategy_over_two_cpu_replicas():
+@pytest.mark.parametrize("cls", ["FusedAdam", "LazyAdam"])
+def test_mirrored_strategy_over_two_cpu_replicas(cls):
     """MirroredStrategy over 2 logical CPUs (a subprocess: logical devices are set before TF
     starts): the per-replica IndexedSlices gradients are summed across replicas, then each
-    replica's copy gets the same fused step = numpy Adam on the summed dense gradient."""
+    replica's copy gets the same step = numpy Adam (lazy: on the named rows only) on the summed
+    gradient."""
     script = textwrap.dedent("""
         import micrec_tf, sys, json, numpy as np, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from micrec_tf.optimizers import FusedAdam
+        from micrec_tf.optimizers import FusedAdam, LazyAdam
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         e0 = np.arange(10, dtype=np.float32).reshape(5, 2) / 10
         with strategy.scope():
             e = tf.Variable(e0)
-            opt = FusedAdam(0.01)
+            opt = CLS(0.01)
             opt.build([e])
         ids = [tf.constant([1, 3, 1]), tf.constant([3, 4, 3])]
         def step():
@@ -168,7 +170,7 @@ def test_mirrored_strategy_over_two_cpu_replicas():
             strategy.run(tf.function(step))
         values = [v.numpy().tolist() for v in e.values]
         print(json.dumps({"replicas": len(e.values), "values": values}))
-    """)
+    """).replace("CLS", cls)
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=300)
@@ -179,8 +181,70 @@ def test_mirrored_strategy_over_two_cpu_replicas():
     e0 = np.arange(10, dtype=np.float64).reshape(5, 2) / 10
     g = dense_of(5, np.full((6, 2), 0.5), [1, 3, 1, 3, 4, 3])  # both replicas' rows, summed
     want, _, _ = numpy_adam(e0, [g] * 3)
+    if cls == "LazyAdam":  # row 0 and 2 are never named: they stay
+        want[[0, 2]] = e0[[0, 2]]
     for values in res["values"]:
         np.testing.assert_allclose(values, want, rtol=1e-5, atol=1e-6)
+
+
+# --- lazy_adam: a different optimizer, against its own numpy reference -----------------------
+def numpy_lazy_adam(var, steps, lr=LR, b1=B1_F32, b2=B2_F32, eps=EPS):
+    """Row-sparse Adam by hand (float64): at step t only the rows named by that step's
+    (values, indices) (repeats summed) update m, v and their value, with bias correction at t."""
+    var = np.array(var, np.float64)
+    m, v = np.zeros_like(var), np.zeros_like(var)
+    for t, (values, indices) in enumerate(steps, start=1):
+        g = dense_of(var.shape[0], values, indices)
+        for r in sorted(set(int(i) for i in indices)):
+            m[r] = b1 * m[r] + (1 - b1) * g[r]
+            v[r] = b2 * v[r] + (1 - b2) * g[r] ** 2
+            var[r] -= lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m[r] / (np.sqrt(v[r]) + eps)
+    return var, m, v
+
+
+def test_lazy_adam_updates_only_the_named_rows():
+    rs = np.random.RandomState(4)
+    e0, w0 = rs.randn(7, 3).astype(np.float32), rs.randn(2, 3).astype(np.float32)
+    e, w = tf.Variable(e0), tf.Variable(w0)
+    opt = LazyAdam(LR)
+    sparse = _sparse_steps(seed=5)
+    dense = [rs.randn(2, 3).astype(np.float32) for _ in sparse]
+    for (values, indices), g in zip(sparse, dense):
+        opt.apply_gradients([
+            (tf.IndexedSlices(tf.constant(values), tf.constant(indices), tf.constant([7, 3])), e),
+            (tf.constant(g), w)])
+    want_e, want_m, want_v = numpy_lazy_adam(e0, sparse)
+    np.testing.assert_allclose(e.numpy(), want_e, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(opt.variables[1].numpy(), want_m, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(opt.variables[2].numpy(), want_v, rtol=1e-5, atol=1e-10)
+    np.testing.assert_array_equal(e.numpy()[4], e0[4])  # never named: untouched
+    # rows last named at step 3 (0, 2, 5) keep their step-3 moments and values through step 4
+    # (Adam would decay the moments and move the rows)
+    assert not {0, 2, 5} & {int(i) for i in sparse[3][1]}
+    e_3, m_3, v_3 = numpy_lazy_adam(e0, sparse[:3])
+    for r in (0, 2, 5):
+        np.testing.assert_allclose(opt.variables[1].numpy()[r], m_3[r], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(opt.variables[2].numpy()[r], v_3[r], rtol=1e-5, atol=1e-10)
+        np.testing.assert_allclose(e.numpy()[r], e_3[r], rtol=1e-6, atol=1e-6)
+    # dense gradients get Adam's step
+    want_w, _, _ = numpy_adam(w0, dense, b1=B1_F32, b2=B2_F32)
+    np.testing.assert_allclose(w.numpy(), want_w, rtol=1e-6, atol=1e-6)
+    # it is not Adam: the rows Adam keeps moving by momentum differ
+    adam_e, _, _ = numpy_adam(e0, [dense_of(7, v, i) for v, i in sparse], b1=B1_F32, b2=B2_F32)
+    assert np.abs(adam_e - want_e).max() > 1e-3
+
+
+def test_lazy_adam_update_step_sums_repeated_indices_itself():
+    e0 = np.arange(12, dtype=np.float32).reshape(6, 2) / 5
+    e = tf.Variable(e0)
+    opt = LazyAdam(LR)
+    opt.build([e])
+    values = np.array([[1.0, -2.0], [0.5, 0.25], [3.0, 1.0]], np.float32)
+    indices = np.array([4, 1, 4])
+    opt.update_step(tf.IndexedSlices(tf.constant(values), tf.constant(indices)), e)
+    want, _, _ = numpy_lazy_adam(e0, [(values, indices)])
+    np.testing.assert_allclose(e.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert opt.jit_compile is False
 
 
 # --- against tf_keras's Adam on the MicRec model --------------------------------------------
@@ -253,10 +317,12 @@ def _tiny_steps(model, opt, steps, start):
         opt.apply_gradients(zip(grads, [model.table, model.kernel]))
 
 
-@pytest.mark.parametrize("first,second", [("adam", "fused_adam"), ("fused_adam", "adam")])
+@pytest.mark.parametrize("first,second", [("adam", "fused_adam"), ("fused_adam", "adam"),
+                                          ("adam", "lazy_adam")])
 def test_checkpoint_restores_across_optimizers(tmp_path, first, second):
     """2 steps with ``first``, checkpoint, restore into a fresh model with ``second`` (slots and
-    step count exactly as saved), 3 more steps: as continuing with ``first`` within 1e-5."""
+    step count exactly as saved), 3 more steps: as continuing with ``first`` within 1e-5 (Adam
+    and the fused Adam; lazy_adam is another optimizer: only the restore is checked)."""
     def opt_of(name):
         return make_optimizer(Config().replace({"train.optimizer": name}).train)
 
@@ -273,9 +339,11 @@ def test_checkpoint_restores_across_optimizers(tmp_path, first, second):
     for a, b in zip(opt2.variables, saved):
         np.testing.assert_array_equal(a.numpy(), b)  # iteration, m and v of both variables
     _tiny_steps(other, opt2, 3, start=2)
+    assert int(opt2.iterations.numpy()) == 5
+    if second == "lazy_adam":
+        return
     for a, b in ((model.table, other.table), (model.kernel, other.kernel)):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-5)
-    assert int(opt2.iterations.numpy()) == 5
 
 
 # --- config, factory, argument checks -------------------------------------------------------
@@ -295,6 +363,8 @@ def test_make_optimizer_default_is_keras_adam():
     # serialization by registered name round-trips too
     restored = tf_keras.optimizers.deserialize(tf_keras.optimizers.serialize(fused))
     assert type(restored) is FusedAdam
+    lazy = make_optimizer(Config().replace({"train.optimizer": "lazy_adam"}).train)
+    assert type(lazy) is LazyAdam and type(LazyAdam.from_config(lazy.get_config())) is LazyAdam
 
 
 def test_config_rejects_an_unknown_optimizer():
@@ -314,6 +384,8 @@ def test_config_rejects_an_unknown_optimizer():
 def test_fused_adam_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusedAdam(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        LazyAdam(**kwargs)
 
 
 # --- through train() ------------------------------------------------------------------------
@@ -362,6 +434,8 @@ def test_optimizer_apply_times_each_optimizer():
     from benchmarks import step_profile as sp
 
     out = sp.optimizer_apply(num_rows=300, dim=4, grad_rows=20, rounds=2, log=lambda *a: None)
-    assert set(out["ms"]) == {"adam", "fused_adam"} and all(t > 0 for t in out["ms"].values())
+    assert set(out["ms"]) == {"adam", "fused_adam", "lazy_adam"}
+    assert all(t > 0 for t in out["ms"].values())
     assert all(len(r) == 2 for r in out["ms_per_round"].values())
-    assert out["table"] == [300, 4] and out["grad_rows"] == 20 and out["ratio_adam_over_fused"] > 0
+    assert out["table"] == [300, 4] and out["grad_rows"] == 20
+    assert out["ratio_adam_over_fused"] > 0 and out["ratio_adam_over_lazy"] > 0
