@@ -70,7 +70,7 @@ def test_an_item_queued_past_its_deadline_is_dropped_and_frees_its_slot():
         b.start()
         running = asyncio.ensure_future(b.submit(0))               # held inside fn
         await asyncio.to_thread(rec.started.wait, 30)
-        soon = time.monotonic() + 0.05
+        soon = time.monotonic() + 1.0      # queued with the others first, even under load
         late = asyncio.ensure_future(b.submit(1, deadline=soon))
         plain = asyncio.ensure_future(b.submit(2))                 # no deadline
         far = asyncio.ensure_future(b.submit(3, deadline=time.monotonic() + 600))
