@@ -306,14 +306,28 @@ def trace_ops(fn, steps: int, logdir: str) -> dict:
 
 
 def _parse_compare(text: str | None):
-    """``key=a,b`` -> (``model.key``, [a, b]) (a bare key is taken under ``model.``)."""
+    """``key=a,b`` -> (``model.key``, [a, b]) (a bare key is taken under ``model.``). Several
+    keys changed together: ``k1=a1,b1;k2=a2,b2`` -> (``"k1;k2"``, [``"a1+a2"``, ``"b1+b2"``])
+    (setting A is every key's first value, B every key's second); :func:`_compare_settings`
+    gives the overrides of each."""
     if not text:
         return None
-    key, sep, values = text.partition("=")
-    vals = [v for v in values.split(",") if v]
-    if not sep or not key or len(vals) != 2:
-        raise ValueError(f"--compare must be KEY=A,B (two values). Received: {text!r}")
-    return (key if "." in key else f"model.{key}"), vals
+    keys, firsts, seconds = [], [], []
+    for part in text.split(";"):
+        key, sep, values = part.partition("=")
+        vals = [v for v in values.split(",") if v]
+        if not sep or not key or len(vals) != 2:
+            raise ValueError(f"--compare must be KEY=A,B (two values; several keys as "
+                             f"K1=A1,B1;K2=A2,B2). Received: {text!r}")
+        keys.append(key if "." in key else f"model.{key}")
+        firsts.append(vals[0])
+        seconds.append(vals[1])
+    return ";".join(keys), ["+".join(firsts), "+".join(seconds)]
+
+
+def _compare_settings(key: str, label: str) -> dict:
+    """The config overrides of one side of :func:`_parse_compare`'s result."""
+    return dict(zip(key.split(";"), label.split("+")))
 
 
 def run(num_items: int = 1_000_000, batch_size: int = 4096, history_length: int = 20,
@@ -350,7 +364,7 @@ def run(num_items: int = 1_000_000, batch_size: int = 4096, history_length: int 
     if cmp:
         key, values = cmp
         for value in values:
-            c = cfg.replace({key: value})
+            c = cfg.replace(_compare_settings(key, value))
             fns[f"micrec[{value}]"] = _step_fn(_build(c, world, full_cl), data)
             fns[f"base[{value}]"] = _step_fn(_build(c, world, []), data)
     else:
@@ -483,7 +497,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--components", default=",".join(COMPONENTS))
-    ap.add_argument("--compare", default=None, help="KEY=A,B: two settings timed interleaved")
+    ap.add_argument("--compare", default=None, help="KEY=A,B: two settings timed interleaved "
+                    "(several keys changed together: K1=A1,B1;K2=A2,B2)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override (model.*, loss.*)")
     ap.add_argument("--trace", default=None, metavar="DIR",

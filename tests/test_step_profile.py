@@ -20,6 +20,8 @@ from benchmarks import step_profile as sp
     ({"components": []}, "components must be a non-empty subset"),
     ({"compare": "history_embeddings=slots"}, "--compare must be KEY=A,B.*Received"),
     ({"compare": "history_embeddings"}, "--compare must be KEY=A,B"),
+    ({"compare": "history_embeddings=slots,unique;train.optimizer=adam"},
+     "--compare must be KEY=A,B.*Received"),
 ])
 def test_argument_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -94,3 +96,16 @@ def test_trace_scopes_by_hand():
         "user_tower/history_projection")
     assert sp._scope("user_tower") == "user_tower"
     assert sp._scope("session_cl/LowerBound") == "session_cl"
+
+
+def test_compare_of_several_keys_sets_each_side():
+    key, labels = sp._parse_compare(
+        "history_embeddings=slots,unique;train.optimizer=adam,fused_adam")
+    assert key == "model.history_embeddings;train.optimizer"
+    assert labels == ["slots+adam", "unique+fused_adam"]
+    assert sp._compare_settings(key, labels[0]) == {"model.history_embeddings": "slots",
+                                                    "train.optimizer": "adam"}
+    assert sp._compare_settings(key, labels[1]) == {"model.history_embeddings": "unique",
+                                                    "train.optimizer": "fused_adam"}
+    assert sp._parse_compare("train.optimizer=adam,fused_adam") == (
+        "train.optimizer", ["adam", "fused_adam"])
