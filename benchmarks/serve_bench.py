@@ -450,22 +450,6 @@ def _rate(text: str) -> float:
     return x
 
 
-def _overload_arrivals(text: str) -> str:
-    if text not in ARRIVALS:
-        raise argparse.ArgumentTypeError(f"takes {' or '.join(ARRIVALS)}. Received: {text!r}")
-    return text
-
-
-def _seed(text: str) -> int:
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if seed < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0. Received: {text!r}")
-    return seed
-
-
 def _parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.prog = "python -m benchmarks.serve_bench"
@@ -481,9 +465,9 @@ def _parser() -> argparse.ArgumentParser:
                         "throughput of step 1)")
     p.add_argument("--overload-duration", type=cli.positive_seconds, default=20.0,
                    help="step 3's seconds of schedule (default 20)")
-    p.add_argument("--overload-arrivals", type=_overload_arrivals, default="poisson",
+    p.add_argument("--overload-arrivals", type=cli.one_of(*ARRIVALS), default="poisson",
                    help="step 3's arrivals: poisson (default) or fixed")
-    p.add_argument("--overload-seed", type=_seed, default=0,
+    p.add_argument("--overload-seed", type=cli.non_negative_int, default=0,
                    help="step 3's seed of the Poisson gaps (default 0)")
     p.add_argument("--overload-latency-bound", type=cli.positive_seconds, default=None,
                    help="seconds the 200s' p99 must stay below (default: "

@@ -402,23 +402,6 @@ def _rates(text: str) -> list:
     return rates
 
 
-def _arrivals(text: str) -> str:
-    if text not in ARRIVALS:
-        raise argparse.ArgumentTypeError(f"--arrivals takes {' or '.join(ARRIVALS)}. "
-                                         f"Received: {text!r}")
-    return text
-
-
-def _seed(text: str) -> int:
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if seed < 0:
-        raise argparse.ArgumentTypeError(f"--seed takes an integer >= 0. Received: {text!r}")
-    return seed
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_load", description=__doc__
                                 .split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -433,10 +416,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="open loop: seconds of schedule per rate (or --requests)")
     p.add_argument("--workers", type=cli.positive_int, default=None,
                    help="open loop: sending threads (default 256); none idle = dropped_client")
-    p.add_argument("--arrivals", type=_arrivals, default=None,
+    p.add_argument("--arrivals", type=cli.one_of(*ARRIVALS), default=None,
                    help="open loop: fixed (default; request i at i / rate) or poisson "
                         "(exponential gaps of mean 1 / rate)")
-    p.add_argument("--seed", type=_seed, default=None,
+    p.add_argument("--seed", type=cli.non_negative_int, default=None,
                    help="open loop, --arrivals poisson: seed of the gaps (default 0)")
     p.add_argument("--requests", type=cli.positive_int, default=None,
                    help="requests per level (closed loop default 1000)")

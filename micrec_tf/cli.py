@@ -85,6 +85,28 @@ def positive_int(text: str) -> int:
     return n
 
 
+def non_negative_int(text: str) -> int:
+    """``argparse`` type: an integer >= 0, e.g. a seed (one-line error naming the value)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0. Received: {text!r}")
+    return n
+
+
+def one_of(*choices: str):
+    """``argparse`` type accepting exactly one of ``choices`` (one-line error naming the value;
+    unlike ``choices=``, the message says what was received)."""
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"takes {' or '.join(choices)}. "
+                                             f"Received: {text!r}")
+        return text
+    return parse
+
+
 def positive_seconds(text: str) -> float:
     """``argparse`` type: a finite number of seconds > 0 (one-line error naming the value)."""
     try:

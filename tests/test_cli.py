@@ -146,3 +146,18 @@ def test_bad_yaml_override_in_a_real_process(tmp_path):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stdout + proc.stderr
     assert lines[0].startswith("error: --set model.cl=[feature is not valid YAML"), lines
+
+
+@pytest.mark.parametrize("parse,good,bad", [
+    (cli.positive_int, [("1", 1), ("12", 12)], ["0", "-3", "x", "1.5"]),
+    (cli.non_negative_int, [("0", 0), ("7", 7)], ["-1", "x", "2.0"]),
+    (cli.one_of("fixed", "poisson"), [("fixed", "fixed"), ("poisson", "poisson")],
+     ["burst", "", "Fixed"]),
+])
+def test_argparse_types_accept_and_name_the_bad_value(parse, good, bad):
+    import argparse
+    for text, want in good:
+        assert parse(text) == want
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"Received: {re.escape(repr(text))}"):
+            parse(text)
