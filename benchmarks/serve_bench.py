@@ -233,12 +233,7 @@ def run_load_levels(config: str, sets: list, root: str, version: int, body_path:
                "--requests", str(requests), "--body-file", body_path,
                "--timeout", str(timeout), "--inprocess", os.path.join(root, str(version)),
                "--output", out]
-        proc = subprocess.run(cmd, cwd=serve_swap.ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"serve_load exited with {proc.returncode}:\n"
-                               f"{(proc.stdout + proc.stderr)[-4000:]}")
-        with open(out, encoding="utf-8") as fh:
-            load = json.load(fh)
+        load = _run_serve_load(cmd, out, "serve_load")
     finally:
         code = server.stop()
     return load, code
@@ -354,12 +349,7 @@ def run_overload(config: str, sets: list, export_dir: str, body_path: str, susta
                "--output", out]
         if arrivals == "poisson":
             cmd += ["--seed", str(seed)]
-        proc = subprocess.run(cmd, cwd=serve_swap.ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"serve_load (overload) exited with {proc.returncode}:\n"
-                               f"{(proc.stdout + proc.stderr)[-4000:]}")
-        with open(out, encoding="utf-8") as fh:
-            load = json.load(fh)
+        load = _run_serve_load(cmd, out, "serve_load (overload)")
         health = healthz(server.port)
         code = server.stop()
         server_log = server.log_text()
@@ -448,6 +438,17 @@ def _rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number of requests per second > 0. "
                                          f"Received: {text!r}")
     return x
+
+
+def _run_serve_load(cmd: list, out: str, what: str) -> dict:
+    """Runs a ``benchmarks.serve_load`` command line and returns the JSON it wrote to ``out``;
+    a non-zero exit raises with the tail of its output."""
+    proc = subprocess.run(cmd, cwd=serve_swap.ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} exited with {proc.returncode}:\n"
+                           f"{(proc.stdout + proc.stderr)[-4000:]}")
+    with open(out, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def _parser() -> argparse.ArgumentParser:
