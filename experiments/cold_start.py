@@ -308,7 +308,7 @@ def report(cfg: Config, names: list, settings: dict, per_seed: dict, content: di
         vals = {k: [cold(r)[k] for r in runs] for _, k in COLUMNS}
         mean = float(np.mean(vals[SELECT]))
         gain = f"{100 * (mean / ref_mean - 1):+.1f} %" if ref_mean else "n/a"
-        p = ("" if name == FINAL else
+        p = ("" if name == FINAL else "n/a (no final run yet)" if not final else
              f"{paired_p(final, {r['seed']: cold(r)[SELECT] for r in runs}):.3g}")
         lines.append(f"| {name} | " + " | ".join(_fmt(vals[k]) for _, k in COLUMNS)
                      + f" | {gain} | {p} | {len(runs)} |")
