@@ -49,7 +49,8 @@ Writes ``--output`` (JSON, default ``serve_bench.json``)::
                     "server_exit_code", "ok"},
      "overload": {"rate", "rate_source", "sustainable_rps", "factor", "duration_s", "arrivals",
                   "seed", "max_queue", "max_batch_size", "max_wait_ms", "request_timeout_s",
-                  "latency_bound_s", "latency_bound_source", "ready_s", "healthz_code",
+                  "latency_bound_s", "latency_bound_source", "ready_s", "workers",
+                  "healthz_code",
                   "scheduled", "sent", "offered_rps", "achieved_rps", "ok_rps", "ok",
                   "ok_p50_ms", "ok_p99_ms", "ok_max_ms", "rejected_503", "retry_after",
                   "share_503", "expired_504", "other_codes", "dropped_client",
@@ -78,7 +79,7 @@ import tempfile
 from micrec_tf import cli
 
 from benchmarks import serve_swap
-from benchmarks.serve_load import ARRIVALS, concurrency_levels
+from benchmarks.serve_load import ARRIVALS, DEFAULT_WORKERS, concurrency_levels
 
 # /proc/cpuinfo flags worth a line in the report (vector and matrix units).
 SIMD_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "vnni")
@@ -86,6 +87,8 @@ SIMD_PREFIXES = ("sse4", "avx", "fma", "f16c", "amx", "vnni")
 OVERLOAD_FACTOR = 2.0
 # Slack of the derived latency bound (seconds; latency_bound).
 BOUND_SLACK_S = 1.0
+# Client threads of the overload step beyond what the server's two stages can hold.
+OVERLOAD_MARGIN = 64
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> dict:
@@ -314,12 +317,25 @@ def healthz(port: int, timeout: float = 10.0) -> int | None:
         return None
 
 
+def overload_workers(max_queue: int, max_batch_size: int, workers: int | None = None) -> int:
+    """serve_load's client threads for the overload step: ``workers`` when given, else enough to
+    hold more requests in flight than the server can (two stages, each ``max_queue`` queued plus
+    a batch of ``max_batch_size`` running) plus a margin, and never fewer than serve_load's
+    default (256, what the 2026-12-07 figures used: with the default queue of 512 those threads,
+    not the server, were the bound, and no request was rejected)."""
+    if workers is not None:
+        return int(workers)
+    return max(DEFAULT_WORKERS, 2 * (int(max_queue) + int(max_batch_size)) + OVERLOAD_MARGIN)
+
+
 def run_overload(config: str, sets: list, export_dir: str, body_path: str, sustainable,
                  rate, duration: float, arrivals: str, seed: int, explicit_bound,
-                 scratch_dir, ready_timeout: float, timeout: float, log=print) -> dict:
+                 scratch_dir, ready_timeout: float, timeout: float, log=print,
+                 workers: int | None = None) -> dict:
     """Step 3 (module docstring): a fresh scratch copy and server, serve_load's open loop at
-    ``rate`` (None: ``OVERLOAD_FACTOR x sustainable``) for ``duration`` seconds, ``/healthz``,
-    SIGTERM. Returns the ``"overload"`` dict."""
+    ``rate`` (None: ``OVERLOAD_FACTOR x sustainable``) for ``duration`` seconds with
+    :func:`overload_workers` client threads, ``/healthz``, SIGTERM. Returns the ``"overload"``
+    dict."""
     from micrec_tf.config import load_config, parse_overrides
 
     ecfg = load_config(config, parse_overrides(sets)).export
@@ -332,6 +348,7 @@ def run_overload(config: str, sets: list, export_dir: str, body_path: str, susta
         source = "--overload-rate"
     bound_s, bound_source = latency_bound(ecfg.serve_request_timeout_s, ecfg.serve_max_queue,
                                           ecfg.serve_max_wait_ms, sustainable, explicit_bound)
+    workers = overload_workers(ecfg.serve_max_queue, ecfg.serve_max_batch_size, workers)
     scratch = tempfile.mkdtemp(prefix="serve_overload-", dir=scratch_dir)
     server = None
     try:
@@ -346,7 +363,7 @@ def run_overload(config: str, sets: list, export_dir: str, body_path: str, susta
                "--url", f"http://127.0.0.1:{server.port}", "--model", ecfg.serve_model_name,
                "--verb", "retrieve", "--rate", repr(float(rate)), "--duration", repr(duration),
                "--arrivals", arrivals, "--body-file", body_path, "--timeout", str(timeout),
-               "--output", out]
+               "--workers", str(workers), "--output", out]
         if arrivals == "poisson":
             cmd += ["--seed", str(seed)]
         load = _run_serve_load(cmd, out, "serve_load (overload)")
@@ -367,7 +384,7 @@ def run_overload(config: str, sets: list, export_dir: str, body_path: str, susta
               "max_queue": ecfg.serve_max_queue, "max_batch_size": ecfg.serve_max_batch_size,
               "max_wait_ms": ecfg.serve_max_wait_ms,
               "request_timeout_s": ecfg.serve_request_timeout_s,
-              "latency_bound_source": bound_source, "ready_s": ready_s,
+              "latency_bound_source": bound_source, "ready_s": ready_s, "workers": workers,
               "healthz_code": health, **summary, "load": load}
     if not summary["passed"]:
         result["server_log_tail"] = server_log[-4000:]
@@ -410,7 +427,8 @@ def run_bench(args, export_dir: str, log=print) -> dict:
                                     sustainable_rate(load), args.overload_rate,
                                     args.overload_duration, args.overload_arrivals,
                                     args.overload_seed, args.overload_latency_bound,
-                                    args.scratch_dir, args.ready_timeout, args.timeout, log)
+                                    args.scratch_dir, args.ready_timeout, args.timeout, log,
+                                    args.overload_workers)
     finally:
         serve_swap.remove_scratch(scratch)
     table, inprocess, swap_table = tables(load, swap)
@@ -474,6 +492,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds the 200s' p99 must stay below (default: "
                         "export.serve_request_timeout_s when > 0, else derived from the queue "
                         "limits and S)")
+    p.add_argument("--overload-workers", type=cli.positive_int, default=None,
+                   help="step 3's client threads (default: more than the server's two queues "
+                        "and batches can hold, at least 256; 256 reproduces the 2026-12-07 "
+                        "figures)")
     p.add_argument("--output", default="serve_bench.json", help="JSON (default serve_bench.json)")
     p.add_argument("--markdown", default="serve_bench.md",
                    help="markdown fragment for docs/BENCHMARKS.md (default serve_bench.md)")

@@ -430,6 +430,7 @@ def test_serve_bench_writes_every_key_and_the_markdown_of_its_json(tiny, tmp_pat
     assert o["rate"] == 40.0 and o["rate_source"] == "--overload-rate"
     assert o["sustainable_rps"] == max(lv["throughput_rps"] for lv in r["load"]["levels"])
     assert o["max_queue"] == 2 and o["healthz_code"] == 200 and o["server_exit_code"] == 0
+    assert o["workers"] == max(256, 2 * (2 + o["max_batch_size"]) + 64)  # more than it holds
     assert all(o["checks"].values()) and o["passed"]
     assert (r["version"], r["items"], r["dim"], r["bodies"]) == (100, 40, 4, 3)  # 3 warm-ups
     assert set(r["machine"]) == {"cpu_model", "cpu_flags", "simd_flags", "cores", "python"}
@@ -471,3 +472,12 @@ def test_serve_bench_writes_every_key_and_the_markdown_of_its_json(tiny, tmp_pat
                                              ot["latency_bound_ms"]]
     assert row[6] == f"{ot['rejected_503']} ({ot['retry_after']})"
     assert row[7:] == [str(ot["expired_504"]), "0", "0", "0", "yes", "0"]
+
+
+def test_overload_workers_outnumber_what_the_server_holds():
+    # two stages, each 512 queued + a batch of 256 running, + 64: 1,600 threads
+    assert serve_bench.overload_workers(512, 256) == 2 * (512 + 256) + 64 == 1600
+    assert serve_bench.overload_workers(2, 4) == 256          # never below serve_load's default
+    assert serve_bench.overload_workers(512, 256, workers=256) == 256   # the 2026-12-07 setting
+    with pytest.raises(SystemExit):
+        serve_bench._parser().parse_args(["--config", "c.yaml", "--overload-workers", "0"])
