@@ -312,6 +312,29 @@ def _retrievable_columns(valid_mask, skip_columns) -> np.ndarray:
     return np.nonzero(valid)[0]
 
 
+def _narrow_map(columns: np.ndarray) -> np.ndarray:
+    """int64 [columns[-1] + 1]: full column -> its position in ``columns`` (ascending), -1 for a
+    column that is not among them."""
+    to_narrow = np.full(int(columns[-1]) + 1 if columns.size else 0, -1, np.int64)
+    to_narrow[columns] = np.arange(columns.size)
+    return to_narrow
+
+
+def excluded_cells(excl, start: int, stop: int, width: int, to_narrow=None):
+    """``(rows, cols)`` int64: the exclusion sets (an :func:`as_exclusion` object) of queries
+    ``start .. stop-1`` inside a ``[stop - start, width]`` score block, ids outside it dropped.
+    With ``to_narrow`` (:func:`_narrow_map`) the block holds only the retrievable columns: the
+    cells are in its positions, and excluded ids that are not retrievable drop out."""
+    rows, cols = (np.asarray(a, np.int64) for a in excl.rows_cols(start, stop))
+    width = width if to_narrow is None else to_narrow.size
+    keep = (cols >= 0) & (cols < width)
+    rows, cols = rows[keep], cols[keep]
+    if to_narrow is not None:
+        cols = to_narrow[cols]
+        rows, cols = rows[cols >= 0], cols[cols >= 0]
+    return rows, cols
+
+
 def _top_k_blocks(score_fn: ScoreFn, num_rows: int, k: int, exclude, batch_size: int,
                   secondary, skip_columns, columns):
     """The loop of :func:`top_k_by_score_fn`. ``columns``: None, or int64 [C] ascending when
@@ -322,10 +345,8 @@ def _top_k_blocks(score_fn: ScoreFn, num_rows: int, k: int, exclude, batch_size:
     if columns is not None:
         if secondary is not None:
             secondary = np.asarray(secondary)[columns]
-        if excl is not None:  # full column -> narrow position, -1 where not retrievable
-            width = int(columns[-1]) + 1 if columns.size else 0
-            to_narrow = np.full(width, -1, np.int64)
-            to_narrow[columns] = np.arange(columns.size)
+        if excl is not None:
+            to_narrow = _narrow_map(columns)
     kk = k if columns is None else min(k, int(columns.size))
     all_idx, all_scores = [], []
     for start in range(0, num_rows, batch_size):
@@ -334,13 +355,7 @@ def _top_k_blocks(score_fn: ScoreFn, num_rows: int, k: int, exclude, batch_size:
         if skip_columns is not None:
             scores[:, skip_columns] = -np.inf
         if excl is not None:
-            rows, cols = excl.rows_cols(start, stop)
-            width = scores.shape[1] if to_narrow is None else to_narrow.size
-            keep = (cols >= 0) & (cols < width)
-            rows, cols = rows[keep], cols[keep]
-            if to_narrow is not None:  # excluded columns that are not retrievable drop out
-                cols = to_narrow[cols]
-                rows, cols = rows[cols >= 0], cols[cols >= 0]
+            rows, cols = excluded_cells(excl, start, stop, scores.shape[1], to_narrow)
             scores[rows, cols] = -np.inf
         if kk == 0:
             idx = np.full((stop - start, 0), -1, np.int64)

@@ -147,7 +147,6 @@ def tiny_config(tmp: str, **sections) -> "object":
     return from_dict(raw)
 
 
-
 def tiny_export_raw(root) -> dict:
     """The raw config (a dict, for a YAML file) of the tiny exported run the export and index
     tests train: 1,200 items, feature + session CL, one epoch, everything under ``root``."""
@@ -166,6 +165,7 @@ def tiny_export_raw(root) -> dict:
                   "early_stopping_patience": 0},
         "export": {"exports_dir": os.path.join(root, "exports")},
     }
+
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):

@@ -89,17 +89,23 @@ def test_matches_a_numpy_adam_on_dense_and_sparse_gradients():
     np.testing.assert_array_equal(e.numpy()[4], e0[4])
 
 
-def test_update_step_sums_repeated_indices_itself():
+@pytest.mark.parametrize("name", ["fused", "lazy"])
+def test_update_step_sums_repeated_indices_itself(name):
     """update_step called directly (no Keras de-duplication first): repeats still add up."""
     e0 = np.arange(12, dtype=np.float32).reshape(6, 2) / 5
     e = tf.Variable(e0)
-    opt = FusedAdam(LR)
+    opt = FusedAdam(LR) if name == "fused" else LazyAdam(LR)
     opt.build([e])
     values = np.array([[1.0, -2.0], [0.5, 0.25], [3.0, 1.0]], np.float32)
     indices = np.array([4, 1, 4])
     opt.update_step(tf.IndexedSlices(tf.constant(values), tf.constant(indices)), e)
-    want, _, _ = numpy_adam(e0, [dense_of(6, values, indices)])
+    if name == "fused":
+        want, _, _ = numpy_adam(e0, [dense_of(6, values, indices)])
+    else:
+        want, _, _ = numpy_lazy_adam(e0, [(values, indices)])
     np.testing.assert_allclose(e.numpy(), want, rtol=1e-5, atol=1e-6)
+    if name == "lazy":
+        assert opt.jit_compile is False
 
 
 def test_adaptive_epsilon_and_int64_indices():
@@ -232,19 +238,6 @@ def test_lazy_adam_updates_only_the_named_rows():
     # it is not Adam: the rows Adam keeps moving by momentum differ
     adam_e, _, _ = numpy_adam(e0, [dense_of(7, v, i) for v, i in sparse], b1=B1_F32, b2=B2_F32)
     assert np.abs(adam_e - want_e).max() > 1e-3
-
-
-def test_lazy_adam_update_step_sums_repeated_indices_itself():
-    e0 = np.arange(12, dtype=np.float32).reshape(6, 2) / 5
-    e = tf.Variable(e0)
-    opt = LazyAdam(LR)
-    opt.build([e])
-    values = np.array([[1.0, -2.0], [0.5, 0.25], [3.0, 1.0]], np.float32)
-    indices = np.array([4, 1, 4])
-    opt.update_step(tf.IndexedSlices(tf.constant(values), tf.constant(indices)), e)
-    want, _, _ = numpy_lazy_adam(e0, [(values, indices)])
-    np.testing.assert_allclose(e.numpy(), want, rtol=1e-5, atol=1e-6)
-    assert opt.jit_compile is False
 
 
 # --- against tf_keras's Adam on the MicRec model --------------------------------------------

@@ -103,10 +103,8 @@ def top_k_dot_tf(queries, vectors, k: int, exclude=None, valid_mask: np.ndarray 
         vectors = vectors[columns]
     c = vectors.shape[0]
     kk = min(k, c)
-    to_narrow = None
-    if columns is not None and excl is not None:  # full column -> narrow position, -1 if none
-        to_narrow = np.full(v, -1, np.int64)
-        to_narrow[columns] = np.arange(c)
+    to_narrow = (search._narrow_map(columns) if columns is not None and excl is not None
+                 else None)
     block = max(1, min(int(batch_size), search.SCORE_BLOCK_ENTRIES // max(1, c)))
     out_idx = np.full((num_rows, k), -1, np.int64)
     out_scores = np.full((num_rows, k), -np.inf, dt)
@@ -118,12 +116,7 @@ def top_k_dot_tf(queries, vectors, k: int, exclude=None, valid_mask: np.ndarray 
         stop = min(num_rows, start + block)
         rows, cols = no_rows, no_rows
         if excl is not None:
-            rows, cols = (np.asarray(a, np.int64) for a in excl.rows_cols(start, stop))
-            keep = (cols >= 0) & (cols < v)
-            rows, cols = rows[keep], cols[keep]
-            if to_narrow is not None:
-                cols = to_narrow[cols]
-                rows, cols = rows[cols >= 0], cols[cols >= 0]
+            rows, cols = search.excluded_cells(excl, start, stop, v, to_narrow)
             rows, cols = rows.astype(np.int32), cols.astype(np.int32)
         vals, idx = _block_top_k(tf.constant(q[start:stop]), items_t, tf.constant(rows),
                                  tf.constant(cols), tf.constant(kk, tf.int32))
