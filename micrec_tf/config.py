@@ -162,6 +162,13 @@ class PreprocessConfig:
     # With previous_artifacts too, the table = the previous one + this run's clicks (sessions
     # across the boundary once). false (default) = no such files, the artifacts of before.
     session_tails: bool = False
+    # Issue 29: also write history_tails/ (each user's last history_length clicks over
+    # everything seen so far: the previous artifacts' tails merged with this run's clicks, cold
+    # items never), and with previous_artifacts holding tails, every example of this run gets
+    # as history the user's last history_length earlier clicks over (previous tail + this run's)
+    # (pipelines/history_tails.py). false (default) = no such files, histories from this run's
+    # clicks only: the artifacts of before.
+    history_tails: bool = False
     # "Same category" of session CL's emphasis: ``tags`` = the two items share at least one tag;
     # ``provider`` or an item extra field name (e.g. ``year``) = equal non-empty values.
     session_category: str = "tags"

@@ -85,7 +85,7 @@ class ExampleWriter:
             self._item_cache[item] = feats
         return feats
 
-    def records(self, user, item_feats, index):
+    def records(self, user, item_feats, index, tail=()):
         """Yields ``(split, serialized Example)`` for every click of ``user`` in click order.
 
         An ``item_cold_start`` row (7 elements) yields its warm clicks first, then its cold
@@ -97,6 +97,13 @@ class ExampleWriter:
         With ``train_user_fraction`` < 1 a user that :func:`pipelines.thinning.kept_user` drops
         yields no training example; its valid / test examples are unchanged (their histories
         still hold its earlier training clicks). 1.0 (default) = every example, as before.
+
+        ``tail`` (issue 29, ``preprocess.history_tails``): the user's earlier clicks
+        ``((ts, item_id), ...)`` from the previous artifacts
+        (:func:`pipelines.history_tails.carried_tail`), put before ``clicks``: every history is
+        then the ``H`` most recent of tail + the earlier clicks of this run (an item missing
+        from ``item_feats`` is index 0). ``()`` (default) = histories from ``clicks`` only, as
+        before.
         """
         tf = self._tf
         user_id, profile, clicks, n_train, n_valid, _ = user[:6]
@@ -110,13 +117,16 @@ class ExampleWriter:
             value=[user_id.encode("utf-8")]))}
         for name, value in zip(self._user_keys, profile):
             base[name] = self._int([index[name].get(value, 0)])
-        idx = [item_feats[item][0] for _, item in clicks]
+        idx = [item_feats[item][0] if item in item_feats else 0 for _, item in tail[-H:]]
+        o = len(idx)  # click k of this run sits at o + k
+        idx += [item_feats[item][0] for _, item in clicks]
         for k, (ts, item) in enumerate(clicks):
             if k < n_skip:
                 continue
             split = TRAIN if k < n_train else (VALID if k < n_train + n_valid else TEST)
-            yield split, self._example(base, item, item_feats, idx[max(0, k - H):k], ts)
+            yield split, self._example(base, item, item_feats, idx[max(0, o + k - H):o + k], ts)
         for ts, item, split, n_before in (user[6] if len(user) > 6 else ()):
+            n_before += o
             yield split, self._example(base, item, item_feats,
                                        idx[max(0, n_before - H):n_before], ts)
 
@@ -141,7 +151,8 @@ class WriteShard(beam.DoFn):
     """
 
     def __init__(self, out_dir, num_shards, user_fields, extra_fields, history_length,
-                 max_tags, train_user_fraction: float = 1.0):
+                 max_tags, train_user_fraction: float = 1.0, with_tails: bool = False):
+        self.with_tails = with_tails
         self.out_dir = out_dir
         self.num_shards = num_shards
         self.user_fields = tuple(user_fields)
@@ -158,7 +169,10 @@ class WriteShard(beam.DoFn):
         import tensorflow as tf
 
         shard, groups = kv
-        users = sorted(groups["users"], key=lambda u: u[0])
+        if self.with_tails:  # (row, tail) pairs (issue 29)
+            users = sorted(groups["users"], key=lambda u: u[0][0])
+        else:
+            users = [(u, ()) for u in sorted(groups["users"], key=lambda u: u[0])]
         options = tf.io.TFRecordOptions(compression_type="GZIP")
         writers, counts = {}, {}
         try:
@@ -168,8 +182,8 @@ class WriteShard(beam.DoFn):
                 tf.io.gfile.makedirs(os.path.dirname(path))
                 writers[split] = tf.io.TFRecordWriter(path, options=options)
                 counts[split] = 0
-            for user in users:
-                for split, data in self._writer.records(user, item_feats, index):
+            for user, tail in users:
+                for split, data in self._writer.records(user, item_feats, index, tail):
                     writers[split].write(data)
                     counts[split] += 1
         finally:
@@ -186,11 +200,16 @@ class WriteExamples(beam.PTransform):
     PCollection ``(examples.<split>, records written)``, one element per (split, shard).
     ``train_user_fraction`` < 1: no training example of the users
     :func:`pipelines.thinning.kept_user` drops (1.0, the default, writes every example).
+    ``with_tails`` (issue 29): ``users`` are ``(row, tail)`` pairs
+    (:class:`pipelines.history_tails.JoinHistoryTails` ``rows``) and each row's histories start
+    in its tail; False (default) = plain rows, as before.
     """
 
     def __init__(self, out_dir: str, user_fields, extra_fields, history_length: int,
-                 max_tags: int, num_shards: int, train_user_fraction: float = 1.0):
+                 max_tags: int, num_shards: int, train_user_fraction: float = 1.0,
+                 with_tails: bool = False):
         super().__init__()
+        self.with_tails = bool(with_tails)
         self.train_user_fraction = float(train_user_fraction)
         self.out_dir, self.num_shards = out_dir, num_shards
         self.user_fields, self.extra_fields = tuple(user_fields), tuple(extra_fields)
@@ -201,9 +220,14 @@ class WriteExamples(beam.PTransform):
         num_shards = self.num_shards
         shard_keys = users.pipeline | "ShardKeys" >> beam.Create(
             [(k, None) for k in range(num_shards)])
-        keyed = users | "KeyByShard" >> beam.Map(lambda u: (shard_of(u[0], num_shards), u))
+        if self.with_tails:
+            keyed = users | "KeyByShard" >> beam.Map(
+                lambda u: (shard_of(u[0][0], num_shards), u))
+        else:
+            keyed = users | "KeyByShard" >> beam.Map(lambda u: (shard_of(u[0], num_shards), u))
         return ({"users": keyed, "keys": shard_keys} | "GroupShards" >> beam.CoGroupByKey()
                 | "WriteShards" >> beam.ParDo(
                     WriteShard(self.out_dir, num_shards, self.user_fields, self.extra_fields,
-                               self.history_length, self.max_tags, self.train_user_fraction),
+                               self.history_length, self.max_tags, self.train_user_fraction,
+                               self.with_tails),
                     beam.pvalue.AsDict(item_feats), beam.pvalue.AsSingleton(index)))

@@ -1,0 +1,124 @@
+"""History tails (issue 29, ``preprocess.history_tails``, ``pipelines/history_tails.py``).
+
+Fast: the merge (previous tails + a window's clicks -> new tails) and the carried part of a
+tail against hand computations; the example writer's histories with a tail against hand lists;
+the shard files; the config key; the refusals. Slow (Beam): a small synthetic click log cut at a
+time t into two raw folders; folder A preprocessed with ``history_tails``, then folder B with
+``previous_artifacts`` = A: every example of B (read back from its TFRecords) has the history a
+plain-Python computation over A's and B's clicks gives; with ``history_tails`` false B's
+histories are the window's alone (as before) and the bytes equal a run whose previous folder
+has no tails.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+
+import pytest
+
+import micrec_tf  # noqa: F401  (before tensorflow)
+from micrec_tf.config import ConfigError, from_dict
+from pipelines import history_tails as ht
+
+
+# ----------------------------------------------------------------------------- fast: merging
+
+def test_merge_of_previous_tails_and_window_clicks_by_hand():
+    previous = {"a": ((1, "x"), (2, "y"), (3, "z")),   # full tail (H = 3), clicks again
+                "b": ((5, "p"),),                       # short tail, clicks again
+                "c": ((7, "q"), (8, "r")),              # no click in the window: kept
+                "d": ((9, "s"), (20, "t"), (21, "u"))}  # window overlaps its last two clicks
+    rows = [("a", (), ((10, "m"), (10, "n")), 2, 0, True),
+            ("b", (), ((11, "o"),), 1, 0, True),
+            ("d", (), ((20, "t"), (21, "u"), (22, "v")), 3, 0, True),
+            ("e", (), ((12, "w"),), 0, 1, True),         # new user (a valid click only)
+            ("f", (), (), 0, 0, True, ((13, "k", "test", 0),))]  # cold clicks only
+    got = ht.history_tails(previous, rows, 3)
+    assert got == {"a": ((3, "z"), (10, "m"), (10, "n")),
+                   "b": ((5, "p"), (11, "o")),
+                   "c": ((7, "q"), (8, "r")),
+                   "d": ((20, "t"), (21, "u"), (22, "v")),
+                   "e": ((12, "w"),)}
+    assert ht.history_tails({}, rows, 1)["a"] == ((10, "n"),)
+
+
+def test_carried_tail_drops_the_clicks_the_window_holds_again():
+    tail = ((1, "a"), (5, "b"), (5, "c"), (9, "d"))
+    assert ht.carried_tail(tail, ((5, "b"), (5, "c"), (9, "d"), (12, "e"))) == ((1, "a"),)
+    assert ht.carried_tail(tail, ((10, "e"),)) == tail
+    assert ht.carried_tail(tail, ()) == tail
+    assert ht.merge_tail(tail, ((5, "b"), (5, "c"), (9, "d"), (12, "e")), 10) == \
+        ((1, "a"), (5, "b"), (5, "c"), (9, "d"), (12, "e"))
+    with pytest.raises(ValueError, match="Received: 0"):
+        ht.merge_tail(tail, (), 0)
+
+
+def test_shard_bytes_are_sorted_gzip_and_read_back(tmp_path):
+    tails = {"u2": ((3, "i1"),), "u10": ((1, "i2"), (2, "i3")), "u3": ()}
+    data = ht.tails_shard_bytes(tails.items())
+    assert ht.tails_shard_bytes(tails.items()) == data  # mtime 0: same bytes
+    lines = gzip.decompress(data).decode("utf-8").splitlines()
+    assert lines == ['{"user":"u10","clicks":[[1,"i2"],[2,"i3"]]}',
+                     '{"user":"u2","clicks":[[3,"i1"]]}']
+    os.makedirs(tmp_path / "history_tails")
+    (tmp_path / ht.shard_file(0, 1)).write_bytes(data)
+    (tmp_path / ht.STATE_FILE).write_text(json.dumps({"history_length": 3, "num_shards": 1}))
+    assert ht.has_history_tails(str(tmp_path))
+    assert ht.read_history_tails(str(tmp_path)) == {"u2": ((3, "i1"),),
+                                                    "u10": ((1, "i2"), (2, "i3"))}
+
+
+def _writer(H):
+    from pipelines.examples import ExampleWriter
+    return ExampleWriter((), (), H, 2)
+
+
+def _decode(data):
+    import tensorflow as tf
+    from micrec_tf.data import contract as C
+    ex = tf.train.Example.FromString(data)
+    f = ex.features.feature
+    n = f[C.HIST_LEN].int64_list.value[0]
+    return (f[C.ITEM].int64_list.value[0], f[C.TIMESTAMP].int64_list.value[0],
+            list(f[C.HIST_ITEMS].int64_list.value[:n]), list(f[C.HIST_ITEMS].int64_list.value))
+
+
+def test_example_histories_start_in_the_tail_by_hand():
+    feats = {i: (n, (), 0, (), "") for n, i in enumerate(["-", "a", "b", "c", "d", "e"])}
+    feats.pop("-")
+    user = ("u", (), ((10, "c"), (11, "d"), (12, "e")), 2, 1, True,
+            ((11, "a", "test", 1), (13, "b", "valid", 3)))
+    tail = ((1, "a"), (2, "gone"), (3, "b"))   # "gone": not in the item table -> 0
+    got = [(s, _decode(d)) for s, d in _writer(3).records(user, feats, {}, tail)]
+    assert got == [("train", (3, 10, [1, 0, 2], [1, 0, 2])),
+                   ("train", (4, 11, [0, 2, 3], [0, 2, 3])),
+                   ("valid", (5, 12, [2, 3, 4], [2, 3, 4])),
+                   ("test", (1, 11, [0, 2, 3], [0, 2, 3])),
+                   ("valid", (2, 13, [3, 4, 5], [3, 4, 5]))]
+    plain = [(s, _decode(d)) for s, d in _writer(3).records(user, feats, {})]
+    assert plain[0] == ("train", (3, 10, [], [0, 0, 0])) and plain[1][1][2] == [3]
+    assert [d for _, d in _writer(3).records(user, feats, {}, ())] == \
+        [d for _, d in _writer(3).records(user, feats, {})]
+
+
+def test_config_key_defaults_off():
+    cfg = from_dict({"name": "x"})
+    assert cfg.preprocess.history_tails is False
+    assert from_dict({"name": "x", "preprocess": {"history_tails": True}}).preprocess.history_tails
+    with pytest.raises(ConfigError, match="history_tails"):
+        from_dict({"name": "x", "preprocess": {"history_tails": "yes"}})
+
+
+def test_previous_tails_shorter_than_the_history_are_refused(tmp_path):
+    os.makedirs(tmp_path / "history_tails")
+    (tmp_path / ht.STATE_FILE).write_text(json.dumps({"history_length": 3, "num_shards": 1}))
+    with pytest.raises(ConfigError, match="tails of 3 clicks, fewer than "
+                                          "preprocess.history_length 5"):
+        ht.ReadHistoryTails(str(tmp_path), 5)
+    ht.ReadHistoryTails(str(tmp_path), 2)  # longer tails are cut
+    (tmp_path / ht.STATE_FILE).write_text("{")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        ht.ReadHistoryTails(str(tmp_path), 2)
