@@ -27,7 +27,9 @@
    ``no_5xx_but_503_504`` (no 500 / 502: the excess is refused, not failed),
    ``server_alive`` (``/healthz`` 200 after the load), ``latency_bounded`` (the 200s' p99
    below :func:`latency_bound`: ``--overload-latency-bound``, else the config's request
-   timeout when one is set, else ``2 x (serve_max_queue / S + serve_max_wait_ms) + 1 s``),
+   timeout when one is set, else ``2 x (serve_max_queue / S + serve_max_wait_ms) + 1 s``, with
+   ``serve_max_queue_delay_ms`` > 0 each stage's ``serve_max_queue / S`` capped at
+   ``R / S x (serve_max_wait_ms + serve_max_queue_delay_ms)``),
    ``server_exit_0``. 503s are counted, not required: a server whose larger batches absorb 2S
    passes too.
 
@@ -49,6 +51,7 @@ Writes ``--output`` (JSON, default ``serve_bench.json``)::
                     "server_exit_code", "ok"},
      "overload": {"rate", "rate_source", "sustainable_rps", "factor", "duration_s", "arrivals",
                   "seed", "max_queue", "max_batch_size", "max_wait_ms", "request_timeout_s",
+                  "max_queue_delay_ms",
                   "latency_bound_s", "latency_bound_source", "ready_s", "workers",
                   "healthz_code",
                   "scheduled", "sent", "offered_rps", "achieved_rps", "ok_rps", "ok",
@@ -195,10 +198,12 @@ def markdown(result: dict) -> str:
                 f"--overload-rate; S = {_cell(ot['sustainable_rps'], 1)} req/s")
         seed = f", seed {o['seed']}" if o["seed"] is not None else ""
         other = ", ".join(f"{k}: {n}" for k, n in ot["other_codes"].items()) or "0"
+        delay = (f", queue delay {o['max_queue_delay_ms']:g} ms"
+                 if o.get("max_queue_delay_ms") else "")
         lines += [
             f"Overload ({rate}; {o['arrivals']} arrivals{seed}, {o['duration_s']:g} s; server "
-            f"queue {o['max_queue']} per stage, batches of {o['max_batch_size']}, request "
-            f"timeout {o['request_timeout_s']:g} s; latency bound: "
+            f"queue {o['max_queue']} per stage{delay}, batches of {o['max_batch_size']}, "
+            f"request timeout {o['request_timeout_s']:g} s; latency bound: "
             f"{o['latency_bound_source']}):",
             "",
             "| offered (req/s) | scheduled | 200 | 200 p50 (ms) | 200 p99 (ms) | bound (ms) | "
@@ -250,7 +255,8 @@ def sustainable_rate(load: dict) -> float | None:
 
 
 def latency_bound(request_timeout_s: float, max_queue: int, max_wait_ms: float,
-                  sustainable: float | None, explicit: float | None = None) -> tuple:
+                  sustainable: float | None, explicit: float | None = None,
+                  max_queue_delay_ms: float = 0.0, rate: float | None = None) -> tuple:
     """``(bound_s, source)``: what the overload step's p99 of 200 answers must stay below.
 
     ``explicit`` (``--overload-latency-bound``) when given; else the config's
@@ -260,13 +266,28 @@ def latency_bound(request_timeout_s: float, max_queue: int, max_wait_ms: float,
     tower's, the search's), each a queue of at most ``serve_max_queue`` requests, assumed to
     drain at least at the sustainable rate ``S`` (under overload the batches are larger, so the
     drain is no slower), plus each stage's batching window, plus one second of slack for the
-    client and the work itself. ``(None, reason)`` when there is no S to derive it from."""
+    client and the work itself. ``(None, reason)`` when there is no S to derive it from.
+
+    With ``export.serve_max_queue_delay_ms`` = ``d`` > 0 (export/batcher.py, "Queue delay") a
+    request is admitted only while the oldest one queued in its stage has waited at most ``w +
+    d`` (``w`` = ``serve_max_wait_ms``), so every request ahead of it arrived within the last ``w
+    + d``: at most ``R x (w + d)`` of them at the offered rate ``R`` (``rate``; None: ``2 x S``),
+    drained at S in ``R / S x (w + d)``. Each stage's ``serve_max_queue / S`` becomes
+    ``min(serve_max_queue / S, R / S x (w + d))``: ``2 x (min(q / S, R / S x (w + d)) + w) +
+    1 s``. ``d`` = 0 (the default, the rule off) is the formula above."""
     if explicit is not None:
         return float(explicit), "--overload-latency-bound"
     if request_timeout_s > 0:
         return float(request_timeout_s), "export.serve_request_timeout_s"
     if not sustainable:
         return None, "no sustainable rate measured"
+    if max_queue_delay_ms > 0:
+        factor = (rate / sustainable) if rate else OVERLOAD_FACTOR
+        stage = min(max_queue / sustainable,
+                    factor * (max_wait_ms + max_queue_delay_ms) / 1000.0)
+        return (2.0 * (stage + max_wait_ms / 1000.0) + BOUND_SLACK_S,
+                "2 x (min(export.serve_max_queue / S, R / S x (export.serve_max_wait_ms + "
+                "export.serve_max_queue_delay_ms)) + export.serve_max_wait_ms) + 1 s")
     return (2.0 * (max_queue / sustainable + max_wait_ms / 1000.0) + BOUND_SLACK_S,
             "2 x (export.serve_max_queue / S + export.serve_max_wait_ms) + 1 s")
 
@@ -347,7 +368,8 @@ def run_overload(config: str, sets: list, export_dir: str, body_path: str, susta
     else:
         source = "--overload-rate"
     bound_s, bound_source = latency_bound(ecfg.serve_request_timeout_s, ecfg.serve_max_queue,
-                                          ecfg.serve_max_wait_ms, sustainable, explicit_bound)
+                                          ecfg.serve_max_wait_ms, sustainable, explicit_bound,
+                                          ecfg.serve_max_queue_delay_ms, rate)
     workers = overload_workers(ecfg.serve_max_queue, ecfg.serve_max_batch_size, workers)
     scratch = tempfile.mkdtemp(prefix="serve_overload-", dir=scratch_dir)
     server = None
@@ -384,6 +406,7 @@ def run_overload(config: str, sets: list, export_dir: str, body_path: str, susta
               "max_queue": ecfg.serve_max_queue, "max_batch_size": ecfg.serve_max_batch_size,
               "max_wait_ms": ecfg.serve_max_wait_ms,
               "request_timeout_s": ecfg.serve_request_timeout_s,
+              "max_queue_delay_ms": ecfg.serve_max_queue_delay_ms,
               "latency_bound_source": bound_source, "ready_s": ready_s, "workers": workers,
               "healthz_code": health, **summary, "load": load}
     if not summary["passed"]:

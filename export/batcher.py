@@ -3,7 +3,8 @@
 Concurrent requests of an asyncio server are gathered into batches for one blocking function (the
 user tower, the index search: TF calls are not async), run in ONE worker thread:
 
-* :class:`MicroBatcher` ``(fn, max_batch_size, max_wait_ms, max_queue, name="", rows=None)``.
+* :class:`MicroBatcher` ``(fn, max_batch_size, max_wait_ms, max_queue, name="", rows=None,
+  max_queue_delay_ms=0.0)``.
   ``fn(items: list) -> list`` gets up to ``max_batch_size`` rows of queued items, oldest first,
   and returns one result per item, same length, same order.
 * ``await batcher.submit(item)`` returns ``fn``'s result for that item; raises the exception ``fn``
@@ -12,6 +13,16 @@ user tower, the index search: TF calls are not async), run in ONE worker thread:
   the backlog never grows past ``max_queue``: the server answers 503 with
   ``Retry-After: exc.retry_after_header()``); raises :class:`Closed` once :meth:`close` began
   (the server answers 503 too: the replica is shutting down).
+* Queue delay (``max_queue_delay_ms`` > 0): ``submit`` also raises :class:`Overloaded` at once
+  (nothing queued, counted in ``stats()["rejected"]`` and ``stats()["rejected_delay"]``) when
+  the OLDEST waiting item has already waited longer than ``max_wait_ms + max_queue_delay_ms``,
+  i.e. the worker is more than ``max_queue_delay_ms`` behind that item's batching window. A count
+  bound (``max_queue``) does not bound waiting time when batches slow down (measured: a 512-deep
+  queue waited seconds under overload, docs/BENCHMARKS.md "Serving"); this rule bounds it in
+  time: every item ahead of an admitted one arrived within the last ``max_wait_ms +
+  max_queue_delay_ms``, so at an arrival rate R and a drain rate S an admitted item waits at
+  most about ``R / S x (max_wait_ms + max_queue_delay_ms)`` (and never more than ``max_queue``
+  items' drain). ``0`` (the default): off, the old behaviour bit for bit (only ``max_queue``).
 * Batch formation: the worker takes the oldest waiting item and waits until the queued items hold
   ``max_batch_size`` rows or ``max_wait_ms`` have passed since that item was queued (an item that
   waited while the previous batch ran may already be due: its batch leaves at once), then takes
@@ -40,6 +51,14 @@ user tower, the index search: TF calls are not async), run in ONE worker thread:
   rows) and its high-water mark, and the batch-size histogram (rows per batch) as cumulative
   counts of the fixed buckets :data:`BATCH_SIZE_BUCKETS` (Prometheus ``le`` semantics).
 
+Why the queue-delay rule looks at the oldest item's observed wait (CoDel's sojourn time, at
+admission instead of at dequeue) rather than a predicted wait (queued rows / batch x the moving
+average of batch time, as Retry-After uses): the prediction lags exactly when throughput drops
+(the average moves 20 % per batch, and a batch slowed by contention is only seen once it ends),
+and a prediction of one batch time above the limit would refuse everything while the average
+cannot update (no batches run). The observed wait needs no model, reacts within one batch, and
+lets the queue refill as soon as the worker catches up.
+
 Nothing here imports TensorFlow; the batcher is generic. Without a batcher (today's
 ``export/rest.py`` and :class:`micrec_tf.retrieval.Retriever`) every request runs alone, as before.
 """
@@ -61,7 +80,8 @@ _EWMA_WEIGHT = 0.2
 
 
 class Overloaded(Exception):
-    """``max_queue`` items already wait: the item was not queued. Answer 503 + Retry-After.
+    """``max_queue`` items already wait, or (``max_queue_delay_ms`` > 0) the oldest has waited too
+    long: the item was not queued. Answer 503 + Retry-After.
 
     ``retry_after_s`` (float > 0): an estimate of when the queue has room, from the moving average
     of batch run time, the batches queued ahead and ``max_wait_ms``.
@@ -134,13 +154,18 @@ class MicroBatcher:
             :class:`Overloaded` without queueing.
         name: str, for the worker thread's name and messages (e.g. ``"user_tower"``).
         rows: optional ``rows(item) -> int >= 1``, the row count of an item (default: 1 each).
+        max_queue_delay_ms: float >= 0 (finite); > 0: a ``submit`` while the oldest waiting item
+            has waited longer than ``max_wait_ms + max_queue_delay_ms`` raises
+            :class:`Overloaded` without queueing (module docstring, "Queue delay"). 0 (default):
+            off, the old behaviour.
 
     Use: ``batcher.start()`` once (in or outside the loop), ``await batcher.submit(x)`` from any
     number of tasks (of one or several event loops), ``await batcher.close()`` at shutdown.
     """
 
     def __init__(self, fn: Callable[[list], list], max_batch_size: int, max_wait_ms: float,
-                 max_queue: int, name: str = "", rows: Optional[Callable[[Any], int]] = None):
+                 max_queue: int, name: str = "", rows: Optional[Callable[[Any], int]] = None,
+                 max_queue_delay_ms: float = 0.0):
         if not callable(fn):
             raise ValueError(f"`fn` must be callable. Received: fn={fn!r}")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) \
@@ -157,10 +182,16 @@ class MicroBatcher:
             raise ValueError(f"`name` must be a str. Received: name={name!r}")
         if rows is not None and not callable(rows):
             raise ValueError(f"`rows` must be callable or None. Received: rows={rows!r}")
+        if isinstance(max_queue_delay_ms, bool) \
+                or not isinstance(max_queue_delay_ms, (int, float)) \
+                or not math.isfinite(max_queue_delay_ms) or max_queue_delay_ms < 0:
+            raise ValueError("`max_queue_delay_ms` must be a finite number >= 0 (0: off). "
+                             f"Received: max_queue_delay_ms={max_queue_delay_ms!r}")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait_ms = float(max_wait_ms)
         self.max_queue = max_queue
+        self.max_queue_delay_ms = float(max_queue_delay_ms)
         self.name = name
         self._rows = rows
         self._cond = threading.Condition()
@@ -175,6 +206,7 @@ class MicroBatcher:
         self._failed_batches = 0
         self._failed_items = 0
         self._rejected = 0
+        self._rejected_delay = 0
         self._cancelled = 0
         self._expired = 0
         self._max_depth = 0
@@ -182,7 +214,8 @@ class MicroBatcher:
 
     def __repr__(self) -> str:
         return (f"MicroBatcher(name={self.name!r}, max_batch_size={self.max_batch_size}, "
-                f"max_wait_ms={self.max_wait_ms}, max_queue={self.max_queue})")
+                f"max_wait_ms={self.max_wait_ms}, max_queue={self.max_queue}, "
+                f"max_queue_delay_ms={self.max_queue_delay_ms})")
 
     def _label(self) -> str:
         return f"batcher {self.name!r}" if self.name else "batcher"
@@ -249,6 +282,15 @@ class MicroBatcher:
                 raise Overloaded(self._retry_after_locked(),
                                  f"{self._label()}: {len(self._queue)} requests waiting "
                                  f"(max_queue={self.max_queue})")
+            if self.max_queue_delay_ms > 0 and self._queue:
+                waited = time.monotonic() - self._queue[0].queued_at
+                if waited > (self.max_wait_ms + self.max_queue_delay_ms) / 1000.0:
+                    self._rejected += 1
+                    self._rejected_delay += 1
+                    raise Overloaded(self._retry_after_locked(),
+                                     f"{self._label()}: the oldest waiting request has waited "
+                                     f"{waited * 1000.0:.0f} ms (max_wait_ms={self.max_wait_ms:g}"
+                                     f" + max_queue_delay_ms={self.max_queue_delay_ms:g})")
             entry = _Entry(item, n, time.monotonic(), loop, future, deadline)
             self._queue.append(entry)
             self._queued_rows += n
@@ -387,9 +429,12 @@ class MicroBatcher:
     def stats(self) -> dict:
         """A snapshot for ``/metrics`` (plain ints and floats, consistent under one lock):
 
-        ``name``, ``max_batch_size``, ``max_wait_ms``, ``max_queue``; ``batches`` (fn calls),
-        ``items`` and ``rows`` (run in them), ``failed_batches``/``failed_items`` (fn raised or
-        returned the wrong length), ``rejected`` (:class:`Overloaded`), ``cancelled`` (dropped
+        ``name``, ``max_batch_size``, ``max_wait_ms``, ``max_queue``, ``max_queue_delay_ms``;
+        ``batches`` (fn calls), ``items`` and ``rows`` (run in them),
+        ``failed_batches``/``failed_items`` (fn raised or returned the wrong length),
+        ``rejected`` (:class:`Overloaded`, both reasons), ``rejected_delay`` (those of them
+        refused by the queue-delay rule; ``rejected - rejected_delay``: a full queue),
+        ``cancelled`` (dropped
         before running), ``expired`` (:class:`DeadlineExceeded`: dropped at their deadline,
         never run), ``queue_depth``/``queue_rows`` (waiting now), ``max_queue_depth`` (the
         most ever waiting, <= max_queue), ``batch_seconds_avg`` (moving average, 0.0 before the
@@ -405,9 +450,11 @@ class MicroBatcher:
             return {
                 "name": self.name, "max_batch_size": self.max_batch_size,
                 "max_wait_ms": self.max_wait_ms, "max_queue": self.max_queue,
+                "max_queue_delay_ms": self.max_queue_delay_ms,
                 "batches": self._batches, "items": self._items, "rows": self._rows_run,
                 "failed_batches": self._failed_batches, "failed_items": self._failed_items,
-                "rejected": self._rejected, "cancelled": self._cancelled,
+                "rejected": self._rejected, "rejected_delay": self._rejected_delay,
+                "cancelled": self._cancelled,
                 "expired": self._expired,
                 "queue_depth": len(self._queue), "queue_rows": self._queued_rows,
                 "max_queue_depth": self._max_depth,

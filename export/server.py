@@ -123,7 +123,7 @@ class Limits:
 class Batching:
     """Micro-batching of the user tower and the index search (:class:`export.batcher.MicroBatcher`,
     one per stage); :meth:`from_config` takes ``export.serve_max_batch_size`` (0: ``None``, no
-    batching), ``serve_max_wait_ms`` and ``serve_max_queue``."""
+    batching), ``serve_max_wait_ms``, ``serve_max_queue`` and ``serve_max_queue_delay_ms``."""
 
     max_batch_size: int = 256
     max_wait_ms: float = 2.0
@@ -134,6 +134,10 @@ class Batching:
     # Drop a queued request whose client disconnected (499); False: run it anyway (the old
     # behaviour). export.serve_drop_disconnected.
     drop_disconnected: bool = False
+    # Refuse (503) a request while the oldest one queued in its stage waited longer than
+    # max_wait_ms + this (export.serve_max_queue_delay_ms, default 500); 0: off, the old
+    # behaviour (only max_queue bounds the queue).
+    max_queue_delay_ms: float = 500.0
 
     @classmethod
     def from_config(cls, export_cfg) -> "Batching | None":
@@ -142,7 +146,8 @@ class Batching:
         return cls(export_cfg.serve_max_batch_size, float(export_cfg.serve_max_wait_ms),
                    export_cfg.serve_max_queue,
                    float(getattr(export_cfg, "serve_request_timeout_s", 0.0)),
-                   bool(getattr(export_cfg, "serve_drop_disconnected", False)))
+                   bool(getattr(export_cfg, "serve_drop_disconnected", False)),
+                   float(getattr(export_cfg, "serve_max_queue_delay_ms", 0.0)))
 
 
 # ----------------------------------------------------------------------------- request parsing
@@ -309,8 +314,10 @@ class Metrics:
     def watch(self, batchers: Mapping) -> None:
         """Also exposes each micro-batcher's ``stats()`` by ``stage`` (its name):
         ``micrec_queue_depth`` (requests waiting now), ``micrec_queue_depth_max``,
-        ``micrec_rejected_total`` (503s for a full queue) and ``micrec_stage_batch_size`` (users
-        per batch, the batcher's own histogram)."""
+        ``micrec_rejected_total`` (503s: a full queue or, with
+        ``export.serve_max_queue_delay_ms``, a queue too slow), ``micrec_rejected_delay_total``
+        (those refused for the queue delay) and ``micrec_stage_batch_size`` (users per batch,
+        the batcher's own histogram)."""
         if batchers:
             self.registry.register(_BatcherCollector(dict(batchers)))
 
@@ -341,7 +348,10 @@ class _BatcherCollector:
         high = GaugeMetricFamily("micrec_queue_depth_max", "Most requests ever waiting",
                                  labels=["stage"])
         rejected = CounterMetricFamily("micrec_rejected", "Requests refused with 503 because "
-                                       "the queue was full", labels=["stage"])
+                                       "the queue was full or too slow", labels=["stage"])
+        rejected_delay = CounterMetricFamily(
+            "micrec_rejected_delay", "Requests refused with 503 because the oldest queued one "
+            "had waited past export.serve_max_queue_delay_ms", labels=["stage"])
         expired = CounterMetricFamily("micrec_expired", "Requests dropped from the queue at "
                                       "their deadline (504), never run", labels=["stage"])
         cancelled = CounterMetricFamily("micrec_cancelled", "Requests dropped from the queue "
@@ -354,12 +364,13 @@ class _BatcherCollector:
             depth.add_metric([stage], st["queue_depth"])
             high.add_metric([stage], st["max_queue_depth"])
             rejected.add_metric([stage], st["rejected"])
+            rejected_delay.add_metric([stage], st.get("rejected_delay", 0))
             expired.add_metric([stage], st.get("expired", 0))
             cancelled.add_metric([stage], st["cancelled"])
             sizes.add_metric([stage], [(le if le == "+Inf" else str(float(le)), count)
                                        for le, count in st["batch_size_buckets"]],
                              st["batch_size_sum"])
-        yield from (depth, high, rejected, expired, cancelled, sizes)
+        yield from (depth, high, rejected, rejected_delay, expired, cancelled, sizes)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -418,7 +429,8 @@ class Service:
     padded with ``""``, which the tower ignores) and one search per ``k`` (each user keeps its own
     exclusions; ScaNN is asked for ``k`` + the batch's largest exclusion count, so an approximate
     answer may differ slightly from the same request searched alone; brute force is exact either
-    way). A full queue is 503 with ``Retry-After`` (:class:`export.batcher.Overloaded`).
+    way). A full queue, or one whose oldest request waited past ``max_wait_ms +
+    max_queue_delay_ms``, is 503 with ``Retry-After`` (:class:`export.batcher.Overloaded`).
     """
 
     def __init__(self, versions, model_name: str = "user_tower", limits: Limits = Limits(),
@@ -443,10 +455,12 @@ class Service:
             self.batchers = {
                 "user_tower": MicroBatcher(self._tower_batch, batching.max_batch_size,
                                            batching.max_wait_ms, batching.max_queue,
-                                           name="user_tower", rows=lambda item: item[1]),
+                                           name="user_tower", rows=lambda item: item[1],
+                                           max_queue_delay_ms=batching.max_queue_delay_ms),
                 "search": MicroBatcher(self._search_batch, batching.max_batch_size,
                                        batching.max_wait_ms, batching.max_queue, name="search",
-                                       rows=lambda item: item[1])}
+                                       rows=lambda item: item[1],
+                                       max_queue_delay_ms=batching.max_queue_delay_ms)}
         self.metrics.watch(self.batchers)
         routes = [Route("/healthz", self._healthz), Route("/readyz", self._readyz),
                   Route("/metrics", self._metrics),

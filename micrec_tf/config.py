@@ -429,6 +429,14 @@ class ExportConfig:
     serve_max_batch_size: int = 256
     serve_max_wait_ms: float = 2.0
     serve_max_queue: int = 512
+    # Queue-delay admission (export/batcher.py, "Queue delay"): a request arriving while the
+    # oldest one waiting in its stage has waited more than serve_max_wait_ms + this many ms gets
+    # 503 with Retry-After at once (counted as micrec_rejected_delay_total). 500 ms bounds the
+    # wait that serve_max_queue alone did not (2 x S overload, 100 k export: S ~ 223-284 req/s,
+    # batches of tens of ms, 200s waited 4.9-6.3 s behind 512-deep queues): about 2 x 0.5 s per
+    # stage at 2 x S, and ~10 x the batch time, so a sustainable load is never refused.
+    # 0: off, the old behaviour (only serve_max_queue bounds the queue). Needs batching.
+    serve_max_queue_delay_ms: float = 500.0
     # Per-request deadline in seconds from its arrival: a request still waiting in a
     # micro-batcher queue then is dropped before it runs and answered 504 (counted as
     # micrec_expired_total). 0 (default): no deadline, the old behaviour. Needs batching.
@@ -716,6 +724,8 @@ def validate(cfg: Config) -> Config:
     _check_positive("export.serve_max_batch_size", cfg.export.serve_max_batch_size, allow_zero=True)
     _check_positive("export.serve_max_wait_ms", cfg.export.serve_max_wait_ms, allow_zero=True)
     _check_positive("export.serve_max_queue", cfg.export.serve_max_queue)
+    _check_positive("export.serve_max_queue_delay_ms", cfg.export.serve_max_queue_delay_ms,
+                    allow_zero=True)
     _check_positive("export.serve_request_timeout_s", cfg.export.serve_request_timeout_s,
                     allow_zero=True)
     if cfg.export.serve_port > 65535:
