@@ -37,16 +37,18 @@ import gzip
 import json
 import os
 
-from pipelines.common import STATS, write_bytes
+from pipelines.common import STATS, is_remote, write_bytes
 from pipelines.examples import shard_of
 
 import apache_beam as beam  # noqa: E402  (after pipelines.common: its import is quiet)
+from apache_beam.io.filesystem import CompressionTypes  # noqa: E402
 from apache_beam.io.filesystems import FileSystems  # noqa: E402
 
 from micrec_tf.config import ConfigError  # noqa: E402
 
 __all__ = ["TAILS_DIR", "STATE_FILE", "carried_tail", "merge_tail", "history_tails",
-           "shard_file", "tails_shard_bytes", "read_history_tails", "read_tails_state",
+           "shard_file", "tails_shard_bytes", "read_shard", "read_history_tails",
+           "read_tails_state",
            "has_history_tails", "ReadHistoryTails", "JoinHistoryTails"]
 
 TAILS_DIR = "history_tails"
@@ -111,20 +113,19 @@ def _parse_line(line: str):
     return rec["user"], tuple((int(t), i) for t, i in rec["clicks"])
 
 
+def read_shard(path: str) -> list:
+    """``[(user_id, tail)]`` of one shard file (local or any Beam filesystem)."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        text = gzip.decompress(fh.read()).decode("utf-8")
+    return [_parse_line(line) for line in text.splitlines() if line.strip()]
+
+
 def read_history_tails(artifacts_dir: str) -> dict:
     """``{user_id: tail}`` of a folder written with ``preprocess.history_tails`` (plain
     Python; tests and small folders)."""
-    state = read_tails_state(artifacts_dir)
-    tails = {}
-    for shard in range(int(state["num_shards"])):
-        with FileSystems.open(os.path.join(artifacts_dir, shard_file(shard, state["num_shards"])),
-                              compression_type="uncompressed") as fh:
-            text = gzip.decompress(fh.read()).decode("utf-8")
-        for line in text.splitlines():
-            if line.strip():
-                user, tail = _parse_line(line)
-                tails[user] = tail
-    return tails
+    n = int(read_tails_state(artifacts_dir)["num_shards"])
+    return {u: tail for s in range(n)
+            for u, tail in read_shard(os.path.join(artifacts_dir, shard_file(s, n)))}
 
 
 class ReadHistoryTails(beam.PTransform):
@@ -154,8 +155,7 @@ class ReadHistoryTails(beam.PTransform):
         H = self.history_length
         paths = [os.path.join(self.prev_dir, shard_file(s, n)) for s in range(n)]
         return (root | "TailFiles" >> beam.Create(paths)
-                | "ReadTails" >> beam.io.ReadAllFromText()
-                | "ParseTails" >> beam.Map(_parse_line)
+                | "ReadTails" >> beam.FlatMap(read_shard)
                 | "CutTails" >> beam.Map(lambda kv: (kv[0], kv[1][-H:])))
 
 
@@ -186,15 +186,19 @@ class _Join(beam.DoFn):
 
 
 def _write_shard(kv, out_dir, num_shards):
+    """Writes one shard's gzip bytes as they are (no second compression by the extension)."""
     shard, groups = kv
-    write_bytes(os.path.join(out_dir, shard_file(shard, num_shards)),
-                tails_shard_bytes(groups["tails"]))
+    path = os.path.join(out_dir, shard_file(shard, num_shards))
+    if not is_remote(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        fh.write(tails_shard_bytes(groups["tails"]))
     return []
 
 
 def _write_state(users, out_dir, meta):
     write_bytes(os.path.join(out_dir, STATE_FILE),
-                (json.dumps({**meta, "users": int(sum(users))}, indent=1, sort_keys=True)
+                (json.dumps({**meta, "users": int(users)}, indent=1, sort_keys=True)
                  + "\n").encode("utf-8"))
     return []
 

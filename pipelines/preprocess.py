@@ -30,7 +30,9 @@ concept per module, and :func:`run` runs them and finishes stats.json and featur
    ones last by raw id; ``vocab/item_id_counts.txt``: training clicks per item line);
    :mod:`pipelines.items`: the item table on those indices.
 4. :mod:`pipelines.examples`: one ``tf.train.Example`` per click with the H most recent
-   earlier clicks; sharded GZIP TFRecords.
+   earlier clicks; sharded GZIP TFRecords. With ``preprocess.history_tails`` (issue 29,
+   :mod:`pipelines.history_tails`) each user's last H clicks are written too, and with
+   ``previous_artifacts`` holding them the histories start in the previous tails.
 5. :mod:`pipelines.cooccurrence`: sessions and the co-occurrence table (training clicks
    only), one CSR file ``cooccurrence/cooccurrence.npz``. With ``preprocess.session_tails``
    (issue 29) the users' session tails are written too, and with ``previous_artifacts`` as well
@@ -75,6 +77,7 @@ from pipelines.common import DEAD, STATS, is_remote, write_bytes
 from pipelines.cooccurrence import (CooccurrenceCounts, UpdateCooccurrence, WriteCooccurrence,
                                     WriteSessionState, check_session_category)
 from pipelines.examples import WriteExamples, feature_spec
+from pipelines.history_tails import JoinHistoryTails, ReadHistoryTails, has_history_tails
 from pipelines.items import ItemTable
 from pipelines.rows import SOURCES, FirstPerId, KnownClicks, ReadSource, WriteDeadLetters
 from pipelines.split import ITEM_COLD_START, SPLITS, SplitBoundaries, UserTimelines, cold_bucket
@@ -194,11 +197,23 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str,
         if pc.session_tails:  # issue 29: the state an incremental update starts from
             _ = train_rows | "SessionState" >> WriteSessionState(out_dir, pc)
 
-    # 4. Examples.
-    example_stats = ((user_rows["users"], item_feats, index)
+    # 4. Examples. preprocess.history_tails (issue 29): each user's last history_length clicks
+    # are written for the next run, and the previous artifacts' tails start the histories.
+    example_rows, tail_stats, carry = user_rows["users"], [], False
+    if pc.history_tails:
+        carry = previous is not None and has_history_tails(previous.path)
+        prev_tails = (p | "PreviousTails" >> ReadHistoryTails(previous.path, pc.history_length)
+                      if carry else p | "NoPreviousTails" >> beam.Create([]))
+        joined = ((user_rows["users"], prev_tails) | "HistoryTails" >> JoinHistoryTails(
+            out_dir, pc.history_length, pc.num_shards, previous.path if carry else None))
+        tail_stats = [joined[STATS]]
+        if carry:  # (row, carried tail) pairs
+            example_rows = joined["rows"]
+    example_stats = ((example_rows, item_feats, index)
                      | "Examples" >> WriteExamples(out_dir, user_fields, extra_fields,
                                                    pc.history_length, pc.max_tags,
-                                                   pc.num_shards, pc.train_user_fraction))
+                                                   pc.num_shards, pc.train_user_fraction,
+                                                   with_tails=carry))
 
     # 1. Dead letters.
     dead_stats = ((inter[DEAD], items[DEAD], users[DEAD], valid[DEAD], items_first[DEAD],
@@ -210,7 +225,8 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str,
     # 6. Summary (stats.json and feature_spec.json are finished by the driver).
     ((inter[STATS], items[STATS], users[STATS], valid[STATS], vocab[STATS], item_table[STATS],
       cooc[STATS], cooc_stats, example_stats, dead_stats, dup_stats, bounds[STATS],
-      user_rows[STATS], items_first[STATS], users_first[STATS], *cold_stats, *thin_stats)
+      user_rows[STATS], items_first[STATS], users_first[STATS], *cold_stats, *thin_stats,
+      *tail_stats)
      | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
      | "AllStats" >> beam.combiners.ToList()
      | "WriteSummary" >> beam.Map(_write_summary, out_dir))
@@ -262,6 +278,15 @@ def _thinning_stats(cfg: Config, s: dict) -> dict:
         "train_clicks_dropped": s.get("thin.train_clicks_dropped", 0)}}
 
 
+def _history_tails_stats(cfg: Config, s: dict) -> dict:
+    """``{"history_tails": {...}}`` with ``preprocess.history_tails`` (else nothing, the stats
+    of before): tails written, and rows whose histories start in a previous tail."""
+    if not cfg.preprocess.history_tails:
+        return {}
+    return {"history_tails": {"users": s.get("history_tails.users", 0),
+                              "users_carried": s.get("history_tails.users_carried", 0)}}
+
+
 def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) -> dict:
     """Reads _summary.json (then deletes it), writes stats.json and feature_spec.json."""
     summary_path = os.path.join(out_dir, "_summary.json")
@@ -305,6 +330,7 @@ def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) ->
         "vocab_sizes": vocab_sizes, "num_examples": num_examples,
         **_cold_split_stats(cfg, s),
         **_thinning_stats(cfg, s),
+        **_history_tails_stats(cfg, s),
         "timing": {"wall_s": round(wall_s, 3),
                    "events_per_s": round(events / wall_s, 1) if wall_s > 0 else None},
     }

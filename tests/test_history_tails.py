@@ -122,3 +122,123 @@ def test_previous_tails_shorter_than_the_history_are_refused(tmp_path):
     (tmp_path / ht.STATE_FILE).write_text("{")
     with pytest.raises(ConfigError, match="cannot be read"):
         ht.ReadHistoryTails(str(tmp_path), 2)
+
+
+# ------------------------------------------------------------------------------ slow: Beam
+
+H = 4
+
+
+def _read_examples(folder):
+    """[(user, ts, target index, history)] of every example of ``folder``, and the raw bytes
+    of each file by name."""
+    import tensorflow as tf
+    from micrec_tf.data import contract as C
+    out, raw = [], {}
+    for path in sorted(glob.glob(os.path.join(folder, "examples", "*.tfrecord.gz"))):
+        records = [r.numpy() for r in tf.data.TFRecordDataset(path, compression_type="GZIP")]
+        raw[os.path.basename(path)] = records
+        for data in records:
+            f = tf.train.Example.FromString(data).features.feature
+            n = f[C.HIST_LEN].int64_list.value[0]
+            out.append((f[C.USER_ID].bytes_list.value[0].decode("utf-8"),
+                        f[C.TIMESTAMP].int64_list.value[0], f[C.ITEM].int64_list.value[0],
+                        tuple(f[C.HIST_ITEMS].int64_list.value[:n])))
+    return sorted(out), raw
+
+
+def _reference(before, window, vocab):
+    """Plain Python: every click of ``window`` ({user: [(ts, item)] in click order}) with the
+    last H of the user's ``before`` clicks and its earlier window clicks, on ``vocab``."""
+    index = {v: k + 1 for k, v in enumerate(vocab)}
+    out = []
+    for u, clicks in window.items():
+        seq = [index.get(i, 0) for _, i in before.get(u, [])]
+        for ts, item in clicks:
+            out.append((u, ts, index.get(item, 0), tuple(seq[-H:])))
+            seq.append(index.get(item, 0))
+    return sorted(out)
+
+
+@pytest.mark.slow
+def test_window_examples_carry_the_histories_of_all_clicks(tmp_path):
+    """Folder A (days 0-10) with ``history_tails``, then folder B (days 10-20) with
+    ``previous_artifacts`` = A: B's examples have the histories of A + B's clicks; B's tails
+    are each user's last H clicks of A + B. ``history_tails`` false: the window's histories,
+    the bytes of a run whose previous folder has no tails."""
+    import shutil
+    from micrec_tf.data.artifacts import read_vocab
+    from pipelines import preprocess
+    from test_append_vocab import make_phases
+    from test_preprocess import TsvAdapter, make_cfg
+
+    root_a, root_b = str(tmp_path / "rawA"), str(tmp_path / "rawB")
+    os.makedirs(root_a)
+    os.makedirs(root_b)
+    make_phases(root_a, root_b)  # u00-u04 only in A; v00-v04 new in B
+    short = "u14"  # keeps 2 clicks in A: a tail shorter than H
+    inter_a = os.path.join(root_a, "interactions.tsv")
+    with open(inter_a, encoding="utf-8") as fh:
+        header, lines = fh.readline(), fh.readlines()
+    mine = [n for n, line in enumerate(lines) if line.startswith(short + "\t")]
+    lines = [line for n, line in enumerate(lines) if n not in set(mine[2:])]
+    with open(inter_a, "w", encoding="utf-8") as fh:
+        fh.write(header + "".join(lines))
+
+    def timelines(root):  # click order: timestamp, then file line (a stable sort)
+        with open(os.path.join(root, "interactions.tsv"), encoding="utf-8") as fh:
+            next(fh)
+            rows = [line.rstrip("\n").split("\t") for line in fh]
+        out = collections.defaultdict(list)
+        for u, item, ts in sorted(rows, key=lambda r: int(r[2])):
+            out[u].append((int(ts), item))
+        return dict(out), len(rows)
+
+    before, _ = timelines(root_a)
+    window, n_b = timelines(root_b)
+    assert "u00" in before and "u00" not in window
+    assert "v00" in window and "v00" not in before
+    assert 0 < len(before[short]) < H and short in window
+    assert max(c[0][0] for c in window.values()) > max(c[-1][0] for c in before.values())
+
+    folders = {k: str(tmp_path / k) for k in ("A", "A0", "B", "Boff", "B0")}
+
+    def run(root, out, previous, tails):
+        cfg = make_cfg(tmp_path / "out", root, history_length=H, history_tails=tails,
+                       previous_artifacts=previous)
+        return preprocess.run(cfg, ["--direct_num_workers=1"], adapter=TsvAdapter(),
+                              data_dir=root, out_dir=out, verbose=False)
+
+    run(root_a, folders["A"], "", True)
+    shutil.copytree(folders["A"], folders["A0"])
+    shutil.rmtree(os.path.join(folders["A0"], "history_tails"))
+    stats = run(root_b, folders["B"], folders["A"], True)
+    run(root_b, folders["Boff"], folders["A"], False)
+    run(root_b, folders["B0"], folders["A0"], True)
+
+    # A's tails: each user's last H clicks of A (every split).
+    assert ht.read_history_tails(folders["A"]) == {u: tuple(c[-H:]) for u, c in before.items()}
+    # B: histories over A + B, on B's (grown) vocabulary; tails over A + B.
+    vocab = read_vocab(os.path.join(folders["B"], "vocab", "item_id.txt"))
+    got, _ = _read_examples(folders["B"])
+    assert got == _reference(before, window, vocab)
+    assert len(got) == n_b
+    assert {len(h) for u, _, _, h in got if u == short} >= {3, H}  # short tail + window
+    everything = {u: before.get(u, []) + window.get(u, []) for u in set(before) | set(window)}
+    tails = ht.read_history_tails(folders["B"])
+    assert tails == {u: tuple(c[-H:]) for u, c in everything.items()}
+    assert tails["u00"] == tuple(before["u00"][-H:]) and tails["v00"] == tuple(window["v00"][-H:])
+    state = ht.read_tails_state(folders["B"])
+    assert state == {"history_length": H, "num_shards": 2, "users": len(everything),
+                     "grown_from": folders["A"]}
+    assert stats["history_tails"] == {"users": len(everything),
+                                      "users_carried": sum(1 for u in window if u in before)}
+    # history_tails false: the window's own histories, and the bytes of a run whose previous
+    # folder has no tails (which starts the tails from the window alone).
+    off, off_raw = _read_examples(folders["Boff"])
+    assert off == _reference({}, window, vocab) and off != got
+    assert not os.path.exists(os.path.join(folders["Boff"], "history_tails"))
+    assert "history_tails" not in json.load(open(os.path.join(folders["Boff"], "stats.json")))
+    _, b0_raw = _read_examples(folders["B0"])
+    assert b0_raw == off_raw
+    assert ht.read_history_tails(folders["B0"]) == {u: tuple(c[-H:]) for u, c in window.items()}
