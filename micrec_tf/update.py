@@ -9,6 +9,8 @@ An update = four stages, each writing into a fresh folder of its own generation:
    ``pipelines/lineage.py``); when the previous artifacts hold session tails
    (``preprocess.session_tails``) the co-occurrence table grows by the window's pairs and the
    update writes tails for the next one, else it counts the window alone (one line says so);
+   likewise with history tails (``preprocess.history_tails``, ``pipelines/history_tails.py``)
+   the window's examples get each user's earlier clicks as history (else the window's alone);
 2. title neighbours: merged for the new items (``semantic.source`` ``title`` / ``vectors``:
    ``pipelines.title_neighbours.merge_title_neighbours``), recomputed for ``taxonomy`` (cheap);
    skipped when the previous artifacts have none;
@@ -71,6 +73,7 @@ STATE_FILE = "state.json"
 RECORD_FILE = "update.json"
 GEN_PREFIX = "gen-"
 TAILS_FILE = "session_tails.jsonl"  # pipelines/cooccurrence.py, preprocess.session_tails
+HISTORY_TAILS_STATE = os.path.join("history_tails", "state.json")  # pipelines/history_tails.py
 
 
 class UpdateError(cli.UsageError):
@@ -178,17 +181,28 @@ def has_session_tails(art_dir: str) -> bool:
     return os.path.isfile(os.path.join(art_dir, "cooccurrence", TAILS_FILE))
 
 
+def has_history_tails(art_dir: str) -> bool:
+    """Whether artifacts ``art_dir`` hold history tails (``preprocess.history_tails``)."""
+    return os.path.isfile(os.path.join(art_dir, HISTORY_TAILS_STATE))
+
+
 def stage_configs(cfg: Config, window: str, prev: dict, gen_dir: str) -> Config:
     """The config of the update's stages: ``cfg`` with the window as raw data, the generation's
     artifacts root, the previous artifacts to grow and the previous version to warm-start from.
     ``preprocess.session_tails`` is turned on when the previous artifacts have tails (the table
     then grows by the window's pairs, and the new artifacts carry tails for the next update);
-    otherwise it stays as ``cfg`` says (false: the table counts the window alone)."""
+    otherwise it stays as ``cfg`` says (false: the table counts the window alone).
+    ``preprocess.history_tails`` likewise: on when the previous artifacts have history tails
+    (the window's examples then get the users' earlier clicks as history, and the new artifacts
+    carry tails for the next update); else as ``cfg`` says (true: this update's tails start
+    from the window alone, its histories are the window's; false: no tails, as before)."""
     return cfg.replace({"data.data_dir": os.path.abspath(window),
                         "artifacts_root": os.path.join(gen_dir, "artifacts"),
                         "preprocess.previous_artifacts": prev["artifacts_dir"],
                         "preprocess.session_tails": (has_session_tails(prev["artifacts_dir"])
                                                      or cfg.preprocess.session_tails),
+                        "preprocess.history_tails": (has_history_tails(prev["artifacts_dir"])
+                                                     or cfg.preprocess.history_tails),
                         "train.warm_start_from": prev["version_dir"]})
 
 
@@ -228,6 +242,11 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log) -> dict:
     if cooccurrence == "window":
         log("[update] co-occurrence: this window's clicks alone (the previous artifacts have no "
             "session tails: preprocess with preprocess.session_tails: true to grow the table)")
+    histories = ("previous tails + window" if has_history_tails(prev["artifacts_dir"])
+                 and ucfg.preprocess.history_tails else "window")
+    if histories == "window":
+        log("[update] histories: this window's clicks alone (the previous artifacts have no "
+            "history tails: preprocess with preprocess.history_tails: true to carry them)")
 
     t = time.time()
     stats = preprocess.run(ucfg, data_dir=os.path.abspath(window), verbose=False)
@@ -270,6 +289,7 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log) -> dict:
         "window_clicks": dict(stats.get("events_by_split", {})),
         "examples": dict(stats.get("num_examples", {})),
         "cooccurrence": cooccurrence,
+        "histories": histories,
         "title_neighbours": (None if neighbours is None else
                              {k: neighbours.get(k) for k in ("mode", "items", "new_items",
                                                              "changed_old_lists")}),
@@ -301,7 +321,8 @@ def format_cost(record: dict) -> list:
         f"[update] window clicks {sum(clicks.values())} (" +
         ", ".join(f"{k} {v}" for k, v in clicks.items()) + "); examples " +
         ", ".join(f"{k} {v}" for k, v in record["examples"].items())
-        + f"; co-occurrence table: {record.get('cooccurrence', 'window')}",
+        + f"; co-occurrence table: {record.get('cooccurrence', 'window')}"
+        + f"; histories: {record.get('histories', 'window')}",
     ]
     if nb is not None:
         lines.append(f"[update] title neighbours: {nb.get('mode') or 'recomputed'}, "

@@ -242,3 +242,25 @@ def test_window_examples_carry_the_histories_of_all_clicks(tmp_path):
     _, b0_raw = _read_examples(folders["B0"])
     assert b0_raw == off_raw
     assert ht.read_history_tails(folders["B0"]) == {u: tuple(c[-H:]) for u, c in window.items()}
+
+
+def test_update_turns_history_tails_on_when_the_previous_artifacts_have_them(tmp_path):
+    from micrec_tf.update import format_cost, has_history_tails, stage_configs
+
+    prev = {"artifacts_dir": str(tmp_path / "prev"), "version_dir": str(tmp_path / "v1")}
+    os.makedirs(prev["artifacts_dir"])
+    cfg = from_dict({"name": "x"})
+    on = from_dict({"name": "x", "preprocess": {"history_tails": True}})
+    gen = str(tmp_path / "gen")
+    assert not has_history_tails(prev["artifacts_dir"])
+    assert stage_configs(cfg, str(tmp_path), prev, gen).preprocess.history_tails is False
+    assert stage_configs(on, str(tmp_path), prev, gen).preprocess.history_tails is True
+    os.makedirs(os.path.join(prev["artifacts_dir"], "history_tails"))
+    with open(os.path.join(prev["artifacts_dir"], ht.STATE_FILE), "w") as fh:
+        fh.write("{}")
+    assert has_history_tails(prev["artifacts_dir"])
+    assert stage_configs(cfg, str(tmp_path), prev, gen).preprocess.history_tails is True
+    record = {"timing_s": {}, "rows_added": {}, "window_clicks": {"train": 1}, "examples": {},
+              "previous": {"version": 1}, "version": 2, "version_dir": "v", "generation": 1,
+              "epochs_run": 1, "optimizer_iterations": 1, "histories": "previous tails + window"}
+    assert any(line.endswith("histories: previous tails + window") for line in format_cost(record))
