@@ -41,11 +41,14 @@ export: install
 
 # One daily update (issue 29, micrec_tf/update.py): WINDOW = the window's raw data folder; grows
 # the newest published version of exports/<name> (PREVIOUS=exports/<name>/<version> for another),
-# trains it one pass and publishes the next version.
+# trains it one pass and publishes the next version. The window is split 0.9/0.1/0 (no test
+# split); SPLIT_FRACTIONS=a,b,c sets other shares, SPLIT_FRACTIONS=config the config's
+# preprocess.split_fractions (the update of before).
 WINDOW ?=
 PREVIOUS ?=
+SPLIT_FRACTIONS ?=
 update: install
-	$(PY) -m micrec_tf.update --config $(CONFIG) --window $(WINDOW) $(if $(PREVIOUS),--previous $(PREVIOUS))
+	$(PY) -m micrec_tf.update --config $(CONFIG) --window $(WINDOW) $(if $(PREVIOUS),--previous $(PREVIOUS)) $(if $(SPLIT_FRACTIONS),--split-fractions $(SPLIT_FRACTIONS))
 
 # The online retrieval service (export/server.py, docs/SERVING.md): serves the newest complete
 # version of exports/<name> over HTTP and swaps in newer ones; HOST / PORT override

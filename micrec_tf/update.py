@@ -1,5 +1,6 @@
 """One daily update of a served model (issue 29): ``python -m micrec_tf.update --config X
---window DIR [--previous VERSION_DIR]`` (or ``make update CONFIG=X WINDOW=DIR``).
+--window DIR [--previous VERSION_DIR] [--split-fractions a,b,c | config]`` (or ``make update
+CONFIG=X WINDOW=DIR [SPLIT_FRACTIONS=a,b,c]``).
 
 An update = four stages, each writing into a fresh folder of its own generation:
 
@@ -19,6 +20,25 @@ An update = four stages, each writing into a fresh folder of its own generation:
    default: ``micrec_tf/warm_start.py``);
 4. export of a new numbered version (``export/export_model.py``: assembled under a dot name,
    published with one rename, then its TF Serving view).
+
+**The window's split.** By default an update splits its window ``UPDATE_SPLIT_FRACTIONS`` =
+[0.9, 0.1, 0.0] (``preprocess.split: global_time``; ties at the boundary go to validation):
+it trains on the window's first 90 % of clicks, keeps the newest 10 % as the validation tail
+(the warm start's epoch choice with ``train.early_stopping_patience``, and the validation
+metrics of ``metrics.json``), and writes **no test split**: the newest clicks are not held out
+(a daily chain would otherwise never train on them, since tomorrow's window does not hold
+them), and evaluating an update is the next window's business (``experiments/rolling.py``).
+With no test example the run's final test evaluation is skipped (``train(...,
+evaluate_test=False)``: ``metrics.json`` has no ``test`` block) and ``update.json`` records
+``split_fractions``. The config's ``preprocess.split_fractions`` is NOT read unless asked for
+(a default of 0.8/0.1/0.1 would otherwise be indistinguishable from a choice):
+``--split-fractions a,b,c`` (``run_update(..., split_fractions=[a, b, c])``) sets the window's
+fractions, ``--split-fractions config`` (``split_fractions="config"``) takes the config's. **The
+update of before** (80/10/10 of the window, test split evaluated at the end; the 1 M-item
+benchmark of docs/BENCHMARKS.md "One daily update at 1,000,000 items" ran it) is
+``--split-fractions config`` with the default config, or ``--split-fractions 0.8,0.1,0.1``. A
+test split that is written (a fraction > 0) is evaluated as before. ``leave_last_out`` ignores
+the fractions (its test split is each user's last click, evaluated as before).
 
 **Where the previous state comes from.** The previous state is the newest published export
 version of ``exports/<name>`` (``--previous`` names another version folder): its
@@ -67,13 +87,16 @@ from micrec_tf import cli, locks, publish
 from micrec_tf.config import Config
 
 __all__ = ["UpdateError", "update_root", "generation_dir", "previous_state", "run_update",
-           "format_cost"]
+           "format_cost", "UPDATE_SPLIT_FRACTIONS", "update_split_fractions"]
 
 STATE_FILE = "state.json"
 RECORD_FILE = "update.json"
 GEN_PREFIX = "gen-"
 TAILS_FILE = "session_tails.jsonl"  # pipelines/cooccurrence.py, preprocess.session_tails
 HISTORY_TAILS_STATE = os.path.join("history_tails", "state.json")  # pipelines/history_tails.py
+# The window's [train, valid, test] shares by default (module doc "The window's split").
+UPDATE_SPLIT_FRACTIONS = (0.9, 0.1, 0.0)
+CONFIG_FRACTIONS = "config"  # split_fractions / --split-fractions: the config's own
 
 
 class UpdateError(cli.UsageError):
@@ -186,7 +209,36 @@ def has_history_tails(art_dir: str) -> bool:
     return os.path.isfile(os.path.join(art_dir, HISTORY_TAILS_STATE))
 
 
-def stage_configs(cfg: Config, window: str, prev: dict, gen_dir: str) -> Config:
+def update_split_fractions(cfg: Config, split_fractions=None) -> list:
+    """The window's ``preprocess.split_fractions`` (module doc "The window's split"): None ->
+    ``UPDATE_SPLIT_FRACTIONS`` [0.9, 0.1, 0.0]; ``"config"`` -> ``cfg.preprocess.split_fractions``
+    (the update of before); a sequence of 3 numbers -> those (checked as the config key is:
+    ``ConfigError``, one line)."""
+    if split_fractions is None:
+        return list(UPDATE_SPLIT_FRACTIONS)
+    if isinstance(split_fractions, str):
+        if split_fractions != CONFIG_FRACTIONS:
+            raise UpdateError(f"split_fractions must be 3 numbers or {CONFIG_FRACTIONS!r}. "
+                              f"Received: {split_fractions!r}")
+        return list(cfg.preprocess.split_fractions)
+    fractions = list(split_fractions)
+    cfg.replace({"preprocess.split_fractions": fractions})  # validates (one-line ConfigError)
+    return fractions
+
+
+def _fractions_arg(text: str):
+    """``--split-fractions``: ``a,b,c`` -> [a, b, c]; ``config`` as is."""
+    if text.strip() == CONFIG_FRACTIONS:
+        return CONFIG_FRACTIONS
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UpdateError(f"--split-fractions must be 3 comma-separated numbers (train, valid, "
+                          f"test) or {CONFIG_FRACTIONS!r}. Received: {text!r}") from None
+
+
+def stage_configs(cfg: Config, window: str, prev: dict, gen_dir: str,
+                  split_fractions=None) -> Config:
     """The config of the update's stages: ``cfg`` with the window as raw data, the generation's
     artifacts root, the previous artifacts to grow and the previous version to warm-start from.
     ``preprocess.session_tails`` is turned on when the previous artifacts have tails (the table
@@ -195,8 +247,12 @@ def stage_configs(cfg: Config, window: str, prev: dict, gen_dir: str) -> Config:
     ``preprocess.history_tails`` likewise: on when the previous artifacts have history tails
     (the window's examples then get the users' earlier clicks as history, and the new artifacts
     carry tails for the next update); else as ``cfg`` says (true: this update's tails start
-    from the window alone, its histories are the window's; false: no tails, as before)."""
-    return cfg.replace({"data.data_dir": os.path.abspath(window),
+    from the window alone, its histories are the window's; false: no tails, as before).
+    ``split_fractions``: the window's ``preprocess.split_fractions`` (None: the config's; the
+    caller resolves them with :func:`update_split_fractions`)."""
+    extra = ({} if split_fractions is None
+             else {"preprocess.split_fractions": list(split_fractions)})
+    return cfg.replace({**extra, "data.data_dir": os.path.abspath(window),
                         "artifacts_root": os.path.join(gen_dir, "artifacts"),
                         "preprocess.previous_artifacts": prev["artifacts_dir"],
                         "preprocess.session_tails": (has_session_tails(prev["artifacts_dir"])
@@ -206,12 +262,20 @@ def stage_configs(cfg: Config, window: str, prev: dict, gen_dir: str) -> Config:
                         "train.warm_start_from": prev["version_dir"]})
 
 
-def run_update(cfg: Config, window: str, previous: str | None = None, log=print) -> dict:
+def run_update(cfg: Config, window: str, previous: str | None = None, log=print,
+               split_fractions=None) -> dict:
     """Runs one update (module doc); returns its record (also ``update.json`` / ``state.json``):
     ``generation``, ``version``, ``version_dir``, ``previous`` (the state grown from),
     ``artifacts_dir``, ``run_dir``, ``timing_s`` {preprocess, title_neighbours, train, export,
     total}, ``rows_added`` {vocabulary: new lines}, ``window_clicks`` {train, valid, test},
-    ``examples`` {split: n}, ``title_neighbours`` (merge stats or None), ``train_steps``."""
+    ``examples`` {split: n}, ``split_fractions`` (the window's), ``evaluated_test`` (whether
+    the run's final test evaluation ran: a test example exists), ``title_neighbours`` (merge
+    stats or None), ``epochs_run``, ``optimizer_iterations``.
+
+    ``split_fractions``: None (default) = ``UPDATE_SPLIT_FRACTIONS`` [0.9, 0.1, 0.0], no test
+    split; ``"config"`` = the config's ``preprocess.split_fractions`` (the update of before:
+    80/10/10 by default, the test split evaluated); or 3 numbers (module doc)."""
+    fractions = update_split_fractions(cfg, split_fractions)
     if not os.path.isdir(window):
         raise UpdateError(f"--window {window!r} is not a folder: give the window's raw data "
                           f"folder ({cfg.data.dataset} format)")
@@ -219,10 +283,10 @@ def run_update(cfg: Config, window: str, previous: str | None = None, log=print)
     publish.check_owned_dir(root, "the update folder")
     os.makedirs(root, exist_ok=True)
     with locks.folder_lock(root, "update", "wait for it to finish"):
-        return _update_locked(cfg, window, previous, root, log)
+        return _update_locked(cfg, window, previous, root, log, fractions)
 
 
-def _update_locked(cfg: Config, window: str, previous, root: str, log) -> dict:
+def _update_locked(cfg: Config, window: str, previous, root: str, log, fractions) -> dict:
     from export.export_model import export_run
     from micrec_tf.train import train
     from pipelines import preprocess, title_neighbours
@@ -234,7 +298,7 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log) -> dict:
     gen_dir = generation_dir(cfg, generation)
     _clear_leftover(gen_dir, cfg.export_dir, log)
     os.makedirs(gen_dir)
-    ucfg = stage_configs(cfg, window, prev, gen_dir)
+    ucfg = stage_configs(cfg, window, prev, gen_dir, fractions)
     run_dir = os.path.join(gen_dir, "run")
     log(f"[update] generation {generation} from version {prev['version']} "
         f"({prev['version_dir']}), window {os.path.abspath(window)}")
@@ -265,7 +329,9 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log) -> dict:
     timing["title_neighbours"] = time.time() - t
 
     t = time.time()
-    res = train(ucfg, run_dir=run_dir, log=log)
+    # No test example (the default [0.9, 0.1, 0.0]): no final test evaluation, no "test" block.
+    evaluate_test = int(stats.get("num_examples", {}).get("test", 0)) > 0
+    res = train(ucfg, run_dir=run_dir, evaluate_test=evaluate_test, log=log)
     timing["train"] = time.time() - t
     model = res.get("model")
     steps = int(model.optimizer.iterations.numpy()) if model is not None else None
@@ -288,6 +354,8 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log) -> dict:
         "rows_added": dict(sorted(lineage.get("appended", {}).items())),
         "window_clicks": dict(stats.get("events_by_split", {})),
         "examples": dict(stats.get("num_examples", {})),
+        "split_fractions": list(fractions),
+        "evaluated_test": evaluate_test,
         "cooccurrence": cooccurrence,
         "histories": histories,
         "title_neighbours": (None if neighbours is None else
@@ -322,7 +390,10 @@ def format_cost(record: dict) -> list:
         ", ".join(f"{k} {v}" for k, v in clicks.items()) + "); examples " +
         ", ".join(f"{k} {v}" for k, v in record["examples"].items())
         + f"; co-occurrence table: {record.get('cooccurrence', 'window')}"
-        + f"; histories: {record.get('histories', 'window')}",
+        + f"; histories: {record.get('histories', 'window')}"
+        + ("" if "split_fractions" not in record else
+           "; split " + "/".join(f"{x:g}" for x in record["split_fractions"])
+           + ("" if record.get("evaluated_test") else " (no test evaluation)")),
     ]
     if nb is not None:
         lines.append(f"[update] title neighbours: {nb.get('mode') or 'recomputed'}, "
@@ -342,9 +413,15 @@ def main(argv=None) -> int:
     parser.add_argument("--previous", default=None,
                         help="export version folder to grow from (default: the newest published "
                              "version of exports/<name>)")
+    parser.add_argument("--split-fractions", default=None,
+                        help="the window's train,valid,test shares (default "
+                             + ",".join(f"{x:g}" for x in UPDATE_SPLIT_FRACTIONS)
+                             + ": no test split, the newest clicks trained on), or 'config' for "
+                             "the config's preprocess.split_fractions (the update of before)")
     args = parser.parse_args(argv)
     cfg = cli.load(args)
-    record = run_update(cfg, args.window, args.previous)
+    fractions = None if args.split_fractions is None else _fractions_arg(args.split_fractions)
+    record = run_update(cfg, args.window, args.previous, split_fractions=fractions)
     print(record["version_dir"])
     return 0
 
