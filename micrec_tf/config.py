@@ -237,8 +237,9 @@ class ModelConfig:
     # history embeddings through a per-call catalogue table (auto: when the catalogue has fewer
     # items than batch x history slots) or per slot; attention as batched matmuls or through
     # tf_keras's einsum MultiHeadAttention (the pre-0.2 code paths: slots + einsum); ``unique``
-    # (issue 31, opt-in) embeds only the batch's distinct history items, for large catalogues;
-    # ``auto`` (default) never picks it, so it is the code of before.
+    # (issue 31) embeds only the batch's distinct history items, for large catalogues: ``auto``
+    # (default) takes it for training at V >= batch x history (inference stays per slot, so
+    # exported models are unchanged); ``slots`` = the ``auto`` of before that change.
     history_embeddings: str = "auto"
     attention: str = "matmul"
     # Content in the item tower (issue 28): the item's frozen text vector (title_embeddings/ of

@@ -52,7 +52,33 @@ from micrec_tf.layers import (
 # distinct items of the call's history (``tf.unique`` over the B x H ids) and gathers the slots
 # from those U rows, the same rows again, for catalogues far larger than B x H where a few
 # popular items fill most slots; ``auto`` takes the table when the catalogue has fewer items than
-# the call has history slots, else the slots (never ``unique``: ``auto`` is the path of before).
+# the call has history slots; above that, a training call of known batch size takes ``unique``
+# (issue 31; measured faster at 100,000 and 1,000,000 items, docs/BENCHMARKS.md) and every other
+# call (inference: the serving signature, evaluation) the slots. Before issue 31's default change
+# ``auto`` never took ``unique`` (the slots above the table's threshold): ``slots`` is that path.
+HISTORY_PATHS = ("table", "slots", "unique")
+
+
+def history_path(mode: str, num_items: int, batch_size: int | None, history_length: int,
+                 training: bool = False) -> str:
+    """-> how one call embeds its ``batch_size`` x ``history_length`` history slots: one of
+    :data:`HISTORY_PATHS` (``batch_size`` None: unknown, taken as small).
+
+    ``mode`` other than ``auto`` is the path itself. ``auto``: ``table`` when ``num_items`` <
+    ``batch_size`` x ``history_length``; else ``unique`` for a ``training`` call of known
+    ``batch_size``, ``slots`` otherwise (unknown batch size, or inference: the exported model's
+    forward pass as before). ``model.history_embeddings: slots`` keeps the old ``auto`` above
+    the threshold (training per slot too)."""
+    if mode not in HISTORY_EMBEDDINGS:
+        raise ValueError(f"history_embeddings must be one of {HISTORY_EMBEDDINGS}. "
+                         f"Received: {mode!r}")
+    if mode != "auto":
+        return mode
+    if not batch_size:
+        return "slots"
+    if num_items < batch_size * history_length:
+        return "table"
+    return "unique" if training else "slots"
 
 
 def use_history_table(mode: str, num_items: int, batch_size: int | None, history_length: int
@@ -60,12 +86,7 @@ def use_history_table(mode: str, num_items: int, batch_size: int | None, history
     """Whether ``mode`` embeds the history through the catalogue table for one call of
     ``batch_size`` x ``history_length`` slots (``batch_size`` None: unknown, taken as small).
     ``unique`` is not the table (False): it embeds the call's distinct history items."""
-    if mode not in HISTORY_EMBEDDINGS:
-        raise ValueError(f"history_embeddings must be one of {HISTORY_EMBEDDINGS}. "
-                         f"Received: {mode!r}")
-    if mode != "auto":
-        return mode == "table"
-    return bool(batch_size) and num_items < batch_size * history_length
+    return history_path(mode, num_items, batch_size, history_length) == "table"
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,10 +280,13 @@ class UserTower(tf_keras.layers.Layer):
     """Base user tower: history clicks embedded with the shared item field embeddings, plus the
     user profile field embeddings.
 
-    ``history_embeddings``: see :data:`HISTORY_EMBEDDINGS`. Under ``auto`` a call's batch size
-    is its static one, or, for a training call whose batch dimension is unknown (Keras's
-    ``train_step``), ``history_batch_hint`` (the configured training batch size); an inference
-    call of unknown batch size (the serving signature) embeds the slots.
+    ``history_embeddings``: see :data:`HISTORY_EMBEDDINGS` and :func:`history_path`. Under
+    ``auto`` a call's batch size is its static one, or, for a training call whose batch dimension
+    is unknown (Keras's ``train_step``), ``history_batch_hint`` (the configured training batch
+    size); with V items and H history slots a call takes the catalogue table when V < B x H,
+    else a training call embeds the distinct items (``unique``) and an inference call (the
+    serving signature, evaluation: unknown or static batch size) the slots, as before issue 31.
+    ``history_embeddings="slots"`` gives the old ``auto`` above V >= B x H in training too.
     """
 
     def __init__(self, item_lookup: ItemFeatureLookup, item_field_embeddings: ItemFieldEmbeddings,
@@ -299,12 +323,15 @@ class UserTower(tf_keras.layers.Layer):
         mask = tf.range(tf.shape(hist, out_type=tf.int64)[1])[tf.newaxis, :] < length[:, tf.newaxis]
         transform = transform or (lambda x: x)
         num_items = self.item_lookup.num_items
+        training = not tf.is_tensor(training) and bool(training)  # a tensor: as inference
         batch = hist.shape[0] or (self.history_batch_hint if training else None)
-        if use_history_table(self.history_embeddings, num_items, batch, hist.shape[1] or 1):
+        path = history_path(self.history_embeddings, num_items, batch, hist.shape[1] or 1,
+                            training)
+        if path == "table":
             catalogue = tf.range(num_items, dtype=tf.int64)
             table = transform(self.item_field_embeddings(self.item_lookup(catalogue)))
             return tf.gather(table, hist), mask
-        if self.history_embeddings == "unique":
+        if path == "unique":
             return self._unique_history(hist, transform), mask
         return transform(self.item_field_embeddings(self.item_lookup(hist))), mask
 

@@ -56,7 +56,7 @@ from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model
 from micrec_tf.optimizers import make_optimizer
 from micrec_tf.precision import policy_scope
-from micrec_tf.towers import use_history_table
+from micrec_tf.towers import history_path
 from micrec_tf.warm_start import update_config, warm_start
 
 
@@ -459,13 +459,17 @@ def _changed_keys(a, b, prefix=""):
 
 
 def describe_code_paths(cfg: Config, num_items: int, feature_spec: dict) -> str:
-    """One line: how the user tower embeds the history in training, and its attention."""
+    """One line: how the user tower embeds the history in training (``history_path`` of a
+    training call of the configured batch size), and its attention."""
     h = int(feature_spec.get("history_length", cfg.preprocess.history_length))
     b, mode = int(cfg.train.batch_size), cfg.model.history_embeddings
-    table = use_history_table(mode, num_items, b, h)
+    chosen = history_path(mode, num_items, b, h, training=True)
+    table = chosen == "table"
     why = (f"{num_items - 1:,} items {'<' if table else '>='} batch {b} x {h} history slots"
            if mode == "auto" else "forced")
-    path = "distinct items" if mode == "unique" else "catalogue table" if table else "per slot"
+    if mode == "auto" and chosen == "unique":
+        why += "; inference per slot"
+    path = {"unique": "distinct items", "table": "catalogue table", "slots": "per slot"}[chosen]
     return (f"history embeddings: {path} "
             f"(model.history_embeddings={mode}: {why}); attention: {cfg.model.attention}")
 
