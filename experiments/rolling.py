@@ -16,10 +16,13 @@ empty is refused). Unparseable raw lines are no clicks: they are left out of eve
 **Steps.** Step s = 0..W-1 trains on segments 0..s and is evaluated on window s + 1:
 
 * step 0: the initial model, trained from scratch on segment 0 (early stopping, with session
-  tails for the co-occurrence updates) and exported;
+  tails for the co-occurrence updates and history tails for the updates' histories,
+  ``HISTORY_TAILS``) and exported;
 * step s >= 1, **incremental**: one daily update (:func:`micrec_tf.update.run_update`: window
   s preprocessed growing the previous artifacts, title neighbours merged, warm start from the
-  previous version, one pass, export of a new version) from step s - 1's version;
+  previous version, one pass, export of a new version) from step s - 1's version, with the
+  step's own split fractions (below; passed explicitly, so the update's default window split
+  [0.9, 0.1, 0.0] does not apply);
 * step s >= 1, **full retrain**: the same model from scratch on segments 0..s, to convergence
   (``train.epochs`` cap, ``train.early_stopping_patience``; the best epoch restored);
 * both are evaluated on the **same examples**: the test split of the full retrain's artifacts
@@ -34,8 +37,19 @@ Splits (``preprocess.split_fractions``, :func:`step_fractions`): in both runs of
 ``VALID_FRACTION`` (10 %) of segment s's clicks is the validation split (early stopping of the
 full retrain; the update's one pass does not stop early), the clicks before it are training
 clicks, window s + 1 is the test split. The incremental model's preprocess sees segments s and
-s + 1 only (the update's window folder), so its training examples carry histories from window s
-only; the evaluation examples carry full histories for both models.
+s + 1 only (the update's window folder), but the initial model's preprocess writes history tails
+(``preprocess.history_tails: true``, :data:`HISTORY_TAILS`, set in the initial and update
+units' configs, hence in their cache signatures) and every update grows them
+(``micrec_tf.update`` turns the key on when the previous artifacts have tails), so the
+incremental model's training examples carry each user's earlier clicks as history (its last
+``history_length`` clicks over segments 0..s; segment s + 1, in both update s's and update
+s + 1's folders, is dropped from the carried tails by the merge rule of
+``pipelines/history_tails.py``), as the full retrain's do. Before this protocol change the
+incremental examples carried histories from window s only; no rolling result was committed
+under it (``docs/results/runs/`` held no ``*rolling*`` unit), so no committed result depends on
+it. The full retrains see every click and write no history tails (``HISTORY_TAILS`` is not set
+in their configs: their units' signatures are unchanged). The evaluation examples carry full
+histories for both models.
 
 **Learning rate of the update** (``--lr-grid``, per model): step 1 (the first update, from the
 initial model on window 1) is run once per grid value, each scored by its all-clicks HIT@N[0] on
@@ -99,6 +113,9 @@ INITIAL_FRACTION = 0.5
 VALID_FRACTION = 0.1
 # Set by the driver for every run: the protocol's split and whole-catalogue item vocabularies.
 PROTOCOL = {"preprocess.split": "global_time", "preprocess.item_vocabulary": "catalogue"}
+# Set for the initial model and the updates (not the full retrains): the initial artifacts carry
+# history tails, so the updates' training examples get the users' earlier clicks as history.
+HISTORY_TAILS = {"preprocess.history_tails": True}
 # Publication times of the items (micrec_tf.data.synthetic.PUBLISHED_FILE): item_id, published.
 PUBLISHED_FILE = "item_published.tsv"
 
@@ -479,7 +496,8 @@ class Steps:
                 "epochs_cap": cfg.train.epochs, "stopped_early": res.get("stopped_early")}
 
     def initial(self, cfg: Config) -> dict:
-        """Step 0: from scratch on ``cfg``'s data (with session tails) and exported."""
+        """Step 0: from scratch on ``cfg``'s data (with session tails; history tails as ``cfg``
+        says: the driver sets them, :data:`HISTORY_TAILS`) and exported."""
         from export.export_model import export_run
 
         out = self._build(cfg, tails=True)
@@ -491,10 +509,13 @@ class Steps:
         return self._build(cfg, tails=False)
 
     def update(self, cfg: Config, window_dir: str, previous_version: str) -> dict:
-        """One daily update of ``window_dir`` from ``previous_version``."""
+        """One daily update of ``window_dir`` from ``previous_version``, split by ``cfg``'s
+        ``preprocess.split_fractions`` (the step's, :func:`step_fractions`: passed explicitly,
+        the update's own default [0.9, 0.1, 0.0] would drop the test split)."""
         from micrec_tf.update import run_update
 
-        rec = run_update(cfg, window_dir, previous_version, log=self.log)
+        rec = run_update(cfg, window_dir, previous_version, log=self.log,
+                         split_fractions=list(cfg.preprocess.split_fractions))
         return {"run_dir": rec["run_dir"], "artifacts_dir": rec["artifacts_dir"],
                 "version_dir": rec["version_dir"], "seconds": rec["timing_s"],
                 "rows_added": rec["rows_added"], "epochs_run": rec["epochs_run"],
@@ -608,10 +629,13 @@ def run_rolling(cfg: Config, windows: int = 10, seeds: int = 1, models=None, lr_
 
 
 def _step_cfg(base: Config, model: str, seed: int, tag: str, data_dir: str, fractions,
-              lr=None) -> Config:
+              lr=None, tails: bool = False) -> Config:
+    """One unit's config. ``tails``: :data:`HISTORY_TAILS` on (the initial model, the updates);
+    False leaves ``preprocess.history_tails`` as the config says (the full retrains)."""
     ov = {**MODELS[model], "name": f"{base.name}-{slug(model)}-s{seed}-{tag}",
           "data.data_dir": data_dir or base.data.data_dir,
-          "preprocess.split_fractions": list(fractions), "train.seed": seed}
+          "preprocess.split_fractions": list(fractions), "train.seed": seed,
+          **(HISTORY_TAILS if tails else {})}
     if lr is not None:
         ov["train.learning_rate"] = lr
     return base.replace(ov)
@@ -640,7 +664,7 @@ def _run_model(base, model, seed, cut, new, folders, cache, steps, lr_grid,
 
     out = {"full": {}, "trials": {}, "inc": {}, "lr": None}
     cfg0 = _step_cfg(base, model, seed, "initial", folder("upto", 1),
-                     step_fractions(cut.counts, 0))
+                     step_fractions(cut.counts, 0), tails=True)
     init = out["initial"] = cache.get(
         f"{key}/initial", sig(cfg0),
         lambda: (lambda u: evaluated(u, u["artifacts_dir"], 0))(steps.initial(cfg0)))
@@ -654,7 +678,7 @@ def _run_model(base, model, seed, cut, new, folders, cache, steps, lr_grid,
 
     def update(s, lr, previous):
         cfg = _step_cfg(base, model, seed, f"inc-{_lr_tag(lr)}", None,
-                        step_fractions(cut.counts, s, update=True), lr)
+                        step_fractions(cut.counts, s, update=True), lr, tails=True)
         full = out["full"].get(s)
         if previous is None or full is None:
             cache.missing.append(f"{key}/inc/{_lr_tag(lr)}/step{s:02d} (after its inputs)")

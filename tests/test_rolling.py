@@ -222,6 +222,15 @@ def test_driver_runs_chooses_on_window_2_caches_and_reports(fake):
     assert js["models"]["ICAN"]["lr"] == 0.001
     assert kinds[7:] == [("inc", 2, 0.001), ("inc", 3, 0.001)]
     assert all(c.preprocess.item_vocabulary == "catalogue" for *_, c in steps.calls)
+    # history tails: on for the initial model and the updates, off (the config's) for the full
+    # retrains; in the units' cache signatures accordingly
+    for kind, _, _, c in steps.calls:
+        assert c.preprocess.history_tails is (kind != "full"), kind
+    unit = tmp / "res" / "runs" / "tiny-rolling" / "ican" / "seed0"
+    for path, on in ((unit / "initial.json", True), (unit / "full" / "step01.json", False),
+                     (unit / "inc" / "lr0_001" / "step02.json", True)):
+        with open(path) as fh:
+            assert json.load(fh)["signature"]["config"]["preprocess"]["history_tails"] is on
     # the new-item slice of each evaluation = items of window s+1 never clicked before (sets)
     for kind, s, lr, new in steps.evals:
         before = {i for _, i, t in clicks if seg[t] <= s}
@@ -246,6 +255,31 @@ def test_driver_runs_chooses_on_window_2_caches_and_reports(fake):
     n = len(steps.calls)
     _run(cfg, steps, tmp)
     assert len(steps.calls) == n
+
+
+def test_steps_update_passes_the_step_fractions_to_the_update(monkeypatch, tmp_path):
+    """The update's own default window split ([0.9, 0.1, 0.0]) does not replace the step's
+    fractions: :meth:`Steps.update` hands them to ``run_update`` explicitly, and they are the
+    ones the update resolves to (``step_fractions`` against hand counts)."""
+    from micrec_tf import update
+
+    counts = (30, 8, 7, 8, 7)
+    fr = rolling.step_fractions(counts, 2, update=True)
+    # by hand: segment 2 = 7 clicks, validation round(0.7) = 1, training 6; test = 8 clicks
+    assert fr == [6 / 15, 1 / 15, 8 / 15]
+    cfg = tiny_config(str(tmp_path)).replace({"preprocess.split_fractions": fr})
+    seen = {}
+
+    def fake_run_update(cfg_, window, previous, log=print, split_fractions=None):
+        seen["fractions"] = update.update_split_fractions(cfg_, split_fractions)
+        return {"run_dir": "r", "artifacts_dir": "a", "version_dir": "v",
+                "timing_s": {"total": 1.0}, "rows_added": {}, "epochs_run": 1,
+                "optimizer_iterations": 3}
+
+    monkeypatch.setattr(update, "run_update", fake_run_update)
+    out = rolling.Steps(log=lambda *a: None).update(cfg, str(tmp_path), str(tmp_path / "v"))
+    assert seen["fractions"] == fr and out["seconds"] == {"total": 1.0}
+    assert update.update_split_fractions(cfg) == [0.9, 0.1, 0.0]  # what a plain call would use
 
 
 def test_cached_only_and_a_second_seed(fake):
@@ -291,6 +325,25 @@ def test_smoke_two_windows_on_tiny_synthetic_data(tmp_path):
     assert rows[1]["all/hit@10"]["inc"] != rows[1]["all/hit@10"]["full"]  # two models
     cached = sorted(os.listdir(tmp_path / "res" / "runs" / "tiny-rolling" / "ican" / "seed0"))
     assert cached == ["full", "inc", "initial.json"]
+    # History tails: written by the initial model's preprocess and grown by the update (whose
+    # window users start from them), none for the full retrain (plain file reads).
+    from micrec_tf.update import has_history_tails
+
+    unit = tmp_path / "res" / "runs" / "tiny-rolling" / "ican" / "seed0"
+
+    def result(path):
+        with open(path) as fh:
+            return json.load(fh)["result"]
+
+    init, full = result(unit / "initial.json"), result(unit / "full" / "step01.json")
+    inc = result(unit / "inc" / "lr0_003" / "step01.json")
+    assert has_history_tails(init["artifacts_dir"]) and has_history_tails(inc["artifacts_dir"])
+    assert not has_history_tails(full["artifacts_dir"])
+    with open(os.path.join(inc["artifacts_dir"], "stats.json")) as fh:
+        stats = json.load(fh)
+    assert stats["history_tails"]["users_carried"] > 0
+    # The update kept the step's split (a test split of window 2), not the update's default.
+    assert stats["num_examples"]["test"] == window[1]
 
     class NoRuns:
         def __getattr__(self, name):
