@@ -432,11 +432,11 @@ class ExportConfig:
     serve_max_queue: int = 512
     # Queue-delay admission (export/batcher.py, "Queue delay"): a request arriving while the
     # oldest one waiting in its stage has waited more than serve_max_wait_ms + this many ms gets
-    # 503 with Retry-After at once (counted as micrec_rejected_delay_total). 500 ms bounds the
-    # wait that serve_max_queue alone did not (2 x S overload, 100 k export: S ~ 223-284 req/s,
-    # 200s waited 4.9-6.3 s behind 512-deep queues): about 2 x 0.5 s per stage at 2 x S, and
-    # above the whole closed-loop p99 at concurrency 32 (0.31-0.35 s), so a sustainable load is
-    # not refused.
+    # 503 with Retry-After at once (counted as micrec_rejected_delay_total). 500 ms: a stage's
+    # queue wait stays near 2 x 0.5 s at 2 x S, where 512-deep queues alone allowed 512 / S
+    # (1.8-2.3 s at S ~ 223-284 req/s, 100 k export), and it is above the whole closed-loop p99
+    # at concurrency 32 (0.31-0.35 s), so a load the server keeps up with is not refused. It does
+    # not bound the event loop's wait (docs/SERVING.md "queue-delay admission", measured).
     # 0: off, the old behaviour (only serve_max_queue bounds the queue). Needs batching.
     serve_max_queue_delay_ms: float = 500.0
     # Per-request deadline in seconds from its arrival: a request still waiting in a
