@@ -29,7 +29,8 @@
    below :func:`latency_bound`: ``--overload-latency-bound``, else the config's request
    timeout when one is set, else ``2 x (serve_max_queue / S + serve_max_wait_ms) + 1 s``, with
    ``serve_max_queue_delay_ms`` > 0 each stage's ``serve_max_queue / S`` capped at
-   ``R / S x (serve_max_wait_ms + serve_max_queue_delay_ms)``),
+   ``R / S x (serve_max_wait_ms + serve_max_queue_delay_ms)``, and with ``serve_max_in_flight``
+   = C > 0 the two stages' term capped at ``C / S + 2 x serve_max_wait_ms``),
    ``server_exit_0``. 503s are counted, not required: a server whose larger batches absorb 2S
    passes too.
 
@@ -51,7 +52,7 @@ Writes ``--output`` (JSON, default ``serve_bench.json``)::
                     "server_exit_code", "ok"},
      "overload": {"rate", "rate_source", "sustainable_rps", "factor", "duration_s", "arrivals",
                   "seed", "max_queue", "max_batch_size", "max_wait_ms", "request_timeout_s",
-                  "max_queue_delay_ms",
+                  "max_queue_delay_ms", "max_in_flight",
                   "latency_bound_s", "latency_bound_source", "ready_s", "workers",
                   "healthz_code",
                   "scheduled", "sent", "offered_rps", "achieved_rps", "ok_rps", "ok",
@@ -200,6 +201,8 @@ def markdown(result: dict) -> str:
         other = ", ".join(f"{k}: {n}" for k, n in ot["other_codes"].items()) or "0"
         delay = (f", queue delay {o['max_queue_delay_ms']:g} ms"
                  if o.get("max_queue_delay_ms") else "")
+        if o.get("max_in_flight"):
+            delay += f", in flight at most {o['max_in_flight']}"
         lines += [
             f"Overload ({rate}; {o['arrivals']} arrivals{seed}, {o['duration_s']:g} s; server "
             f"queue {o['max_queue']} per stage{delay}, batches of {o['max_batch_size']}, "
@@ -256,7 +259,8 @@ def sustainable_rate(load: dict) -> float | None:
 
 def latency_bound(request_timeout_s: float, max_queue: int, max_wait_ms: float,
                   sustainable: float | None, explicit: float | None = None,
-                  max_queue_delay_ms: float = 0.0, rate: float | None = None) -> tuple:
+                  max_queue_delay_ms: float = 0.0, rate: float | None = None,
+                  max_in_flight: int = 0) -> tuple:
     """``(bound_s, source)``: what the overload step's p99 of 200 answers must stay below.
 
     ``explicit`` (``--overload-latency-bound``) when given; else the config's
@@ -274,7 +278,13 @@ def latency_bound(request_timeout_s: float, max_queue: int, max_wait_ms: float,
     + d``: at most ``R x (w + d)`` of them at the offered rate ``R`` (``rate``; None: ``2 x S``),
     drained at S in ``R / S x (w + d)``. Each stage's ``serve_max_queue / S`` becomes
     ``min(serve_max_queue / S, R / S x (w + d))``: ``2 x (min(q / S, R / S x (w + d)) + w) +
-    1 s``. ``d`` = 0 (the default, the rule off) is the formula above."""
+    1 s``. ``d`` = 0 (the default, the rule off) is the formula above.
+
+    With ``export.serve_max_in_flight`` = ``C`` > 0 (export/admission.py) at most ``C`` admitted
+    requests are in the app at once, wherever they wait (event loop, both queues), so one
+    admitted request has at most ``C - 1`` ahead of it, drained at S in ``C / S``, plus both
+    batching windows: the two-stage term above (without its slack) becomes ``min(<it>, C / S + 2
+    x w)``, then + 1 s. ``C`` = 0 (the default, the cap off) leaves the formulas above."""
     if explicit is not None:
         return float(explicit), "--overload-latency-bound"
     if request_timeout_s > 0:
@@ -285,11 +295,17 @@ def latency_bound(request_timeout_s: float, max_queue: int, max_wait_ms: float,
         factor = (rate / sustainable) if rate else OVERLOAD_FACTOR
         stage = min(max_queue / sustainable,
                     factor * (max_wait_ms + max_queue_delay_ms) / 1000.0)
-        return (2.0 * (stage + max_wait_ms / 1000.0) + BOUND_SLACK_S,
-                "2 x (min(export.serve_max_queue / S, R / S x (export.serve_max_wait_ms + "
-                "export.serve_max_queue_delay_ms)) + export.serve_max_wait_ms) + 1 s")
-    return (2.0 * (max_queue / sustainable + max_wait_ms / 1000.0) + BOUND_SLACK_S,
-            "2 x (export.serve_max_queue / S + export.serve_max_wait_ms) + 1 s")
+        stages = 2.0 * (stage + max_wait_ms / 1000.0)
+        source = ("2 x (min(export.serve_max_queue / S, R / S x (export.serve_max_wait_ms + "
+                  "export.serve_max_queue_delay_ms)) + export.serve_max_wait_ms)")
+    else:
+        stages = 2.0 * (max_queue / sustainable + max_wait_ms / 1000.0)
+        source = "2 x (export.serve_max_queue / S + export.serve_max_wait_ms)"
+    if max_in_flight > 0:
+        stages = min(stages, max_in_flight / sustainable + 2.0 * max_wait_ms / 1000.0)
+        source = (f"min({source}, export.serve_max_in_flight / S + 2 x "
+                  "export.serve_max_wait_ms)")
+    return stages + BOUND_SLACK_S, source + " + 1 s"
 
 
 def overload_summary(level: dict, bound_s: float | None, alive: bool,
@@ -369,7 +385,8 @@ def run_overload(config: str, sets: list, export_dir: str, body_path: str, susta
         source = "--overload-rate"
     bound_s, bound_source = latency_bound(ecfg.serve_request_timeout_s, ecfg.serve_max_queue,
                                           ecfg.serve_max_wait_ms, sustainable, explicit_bound,
-                                          ecfg.serve_max_queue_delay_ms, rate)
+                                          ecfg.serve_max_queue_delay_ms, rate,
+                                          ecfg.serve_max_in_flight)
     workers = overload_workers(ecfg.serve_max_queue, ecfg.serve_max_batch_size, workers)
     scratch = tempfile.mkdtemp(prefix="serve_overload-", dir=scratch_dir)
     server = None
@@ -407,6 +424,7 @@ def run_overload(config: str, sets: list, export_dir: str, body_path: str, susta
               "max_wait_ms": ecfg.serve_max_wait_ms,
               "request_timeout_s": ecfg.serve_request_timeout_s,
               "max_queue_delay_ms": ecfg.serve_max_queue_delay_ms,
+              "max_in_flight": ecfg.serve_max_in_flight,
               "latency_bound_source": bound_source, "ready_s": ready_s, "workers": workers,
               "healthz_code": health, **summary, "load": load}
     if not summary["passed"]:

@@ -32,8 +32,11 @@ before the first version is ready 503 with ``Retry-After``; with ``export.serve_
 > 0, a request still waiting in a micro-batcher queue that long after it arrived is dropped
 before it runs and answered 504 (:class:`export.batcher.DeadlineExceeded`); with
 ``export.serve_drop_disconnected``, one whose client disconnected while it waited is taken out of
-the queue and "answered" 499 (nobody reads it; the metrics count it). A 5xx other than these
-503s and 504s is a bug.
+the queue and "answered" 499 (nobody reads it; the metrics count it). With
+``export.serve_max_in_flight`` > 0 (default 512), a ``:predict`` / ``:retrieve`` arriving while
+that many are admitted and unanswered gets 503 with ``Retry-After`` at once, before its body is
+read (:class:`export.admission.InFlightLimit`; 0: off). A 5xx other than these 503s and 504s is a
+bug.
 
 Versions: an :class:`export.versions.VersionManager` loads and warms the newest complete version
 in the background (``/readyz`` turns 200 after), then polls every ``export.serve_poll_s`` seconds
@@ -65,6 +68,7 @@ import numpy as np
 from micrec_tf import cli
 
 from export import rest, serving
+from export.admission import InFlightLimit, model_call
 from export.batcher import Closed, DeadlineExceeded, MicroBatcher, Overloaded
 from export.versions import LoadedVersion, NoLoadableVersionError, VersionManager
 
@@ -321,6 +325,15 @@ class Metrics:
         if batchers:
             self.registry.register(_BatcherCollector(dict(batchers)))
 
+    def watch_admission(self, admission) -> None:
+        """With the in-flight cap on (``export.serve_max_in_flight`` > 0; nothing added at 0):
+        ``micrec_rejected_in_flight_total`` (503s sent at arrival by the cap, never in
+        ``micrec_rejected_total{stage}``, which counts the batchers' own),
+        ``micrec_admitted_in_flight`` (admitted model requests not yet answered) and ``micrec_admitted_in_flight_max`` (its
+        high-water mark, <= the cap), read from :meth:`export.admission.InFlightLimit.stats`."""
+        if admission.max_in_flight > 0:
+            self.registry.register(_AdmissionCollector(admission))
+
     def render(self, versions) -> tuple[bytes, str]:
         import prometheus_client as prom
 
@@ -328,6 +341,29 @@ class Metrics:
         self.ready.set(1 if versions.ready else 0)
         self.version.set(status.get("version") or 0)
         return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST
+
+
+class _AdmissionCollector:
+    """A Prometheus collector reading :meth:`export.admission.InFlightLimit.stats` at scrape
+    time."""
+
+    def __init__(self, admission):
+        self.admission = admission
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.admission.stats()
+        yield CounterMetricFamily("micrec_rejected_in_flight", "Model requests refused with 503 "
+                                  "at arrival: export.serve_max_in_flight admitted requests were "
+                                  "unanswered", value=st["rejected"])
+        yield GaugeMetricFamily("micrec_admitted_in_flight", "Admitted model requests not yet "
+                                "answered", value=st["in_flight"])
+        yield GaugeMetricFamily("micrec_admitted_in_flight_max", "Most admitted model requests "
+                                "ever unanswered at once", value=st["max_seen"])
 
 
 class _BatcherCollector:
@@ -424,6 +460,11 @@ class Service:
             stops the server and exits 2).
         batching: :class:`Batching`, or ``None``: every request runs its own tower call and
             search in a worker thread.
+        max_in_flight: int >= 0, admission at arrival (:class:`export.admission.InFlightLimit`):
+            a ``POST :predict`` / ``:retrieve`` arriving while this many are admitted and not yet
+            answered gets 503 + ``Retry-After`` at once, before its body is read (health,
+            readiness, metrics, status and metadata never); 0 (this class's default): off, the
+            behaviour before the rule. The CLI passes ``export.serve_max_in_flight`` (512).
 
     With batching, requests of the same version are concatenated into one tower call (histories
     padded with ``""``, which the tower ignores) and one search per ``k`` (each user keeps its own
@@ -436,7 +477,7 @@ class Service:
     def __init__(self, versions, model_name: str = "user_tower", limits: Limits = Limits(),
                  log: Callable[[str], None] = print,
                  on_fatal: Callable[[str], None] | None = None,
-                 batching: Batching | None = None):
+                 batching: Batching | None = None, max_in_flight: int = 0):
         from starlette.applications import Starlette
         from starlette.routing import Route
 
@@ -467,6 +508,8 @@ class Service:
                   Route("/v1/models/{rest:path}", self._model, methods=["GET", "POST"])]
         self._starlette = Starlette(routes=routes, lifespan=self._lifespan,
                                     exception_handlers={404: _http_error, 405: _http_error})
+        self.admission = InFlightLimit(self._starlette, max_in_flight, model_call)
+        self.metrics.watch_admission(self.admission)
 
     # ------------------------------------------------------------------ ASGI + lifespan
     async def app(self, scope, receive, send):
@@ -484,7 +527,7 @@ class Service:
 
         self.metrics.in_flight.inc()
         try:
-            await self._starlette(scope, receive, send_counted)
+            await self.admission(scope, receive, send_counted)
         finally:
             self.metrics.in_flight.dec()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
@@ -867,7 +910,8 @@ def main(argv=None) -> int:
     versions = VersionManager(export_dir, poll_s=cfg.export.serve_poll_s, log=log)
     service = Service(versions, cfg.export.serve_model_name,
                       Limits.from_config(cfg.export), log=log, on_fatal=fatal,
-                      batching=Batching.from_config(cfg.export))
+                      batching=Batching.from_config(cfg.export),
+                      max_in_flight=cfg.export.serve_max_in_flight)
     config = uvicorn.Config(service.app, host=args.host or cfg.export.serve_host, port=port,
                             interface="asgi3", lifespan="on", access_log=False,
                             log_level="warning",

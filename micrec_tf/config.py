@@ -439,6 +439,15 @@ class ExportConfig:
     # not bound the event loop's wait (docs/SERVING.md "queue-delay admission", measured).
     # 0: off, the old behaviour (only serve_max_queue bounds the queue). Needs batching.
     serve_max_queue_delay_ms: float = 500.0
+    # Admission at arrival (export/admission.py): a :predict / :retrieve arriving while this many
+    # are admitted and not yet answered gets 503 with Retry-After at once, before its body is
+    # read (counted as micrec_rejected_in_flight_total; /healthz, /readyz, /metrics and status
+    # are never refused). It bounds the whole backlog in the app, the event loop's included,
+    # which the per-stage rules cannot see: an admitted request waits about this / S at a drain
+    # of S req/s (1.7 s at S ~ 300 req/s, the 100 k export), and 512 = 2 x the default batch is
+    # 16 x the closed-loop concurrency 32, so a load the server keeps up with is not refused.
+    # 0: off, the old behaviour (docs/SERVING.md "admission at arrival").
+    serve_max_in_flight: int = 512
     # Per-request deadline in seconds from its arrival: a request still waiting in a
     # micro-batcher queue then is dropped before it runs and answered 504 (counted as
     # micrec_expired_total). 0 (default): no deadline, the old behaviour. Needs batching.
@@ -726,6 +735,7 @@ def validate(cfg: Config) -> Config:
     _check_positive("export.serve_max_batch_size", cfg.export.serve_max_batch_size, allow_zero=True)
     _check_positive("export.serve_max_wait_ms", cfg.export.serve_max_wait_ms, allow_zero=True)
     _check_positive("export.serve_max_queue", cfg.export.serve_max_queue)
+    _check_positive("export.serve_max_in_flight", cfg.export.serve_max_in_flight, allow_zero=True)
     _check_positive("export.serve_max_queue_delay_ms", cfg.export.serve_max_queue_delay_ms,
                     allow_zero=True)
     _check_positive("export.serve_request_timeout_s", cfg.export.serve_request_timeout_s,
