@@ -1,4 +1,5 @@
-"""History tails (issue 29): each user's last ``H`` clicks over everything seen so far, so that
+"""History tails (issue 29): each user's last ``H`` clicks over everything seen so far (and its
+clicks in the run's test split after them), so that
 an incremental preprocess (``preprocess.previous_artifacts``, one window of clicks) gives its
 examples the same histories a preprocess of all the clicks would give.
 
@@ -7,22 +8,35 @@ before) into ``history_tails/``:
 
 - ``tails-<shard:05d>-of-<num_shards:05d>.jsonl.gz``: one line per user (users by
   :func:`pipelines.examples.shard_of` of their id, ascending id inside a shard):
-  ``{"user": id, "clicks": [[ts, raw item id], ...]}``, at most ``H`` clicks in click order
-  (timestamp, input order); gzip with mtime 0 (byte-identical reruns);
+  ``{"user": id, "clicks": [[ts, raw item id], ...]}``, the user's tail (below: at most ``H``
+  + its test clicks) in click order (timestamp, input order); gzip with mtime 0
+  (byte-identical reruns);
 - ``state.json``: ``{"history_length", "num_shards", "users", "grown_from"}`` (``grown_from``:
   the previous artifacts folder whose tails were merged, null for none).
 
-H = ``preprocess.history_length``. The clicks are a user row's (warm) clicks of every split
-(:class:`pipelines.split.UserTimelines` ``clicks``: train, valid and test; an
-``item_cold_start`` row's cold clicks are evaluation-only and never enter a tail). A user without
-a click in this run keeps its previous tail.
+H = ``preprocess.history_length``. The clicks are a user row's (warm) clicks
+(:class:`pipelines.split.UserTimelines` ``clicks``; an ``item_cold_start`` row's cold clicks are
+evaluation-only and never enter a tail). A tail = the last ``H`` clicks of (carried previous
+tail + this run's train and valid clicks), followed by **every** click of the user's test split
+(:func:`merge_tail` ``num_test``): at most ``H`` + (the user's test clicks in the run that wrote
+it) clicks per user. The test split is a user's newest clicks (``global_time`` and the warm
+clicks of ``item_cold_start``: every click at or after the test boundary; ``leave_last_out``:
+the user's last click). Without a test split (the update's default [0.9, 0.1, 0.0]) a tail is
+the last ``H`` clicks, as before. A user without a click in this run keeps its previous tail
+(whole: previous artifacts of a larger ``H`` leave such users' tails longer).
 
 The merge rule (:func:`carried_tail`, :func:`merge_tail`): the previous tail's clicks at or
 after the user's first (warm) click of this run are dropped: this run holds them again (the
-rolling driver's window folders overlap by one segment, cut by time; for windows cut by time
-and disjoint nothing is dropped). The user's sequence is then the carried tail followed by this
-run's clicks, in time order, and a click's history is the ``H`` clicks before it in that
-sequence (:meth:`pipelines.examples.ExampleWriter.records` ``tail``).
+rolling driver's window folders overlap by one segment, cut by time: update s's test split,
+segment s + 1, is in update s + 1's folder again; for windows cut by time and disjoint nothing
+is dropped). Since the tail keeps ``H`` clicks before its test split, the carried part still
+holds the ``H`` clicks before a repeated test split: the histories are exact whenever the next
+run holds again at most the previous run's test split (of each user; ``leave_last_out``: at
+most the user's last click, else as short as under the rule of before, never shorter). The
+user's sequence is then the carried tail followed by this run's clicks, in time order, and a
+click's history is the ``H`` clicks before it in that sequence
+(:meth:`pipelines.examples.ExampleWriter.records` ``tail``, which takes the last ``H``: a
+carried tail longer than ``H`` is harmless).
 
 Transforms:
 
@@ -46,7 +60,8 @@ from apache_beam.io.filesystems import FileSystems  # noqa: E402
 
 from micrec_tf.config import ConfigError  # noqa: E402
 
-__all__ = ["TAILS_DIR", "STATE_FILE", "carried_tail", "merge_tail", "history_tails",
+__all__ = ["TAILS_DIR", "STATE_FILE", "carried_tail", "merge_tail", "num_test_clicks",
+           "history_tails",
            "shard_file", "tails_shard_bytes", "read_shard", "read_history_tails",
            "read_tails_state",
            "has_history_tails", "ReadHistoryTails", "JoinHistoryTails"]
@@ -66,22 +81,40 @@ def carried_tail(previous, clicks) -> tuple:
     return tuple(c for c in previous if c[0] < first)
 
 
-def merge_tail(previous, clicks, history_length: int) -> tuple:
-    """The new tail: the last ``history_length`` clicks of :func:`carried_tail` + ``clicks``."""
+def merge_tail(previous, clicks, history_length: int, num_test: int = 0) -> tuple:
+    """The new tail: the last ``history_length`` clicks of :func:`carried_tail` + ``clicks``
+    less its last ``num_test``, followed by those ``num_test`` clicks (the user's test split,
+    kept whole: module doc). Returns ``((ts, item_id), ...)`` of at most ``history_length +
+    num_test`` clicks. ``num_test=0`` (default) = the last ``history_length`` clicks, the rule
+    of before."""
     if history_length < 1:
         raise ValueError(f"history_length must be >= 1. Received: {history_length!r}")
-    seq = carried_tail(previous, clicks) + tuple((int(t), item) for t, item in clicks)
-    return seq[-history_length:]
+    clicks = tuple((int(t), item) for t, item in clicks)
+    if isinstance(num_test, bool) or not isinstance(num_test, int) or \
+            not 0 <= num_test <= len(clicks):
+        raise ValueError(f"num_test must be an integer in [0, {len(clicks)}] (the number of "
+                         f"clicks). Received: {num_test!r}")
+    cut = len(clicks) - num_test
+    seq = carried_tail(previous, clicks) + clicks[:cut]
+    return seq[-history_length:] + clicks[cut:]
+
+
+def num_test_clicks(row) -> int:
+    """The number of clicks of a :class:`pipelines.split.UserTimelines` row in its test split:
+    ``len(clicks) - n_train - n_valid`` (its last ones)."""
+    return len(row[2]) - int(row[3]) - int(row[4])
 
 
 def history_tails(previous: dict, user_rows, history_length: int) -> dict:
     """``{user_id: tail}`` after ``user_rows`` (rows of :class:`pipelines.split.UserTimelines`:
-    their ``clicks``, every split) follow the ``previous`` tails; a user without clicks here
-    keeps its previous tail. The plain-Python form of :class:`JoinHistoryTails`."""
+    their ``clicks``, ``n_train``, ``n_valid``) follow the ``previous`` tails (:func:`merge_tail`
+    with the row's :func:`num_test_clicks`); a user without clicks here keeps its previous tail.
+    The plain-Python form of :class:`JoinHistoryTails`."""
     tails = {u: tuple((int(t), i) for t, i in tail) for u, tail in (previous or {}).items()}
     for row in user_rows:
         if row[2]:
-            tails[row[0]] = merge_tail(tails.get(row[0], ()), row[2], history_length)
+            tails[row[0]] = merge_tail(tails.get(row[0], ()), row[2], history_length,
+                                       num_test_clicks(row))
     return {u: t for u, t in tails.items() if t}
 
 
@@ -130,7 +163,10 @@ def read_history_tails(artifacts_dir: str) -> dict:
 
 class ReadHistoryTails(beam.PTransform):
     """A pipeline root -> ``(user_id, tail)`` of the previous artifacts ``prev_dir`` (their
-    ``history_tails/`` shards; ``history_length`` keeps the last clicks of longer tails)."""
+    ``history_tails/`` shards), every tail whole: a tail longer than ``history_length`` (its
+    test split's clicks, or a larger previous ``H``) is not cut, since cutting it would lose the
+    clicks before a repeated test split; the histories and the next tails take the last ``H``
+    (module doc). Previous tails of fewer than ``history_length`` clicks are refused."""
 
     def __init__(self, prev_dir: str, history_length: int):
         super().__init__()
@@ -152,11 +188,9 @@ class ReadHistoryTails(beam.PTransform):
     def expand(self, root):
         state = read_tails_state(self.prev_dir)
         n = int(state["num_shards"])
-        H = self.history_length
         paths = [os.path.join(self.prev_dir, shard_file(s, n)) for s in range(n)]
         return (root | "TailFiles" >> beam.Create(paths)
-                | "ReadTails" >> beam.FlatMap(read_shard)
-                | "CutTails" >> beam.Map(lambda kv: (kv[0], kv[1][-H:])))
+                | "ReadTails" >> beam.FlatMap(read_shard))
 
 
 class _Join(beam.DoFn):
@@ -174,7 +208,8 @@ class _Join(beam.DoFn):
         row = rows[0] if rows else None
         clicks = row[2] if row is not None else ()
         carried = carried_tail(previous, clicks)
-        new = merge_tail(previous, clicks, self.history_length) if clicks else tuple(previous)
+        new = (merge_tail(previous, clicks, self.history_length, num_test_clicks(row))
+               if clicks else tuple(previous))
         if row is not None:
             yield (row, carried)
             if carried:
