@@ -44,7 +44,10 @@ units' configs, hence in their cache signatures) and every update grows them
 incremental model's training examples carry each user's earlier clicks as history (its last
 ``history_length`` clicks over segments 0..s; segment s + 1, in both update s's and update
 s + 1's folders, is dropped from the carried tails by the merge rule of
-``pipelines/history_tails.py``), as the full retrain's do. Before this protocol change the
+``pipelines/history_tails.py``, and since a tail keeps the last ``history_length`` clicks
+before its run's test split plus that whole split, the carried part still holds the
+``history_length`` clicks before segment s + 1: exact, 0 short histories in the ml-100k replay
+of docs/GROWING_CATALOGUE.md), as the full retrain's do. Before this protocol change the
 incremental examples carried histories from window s only; no rolling result was committed
 under it (``docs/results/runs/`` held no ``*rolling*`` unit), so no committed result depends on
 it. The full retrains see every click and write no history tails (``HISTORY_TAILS`` is not set

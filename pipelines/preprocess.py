@@ -31,7 +31,8 @@ concept per module, and :func:`run` runs them and finishes stats.json and featur
    :mod:`pipelines.items`: the item table on those indices.
 4. :mod:`pipelines.examples`: one ``tf.train.Example`` per click with the H most recent
    earlier clicks; sharded GZIP TFRecords. With ``preprocess.history_tails`` (issue 29,
-   :mod:`pipelines.history_tails`) each user's last H clicks are written too, and with
+   :mod:`pipelines.history_tails`) each user's last H clicks (before the test split, then
+   every test-split click) are written too, and with
    ``previous_artifacts`` holding them the histories start in the previous tails.
 5. :mod:`pipelines.cooccurrence`: sessions and the co-occurrence table (training clicks
    only), one CSR file ``cooccurrence/cooccurrence.npz``. With ``preprocess.session_tails``
