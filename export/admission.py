@@ -31,8 +31,8 @@ import json
 from typing import Awaitable, Callable
 
 # Retry-After of a refused request, whole seconds: the backlog the cap allows drains in about
-# max_in_flight / S (1.7 s at 512 and the measured S ~ 300 req/s), and it frees a place with
-# every answer, so a client retrying after 1 s is likely to find one.
+# max_in_flight / S (about 1 s at the default 256 and the measured S ~ 240-330 req/s), and it
+# frees a place with every answer, so a client retrying after 1 s is likely to find one.
 DEFAULT_RETRY_AFTER_S = 1
 
 

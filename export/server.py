@@ -33,7 +33,7 @@ before the first version is ready 503 with ``Retry-After``; with ``export.serve_
 before it runs and answered 504 (:class:`export.batcher.DeadlineExceeded`); with
 ``export.serve_drop_disconnected``, one whose client disconnected while it waited is taken out of
 the queue and "answered" 499 (nobody reads it; the metrics count it). With
-``export.serve_max_in_flight`` > 0 (default 512), a ``:predict`` / ``:retrieve`` arriving while
+``export.serve_max_in_flight`` > 0 (default 256), a ``:predict`` / ``:retrieve`` arriving while
 that many are admitted and unanswered gets 503 with ``Retry-After`` at once, before its body is
 read (:class:`export.admission.InFlightLimit`; 0: off). A 5xx other than these 503s and 504s is a
 bug.
@@ -464,7 +464,7 @@ class Service:
             a ``POST :predict`` / ``:retrieve`` arriving while this many are admitted and not yet
             answered gets 503 + ``Retry-After`` at once, before its body is read (health,
             readiness, metrics, status and metadata never); 0 (this class's default): off, the
-            behaviour before the rule. The CLI passes ``export.serve_max_in_flight`` (512).
+            behaviour before the rule. The CLI passes ``export.serve_max_in_flight`` (256).
 
     With batching, requests of the same version are concatenated into one tower call (histories
     padded with ``""``, which the tower ignores) and one search per ``k`` (each user keeps its own

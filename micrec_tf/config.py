@@ -444,10 +444,11 @@ class ExportConfig:
     # read (counted as micrec_rejected_in_flight_total; /healthz, /readyz, /metrics and status
     # are never refused). It bounds the whole backlog in the app, the event loop's included,
     # which the per-stage rules cannot see: an admitted request waits about this / S at a drain
-    # of S req/s (1.7 s at S ~ 300 req/s, the 100 k export), and 512 = 2 x the default batch is
-    # 16 x the closed-loop concurrency 32, so a load the server keeps up with is not refused.
+    # of S req/s. 256 (= the default batch, 8 x the closed-loop concurrency 32, never refused
+    # there): measured at 654.6 req/s on the 100 k export, the 200s' p99 1.57 s (bound 2.04 s)
+    # against 3.83 s at 512, and 7.97 s with the rule off (docs/BENCHMARKS.md "Serving").
     # 0: off, the old behaviour (docs/SERVING.md "admission at arrival").
-    serve_max_in_flight: int = 512
+    serve_max_in_flight: int = 256
     # Per-request deadline in seconds from its arrival: a request still waiting in a
     # micro-batcher queue then is dropped before it runs and answered 504 (counted as
     # micrec_expired_total). 0 (default): no deadline, the old behaviour. Needs batching.

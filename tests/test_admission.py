@@ -223,7 +223,7 @@ def test_arguments_are_validated(kwargs, what):
 def test_config_key_default_and_validation():
     from micrec_tf.config import ConfigError, from_dict
 
-    assert from_dict({}).export.serve_max_in_flight == 512
+    assert from_dict({}).export.serve_max_in_flight == 256
     assert from_dict({"export": {"serve_max_in_flight": 0}}).export.serve_max_in_flight == 0
     with pytest.raises(ConfigError, match=r"^export.serve_max_in_flight must be >= 0, got -1$"):
         from_dict({"export": {"serve_max_in_flight": -1}})
