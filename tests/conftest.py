@@ -9,10 +9,12 @@ is named in :data:`SLOW_TESTS`, or carries ``@pytest.mark.slow`` itself. Under
 :mod:`micrec_tf.train`) in this process fails the test that starts it, naming this marker; jobs
 started in a subprocess are not seen, so such tests are listed by name.
 """
+import asyncio
 import glob
 import json
 import os
 import sys
+import threading
 
 import pytest
 
@@ -196,3 +198,31 @@ def tiny_item_fields(num_items: int, max_tags: int = 2, seed: int = 0):
     year = np.where(np.arange(num_items) > 0, rs.randint(1, 4, num_items), 0)
     vocab = {"item_id": num_items, "tag": 5, "provider": 3, "item_year": 4, "user_gender": 3}
     return vocab, tags, provider, year, rs
+
+
+# Micro-batcher test helpers (tests/test_server_deadlines.py, tests/test_batcher_queue_delay.py).
+LONG_WAIT_MS = 600_000.0
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+class Recorder:
+    """``fn``: records each batch, item -> item * 10; the first call waits on ``gate``."""
+
+    def __init__(self):
+        self.calls = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def __call__(self, items):
+        self.calls.append(list(items))
+        self.started.set()
+        assert self.gate.wait(30), "gate never opened"
+        return [x * 10 for x in items]
+
+
+async def until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.002)

@@ -35,31 +35,7 @@ import pytest
 
 from export.batcher import DeadlineExceeded, MicroBatcher, Overloaded
 
-LONG_WAIT_MS = 600_000.0
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-class Recorder:
-    """``fn``: records each batch, item -> item * 10; the first call waits on ``gate``."""
-
-    def __init__(self):
-        self.calls = []
-        self.started = threading.Event()
-        self.gate = threading.Event()
-
-    def __call__(self, items):
-        self.calls.append(list(items))
-        self.started.set()
-        assert self.gate.wait(30), "gate never opened"
-        return [x * 10 for x in items]
-
-
-async def until(predicate):
-    while not predicate():
-        await asyncio.sleep(0.002)
+from tests.conftest import LONG_WAIT_MS, Recorder, run, until
 
 
 def test_an_item_queued_past_its_deadline_is_dropped_and_frees_its_slot():
