@@ -484,13 +484,30 @@ def optimizer_apply(num_rows: int = 1_000_000, dim: int = 64, grad_rows: int = 3
                        "optimizers alternated (ABBA); median over rounds of per-round medians")}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.step_profile",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--items", type=int, default=1_000_000)
+def add_world_arguments(ap: argparse.ArgumentParser, items: int) -> None:
+    """The synthetic world's size arguments (``--items`` default ``items``, ``--batch-size``,
+    ``--history-length``, ``--negatives``), shared with benchmarks/xla_cpu.py."""
+    ap.add_argument("--items", type=int, default=items)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--history-length", type=int, default=20)
     ap.add_argument("--negatives", type=int, default=1000)
+
+
+def parse_sets(ap: argparse.ArgumentParser, items: list) -> dict:
+    """``--set KEY=VALUE`` lines -> ``{key: value}``; a line without ``=`` is an argparse error."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set must be KEY=VALUE. Received: {item!r}")
+        overrides[key] = value
+    return overrides
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.step_profile",
+                                 description=__doc__.split("\n")[0])
+    add_world_arguments(ap, items=1_000_000)
     ap.add_argument("--exponent", type=float, default=1.0, help="Zipf exponent of popularity")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
@@ -517,12 +534,7 @@ def main(argv=None) -> int:
             ap.error(str(err))
         cli.print_json(result, args.out)
         return 0
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--set must be KEY=VALUE. Received: {item!r}")
-        overrides[key] = value
+    overrides = parse_sets(ap, args.set)
     try:
         result = run(args.items, args.batch_size, args.history_length, args.negatives,
                      args.exponent, args.batches, args.rounds, args.steps, args.warmup,

@@ -205,10 +205,7 @@ def run(num_items: int = 3900, batch_size: int = 4096, history_length: int = 20,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.xla_cpu",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--items", type=int, default=3900)
-    ap.add_argument("--batch-size", type=int, default=4096)
-    ap.add_argument("--history-length", type=int, default=20)
-    ap.add_argument("--negatives", type=int, default=1000)
+    sp.add_world_arguments(ap, items=3900)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=1)
@@ -219,12 +216,7 @@ def main(argv=None) -> int:
                     help="also compile the whole step with each CL term alone")
     ap.add_argument("--out", default=None, help="write the JSON report here")
     args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--set must be KEY=VALUE. Received: {item!r}")
-        overrides[key] = value
+    overrides = sp.parse_sets(ap, args.set)
     try:
         result = run(args.items, args.batch_size, args.history_length, args.negatives,
                      args.batches, args.rounds, args.warmup,
