@@ -58,7 +58,8 @@ Writes ``--output`` (JSON, default ``serve_bench.json``)::
                   "scheduled", "sent", "offered_rps", "achieved_rps", "ok_rps", "ok",
                   "ok_p50_ms", "ok_p99_ms", "ok_max_ms", "rejected_503", "retry_after",
                   "share_503", "expired_504", "other_codes", "dropped_client",
-                  "connection_errors", "server_alive", "server_exit_code", "checks", "passed",
+                  "connection_errors", "reconnects" (serve_load's stale keep-alive retries),
+                  "server_alive", "server_exit_code", "checks", "passed",
                   "load": <serve_load's JSON>} | null,
      "overload_table": {...: the overload row as the markdown rounds it} | null, "ok"}
 
@@ -220,6 +221,10 @@ def markdown(result: dict) -> str:
             f"{ot['connection_errors']} | {'yes' if ot['server_alive'] else 'no'} | "
             f"{ot['server_exit_code']} |",
             "",
+            f"Client reconnects (a request on a keep-alive connection the server had closed, "
+            f"retried once on a fresh one; latency from the first attempt): "
+            f"{ot.get('reconnects', 0)}.",
+            "",
         ]
     return "\n".join(lines)
 
@@ -335,6 +340,7 @@ def overload_summary(level: dict, bound_s: float | None, alive: bool,
             "share_503": level["share_503"], "expired_504": codes.get("504", 0),
             "other_codes": other, "dropped_client": codes.get("dropped_client", 0),
             "connection_errors": sum(v for k, v in codes.items() if k.startswith("error:")),
+            "reconnects": level.get("reconnects", 0),
             "server_alive": bool(alive), "server_exit_code": exit_code,
             "latency_bound_s": bound_s, "checks": checks, "passed": all(checks.values())}
 
@@ -441,7 +447,7 @@ def overload_table(o: dict) -> dict:
             "rejected_503": o["rejected_503"], "retry_after": o["retry_after"],
             "expired_504": o["expired_504"], "other_codes": o["other_codes"],
             "dropped_client": o["dropped_client"], "connection_errors": o["connection_errors"],
-            "server_alive": o["server_alive"], "server_exit_code": o["server_exit_code"],
+            "reconnects": o.get("reconnects", 0), "server_alive": o["server_alive"], "server_exit_code": o["server_exit_code"],
             "passed": o["passed"]}
 
 
@@ -571,7 +577,8 @@ def main(argv=None) -> int:
               f"{o['arrivals']}): {o['scheduled']} scheduled, 200: {o['ok']} (p99 "
               f"{o['ok_p99_ms'] if o['ok_p99_ms'] is None else round(o['ok_p99_ms'], 2)} ms), "
               f"503: {o['rejected_503']}, 504: {o['expired_504']}, other: {o['other_codes']}, "
-              f"connection errors: {o['connection_errors']}, server exit "
+              f"connection errors: {o['connection_errors']}, reconnects: "
+              f"{o.get('reconnects', 0)}, server exit "
               f"{o['server_exit_code']}; checks {o['checks']}", flush=True)
     print(f"[serve_bench] {args.output}, {args.markdown}: " + ("ok" if result["ok"] else "FAILED"),
           flush=True)

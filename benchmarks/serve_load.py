@@ -17,12 +17,24 @@ Prints one line per concurrency and writes JSON (``--output``, default ``serve_l
 
     {"url", "model", "verb", "requests", "bodies",
      "levels": [{"concurrency", "requests", "seconds", "throughput_rps", "p50_ms", "p99_ms",
-                 "mean_ms", "max_ms", "codes": {"200": n, "503": n, "error:ConnectionError": n},
+                 "mean_ms", "max_ms", "reconnects",
+                 "codes": {"200": n, "503": n, "error:ConnectionError": n},
                  "versions": {"100": n}}, ...],
      "inprocess": {...} | null, "overhead_p50": {"<c>": ratio} | null}
 
 ``latency`` is the wall time of one request (send to last byte read) in milliseconds, over all
 requests of the level, successful or not; ``p50`` / ``p99`` are nearest-rank percentiles.
+
+**Stale keep-alive connections** (both loops; :func:`post_json_counted`): a request whose
+attempt on a REUSED connection fails before any byte of the answer with ``BrokenPipeError``,
+``ConnectionResetError`` or ``http.client.RemoteDisconnected`` (the server closed the idle
+connection: uvicorn does after 5 s) is sent once more on a fresh connection, as urllib3 /
+requests do for a stale pooled connection; its status is the retry's, and its latency counts
+from the FIRST attempt (the time a user would have waited). Each level's ``reconnects``
+counts those requests (open loop: and the per-rate line). A failure on a fresh connection (a
+refusal, a drop, the retry's own failure) is a connection error (``"error:<exception>"``),
+never retried. Before this rule (2026-12-07 20:00 UTC) such a request was one connection
+error. (``benchmarks.serve_swap`` keeps one attempt: :func:`post_json`.)
 
 **Open loop** (``--rate R[,R2,...]`` with ``--duration S`` or ``--requests N``, instead of
 ``--concurrency``): per rate, requests are sent on a schedule, whatever the answers.
@@ -42,7 +54,7 @@ counts. Per rate: ``arrivals``, ``scheduled``, ``sent``, ``dropped_client``, ``o
 ``achieved_rps`` (HTTP answers of any status per second) and ``ok_rps`` (200s per second) over
 ``seconds`` = max(N / R, the last answer's time) (Poisson with ``--duration``: max(S, the last
 answer's time)), latency ``p50_ms`` / ``p99_ms`` / ``mean_ms`` /
-``max_ms`` over the sent requests and ``ok_p50_ms`` / ``ok_p99_ms`` / ``ok_max_ms`` over the 200s,
+``max_ms`` over the sent requests, ``reconnects``, and ``ok_p50_ms`` / ``ok_p99_ms`` / ``ok_max_ms`` over the 200s,
 ``codes`` (``"dropped_client"`` included), ``share_503`` (503s / scheduled), ``retry_after`` (503s
 that carried a ``Retry-After`` header) and ``versions``. ``--inprocess`` is for the closed loop.
 ``versions`` counts the ``model_version`` of the ``:retrieve`` answers (a swap under load shows
@@ -95,10 +107,12 @@ def percentile(values: list, q: float) -> float:
 
 
 def summarize(latencies_s: list, codes: Counter, versions: Counter, seconds: float,
-              concurrency: int) -> dict:
-    """One level's figures (module docstring)."""
+              concurrency: int, reconnects: int = 0) -> dict:
+    """One level's figures (module docstring); ``reconnects``: requests retried on a fresh
+    connection (:func:`post_json_counted`)."""
     ms = [x * 1000.0 for x in latencies_s]
     return {"concurrency": concurrency, "requests": len(ms), "seconds": seconds,
+            "reconnects": int(reconnects),
             "throughput_rps": len(ms) / seconds if seconds > 0 else None,
             "p50_ms": percentile(ms, 50) if ms else None,
             "p99_ms": percentile(ms, 99) if ms else None,
@@ -113,20 +127,24 @@ def _host_port(url: str) -> tuple:
     return parts.hostname, parts.port or 80
 
 
-def post_json(conn, host: str, port: int, path: str, body, timeout: float) -> tuple:
-    """POST one JSON body on a keep-alive connection (``None``: open one).
+# A failure of a REUSED keep-alive connection before any byte of the answer: the server closed it
+# while idle (uvicorn's keep-alive timeout is 5 s); retried once on a fresh connection
+# (:func:`post_json_counted`), as urllib3 / requests do for a stale pooled connection.
+# (http.client.RemoteDisconnected is a ConnectionResetError.)
+STALE_ERRORS = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)
 
-    Returns ``(conn, code, version, retry_after)``: the connection to reuse (``None`` after a
-    failure or a ``Connection: close`` answer), the status as a string (``"error:<exception>"``
-    for a connection failure), the answer's ``model_version`` for a 200 (else ``None``) and
-    whether the answer carried ``Retry-After``. Shared by every load loop here and in
-    ``benchmarks.serve_swap``."""
-    version, retry = None, False
+
+def _post_once(conn, host: str, port: int, path: str, body, timeout: float) -> tuple:
+    """One attempt: ``(conn, code, version, retry_after, stale)``; ``stale``: the attempt failed
+    with one of :data:`STALE_ERRORS` while sending or waiting for the status line (no byte of
+    an answer read)."""
+    version, retry, phase = None, False, "send"
     try:
         if conn is None:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
         conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
+        phase = "read"
         data = resp.read()
         code = str(resp.status)
         retry = resp.getheader("retry-after") is not None
@@ -138,11 +156,52 @@ def post_json(conn, host: str, port: int, path: str, body, timeout: float) -> tu
         if resp.getheader("connection", "").lower() == "close":
             conn.close()
             conn = None
+        return conn, code, version, retry, False
     except (OSError, http.client.HTTPException) as err:
-        code = f"error:{type(err).__name__}"
         if conn is not None:
             conn.close()
-        conn = None
+        return None, f"error:{type(err).__name__}", None, False, \
+            phase == "send" and isinstance(err, STALE_ERRORS)
+
+
+def post_json_counted(conn, host: str, port: int, path: str, body, timeout: float,
+                      retry_stale: bool = True) -> tuple:
+    """POST one JSON body on a keep-alive connection (``None``: open one).
+
+    Returns ``(conn, code, version, retry_after, reconnected)``: the connection to reuse
+    (``None`` after a failure or a ``Connection: close`` answer), the status as a string
+    (``"error:<exception>"`` for a connection failure), the answer's ``model_version`` for a 200
+    (else ``None``), whether the answer carried ``Retry-After``, and whether the request was
+    retried on a fresh connection.
+
+    ``retry_stale=True`` (serve_load's loops): when ``conn`` was given (a REUSED connection)
+    and the attempt fails with :data:`STALE_ERRORS` before any byte of the answer (while
+    sending, or waiting for the status line: the server had closed the idle connection), the
+    request is sent once more on a fresh connection (``reconnected`` True) and that attempt's
+    outcome is the request's; a failure on a fresh connection (the first attempt's or the
+    retry's) stays a connection error, and nothing is retried twice. The caller's clock runs
+    from before this call, so a retried request's latency counts from its FIRST attempt.
+    ``retry_stale=False``: one attempt (:func:`post_json`'s behaviour)."""
+    reused = conn is not None
+    conn, code, version, retry, stale = _post_once(conn, host, port, path, body, timeout)
+    if not (retry_stale and reused and stale):
+        return conn, code, version, retry, False
+    conn, code, version, retry, _ = _post_once(None, host, port, path, body, timeout)
+    return conn, code, version, retry, True
+
+
+def post_json(conn, host: str, port: int, path: str, body, timeout: float) -> tuple:
+    """POST one JSON body on a keep-alive connection (``None``: open one), ONE attempt.
+
+    Returns ``(conn, code, version, retry_after)``: the connection to reuse (``None`` after a
+    failure or a ``Connection: close`` answer), the status as a string (``"error:<exception>"``
+    for a connection failure), the answer's ``model_version`` for a 200 (else ``None``) and
+    whether the answer carried ``Retry-After``. Used by ``benchmarks.serve_swap``, which keeps
+    one attempt per request on purpose: a request the server drops during a swap must count as
+    failed, not be retried (its clients never idle past a keep-alive timeout). serve_load's
+    loops use :func:`post_json_counted`, which retries a stale keep-alive connection once."""
+    conn, code, version, retry, _ = post_json_counted(conn, host, port, path, body, timeout,
+                                                      retry_stale=False)
     return conn, code, version, retry
 
 
@@ -151,7 +210,7 @@ def run_level(url: str, path: str, bodies: list, requests: int, concurrency: int
     """``requests`` POSTs of ``bodies`` (cycled) to ``url`` + ``path`` by ``concurrency`` threads."""
     host, port = _host_port(url)
     counter, lock = itertools.count(), threading.Lock()
-    results: list = []  # (latency s, code key, version or None), appended under lock
+    results: list = []  # (latency s, code key, version or None, reconnected), under lock
 
     def worker():
         conn, local = None, []
@@ -160,10 +219,10 @@ def run_level(url: str, path: str, bodies: list, requests: int, concurrency: int
                 i = next(counter)
             if i >= requests:
                 break
-            start = time.perf_counter()
-            conn, code, version, _ = post_json(conn, host, port, path, bodies[i % len(bodies)],
-                                               timeout)
-            local.append((time.perf_counter() - start, code, version))
+            start = time.perf_counter()   # before the first attempt (a retry counts in)
+            conn, code, version, _, again = post_json_counted(conn, host, port, path,
+                                                              bodies[i % len(bodies)], timeout)
+            local.append((time.perf_counter() - start, code, version, again))
         if conn is not None:
             conn.close()
         with lock:
@@ -178,7 +237,7 @@ def run_level(url: str, path: str, bodies: list, requests: int, concurrency: int
     seconds = time.perf_counter() - start
     return summarize([r[0] for r in results], Counter(r[1] for r in results),
                      Counter(str(r[2]) for r in results if r[2] is not None), seconds,
-                     concurrency)
+                     concurrency, sum(1 for r in results if r[3]))
 
 
 ARRIVALS = ("fixed", "poisson")
@@ -252,13 +311,15 @@ def _poisson_schedule(rate: float, duration: float | None, requests: int | None,
 
 
 def summarize_open(records: list, rate: float, scheduled: int, arrivals: str = "fixed",
-                   span: float | None = None) -> dict:
+                   span: float | None = None, reconnects: int = 0) -> dict:
     """One open-loop level's figures from ``records``: one ``(scheduled offset s, answered offset
     s or None, code key, version or None, retry_after bool)`` per scheduled request
     (``"dropped_client"`` ones have no answer). Offsets from the level's start. ``span``: the
     schedule's length in seconds (``seconds`` = max(span, the last answer)); None (the fixed
     schedule's, and the only one before Poisson arrivals): ``scheduled / rate``. ``arrivals``
-    is reported as given."""
+    is reported as given. ``reconnects``: sent requests retried once on a fresh connection
+    (:func:`post_json_counted`; their latency runs from the scheduled time, first attempt
+    included)."""
     sent = [r for r in records if r[2] != "dropped_client"]
     ms = [(r[1] - r[0]) * 1000.0 for r in sent]
     ok = [(r[1] - r[0]) * 1000.0 for r in sent if r[2] == "200"]
@@ -266,8 +327,8 @@ def summarize_open(records: list, rate: float, scheduled: int, arrivals: str = "
     answered = sum(n for code, n in codes.items() if code.isdigit())
     seconds = max([scheduled / rate if span is None else span] + [r[1] for r in sent])
     return {"rate": rate, "arrivals": arrivals, "scheduled": scheduled, "sent": len(sent),
-            "dropped_client": codes.get("dropped_client", 0), "seconds": seconds,
-            "offered_rps": float(rate),
+            "dropped_client": codes.get("dropped_client", 0), "reconnects": int(reconnects),
+            "seconds": seconds, "offered_rps": float(rate),
             "achieved_rps": answered / seconds, "ok_rps": codes.get("200", 0) / seconds,
             "p50_ms": percentile(ms, 50) if ms else None,
             "p99_ms": percentile(ms, 99) if ms else None,
@@ -299,6 +360,7 @@ def run_open_level(url: str, path: str, bodies: list, rate: float, duration: flo
     jobs: queue.Queue = queue.Queue()
     lock = threading.Lock()
     idle = [workers]
+    reconnects = [0]     # requests retried on a fresh connection, under lock
     records: list = []   # appended under lock
     start = 0.0          # set when the schedule starts, before any job is queued
 
@@ -309,11 +371,12 @@ def run_open_level(url: str, path: str, bodies: list, rate: float, duration: flo
             if job is None:
                 break
             i, due = job
-            conn, code, version, retry = post_json(conn, host, port, path,
-                                                   bodies[i % len(bodies)], timeout)
+            conn, code, version, retry, again = post_json_counted(
+                conn, host, port, path, bodies[i % len(bodies)], timeout)
             done = time.perf_counter() - start
             with lock:
                 records.append((due, done, code, version, retry))
+                reconnects[0] += again
                 idle[0] += 1
         if conn is not None:
             conn.close()
@@ -339,9 +402,10 @@ def run_open_level(url: str, path: str, bodies: list, rate: float, duration: flo
     for t in threads:
         t.join()
     if arrivals == "fixed":
-        return summarize_open(records, float(rate), len(offsets))
+        return summarize_open(records, float(rate), len(offsets), reconnects=reconnects[0])
     span = duration if duration is not None else len(offsets) / rate
-    return summarize_open(records, float(rate), len(offsets), arrivals, span)
+    return summarize_open(records, float(rate), len(offsets), arrivals, span,
+                          reconnects=reconnects[0])
 
 
 def run_inprocess(version_dir: str, bodies: list, requests: int, verb: str) -> dict:
@@ -468,7 +532,8 @@ def main_open(args, bodies: list, path: str) -> int:
         share = "-" if level["share_503"] is None else f"{level['share_503']:.3f}"
         print(f"rate={rate:g} n={level['scheduled']} offered {level['offered_rps']:.1f} req/s "
               f"achieved {level['achieved_rps']:.1f} (200s {level['ok_rps']:.1f}) p50 {p50} ms "
-              f"p99 {p99} ms 503 share {share} codes {level['codes']}",
+              f"p99 {p99} ms 503 share {share} codes {level['codes']} reconnects "
+              f"{level['reconnects']}",
               flush=True)
     result = {"url": args.url, "model": args.model, "verb": args.verb, "mode": "open",
               "arrivals": arrivals, "duration": args.duration, "requests": args.requests,
@@ -495,7 +560,8 @@ def main(argv=None) -> int:
         level = run_level(args.url, path, bodies, args.requests, c, args.timeout)
         levels.append(level)
         print(f"c={c:<4} n={level['requests']} {level['throughput_rps']:.1f} req/s "
-              f"p50 {level['p50_ms']:.2f} ms p99 {level['p99_ms']:.2f} ms codes {level['codes']}",
+              f"p50 {level['p50_ms']:.2f} ms p99 {level['p99_ms']:.2f} ms codes {level['codes']} "
+              f"reconnects {level['reconnects']}",
               flush=True)
     inprocess = overhead = None
     if args.inprocess:

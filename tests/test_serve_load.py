@@ -16,6 +16,15 @@ pure-Python sums over a fixed seed), the counting server's tallies of the drawn 
 Slow: overload of a real server
 (queue of 2, a 300 ms batching window) at 40 requests/s: 503s with ``Retry-After``, every 200
 run in a batch of at most ``max_queue`` requests (counts from /metrics), ``/healthz`` 200 after.
+
+Stale keep-alive connections: a stdlib server that closes every connection after one answer
+without ``Connection: close`` (the client's next request on it fails): each later request is
+retried once on a fresh connection (``reconnects`` = requests - 1, every request answered 200,
+the server's own count of connections and answers); the same in the open loop with one worker
+(sent = 200s = reconnects + 1, whatever the timing dropped); a drop on a fresh connection (the
+retry's or a first one) is a connection error, never retried twice (the server's connection
+count); one attempt only with ``post_json`` (serve_swap's). The old code gave 2 connection
+errors of 5 requests on that server. serve_bench's summary, table and markdown carry the count.
 """
 import http.server
 import json
@@ -127,6 +136,7 @@ def test_a_refused_connection_is_counted_not_raised(tmp_path):
     assert level["requests"] == 3
     assert sum(level["codes"].values()) == 3
     assert all(code.startswith("error:") for code in level["codes"])
+    assert level["reconnects"] == 0   # a refusal on a fresh connection is never retried
 
 
 @pytest.mark.slow
@@ -178,6 +188,107 @@ def test_schedule_is_a_fixed_interval_written_out_by_hand():
                             ({"rate": 5, "requests": 0}, "requests must be")]:
         with pytest.raises(ValueError, match=message):
             serve_load.schedule(**kwargs)
+
+
+class _OneAnswerPerConnection(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1, answers 200 ``{"model_version": "7"}`` with a Content-Length and NO
+    ``Connection: close``, then closes the connection anyway (what uvicorn does to a keep-alive
+    connection idle past its timeout): the client's next request on it fails. ``server.log``
+    counts (connection number, request number on it); ``server.drop_after`` > 0: connections
+    from that number on are closed before reading anything."""
+    protocol_version = "HTTP/1.1"
+
+    def handle(self):
+        with self.server.lock:
+            self.server.connections += 1
+            self.conn_no = self.server.connections
+        if self.server.drop_after and self.conn_no >= self.server.drop_after:
+            return          # closed without a byte read or written
+        self.close_connection = True
+        self.handle_one_request()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.server.lock:
+            self.server.answered += 1
+        data = b'{"model_version": "7"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.close_connection = True   # no Connection header: the client keeps it alive
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def closing_server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OneAnswerPerConnection)
+    srv.lock, srv.connections, srv.answered, srv.drop_after = threading.Lock(), 0, 0, 0
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_stale_keep_alive_connection_is_retried_once_on_a_fresh_one(closing_server):
+    url = f"http://127.0.0.1:{closing_server.server_address[1]}"
+    path = "/v1/models/m:retrieve"
+    # one thread, 5 requests: request 1 on a fresh connection, requests 2..5 each on the
+    # connection the previous answer left open (closed by the server): 4 retries, 5 answers
+    level = serve_load.run_level(url, path, [b"{}"], 5, 1, timeout=10)
+    assert level["codes"] == {"200": 5} and level["versions"] == {"7": 5}
+    assert level["reconnects"] == 4
+    assert closing_server.answered == 5
+    # 5 first connections + 4 fresh ones for the retries (each failed attempt opened none)
+    assert closing_server.connections == 5
+    # the function itself: a fresh connection is not a reconnect, the reused one is
+    host, port = "127.0.0.1", closing_server.server_address[1]
+    conn, code, version, _, again = serve_load.post_json_counted(None, host, port, path, b"{}",
+                                                                 10)
+    assert (code, version, again) == ("200", "7", False) and conn is not None
+    conn, code, version, _, again = serve_load.post_json_counted(conn, host, port, path, b"{}",
+                                                                 10)
+    assert (code, version, again) == ("200", "7", True)
+    conn.close()
+    # one attempt only (serve_swap's post_json): the stale connection is a connection error
+    conn, code, _, _ = serve_load.post_json(None, host, port, path, b"{}", 10)
+    conn, code, _, _ = serve_load.post_json(conn, host, port, path, b"{}", 10)
+    assert code.startswith("error:") and conn is None
+
+
+def test_open_loop_retries_stale_connections_too(closing_server):
+    url = f"http://127.0.0.1:{closing_server.server_address[1]}"
+    # one worker, one connection: every request it sends after its first one finds the
+    # connection closed by the server; whatever the timing drops, sent = 200s = retries + 1
+    level = serve_load.run_open_level(url, "/v1/models/m:retrieve", [b"{}"], rate=20,
+                                      requests=4, workers=1, timeout=10)
+    assert set(level["codes"]) <= {"200", "dropped_client"}
+    assert level["codes"]["200"] == level["sent"] >= 1
+    assert level["reconnects"] == level["sent"] - 1
+    assert closing_server.answered == level["sent"]
+
+
+def test_a_failure_on_a_fresh_connection_stays_a_connection_error(closing_server):
+    url = f"http://127.0.0.1:{closing_server.server_address[1]}"
+    # connection 1 answers, every later connection is dropped unanswered: request 2 fails on
+    # the stale connection, is retried once on a fresh one, which is dropped: one connection
+    # error, one reconnect, nothing retried twice (2 connections in all)
+    closing_server.drop_after = 2
+    level = serve_load.run_level(url, "/v1/models/m:retrieve", [b"{}"], 2, 1, timeout=10)
+    assert level["codes"]["200"] == 1 and level["requests"] == 2
+    errors = {k: v for k, v in level["codes"].items() if k != "200"}
+    assert sum(errors.values()) == 1 and all(k.startswith("error:") for k in errors)
+    assert level["reconnects"] == 1 and closing_server.connections == 2
+    # a drop on a first (fresh) connection: a connection error, no retry
+    closing_server.drop_after = 1
+    level = serve_load.run_level(url, "/v1/models/m:retrieve", [b"{}"], 3, 1, timeout=10)
+    assert level["requests"] == 3 and level["reconnects"] == 0
+    assert all(k.startswith("error:") for k in level["codes"])
+    assert sum(level["codes"].values()) == 3 and closing_server.connections == 5
 
 
 def test_open_level_figures_are_the_hand_computed_ones():
@@ -395,3 +506,35 @@ def test_overload_open_loop_gets_503s_and_the_server_survives(tmp_path):
     assert codes["200"] <= 2 * metrics[("micrec_stage_batch_size_count", tower)]
     assert metrics[("micrec_queue_depth_max", tower)] <= 2
     assert health == 200
+
+
+def test_serve_bench_reports_the_reconnects_apart_from_the_connection_errors():
+    from benchmarks import serve_bench
+
+    level = {"scheduled": 10, "sent": 10, "offered_rps": 40.0, "achieved_rps": 30.0,
+             "ok_rps": 10.0, "ok_p50_ms": 50.0, "ok_p99_ms": 120.0, "ok_max_ms": 130.0,
+             "share_503": 0.0, "retry_after": 0, "reconnects": 3,
+             "codes": {"200": 9, "error:ConnectionRefusedError": 1}}
+    summary = serve_bench.overload_summary(level, 2.0, True, 0)
+    assert (summary["reconnects"], summary["connection_errors"]) == (3, 1)
+    overload = {"rate": 40.0, "rate_source": "2 x S", "sustainable_rps": 20.0, "factor": 2.0,
+                "duration_s": 2.0, "arrivals": "fixed", "seed": None, "max_queue": 2,
+                "max_batch_size": 4, "max_wait_ms": 2.0, "request_timeout_s": 0.0,
+                "latency_bound_source": "derived", **summary}
+    table = serve_bench.overload_table(overload)
+    assert table["reconnects"] == 3
+    swap = {"requests": 4, "failed": 0, "versions": {"1": 4}, "switch_s": 0.5,
+            "server_swap": None, "stale_after_switch": 0, "client_regressions": 0,
+            "server_exit_code": 0, "ok": True, "concurrency": 2, "publish_after": 2,
+            "poll_s": 0.2}
+    tbl, inprocess, swap_table = serve_bench.tables({"levels": []}, swap)
+    text = serve_bench.markdown({
+        "export_dir": "/e", "version": 1, "items": 4, "dim": 2, "bodies": 1,
+        "date_utc": "2026-12-07 20:00", "machine": {"cpu_model": "CPU", "cores": 2,
+                                                    "simd_flags": []},
+        "table": tbl, "inprocess": inprocess, "swap": swap, "swap_table": swap_table,
+        "overload": overload, "overload_table": table})
+    assert "retried once on a fresh one; latency from the first attempt): 3." in text
+    # a level from before the rule (no "reconnects" key) reads as 0
+    del level["reconnects"]
+    assert serve_bench.overload_summary(level, 2.0, True, 0)["reconnects"] == 0
