@@ -447,7 +447,8 @@ def overload_table(o: dict) -> dict:
             "rejected_503": o["rejected_503"], "retry_after": o["retry_after"],
             "expired_504": o["expired_504"], "other_codes": o["other_codes"],
             "dropped_client": o["dropped_client"], "connection_errors": o["connection_errors"],
-            "reconnects": o.get("reconnects", 0), "server_alive": o["server_alive"], "server_exit_code": o["server_exit_code"],
+            "reconnects": o.get("reconnects", 0), "server_alive": o["server_alive"],
+            "server_exit_code": o["server_exit_code"],
             "passed": o["passed"]}
 
 

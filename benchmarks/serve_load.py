@@ -54,7 +54,8 @@ counts. Per rate: ``arrivals``, ``scheduled``, ``sent``, ``dropped_client``, ``o
 ``achieved_rps`` (HTTP answers of any status per second) and ``ok_rps`` (200s per second) over
 ``seconds`` = max(N / R, the last answer's time) (Poisson with ``--duration``: max(S, the last
 answer's time)), latency ``p50_ms`` / ``p99_ms`` / ``mean_ms`` /
-``max_ms`` over the sent requests, ``reconnects``, and ``ok_p50_ms`` / ``ok_p99_ms`` / ``ok_max_ms`` over the 200s,
+``max_ms`` over the sent requests, ``reconnects``, and ``ok_p50_ms`` / ``ok_p99_ms`` /
+``ok_max_ms`` over the 200s,
 ``codes`` (``"dropped_client"`` included), ``share_503`` (503s / scheduled), ``retry_after`` (503s
 that carried a ``Retry-After`` header) and ``versions``. ``--inprocess`` is for the closed loop.
 ``versions`` counts the ``model_version`` of the ``:retrieve`` answers (a swap under load shows

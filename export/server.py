@@ -329,8 +329,9 @@ class Metrics:
         """With the in-flight cap on (``export.serve_max_in_flight`` > 0; nothing added at 0):
         ``micrec_rejected_in_flight_total`` (503s sent at arrival by the cap, never in
         ``micrec_rejected_total{stage}``, which counts the batchers' own),
-        ``micrec_admitted_in_flight`` (admitted model requests not yet answered) and ``micrec_admitted_in_flight_max`` (its
-        high-water mark, <= the cap), read from :meth:`export.admission.InFlightLimit.stats`."""
+        ``micrec_admitted_in_flight`` (admitted model requests not yet answered) and
+        ``micrec_admitted_in_flight_max`` (its high-water mark, <= the cap), read from
+        :meth:`export.admission.InFlightLimit.stats`."""
         if admission.max_in_flight > 0:
             self.registry.register(_AdmissionCollector(admission))
 

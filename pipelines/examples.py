@@ -220,11 +220,8 @@ class WriteExamples(beam.PTransform):
         num_shards = self.num_shards
         shard_keys = users.pipeline | "ShardKeys" >> beam.Create(
             [(k, None) for k in range(num_shards)])
-        if self.with_tails:
-            keyed = users | "KeyByShard" >> beam.Map(
-                lambda u: (shard_of(u[0][0], num_shards), u))
-        else:
-            keyed = users | "KeyByShard" >> beam.Map(lambda u: (shard_of(u[0], num_shards), u))
+        user_id = (lambda u: u[0][0]) if self.with_tails else (lambda u: u[0])  # (row, tail)
+        keyed = users | "KeyByShard" >> beam.Map(lambda u: (shard_of(user_id(u), num_shards), u))
         return ({"users": keyed, "keys": shard_keys} | "GroupShards" >> beam.CoGroupByKey()
                 | "WriteShards" >> beam.ParDo(
                     WriteShard(self.out_dir, num_shards, self.user_fields, self.extra_fields,
