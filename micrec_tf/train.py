@@ -48,7 +48,7 @@ from micrec_tf.data.arrays import load_split_arrays, train_item_counts
 from micrec_tf.data.artifacts import check_cl_tables, load_artifacts, read_vocab
 from micrec_tf.data.cold_start import ITEM_COLD_START
 from micrec_tf.data.contract import ITEM
-from micrec_tf.data.input import make_dataset
+from micrec_tf.data.input import first_batch, make_dataset
 from micrec_tf.evaluation.data import earlier_clicks_exclusion
 from micrec_tf.evaluation.cold_start import check_catalogue_vocabulary, cold_rows
 from micrec_tf.evaluation.evaluate import evaluate_cold_start, evaluate_model
@@ -651,7 +651,9 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
     with strategy.scope():
         # Create every variable (towers, CL projectors, optimizer slots) before fit, so that
         # BackupAndRestore restores all of them, not only those that exist at restore time.
-        model.compute_losses(next(iter(make_dataset(cfg.artifacts_dir, "valid", 8))))
+        # (A batch of the validation split; of another split, or one all-zero example, when an
+        # update's window left it empty: issue 29.)
+        model.compute_losses(first_batch(cfg.artifacts_dir, 8))
         model.optimizer.build(model.trainable_variables)
         # Issue 29: train.warm_start_from restores a previous run, its tables grown (None: "").
         warm = warm_start(model, cfg, run_dir, art.vocab_sizes.values(), log)
@@ -747,7 +749,7 @@ def _train_under_policy(cfg: Config, run_dir: str, strategy, evaluate_test: bool
         if split in result:
             shown = " ".join(f"{k}={v:.4f}" for k, v in result[split].items()
                              if isinstance(v, float))
-            log(f"[train] {split}: {shown}")
+            log(f"[train] {split}: {shown or 'no examples, no metrics'}")
     result["model"] = model
     return result
 

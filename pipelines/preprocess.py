@@ -336,8 +336,12 @@ def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) ->
                    "events_per_s": round(events / wall_s, 1) if wall_s > 0 else None},
     }
     if not events:
-        LOG.warning("no valid interactions: every click went to the dead letters (%s)",
-                    os.path.join(out_dir, "dead_letters", "dead_letters.jsonl"))
+        clicks_read = stats["rows"].get("interactions", {}).get("parsed", 0)
+        if clicks_read:
+            LOG.warning("no valid interactions: every click went to the dead letters (%s)",
+                        os.path.join(out_dir, "dead_letters", "dead_letters.jsonl"))
+        else:
+            LOG.warning("no interactions: the click files hold no rows (an empty window)")
     if s.get("dead_letters.written", 0) != stats["dead_letters"]["total"]:
         raise RuntimeError(f"dead-letter file holds {s.get('dead_letters.written')} rows, "
                            f"counters say {stats['dead_letters']['total']}")

@@ -325,3 +325,46 @@ def test_killed_after_the_export_the_next_update_grows_from_the_new_version(init
     assert record["previous"]["version"] == v1 and record["generation"] == 2
     assert os.path.isdir(update.generation_dir(cfg, 1))  # the run version v1 was made from
     assert serving.published_versions(cfg.export_dir) == [v0, v1, record["version"]]
+
+
+@pytest.mark.slow
+def test_a_window_without_clicks_publishes_the_previous_model_unchanged(initial, tmp_path):
+    """A day without clicks (the click file holds its header only): the update preprocesses
+    the empty window, restores the previous model without a training step and publishes a new
+    version whose vectors are the previous version's; metrics.json reports no validation metric
+    (there is no validation click) instead of failing."""
+    from export import serving
+    from micrec_tf import update
+    from micrec_tf.retrieval import Retriever
+
+    base, window, _, v0_dir = initial
+    v0 = int(os.path.basename(v0_dir))
+    cfg = base.replace({"artifacts_root": str(tmp_path / "artifacts"),
+                        "export.exports_dir": str(tmp_path / "exports")})
+    os.makedirs(cfg.export_dir)
+    shutil.copytree(v0_dir, os.path.join(cfg.export_dir, str(v0)))
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    head, _ = _read_tsv(os.path.join(window, "interactions.tsv"))
+    _write(os.path.join(empty, "interactions.tsv"), head, [])
+    for name in ("items.tsv", "users.tsv"):
+        shutil.copy(os.path.join(window, name), os.path.join(empty, name))
+
+    lines = []
+    record = update.run_update(cfg, empty, log=lines.append)
+    assert record["window_clicks"] == {"train": 0, "valid": 0, "test": 0}
+    assert record["examples"] == {"train": 0, "valid": 0, "test": 0}
+    assert record["epochs_run"] == 0
+    assert "[train] warm start on a window without training examples: no training step" in lines
+    assert "[train] valid: no examples, no metrics" in lines
+    with open(os.path.join(record["run_dir"], "metrics.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["valid"] == {"num_examples": 0}
+    assert serving.published_versions(cfg.export_dir) == [v0, record["version"]]
+    before = Retriever.load(cfg.export_dir, version=v0)
+    after = Retriever.load(cfg.export_dir)
+    assert after.metadata["version"] == record["version"] > v0
+    assert list(after.ids) == list(before.ids)
+    np.testing.assert_allclose(after.vectors, before.vectors, rtol=0, atol=1e-6)
+    history = [list(before.ids)[1], list(before.ids)[2]]
+    np.testing.assert_allclose(after.user_vectors([_user(after, history)]),
+                               before.user_vectors([_user(before, history)]), rtol=0, atol=1e-6)

@@ -63,3 +63,24 @@ def make_dataset(artifacts_dir: str, split: str, batch_size: int, shuffle: bool 
     ds = ds.map(make_parse_fn(feature_spec), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def first_batch(artifacts_dir: str, batch_size: int = 8,
+                splits: tuple = ("valid", "train", "test")) -> dict:
+    """The first ``batch_size`` examples of the first split in ``splits`` that has any (by the
+    feature spec's ``num_examples``), as :func:`make_dataset` gives them; when every split is
+    empty (an update's window without clicks), one all-zero example in the feature spec's
+    shapes and dtypes (index 0, the padding / out-of-vocabulary row of every vocabulary;
+    ``""`` for a string feature). Used to build a model's variables before training."""
+    feature_spec = load_feature_spec(artifacts_dir)
+    counts = feature_spec.get("num_examples") or {}
+    for split in splits:
+        if int(counts.get(split, 0) or 0) > 0:
+            return next(iter(make_dataset(artifacts_dir, split, batch_size)))
+    scalar = contract.scalar_features(feature_spec)
+    out = {}
+    for name, feature in contract.parse_features(feature_spec).items():
+        shape = [1] + ([] if name in scalar else list(feature.shape))
+        out[name] = (tf.fill(shape, "") if feature.dtype == tf.string
+                     else tf.zeros(shape, feature.dtype))
+    return out

@@ -61,8 +61,12 @@ def evaluate_model(model, arrays: dict, num_items: int, hit_n=(50, 100, 200, 500
     ``slices``: name -> bool mask over examples; each adds ``<name>/hit@N`` entries.
     ``exact_engine``: ``eval.exact_engine`` (default ``numpy``, the behaviour before the
     argument; ``tensorflow``: :mod:`micrec_tf.evaluation.tf_top_k`).
-    Returns ``{"hit@50": ..., "coverage@50": ..., "num_examples": N}``.
+    Returns ``{"hit@50": ..., "coverage@50": ..., "num_examples": N}``; with no example
+    (an update's window without clicks: issue 29) only ``{"num_examples": 0}``: no metric is
+    defined, none is reported.
     """
+    if len(arrays[ITEM]) == 0:
+        return {"num_examples": 0}
     users = user_vectors(model, arrays, batch_size)
     items = item_vectors(model, num_items)
     result = metrics.evaluate_retrieval(
