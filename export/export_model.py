@@ -289,6 +289,7 @@ def _export_locked(model, cfg: Config, art, export_root: str, index: str, run_di
         raise failure from err
     log(f"[export] published {version_dir} in {time.time() - start:.1f}s "
         f"(TF Serving base path: {os.path.join(export_root, SERVING_DIR)})")
+    serving.prune_versions(export_root, cfg.export.keep_versions, log)
     return version_dir
 
 

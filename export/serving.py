@@ -366,6 +366,37 @@ def publish_serving_view(export_root: str, version: int) -> str:
     return target
 
 
+def remove_tree(path: str, version: int) -> None:
+    """Removes the folder ``path`` as a reader sees it, at once: renamed to a dot name first
+    (:func:`tmp_path`, which :func:`export_model.sweep_stale_tmp` removes if this process dies
+    during the deletion), then deleted."""
+    tmp = tmp_path(os.path.dirname(path), version)
+    os.rename(path, tmp)
+    shutil.rmtree(tmp)
+
+
+def prune_versions(export_root: str, keep: int, log=print) -> list:
+    """Keeps the newest ``keep`` (>= 2) :func:`published_versions` of ``export_root`` and removes
+    the older ones (``export.keep_versions``), each one's TF Serving view ``serving/<version>``
+    first (TF Serving then unloads it; a kill between the two leaves a published version whose
+    view the next :func:`repair_serving_views` restores), then the version folder. Returns the
+    removed versions, ascending. ``keep`` 0 removes nothing."""
+    if keep == 0:
+        return []
+    if not isinstance(keep, int) or keep < 2:
+        raise ValueError(f"prune_versions: keep must be 0 or an int >= 2. Received: keep={keep!r}")
+    removed = published_versions(export_root)[:-keep]
+    for v in removed:
+        view = os.path.join(export_root, SERVING_DIR, str(v))
+        if os.path.isdir(view):
+            remove_tree(view, v)
+        remove_tree(os.path.join(export_root, str(v)), v)
+    if removed:
+        log(f"[export] removed {len(removed)} old version(s) {removed} (export.keep_versions="
+            f"{keep}: the newest {keep} stay)")
+    return removed
+
+
 def served_versions(export_root: str) -> list:
     """The :func:`published_versions` that TF Serving also sees (``serving/<version>`` exists);
     all of them for a root without ``serving/`` (not made by the export)."""

@@ -398,6 +398,12 @@ class ExportConfig:
     index: str = "scann"
     # K: items retrieved per request; ScaNN's leaves to search are tuned for top-K recall.
     top_k: int = 500
+    # Retention (issue 29): after publishing, an export keeps the newest keep_versions published
+    # versions of exports/<name> (and their TF Serving views) and removes the older ones; an
+    # update (micrec_tf/update.py) then also removes its generation folders that no kept version
+    # uses. 0 (default): keep every version, the behaviour of before. Else >= 2: the version
+    # before the newest stays while servers switch to the newest.
+    keep_versions: int = 0
     # Largest catalogue that export.index: brute_force accepts (every item scored per request).
     brute_force_max_items: int = 20000
     # Most users one REST :predict request may hold (export/rest.py refuses more, before any array
@@ -729,6 +735,11 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"eval.{key} must be a non-empty list of positive ints, got {ns!r}")
     _check_positive("eval.seeds", cfg.eval.seeds)
     _check_positive("export.top_k", cfg.export.top_k)
+    if (not isinstance(cfg.export.keep_versions, int) or isinstance(cfg.export.keep_versions, bool)
+            or cfg.export.keep_versions == 1 or cfg.export.keep_versions < 0):
+        raise ConfigError("export.keep_versions must be 0 (keep every version) or an int >= 2 "
+                          "(the version before the newest stays while servers switch), got "
+                          f"{cfg.export.keep_versions!r}")
     _check_positive("export.max_request_instances", cfg.export.max_request_instances)
     for key in ("serve_port", "serve_max_request_bytes", "serve_max_k", "serve_shutdown_timeout_s"):
         _check_positive(f"export.{key}", getattr(cfg.export, key), allow_zero=key == "serve_port")

@@ -87,7 +87,7 @@ from micrec_tf import cli, locks, publish
 from micrec_tf.config import Config
 
 __all__ = ["UpdateError", "update_root", "generation_dir", "previous_state", "run_update",
-           "format_cost", "UPDATE_SPLIT_FRACTIONS", "update_split_fractions"]
+           "format_cost", "prune_generations", "UPDATE_SPLIT_FRACTIONS", "update_split_fractions"]
 
 STATE_FILE = "state.json"
 RECORD_FILE = "update.json"
@@ -189,6 +189,31 @@ def _clear_leftover(gen_dir: str, export_root: str, log) -> None:
     shutil.rmtree(gen_dir)
 
 
+def prune_generations(root: str, export_root: str, log=print) -> list:
+    """Removes the generation folders ``root/gen-*`` that no published version of
+    ``export_root`` uses (its metadata.json's run or artifacts folder lies inside), after an
+    export pruned old versions (``export.keep_versions``); returns their names, ascending.
+    Folders outside ``root`` (the from-scratch run and artifacts of generation 0) are never
+    touched."""
+    from export import serving
+
+    used = _referenced_folders(export_root)
+    removed = []
+    names = sorted(d for d in os.listdir(root) if d.startswith(GEN_PREFIX)
+                   and d[len(GEN_PREFIX):].isdigit()) if os.path.isdir(root) else []
+    for name in names:
+        path = os.path.join(root, name)
+        real = os.path.realpath(path)
+        if os.path.isdir(path) and not any(p == real or p.startswith(real + os.sep)
+                                           for p in used):
+            serving.remove_tree(path, int(name[len(GEN_PREFIX):]))
+            removed.append(name)
+    if removed:
+        log(f"[update] removed {len(removed)} generation folder(s) no kept version uses: "
+            + ", ".join(removed))
+    return removed
+
+
 def _write_json_atomic(path: str, obj) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
@@ -287,12 +312,13 @@ def run_update(cfg: Config, window: str, previous: str | None = None, log=print,
 
 
 def _update_locked(cfg: Config, window: str, previous, root: str, log, fractions) -> dict:
-    from export.export_model import export_run
+    from export.export_model import export_run, sweep_stale_tmp
     from micrec_tf.train import train
     from pipelines import preprocess, title_neighbours
 
     start = time.time()
     timing = {}
+    sweep_stale_tmp(root, log)  # a generation folder whose removal was killed (prune_generations)
     prev = previous_state(cfg, previous)
     generation = prev["generation"] + 1
     gen_dir = generation_dir(cfg, generation)
@@ -367,6 +393,8 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log, fractions
     }
     _write_json_atomic(os.path.join(gen_dir, RECORD_FILE), record)
     _write_json_atomic(os.path.join(root, STATE_FILE), record)
+    if cfg.export.keep_versions:  # the export kept the newest versions; their folders stay
+        record["generations_removed"] = prune_generations(root, cfg.export_dir, log)
     for line in format_cost(record):
         log(line)
     return record

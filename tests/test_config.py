@@ -61,6 +61,10 @@ def test_unknown_key_names_the_key(tmp_path):
     ({"loss": {"semantic_positives": "every"}}, "loss.semantic_positives.*every"),
     ({"model": {"history_embeddings": "fast"}}, "model.history_embeddings.*fast"),
     ({"model": {"attention": "flash"}}, "model.attention.*flash"),
+    ({"export": {"keep_versions": 1}}, "export.keep_versions.*got 1"),
+    ({"export": {"keep_versions": -2}}, "export.keep_versions.*got -2"),
+    ({"export": {"keep_versions": True}}, "export.keep_versions.*got True"),
+    ({"export": {"keep_versions": 2.5}}, "export.keep_versions.*got 2.5"),
 ])
 def test_bad_values_are_clear_errors(raw, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -163,3 +167,9 @@ def test_malformed_config_files_are_config_errors(tmp_path):
     scalar.write_text("just a string\n")
     with pytest.raises(ConfigError, match=r"scalar\.yaml.*must be a mapping"):
         load_config(str(scalar))
+
+
+def test_keep_versions_accepts_zero_and_two_or_more():
+    assert from_dict({}).export.keep_versions == 0  # keep every version, as before
+    assert from_dict({"export": {"keep_versions": 2}}).export.keep_versions == 2
+    assert from_dict({"export": {"keep_versions": 30}}).export.keep_versions == 30

@@ -368,3 +368,55 @@ def test_a_window_without_clicks_publishes_the_previous_model_unchanged(initial,
     history = [list(before.ids)[1], list(before.ids)[2]]
     np.testing.assert_allclose(after.user_vectors([_user(after, history)]),
                                before.user_vectors([_user(before, history)]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_keep_versions_removes_old_versions_and_their_generations(initial, tmp_path):
+    """export.keep_versions 2 over three daily updates: after each, the newest two versions
+    stay (with their TF Serving views); a generation folder goes once no kept version uses it;
+    the from-scratch run and artifacts (generation 0) stay; the newest version serves and the
+    next update grows from it."""
+    from export import serving
+    from micrec_tf import update
+    from micrec_tf.retrieval import Retriever
+
+    base, window, _, v0_dir = initial
+    v0 = int(os.path.basename(v0_dir))
+    cfg = base.replace({"artifacts_root": str(tmp_path / "artifacts"),
+                        "export.exports_dir": str(tmp_path / "exports"),
+                        "export.keep_versions": 2})
+    os.makedirs(cfg.export_dir)
+    shutil.copytree(v0_dir, os.path.join(cfg.export_dir, str(v0)))
+    head, clicks = _read_tsv(os.path.join(window, "interactions.tsv"))
+    times = sorted(int(ln.rstrip("\n").split("\t")[2]) for ln in clicks)
+    cuts = [times[0], times[len(times) // 3], times[2 * len(times) // 3], times[-1] + 1]
+    windows = []
+    for n in range(3):
+        w = str(tmp_path / f"w{n + 1}")
+        os.makedirs(w)
+        _write(os.path.join(w, "interactions.tsv"), head,
+               [ln for ln in clicks if cuts[n] <= int(ln.rstrip("\n").split("\t")[2]) < cuts[n + 1]])
+        for name in ("items.tsv", "users.tsv"):
+            shutil.copy(os.path.join(window, name), os.path.join(w, name))
+
+    root = update.update_root(cfg)
+    versions = [v0]
+    for n, w in enumerate(windows, start=1):
+        lines = []
+        record = update.run_update(cfg, w, log=lines.append)
+        versions.append(record["version"])
+        assert record["previous"]["version"] == versions[-2] and record["generation"] == n
+        assert serving.published_versions(cfg.export_dir) == versions[-2:]
+        assert sorted(os.listdir(os.path.join(cfg.export_dir, "serving"))) == [
+            str(v) for v in versions[-2:]]
+        assert Retriever.load(cfg.export_dir).metadata["version"] == versions[-1]
+        # Generations 1..n exist up to here; the oldest kept version (n - 1) uses generation
+        # n - 1 (none for n = 1: it is the from-scratch version), so generation n - 2 goes.
+        kept = [f"gen-{g:04d}" for g in range(max(1, n - 1), n + 1)]
+        assert sorted(d for d in os.listdir(root) if d.startswith("gen-")) == kept
+        expected = [f"gen-{n - 2:04d}"] if n >= 3 else []
+        assert record["generations_removed"] == expected
+        if n >= 2:
+            assert any(line.startswith(f"[export] removed 1 old version(s) [{versions[-3]}]")
+                       for line in lines)
+    assert os.path.isdir(base.run_dir) and os.path.isdir(base.artifacts_dir)
