@@ -161,16 +161,28 @@ def profile_config(num_items: int, batch_size: int, history_length: int, negativ
                         "loss.num_negatives": negatives, **(overrides or {})})
 
 
-def _build(cfg, world, cl):
+def _build(cfg, world, cl, batch=None):
+    """The compiled model with CL terms ``cl``, its layers built on ``batch`` (None: at its
+    first call, outside the policy: float32 only) under the dtype
+    policy that ``train.mixed_precision`` gives on this machine (train's
+    :func:`~micrec_tf.train.training_policy`: float32 on a CPU unless ``bfloat16``)."""
+    import tensorflow as tf
     import tf_keras
     from micrec_tf.model import build_model
     from micrec_tf.optimizers import make_optimizer
+    from micrec_tf.precision import policy_scope
+    from micrec_tf.train import training_policy
 
     table, vocab, user_fields, cooc, title, _ = world
     tf_keras.utils.set_random_seed(int(cfg.train.seed))
     c = cfg.replace({"model.cl": list(cl)})
-    m = build_model(c, table, vocab, user_fields, cooc, title)
-    m.compile(optimizer=make_optimizer(c.train))  # train.optimizer (default: Adam, as train's)
+    policy = training_policy(c.train.mixed_precision, tf.config.list_physical_devices("GPU"),
+                             log=lambda *a: None)
+    with policy_scope(policy):  # layers keep the policy they are built under
+        m = build_model(c, table, vocab, user_fields, cooc, title)
+        m.compile(optimizer=make_optimizer(c.train))  # train.optimizer (default: Adam, as train's)
+        if batch is not None:
+            m.compute_losses(batch, training=True)
     return m
 
 
@@ -365,10 +377,10 @@ def run(num_items: int = 1_000_000, batch_size: int = 4096, history_length: int 
         key, values = cmp
         for value in values:
             c = cfg.replace(_compare_settings(key, value))
-            fns[f"micrec[{value}]"] = _step_fn(_build(c, world, full_cl), data)
-            fns[f"base[{value}]"] = _step_fn(_build(c, world, []), data)
+            fns[f"micrec[{value}]"] = _step_fn(_build(c, world, full_cl, data[0]), data)
+            fns[f"base[{value}]"] = _step_fn(_build(c, world, [], data[0]), data)
     else:
-        model = _build(cfg, world, full_cl)
+        model = _build(cfg, world, full_cl, data[0])
         if "step" in components:
             fns["step"] = _step_fn(model, data)
         if "grads" in components:
@@ -378,10 +390,10 @@ def run(num_items: int = 1_000_000, batch_size: int = 4096, history_length: int 
         if "history" in components:
             fns["history"] = _history_fn(model, data)
         if "base_step" in components:
-            fns["base_step"] = _step_fn(_build(cfg, world, []), data)
+            fns["base_step"] = _step_fn(_build(cfg, world, [], data[0]), data)
         for task in ("feature", "semantic", "session"):
             if f"only_{task}" in components and task in full_cl:
-                fns[f"only_{task}"] = _step_fn(_build(cfg, world, [task]), data)
+                fns[f"only_{task}"] = _step_fn(_build(cfg, world, [task], data[0]), data)
     per_round = _time_rounds(fns, rounds, steps, warmup, log)
     traces = {}
     if trace:

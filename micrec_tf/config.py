@@ -47,7 +47,10 @@ SESSION_MEMBERSHIPS = ("auto", "bitmap", "sorted")
 # How semantic CL uses an item's title neighbours P_i^t (eq. 4): one drawn uniformly per anchor
 # and step, or all of them (the InfoNCE averaged over the item's neighbours).
 SEMANTIC_POSITIVES = ("sample", "all")
-MIXED_PRECISION = ("auto", "on", "off")
+# train.mixed_precision: "auto" (float16 on GPUs of compute capability >= 7.0, else float32),
+# "on" / "off" (float16 / float32 forced), "bfloat16" (Keras mixed_bfloat16: bfloat16 compute,
+# float32 variables; for CPUs with avx512_bf16 / AMX, micrec_tf/train.py training_policy).
+MIXED_PRECISION = ("auto", "on", "off", "bfloat16")
 # train.optimizer (micrec_tf/optimizers.py, issue 31): tf_keras's Adam, the same Adam applied
 # by one fused ResourceApplyAdam kernel per variable, or row-sparse ("lazy") Adam.
 OPTIMIZERS = ("adam", "fused_adam", "lazy_adam")
@@ -322,7 +325,10 @@ class TrainConfig:
     # Validation clicks scored after every epoch (and in metrics.json): a fixed seeded subset.
     validation_max_examples: int = 20000
     # "auto": mixed_float16 only when every visible GPU has compute capability >= 7.0 (float32 on
-    # CPU and on Pascal cards such as the P40); "on" / "off" force it either way.
+    # CPU and on Pascal cards such as the P40); "on" / "off" force it either way. "bfloat16":
+    # mixed_bfloat16 (opt-in, issue 31): bfloat16 matrix products, float32 variables and losses;
+    # it pays on CPUs with avx512_bf16 or AMX (the log says whether this one has them; without,
+    # the products are emulated and slower). A different run: its quality was not compared.
     mixed_precision: str = "auto"
     # Backup (BackupAndRestore) every this many batches, and at every epoch end.
     steps_per_checkpoint: int = 200

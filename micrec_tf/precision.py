@@ -32,3 +32,20 @@ def policy_scope(name: str) -> Iterator[tf_keras.mixed_precision.Policy]:
         yield tf_keras.mixed_precision.global_policy()
     finally:
         tf_keras.mixed_precision.set_global_policy(previous)
+
+
+# CPU flags that make bfloat16 matrix products native (oneDNN), as /proc/cpuinfo names them.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set:
+    """The ``flags`` of the first processor in ``path`` (an empty set where there is no such
+    file, e.g. not Linux)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()

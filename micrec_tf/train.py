@@ -55,7 +55,7 @@ from micrec_tf.evaluation.evaluate import evaluate_cold_start, evaluate_model
 from micrec_tf.evaluation.metrics import long_tail_items
 from micrec_tf.model import build_model
 from micrec_tf.optimizers import make_optimizer
-from micrec_tf.precision import policy_scope
+from micrec_tf.precision import BF16_CPU_FLAGS, cpu_flags, policy_scope
 from micrec_tf.towers import history_path
 from micrec_tf.warm_start import update_config, warm_start
 
@@ -140,6 +140,26 @@ def choose_mixed_precision(setting: str, gpus, log=print) -> bool:
                + ("tensor cores pay off" if use else "< 7.0 (e.g. Pascal/P40): float16 is slow"))
     log(f"[train] mixed precision {'ON (mixed_float16)' if use else 'OFF (float32)'}: {why}")
     return use
+
+
+def training_policy(setting: str, gpus, log=print, flags: set | None = None) -> str:
+    """The Keras dtype policy training runs under (one of :data:`micrec_tf.precision.POLICIES`)
+    for ``train.mixed_precision`` = ``setting``: ``bfloat16`` -> ``mixed_bfloat16`` (logged with
+    whether the GPU or this CPU computes bfloat16 natively: ``flags``, default
+    :func:`micrec_tf.precision.cpu_flags`, holds avx512_bf16 or amx_bf16); otherwise
+    :func:`choose_mixed_precision` decides between ``mixed_float16`` and ``float32``."""
+    if setting != "bfloat16":
+        return "mixed_float16" if choose_mixed_precision(setting, gpus, log) else "float32"
+    if gpus:
+        why = f"on {len(gpus)} GPU(s)"
+    else:
+        have = sorted(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else set(flags)))
+        why = (f"this CPU has {' and '.join(have)}" if have else
+               f"WARNING: this CPU has none of {' / '.join(BF16_CPU_FLAGS)}: its bfloat16 matrix "
+               "products are emulated and likely slower than float32")
+    log(f"[train] mixed precision ON (mixed_bfloat16): forced by train.mixed_precision=bfloat16; "
+        f"{why}")
+    return "mixed_bfloat16"
 
 
 class ValidationHitRate(tf_keras.callbacks.Callback):
@@ -562,10 +582,10 @@ def _train_locked(cfg: Config, run_dir: str, evaluate_test: bool, log, extra_cal
     tf_keras.utils.set_random_seed(cfg.train.seed)
 
     strategy, gpus = strategy_gpus or select_strategy(cfg.train.require_gpu, log)
-    mixed = choose_mixed_precision(cfg.train.mixed_precision, gpus, log)
+    policy = training_policy(cfg.train.mixed_precision, gpus, log)
     # The model is built and trained under this policy; the caller's global policy is restored on
     # return (the returned model keeps the policy its layers were built with).
-    with policy_scope("mixed_float16" if mixed else "float32"):
+    with policy_scope(policy):
         return _train_under_policy(cfg, run_dir, strategy, evaluate_test, log, extra_callbacks,
                                    backup_dir or os.path.join(run_dir, "backup"))
 
