@@ -209,15 +209,21 @@ def test_mixed_float16_training_keeps_losses_float32():
     out = model(feats)
     assert out["user_embedding"].dtype == tf.float32 and out["item_embedding"].dtype == tf.float32
 
+    fit_one_epoch_checked(model, batches, losses)
+    assert model.item_embeddings([1, 2]).dtype == tf.float32
+
+
+def fit_one_epoch_checked(model, batches, loss_names):
+    """One ``fit`` epoch over ``batches`` (graph mode, as in training): every loss in
+    ``loss_names`` finite, and some weight changed."""
     sig = {k: tf.TensorSpec((None,) + v.shape[1:], tf.int64) for k, v in batches[0].items()}
     ds = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=sig)
     before = [v.numpy().copy() for v in model.trainable_variables]
-    hist = model.fit(ds, epochs=1, verbose=0).history  # graph mode, as in training
-    for name in losses:
+    hist = model.fit(ds, epochs=1, verbose=0).history
+    for name in loss_names:
         assert math.isfinite(hist[name][0]), (name, hist[name])
     changed = sum(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
     assert changed > 0
-    assert model.item_embeddings([1, 2]).dtype == tf.float32
 
 
 def test_train_entry_point_under_forced_mixed_precision(tiny_pipeline, tmp_path):

@@ -72,6 +72,25 @@ def _split(data_dir, initial, window):
     return held
 
 
+def _own_root(base, v0_dir, tmp_path, **overrides):
+    """``base`` with its own artifacts root and export root under ``tmp_path``, the latter
+    serving a copy of the initial version ``v0_dir`` (so a test may update and prune freely)."""
+    cfg = base.replace({"artifacts_root": str(tmp_path / "artifacts"),
+                        "export.exports_dir": str(tmp_path / "exports"), **overrides})
+    os.makedirs(cfg.export_dir)
+    shutil.copytree(v0_dir, os.path.join(cfg.export_dir, os.path.basename(v0_dir)))
+    return cfg
+
+
+def _window_folder(path, head, lines, window):
+    """A window folder ``path``: the click lines given, the item and user files of ``window``."""
+    os.makedirs(path)
+    _write(os.path.join(path, "interactions.tsv"), head, lines)
+    for name in ("items.tsv", "users.tsv"):
+        shutil.copy(os.path.join(window, name), os.path.join(path, name))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def initial(tmp_path_factory):
     """(cfg, window dir, held ids, initial version dir): the first model, trained and exported."""
@@ -196,10 +215,7 @@ def test_sigkill_during_training_leaves_the_previous_version_serving(initial, tm
     base, window, _, v0_dir = initial
     v0 = int(os.path.basename(v0_dir))
     # Its own export root and update folder, serving a copy of the initial version.
-    cfg = base.replace({"artifacts_root": str(tmp_path / "artifacts"),
-                        "export.exports_dir": str(tmp_path / "exports")})
-    os.makedirs(cfg.export_dir)
-    shutil.copytree(v0_dir, os.path.join(cfg.export_dir, str(v0)))
+    cfg = _own_root(base, v0_dir, tmp_path)
     assert Retriever.load(cfg.export_dir).metadata["version"] == v0
     config_path = str(tmp_path / "config.yaml")
     with open(config_path, "w", encoding="utf-8") as fh:
@@ -294,21 +310,15 @@ def test_killed_after_the_export_the_next_update_grows_from_the_new_version(init
 
     base, window, _, v0_dir = initial
     v0 = int(os.path.basename(v0_dir))
-    cfg = base.replace({"artifacts_root": str(tmp_path / "artifacts"),
-                        "export.exports_dir": str(tmp_path / "exports")})
-    os.makedirs(cfg.export_dir)
-    shutil.copytree(v0_dir, os.path.join(cfg.export_dir, str(v0)))
+    cfg = _own_root(base, v0_dir, tmp_path)
 
     # Two consecutive windows (the tails refuse a window earlier than the previous one).
     head, clicks = _read_tsv(os.path.join(window, "interactions.tsv"))
     cut = sorted(int(ln.rstrip("\n").split("\t")[2]) for ln in clicks)[len(clicks) // 2]
     windows = [str(tmp_path / "w1"), str(tmp_path / "w2")]
     for w, keep in zip(windows, (lambda t: t < cut, lambda t: t >= cut)):
-        os.makedirs(w)
-        _write(os.path.join(w, "interactions.tsv"), head,
-               [ln for ln in clicks if keep(int(ln.rstrip("\n").split("\t")[2]))])
-        for name in ("items.tsv", "users.tsv"):
-            shutil.copy(os.path.join(window, name), os.path.join(w, name))
+        _window_folder(w, head, [ln for ln in clicks
+                                 if keep(int(ln.rstrip("\n").split("\t")[2]))], window)
 
     def die(path, obj):
         raise OSError("killed before the record")
@@ -339,16 +349,9 @@ def test_a_window_without_clicks_publishes_the_previous_model_unchanged(initial,
 
     base, window, _, v0_dir = initial
     v0 = int(os.path.basename(v0_dir))
-    cfg = base.replace({"artifacts_root": str(tmp_path / "artifacts"),
-                        "export.exports_dir": str(tmp_path / "exports")})
-    os.makedirs(cfg.export_dir)
-    shutil.copytree(v0_dir, os.path.join(cfg.export_dir, str(v0)))
-    empty = str(tmp_path / "empty")
-    os.makedirs(empty)
+    cfg = _own_root(base, v0_dir, tmp_path)
     head, _ = _read_tsv(os.path.join(window, "interactions.tsv"))
-    _write(os.path.join(empty, "interactions.tsv"), head, [])
-    for name in ("items.tsv", "users.tsv"):
-        shutil.copy(os.path.join(window, name), os.path.join(empty, name))
+    empty = _window_folder(tmp_path / "empty", head, [], window)
 
     lines = []
     record = update.run_update(cfg, empty, log=lines.append)
@@ -382,22 +385,13 @@ def test_keep_versions_removes_old_versions_and_their_generations(initial, tmp_p
 
     base, window, _, v0_dir = initial
     v0 = int(os.path.basename(v0_dir))
-    cfg = base.replace({"artifacts_root": str(tmp_path / "artifacts"),
-                        "export.exports_dir": str(tmp_path / "exports"),
-                        "export.keep_versions": 2})
-    os.makedirs(cfg.export_dir)
-    shutil.copytree(v0_dir, os.path.join(cfg.export_dir, str(v0)))
+    cfg = _own_root(base, v0_dir, tmp_path, **{"export.keep_versions": 2})
     head, clicks = _read_tsv(os.path.join(window, "interactions.tsv"))
     times = sorted(int(ln.rstrip("\n").split("\t")[2]) for ln in clicks)
     cuts = [times[0], times[len(times) // 3], times[2 * len(times) // 3], times[-1] + 1]
-    windows = []
-    for n in range(3):
-        w = str(tmp_path / f"w{n + 1}")
-        os.makedirs(w)
-        _write(os.path.join(w, "interactions.tsv"), head,
-               [ln for ln in clicks if cuts[n] <= int(ln.rstrip("\n").split("\t")[2]) < cuts[n + 1]])
-        for name in ("items.tsv", "users.tsv"):
-            shutil.copy(os.path.join(window, name), os.path.join(w, name))
+    windows = [_window_folder(tmp_path / f"w{n + 1}", head, [
+        ln for ln in clicks if cuts[n] <= int(ln.rstrip("\n").split("\t")[2]) < cuts[n + 1]],
+        window) for n in range(3)]
 
     root = update.update_root(cfg)
     versions = [v0]
