@@ -47,8 +47,13 @@ export: install
 WINDOW ?=
 PREVIOUS ?=
 SPLIT_FRACTIONS ?=
+# SINCE / UNTIL (Unix seconds, or a UTC date / date-time such as 2026-12-06 or
+# 2026-12-06T00:00:00): WINDOW is one growing click log and the update reads its clicks with
+# SINCE <= time < UNTIL (preprocess.time_range); both or neither.
+SINCE ?=
+UNTIL ?=
 update: install
-	$(PY) -m micrec_tf.update --config $(CONFIG) --window $(WINDOW) $(if $(PREVIOUS),--previous $(PREVIOUS)) $(if $(SPLIT_FRACTIONS),--split-fractions $(SPLIT_FRACTIONS))
+	$(PY) -m micrec_tf.update --config $(CONFIG) --window $(WINDOW) $(if $(PREVIOUS),--previous $(PREVIOUS)) $(if $(SPLIT_FRACTIONS),--split-fractions $(SPLIT_FRACTIONS)) $(if $(SINCE),--since $(SINCE)) $(if $(UNTIL),--until $(UNTIL))
 
 # The online retrieval service (export/server.py, docs/SERVING.md): serves the newest complete
 # version of exports/<name> over HTTP and swaps in newer ones; HOST / PORT override

@@ -40,6 +40,13 @@ benchmark of docs/BENCHMARKS.md "One daily update at 1,000,000 items" ran it) is
 test split that is written (a fraction > 0) is evaluated as before. ``leave_last_out`` ignores
 the fractions (its test split is each user's last click, evaluated as before).
 
+**One growing click log.** ``--since T0 --until T1`` (``run_update(..., time_range=[t0, t1])``,
+Unix seconds; the command line also takes a UTC date or date-time such as ``2026-12-06`` or
+``2026-12-06T06:00:00``) reads only the clicks with ``t0 <= time < t1`` from the window folder
+(``preprocess.time_range``), so ``--window`` can be the same growing log every day; clicks
+outside are dropped and counted (``stats.json`` ``clicks_outside_time_range``), never dead
+letters. Both or neither. Without them every click of the folder is the window's, as before.
+
 **Where the previous state comes from.** The previous state is the newest published export
 version of ``exports/<name>`` (``--previous`` names another version folder): its
 ``metadata.json`` names the run folder (``run_dir``) and the artifacts folder
@@ -87,7 +94,7 @@ from micrec_tf import cli, locks, publish
 from micrec_tf.config import Config
 
 __all__ = ["UpdateError", "update_root", "generation_dir", "previous_state", "run_update",
-           "format_cost", "prune_generations", "UPDATE_SPLIT_FRACTIONS", "update_split_fractions"]
+           "format_cost", "prune_generations", "parse_time", "time_range_arg", "UPDATE_SPLIT_FRACTIONS", "update_split_fractions"]
 
 STATE_FILE = "state.json"
 RECORD_FILE = "update.json"
@@ -262,8 +269,43 @@ def _fractions_arg(text: str):
                           f"test) or {CONFIG_FRACTIONS!r}. Received: {text!r}") from None
 
 
+def parse_time(text: str, what: str) -> int:
+    """``--since`` / ``--until``: Unix seconds (digits), or an ISO 8601 date or date-time, UTC
+    unless it names its zone -> Unix seconds. ``UpdateError`` (one line) otherwise."""
+    import datetime
+
+    text = str(text).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise UpdateError(f"{what} must be Unix seconds or a date / date-time such as 2026-12-06 "
+                          f"or 2026-12-06T06:00:00 (UTC unless a zone is given). Received: "
+                          f"{text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return int(when.timestamp())
+
+
+def time_range_arg(since, until) -> list | None:
+    """``[since, until]`` in Unix seconds from the two options (each None, Unix seconds or a
+    date as :func:`parse_time` reads it); None when both are None; ``UpdateError`` when only one
+    is given or ``since >= until``."""
+    if since is None and until is None:
+        return None
+    if since is None or until is None:
+        raise UpdateError(f"--since and --until go together. Received: since={since!r}, "
+                          f"until={until!r}")
+    lo, hi = parse_time(since, "--since"), parse_time(until, "--until")
+    if lo >= hi:
+        raise UpdateError(f"--since must be before --until. Received: since={since!r} ({lo}), "
+                          f"until={until!r} ({hi})")
+    return [lo, hi]
+
+
 def stage_configs(cfg: Config, window: str, prev: dict, gen_dir: str,
-                  split_fractions=None) -> Config:
+                  split_fractions=None, time_range=None) -> Config:
     """The config of the update's stages: ``cfg`` with the window as raw data, the generation's
     artifacts root, the previous artifacts to grow and the previous version to warm-start from.
     ``preprocess.session_tails`` is turned on when the previous artifacts have tails (the table
@@ -274,9 +316,13 @@ def stage_configs(cfg: Config, window: str, prev: dict, gen_dir: str,
     carry tails for the next update); else as ``cfg`` says (true: this update's tails start
     from the window alone, its histories are the window's; false: no tails, as before).
     ``split_fractions``: the window's ``preprocess.split_fractions`` (None: the config's; the
-    caller resolves them with :func:`update_split_fractions`)."""
+    caller resolves them with :func:`update_split_fractions`). ``time_range``: ``[since,
+    until]`` (Unix seconds) of the clicks to read (``preprocess.time_range``; None: the
+    config's)."""
     extra = ({} if split_fractions is None
              else {"preprocess.split_fractions": list(split_fractions)})
+    if time_range is not None:
+        extra["preprocess.time_range"] = list(time_range)
     return cfg.replace({**extra, "data.data_dir": os.path.abspath(window),
                         "artifacts_root": os.path.join(gen_dir, "artifacts"),
                         "preprocess.previous_artifacts": prev["artifacts_dir"],
@@ -288,7 +334,7 @@ def stage_configs(cfg: Config, window: str, prev: dict, gen_dir: str,
 
 
 def run_update(cfg: Config, window: str, previous: str | None = None, log=print,
-               split_fractions=None) -> dict:
+               split_fractions=None, time_range=None) -> dict:
     """Runs one update (module doc); returns its record (also ``update.json`` / ``state.json``):
     ``generation``, ``version``, ``version_dir``, ``previous`` (the state grown from),
     ``artifacts_dir``, ``run_dir``, ``timing_s`` {preprocess, title_neighbours, train, export,
@@ -299,8 +345,12 @@ def run_update(cfg: Config, window: str, previous: str | None = None, log=print,
 
     ``split_fractions``: None (default) = ``UPDATE_SPLIT_FRACTIONS`` [0.9, 0.1, 0.0], no test
     split; ``"config"`` = the config's ``preprocess.split_fractions`` (the update of before:
-    80/10/10 by default, the test split evaluated); or 3 numbers (module doc)."""
+    80/10/10 by default, the test split evaluated); or 3 numbers (module doc).
+    ``time_range``: ``[since, until]`` Unix seconds: only the window's clicks in that range
+    (module doc "One growing click log"); None (default): all of them."""
     fractions = update_split_fractions(cfg, split_fractions)
+    if time_range is not None:  # validated as the config key is (one-line ConfigError)
+        cfg.replace({"preprocess.time_range": list(time_range)})
     if not os.path.isdir(window):
         raise UpdateError(f"--window {window!r} is not a folder: give the window's raw data "
                           f"folder ({cfg.data.dataset} format)")
@@ -308,10 +358,11 @@ def run_update(cfg: Config, window: str, previous: str | None = None, log=print,
     publish.check_owned_dir(root, "the update folder")
     os.makedirs(root, exist_ok=True)
     with locks.folder_lock(root, "update", "wait for it to finish"):
-        return _update_locked(cfg, window, previous, root, log, fractions)
+        return _update_locked(cfg, window, previous, root, log, fractions, time_range)
 
 
-def _update_locked(cfg: Config, window: str, previous, root: str, log, fractions) -> dict:
+def _update_locked(cfg: Config, window: str, previous, root: str, log, fractions,
+                   time_range=None) -> dict:
     from export.export_model import export_run, sweep_stale_tmp
     from micrec_tf.train import train
     from pipelines import preprocess, title_neighbours
@@ -324,7 +375,7 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log, fractions
     gen_dir = generation_dir(cfg, generation)
     _clear_leftover(gen_dir, cfg.export_dir, log)
     os.makedirs(gen_dir)
-    ucfg = stage_configs(cfg, window, prev, gen_dir, fractions)
+    ucfg = stage_configs(cfg, window, prev, gen_dir, fractions, time_range)
     run_dir = os.path.join(gen_dir, "run")
     log(f"[update] generation {generation} from version {prev['version']} "
         f"({prev['version_dir']}), window {os.path.abspath(window)}")
@@ -381,6 +432,8 @@ def _update_locked(cfg: Config, window: str, previous, root: str, log, fractions
         "window_clicks": dict(stats.get("events_by_split", {})),
         "examples": dict(stats.get("num_examples", {})),
         "split_fractions": list(fractions),
+        "time_range": ucfg.preprocess.time_range,
+        "clicks_outside_time_range": stats.get("clicks_outside_time_range", 0),
         "evaluated_test": evaluate_test,
         "cooccurrence": cooccurrence,
         "histories": histories,
@@ -421,7 +474,10 @@ def format_cost(record: dict) -> list:
         + f"; histories: {record.get('histories', 'window')}"
         + ("" if "split_fractions" not in record else
            "; split " + "/".join(f"{x:g}" for x in record["split_fractions"])
-           + ("" if record.get("evaluated_test") else " (no test evaluation)")),
+           + ("" if record.get("evaluated_test") else " (no test evaluation)"))
+        + ("" if not record.get("time_range") else
+           f"; time range [{record['time_range'][0]}, {record['time_range'][1]}) "
+           f"({record.get('clicks_outside_time_range', 0)} clicks outside)"),
     ]
     if nb is not None:
         lines.append(f"[update] title neighbours: {nb.get('mode') or 'recomputed'}, "
@@ -446,10 +502,16 @@ def main(argv=None) -> int:
                              + ",".join(f"{x:g}" for x in UPDATE_SPLIT_FRACTIONS)
                              + ": no test split, the newest clicks trained on), or 'config' for "
                              "the config's preprocess.split_fractions (the update of before)")
+    parser.add_argument("--since", default=None,
+                        help="with --until: read only the window's clicks from this time on "
+                             "(Unix seconds, or a UTC date / date-time such as 2026-12-06)")
+    parser.add_argument("--until", default=None,
+                        help="with --since: read only the window's clicks before this time")
     args = parser.parse_args(argv)
     cfg = cli.load(args)
     fractions = None if args.split_fractions is None else _fractions_arg(args.split_fractions)
-    record = run_update(cfg, args.window, args.previous, split_fractions=fractions)
+    record = run_update(cfg, args.window, args.previous, split_fractions=fractions,
+                        time_range=time_range_arg(args.since, args.until))
     print(record["version_dir"])
     return 0
 

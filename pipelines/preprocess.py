@@ -80,7 +80,8 @@ from pipelines.cooccurrence import (CooccurrenceCounts, UpdateCooccurrence, Writ
 from pipelines.examples import WriteExamples, feature_spec
 from pipelines.history_tails import JoinHistoryTails, ReadHistoryTails, has_history_tails
 from pipelines.items import ItemTable
-from pipelines.rows import SOURCES, FirstPerId, KnownClicks, ReadSource, WriteDeadLetters
+from pipelines.rows import (SOURCES, ClicksInTimeRange, FirstPerId, KnownClicks, ReadSource,
+                           WriteDeadLetters)
 from pipelines.split import ITEM_COLD_START, SPLITS, SplitBoundaries, UserTimelines, cold_bucket
 from pipelines.thinning import ThinTrainingUsers
 from pipelines.options import pipeline_options
@@ -144,7 +145,11 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str,
         (items_picked | "ItemDups" >> beam.Map(lambda r: ("duplicates.items", r[2])),
          users_kv | "UserOne" >> beam.Map(lambda r: ("users.catalogue", 1)))
         | "FlattenDupStats" >> beam.Flatten())
-    valid = ((inter["rows"], items_kv | "ItemIds" >> beam.Keys())
+    inter_rows, range_stats = inter["rows"], []
+    if pc.time_range is not None:  # issue 29: one window of a growing click log
+        ranged = inter_rows | "TimeRange" >> ClicksInTimeRange(*pc.time_range)
+        inter_rows, range_stats = ranged["rows"], [ranged[STATS]]
+    valid = ((inter_rows, items_kv | "ItemIds" >> beam.Keys())
              | "KnownClicks" >> KnownClicks())
     clicks = valid["clicks"]
 
@@ -227,7 +232,7 @@ def build_pipeline(p, cfg: Config, adapter, data_dir: str, out_dir: str,
     ((inter[STATS], items[STATS], users[STATS], valid[STATS], vocab[STATS], item_table[STATS],
       cooc[STATS], cooc_stats, example_stats, dead_stats, dup_stats, bounds[STATS],
       user_rows[STATS], items_first[STATS], users_first[STATS], *cold_stats, *thin_stats,
-      *tail_stats)
+      *tail_stats, *range_stats)
      | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum)
      | "AllStats" >> beam.combiners.ToList()
      | "WriteSummary" >> beam.Map(_write_summary, out_dir))
@@ -288,6 +293,15 @@ def _history_tails_stats(cfg: Config, s: dict) -> dict:
                               "users_carried": s.get("history_tails.users_carried", 0)}}
 
 
+def _time_range_stats(cfg: Config, s: dict) -> dict:
+    """``time_range`` and ``clicks_outside_time_range`` when ``preprocess.time_range`` is set
+    (else nothing: stats.json as before)."""
+    if cfg.preprocess.time_range is None:
+        return {}
+    return {"time_range": list(cfg.preprocess.time_range),
+            "clicks_outside_time_range": s.get("clicks_outside_time_range", 0)}
+
+
 def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) -> dict:
     """Reads _summary.json (then deletes it), writes stats.json and feature_spec.json."""
     summary_path = os.path.join(out_dir, "_summary.json")
@@ -332,16 +346,21 @@ def _finish(cfg: Config, adapter, out_dir: str, wall_s: float, counters=None) ->
         **_cold_split_stats(cfg, s),
         **_thinning_stats(cfg, s),
         **_history_tails_stats(cfg, s),
+        **_time_range_stats(cfg, s),
         "timing": {"wall_s": round(wall_s, 3),
                    "events_per_s": round(events / wall_s, 1) if wall_s > 0 else None},
     }
     if not events:
         clicks_read = stats["rows"].get("interactions", {}).get("parsed", 0)
-        if clicks_read:
+        outside = stats.get("clicks_outside_time_range", 0)
+        if not clicks_read:
+            LOG.warning("no interactions: the click files hold no rows (an empty window)")
+        elif outside == clicks_read:
+            LOG.warning("no interactions: none of the %d clicks read is in preprocess.time_range "
+                        "%s (an empty window)", clicks_read, stats["time_range"])
+        else:
             LOG.warning("no valid interactions: every click went to the dead letters (%s)",
                         os.path.join(out_dir, "dead_letters", "dead_letters.jsonl"))
-        else:
-            LOG.warning("no interactions: the click files hold no rows (an empty window)")
     if s.get("dead_letters.written", 0) != stats["dead_letters"]["total"]:
         raise RuntimeError(f"dead-letter file holds {s.get('dead_letters.written')} rows, "
                            f"counters say {stats['dead_letters']['total']}")

@@ -410,6 +410,23 @@ class ValidateClicks(beam.DoFn, BundleCounter):
         yield from self._flush_stats()
 
 
+class ClicksInTimeRange(beam.PTransform):
+    """Interaction rows -> ``{"rows", STATS}``: the rows with ``since <= ts < until``
+    (``preprocess.time_range``, issue 29); ``STATS``: ``clicks_outside_time_range``, the others
+    (dropped, not dead letters: valid clicks of another window)."""
+
+    def __init__(self, since: int, until: int):
+        super().__init__()
+        self.since, self.until = int(since), int(until)
+
+    def expand(self, rows):
+        since, until = self.since, self.until
+        out = rows | "InRange" >> beam.Partition(
+            lambda row, _n: 0 if since <= row[2] < until else 1, 2)
+        stats = out[1] | "Outside" >> beam.Map(lambda _row: ("clicks_outside_time_range", 1))
+        return {"rows": out[0], STATS: stats}
+
+
 class KnownClicks(beam.PTransform):
     """``(interaction rows, item ids)`` -> ``{"clicks", DEAD, STATS}``.
 

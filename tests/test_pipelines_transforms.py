@@ -1,8 +1,8 @@
 """Each composite PTransform of the preprocessing job on Beam's TestPipeline, against
 references written here by hand or in plain Python (tiny inputs, DirectRunner, one worker).
 
-One test per transform: ReadNumberedLines, ReadSource, OnePerId, KnownClicks, WriteDeadLetters
-(pipelines.rows); SplitBoundaries, UserTimelines (pipelines.split); Vocabularies
+One test per transform: ReadNumberedLines, ReadSource, OnePerId, ClicksInTimeRange, KnownClicks,
+WriteDeadLetters (pipelines.rows); SplitBoundaries, UserTimelines (pipelines.split); Vocabularies
 (pipelines.vocab); ItemTable (pipelines.items); CooccurrenceCounts, WriteCooccurrence
 (pipelines.cooccurrence); WriteExamples (pipelines.examples).
 """
@@ -25,8 +25,8 @@ from pipelines.cooccurrence import CooccurrenceCounts, WriteCooccurrence
 from pipelines.examples import WriteExamples
 from pipelines.items import ItemTable
 from pipelines.options import beam_options
-from pipelines.rows import (KnownClicks, OnePerId, ReadNumberedLines, ReadSource,
-                            WriteDeadLetters)
+from pipelines.rows import (ClicksInTimeRange, KnownClicks, OnePerId, ReadNumberedLines,
+                            ReadSource, WriteDeadLetters)
 from pipelines.split import SplitBoundaries, UserTimelines
 from pipelines.vocab import Vocabularies
 from test_preprocess import TsvAdapter
@@ -138,6 +138,20 @@ def test_known_clicks_keys_by_user_and_rejects_unknown_items():
                     label="Dead")
         assert_that(summed(out[STATS]), equal_to([("events", 2),
                                                   ("dead.interactions.unknown_item", 1)]),
+                    label="Stats")
+
+    run_pipeline(build)
+
+
+def test_clicks_in_time_range_keeps_since_and_drops_until():
+    events = [("u1", "i1", t, n, ("f", n, b"l\n"))
+              for n, t in enumerate([99, 100, 101, 149, 150, 151, -5])]
+
+    def build(p):
+        out = p | "Events" >> beam.Create(events) | ClicksInTimeRange(100, 150)
+        # Half-open [100, 150): by hand, the rows at 100, 101 and 149.
+        assert_that(out["rows"], equal_to([events[1], events[2], events[3]]), label="Rows")
+        assert_that(summed(out[STATS]), equal_to([("clicks_outside_time_range", 4)]),
                     label="Stats")
 
     run_pipeline(build)

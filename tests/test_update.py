@@ -414,3 +414,31 @@ def test_keep_versions_removes_old_versions_and_their_generations(initial, tmp_p
             assert any(line.startswith(f"[export] removed 1 old version(s) [{versions[-3]}]")
                        for line in lines)
     assert os.path.isdir(base.run_dir) and os.path.isdir(base.artifacts_dir)
+
+
+@pytest.mark.slow
+def test_two_days_of_one_growing_log(initial, tmp_path):
+    """``--since/--until`` over one click log: two consecutive updates read the same folder, each
+    only its half-open time range (counted against a plain-Python filter of the file), and the
+    second grows from the first."""
+    from micrec_tf import update
+
+    base, window, _, v0_dir = initial
+    cfg = _own_root(base, v0_dir, tmp_path)
+    _, clicks = _read_tsv(os.path.join(window, "interactions.tsv"))
+    times = [int(ln.rstrip("\n").split("\t")[2]) for ln in clicks]
+    cut = sorted(times)[len(times) // 2]
+    ranges = [[min(times), cut], [cut, max(times) + 1]]
+    records = []
+    for since, until in ranges:
+        lines = []
+        records.append(update.run_update(cfg, window, log=lines.append,
+                                         time_range=[since, until]))
+        inside = sum(since <= t < until for t in times)
+        assert sum(records[-1]["window_clicks"].values()) == inside
+        assert records[-1]["clicks_outside_time_range"] == len(times) - inside
+        assert records[-1]["time_range"] == [since, until]
+        assert any(f"time range [{since}, {until}) ({len(times) - inside} clicks outside)" in ln
+                   for ln in lines if ln.startswith("[update] window clicks"))
+    assert records[1]["previous"]["version"] == records[0]["version"]
+    assert records[1]["generation"] == 2
