@@ -223,6 +223,9 @@ def _export_locked(model, cfg: Config, art, export_root: str, index: str, run_di
     version = int(version or max(int(time.time()), (latest + 1) if latest is not None else 0))
     tmp = _tmp_dir(export_root, version)
     try:
+        if cfg.export.fold_text and serving.fold_text_fields(model):
+            log("[export] text field folded: the served tower reads a [items x "
+                f"{cfg.model.embedding_dim}] table, not the text vectors (export.fold_text)")
         files = vocab_files(art)
         arrays, rows = sample_test_examples(art)
         sample = requests_from_arrays(arrays, rows, art) if arrays is not None else []

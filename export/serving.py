@@ -153,6 +153,19 @@ class UserTowerModule(tf.Module):
         return self.serve.get_concrete_function(**input_specs(self._user_fields))
 
 
+def fold_text_fields(model) -> int:
+    """Folds the text projection of every item text field of ``model``
+    (:meth:`~micrec_tf.layers_text.ItemTextFieldEmbeddings.fold_text_projection`: a ``[V, D]``
+    table instead of the ``[V, D_t]`` text vectors and their projection); returns how many
+    layers were folded (0 for a model without ``model.item_text``). Export only."""
+    from micrec_tf.layers_text import ItemTextFieldEmbeddings
+
+    layers = [m for m in model.submodules if isinstance(m, ItemTextFieldEmbeddings)]
+    for layer in layers:
+        layer.fold_text_projection()
+    return len(layers)
+
+
 def build_variables(model, user_fields: Sequence[str], history_length: int) -> None:
     """Runs both towers once on a dummy batch, so that lazily built Keras layers create (and a
     deferred checkpoint restore fills) every variable before they are collected or compared."""
@@ -185,6 +198,10 @@ def save_user_tower(model, user_fields: Sequence[str], vocab_files: Mapping[str,
     if missing:
         raise RuntimeError(f"the user tower reads variables that model.variables does not list: "
                            f"{missing[:5]}")
+    # Only the variables the serving function reads are saved (not the item MLP, the CL
+    # projectors, nor a text table that fold_text_fields replaced): same outputs, fewer bytes.
+    read = {id(v) for v in concrete.variables}
+    module.model_variables = [v for v in module.model_variables if id(v) in read]
     tf.saved_model.save(module, out_dir, signatures={SIGNATURE_NAME: concrete})
     if warmup_requests:
         write_warmup_requests(os.path.join(out_dir, WARMUP_FILE), warmup_requests)

@@ -415,6 +415,11 @@ class ExportConfig:
     # uses. 0 (default): keep every version, the behaviour of before. Else >= 2: the version
     # before the newest stays while servers switch to the newest.
     keep_versions: int = 0
+    # model.item_text (issue 28): the export folds the text field's projection into one
+    # [items x embedding_dim] table (micrec_tf/layers_text.py fold_text_projection), so the
+    # served user tower no longer carries the [items x 384] text vectors (1.54 GB at 1 M items);
+    # the same function up to float32 rounding. false: the tower of before, with the vectors.
+    fold_text: bool = True
     # Largest catalogue that export.index: brute_force accepts (every item scored per request).
     brute_force_max_items: int = 20000
     # Most users one REST :predict request may hold (export/rest.py refuses more, before any array

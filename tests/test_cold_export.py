@@ -231,3 +231,46 @@ def test_content_similar_user_gets_the_cold_item_from_the_index(cold_export):
     assert hit_rate >= 2 * other_rate, (hit_rate, other_rate)
     # Cold items do come back, several distinct ones.
     assert len({item for (_, item, _), h in zip(pairs, hits) if h}) >= 3
+
+
+def _saved_variables(version_dir):
+    import tensorflow as tf
+
+    ckpt = os.path.join(version_dir, "user_tower", "variables", "variables")
+    return {name: tuple(shape) for name, shape in tf.train.list_variables(ckpt)
+            if not name.startswith(("_CHECKPOINTABLE", "save_counter"))}
+
+
+@pytest.mark.slow
+def test_folded_text_export_serves_the_same_vectors_without_the_text_table(cold_export,
+                                                                          tmp_path):
+    """export.fold_text (default): the user tower holds a [V, D] text table instead of the
+    [V, 384] vectors, and serves the same user vectors, and the export the same item vectors,
+    as the export of before (export.fold_text: false) of the same run, within float32 rounding."""
+    import tensorflow as tf
+    from export import export_model
+    from micrec_tf.retrieval import Retriever
+
+    cfg, version_dir, ref, out, requests = cold_export
+    plain_dir = export_model.export_run(
+        cfg.replace({"export.fold_text": False, "export.exports_dir": str(tmp_path / "plain")}),
+        log=lambda *a: None)
+    num_items = len(ref[0]) + 1
+    dim = cfg.model.embedding_dim
+    folded, plain = _saved_variables(version_dir), _saved_variables(plain_dir)
+    assert (num_items, 384) in plain.values() and (num_items, 384) not in folded.values()
+    assert (num_items, dim) in folded.values()
+    size = {d: os.path.getsize(os.path.join(d, "user_tower", "variables",
+                                            "variables.data-00000-of-00001"))
+            for d in (version_dir, plain_dir)}
+    assert size[plain_dir] - size[version_dir] >= num_items * (384 - dim) * 4
+    a, b = Retriever.load(version_dir), Retriever.load(plain_dir)
+    assert list(a.ids) == list(b.ids)
+    np.testing.assert_allclose(a.vectors, b.vectors, rtol=0, atol=1e-5)
+    fn = tf.saved_model.load(os.path.join(plain_dir, "user_tower")).signatures["serving_default"]
+    hlen = max(len(r["history"]) for r in requests)
+    feed = {f: tf.constant([r[f] for r in requests]) for f in a.user_fields}
+    feed["history"] = tf.constant([r["history"] + [""] * (hlen - len(r["history"]))
+                                   for r in requests])
+    plain_users = list(fn(**feed).values())[0].numpy()
+    np.testing.assert_allclose(np.asarray(out["user"]), plain_users, rtol=0, atol=1e-5)

@@ -98,6 +98,29 @@ def test_text_field_equals_numpy_projection_of_the_table_row():
     assert [w.name.split("/")[-1] for w in layer.non_trainable_weights] == ["item_text_table:0"]
 
 
+def test_folded_text_field_equals_the_numpy_projection_for_every_item():
+    layer = _layer()
+    ids = np.array([[1, 7, 0], [12, 3, 3]])
+    before = layer(_features(ids)).numpy()
+    layer.fold_text_projection(chunk_rows=5)  # 13 rows in chunks of 5, 5 and 3
+    kernel, bias = (v.numpy() for v in layer.text_projection.weights)
+    want = TEXT.astype(np.float64) @ kernel + bias
+    want[[0, 7]] = 0.0  # no text vector: the zero field
+    assert layer.folded_text.shape == (V, D) and not layer.folded_text.trainable
+    np.testing.assert_allclose(layer.folded_text.numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.text_field(np.arange(V)).numpy(), want, rtol=1e-5,
+                               atol=1e-6)
+    after = layer(_features(ids)).numpy()
+    np.testing.assert_array_equal(after[..., :4, :], before[..., :4, :])
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+    folded = layer.folded_text
+    layer.fold_text_projection()  # a second fold keeps the first table
+    assert layer.folded_text is folded
+    with pytest.raises(ValueError, match="chunk_rows must be an int >= 1. Received: "
+                                         "chunk_rows=0"):
+        _layer().fold_text_projection(chunk_rows=0)
+
+
 def test_get_config_round_trip_and_weights_restore_the_table():
     layer = _layer(name="item_field_embeddings")
     ids = np.array([3, 7, 12])
