@@ -9,7 +9,8 @@ catalogue`` (artifacts and title neighbours built), it runs the rows of the prot
 * **ICAN** (ID, genres / tags, year and the other item fields), **ICAN + text** (the frozen MiniLM
   title vector as one more item field, ``model.item_text``), **ICAN + text + ID dropout** (the
   DropoutNet-style peer, ``loss.id_dropout``), **MicRec (final)** on that tower (all three CL
-  terms), the **TFRS two-tower** peer with the same content features as ICAN + text (its item
+  terms), **MicRec (final) without ID dropout** (the same CL grid on ICAN + text's chosen
+  setting: whether the dropout under it helps), the **TFRS two-tower** peer with the same content features as ICAN + text (its item
   tower an MLP over ID, item fields and the text field; in-batch softmax; ``model.item_text``);
 * each CL term alone on the ID-dropout tower (``+ fea``, ``+ sem``, ``+ sess``; fewer seeds).
 
@@ -53,6 +54,9 @@ from experiments.variants import GRIDS, OPTIONS, PEER_MODEL
 SELECT = "cold/hit@50"  # chosen and stopped on the cold-validation items' HIT@50
 CONTENT = "Content profile (non-neural)"
 ICAN, TEXT, DROP, FINAL = "ICAN", "ICAN + text", "ICAN + text + ID dropout", "MicRec (final)"
+# MicRec (final) on ICAN + text's chosen setting instead of the ID-dropout row's: whether the ID
+# dropout under MicRec (final) helps or hinders it (the same CL grid and budget).
+FINAL_NO_DROP = "MicRec (final) without ID dropout"
 PEER = "TFRS two-tower"
 _TOWER = {"model.name": "ican", "model.cl": [], "model.item_text": False, "loss.id_dropout": 0.0}
 _TEXT = {**_TOWER, "model.item_text": True}
@@ -62,6 +66,7 @@ ROWS = {
     TEXT: (_TEXT, None, "main"),
     DROP: (_TEXT, TEXT, "main"),
     FINAL: ({**_TEXT, "model.cl": list(CL_TASKS)}, DROP, "main"),
+    FINAL_NO_DROP: ({**_TEXT, "model.cl": list(CL_TASKS)}, TEXT, "main"),
     PEER: ({**_TEXT, "model.name": PEER_MODEL}, None, "main"),  # ICAN + text's content fields
     **{f"{DROP} + {short}": ({**_TEXT, "model.cl": [task]}, DROP, "alone")
        for short, task in (("fea", "feature"), ("sem", "semantic"), ("sess", "session"))},

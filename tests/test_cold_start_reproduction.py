@@ -71,6 +71,16 @@ def test_choices_inheritance_and_report(fake):
     # CL rows inherit the dropout row's setting and choose among the CL grid (tau 0.5 wins)
     final = settings[cold_start.FINAL]
     assert final["loss.id_dropout"] == 0.5 and final["loss.temperature"] == 0.5
+    # the same CL grid on ICAN + text's setting: no ID dropout, the same trial budget
+    no_drop = settings[cold_start.FINAL_NO_DROP]
+    assert "loss.id_dropout" not in no_drop and no_drop["loss.temperature"] == 0.5
+    assert {k: v for k, v in no_drop.items() if k.startswith("train.") or k in (
+        "loss.num_negatives",)} == settings["ICAN + text"]
+    assert len(js["trials"][cold_start.FINAL_NO_DROP]) == len(js["trials"][cold_start.FINAL])
+    assert js["rows"][cold_start.FINAL_NO_DROP]["seeds"] == [0, 1, 2, 3]
+    # its runs (trials + seeds 1-3) are the only MicRec runs trained without ID dropout
+    no_drop_runs = [c for c in calls if len(c.model.cl) == 3 and c.loss.id_dropout == 0.0]
+    assert len(no_drop_runs) == len(js["trials"][cold_start.FINAL_NO_DROP]) + 3
     for name, rows in js["trials"].items():
         scores = [t["valid"] for t in rows]
         chosen = [t for t in rows if t["setting"] == settings[name]]
