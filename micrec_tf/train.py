@@ -452,18 +452,36 @@ def consumed_batches(backup_dir: str, steps_per_epoch: int) -> int:
     return epoch * steps_per_epoch + batch + 1
 
 
+def _training_config(raw: dict) -> dict:
+    """A config dict as a resumed run compares it: read through today's config, so keys added
+    since it was written take their defaults (which keep the behaviour of before), and without
+    the ``export`` section (it never changes a training run). A dict today's config refuses (a
+    key that no longer exists) is compared as it is."""
+    from micrec_tf.config import ConfigError, from_dict
+
+    try:
+        out = from_dict(raw).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        out = dict(raw or {})
+    out.pop("export", None)
+    return out
+
+
 def discard_stale_backup(cfg: Config, run_dir: str, log=print) -> bool:
     """Deletes ``run_dir/backup`` when it belongs to a run with a different config (a resumed run
     must continue the same experiment); returns whether it did. The config of the interrupted
-    run is the ``config.yaml`` it wrote on start."""
+    run is the ``config.yaml`` it wrote on start, compared as :func:`_training_config` reads it:
+    a config key added by a newer version of this code (at its default) or a changed
+    ``export.*`` setting does not discard the backup."""
     backup_dir, config_path = os.path.join(run_dir, "backup"), os.path.join(run_dir, "config.yaml")
     if not os.path.isdir(backup_dir) or not os.path.exists(config_path):
         return False
     with open(config_path) as fh:
-        previous = yaml.safe_load(fh)
-    if previous == cfg.to_dict():
+        previous = _training_config(yaml.safe_load(fh))
+    now = _training_config(cfg.to_dict())
+    if previous == now:
         return False
-    changed = sorted(_changed_keys(previous, cfg.to_dict()))
+    changed = sorted(_changed_keys(previous, now))
     log(f"[train] {run_dir} holds an interrupted run of another config (changed: "
         f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}); starting from scratch")
     shutil.rmtree(backup_dir)

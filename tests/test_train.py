@@ -104,6 +104,34 @@ def test_backup_of_another_config_is_discarded_not_resumed(tmp_path):
     assert "loss.temperature" in messages[0] and "train.epochs" in messages[0]
 
 
+def test_backup_survives_keys_added_since_and_export_settings(tmp_path):
+    """A run interrupted under older code (its config.yaml lacks keys added since, which take
+    their defaults) resumes; so does one whose export settings changed; a training key changed
+    still discards it."""
+    import yaml
+
+    from micrec_tf.config import Config
+    from micrec_tf.train import discard_stale_backup
+
+    cfg = Config()
+    run_dir = str(tmp_path)
+    os.makedirs(os.path.join(run_dir, "backup", "chief"))
+    older = cfg.to_dict()
+    del older["train"]["optimizer"], older["preprocess"]["time_range"]  # not there back then
+    del older["export"]["fold_text"]
+    with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+        yaml.safe_dump(older, fh, sort_keys=False)
+    messages = []
+    assert not discard_stale_backup(cfg, run_dir, messages.append)
+    assert not discard_stale_backup(cfg.replace({"export.keep_versions": 3}), run_dir,
+                                    messages.append)
+    assert os.path.isdir(os.path.join(run_dir, "backup", "chief")) and not messages
+    # a new key set away from its default is a change
+    assert discard_stale_backup(cfg.replace({"train.optimizer": "fused_adam"}), run_dir,
+                                messages.append)
+    assert "train.optimizer" in messages[0] and not os.path.exists(os.path.join(run_dir, "backup"))
+
+
 def _write_config(cfg, path, **overrides):
     import yaml
 
